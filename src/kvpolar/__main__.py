@@ -1,0 +1,5 @@
+import sys
+
+from kvpolar.cli import main
+
+sys.exit(main())

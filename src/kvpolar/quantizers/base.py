@@ -1,0 +1,146 @@
+"""The interface every quantization method implements."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from kvpolar.quantized import QuantizedTensor
+from kvpolar.validation import check_float_tensor
+
+
+class Quantizer(abc.ABC):
+    """A KV-cache quantization method with fixed parameters.
+
+    Subclasses set ``name`` (the registry key), ``Config`` (a frozen dataclass validating its
+    parameters in ``__post_init__``), ``stored_type`` (its ``QuantizedTensor`` subclass) and
+    ``context_keys`` (keyword context ``quantize`` accepts, e.g. ``{"queries"}``), and implement
+    ``_quantize`` / ``_dequantize``; methods with a fast score path override ``_scores``.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    stored_type: ClassVar[type[QuantizedTensor]]
+    context_keys: ClassVar[frozenset[str]] = frozenset()
+    #: Context keys without which ``quantize`` refuses to run.
+    required_context: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, **params: Any) -> None:
+        known = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise TypeError(
+                f"quantizer {self.name!r} got unknown parameter(s) {unknown}; "
+                f"allowed: {sorted(known)}"
+            )
+        self.config = self.Config(**params)
+
+    # ----- public API ------------------------------------------------------------------------
+    def quantize(self, x: torch.Tensor, **context: Any) -> QuantizedTensor:
+        """Quantize ``x``: ``[..., T, D]``, float16/bfloat16/float32, CPU or CUDA.
+
+        ``context`` carries what some methods need (e.g. ``queries=`` for SQuat).
+        """
+        check_float_tensor("x", x)
+        unexpected = sorted(set(context) - self.context_keys)
+        if unexpected:
+            accepted = sorted(self.context_keys) or "none"
+            raise TypeError(
+                f"quantizer {self.name!r} got unexpected context {unexpected}; accepted: {accepted}"
+            )
+        missing = sorted(k for k in self.required_context if context.get(k) is None)
+        if missing:
+            raise ValueError(f"quantizer {self.name!r} needs context {missing} (e.g. queries=...)")
+        self.check_head_dim(x.shape[-1])
+        return self._quantize(x, **context)
+
+    def dequantize(self, p: QuantizedTensor) -> torch.Tensor:
+        """Reconstruct ``[..., T, D]`` in the original dtype, on ``p``'s device."""
+        self._check_stored(p)
+        return self._dequantize(p)
+
+    def scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
+        """Query-key scores ``q @ dequantize(p)^T`` as float32, ``[..., Tq, T]``.
+
+        ``q`` is ``[..., Tq, D]`` with the leading shape of ``p``, or GQA-grouped: leading shape
+        ``[..., Hq, Tq, D]`` against ``p``'s ``[..., Hkv, T, D]`` with ``Hq`` a multiple of ``Hkv``
+        (query head ``h`` reads KV head ``h // (Hq // Hkv)``, as Hugging Face's ``repeat_kv``).
+        """
+        self._check_stored(p)
+        check_float_tensor("q", q)
+        if q.shape[-1] != p.head_dim:
+            raise ValueError(f"q has head dim {q.shape[-1]}; the quantized tensor has {p.head_dim}")
+        lead_q, lead_p = tuple(q.shape[:-2]), tuple(p.shape[:-2])
+        if lead_q == lead_p:
+            return self._scores(q, p)
+        group = _gqa_group(lead_q, lead_p, "q")
+        tq = q.shape[-2]
+        out = self._scores(q.reshape(*lead_p, group * tq, q.shape[-1]), p)
+        return out.reshape(*lead_q, tq, p.num_tokens)
+
+    def weighted_sum(self, weights: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
+        """Attention-weighted sum of the stored vectors, ``weights @ dequantize(p)``, float32.
+
+        ``weights`` is ``[..., Tq, T]`` (leading shape of ``p``, or GQA-grouped as in
+        :meth:`scores`); returns ``[..., Tq, D]``. Methods with a fast path never rebuild ``p``.
+        """
+        self._check_stored(p)
+        check_float_tensor("weights", weights)
+        if weights.shape[-1] != p.num_tokens:
+            raise ValueError(
+                f"weights cover {weights.shape[-1]} tokens; the quantized tensor has {p.num_tokens}"
+            )
+        lead_w, lead_p = tuple(weights.shape[:-2]), tuple(p.shape[:-2])
+        if lead_w == lead_p:
+            return self._weighted_sum(weights, p)
+        group = _gqa_group(lead_w, lead_p, "weights")
+        tq = weights.shape[-2]
+        out = self._weighted_sum(weights.reshape(*lead_p, group * tq, p.num_tokens), p)
+        return out.reshape(*lead_w, tq, p.head_dim)
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise ValueError if this method cannot store vectors of ``head_dim`` (default: any)."""
+
+    def shared_nbytes(self, head_dim: int) -> int:
+        """Bytes of layer/model-wide objects (rotations, fixed codebooks) for this head dim."""
+        return 0
+
+    # ----- for subclasses ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def _quantize(self, x: torch.Tensor, **context: Any) -> QuantizedTensor: ...
+
+    @abc.abstractmethod
+    def _dequantize(self, p: QuantizedTensor) -> torch.Tensor: ...
+
+    def _scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
+        """Generic fallback: dequantize, then one matmul in float32."""
+        keys = self._dequantize(p).float()
+        return q.float() @ keys.transpose(-1, -2)
+
+    def _weighted_sum(self, weights: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
+        """Generic fallback: dequantize, then one matmul in float32."""
+        return weights.float() @ self._dequantize(p).float()
+
+    def _check_stored(self, p: Any) -> None:
+        if not isinstance(p, self.stored_type):
+            raise TypeError(
+                f"quantizer {self.name!r} expects a {self.stored_type.__name__}; "
+                f"got {type(p).__name__}"
+            )
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
+        return f"kvpolar.quantizer({self.name!r}, {params})"
+
+
+def _gqa_group(lead_x: tuple[int, ...], lead_p: tuple[int, ...], name: str) -> int:
+    """Query heads per KV head when ``lead_x`` is ``lead_p`` with a multiple on the head axis."""
+    if len(lead_x) == len(lead_p) >= 1 and lead_x[:-1] == lead_p[:-1] and lead_x[-1] % lead_p[-1] == 0:
+        return lead_x[-1] // lead_p[-1]
+    raise ValueError(
+        f"{name} leading shape {lead_x} does not match the quantized tensor's {lead_p}: expected "
+        "the same, or the same with the head axis a multiple of it (GQA)"
+    )
