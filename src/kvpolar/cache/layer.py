@@ -33,13 +33,17 @@ from kvpolar.registry import available_quantizers, quantizer
 _PENDING = threading.local()  # (layer, key tensor returned by update) until the attention call
 
 
-def build_quantizer(role: str, name: str, params: Any, head_dim: int) -> Quantizer:
-    """The quantizer for ``role`` ("key"/"value"), with a clear error if it is not installed."""
+def check_registered(role: str, name: str) -> None:
     if name not in available_quantizers():
         raise ValueError(
             f"{role}_quantizer={name!r} is not registered in this kvpolar install; "
             f"available: {', '.join(available_quantizers())}"
         )
+
+
+def build_quantizer(role: str, name: str, params: Any, head_dim: int) -> Quantizer:
+    """The quantizer for ``role`` ("key"/"value"), with a clear error if it is not installed."""
+    check_registered(role, name)
     q = quantizer(name, **dict(params))
     try:
         q.check_head_dim(head_dim)
@@ -81,6 +85,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.residual_length = residual_length
         self.key_quantizer = self.value_quantizer = None
         self.chunk = 1
+        check_registered("key", plan.key_quantizer)  # also for full-precision layers: a typo is an error
+        check_registered("value", plan.value_quantizer)
         if not plan.full_precision:
             self.key_quantizer = build_quantizer("key", plan.key_quantizer, plan.key_params, head_dim)
             self.value_quantizer = build_quantizer("value", plan.value_quantizer, plan.value_params, head_dim)
