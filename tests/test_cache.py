@@ -216,3 +216,56 @@ def test_half_precision_generate(dtype):
     assert out.sequences.shape == (2, 50) and cache.get_seq_length() == 49
     assert cache.layers[0].packed_keys.dtype == dtype
     assert all(torch.isfinite(s).all() for s in out.scores)
+
+
+# ----- methods that need the prompt's queries (SQuat) ----------------------------------------------
+@pytest.fixture
+def query_recording_quantizer():
+    """A full-precision quantizer that requires ``queries=`` and records what it receives."""
+    from kvpolar import registry
+    from kvpolar.quantizers.identity import Identity
+
+    class NeedsQueries(Identity):
+        name = "test-needs-queries"
+        context_keys = frozenset({"queries"})
+        required_context = frozenset({"queries"})
+        seen: list = []
+
+        def _quantize(self, x, queries=None):
+            NeedsQueries.seen.append((x.shape, queries))
+            return super()._quantize(x)
+
+    registry.register(NeedsQueries)
+    yield NeedsQueries
+    registry._REGISTRY.pop(NeedsQueries.name)
+
+
+def test_prompt_queries_reach_the_key_quantizer(llama, query_recording_quantizer):
+    ids, mask = left_padded([45, 30])
+    cont = continuation(2, 10)
+    cfg = KVCacheConfig("test-needs-queries", {}, "none", {}, residual_length=4)
+    got = teacher_forced(llama, ids, mask, cont, QuantizedKVCache(llama.config, cfg))
+    ref, _ = stock_logits(llama, ids, mask, cont)
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+    calls = [c for c in query_recording_quantizer.seen if c[0][0] == 2]  # leave out the build-time probes
+    assert len(calls) == 2 * 11  # 2 layers: the prefill chunk, then one token per decode step
+    first = calls[0][1]
+    assert first.shape == (2, 4, 45, 32)  # [B, query heads (GQA-stacked), prompt tokens, D]
+    assert all(q is first for _, q in calls[::2])  # layer 0 keeps its prompt queries for every chunk
+    # row 1 is left-padded by 15: padding queries are replaced by its first real query
+    assert torch.equal(first[1, :, :15], first[1, :, 15:16].expand(-1, 15, -1))
+    assert not torch.equal(first[0, :, :15], first[0, :, 15:16].expand(-1, 15, -1))
+
+
+def test_cuda_dispatch_falls_back_with_a_warning(monkeypatch):
+    """Without the fused kernel module the CUDA path warns once, naming why, and uses the reference."""
+    from kvpolar.cache import attention
+    from kvpolar.decode_attention import reference_decode_attention
+
+    monkeypatch.setattr(attention, "_FUSED", {})
+    monkeypatch.setitem(sys.modules, "kvpolar.kernels.decode_attention", None)  # import fails
+    cuda_query = type("CudaQuery", (), {"device": torch.device("cuda")})()  # only .device is read
+    with pytest.warns(RuntimeWarning, match="fused decode attention unavailable.*reference"):
+        fn = attention.decode_attention(cuda_query)
+    assert fn is reference_decode_attention
+    assert attention.decode_attention(torch.zeros(1)) is reference_decode_attention  # CPU: reference

@@ -62,7 +62,7 @@ def kvpolar_attention(
     else:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         residual = layer.residual_tokens > 0
-        out = decode_attention(query)(
+        out = _decode(
             query, layer.packed_keys, layer.packed_values, layer.key_quantizer, layer.value_quantizer,
             layer.keys if residual else None, layer.values if residual else None, scale, mask,
         ).transpose(1, 2).contiguous()
@@ -92,6 +92,21 @@ def _bool_mask(mask: torch.Tensor | None, query: torch.Tensor, kv_len: int) -> t
     if mask.dtype != torch.bool:
         mask = mask > torch.finfo(mask.dtype).min / 2
     return mask[..., -kv_len:].expand(query.shape[0], *mask.shape[1:3], kv_len)
+
+
+def _decode(query: torch.Tensor, *args: Any) -> torch.Tensor:
+    """Fused kernel if it covers this pair of quantizers, else the reference (warned once per pair)."""
+    fn = decode_attention(query)
+    if fn is not reference_decode_attention:
+        try:
+            return fn(query, *args)
+        except NotImplementedError as err:
+            pair = (args[2].name, args[3].name)
+            if pair not in _FUSED:
+                _FUSED[pair] = True
+                warnings.warn(f"kvpolar: fused decode attention does not cover keys={pair[0]!r}, "
+                              f"values={pair[1]!r} ({err}); using the PyTorch reference", RuntimeWarning, stacklevel=3)
+    return reference_decode_attention(query, *args)
 
 
 def decode_attention(query: torch.Tensor):

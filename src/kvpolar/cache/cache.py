@@ -142,14 +142,19 @@ class QuantizedKVCache(Cache):
         )
 
 
-def enable(model: Any, cache_config: KVCacheConfig | str = "kivi-2") -> QuantizedKVCache:
+def enable(model: Any, cache_config: KVCacheConfig | str = "kivi-2", **changes: Any) -> QuantizedKVCache:
     """Switch ``model`` to kvpolar attention and return a fresh cache for one ``generate`` call.
 
     ``cache = kvpolar.enable(model, "polar-rope-3"); model.generate(ids, past_key_values=cache)``.
+    ``changes`` replace fields of the config, e.g. ``enable(model, "kivi-2", residual_length=32)``.
     The model keeps ``attn_implementation="kvpolar"`` (which behaves as ``sdpa`` without a kvpolar
     cache); for the next batch build ``kvpolar.QuantizedKVCache(model.config, ...)`` or reuse the
     same config with ``enable`` again.
     """
+    if isinstance(cache_config, str):
+        cache_config = KVCacheConfig.preset(cache_config)
+    if changes:
+        cache_config = dataclasses.replace(cache_config, **changes)
     cache = QuantizedKVCache(model.config, cache_config)
     model.set_attn_implementation("kvpolar")
     return cache
