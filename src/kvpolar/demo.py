@@ -14,6 +14,8 @@ from kvpolar.registry import available_quantizers, quantizer
 DEMO_SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "none": ({}, {}),
     "kivi": ({"bits": 2, "group_size": 32, "axis": "channel"}, {"bits": 2, "group_size": 32, "axis": "token"}),
+    "fp8": ({"format": "e4m3", "scale": "head"}, {"format": "e4m3", "scale": "head"}),
+    "squat": ({"bits": 2, "group_size": 32, "block_size": 64, "subspace_dim": 20, "lam": 1e-3}, {}),
 }
 
 
