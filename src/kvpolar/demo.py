@@ -14,6 +14,7 @@ from kvpolar.registry import available_quantizers, quantizer
 DEMO_SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "none": ({}, {}),
     "kivi": ({"bits": 2, "group_size": 32, "axis": "channel"}, {"bits": 2, "group_size": 32, "axis": "token"}),
+    "turbo": ({"bits": 3}, {"bits": 3}),
     "polar-recursive": ({"levels": 4, "bits": (4, 2, 2, 2)}, {"levels": 4, "bits": (4, 2, 2, 2)}),
 }
 
