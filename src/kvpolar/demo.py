@@ -14,6 +14,8 @@ from kvpolar.registry import available_quantizers, quantizer
 DEMO_SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "none": ({}, {}),
     "kivi": ({"bits": 2, "group_size": 32, "axis": "channel"}, {"bits": 2, "group_size": 32, "axis": "token"}),
+    # keys-only method: its value column shows the same quantizer on values (no RoPE rings there)
+    "polar-rope": ({"radius_bits": 2, "angle_bits": 4, "group_size": 128}, {"radius_bits": 2, "angle_bits": 4, "group_size": 128}),
 }
 
 
