@@ -1,0 +1,26 @@
+"""The Hugging Face ``transformers`` integration: config (presets), cache, attention function.
+
+``KVCacheConfig`` needs no ``transformers``; the other names import it on first use.
+"""
+
+from typing import Any
+
+from kvpolar.cache.config import PRESETS, KVCacheConfig
+
+_LAZY = {
+    "QuantizedKVCache": "kvpolar.cache.cache",
+    "MemoryReport": "kvpolar.cache.cache",
+    "enable": "kvpolar.cache.cache",
+    "register_attention": "kvpolar.cache.attention",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kvpolar.cache' has no attribute {name!r}")
+
+
+__all__ = ["KVCacheConfig", "MemoryReport", "PRESETS", "QuantizedKVCache", "enable", "register_attention"]

@@ -1,0 +1,129 @@
+"""The ``"kvpolar"`` attention implementation registered with ``transformers``.
+
+Mask format: the same boolean ``[B, 1, Tq, N]`` masks as ``sdpa`` (True = attend; ``None`` when
+causal without padding), registered through ``AttentionMaskInterface``; columns are the cache's
+tokens in order (packed part, then residual window, then the new tokens).
+
+Dispatch per call:
+* not a kvpolar quantized layer (no cache, a ``DynamicCache``, a full-precision layer): ``sdpa``;
+* first forward of a layer (the prompt): ``sdpa`` on the unquantized prompt;
+* nothing packed yet: ``sdpa`` over the 16-bit residual window;
+* otherwise: decode attention over packed + residual, never dequantizing the packed part: on CUDA
+  ``kvpolar.kernels.decode_attention.fused_decode_attention`` if it is installed, else (and on CPU)
+  ``kvpolar.decode_attention.reference_decode_attention``.
+After attention the layer compresses its window (see ``layer.py``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvpolar.cache.layer import take_pending
+from kvpolar.decode_attention import reference_decode_attention
+
+ATTENTION_NAME = "kvpolar"
+_FUSED: dict[str, Any] = {}
+
+
+def register_attention() -> None:
+    """Register ``"kvpolar"`` with ``AttentionInterface`` and ``AttentionMaskInterface`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, kvpolar_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def kvpolar_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``query`` ``[B, Hq, Tq, D]``; returns ``([B, Tq, Hq, D], None)`` like ``sdpa_attention_forward``."""
+    layer = take_pending(key)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    _check_module(module, layer)
+    mask = _bool_mask(attention_mask, query, layer.seen)
+    new_valid = None if mask is None else mask[:, 0, :, -query.shape[-2]:].any(dim=-2)
+    if layer.seen == query.shape[-2] or layer.packed_keys is None:
+        out, _ = sdpa_attention_forward(
+            module, query, layer.keys, layer.values, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    else:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        residual = layer.residual_tokens > 0
+        out = _decode(
+            query, layer.packed_keys, layer.packed_values, layer.key_quantizer, layer.value_quantizer,
+            layer.keys if residual else None, layer.values if residual else None, scale, mask,
+        ).transpose(1, 2).contiguous()
+    layer.after_attention(new_valid, query)
+    return out, None
+
+
+def _check_module(module: torch.nn.Module, layer: Any) -> None:
+    config = getattr(module, "config", None)
+    layers = getattr(config, "num_hidden_layers", layer.num_model_layers)
+    if getattr(module, "layer_idx", layer.layer_idx) != layer.layer_idx or layers != layer.num_model_layers:
+        raise ValueError(
+            f"this QuantizedKVCache was built for a model of {layer.num_model_layers} layers; it is being "
+            f"used by layer {getattr(module, 'layer_idx', '?')} of a model with {layers}: build one cache per model"
+        )
+
+
+def _bool_mask(mask: torch.Tensor | None, query: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+    """The mask as bool ``[B, 1|Hq, Tq, N]`` (True = attend); causal when None and ``Tq > 1``."""
+    if mask is None:
+        tq = query.shape[-2]
+        if tq == 1:
+            return None
+        q_pos = torch.arange(kv_len - tq, kv_len, device=query.device)
+        causal = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]
+        return causal[None, None].expand(query.shape[0], 1, tq, kv_len)
+    if mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    return mask[..., -kv_len:].expand(query.shape[0], *mask.shape[1:3], kv_len)
+
+
+def _decode(query: torch.Tensor, *args: Any) -> torch.Tensor:
+    """Fused kernel if it covers this pair of quantizers, else the reference (warned once per pair)."""
+    fn = decode_attention(query)
+    if fn is not reference_decode_attention:
+        try:
+            return fn(query, *args)
+        except NotImplementedError as err:
+            pair = (args[2].name, args[3].name)
+            if pair not in _FUSED:
+                _FUSED[pair] = True
+                warnings.warn(f"kvpolar: fused decode attention does not cover keys={pair[0]!r}, "
+                              f"values={pair[1]!r} ({err}); using the PyTorch reference", RuntimeWarning, stacklevel=3)
+    return reference_decode_attention(query, *args)
+
+
+def decode_attention(query: torch.Tensor):
+    """The fused CUDA kernel when available for ``query``'s device, else the PyTorch reference."""
+    if query.device.type != "cuda":
+        return reference_decode_attention
+    if "fn" not in _FUSED:
+        try:
+            from kvpolar.kernels.decode_attention import fused_decode_attention
+
+            _FUSED["fn"] = fused_decode_attention
+        except Exception as err:  # ImportError, missing Triton, or a kernel module without the function
+            warnings.warn(
+                f"kvpolar: fused decode attention unavailable ({type(err).__name__}: {err}); "
+                "using the PyTorch reference (correct, slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _FUSED["fn"] = reference_decode_attention
+    return _FUSED["fn"]

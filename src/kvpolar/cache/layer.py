@@ -1,0 +1,233 @@
+"""One layer of the quantized cache: a packed part (oldest tokens) followed by a 16-bit residual window.
+
+Token order is kept: packed tokens ``[0, Tk)`` then residual tokens ``[Tk, Tk + R)``, so the model's
+attention mask (built for ``get_seq_length() + new tokens`` columns) lines up with both parts.
+
+Residual policy: ``update`` appends new keys/values to the residual window; after attention has run
+(``after_attention``, called by the ``"kvpolar"`` attention function) the oldest tokens beyond
+``residual_length`` move to the packed part in whole chunks of ``chunk`` tokens (the least common
+multiple of the key and value quantizers' token groups, e.g. KIVI's G = 32). So the newest
+``residual_length`` tokens are always 16-bit and at most ``chunk - 1`` more wait for their group to
+fill; prefill quantizes all complete chunks at once. Values move in the same chunks as keys (KIVI's
+code moves values token by token; one boundary for both keeps one attention layout).
+
+Padding: tokens no query may attend to (left padding) are replaced, before quantizing, by the next
+real token of the same row, so they never enter a real token's group statistics (min/max, norms,
+SQuat's query subspace).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from kvpolar.cache.config import LayerPlan
+from kvpolar.quantized import QuantizedTensor, cat
+from kvpolar.quantizers.base import Quantizer
+from kvpolar.registry import available_quantizers, quantizer
+
+_PENDING = threading.local()  # (layer, key tensor returned by update) until the attention call
+
+
+def check_registered(role: str, name: str) -> None:
+    if name not in available_quantizers():
+        raise ValueError(
+            f"{role}_quantizer={name!r} is not registered in this kvpolar install; "
+            f"available: {', '.join(available_quantizers())}"
+        )
+
+
+def build_quantizer(role: str, name: str, params: Any, head_dim: int) -> Quantizer:
+    """The quantizer for ``role`` ("key"/"value"), with a clear error if it is not installed."""
+    check_registered(role, name)
+    q = quantizer(name, **dict(params))
+    try:
+        q.check_head_dim(head_dim)
+    except ValueError as err:
+        raise ValueError(f"{role}_quantizer={name!r} cannot store head_dim={head_dim}: {err}") from None
+    return q
+
+
+def token_group(q: Quantizer, head_dim: int) -> int:
+    """Tokens per metadata row of ``q``'s stored form, found by quantizing a tiny probe."""
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(1, 1, 2, head_dim, generator=gen)
+    context = {}
+    if "queries" in q.context_keys:
+        context["queries"] = torch.randn(1, 1, 8, head_dim, generator=gen)
+    return int(q.quantize(probe, **context).token_group)
+
+
+def take_pending(key: torch.Tensor) -> QuantizedLayer | None:
+    """The layer whose ``update`` returned ``key`` just before this attention call, if any."""
+    pending = getattr(_PENDING, "value", None)
+    _PENDING.value = None
+    if pending is not None and pending[1] is key:
+        return pending[0]
+    return None
+
+
+class QuantizedLayer(CacheLayerMixin):
+    """Cache of one attention layer. Shapes: keys/values ``[batch, kv_heads, tokens, head_dim]``."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, plan: LayerPlan, layer_idx: int, head_dim: int, residual_length: int) -> None:
+        super().__init__()
+        self.plan, self.layer_idx, self.head_dim = plan, layer_idx, head_dim
+        self.residual_length = residual_length
+        self.key_quantizer = self.value_quantizer = None
+        self.chunk = 1
+        check_registered("key", plan.key_quantizer)  # also for full-precision layers: a typo is an error
+        check_registered("value", plan.value_quantizer)
+        if not plan.full_precision:
+            self.key_quantizer = build_quantizer("key", plan.key_quantizer, plan.key_params, head_dim)
+            self.value_quantizer = build_quantizer("value", plan.value_quantizer, plan.value_params, head_dim)
+            kg = token_group(self.key_quantizer, head_dim)
+            vg = token_group(self.value_quantizer, head_dim)
+            self.chunk = kg * vg // math.gcd(kg, vg)
+        self._clear()
+
+    def _clear(self) -> None:
+        self.packed_keys: QuantizedTensor | None = None
+        self.packed_values: QuantizedTensor | None = None
+        self.keys = self.values = None  # the residual window (transformers' names)
+        self.residual_valid: torch.Tensor | None = None  # bool [B, R]: False = padding
+        self.context_queries: torch.Tensor | None = None  # SQuat: prompt queries [B, Hq, Tq, D]
+        self.seen = 0
+        self.awaiting_attention = False
+        self.is_initialized = False
+
+    # ----- CacheLayerMixin --------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[0], key_states.shape[1]  # local heads (TP)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Append ``[B, Hkv, T, D]`` keys/values; full-precision layers return the whole cache,
+        quantized layers return the new states and leave the rest to the ``"kvpolar"`` attention."""
+        if self.awaiting_attention:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the previous forward never ran kvpolar's attention, so the cache "
+                "was not compressed. A QuantizedKVCache needs attn_implementation='kvpolar': call "
+                "kvpolar.enable(model, ...) or model.set_attn_implementation('kvpolar') after "
+                "importing kvpolar.cache.cache"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_shape(key_states, value_states)
+        first = self.seen == 0
+        self.keys = key_states if first else torch.cat([self.keys, key_states], dim=-2)
+        self.values = value_states if first else torch.cat([self.values, value_states], dim=-2)
+        self.seen += key_states.shape[-2]
+        if self.plan.full_precision:
+            return self.keys, self.values
+        self.awaiting_attention = True
+        _PENDING.value = (self, key_states)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._refuse("beam search (reorder_cache)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._refuse("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._refuse("batch_select_indices")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._refuse("crop (assisted decoding)")
+
+    def offload(self) -> None:
+        self._refuse("offloading")
+
+    def prefetch(self) -> None:
+        self._refuse("offloading")
+
+    # ----- called by the attention function ----------------------------------------------------
+    @property
+    def residual_tokens(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def after_attention(self, new_valid: torch.Tensor | None, query: torch.Tensor) -> None:
+        """Record which new tokens are real (``new_valid`` bool ``[B, T_new]``), keep SQuat's prompt
+        queries, then move whole chunks beyond the residual window into the packed part."""
+        self.awaiting_attention = False
+        t_new = query.shape[-2]
+        if new_valid is None:
+            new_valid = torch.ones(self.batch_size, t_new, dtype=torch.bool, device=self.device)
+        old = self.residual_valid
+        if old is None or old.shape[-1] != self.residual_tokens - t_new:
+            old = torch.ones(self.batch_size, self.residual_tokens - t_new, dtype=torch.bool, device=self.device)
+        self.residual_valid = torch.cat([old, new_valid.to(self.device)], dim=-1)
+        if self.context_queries is None and "queries" in self.key_quantizer.context_keys:
+            self.context_queries = _fill_padding(query, new_valid, axis=-2)
+        move = (self.residual_tokens - self.residual_length) // self.chunk * self.chunk
+        if move > 0:
+            self._compress(move)
+
+    def _compress(self, move: int) -> None:
+        valid = self.residual_valid[:, :move]
+        keys = _fill_padding(self.keys[..., :move, :], valid, axis=-2)
+        values = _fill_padding(self.values[..., :move, :], valid, axis=-2)
+        context = {}
+        if self.context_queries is not None:
+            context["queries"] = self.context_queries
+        pk = self.key_quantizer.quantize(keys, **context)
+        pv = self.value_quantizer.quantize(values)
+        self.packed_keys = pk if self.packed_keys is None else cat([self.packed_keys, pk])
+        self.packed_values = pv if self.packed_values is None else cat([self.packed_values, pv])
+        self.keys = self.keys[..., move:, :]
+        self.values = self.values[..., move:, :]
+        self.residual_valid = self.residual_valid[:, move:]
+
+    # ----- helpers -----------------------------------------------------------------------------
+    def _check_shape(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        expected = (self.batch_size, self.num_heads, self.head_dim)
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            got = (t.shape[0], t.shape[1], t.shape[-1])
+            if t.dim() != 4 or got != expected:
+                raise ValueError(
+                    f"layer {self.layer_idx}: {name} has shape {tuple(t.shape)}; this cache holds "
+                    f"[batch={expected[0]}, kv_heads={expected[1]}, tokens, head_dim={expected[2]}]. "
+                    "A cache serves one model and one batch: call cache.reset() or build a new one"
+                )
+
+    def _refuse(self, what: str) -> None:
+        if self.seen:
+            raise NotImplementedError(f"kvpolar's QuantizedKVCache does not support {what}")
+
+
+def _fill_padding(x: torch.Tensor, valid: torch.Tensor | None, axis: int) -> torch.Tensor:
+    """``x`` ``[B, H, T, D]`` with each padding token (``valid[b, t]`` False) replaced by the next
+    real token of its row (the previous one if none follows); rows with no real token stay as is."""
+    if valid is None or bool(valid.all()):
+        return x
+    t = valid.shape[-1]
+    pos = torch.arange(t, device=valid.device).expand_as(valid)
+    big = torch.full_like(pos, t)
+    nxt = torch.where(valid, pos, big).flip(-1).cummin(-1).values.flip(-1)
+    prv = torch.where(valid, pos, -torch.ones_like(pos)).cummax(-1).values
+    idx = torch.where(nxt < t, nxt, torch.where(prv >= 0, prv, pos))
+    index = idx[:, None, :, None].expand(x.shape[0], x.shape[1], t, x.shape[-1]).to(x.device)
+    return x.gather(axis, index)

@@ -1,0 +1,82 @@
+"""Tiny random-weight models of each supported family and teacher-forced decoding, for the cache tests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import transformers
+
+import kvpolar
+from kvpolar.cache.cache import QuantizedKVCache  # registers attn_implementation="kvpolar"
+
+VOCAB = 96
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {}),
+}
+
+
+def tiny_model(family: str = "llama", layers: int = 2, kv_heads: int = 2, heads: int = 4, head_dim: int = 32,
+               dtype: torch.dtype = torch.float32, seed: int = 0, **extra) -> transformers.PreTrainedModel:
+    config_cls, model_cls, defaults = FAMILIES[family]
+    config = config_cls(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=512, **{**defaults, **extra},
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).to(dtype).eval()
+    model.set_attn_implementation("kvpolar")
+    return model
+
+
+def config(preset: str, **changes) -> kvpolar.KVCacheConfig:
+    return dataclasses.replace(kvpolar.KVCacheConfig.preset(preset), **changes)
+
+
+def left_padded(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of ``lengths``, left-padded: ``(input_ids, attention_mask)`` ``[B, max]``."""
+    gen = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.zeros(len(lengths), n, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, t in enumerate(lengths):
+        ids[i, n - t:] = torch.randint(1, VOCAB, (t,), generator=gen)
+        mask[i, n - t:] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def teacher_forced(model, ids, mask, continuation, cache) -> torch.Tensor:
+    """Logits ``[B, 1 + steps, V]`` (float32): after the prompt, then after each fed continuation
+    token; position ids follow the attention mask (left padding)."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1].float()]
+    for t in range(continuation.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        pos = mask.sum(-1, keepdim=True) - 1
+        out = model(input_ids=continuation[:, t:t + 1], attention_mask=mask, position_ids=pos,
+                    past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1].float())
+    return torch.stack(logits, dim=1)
+
+
+def stock_logits(model, ids, mask, continuation) -> tuple[torch.Tensor, transformers.DynamicCache]:
+    """The same teacher-forced run with ``sdpa`` and the stock ``DynamicCache``."""
+    model.set_attn_implementation("sdpa")
+    try:
+        cache = transformers.DynamicCache(config=model.config)
+        return teacher_forced(model, ids, mask, continuation, cache), cache
+    finally:
+        model.set_attn_implementation("kvpolar")
+
+
+def continuation(batch: int, steps: int, seed: int = 2) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, steps), generator=torch.Generator().manual_seed(seed))
+
+
+__all__ = ["QuantizedKVCache", "config", "continuation", "left_padded", "stock_logits", "teacher_forced", "tiny_model"]

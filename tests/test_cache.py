@@ -1,0 +1,271 @@
+"""The quantized KV cache on a tiny Llama: config, residual policy, padding, memory report, errors."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from cache_helpers import QuantizedKVCache, config, continuation, left_padded, stock_logits, teacher_forced, tiny_model
+
+import kvpolar
+from kvpolar.cache.config import PRESETS, KVCacheConfig
+
+LENGTHS = [45, 30, 12]  # ragged prompts, left-padded to 45
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", layers=2)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ids, mask = left_padded(LENGTHS)
+    return ids, mask, continuation(len(LENGTHS), 12)
+
+
+@pytest.fixture(scope="module")
+def stock(llama, batch):
+    return stock_logits(llama, *batch)
+
+
+# ----- config ------------------------------------------------------------------------------------
+def test_import_kvpolar_without_transformers():
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import kvpolar; c = kvpolar.KVCacheConfig.preset('kivi-2'); print(c.key_quantizer)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "kivi"
+
+
+def test_presets_and_bad_names():
+    for name in ("none", "kivi-2", "kivi-4", "polar-rope-3", "polar-rope-4", "polar-recursive", "squat-2",
+                 "turbo-3", "turbo-4", "turbo-k3v4", "fp8"):
+        assert KVCacheConfig.preset(name) is PRESETS[name]
+    with pytest.raises(ValueError, match="preset='kivi-3'.*allowed:.*kivi-2"):
+        KVCacheConfig.preset("kivi-3")
+    with pytest.raises(ValueError, match="residual_length"):
+        KVCacheConfig(residual_length=-1)
+    with pytest.raises(ValueError, match="full_precision_layers='boundary-3'"):
+        KVCacheConfig(full_precision_layers="boundary-3")
+    with pytest.raises(ValueError, match=r"layer_overrides\[1\]"):
+        KVCacheConfig(layer_overrides={1: {"bits": 4}})
+
+
+def test_layer_plan_policy():
+    c = KVCacheConfig(
+        key_params={"bits": 2}, full_precision_layers=(0, -1),
+        layer_overrides={-2: {"key_params": {"bits": 4}}, 1: {"value_quantizer": "none", "value_params": {}}},
+    )
+    plans = [c.plan(i, 6) for i in range(6)]
+    assert [p.full_precision for p in plans] == [True, False, False, False, False, True]
+    assert plans[4].key_params == {"bits": 4} and plans[3].key_params == {"bits": 2}
+    assert plans[1].value_quantizer == "none" and plans[2].value_quantizer == "kivi"
+    assert KVCacheConfig(full_precision_layers="boundary-2").full_precision_indices(6) == {0, 1, 4, 5}
+    with pytest.raises(ValueError, match="full_precision_layers"):
+        KVCacheConfig(full_precision_layers=(7,)).full_precision_indices(6)
+
+
+def test_build_errors(llama):
+    with pytest.raises(ValueError, match="key_quantizer='no-such-method' is not registered.*available: .*kivi"):
+        QuantizedKVCache(llama.config, KVCacheConfig(key_quantizer="no-such-method"))
+    unregistered = [p for p, c in PRESETS.items() if c.key_quantizer not in kvpolar.available_quantizers()]
+    for name in unregistered:  # presets of methods not installed here: a clear error, no fallback
+        with pytest.raises(ValueError, match="is not registered"):
+            QuantizedKVCache(llama.config, name)
+    small = tiny_model("llama", layers=1, head_dim=16)  # KIVI values group 32 channels: D=16 cannot
+    with pytest.raises(ValueError, match="value_quantizer='kivi' cannot store head_dim=16"):
+        QuantizedKVCache(small.config, "kivi-2")
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
+        QuantizedKVCache(GPT2Config(), "kivi-2")
+
+
+def test_misuse_errors(llama, batch):
+    ids, mask, cont = batch
+    other = tiny_model("llama", layers=3)
+    cache = QuantizedKVCache(llama.config, "kivi-2")
+    with pytest.raises(ValueError, match="built for a model of 2 layers"):
+        teacher_forced(other, ids, mask, cont[:, :1], cache)
+    cache = QuantizedKVCache(llama.config, "kivi-2")
+    teacher_forced(llama, ids, mask, cont[:, :1], cache)
+    with pytest.raises(ValueError, match="batch=3"):  # reused for another batch
+        teacher_forced(llama, ids[:1], mask[:1], cont[:1, :1], cache)
+    cache = QuantizedKVCache(llama.config, "kivi-2")
+    llama.set_attn_implementation("sdpa")
+    try:
+        with pytest.raises(RuntimeError, match="attn_implementation='kvpolar'"):
+            teacher_forced(llama, ids, mask, cont[:, :1], cache)
+    finally:
+        llama.set_attn_implementation("kvpolar")
+
+
+# ----- exactness -----------------------------------------------------------------------------------
+def test_none_equals_dynamic_cache(llama, batch, stock):
+    """Identity quantizers through the packed path: the plumbing (order, masks, GQA) is exact."""
+    cache = QuantizedKVCache(llama.config, config("none", residual_length=4))
+    got = teacher_forced(llama, *batch, cache)
+    assert cache.layers[0].packed_keys.num_tokens == max(LENGTHS) + 12 - 4  # packed + 4 in the window
+    torch.testing.assert_close(got, stock[0], rtol=0, atol=2e-6)
+
+
+def test_left_padding_rows_match_single_runs(llama, batch):
+    ids, mask, cont = batch
+    padded = teacher_forced(llama, ids, mask, cont, QuantizedKVCache(llama.config, config("none", residual_length=4)))
+    for i, n in enumerate(LENGTHS):
+        alone = teacher_forced(llama, ids[i:i + 1, -n:], mask[i:i + 1, -n:], cont[i:i + 1],
+                               QuantizedKVCache(llama.config, config("none", residual_length=4)))
+        torch.testing.assert_close(padded[i:i + 1], alone, rtol=0, atol=2e-6)
+
+
+def test_kivi8_close_to_full_precision(llama, batch, stock):
+    errors = {}
+    for preset in ("kivi-8", "kivi-2"):
+        got = teacher_forced(llama, *batch, QuantizedKVCache(llama.config, config(preset, residual_length=4)))
+        errors[preset] = (got - stock[0]).abs().max().item()
+    scale = stock[0].abs().max().item()
+    assert errors["kivi-8"] < 5e-3 * scale  # 8-bit: ~1e-3 relative on this model
+    assert errors["kivi-8"] < errors["kivi-2"] / 20  # and the tolerance is far below what 2 bits gives
+
+
+def test_padding_stays_out_of_key_statistics(llama, batch):
+    """Each packed key group's per-channel min/max equals that of its real tokens only.
+
+    The first 32-token group holds 15 padding + 17 real tokens in row 1 (and only padding in row 2,
+    whose statistics are free). Padding keys differ from real keys, so a leak would move the minimum
+    or the range (checked: without the padding fill this test fails).
+    """
+    ids, mask, cont = batch
+    _, dyn = stock_logits(llama, ids, mask, cont[:, :0])
+    cache = QuantizedKVCache(llama.config, config("kivi-2", residual_length=4))
+    teacher_forced(llama, ids, mask, cont[:, :0], cache)
+    g = 32
+    for layer, ref in zip(cache.layers, dyn.layers):
+        packed = layer.packed_keys
+        assert packed.num_tokens == g
+        for b, n in enumerate(LENGTHS):
+            real = ref.keys[b, :, max(LENGTHS) - n:g]  # real tokens of row b in the first group
+            if real.shape[-2] == 0:
+                continue
+            lo, hi = real.amin(-2), real.amax(-2)
+            torch.testing.assert_close(packed.minimum[b, :, 0], lo, rtol=0, atol=0)
+            torch.testing.assert_close(packed.minimum[b, :, 0] + 3 * packed.scale[b, :, 0], hi, rtol=1e-5, atol=1e-6)
+
+
+# ----- bookkeeping ---------------------------------------------------------------------------------
+def test_seq_length_and_memory_report(llama, batch):
+    ids, mask, cont = batch
+    r, steps, t0 = 8, 30, max(LENGTHS)
+    cache = QuantizedKVCache(llama.config, config("kivi-2", residual_length=r))
+    b, h, d, layers = len(LENGTHS), 2, 32, 2
+    for fed in (0, steps):
+        cache = QuantizedKVCache(llama.config, config("kivi-2", residual_length=r))
+        teacher_forced(llama, ids, mask, cont[:, :0] if fed == 0 else continuation(b, fed), cache)
+        tokens = t0 + fed
+        packed = (tokens - r) // 32 * 32
+        assert cache.get_seq_length() == tokens
+        assert cache.layers[1].packed_keys.num_tokens == packed == cache.layers[1].packed_values.num_tokens
+        rep = cache.memory_report()
+        elems = layers * b * h * tokens * d  # per keys or values
+        assert rep.tokens == tokens and rep.fp16_bytes == 2 * elems * 2
+        assert rep.packed_codes == 2 * layers * b * h * packed * d * 2 // 8  # 2-bit keys and values
+        groups = math.ceil(packed / 32)
+        assert rep.metadata_fields["key.scale"] == layers * b * h * groups * d * 4  # float32 model
+        assert rep.metadata_fields["value.minimum"] == layers * b * h * packed * (d // 32) * 4
+        assert rep.residual == 2 * layers * b * h * (tokens - packed) * d * 4
+        assert rep.total == rep.packed_codes + rep.metadata + rep.residual + rep.shared
+        assert rep.compression_ratio == pytest.approx(rep.fp16_bytes / rep.total)
+    assert cache.memory_report(total_over_ranks=True) == rep  # no process group: local figures
+
+
+def test_full_precision_boundary_layers(batch):
+    """Boundary layers hold exactly the 16-bit keys/values: all of them after prefill, and the layers
+    before the first quantized one after decoding too."""
+    model = tiny_model("llama", layers=5, dtype=torch.float16)
+    ids, mask, cont = batch
+    _, dyn = stock_logits(model, ids, mask, cont)
+    cache = QuantizedKVCache(model.config, config("kivi-2", residual_length=4, full_precision_layers="boundary-2"))
+    teacher_forced(model, ids, mask, cont, cache)
+    for i in (0, 1):
+        assert torch.equal(cache.layers[i].keys, dyn.layers[i].keys)
+        assert torch.equal(cache.layers[i].values, dyn.layers[i].values)
+    for i in (3, 4):
+        assert cache.layers[i].packed_keys is None and cache.layers[i].keys.shape == dyn.layers[i].keys.shape
+    assert cache.layers[2].packed_keys is not None
+    rep = cache.memory_report()
+    assert rep.full_precision_layers == 4 * 2 * dyn.layers[0].keys.nbytes
+    prefill = QuantizedKVCache(model.config, config("kivi-2", residual_length=4, full_precision_layers=(0, 1, -2, -1)))
+    teacher_forced(model, ids, mask, cont[:, :0], prefill)
+    _, dyn0 = stock_logits(model, ids, mask, cont[:, :0])
+    for i in (0, 1, 3, 4):
+        assert torch.equal(prefill.layers[i].keys, dyn0.layers[i].keys)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_generate(dtype):
+    model = tiny_model("llama", layers=2, dtype=dtype)
+    ids, mask = left_padded([40, 20])
+    cache = kvpolar.enable(model, config("kivi-2", residual_length=4))
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10, do_sample=False,
+                         pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    assert out.sequences.shape == (2, 50) and cache.get_seq_length() == 49
+    assert cache.layers[0].packed_keys.dtype == dtype
+    assert all(torch.isfinite(s).all() for s in out.scores)
+
+
+# ----- methods that need the prompt's queries (SQuat) ----------------------------------------------
+@pytest.fixture
+def query_recording_quantizer():
+    """A full-precision quantizer that requires ``queries=`` and records what it receives."""
+    from kvpolar import registry
+    from kvpolar.quantizers.identity import Identity
+
+    class NeedsQueries(Identity):
+        name = "test-needs-queries"
+        context_keys = frozenset({"queries"})
+        required_context = frozenset({"queries"})
+        seen: list = []
+
+        def _quantize(self, x, queries=None):
+            NeedsQueries.seen.append((x.shape, queries))
+            return super()._quantize(x)
+
+    registry.register(NeedsQueries)
+    yield NeedsQueries
+    registry._REGISTRY.pop(NeedsQueries.name)
+
+
+def test_prompt_queries_reach_the_key_quantizer(llama, query_recording_quantizer):
+    ids, mask = left_padded([45, 30])
+    cont = continuation(2, 10)
+    cfg = KVCacheConfig("test-needs-queries", {}, "none", {}, residual_length=4)
+    got = teacher_forced(llama, ids, mask, cont, QuantizedKVCache(llama.config, cfg))
+    ref, _ = stock_logits(llama, ids, mask, cont)
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+    calls = [c for c in query_recording_quantizer.seen if c[0][0] == 2]  # leave out the build-time probes
+    assert len(calls) == 2 * 11  # 2 layers: the prefill chunk, then one token per decode step
+    first = calls[0][1]
+    assert first.shape == (2, 4, 45, 32)  # [B, query heads (GQA-stacked), prompt tokens, D]
+    assert all(q is first for _, q in calls[::2])  # layer 0 keeps its prompt queries for every chunk
+    # row 1 is left-padded by 15: padding queries are replaced by its first real query
+    assert torch.equal(first[1, :, :15], first[1, :, 15:16].expand(-1, 15, -1))
+    assert not torch.equal(first[0, :, :15], first[0, :, 15:16].expand(-1, 15, -1))
+
+
+def test_cuda_dispatch_falls_back_with_a_warning(monkeypatch):
+    """Without the fused kernel module the CUDA path warns once, naming why, and uses the reference."""
+    from kvpolar.cache import attention
+    from kvpolar.decode_attention import reference_decode_attention
+
+    monkeypatch.setattr(attention, "_FUSED", {})
+    monkeypatch.setitem(sys.modules, "kvpolar.kernels.decode_attention", None)  # import fails
+    cuda_query = type("CudaQuery", (), {"device": torch.device("cuda")})()  # only .device is read
+    with pytest.warns(RuntimeWarning, match="fused decode attention unavailable.*reference"):
+        fn = attention.decode_attention(cuda_query)
+    assert fn is reference_decode_attention
+    assert attention.decode_attention(torch.zeros(1)) is reference_decode_attention  # CPU: reference
