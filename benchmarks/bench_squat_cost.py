@@ -17,7 +17,11 @@ Every input is far larger than the L2 cache (keys 64 MiB, queries 256 MiB), so r
 run from cache. Checks run first: SQuat with ``lam=0`` equals KIVI bit for bit on the GPU, and the
 default SQuat lowers the score error of low-rank queries against the keys.
 
-    python benchmarks/bench_squat_cost.py --out benchmarks/results/squat_cost_h100.json
+    PYTHONPATH=src python benchmarks/bench_squat_cost.py --out benchmarks/results/squat_cost_h100.json
+    python benchmarks/bench_squat_cost.py --render benchmarks/results/squat_cost_h100.json
+
+The second form rewrites the "SQuat quantization cost" section of benchmarks/README.md (between its
+markers) from a results file, without running anything.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +112,52 @@ def layer_gemm_ms(tokens: int, device: torch.device, dtype: torch.dtype, reps: i
     return median_ms(run, reps)
 
 
+README = Path(__file__).resolve().parent / "README.md"
+BEGIN, END = "<!-- squat_cost:begin -->", "<!-- squat_cost:end -->"
+
+
+def markdown(result: dict) -> str:
+    """The README section for one results file."""
+    rows = result["median_ms"]
+    prefill = min(v for k, v in rows.items() if k.startswith("fp16 SDPA prefill"))
+    gemm = rows.get("layer GEMMs (Llama-3.1-8B, fp16)")
+    sh = result["shapes"]
+    lines = [
+        "## SQuat quantization cost (table)",
+        "",
+        f"{result['device']}, torch {result['torch']}, `{result['command']}`. One layer of "
+        f"Llama-3.1-8B shapes: batch {sh['batch']}, {sh['q_heads']} query / {sh['kv_heads']} KV heads, "
+        f"{sh['tokens']} prompt tokens, head dim {sh['head_dim']}, {sh['dtype']}; SQuat "
+        + ", ".join(f"{k}={v}" for k, v in result["squat"].items())
+        + f". {result['timing']}.",
+        "",
+        "| step | median ms | / fp16 SDPA prefill | / layer GEMMs |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, ms in rows.items():
+        ratio_g = f"{ms / gemm:.3f}" if gemm else "-"
+        lines.append(f"| {name} | {ms:.3f} | {ms / prefill:.3f} | {ratio_g} |")
+    c = result["checks"]
+    lines += [
+        "",
+        f"Checks in the same run: SQuat with lam=0 equals KIVI bit for bit: {c['lam0_equals_kivi']}; "
+        f"score relative error of the last 64 prompt queries: KIVI {c['score_rel_error_kivi']:.4f}, "
+        f"SQuat svd {c['score_rel_error_squat_svd']:.4f}, power {c['score_rel_error_squat_power']:.4f}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def update_readme(section: str, path: Path = README) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{section}{END}"
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32768)
@@ -117,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--render", default=None, help="only rewrite the README section from this JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        update_readme(markdown(json.loads(Path(args.render).read_text())))
+        return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16
