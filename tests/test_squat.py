@@ -264,3 +264,12 @@ def test_bad_prepared_subspace():
         q.quantize(keys, subspace=queries)
     with pytest.raises(ValueError, match="bits=4"):
         kvpolar.quantizer("squat", bits=4).dequantize(q.quantize(keys, queries=queries))
+
+
+@pytest.mark.parametrize("method", ["svd", "power"])
+def test_fewer_query_tokens_than_subspace_dim(method):
+    queries = torch.randn(2, 3, 3, 64)  # rank 3 < subspace_dim 8
+    qs = kvpolar.quantizer("squat", subspace_dim=8, subspace=method).prepare(queries).qs
+    assert qs.shape == (2, 3, 8, 64) and torch.isfinite(qs).all()
+    gram = queries.double().transpose(-1, -2) @ queries.double()
+    assert (qs.double().transpose(-1, -2) @ qs.double() - gram).norm() <= 1e-4 * gram.norm()

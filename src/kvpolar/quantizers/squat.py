@@ -128,26 +128,37 @@ def svd_subspace(stacked: torch.Tensor, rank: int) -> torch.Tensor:
 def power_subspace(stacked: torch.Tensor, rank: int, iterations: int, seed: int) -> torch.Tensor:
     """Same as :func:`svd_subspace` by block power iteration (randomized SVD, Halko et al. 2011).
 
-    ``rank + POWER_OVERSAMPLING`` seeded Gaussian directions go through ``iterations`` steps of
-    ``V <- orth(Q^T Q V)``; a Rayleigh-Ritz step on the small ``k x k`` matrix ``(QV)^T (QV)`` then
-    picks the top ``rank`` directions and their singular values. Costs ``O(N D k)`` per step instead
-    of the SVD's ``O(N D^2)`` plus its iterative solver. Float32 ``[..., rank, D]``.
+    One pass over the queries forms the Gram matrix ``G = Q^T Q`` (``D x D``, float32 products,
+    then float64); ``rank + POWER_OVERSAMPLING`` seeded Gaussian directions go through
+    ``iterations`` steps of ``V <- orth(G V)``, and a Rayleigh-Ritz step on ``V^T G V`` picks the
+    top ``rank`` directions and their singular values. Cost: ``N D^2`` flops for ``G`` against the
+    SVD's iterative ``O(N D^2)``; every later step is on ``D x k`` matrices, and the only
+    decompositions are ``k x k`` (``k <= 32`` at the default sizes, which GPUs solve batched).
+    Float32 ``[..., rank, D]``.
     """
     q = stacked.float()
-    *lead, _, d = q.shape
+    gram = (q.transpose(-1, -2) @ q).double()  # [..., D, D]
+    *lead, d, _ = gram.shape
     k = min(rank + POWER_OVERSAMPLING, d)
     gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(*lead, d, k, generator=gen).to(q.device)
-    v = torch.linalg.qr(v).Q
+    v = _orthonormalize(torch.randn(*lead, d, k, generator=gen, dtype=torch.float64).to(gram.device))
     for _ in range(iterations):
-        v = torch.linalg.qr(q.transpose(-1, -2) @ (q @ v)).Q
-    qv = q @ v  # [..., N, k]
-    evals, w = torch.linalg.eigh(qv.transpose(-1, -2) @ qv)  # ascending
+        v = _orthonormalize(gram @ v)
+    evals, w = torch.linalg.eigh(v.transpose(-1, -2) @ gram @ v)  # ascending
     top = min(rank, k)
     evals, w = evals.flip(-1)[..., :top], w.flip(-1)[..., :top]
-    s = evals.clamp_min(0).sqrt()
-    qs = s[..., :, None] * (v @ w).transpose(-1, -2)
-    return _pad_rows(qs, rank)
+    qs = evals.clamp_min(0).sqrt()[..., :, None] * (v @ w).transpose(-1, -2)
+    return _pad_rows(qs.float(), rank)
+
+
+def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning ``y`` ``[..., D, k]`` (float64): ``y U diag(l)^-1/2`` from the
+    ``k x k`` eigendecomposition ``y^T y = U diag(l) U^T``; directions with ``l`` below 1e-12 of the
+    largest (a rank-deficient ``y``) become zero columns."""
+    evals, u = torch.linalg.eigh(y.transpose(-1, -2) @ y)
+    keep = evals > 1e-12 * evals.amax(-1, keepdim=True).clamp_min(1e-300)
+    inv_sqrt = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
+    return (y @ u) * inv_sqrt[..., None, :]
 
 
 def block_matrices(qs: torch.Tensor, lam: float, block_size: int) -> tuple[torch.Tensor, ...]:
