@@ -80,6 +80,59 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_EVALS = {
+    "ppl": ("run_perplexity", "perplexity of held-out text with keys/values written through the cache"),
+    "needle": ("run_needle", "needle-in-a-haystack retrieval accuracy on a depth x length grid"),
+    "fidelity": ("run_fidelity", "per-layer relative error of attention scores and outputs vs fp16"),
+    "agreement": ("run_agreement", "greedy-generation token agreement with fp16"),
+}
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import kvpolar.eval as evaluations
+
+    presets = _presets(args.presets)
+    device = _device(args.device)
+    _check_model(args.model)
+    run = getattr(evaluations, _EVALS[args.metric][0])
+    try:
+        results = run(args.model, presets, device=device, max_length=args.max_length, out_dir=args.out, progress=True)
+    except ValueError as err:  # e.g. a context longer than the model supports
+        raise CLIError(str(err)) from None
+    for path in results.get("files", []):
+        print(f"wrote {path}")
+    markdown = results.get("markdown")
+    if markdown:
+        print(markdown)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from kvpolar.bench import run_bench
+
+    presets = _presets(args.presets)
+    device = _device(args.device)
+    _check_model(args.model)
+    try:
+        results = run_bench(args.model, presets, device=device, max_length=args.max_length, out_dir=args.out,
+                            new_tokens=args.new_tokens, progress=True)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    for path in results["files"]:
+        print(f"wrote {path}")
+    print(results["markdown"])
+    return 0
+
+
+def _common_options(parser: argparse.ArgumentParser, max_length: int) -> None:
+    parser.add_argument("--model", default=None, help="local Hugging Face checkpoint (default: the built-in model)")
+    parser.add_argument("--presets", default=None, help="comma-separated presets (default: all)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--max-length", type=_positive_int, default=max_length,
+                        help=f"context length in tokens (default {max_length})")
+    parser.add_argument("--out", default="kvpolar-results", help="output directory (default: kvpolar-results)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpolar", description="KV-cache quantization for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--head-dim", type=_positive_int, default=128, help="--synthetic: head dimension")
     demo.add_argument("--seed", type=int, default=0, help="--synthetic: random seed")
     demo.set_defaults(handler=_demo)
+
+    evaluate = sub.add_parser("eval", help="evaluate presets on a model: JSON, Markdown report and PNG plots")
+    metrics = evaluate.add_subparsers(dest="metric", required=True)
+    for metric, (_, text) in _EVALS.items():
+        sub_metric = metrics.add_parser(metric, help=text, description=text)
+        _common_options(sub_metric, max_length=1024)
+        sub_metric.set_defaults(handler=_eval)
+
+    bench = sub.add_parser("bench", help="decode speed and cache memory per preset on a model")
+    _common_options(bench, max_length=1024)
+    bench.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens to decode (default 64)")
+    bench.set_defaults(handler=_bench)
     return parser
 
 

@@ -48,9 +48,13 @@ def demo_prompt(tokenizer: Any, tokens: int) -> torch.Tensor:
     """The first ``tokens`` tokens of the built-in held-out text: ``[1, tokens]`` int64."""
     from kvpolar import assets
 
-    text = "\n\n".join(doc["text"] for doc in assets.heldout_documents()[:4])
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
-    return ids
+    pieces: list[str] = []
+    for doc in assets.heldout_documents():
+        pieces.append(doc["text"])
+        ids = tokenizer("\n\n".join(pieces), return_tensors="pt").input_ids
+        if ids.shape[1] >= tokens:
+            return ids[:, :tokens]
+    raise ValueError(f"the held-out text holds {ids.shape[1]} tokens; fewer than the {tokens} asked for")
 
 
 @torch.no_grad()
@@ -73,6 +77,11 @@ def run_generation_demo(
     import kvpolar
 
     model, tokenizer = load_model(model_path, device)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and prompt_tokens + new_tokens > limit:
+        raise ValueError(
+            f"prompt of {prompt_tokens} + {new_tokens} new tokens is longer than the model's context ({limit} tokens)"
+        )
     ids = demo_prompt(tokenizer, prompt_tokens).to(device)
     setup = {
         "model": model_path or "built-in tiny Llama (kvpolar.assets.tiny_model_path())",
