@@ -62,3 +62,64 @@ def test_scores_kernel_refuses_non_power_of_two():
     p = q_.quantize(torch.randn(1, 4, 48))
     with pytest.raises(ValueError, match="power of two"):
         prs.polar_recursive_scores(torch.randn(1, 2, 48), p)
+
+
+# ----- encode ---------------------------------------------------------------------------------
+from kvpolar.kernels import polar_recursive_encode as pre  # noqa: E402
+from kvpolar.quantizers import codebooks as cb  # noqa: E402
+
+
+def reference_angles(quantizer, x):
+    c = quantizer.config
+    rot = pr.rotation(c.preconditioner, x.shape[-1], c.seed, x.device)
+    return pr.polar_transform(rot.apply(x), c.levels)
+
+
+@pytest.mark.parametrize(
+    "params,dtype,tokens",
+    [
+        ({}, torch.float16, 1),
+        ({}, torch.bfloat16, 37),
+        ({"levels": 6, "bits": (5, 3, 3, 2, 3, 1)}, torch.float32, 20),
+        ({"levels": 2, "bits": (3, 5), "preconditioner": "orthogonal"}, torch.float16, 17),
+    ],
+)
+def test_encode_kernel_matches_reference(params, dtype, tokens):
+    quantizer = kvpolar.quantizer("polar-recursive", **params)
+    x = torch.randn(2, 3, tokens, 64, device=DEVICE).to(dtype)
+    ref = quantizer.quantize(x)
+    got = pre.polar_recursive_encode(quantizer, x)
+    assert got.codes.shape == ref.codes.shape and got.radii.shape == ref.radii.shape
+    assert got.radii.dtype == dtype and got.bits_per_element == ref.bits_per_element
+    c = quantizer.config
+    angles, radii = reference_angles(quantizer, x)
+    books = pr.analytic_codebooks(c.bits, str(x.device))
+    ref_codes = pr.unpack_levels(ref.codes, c.bits, 64)
+    got_codes = pr.unpack_levels(got.codes, c.bits, 64)
+    for angle, book, rc, gc in zip(angles, books, ref_codes, got_codes):
+        differ = rc != gc
+        # only angles within float32 rounding of a codebook boundary may fall on the other side
+        gap = (angle[..., None] - cb.boundaries_of(book)).abs().amin(-1)
+        assert torch.all(gap[differ] < 1e-4), gap[differ]
+        assert differ.float().mean() < 1e-2
+    # radii: the reference's own float32 -> dtype rounding, plus a few float32 ulps
+    tol = radii.abs() * (float(torch.finfo(dtype).eps) + 1e-5)
+    assert torch.all((got.radii.float() - ref.radii.float()).abs() <= tol)
+    if all(torch.equal(a, b) for a, b in zip(ref_codes, got_codes)) and torch.equal(got.radii, ref.radii):
+        assert torch.equal(quantizer.dequantize(got), quantizer.dequantize(ref))
+
+
+def test_encode_kernel_then_scores_kernel():
+    quantizer = kvpolar.quantizer("polar-recursive")
+    keys = torch.randn(1, 2, 40, 64, device=DEVICE, dtype=torch.float16)
+    p = pre.polar_recursive_encode(quantizer, keys)
+    queries = torch.randn(1, 2, 3, 64, device=DEVICE, dtype=torch.float16)
+    exact, ref_err = reference_error(queries, p)
+    assert (prs.polar_recursive_scores(queries, p).double() - exact).abs().max() <= 4 * ref_err + 1e-6 * exact.abs().max()
+
+
+def test_encode_kernel_refuses_unsupported_settings():
+    with pytest.raises(ValueError, match="codebook='analytic' with radius_bits=None"):
+        pre.polar_recursive_encode(kvpolar.quantizer("polar-recursive", codebook="online"), torch.randn(1, 4, 64))
+    with pytest.raises(ValueError, match="radius_bits=6"):
+        pre.polar_recursive_encode(kvpolar.quantizer("polar-recursive", radius_bits=6), torch.randn(1, 4, 64))
