@@ -9,8 +9,8 @@ IEEE float32), then level by level: pairs are split in registers, the radius is 
 and the angle code is found without ``atan2`` by counting the codebook boundaries ``beta`` the
 angle lies beyond: for levels ``>= 2`` (angles in ``[0, pi/2]``) ``b cos(beta) - a sin(beta) > 0``;
 for level 1 (angles in ``[0, 2 pi)``) the same cross product combined with the half-plane the pair
-lies in. Codes are OR-ed into int32 words of the token's little-endian bit stream (a code may
-straddle two words), which is byte for byte the stored ``codes`` layout. Radii are stored in the
+lies in. Codes are placed into int32 words of the token's little-endian bit stream in registers
+(a code may straddle two words) and stored once: byte for byte the stored ``codes`` layout. Radii are stored in the
 input dtype. A value exactly on a boundary may get the neighbouring code (measure zero; the codes
 differ from the reference only within float32 rounding of a boundary).
 """
@@ -70,12 +70,13 @@ def polar_recursive_encode(quantizer: PolarRecursive, x: torch.Tensor, block_n: 
     words = math.ceil(total_bits / 32)
     rows = x.reshape(-1, d).contiguous()
     n = rows.shape[0]
-    code_words = torch.zeros(n, words, dtype=torch.int32, device=x.device)
+    code_words = torch.empty(n, words, dtype=torch.int32, device=x.device)
     m = d >> c.levels
     radii = torch.empty(n, m, dtype=x.dtype, device=x.device)
     _encode_kernel[(triton.cdiv(n, block_n),)](
         rows, matrix, cos_b, sin_b, meta_t, code_words, radii, n, words,
-        D=d, LEVELS=c.levels, MAX_COUNT=max_count, OUT_DTYPE=_TL_DTYPES[x.dtype], BLOCK_N=block_n,
+        D=d, LEVELS=c.levels, MAX_COUNT=max_count, OUT_DTYPE=_TL_DTYPES[x.dtype],
+        WORD_SLOTS=triton.next_power_of_2(words), BLOCK_N=block_n,
     )
     codes = code_words.view(torch.uint8)[:, : math.ceil(total_bits / 8)]
     return PolarRecursiveTensor(
@@ -101,16 +102,19 @@ def _dense(kind: str, d: int, seed: int, device: str) -> torch.Tensor:
 
 
 @triton.jit
-def _or_codes(words_ptr, row, row_mask, code, first_bit, width, WORDS):
-    """OR ``width``-bit codes ``[BLOCK_N, n]`` at bits ``first_bit + i * width`` into the row's words."""
+def _place_codes(code, first_bit, width, WORD_SLOTS: tl.constexpr):
+    """``width``-bit codes ``[BLOCK_N, n]`` at bits ``first_bit + i * width``, as int32 words
+    ``[BLOCK_N, WORD_SLOTS]`` (a code may straddle two words). Fields are disjoint, so summing
+    them is OR-ing them: no atomics, no carries."""
     i = tl.arange(0, code.shape[1])
     bit = first_bit + i * width
-    word = bit >> 5
-    shift = bit & 31
-    base = words_ptr + row[:, None] * WORDS
-    tl.atomic_or(base + word[None, :], code << shift[None, :], mask=row_mask)
-    spill = (shift + width > 32)[None, :]
-    tl.atomic_or(base + word[None, :] + 1, code >> (32 - shift)[None, :], mask=row_mask & spill)
+    word = (bit >> 5)[None, :, None]
+    shift = (bit & 31)[None, :]
+    low = code << shift
+    high = tl.where(shift + width > 32, code >> (32 - shift), 0)
+    slot = tl.arange(0, WORD_SLOTS)[None, None, :]
+    placed = tl.where(word == slot, low[:, :, None], 0) + tl.where(word + 1 == slot, high[:, :, None], 0)
+    return tl.sum(placed, axis=1)
 
 
 @triton.jit
@@ -133,7 +137,7 @@ def _count_beyond(a, b, cos_ptr, sin_ptr, first, count, FULL_CIRCLE: tl.constexp
 def _encode_kernel(
     x_ptr, r_ptr, cos_ptr, sin_ptr, meta_ptr, words_ptr, radii_ptr, N, WORDS,
     D: tl.constexpr, LEVELS: tl.constexpr, MAX_COUNT: tl.constexpr, OUT_DTYPE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    WORD_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = (row < N)[:, None]
@@ -141,6 +145,7 @@ def _encode_kernel(
     x = tl.load(x_ptr + row[:, None] * D + d[None, :], mask=row_mask, other=0.0).to(tl.float32)
     r_t = tl.load(r_ptr + d[None, :] * D + d[:, None])  # R^T: [k, j] = R[j, k]
     radius = tl.dot(x, r_t, input_precision="ieee")  # y = x R^T, [BLOCK_N, D]
+    words = tl.zeros([BLOCK_N, WORD_SLOTS], dtype=tl.int32)
     for level in tl.static_range(LEVELS):
         a, b = tl.split(tl.reshape(radius, [BLOCK_N, D >> (level + 1), 2]))
         first_bit = tl.load(meta_ptr + 4 * level)
@@ -148,8 +153,10 @@ def _encode_kernel(
         first = tl.load(meta_ptr + 4 * level + 2)
         count = tl.load(meta_ptr + 4 * level + 3)
         code = _count_beyond(a, b, cos_ptr, sin_ptr, first, count, level == 0, MAX_COUNT)
-        _or_codes(words_ptr, row, row_mask, code, first_bit, width, WORDS)
+        words += _place_codes(code, first_bit, width, WORD_SLOTS)
         radius = tl.sqrt(a * a + b * b)
     m: tl.constexpr = D >> LEVELS
     j = tl.arange(0, m)
     tl.store(radii_ptr + row[:, None] * m + j[None, :], radius.to(OUT_DTYPE), mask=row_mask)
+    slot = tl.arange(0, WORD_SLOTS)[None, :]
+    tl.store(words_ptr + row[:, None] * WORDS + slot, words, mask=row_mask & (slot < WORDS))

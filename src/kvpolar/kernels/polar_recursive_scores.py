@@ -7,11 +7,12 @@ domain in registers and multiplies it with a ``[BLOCK_Q, D]`` tile of query rows
 nothing dequantized is written to memory. With GQA the query heads sharing a KV head are rows of the
 same program, so each packed key is read once per KV head.
 
-Rebuilding coordinate ``d`` of a key: ``y_d = r[d >> L] * prod_l trig_l``, where level ``l``'s
-factor is ``cos`` or ``sin`` (by bit ``(d >> (l-1)) & 1``) of the codebook value of angle
-``d >> l``. Angle ``i`` of level ``l`` is the ``bits[l-1]``-bit code at bit ``o_l + i * bits[l-1]``
-of the token's bit stream (it may straddle two bytes: both are loaded). Codebooks are read from
-global memory (a few dozen floats, cached); online codebooks have one row per KV head.
+Rebuilding keys runs the inverse transform top-down in registers: the remaining radii split level by
+level into ``(r cos psi, r sin psi)`` (``tl.join``), with ``cos``/``sin`` of every codebook value
+looked up by code from tables computed once per call (a few dozen floats; online codebooks have one
+row per KV head), so no transcendental is evaluated per key. Angle ``i`` of level ``l`` is the
+``bits[l-1]``-bit code at bit ``o_l + i * bits[l-1]`` of the token's bit stream (it may straddle two
+bytes: both are loaded).
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def polar_recursive_scores(
     bh = q_rot.shape[0]
     codes = p.codes.reshape(bh, tokens, -1).contiguous()
     if p.codebook == "online":
-        books, book_stride = p.codebooks.reshape(bh, -1).float().contiguous(), p.codebooks.shape[-1]
+        books, book_stride = p.codebooks.reshape(bh, -1).float(), p.codebooks.shape[-1]
     else:
-        books, book_stride = p.analytic_codebooks.float().contiguous(), 0
+        books, book_stride = p.analytic_codebooks.float(), 0
+    cos_table, sin_table = books.cos().contiguous(), books.sin().contiguous()
     rb = p.radius_bits or 0
     if rb:
         radii = p.radius_codes.reshape(bh, tokens, -1).contiguous()
@@ -74,7 +76,7 @@ def polar_recursive_scores(
     out = torch.empty(bh, tq, tokens, dtype=torch.float32, device=q.device)
     grid = (bh, triton.cdiv(tokens, block_t), triton.cdiv(tq, block_q))
     _scores_kernel[grid](
-        q_rot, codes, radii, scale, minimum, books, level_table(p, q.device), out,
+        q_rot, codes, radii, scale, minimum, cos_table, sin_table, level_table(p, q.device), out,
         tokens, tq, codes.shape[-1], radii.shape[-1], book_stride,
         D=d, LEVELS=p.levels, RADIUS_BITS=rb, BLOCK_T=block_t, BLOCK_Q=block_q,
     )
@@ -92,7 +94,7 @@ def _read_code(base, row_mask, bit, width, nbytes):
 
 @triton.jit
 def _scores_kernel(
-    q_ptr, codes_ptr, radii_ptr, scale_ptr, min_ptr, book_ptr, level_ptr, out_ptr,
+    q_ptr, codes_ptr, radii_ptr, scale_ptr, min_ptr, cos_ptr, sin_ptr, level_ptr, out_ptr,
     T, TQ, NB, NR, book_stride,
     D: tl.constexpr, LEVELS: tl.constexpr, RADIUS_BITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -100,27 +102,34 @@ def _scores_kernel(
     bh = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     rows = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, D)
     t_mask = (t < T)[:, None]
 
-    # remaining radii, broadcast to the coordinates they cover
+    # the remaining radii [BLOCK_T, D >> LEVELS]
+    m: tl.constexpr = D >> LEVELS
+    j = tl.arange(0, m)
     if RADIUS_BITS == 0:
-        y = tl.load(radii_ptr + (bh * T + t)[:, None] * NR + (d >> LEVELS)[None, :], mask=t_mask, other=0.0).to(tl.float32)
+        y = tl.load(radii_ptr + (bh * T + t)[:, None] * NR + j[None, :], mask=t_mask, other=0.0).to(tl.float32)
     else:
-        code = _read_code(radii_ptr + (bh * T + t)[:, None] * NR, t_mask, (d >> LEVELS) * RADIUS_BITS, RADIUS_BITS, NR)
+        code = _read_code(radii_ptr + (bh * T + t)[:, None] * NR, t_mask, j * RADIUS_BITS, RADIUS_BITS, NR)
         scale = tl.load(scale_ptr + bh * T + t, mask=t < T, other=0.0).to(tl.float32)
         minimum = tl.load(min_ptr + bh * T + t, mask=t < T, other=0.0).to(tl.float32)
         y = tl.exp(code.to(tl.float32) * scale[:, None] + minimum[:, None])
 
+    # top-down inverse transform: each radius splits into (r cos, r sin) by its level's angle
     code_base = codes_ptr + (bh * T + t)[:, None] * NB
-    for level in tl.static_range(LEVELS):  # level + 1 is the paper's level
+    book = bh * book_stride
+    for step in tl.static_range(LEVELS):
+        level: tl.constexpr = LEVELS - 1 - step  # 0-based; the paper's level is level + 1
+        n: tl.constexpr = D >> (level + 1)
         offset = tl.load(level_ptr + 3 * level)
         width = tl.load(level_ptr + 3 * level + 1)
         entry = tl.load(level_ptr + 3 * level + 2)
-        code = _read_code(code_base, t_mask, offset + (d >> (level + 1)) * width, width, NB)
-        angle = tl.load(book_ptr + bh * book_stride + entry + code)
-        y = y * tl.where(((d >> level) & 1)[None, :] == 1, tl.sin(angle), tl.cos(angle))
+        code = _read_code(code_base, t_mask, offset + tl.arange(0, n) * width, width, NB)
+        cos = tl.load(cos_ptr + book + entry + code)
+        sin = tl.load(sin_ptr + book + entry + code)
+        y = tl.reshape(tl.join(y * cos, y * sin), [BLOCK_T, 2 * n])
 
+    d = tl.arange(0, D)
     q = tl.load(q_ptr + (bh * TQ + rows)[:, None] * D + d[None, :], mask=(rows < TQ)[:, None], other=0.0)
     s = tl.dot(q, tl.trans(y), input_precision="ieee")  # [BLOCK_Q, BLOCK_T]
     out = out_ptr + (bh * TQ + rows)[:, None] * T + t[None, :]
