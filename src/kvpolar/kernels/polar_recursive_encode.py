@@ -102,11 +102,11 @@ def _dense(kind: str, d: int, seed: int, device: str) -> torch.Tensor:
 
 
 @triton.jit
-def _place_codes(code, first_bit, width, WORD_SLOTS: tl.constexpr):
+def _place_codes(code, first_bit, width, N: tl.constexpr, WORD_SLOTS: tl.constexpr):
     """``width``-bit codes ``[BLOCK_N, n]`` at bits ``first_bit + i * width``, as int32 words
     ``[BLOCK_N, WORD_SLOTS]`` (a code may straddle two words). Fields are disjoint, so summing
     them is OR-ing them: no atomics, no carries."""
-    i = tl.arange(0, code.shape[1])
+    i = tl.arange(0, N)
     bit = first_bit + i * width
     word = (bit >> 5)[None, :, None]
     shift = (bit & 31)[None, :]
@@ -134,6 +134,21 @@ def _count_beyond(a, b, cos_ptr, sin_ptr, first, count, FULL_CIRCLE: tl.constexp
 
 
 @triton.jit
+def _encode_level(radius, words, cos_ptr, sin_ptr, meta_ptr, LEVEL: tl.constexpr, D: tl.constexpr,
+                  MAX_COUNT: tl.constexpr, WORD_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One polar level: ``[BLOCK_N, 2n]`` -> radii ``[BLOCK_N, n]``, codes placed into ``words``."""
+    N: tl.constexpr = D >> (LEVEL + 1)
+    a, b = tl.split(tl.reshape(radius, [BLOCK_N, N, 2]))
+    first_bit = tl.load(meta_ptr + 4 * LEVEL)
+    width = tl.load(meta_ptr + 4 * LEVEL + 1)
+    first = tl.load(meta_ptr + 4 * LEVEL + 2)
+    count = tl.load(meta_ptr + 4 * LEVEL + 3)
+    code = _count_beyond(a, b, cos_ptr, sin_ptr, first, count, LEVEL == 0, MAX_COUNT)
+    words += _place_codes(code, first_bit, width, N, WORD_SLOTS)
+    return tl.sqrt(a * a + b * b), words
+
+
+@triton.jit
 def _encode_kernel(
     x_ptr, r_ptr, cos_ptr, sin_ptr, meta_ptr, words_ptr, radii_ptr, N, WORDS,
     D: tl.constexpr, LEVELS: tl.constexpr, MAX_COUNT: tl.constexpr, OUT_DTYPE: tl.constexpr,
@@ -146,15 +161,9 @@ def _encode_kernel(
     r_t = tl.load(r_ptr + d[None, :] * D + d[:, None])  # R^T: [k, j] = R[j, k]
     radius = tl.dot(x, r_t, input_precision="ieee")  # y = x R^T, [BLOCK_N, D]
     words = tl.zeros([BLOCK_N, WORD_SLOTS], dtype=tl.int32)
-    for level in tl.static_range(LEVELS):
-        a, b = tl.split(tl.reshape(radius, [BLOCK_N, D >> (level + 1), 2]))
-        first_bit = tl.load(meta_ptr + 4 * level)
-        width = tl.load(meta_ptr + 4 * level + 1)
-        first = tl.load(meta_ptr + 4 * level + 2)
-        count = tl.load(meta_ptr + 4 * level + 3)
-        code = _count_beyond(a, b, cos_ptr, sin_ptr, first, count, level == 0, MAX_COUNT)
-        words += _place_codes(code, first_bit, width, WORD_SLOTS)
-        radius = tl.sqrt(a * a + b * b)
+    for level in tl.static_range(LEVELS):  # 0-based; the paper's level is level + 1
+        radius, words = _encode_level(radius, words, cos_ptr, sin_ptr, meta_ptr, level, D, MAX_COUNT,
+                                      WORD_SLOTS, BLOCK_N)
     m: tl.constexpr = D >> LEVELS
     j = tl.arange(0, m)
     tl.store(radii_ptr + row[:, None] * m + j[None, :], radius.to(OUT_DTYPE), mask=row_mask)

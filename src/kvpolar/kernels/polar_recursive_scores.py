@@ -93,6 +93,20 @@ def _read_code(base, row_mask, bit, width, nbytes):
 
 
 @triton.jit
+def _split_level(y, code_base, t_mask, level_ptr, cos_ptr, sin_ptr, NB,
+                 LEVEL: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Radii ``[BLOCK_T, n]`` of 0-based level ``LEVEL`` -> ``[BLOCK_T, 2n]`` children ``(r cos, r sin)``."""
+    N: tl.constexpr = D >> (LEVEL + 1)
+    offset = tl.load(level_ptr + 3 * LEVEL)
+    width = tl.load(level_ptr + 3 * LEVEL + 1)
+    entry = tl.load(level_ptr + 3 * LEVEL + 2)
+    code = _read_code(code_base, t_mask, offset + tl.arange(0, N) * width, width, NB)
+    cos = tl.load(cos_ptr + entry + code)
+    sin = tl.load(sin_ptr + entry + code)
+    return tl.reshape(tl.join(y * cos, y * sin), [BLOCK_T, 2 * N])
+
+
+@triton.jit
 def _scores_kernel(
     q_ptr, codes_ptr, radii_ptr, scale_ptr, min_ptr, cos_ptr, sin_ptr, level_ptr, out_ptr,
     T, TQ, NB, NR, book_stride,
@@ -118,16 +132,8 @@ def _scores_kernel(
     # top-down inverse transform: each radius splits into (r cos, r sin) by its level's angle
     code_base = codes_ptr + (bh * T + t)[:, None] * NB
     book = bh * book_stride
-    for step in tl.static_range(LEVELS):
-        level: tl.constexpr = LEVELS - 1 - step  # 0-based; the paper's level is level + 1
-        n: tl.constexpr = D >> (level + 1)
-        offset = tl.load(level_ptr + 3 * level)
-        width = tl.load(level_ptr + 3 * level + 1)
-        entry = tl.load(level_ptr + 3 * level + 2)
-        code = _read_code(code_base, t_mask, offset + tl.arange(0, n) * width, width, NB)
-        cos = tl.load(cos_ptr + book + entry + code)
-        sin = tl.load(sin_ptr + book + entry + code)
-        y = tl.reshape(tl.join(y * cos, y * sin), [BLOCK_T, 2 * n])
+    for level in tl.static_range(LEVELS - 1, -1, -1):  # 0-based; the paper's level is level + 1
+        y = _split_level(y, code_base, t_mask, level_ptr, cos_ptr + book, sin_ptr + book, NB, level, D, BLOCK_T)
 
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (bh * TQ + rows)[:, None] * D + d[None, :], mask=(rows < TQ)[:, None], other=0.0)
