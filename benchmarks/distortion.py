@@ -14,7 +14,6 @@ benchmarks/results/distortion.png and the "Distortion per bit" section of benchm
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import platform

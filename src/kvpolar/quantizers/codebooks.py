@@ -6,8 +6,9 @@ nearest centroid, found by bucketizing against the midpoints between neighbours 
 * :func:`lloyd_max` fits a codebook to a density on an interval ("offline"/"analytic"): the
   density is discretised as piecewise constant on ``GRID_POINTS`` bins (cell moments exact for
   that discretisation, so a uniform density gives the exact uniform grid), then Lloyd's iteration
-  (boundaries = midpoints, centroids = conditional means) runs in float64 until no centroid moves
-  by more than ``1e-9`` of the interval (far below float32 resolution). Deterministic; cached per ``(density, bits)``.
+  (boundaries = midpoints, centroids = conditional means) runs in float64 from the Panter-Dite
+  start until no centroid moves by more than ``1e-9`` of the interval (below float32 resolution).
+  Deterministic; cached per ``(density, bits)``.
 * :func:`kmeans_1d` fits codebooks to data ("online"), batched over leading axes, initialised from
   a given codebook (e.g. the analytic one), so it is deterministic too.
 
