@@ -242,6 +242,11 @@ def test_many_splits_and_blocks():
     check("kivi-2-32", "kivi-2-32", gqa=4, tk=70, r=3, config=LaunchConfig(block_n=16, num_splits=3))
 
 
+@pytest.mark.parametrize("tk", [40, 64])
+def test_several_key_groups_per_block(tk):
+    check("kivi-2-16", "kivi-3-32", gqa=4, tq=3, tk=tk, r=2, config=LaunchConfig(block_n=64, num_splits=1))
+
+
 @pytest.mark.parametrize("rb_ab", [(2, 4), (4, 4), (3, 3)])
 @pytest.mark.parametrize("pairing", ["half", "interleaved"])
 def test_polar_rope_keys(rb_ab, pairing):

@@ -205,8 +205,8 @@ def choose_splits(tokens: int, programs: int, sms: int, block_n: int, cfg: Launc
     """(splits, tokens per split) for ``tokens`` tokens and ``programs`` (sequence, KV head) pairs.
 
     Enough splits for ``programs_per_sm`` programs per SM (batch 1 at 128k fills the GPU), none
-    shorter than ``min_split_tokens``. Tokens per split are ``block_n`` times a power of two: the
-    kernel's loop count is a compile-time constant, and a growing cache meets few distinct values.
+    shorter than ``min_split_tokens``. Tokens per split are ``block_n`` times a power of two (under
+    the interpreter the loop count is a compile-time constant: few distinct values as caches grow).
     """
     if tokens <= 0:
         return 0, block_n
@@ -307,8 +307,8 @@ def fused_decode_attention(
     if tk:
         k_op, v_op = _key_operand(keys), _value_operand(values)
         block_n = cfg.block_n
-        if k_op.fmt != _FMT_FULL:
-            block_n = math.gcd(block_n, k_op.group)  # a block never straddles a key group
+        if k_op.fmt == _FMT_POLAR or (k_op.fmt == _FMT_KIVI and block_n % k_op.group):
+            block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
         splits, per_split = choose_splits(tk, bsz * hkv, sms, block_n, cfg)
         parts.append((k_op, v_op, 0, splits, per_split, block_n))
     if r:
@@ -355,9 +355,9 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         v_op.data, *v_op.data.stride()[:3], *vm, *vm_strides,
         mask_t, *mask_strides,
         part_max, part_sum, part_acc,
-        k_op.tokens, offset, base, total_splits, hkv,
+        k_op.tokens, offset, per_split // block_n, base, total_splits, hkv,
         scale * _LOG2E,
-        D=d, GQA=gqa, TQ=tq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS_PER_SPLIT=per_split // block_n,
+        D=d, GQA=gqa, TQ=tq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS_CONST=per_split // block_n if _interpreting() else 0,
         KEY_FMT=k_op.fmt, KEY_BITS=k_op.bits, KEY_UB=k_unit[0], KEY_U=k_unit[1], KEY_GROUP=k_op.group,
         ANGLE_BITS=k_op.angle_bits, PAIR_HALF=k_op.pair_half,
         VAL_FMT=v_op.fmt, VAL_BITS=v_op.bits, VAL_UB=v_unit[0], VAL_U=v_unit[1], VAL_GROUP=v_op.group,
@@ -424,10 +424,10 @@ if triton is not None:
         v_ptr, sv_b, sv_h, sv_t, vm0, vm1, svm_b, svm_h, svm_t,
         mask_ptr, smk_b, smk_h, smk_t, smk_n,
         part_max, part_sum, part_acc,
-        n_tokens, mask_offset, split_base, total_splits, n_kv_heads,
+        n_tokens, mask_offset, blocks_per_split, split_base, total_splits, n_kv_heads,
         qk_scale,
         D: tl.constexpr, GQA: tl.constexpr, TQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCKS_PER_SPLIT: tl.constexpr,
+        BLOCKS_CONST: tl.constexpr,
         KEY_FMT: tl.constexpr, KEY_BITS: tl.constexpr, KEY_UB: tl.constexpr, KEY_U: tl.constexpr,
         KEY_GROUP: tl.constexpr, ANGLE_BITS: tl.constexpr, PAIR_HALF: tl.constexpr,
         VAL_FMT: tl.constexpr, VAL_BITS: tl.constexpr, VAL_UB: tl.constexpr, VAL_U: tl.constexpr,
@@ -438,7 +438,7 @@ if triton is not None:
         split = tl.program_id(1)
         b = pid // n_kv_heads
         hkv = pid % n_kv_heads
-        start = split * (BLOCKS_PER_SPLIT * BLOCK_N)  # a short last split masks its surplus blocks
+        start = split * blocks_per_split * BLOCK_N  # a short last split masks its surplus blocks
         DT: tl.constexpr = DOT_DTYPE  # operand dtype of the tensor-core products (the query's)
         PREC: tl.constexpr = "ieee" if DT == tl.float32 else "tf32"
         HALF: tl.constexpr = D // 2
@@ -473,7 +473,8 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for i in range(BLOCKS_PER_SPLIT):
+        # (the interpreter needs a compile-time loop count; compiled kernels take it at run time)
+        for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
             n0 = start + i * BLOCK_N
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < n_tokens
@@ -481,8 +482,8 @@ if triton is not None:
             if KEY_FMT == 0:
                 k = tl.load(k_base + offs_n[:, None] * sk_t + dcol[None, :], mask=n_ok[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k.to(DT)), input_precision=PREC)
-            elif KEY_FMT == 1:  # KIVI per-channel: (q * scale_g) . codes + q . min_g
-                meta = km_base + (n0 // KEY_GROUP) * skm_g + dcol
+            elif KEY_FMT == 1 and BLOCK_N <= KEY_GROUP:  # KIVI, one token group per block:
+                meta = km_base + (n0 // KEY_GROUP) * skm_g + dcol  # (q * scale_g) . codes + q . min_g
                 k_scale = tl.load(km0 + meta).to(tl.float32)
                 k_min = tl.load(km1 + meta).to(tl.float32)
                 codes = _unpack_codes(k_base + offs_n[:, None] * sk_t, n_ok[:, None],
@@ -490,6 +491,19 @@ if triton is not None:
                 q_scaled = (qf * k_scale[None, :]).to(DT)
                 s = tl.dot(q_scaled, tl.trans(_codes_to(codes, DT, KEY_BITS, NATIVE)), input_precision=PREC)
                 s += tl.sum(qf * k_min[None, :], axis=1)[:, None]
+            elif KEY_FMT == 1:  # KIVI, several token groups per block: dequantize in registers
+                NGK: tl.constexpr = BLOCK_N // KEY_GROUP
+                groups = n0 // KEY_GROUP + tl.arange(0, NGK)
+                meta = km_base + groups[:, None] * skm_g + dcol[None, :]
+                g_ok = (groups * KEY_GROUP < n_tokens)[:, None]
+                k_scale = tl.load(km0 + meta, mask=g_ok, other=0.0).to(DT)
+                k_min = tl.load(km1 + meta, mask=g_ok, other=0.0).to(DT)
+                k_scale = tl.reshape(tl.broadcast_to(k_scale[:, None, :], [NGK, KEY_GROUP, D]), [BLOCK_N, D])
+                k_min = tl.reshape(tl.broadcast_to(k_min[:, None, :], [NGK, KEY_GROUP, D]), [BLOCK_N, D])
+                codes = _unpack_codes(k_base + offs_n[:, None] * sk_t, n_ok[:, None],
+                                      KEY_BITS, KEY_UB, KEY_U, D)
+                k = _codes_to(codes, DT, KEY_BITS, NATIVE) * k_scale + k_min
+                s = tl.dot(q, tl.trans(k), input_precision=PREC)
             else:  # polar-rope: (x, y) = r (cos, sin) theta per pair, then q_x . x + q_y . y
                 meta = km_base + (n0 // KEY_GROUP) * skm_g + tl.arange(0, HALF)
                 r_scale = tl.load(km0 + meta).to(tl.float32)
