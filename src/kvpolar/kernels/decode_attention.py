@@ -371,48 +371,89 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
 if triton is not None:
 
     @triton.jit
-    def _unpack_codes(row_ptrs, row_ok, BITS: tl.constexpr, UB: tl.constexpr, U: tl.constexpr,
-                      NCODES: tl.constexpr):
-        """Codes of ``BITS`` bits, densely packed from ``row_ptrs`` (uint8 ``[BN, 1]``), as int32
-        ``[BN, NCODES]`` in their natural order. Units of ``UB`` bytes hold ``U`` codes each."""
+    def _interleave_parts(c0, c1, c2, c3, c4, c5, c6, c7, U: tl.constexpr):
+        """Parts ``c_k`` (code ``k`` of every unit, ``[BN, NU]``) -> ``[BN, NU * U]`` in natural order."""
+        if U == 1:
+            out = c0
+        elif U == 2:
+            out = tl.interleave(c0, c1)
+        elif U == 4:
+            out = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+        else:
+            out = tl.interleave(
+                tl.interleave(tl.interleave(c0, c4), tl.interleave(c2, c6)),
+                tl.interleave(tl.interleave(c1, c5), tl.interleave(c3, c7)),
+            )
+        return out
+
+    @triton.jit
+    def _unpack(row_ptrs, row_ok, scale, minimum, BITS: tl.constexpr, UB: tl.constexpr, U: tl.constexpr,
+                NCODES: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, AFFINE: tl.constexpr,
+                RAW: tl.constexpr):
+        """Codes of ``BITS`` bits, densely packed from ``row_ptrs`` (uint8 ``[BN, 1]``), as
+        ``[BN, NCODES]`` in their natural order. Units of ``UB`` bytes hold ``U`` codes each.
+
+        RAW: int32 codes. Else ``DT`` values: ``(code - offset) * scale + minimum`` with AFFINE
+        (``scale``/``minimum`` ``[BN, NCODES // U]``, one per unit, applied before interleaving),
+        or ``code + offset`` without (``offset``: see ``_code_offset``; the caller corrects for it).
+        """
         cols = tl.arange(0, NCODES // U)[None, :] * UB
         word = tl.load(row_ptrs + cols, mask=row_ok, other=0).to(tl.int32)
         if UB == 3:
             word = word | (tl.load(row_ptrs + cols + 1, mask=row_ok, other=0).to(tl.int32) << 8)
             word = word | (tl.load(row_ptrs + cols + 2, mask=row_ok, other=0).to(tl.int32) << 16)
         CMASK: tl.constexpr = (1 << BITS) - 1
-        if U == 1:
-            codes = word
-        elif U == 2:
-            codes = tl.interleave(word & CMASK, (word >> BITS) & CMASK)
-        elif U == 4:
-            c0 = word & CMASK
-            c1 = (word >> BITS) & CMASK
-            c2 = (word >> (2 * BITS)) & CMASK
-            c3 = (word >> (3 * BITS)) & CMASK
-            codes = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+        c0 = _part(word, 0, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
+        c1 = c0
+        c2 = c0
+        c3 = c0
+        c4 = c0
+        c5 = c0
+        c6 = c0
+        c7 = c0
+        if U >= 2:
+            c1 = _part(word, BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
+        if U >= 4:
+            c2 = _part(word, 2 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
+            c3 = _part(word, 3 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
+        if U >= 8:
+            c4 = _part(word, 4 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
+            c5 = _part(word, 5 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
+            c6 = _part(word, 6 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
+            c7 = _part(word, 7 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
+        return _interleave_parts(c0, c1, c2, c3, c4, c5, c6, c7, U)
+
+    @triton.jit
+    def _part(word, SHIFT: tl.constexpr, CMASK: tl.constexpr, scale, minimum, BITS: tl.constexpr,
+              DT: tl.constexpr, NATIVE: tl.constexpr, AFFINE: tl.constexpr, RAW: tl.constexpr):
+        codes = (word >> SHIFT) & CMASK
+        if RAW:
+            out = codes
         else:
-            c0 = word & CMASK
-            c1 = (word >> BITS) & CMASK
-            c2 = (word >> (2 * BITS)) & CMASK
-            c3 = (word >> (3 * BITS)) & CMASK
-            c4 = (word >> (4 * BITS)) & CMASK
-            c5 = (word >> (5 * BITS)) & CMASK
-            c6 = (word >> (6 * BITS)) & CMASK
-            c7 = (word >> (7 * BITS)) & CMASK
-            codes = tl.interleave(
-                tl.interleave(tl.interleave(c0, c4), tl.interleave(c2, c6)),
-                tl.interleave(tl.interleave(c1, c5), tl.interleave(c3, c7)),
-            )
-        return codes
+            out = _codes_to(codes, DT, BITS, NATIVE)
+            if AFFINE:
+                out = (out - _code_offset(DT, BITS, NATIVE)) * scale + minimum
+        return out
+
+    @triton.jit
+    def _code_offset(DT: tl.constexpr, BITS: tl.constexpr, NATIVE: tl.constexpr):
+        """The constant ``_codes_to`` leaves on every code (exponent bit trick), 0 if none."""
+        if DT == tl.float16:
+            off: tl.constexpr = 1024.0
+        elif DT == tl.bfloat16 and BITS <= 7 and NATIVE:
+            off: tl.constexpr = 128.0
+        else:
+            off: tl.constexpr = 0.0
+        return off
 
     @triton.jit
     def _codes_to(codes, DT: tl.constexpr, BITS: tl.constexpr, NATIVE: tl.constexpr):
-        """int32 codes -> ``DT`` without the slow int->float converter (exponent bit tricks)."""
+        """int32 codes -> ``DT`` values ``code + _code_offset`` without the slow int->float converter:
+        the code is OR-ed into the mantissa of 1024 (float16) or 128 (bfloat16, codes < 128)."""
         if DT == tl.float16:
-            out = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
-        elif DT == tl.bfloat16 and BITS <= 7 and NATIVE:  # (the interpreter lacks bf16 scalars)
-            out = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 128.0
+            out = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        elif DT == tl.bfloat16 and BITS <= 7 and NATIVE:  # (the interpreter lacks bf16 bitcasts)
+            out = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
         else:
             out = codes.to(tl.float32).to(DT)
         return out
@@ -486,11 +527,12 @@ if triton is not None:
                 meta = km_base + (n0 // KEY_GROUP) * skm_g + dcol  # (q * scale_g) . codes + q . min_g
                 k_scale = tl.load(km0 + meta).to(tl.float32)
                 k_min = tl.load(km1 + meta).to(tl.float32)
-                codes = _unpack_codes(k_base + offs_n[:, None] * sk_t, n_ok[:, None],
-                                      KEY_BITS, KEY_UB, KEY_U, D)
+                codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
+                                D, DT, NATIVE, False, False)  # code + offset
                 q_scaled = (qf * k_scale[None, :]).to(DT)
-                s = tl.dot(q_scaled, tl.trans(_codes_to(codes, DT, KEY_BITS, NATIVE)), input_precision=PREC)
-                s += tl.sum(qf * k_min[None, :], axis=1)[:, None]
+                s = tl.dot(q_scaled, tl.trans(codes), input_precision=PREC)
+                bias = qf * k_min[None, :] - _code_offset(DT, KEY_BITS, NATIVE) * q_scaled.to(tl.float32)
+                s += tl.sum(bias, axis=1)[:, None]
             elif KEY_FMT == 1:  # KIVI, several token groups per block: dequantize in registers
                 NGK: tl.constexpr = BLOCK_N // KEY_GROUP
                 groups = n0 // KEY_GROUP + tl.arange(0, NGK)
@@ -500,9 +542,9 @@ if triton is not None:
                 k_min = tl.load(km1 + meta, mask=g_ok, other=0.0).to(DT)
                 k_scale = tl.reshape(tl.broadcast_to(k_scale[:, None, :], [NGK, KEY_GROUP, D]), [BLOCK_N, D])
                 k_min = tl.reshape(tl.broadcast_to(k_min[:, None, :], [NGK, KEY_GROUP, D]), [BLOCK_N, D])
-                codes = _unpack_codes(k_base + offs_n[:, None] * sk_t, n_ok[:, None],
-                                      KEY_BITS, KEY_UB, KEY_U, D)
-                k = _codes_to(codes, DT, KEY_BITS, NATIVE) * k_scale + k_min
+                codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
+                                D, DT, NATIVE, False, False)
+                k = (codes - _code_offset(DT, KEY_BITS, NATIVE)) * k_scale + k_min
                 s = tl.dot(q, tl.trans(k), input_precision=PREC)
             else:  # polar-rope: (x, y) = r (cos, sin) theta per pair, then q_x . x + q_y . y
                 meta = km_base + (n0 // KEY_GROUP) * skm_g + tl.arange(0, HALF)
@@ -510,8 +552,8 @@ if triton is not None:
                 r_min = tl.load(km1 + meta).to(tl.float32)
                 a_scale = tl.load(km2 + meta).to(tl.float32)
                 a_min = tl.load(km3 + meta).to(tl.float32)
-                codes = _unpack_codes(k_base + offs_n[:, None] * sk_t, n_ok[:, None],
-                                      KEY_BITS, KEY_UB, KEY_U, HALF)
+                codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
+                                HALF, DT, NATIVE, False, True)
                 radius = r_min[None, :] + (codes >> ANGLE_BITS).to(tl.float32) * r_scale[None, :]
                 angle = a_min[None, :] + (codes & ((1 << ANGLE_BITS) - 1)).to(tl.float32) * a_scale[None, :]
                 if NATIVE:
@@ -540,16 +582,13 @@ if triton is not None:
             if VAL_FMT == 0:
                 v = tl.load(v_base + offs_n[:, None] * sv_t + dcol[None, :], mask=n_ok[:, None], other=0.0)
                 v = v.to(DT)
-            else:  # KIVI per-token: codes * scale + min, metadata broadcast over channel groups
-                NGV: tl.constexpr = D // VAL_GROUP
-                meta = vm_base + offs_n[:, None] * svm_t + tl.arange(0, NGV)[None, :]
+            else:  # KIVI per-token: codes * scale + min, per packed unit (one channel group)
+                NUV: tl.constexpr = D // VAL_U
+                meta = vm_base + offs_n[:, None] * svm_t + ((tl.arange(0, NUV) * VAL_U) // VAL_GROUP)[None, :]
                 v_scale = tl.load(vm0 + meta, mask=n_ok[:, None], other=0.0).to(DT)
                 v_min = tl.load(vm1 + meta, mask=n_ok[:, None], other=0.0).to(DT)
-                v_scale = tl.reshape(tl.broadcast_to(v_scale[:, :, None], [BLOCK_N, NGV, VAL_GROUP]), [BLOCK_N, D])
-                v_min = tl.reshape(tl.broadcast_to(v_min[:, :, None], [BLOCK_N, NGV, VAL_GROUP]), [BLOCK_N, D])
-                codes_v = _unpack_codes(v_base + offs_n[:, None] * sv_t, n_ok[:, None],
-                                        VAL_BITS, VAL_UB, VAL_U, D)
-                v = _codes_to(codes_v, DT, VAL_BITS, NATIVE) * v_scale + v_min
+                v = _unpack(v_base + offs_n[:, None] * sv_t, n_ok[:, None], v_scale, v_min, VAL_BITS, VAL_UB,
+                            VAL_U, D, DT, NATIVE, True, False)
             acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PREC)
 
         slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
