@@ -266,3 +266,12 @@ def test_supports_refuses_what_it_cannot_read():
     assert not supports(kq.quantize(x), vq.quantize(x))
     with pytest.raises(ValueError, match="group_size=24"):
         fused_decode_attention(torch.randn(1, 1, 1, D), kq.quantize(x), vq.quantize(x), kq, vq, None, None, 1.0)
+
+
+@pytest.mark.parametrize("key_fmt", ["kivi-2-32", "polar-2-4-32-half"])
+def test_interleave_unpacking(key_fmt):
+    check(key_fmt, "kivi-3-32", gqa=4, tk=45, r=3, config=LaunchConfig(unpack_3d=False))
+
+
+def test_natural_order_path():
+    check("kivi-4-32", "kivi-2-32", gqa=8, tq=3, tk=45, r=3, config=LaunchConfig(by_parts=False, block_n=32))

@@ -180,6 +180,11 @@ class LaunchConfig:
     num_splits: splits of the packed tokens per (sequence, KV head); None = from the SM count.
     programs_per_sm: target of the automatic split count.
     min_split_tokens: no split gets fewer tokens than this (automatic split count).
+    unpack_3d: unpack codes as one ``[BN, units, codes per unit]`` broadcast (else a tree of
+        ``tl.interleave``); the two compile differently.
+    by_parts: KIVI codes with at most 4 per packed unit are never interleaved: code position K of
+        every unit is one operand of its own product (the query gathered at channels u*U + K for
+        keys, one accumulator per K for values).
     """
 
     block_n: int = 64
@@ -188,6 +193,8 @@ class LaunchConfig:
     num_splits: int | None = None
     programs_per_sm: int = 4
     min_split_tokens: int = 256
+    unpack_3d: bool = True
+    by_parts: bool = True
 
 
 @functools.lru_cache(maxsize=8)
@@ -223,6 +230,15 @@ def choose_splits(tokens: int, programs: int, sms: int, block_n: int, cfg: Launc
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _code_offset(dtype: torch.dtype, bits: int) -> float:
+    """The constant the kernel's int->float bit trick (``_codes_to``) leaves on every code."""
+    if dtype == torch.float16:
+        return 1024.0
+    if dtype == torch.bfloat16 and bits <= 7 and not _interpreting():
+        return 128.0
+    return 0.0
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -362,7 +378,9 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         ANGLE_BITS=k_op.angle_bits, PAIR_HALF=k_op.pair_half,
         VAL_FMT=v_op.fmt, VAL_BITS=v_op.bits, VAL_UB=v_unit[0], VAL_U=v_unit[1], VAL_GROUP=v_op.group,
         HAS_MASK=mask is not None, NATIVE=not _interpreting(),
-        DOT_DTYPE=_dot_dtype(query.dtype),
+        DOT_DTYPE=_dot_dtype(query.dtype), UNPACK_3D=cfg.unpack_3d,
+        KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
+        PARTS=cfg.by_parts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -389,13 +407,13 @@ if triton is not None:
     @triton.jit
     def _unpack(row_ptrs, row_ok, scale, minimum, BITS: tl.constexpr, UB: tl.constexpr, U: tl.constexpr,
                 NCODES: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, AFFINE: tl.constexpr,
-                RAW: tl.constexpr):
+                RAW: tl.constexpr, UNPACK_3D: tl.constexpr, OFFSET: tl.constexpr):
         """Codes of ``BITS`` bits, densely packed from ``row_ptrs`` (uint8 ``[BN, 1]``), as
         ``[BN, NCODES]`` in their natural order. Units of ``UB`` bytes hold ``U`` codes each.
 
         RAW: int32 codes. Else ``DT`` values: ``(code - offset) * scale + minimum`` with AFFINE
         (``scale``/``minimum`` ``[BN, NCODES // U]``, one per unit, applied before interleaving),
-        or ``code + offset`` without (``offset``: see ``_code_offset``; the caller corrects for it).
+        or ``code + OFFSET`` without (``OFFSET = _code_offset(...)``; the caller corrects for it).
         """
         cols = tl.arange(0, NCODES // U)[None, :] * UB
         word = tl.load(row_ptrs + cols, mask=row_ok, other=0).to(tl.int32)
@@ -403,7 +421,16 @@ if triton is not None:
             word = word | (tl.load(row_ptrs + cols + 1, mask=row_ok, other=0).to(tl.int32) << 8)
             word = word | (tl.load(row_ptrs + cols + 2, mask=row_ok, other=0).to(tl.int32) << 16)
         CMASK: tl.constexpr = (1 << BITS) - 1
-        c0 = _part(word, 0, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
+        if UNPACK_3D:  # [BN, NU, U] by one broadcast shift, then merge the last two axes
+            codes = (word[:, :, None] >> (tl.arange(0, U) * BITS)[None, None, :]) & CMASK
+            if RAW:
+                out = codes
+            else:
+                out = _codes_to(codes, DT, BITS, NATIVE)
+                if AFFINE:
+                    out = ((out - OFFSET) * scale[:, :, None] + minimum[:, :, None]).to(DT)
+            return tl.reshape(out, [out.shape[0], NCODES])
+        c0 = _part(word, 0, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
         c1 = c0
         c2 = c0
         c3 = c0
@@ -412,43 +439,33 @@ if triton is not None:
         c6 = c0
         c7 = c0
         if U >= 2:
-            c1 = _part(word, BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
+            c1 = _part(word, BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
         if U >= 4:
-            c2 = _part(word, 2 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
-            c3 = _part(word, 3 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
+            c2 = _part(word, 2 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
+            c3 = _part(word, 3 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
         if U >= 8:
-            c4 = _part(word, 4 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
-            c5 = _part(word, 5 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
-            c6 = _part(word, 6 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
-            c7 = _part(word, 7 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW)
+            c4 = _part(word, 4 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
+            c5 = _part(word, 5 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
+            c6 = _part(word, 6 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
+            c7 = _part(word, 7 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
         return _interleave_parts(c0, c1, c2, c3, c4, c5, c6, c7, U)
 
     @triton.jit
     def _part(word, SHIFT: tl.constexpr, CMASK: tl.constexpr, scale, minimum, BITS: tl.constexpr,
-              DT: tl.constexpr, NATIVE: tl.constexpr, AFFINE: tl.constexpr, RAW: tl.constexpr):
+              DT: tl.constexpr, NATIVE: tl.constexpr, AFFINE: tl.constexpr, RAW: tl.constexpr,
+              OFFSET: tl.constexpr):
         codes = (word >> SHIFT) & CMASK
         if RAW:
             out = codes
         else:
             out = _codes_to(codes, DT, BITS, NATIVE)
             if AFFINE:
-                out = (out - _code_offset(DT, BITS, NATIVE)) * scale + minimum
+                out = ((out - OFFSET) * scale + minimum).to(DT)
         return out
 
     @triton.jit
-    def _code_offset(DT: tl.constexpr, BITS: tl.constexpr, NATIVE: tl.constexpr):
-        """The constant ``_codes_to`` leaves on every code (exponent bit trick), 0 if none."""
-        if DT == tl.float16:
-            off: tl.constexpr = 1024.0
-        elif DT == tl.bfloat16 and BITS <= 7 and NATIVE:
-            off: tl.constexpr = 128.0
-        else:
-            off: tl.constexpr = 0.0
-        return off
-
-    @triton.jit
     def _codes_to(codes, DT: tl.constexpr, BITS: tl.constexpr, NATIVE: tl.constexpr):
-        """int32 codes -> ``DT`` values ``code + _code_offset`` without the slow int->float converter:
+        """int32 codes -> ``DT`` values ``code + offset`` (``_code_offset``) without the slow int->float converter:
         the code is OR-ed into the mantissa of 1024 (float16) or 128 (bfloat16, codes < 128)."""
         if DT == tl.float16:
             out = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
@@ -457,6 +474,39 @@ if triton is not None:
         else:
             out = codes.to(tl.float32).to(DT)
         return out
+
+    @triton.jit
+    def _load_units(row_ptrs, row_ok, NU: tl.constexpr, UB: tl.constexpr):
+        """``[BN, NU]`` int32 words, one per packed unit of ``UB`` bytes (little-endian)."""
+        cols = tl.arange(0, NU)[None, :] * UB
+        word = tl.load(row_ptrs + cols, mask=row_ok, other=0).to(tl.int32)
+        if UB == 3:
+            word = word | (tl.load(row_ptrs + cols + 1, mask=row_ok, other=0).to(tl.int32) << 8)
+            word = word | (tl.load(row_ptrs + cols + 2, mask=row_ok, other=0).to(tl.int32) << 16)
+        return word
+
+    @triton.jit
+    def _kivi_key_part(s, bias, q_rows, row_ok, word, meta_ptr0, meta_ptr1, K: tl.constexpr, U: tl.constexpr,
+                       BITS: tl.constexpr, NU: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr,
+                       OFFSET: tl.constexpr, PREC: tl.constexpr):
+        """Scores of code ``K`` of every unit (channels ``u * U + K``): no interleaving needed."""
+        ch = tl.arange(0, NU) * U + K
+        qk = tl.load(q_rows[:, None] + ch[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        k_scale = tl.load(meta_ptr0 + ch).to(tl.float32)
+        k_min = tl.load(meta_ptr1 + ch).to(tl.float32)
+        q_scaled = (qk * k_scale[None, :]).to(DT)
+        codes = _codes_to((word >> (K * BITS)) & ((1 << BITS) - 1), DT, BITS, NATIVE)
+        s = tl.dot(q_scaled, tl.trans(codes), s, input_precision=PREC)
+        bias += tl.sum(qk * k_min[None, :] - OFFSET * q_scaled.to(tl.float32), axis=1)
+        return s, bias
+
+    @triton.jit
+    def _kivi_value_part(acc, p, word, v_scale, v_min, alpha, K: tl.constexpr, BITS: tl.constexpr,
+                         DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr, PREC: tl.constexpr):
+        """``acc_K = acc_K * alpha + p @ v_K`` for code ``K`` of every unit (channels ``u * U + K``)."""
+        v = _codes_to((word >> (K * BITS)) & ((1 << BITS) - 1), DT, BITS, NATIVE)
+        v = ((v - OFFSET) * v_scale + v_min).to(DT)
+        return tl.dot(p, v, acc * alpha[:, None], input_precision=PREC)
 
     @triton.jit
     def _split_kernel(
@@ -473,7 +523,8 @@ if triton is not None:
         KEY_GROUP: tl.constexpr, ANGLE_BITS: tl.constexpr, PAIR_HALF: tl.constexpr,
         VAL_FMT: tl.constexpr, VAL_BITS: tl.constexpr, VAL_UB: tl.constexpr, VAL_U: tl.constexpr,
         VAL_GROUP: tl.constexpr,
-        HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr, UNPACK_3D: tl.constexpr,
+        KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr, PARTS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -514,6 +565,13 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
+        # KIVI values by parts: accumulator K holds channels u * VAL_U + K (no interleaving)
+        VAL_PARTS: tl.constexpr = VAL_FMT == 1 and VAL_U <= 4 and PARTS
+        NUV: tl.constexpr = D // VAL_U
+        acc0 = tl.zeros([BLOCK_M, NUV], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, NUV], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, NUV], tl.float32)
+        acc3 = tl.zeros([BLOCK_M, NUV], tl.float32)
         # (the interpreter needs a compile-time loop count; compiled kernels take it at run time)
         for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
             n0 = start + i * BLOCK_N
@@ -523,15 +581,32 @@ if triton is not None:
             if KEY_FMT == 0:
                 k = tl.load(k_base + offs_n[:, None] * sk_t + dcol[None, :], mask=n_ok[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k.to(DT)), input_precision=PREC)
+            elif KEY_FMT == 1 and BLOCK_N <= KEY_GROUP and KEY_U <= 4 and PARTS:  # KIVI, by parts:
+                NUK: tl.constexpr = D // KEY_U  # per code position K of the packed units,
+                word = _load_units(k_base + offs_n[:, None] * sk_t, n_ok[:, None], NUK, KEY_UB)
+                meta = km_base + (n0 // KEY_GROUP) * skm_g  # (q * scale_g) . codes + q . min_g
+                s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                bias = tl.zeros([BLOCK_M], tl.float32)
+                s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, 0, KEY_U,
+                                         KEY_BITS, NUK, DT, NATIVE, KEY_OFFSET, PREC)
+                if KEY_U >= 2:
+                    s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, 1, KEY_U,
+                                             KEY_BITS, NUK, DT, NATIVE, KEY_OFFSET, PREC)
+                if KEY_U >= 4:
+                    s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, 2, KEY_U,
+                                             KEY_BITS, NUK, DT, NATIVE, KEY_OFFSET, PREC)
+                    s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, 3, KEY_U,
+                                             KEY_BITS, NUK, DT, NATIVE, KEY_OFFSET, PREC)
+                s += bias[:, None]
             elif KEY_FMT == 1 and BLOCK_N <= KEY_GROUP:  # KIVI, one token group per block:
                 meta = km_base + (n0 // KEY_GROUP) * skm_g + dcol  # (q * scale_g) . codes + q . min_g
                 k_scale = tl.load(km0 + meta).to(tl.float32)
                 k_min = tl.load(km1 + meta).to(tl.float32)
                 codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
-                                D, DT, NATIVE, False, False)  # code + offset
+                                D, DT, NATIVE, False, False, UNPACK_3D, KEY_OFFSET)  # code + offset
                 q_scaled = (qf * k_scale[None, :]).to(DT)
                 s = tl.dot(q_scaled, tl.trans(codes), input_precision=PREC)
-                bias = qf * k_min[None, :] - _code_offset(DT, KEY_BITS, NATIVE) * q_scaled.to(tl.float32)
+                bias = qf * k_min[None, :] - KEY_OFFSET * q_scaled.to(tl.float32)
                 s += tl.sum(bias, axis=1)[:, None]
             elif KEY_FMT == 1:  # KIVI, several token groups per block: dequantize in registers
                 NGK: tl.constexpr = BLOCK_N // KEY_GROUP
@@ -543,8 +618,8 @@ if triton is not None:
                 k_scale = tl.reshape(tl.broadcast_to(k_scale[:, None, :], [NGK, KEY_GROUP, D]), [BLOCK_N, D])
                 k_min = tl.reshape(tl.broadcast_to(k_min[:, None, :], [NGK, KEY_GROUP, D]), [BLOCK_N, D])
                 codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
-                                D, DT, NATIVE, False, False)
-                k = (codes - _code_offset(DT, KEY_BITS, NATIVE)) * k_scale + k_min
+                                D, DT, NATIVE, False, False, UNPACK_3D, KEY_OFFSET)
+                k = ((codes - KEY_OFFSET) * k_scale + k_min).to(DT)
                 s = tl.dot(q, tl.trans(k), input_precision=PREC)
             else:  # polar-rope: (x, y) = r (cos, sin) theta per pair, then q_x . x + q_y . y
                 meta = km_base + (n0 // KEY_GROUP) * skm_g + tl.arange(0, HALF)
@@ -553,7 +628,7 @@ if triton is not None:
                 a_scale = tl.load(km2 + meta).to(tl.float32)
                 a_min = tl.load(km3 + meta).to(tl.float32)
                 codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
-                                HALF, DT, NATIVE, False, True)
+                                HALF, DT, NATIVE, False, True, UNPACK_3D, 0.0)
                 radius = r_min[None, :] + (codes >> ANGLE_BITS).to(tl.float32) * r_scale[None, :]
                 angle = a_min[None, :] + (codes & ((1 << ANGLE_BITS) - 1)).to(tl.float32) * a_scale[None, :]
                 if NATIVE:
@@ -579,22 +654,45 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
             # ---- p @ values
-            if VAL_FMT == 0:
-                v = tl.load(v_base + offs_n[:, None] * sv_t + dcol[None, :], mask=n_ok[:, None], other=0.0)
-                v = v.to(DT)
-            else:  # KIVI per-token: codes * scale + min, per packed unit (one channel group)
-                NUV: tl.constexpr = D // VAL_U
+            if VAL_PARTS:
+                word = _load_units(v_base + offs_n[:, None] * sv_t, n_ok[:, None], NUV, VAL_UB)
                 meta = vm_base + offs_n[:, None] * svm_t + ((tl.arange(0, NUV) * VAL_U) // VAL_GROUP)[None, :]
                 v_scale = tl.load(vm0 + meta, mask=n_ok[:, None], other=0.0).to(DT)
                 v_min = tl.load(vm1 + meta, mask=n_ok[:, None], other=0.0).to(DT)
-                v = _unpack(v_base + offs_n[:, None] * sv_t, n_ok[:, None], v_scale, v_min, VAL_BITS, VAL_UB,
-                            VAL_U, D, DT, NATIVE, True, False)
-            acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PREC)
+                p16 = p.to(DT)
+                acc0 = _kivi_value_part(acc0, p16, word, v_scale, v_min, alpha, 0, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                if VAL_U >= 2:
+                    acc1 = _kivi_value_part(acc1, p16, word, v_scale, v_min, alpha, 1, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                if VAL_U >= 4:
+                    acc2 = _kivi_value_part(acc2, p16, word, v_scale, v_min, alpha, 2, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                    acc3 = _kivi_value_part(acc3, p16, word, v_scale, v_min, alpha, 3, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+            else:
+                if VAL_FMT == 0:
+                    v = tl.load(v_base + offs_n[:, None] * sv_t + dcol[None, :], mask=n_ok[:, None], other=0.0)
+                    v = v.to(DT)
+                else:  # KIVI per-token: codes * scale + min, per packed unit (one channel group)
+                    NUV2: tl.constexpr = D // VAL_U
+                    meta = vm_base + offs_n[:, None] * svm_t + ((tl.arange(0, NUV2) * VAL_U) // VAL_GROUP)[None, :]
+                    v_scale = tl.load(vm0 + meta, mask=n_ok[:, None], other=0.0).to(DT)
+                    v_min = tl.load(vm1 + meta, mask=n_ok[:, None], other=0.0).to(DT)
+                    v = _unpack(v_base + offs_n[:, None] * sv_t, n_ok[:, None], v_scale, v_min, VAL_BITS, VAL_UB,
+                                VAL_U, D, DT, NATIVE, True, False, UNPACK_3D, VAL_OFFSET)
+                acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PREC)
 
         slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
         tl.store(part_max + slot, m_i, mask=row_ok)
         tl.store(part_sum + slot, l_i, mask=row_ok)
-        tl.store(part_acc + slot.to(tl.int64)[:, None] * D + dcol[None, :], acc, mask=row_ok[:, None])
+        acc_rows = part_acc + slot.to(tl.int64)[:, None] * D
+        if VAL_PARTS:
+            ch = tl.arange(0, NUV)[None, :] * VAL_U
+            tl.store(acc_rows + ch, acc0, mask=row_ok[:, None])
+            if VAL_U >= 2:
+                tl.store(acc_rows + ch + 1, acc1, mask=row_ok[:, None])
+            if VAL_U >= 4:
+                tl.store(acc_rows + ch + 2, acc2, mask=row_ok[:, None])
+                tl.store(acc_rows + ch + 3, acc3, mask=row_ok[:, None])
+        else:
+            tl.store(acc_rows + dcol[None, :], acc, mask=row_ok[:, None])
 
     @triton.jit
     def _combine_kernel(part_max, part_sum, part_acc, out_ptr, n_splits,
