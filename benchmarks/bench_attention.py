@@ -333,13 +333,11 @@ def main() -> None:
     ap.add_argument("--num-warps", type=int, default=None)
     ap.add_argument("--num-stages", type=int, default=None)
     ap.add_argument("--programs-per-sm", type=int, default=None)
-    ap.add_argument("--unpack-3d", type=int, choices=(0, 1), default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
     overrides = {k: v for k, v in {"block_n": args.block_n, "num_warps": args.num_warps, "num_stages": args.num_stages,
-                                     "programs_per_sm": args.programs_per_sm,
-                                     "unpack_3d": None if args.unpack_3d is None else bool(args.unpack_3d)}.items() if v is not None}
+                                     "programs_per_sm": args.programs_per_sm}.items() if v is not None}
     config = LaunchConfig(**overrides)
     props = torch.cuda.get_device_properties(dev)
     meta = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,

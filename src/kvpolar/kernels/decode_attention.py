@@ -180,8 +180,6 @@ class LaunchConfig:
     num_splits: splits of the packed tokens per (sequence, KV head); None = from the SM count.
     programs_per_sm: target of the automatic split count.
     min_split_tokens: no split gets fewer tokens than this (automatic split count).
-    unpack_3d: unpack codes as one ``[BN, units, codes per unit]`` broadcast (else a tree of
-        ``tl.interleave``); the two compile differently.
     by_parts: KIVI codes with at most 4 per packed unit are never interleaved: code position K of
         every unit is one operand of its own product (the query gathered at channels u*U + K for
         keys, one accumulator per K for values).
@@ -193,7 +191,6 @@ class LaunchConfig:
     num_splits: int | None = None
     programs_per_sm: int = 4
     min_split_tokens: int = 256
-    unpack_3d: bool = True
     by_parts: bool = True
 
 
@@ -298,8 +295,7 @@ def fused_decode_attention(
         query = adapter[0](query, keys)
 
     bsz, hq, tq, d = query.shape
-    ref = keys if keys is not None else None
-    hkv = ref.shape[1] if ref is not None else residual_keys.shape[1]
+    hkv = keys.shape[1] if keys is not None else residual_keys.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of KV heads {hkv}")
     tk = keys.num_tokens if keys is not None else 0
@@ -378,7 +374,7 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         ANGLE_BITS=k_op.angle_bits, PAIR_HALF=k_op.pair_half,
         VAL_FMT=v_op.fmt, VAL_BITS=v_op.bits, VAL_UB=v_unit[0], VAL_U=v_unit[1], VAL_GROUP=v_op.group,
         HAS_MASK=mask is not None, NATIVE=not _interpreting(),
-        DOT_DTYPE=_dot_dtype(query.dtype), UNPACK_3D=cfg.unpack_3d,
+        DOT_DTYPE=_dot_dtype(query.dtype),
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
         PARTS=cfg.by_parts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -389,25 +385,9 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
 if triton is not None:
 
     @triton.jit
-    def _interleave_parts(c0, c1, c2, c3, c4, c5, c6, c7, U: tl.constexpr):
-        """Parts ``c_k`` (code ``k`` of every unit, ``[BN, NU]``) -> ``[BN, NU * U]`` in natural order."""
-        if U == 1:
-            out = c0
-        elif U == 2:
-            out = tl.interleave(c0, c1)
-        elif U == 4:
-            out = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
-        else:
-            out = tl.interleave(
-                tl.interleave(tl.interleave(c0, c4), tl.interleave(c2, c6)),
-                tl.interleave(tl.interleave(c1, c5), tl.interleave(c3, c7)),
-            )
-        return out
-
-    @triton.jit
     def _unpack(row_ptrs, row_ok, scale, minimum, BITS: tl.constexpr, UB: tl.constexpr, U: tl.constexpr,
                 NCODES: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, AFFINE: tl.constexpr,
-                RAW: tl.constexpr, UNPACK_3D: tl.constexpr, OFFSET: tl.constexpr):
+                RAW: tl.constexpr, OFFSET: tl.constexpr):
         """Codes of ``BITS`` bits, densely packed from ``row_ptrs`` (uint8 ``[BN, 1]``), as
         ``[BN, NCODES]`` in their natural order. Units of ``UB`` bytes hold ``U`` codes each.
 
@@ -415,53 +395,16 @@ if triton is not None:
         (``scale``/``minimum`` ``[BN, NCODES // U]``, one per unit, applied before interleaving),
         or ``code + OFFSET`` without (``OFFSET = _code_offset(...)``; the caller corrects for it).
         """
-        cols = tl.arange(0, NCODES // U)[None, :] * UB
-        word = tl.load(row_ptrs + cols, mask=row_ok, other=0).to(tl.int32)
-        if UB == 3:
-            word = word | (tl.load(row_ptrs + cols + 1, mask=row_ok, other=0).to(tl.int32) << 8)
-            word = word | (tl.load(row_ptrs + cols + 2, mask=row_ok, other=0).to(tl.int32) << 16)
+        word = _load_units(row_ptrs, row_ok, NCODES // U, UB)
         CMASK: tl.constexpr = (1 << BITS) - 1
-        if UNPACK_3D:  # [BN, NU, U] by one broadcast shift, then merge the last two axes
-            codes = (word[:, :, None] >> (tl.arange(0, U) * BITS)[None, None, :]) & CMASK
-            if RAW:
-                out = codes
-            else:
-                out = _codes_to(codes, DT, BITS, NATIVE)
-                if AFFINE:
-                    out = ((out - OFFSET) * scale[:, :, None] + minimum[:, :, None]).to(DT)
-            return tl.reshape(out, [out.shape[0], NCODES])
-        c0 = _part(word, 0, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
-        c1 = c0
-        c2 = c0
-        c3 = c0
-        c4 = c0
-        c5 = c0
-        c6 = c0
-        c7 = c0
-        if U >= 2:
-            c1 = _part(word, BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
-        if U >= 4:
-            c2 = _part(word, 2 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
-            c3 = _part(word, 3 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
-        if U >= 8:
-            c4 = _part(word, 4 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
-            c5 = _part(word, 5 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
-            c6 = _part(word, 6 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
-            c7 = _part(word, 7 * BITS, CMASK, scale, minimum, BITS, DT, NATIVE, AFFINE, RAW, OFFSET)
-        return _interleave_parts(c0, c1, c2, c3, c4, c5, c6, c7, U)
-
-    @triton.jit
-    def _part(word, SHIFT: tl.constexpr, CMASK: tl.constexpr, scale, minimum, BITS: tl.constexpr,
-              DT: tl.constexpr, NATIVE: tl.constexpr, AFFINE: tl.constexpr, RAW: tl.constexpr,
-              OFFSET: tl.constexpr):
-        codes = (word >> SHIFT) & CMASK
+        codes = (word[:, :, None] >> (tl.arange(0, U) * BITS)[None, None, :]) & CMASK  # [BN, NU, U]
         if RAW:
             out = codes
         else:
             out = _codes_to(codes, DT, BITS, NATIVE)
             if AFFINE:
-                out = ((out - OFFSET) * scale + minimum).to(DT)
-        return out
+                out = ((out - OFFSET) * scale[:, :, None] + minimum[:, :, None]).to(DT)
+        return tl.reshape(out, [out.shape[0], NCODES])  # merge (unit, code in unit): natural order
 
     @triton.jit
     def _codes_to(codes, DT: tl.constexpr, BITS: tl.constexpr, NATIVE: tl.constexpr):
@@ -523,7 +466,7 @@ if triton is not None:
         KEY_GROUP: tl.constexpr, ANGLE_BITS: tl.constexpr, PAIR_HALF: tl.constexpr,
         VAL_FMT: tl.constexpr, VAL_BITS: tl.constexpr, VAL_UB: tl.constexpr, VAL_U: tl.constexpr,
         VAL_GROUP: tl.constexpr,
-        HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr, UNPACK_3D: tl.constexpr,
+        HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr, PARTS: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -603,7 +546,7 @@ if triton is not None:
                 k_scale = tl.load(km0 + meta).to(tl.float32)
                 k_min = tl.load(km1 + meta).to(tl.float32)
                 codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
-                                D, DT, NATIVE, False, False, UNPACK_3D, KEY_OFFSET)  # code + offset
+                                D, DT, NATIVE, False, False, KEY_OFFSET)  # code + offset
                 q_scaled = (qf * k_scale[None, :]).to(DT)
                 s = tl.dot(q_scaled, tl.trans(codes), input_precision=PREC)
                 bias = qf * k_min[None, :] - KEY_OFFSET * q_scaled.to(tl.float32)
@@ -618,7 +561,7 @@ if triton is not None:
                 k_scale = tl.reshape(tl.broadcast_to(k_scale[:, None, :], [NGK, KEY_GROUP, D]), [BLOCK_N, D])
                 k_min = tl.reshape(tl.broadcast_to(k_min[:, None, :], [NGK, KEY_GROUP, D]), [BLOCK_N, D])
                 codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
-                                D, DT, NATIVE, False, False, UNPACK_3D, KEY_OFFSET)
+                                D, DT, NATIVE, False, False, KEY_OFFSET)
                 k = ((codes - KEY_OFFSET) * k_scale + k_min).to(DT)
                 s = tl.dot(q, tl.trans(k), input_precision=PREC)
             else:  # polar-rope: (x, y) = r (cos, sin) theta per pair, then q_x . x + q_y . y
@@ -628,7 +571,7 @@ if triton is not None:
                 a_scale = tl.load(km2 + meta).to(tl.float32)
                 a_min = tl.load(km3 + meta).to(tl.float32)
                 codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
-                                HALF, DT, NATIVE, False, True, UNPACK_3D, 0.0)
+                                HALF, DT, NATIVE, False, True, 0.0)
                 radius = r_min[None, :] + (codes >> ANGLE_BITS).to(tl.float32) * r_scale[None, :]
                 angle = a_min[None, :] + (codes & ((1 << ANGLE_BITS) - 1)).to(tl.float32) * a_scale[None, :]
                 if NATIVE:
@@ -676,7 +619,7 @@ if triton is not None:
                     v_scale = tl.load(vm0 + meta, mask=n_ok[:, None], other=0.0).to(DT)
                     v_min = tl.load(vm1 + meta, mask=n_ok[:, None], other=0.0).to(DT)
                     v = _unpack(v_base + offs_n[:, None] * sv_t, n_ok[:, None], v_scale, v_min, VAL_BITS, VAL_UB,
-                                VAL_U, D, DT, NATIVE, True, False, UNPACK_3D, VAL_OFFSET)
+                                VAL_U, D, DT, NATIVE, True, False, VAL_OFFSET)
                 acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PREC)
 
         slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
