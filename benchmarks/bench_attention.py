@@ -1,0 +1,389 @@
+"""Issue 6, benchmark 1: fused decode attention over the packed cache vs what users run today.
+
+For B in {1, 8, 32}, 32 query heads, 8 KV heads, D = 128, T in {4k, 16k, 32k, 128k}, one query token:
+
+* ``sdpa-fp16``: ``torch.nn.functional.scaled_dot_product_attention(..., enable_gqa=True)`` over an
+  fp16 cache (what a user has without kvpolar);
+* ``hf-dequant-<kivi preset>``: Hugging Face's quantized-cache path (dequantize the whole cache, then
+  attend), emulated with kvpolar's KIVI ``dequantize`` + the fp16 residual + the same SDPA call;
+* ``<preset>``: kvpolar's fused kernel on the packed cache, ``T - 128`` packed tokens plus a
+  128-token fp16 residual window, for kivi-2, kivi-4, polar-rope-3 (r2a4 keys, KIVI 2-bit values) and
+  polar-rope-4 (r4a4 keys, KIVI 4-bit values); group sizes as the presets (KIVI 32, polar-rope 128).
+
+Packed inputs are random codes and metadata in the stored formats (timing does not depend on the
+values); correctness is checked first, at a few shapes, against ``reference_decode_attention``.
+Times are medians of ``triton.testing.do_bench`` (which flushes L2 between runs). Bytes read =
+packed codes + metadata + residual window + query; effective bandwidth is set against a
+device-to-device copy measured in the same run (bytes read + written).
+
+Usage: ``PYTHONPATH=src python benchmarks/bench_attention.py --out results/`` (``--quick`` for a smoke
+run; ``--tune`` adds a launch-parameter sweep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+import kvpolar
+from kvpolar.decode_attention import reference_decode_attention
+from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention, supports
+from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, stored
+from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
+
+try:
+    from kvpolar.quantizers.polar_rope import PolarRopeTensor
+
+    HAVE_POLAR = True
+except ImportError:  # the polar-rope quantizer lives on another branch: build its documented format
+
+    @quantized_tensor_class
+    class PolarRopeTensor(QuantizedTensor):  # type: ignore[no-redef]
+        codes: torch.Tensor = stored(token_axis=-2)
+        radius_scale: torch.Tensor = stored(token_axis=-2)
+        radius_min: torch.Tensor = stored(token_axis=-2)
+        angle_scale: torch.Tensor = stored(token_axis=-2)
+        angle_min: torch.Tensor = stored(token_axis=-2)
+        radius_bits: int = 2
+        angle_bits: int = 4
+        group_size: int = 128
+        pairing: str = "half"
+        angle_range: str = "shortest-arc"
+
+    HAVE_POLAR = False
+
+HQ, HKV, D, RESIDUAL = 32, 8, 128, 128
+PRESETS = {  # name: (key format, key params, value bits); KIVI group 32, polar-rope group 128
+    "kivi-2": ("kivi", 2, 2),
+    "kivi-4": ("kivi", 4, 4),
+    "polar-rope-3": ("polar", (2, 4), 2),
+    "polar-rope-4": ("polar", (4, 4), 4),
+}
+KIVI_GROUP, POLAR_GROUP = 32, 128
+
+
+# ----- packed inputs in the stored formats --------------------------------------------------------------------
+def kivi_keys(b, t, bits, dtype, dev):
+    ng = math.ceil(t / KIVI_GROUP)
+    levels = (1 << bits) - 1
+    return KiviChannelTensor(
+        shape=torch.Size((b, HKV, t, D)), dtype=dtype,
+        codes=torch.randint(0, 256, (b, HKV, t, D * bits // 8), dtype=torch.uint8, device=dev),
+        scale=((0.5 + torch.rand(b, HKV, ng, D, device=dev)) * 2 / levels).to(dtype),
+        minimum=(torch.randn(b, HKV, ng, D, device=dev) * 0.3 - 1).to(dtype),
+        bits=bits, group_size=KIVI_GROUP,
+    )
+
+
+def kivi_values(b, t, bits, dtype, dev):
+    levels = (1 << bits) - 1
+    return KiviTokenTensor(
+        shape=torch.Size((b, HKV, t, D)), dtype=dtype,
+        codes=torch.randint(0, 256, (b, HKV, t, D * bits // 8), dtype=torch.uint8, device=dev),
+        scale=((0.5 + torch.rand(b, HKV, t, D // KIVI_GROUP, device=dev)) * 2 / levels).to(dtype),
+        minimum=(torch.randn(b, HKV, t, D // KIVI_GROUP, device=dev) * 0.3 - 1).to(dtype),
+        bits=bits, group_size=KIVI_GROUP,
+    )
+
+
+def polar_keys(b, t, rb, ab, dtype, dev):
+    ng = math.ceil(t / POLAR_GROUP)
+    shape = (b, HKV, ng, D // 2)
+    return PolarRopeTensor(
+        shape=torch.Size((b, HKV, t, D)), dtype=dtype,
+        codes=torch.randint(0, 256, (b, HKV, t, (D // 2) * (rb + ab) // 8), dtype=torch.uint8, device=dev),
+        radius_scale=((0.5 + torch.rand(shape, device=dev)) / (1 << rb)).to(dtype),
+        radius_min=(0.2 * torch.rand(shape, device=dev)).to(dtype),
+        angle_scale=(torch.full(shape, 2 * math.pi / (1 << ab), device=dev) * (0.2 + torch.rand(shape, device=dev))).to(dtype),
+        angle_min=(2 * math.pi * torch.rand(shape, device=dev) - math.pi).to(dtype),
+        radius_bits=rb, angle_bits=ab, group_size=POLAR_GROUP, pairing="half",
+    )
+
+
+def make_preset(name, b, t, dtype, dev):
+    kind, kp, vbits = PRESETS[name]
+    keys = kivi_keys(b, t, kp, dtype, dev) if kind == "kivi" else polar_keys(b, t, *kp, dtype, dev)
+    return keys, kivi_values(b, t, vbits, dtype, dev)
+
+
+def kivi_quantizers(name):
+    """(key quantizer or None for polar-rope keys, value quantizer) of a preset."""
+    kind, kbits, vbits = PRESETS[name]
+    keys = kvpolar.quantizer("kivi", bits=kbits, group_size=KIVI_GROUP, axis="channel") if kind == "kivi" else None
+    return keys, kvpolar.quantizer("kivi", bits=vbits, group_size=KIVI_GROUP, axis="token")
+
+
+def polar_dense_keys(p):
+    """Polar-rope keys -> float32 [.., T, D] per the documented format (reference for the check)."""
+    from kvpolar.packing import unpack_bits
+
+    ab, t = p.angle_bits, p.num_tokens
+    codes = unpack_bits(p.codes, p.radius_bits + ab, p.head_dim // 2).int()
+    tok = lambda m: m.float().repeat_interleave(p.group_size, -2)[..., :t, :]  # noqa: E731
+    r = tok(p.radius_min) + (codes >> ab).float() * tok(p.radius_scale)
+    th = tok(p.angle_min) + (codes & ((1 << ab) - 1)).float() * tok(p.angle_scale)
+    return torch.cat([r * th.cos(), r * th.sin()], -1)  # pairing "half": (j, j + D/2)
+
+
+# ----- correctness on the GPU ---------------------------------------------------------------------------------
+def reference(name, q, pk, pv, rk, rv, scale, mask):
+    kq, vq = kivi_quantizers(name)
+    if PRESETS[name][0] == "kivi":
+        return reference_decode_attention(q, pk, pv, kq, vq, rk, rv, scale, mask).float()
+    # polar keys: the same reference with dense float32 keys (exact dequantization of the format)
+    none = kvpolar.quantizer("none")
+    dense = none.quantize(polar_dense_keys(pk))
+    return reference_decode_attention(q.float(), dense, pv, none, vq, rk.float(), rv.float(), scale, mask).float()
+
+
+def check_correctness(dev):
+    rows = []
+    cases = [  # (preset, batch, tq, packed tokens, dtype, ragged mask)
+        ("kivi-2", 2, 1, 3001, torch.float16, False), ("kivi-4", 2, 3, 777, torch.float16, True),
+        ("polar-rope-3", 2, 1, 3001, torch.float16, True), ("polar-rope-4", 1, 3, 1000, torch.float16, False),
+        ("kivi-2", 3, 1, 2000, torch.bfloat16, True), ("polar-rope-3", 1, 1, 4500, torch.bfloat16, False),
+    ]
+    for name, b, tq, tk, dtype, ragged in cases:
+        pk, pv = make_preset(name, b, tk, dtype, dev)
+        q = torch.randn(b, HQ, tq, D, device=dev, dtype=dtype)
+        rk = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=dtype)
+        rv = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=dtype)
+        mask = None
+        n = tk + RESIDUAL
+        if ragged:
+            lengths = torch.tensor([n - 7 * i * (n // 20) for i in range(b)], device=dev)
+            mask = (torch.arange(n, device=dev)[None, :] >= n - lengths[:, None])[:, None, None, :]
+        want = reference(name, q, pk, pv, rk, rv, D**-0.5, mask)
+        try:
+            out = fused_decode_attention(q, pk, pv, None, None, rk, rv, D**-0.5, mask).float()
+        except Exception as e:  # report and go on: the sweep may still find configurations that work
+            print(f"check {name}: {type(e).__name__}: {str(e)[-300:]}")
+            out = torch.full_like(want, float("nan"))
+        rel = ((out - want).abs().max() / want.abs().max()).item()
+        ok = bool(torch.isfinite(out).all()) and rel < (1e-2 if dtype == torch.float16 else 4e-2)
+        rows.append({"preset": name, "batch": b, "tq": tq, "tokens": tk + RESIDUAL, "dtype": str(dtype),
+                     "ragged_mask": ragged, "max_rel_error": rel, "ok": ok})
+        print(f"check {name:13s} B={b} Tq={tq} N={n} {str(dtype):14s} mask={ragged!s:5s} rel err {rel:.2e} {'ok' if ok else 'FAIL'}")
+    return rows
+
+
+# ----- timing ------------------------------------------------------------------------------------------------------------
+L2_DEFEAT_BYTES = 256 << 20  # several times the H100's 50 MB L2
+
+
+def median_ms(fn):
+    """Eager time: median of do_bench (L2 flushed between runs; includes Python launch overhead)."""
+    return do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+
+def graph_ms(make_call, bytes_per_call):
+    """GPU time per call: one CUDA graph replays the call over enough input copies that together
+    exceed L2 (so no copy is re-read from cache), timed with do_bench; launch overhead excluded."""
+    copies = max(1, min(512, math.ceil(L2_DEFEAT_BYTES / bytes_per_call)))
+    calls = [make_call(i) for i in range(copies)]
+    for c in calls[:2]:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    ms = do_bench(graph.replay, warmup=10, rep=120, return_mode="median") / copies
+    del graph, calls
+    return ms
+
+
+def copy_bandwidth(dev):
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * (1 << 30) / ms / 1e6  # GB/s, read + write
+
+
+def time_shape(b, t, dev, copy_gbs, presets, configs, with_hf=True):
+    rows = []
+    scale = D**-0.5
+    tk = t - RESIDUAL
+    q_bytes = 2 * b * HQ * D * 2  # query in, output out
+    res_bytes = 2 * b * HKV * RESIDUAL * D * 2
+
+    def record(method, ms, nbytes, eager=None, note=""):
+        row = {"batch": b, "tokens": t, "method": method, "median_ms": ms, "eager_median_ms": eager,
+               "bytes": nbytes, "gb_per_s": nbytes / ms / 1e6 if ms else None, "note": note}
+        row["copy_bw_fraction"] = row["gb_per_s"] / copy_gbs if ms else None
+        rows.append(row)
+        print(f"  {b:3d} {t:7d} {method:22s} {ms if ms else float('nan'):9.4f} ms  eager {eager or float('nan'):9.4f} ms", flush=True)
+
+    def q_and_residual():
+        q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.float16)
+        rk = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=torch.float16)
+        return q, rk, torch.randn_like(rk)
+
+    def sdpa_call(i):
+        q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.float16)
+        k = torch.randn(b, HKV, t, D, device=dev, dtype=torch.float16)
+        v = torch.randn_like(k)
+        return lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+    nbytes = 2 * b * HKV * t * D * 2 + q_bytes
+    try:
+        record("sdpa-fp16", graph_ms(sdpa_call, nbytes), nbytes, median_ms(sdpa_call(0)))
+    except torch.cuda.OutOfMemoryError:
+        record("sdpa-fp16", None, None, note="out of memory")
+    torch.cuda.empty_cache()
+    for name in presets:
+        def fused_call(i):
+            pk, pv = make_preset(name, b, tk, torch.float16, dev)
+            q, rk, rv = q_and_residual()
+            return lambda: fused_decode_attention(q, pk, pv, None, None, rk, rv, scale, None, configs[name])
+
+        pk, pv = make_preset(name, b, tk, torch.float16, dev)
+        nbytes = pk.nbytes + pv.nbytes + res_bytes + q_bytes
+        del pk, pv
+        record(name, graph_ms(fused_call, nbytes), nbytes, median_ms(fused_call(0)))
+        torch.cuda.empty_cache()
+        if with_hf and PRESETS[name][0] == "kivi":
+            kq, vq = kivi_quantizers(name)
+
+            def hf_call(i):
+                pk, pv = make_preset(name, b, tk, torch.float16, dev)
+                q, rk, rv = q_and_residual()
+
+                def hf():
+                    keys = torch.cat([kq.dequantize(pk), rk], -2)
+                    values = torch.cat([vq.dequantize(pv), rv], -2)
+                    return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
+
+                return hf
+
+            note = "emulated: kvpolar KIVI dequantize + cat residual + SDPA"
+            try:
+                record(f"hf-dequant-{name}", graph_ms(hf_call, nbytes), nbytes, median_ms(hf_call(0)), note)
+            except torch.cuda.OutOfMemoryError:
+                record(f"hf-dequant-{name}", None, None, note="out of memory")
+            torch.cuda.empty_cache()
+    base = next((r["median_ms"] for r in rows if r["method"] == "sdpa-fp16"), None)
+    for r in rows:
+        r["speedup_vs_sdpa_fp16"] = base / r["median_ms"] if base and r["median_ms"] else None
+    return rows
+
+
+def _compiled_registers() -> dict:
+    """{cache key: (registers, spills)} of the compiled split kernels (best effort, for the notes)."""
+    from kvpolar.kernels import decode_attention as mod
+
+    out = {}
+    try:
+        for cache in mod._split_kernel.device_caches.values():
+            for key, kernel in cache[0].items():
+                out[key] = (kernel.n_regs, kernel.n_spills)
+    except Exception:  # the cache layout is Triton-internal
+        pass
+    return out
+
+
+def tune(dev, copy_gbs):
+    """A small sweep of launch parameters at a few shapes; returns rows."""
+    rows = []
+    grid = [LaunchConfig(block_n=bn, num_warps=w, num_stages=2, by_parts=parts)
+            for bn, w, parts in [(32, 4, True), (64, 4, True), (64, 4, False), (64, 8, True)]]
+    for b, t in [(32, 32768)]:
+        for name in PRESETS:
+            pk, pv = make_preset(name, b, t - RESIDUAL, torch.float16, dev)
+            q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.float16)
+            rk = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=torch.float16)
+            nbytes = pk.nbytes + pv.nbytes + 2 * rk.numel() * 2 + 2 * q.numel() * 2
+            for cfg in grid:
+                before = _compiled_registers()
+                try:
+                    call = lambda i: lambda: fused_decode_attention(q, pk, pv, None, None, rk, rk, D**-0.5, None, cfg)  # noqa: E731
+                    ms = graph_ms(call, L2_DEFEAT_BYTES)  # inputs of these shapes already exceed L2
+                except Exception as e:  # a config that does not compile (e.g. out of shared memory)
+                    print(f"tune {name} {cfg}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                    continue
+                new = [v for k, v in _compiled_registers().items() if k not in before]
+                rows.append({"batch": b, "tokens": t, "preset": name, **dataclasses.asdict(cfg), "median_ms": ms,
+                             "copy_bw_fraction": nbytes / ms / 1e6 / copy_gbs, "registers_spills": new})
+            del pk, pv
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768, 131072])
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS))
+    ap.add_argument("--quick", action="store_true", help="checks plus one small shape")
+    ap.add_argument("--tune", action="store_true", help="sweep launch parameters first")
+    ap.add_argument("--tune-only", action="store_true", help="checks and the sweep, no timing table")
+    ap.add_argument("--block-n", type=int, default=None)
+    ap.add_argument("--num-warps", type=int, default=None)
+    ap.add_argument("--num-stages", type=int, default=None)
+    ap.add_argument("--programs-per-sm", type=int, default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    overrides = {k: v for k, v in {"block_n": args.block_n, "num_warps": args.num_warps, "num_stages": args.num_stages,
+                                     "programs_per_sm": args.programs_per_sm}.items() if v is not None}
+    config = LaunchConfig(**overrides)
+    props = torch.cuda.get_device_properties(dev)
+    meta = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
+            "polar_rope_class": "kvpolar.quantizers.polar_rope" if HAVE_POLAR else "documented format, built here",
+            "launch_config": dataclasses.asdict(config), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    t0 = time.time()
+    checks = check_correctness(dev)
+    copy_gbs = copy_bandwidth(dev)
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
+    tuning = tune(dev, copy_gbs) if args.tune or args.tune_only else []
+    for r in sorted(tuning, key=lambda r: (r["batch"], r["preset"], r["median_ms"]))[:]:
+        print(f"tune B={r['batch']} {r['preset']:13s} bn={r['block_n']:3d} w={r['num_warps']} st={r['num_stages']} "
+              f"parts={r['by_parts']:d} {r['median_ms'] * 1e3:8.1f} us {100 * r['copy_bw_fraction']:5.1f}% "
+              f"regs/spills {r['registers_spills']}")
+    configs = {name: config for name in args.presets}
+    for name in args.presets:  # the sweep's fastest launch parameters per preset, unless given
+        cands = [r for r in tuning if r["preset"] == name]
+        if cands and not overrides:
+            best = min(cands, key=lambda r: r["median_ms"])
+            configs[name] = LaunchConfig(**{f.name: best[f.name] for f in dataclasses.fields(LaunchConfig)})
+    meta["launch_config_per_preset"] = {k: dataclasses.asdict(v) for k, v in configs.items()}
+    print("launch configs:", {k: (v.block_n, v.num_warps, v.by_parts) for k, v in configs.items()})
+    shapes = [] if args.tune_only else [(1, 4096)] if args.quick else [(b, t) for b in args.batches for t in args.tokens]
+    rows = []
+    for b, t in shapes:
+        rows += time_shape(b, t, dev, copy_gbs, args.presets, configs)
+    result = {"meta": meta, "copy_gb_per_s": copy_gbs, "checks": checks, "tuning": tuning, "results": rows,
+              "elapsed_s": time.time() - t0}
+    import os
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "attention_h100.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{props.name}, copy {copy_gbs:.0f} GB/s; wrote {path}")
+    print(f"{'B':>3} {'T':>7} {'method':22s} {'ms':>9} {'x sdpa':>7} {'GB/s':>7} {'%copy':>6}")
+    for r in rows:
+        if r["median_ms"] is None:
+            print(f"{r['batch']:>3} {r['tokens']:>7} {r['method']:22s} {r['note']}")
+            continue
+        print(f"{r['batch']:>3} {r['tokens']:>7} {r['method']:22s} {r['median_ms']:9.4f} "
+              f"{r['speedup_vs_sdpa_fp16'] or 0:7.2f} {r['gb_per_s']:7.0f} {100 * r['copy_bw_fraction']:6.1f}")
+    if not all(c["ok"] for c in checks):
+        sys.exit("correctness check FAILED (see above)")
+
+
+if __name__ == "__main__":
+    main()

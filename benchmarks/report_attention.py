@@ -1,0 +1,55 @@
+"""Plot and tabulate benchmarks/results/attention_h100.json (written by bench_attention.py).
+
+Usage: ``python benchmarks/report_attention.py [results.json] [plot.png]``: writes the plot (speed-up
+over fp16 SDPA vs context length, one panel per batch size) and prints the markdown table that
+benchmarks/README.md carries.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main() -> None:
+    src = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/attention_h100.json"
+    png = sys.argv[2] if len(sys.argv) > 2 else "benchmarks/attention_speedup_h100.png"
+    data = json.load(open(src))
+    rows = [r for r in data["results"] if r["median_ms"]]
+    batches = sorted({r["batch"] for r in rows})
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "sdpa-fp16"]
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), sharey=True, squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for m in methods:
+            pts = sorted((r["tokens"], r["speedup_vs_sdpa_fp16"]) for r in rows if r["batch"] == b and r["method"] == m)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
+                        linestyle="--" if m.startswith("hf-") else "-")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_title(f"batch {b}")
+        ax.set_xlabel("context tokens")
+    axes[0][0].set_ylabel("speed-up over fp16 SDPA (GPU time)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"Decode attention, 32 q heads / 8 KV heads, D=128 - {data['meta']['gpu']}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"| B | T | method | GPU time (ms) | eager (ms) | x fp16 SDPA | GB/s read | % of copy BW |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|")
+    for r in data["results"]:
+        if not r["median_ms"]:
+            print(f"| {r['batch']} | {r['tokens']} | {r['method']} | {r['note']} | | | | |")
+            continue
+        eager = f"{r['eager_median_ms']:.4f}" if r.get("eager_median_ms") else ""
+        print(f"| {r['batch']} | {r['tokens']} | {r['method']} | {r['median_ms']:.4f} | {eager} | "
+              f"{r['speedup_vs_sdpa_fp16']:.2f} | {r['gb_per_s']:.0f} | {100 * r['copy_bw_fraction']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

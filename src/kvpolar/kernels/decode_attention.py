@@ -1,0 +1,656 @@
+"""Fused split-K decode attention over the packed KV cache (flash-decoding over quantized codes).
+
+Reference: :func:`kvpolar.decode_attention.reference_decode_attention` (same signature, same result
+up to rounding). ``fused_decode_attention`` is what the transformers cache calls on CUDA;
+``supports(keys, values)`` says which stored formats it handles.
+
+How it runs (two Triton kernels):
+
+1. ``_split_kernel``, grid ``(batch * kv_heads, splits)``: each program takes one KV head of one
+   sequence and one contiguous range of tokens, reads that range's packed key and value bytes
+   ONCE for all ``Hq / Hkv`` query heads of the GQA group and all ``Tq`` query tokens (the rows of
+   one ``[BLOCK_M, D]`` query tile), and runs an online softmax over it:
+
+   * keys, KIVI per-channel: codes are unpacked in registers; the query is scaled per token group
+     (``q * scale_g``), multiplied with the integer codes on the tensor cores, plus ``q . min_g``;
+   * keys, polar-rope: per pair ``r = r_min + rc * r_scale``, ``theta = a_min + ac * a_scale``,
+     ``(x, y) = r (cos, sin) theta`` in registers, then ``q_x . x + q_y . y``;
+   * values, KIVI per-token: codes unpacked and dequantized in registers, then ``p @ v``;
+   * ``none`` (full precision) keys/values: the plain fp16/bf16 path of the same kernel.
+
+   It writes a partial ``(max, sum, unnormalised output)`` per split. The full-precision residual
+   window is one more launch of the same kernel (``none`` format) writing the last split(s).
+2. ``_combine_kernel``, one program per ``(batch, query head, query token)``: merges the splits.
+
+The number of splits grows until ``batch * kv_heads * splits`` covers the GPU several times, so
+batch 1 at 128k tokens fills every SM. Formats that live in a rotated domain (polar-recursive,
+turbo) plug in through ``_QUERY_ADAPTERS``: rotate the query once before the kernel and the output
+once after it (the kernel itself sees ordinary KIVI-like codes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Callable
+
+import torch
+
+from kvpolar.quantized import QuantizedTensor
+
+try:  # Triton is optional: the PyTorch reference works without it.
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+#: Stored formats (by class name) of keys and values this kernel reads, with the bit widths.
+KEY_FORMATS = {"FullPrecisionTensor": None, "KiviChannelTensor": (2, 3, 4, 8), "PolarRopeTensor": None}
+VALUE_FORMATS = {"FullPrecisionTensor": None, "KiviTokenTensor": (2, 3, 4, 8)}
+POLAR_PAIR_BITS = (2, 3, 4, 6, 8)  # radius_bits + angle_bits that unpack in whole 1- or 3-byte units
+
+_FMT_FULL, _FMT_KIVI, _FMT_POLAR = 0, 1, 2
+_LOG2E = 1.4426950408889634
+
+
+# ----- which inputs the kernel handles ----------------------------------------------------------------
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _unit(bits: int) -> tuple[int, int]:
+    """(bytes, codes) of the smallest whole unit of the packed bit stream: 1 byte or 3 bytes."""
+    if 8 % bits == 0:
+        return 1, 8 // bits
+    return 3, 24 // bits
+
+
+def _key_reason(keys: QuantizedTensor | None) -> str | None:
+    """Why the kernel cannot read these keys, or None when it can."""
+    if keys is None:
+        return None
+    name = type(keys).__name__
+    d = keys.head_dim
+    if name not in KEY_FORMATS:
+        return f"key format {name} (supported: {sorted(KEY_FORMATS)})"
+    if not (_pow2(d) and d >= 32):
+        return f"head dim {d} (supported: powers of two >= 32)"
+    if name == "KiviChannelTensor":
+        if keys.bits not in KEY_FORMATS[name]:
+            return f"KIVI key bits={keys.bits} (supported: {KEY_FORMATS[name]})"
+        if keys.group_size % 16:
+            return f"KIVI key group_size={keys.group_size} (supported: multiples of 16)"
+    if name == "PolarRopeTensor":
+        bits = keys.radius_bits + keys.angle_bits
+        if bits not in POLAR_PAIR_BITS:
+            return f"polar-rope radius_bits+angle_bits={bits} (supported: {POLAR_PAIR_BITS})"
+        if keys.group_size % 16:
+            return f"polar-rope group_size={keys.group_size} (supported: multiples of 16)"
+        if keys.pairing not in ("half", "interleaved"):
+            return f"polar-rope pairing={keys.pairing!r} (supported: 'half', 'interleaved')"
+    return None
+
+
+def _value_reason(values: QuantizedTensor | None) -> str | None:
+    if values is None:
+        return None
+    name = type(values).__name__
+    d = values.head_dim
+    if name not in VALUE_FORMATS:
+        return f"value format {name} (supported: {sorted(VALUE_FORMATS)})"
+    if not (_pow2(d) and d >= 32):
+        return f"head dim {d} (supported: powers of two >= 32)"
+    if name == "KiviTokenTensor":
+        if values.bits not in VALUE_FORMATS[name]:
+            return f"KIVI value bits={values.bits} (supported: {VALUE_FORMATS[name]})"
+        if not (_pow2(values.group_size) and values.group_size >= 8):
+            return f"KIVI value group_size={values.group_size} (supported: powers of two >= 8)"
+    return None
+
+
+def supports(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> bool:
+    """True when :func:`fused_decode_attention` can read this pair of stored formats."""
+    return triton is not None and _key_reason(keys) is None and _value_reason(values) is None
+
+
+# ----- rotated-domain formats (polar-recursive, turbo) plug in here --------------------------------------
+#: key class name -> (query -> rotated query, output -> output in the original basis). The stored
+#: codes of such formats are read like KIVI/polar codes; only the basis changes, once per call.
+_QUERY_ADAPTERS: dict[str, tuple[Callable[[torch.Tensor, QuantizedTensor], torch.Tensor],
+                                 Callable[[torch.Tensor, QuantizedTensor], torch.Tensor]]] = {}
+
+
+# ----- operands: a format's tensors and static parameters, as the kernel takes them -------------------
+@dataclasses.dataclass
+class _Operand:
+    fmt: int
+    data: torch.Tensor  # codes (uint8) or full-precision vectors, last dim contiguous
+    meta: tuple[torch.Tensor, ...]  # metadata tensors sharing one layout; () for full precision
+    bits: int = 16
+    group: int = 1
+    radius_bits: int = 0
+    angle_bits: int = 0
+    pair_half: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return self.data.shape[-2]
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _key_operand(keys: QuantizedTensor) -> _Operand:
+    name = type(keys).__name__
+    if name == "FullPrecisionTensor":
+        return _Operand(_FMT_FULL, _last_contiguous(keys.values), ())
+    if name == "KiviChannelTensor":
+        meta = (keys.scale, keys.minimum)
+        return _Operand(_FMT_KIVI, _last_contiguous(keys.codes), tuple(_last_contiguous(m) for m in meta),
+                        bits=keys.bits, group=keys.group_size)
+    meta = (keys.radius_scale, keys.radius_min, keys.angle_scale, keys.angle_min)
+    return _Operand(_FMT_POLAR, _last_contiguous(keys.codes), tuple(_last_contiguous(m) for m in meta),
+                    bits=keys.radius_bits + keys.angle_bits, group=keys.group_size,
+                    radius_bits=keys.radius_bits, angle_bits=keys.angle_bits,
+                    pair_half=keys.pairing == "half")
+
+
+def _value_operand(values: QuantizedTensor) -> _Operand:
+    if type(values).__name__ == "FullPrecisionTensor":
+        return _Operand(_FMT_FULL, _last_contiguous(values.values), ())
+    meta = (values.scale, values.minimum)
+    return _Operand(_FMT_KIVI, _last_contiguous(values.codes), tuple(_last_contiguous(m) for m in meta),
+                    bits=values.bits, group=values.group_size)
+
+
+def _full_operand(x: torch.Tensor) -> _Operand:
+    return _Operand(_FMT_FULL, _last_contiguous(x), ())
+
+
+# ----- launch parameters ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Tuning knobs (defaults tuned on an H100; see benchmarks/bench_attention.py).
+
+    block_n: tokens per inner step (capped by the key group size, which it must divide).
+    num_splits: splits of the packed tokens per (sequence, KV head); None = from the SM count.
+    programs_per_sm: target of the automatic split count.
+    min_split_tokens: no split gets fewer tokens than this (automatic split count).
+    by_parts: KIVI codes with at most 4 per packed unit are never interleaved: code position K of
+        every unit is one operand of its own product (the query gathered at channels u*U + K for
+        keys, one accumulator per K for values).
+    """
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    num_splits: int | None = None
+    programs_per_sm: int = 4
+    min_split_tokens: int = 256
+    by_parts: bool = True
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 8  # interpreter runs: a few splits, so tests exercise the combine step
+
+
+def choose_splits(tokens: int, programs: int, sms: int, block_n: int, cfg: LaunchConfig) -> tuple[int, int]:
+    """(splits, tokens per split) for ``tokens`` tokens and ``programs`` (sequence, KV head) pairs.
+
+    Enough splits for ``programs_per_sm`` programs per SM (batch 1 at 128k fills the GPU), none
+    shorter than ``min_split_tokens``. Tokens per split are ``block_n`` times a power of two (under
+    the interpreter the loop count is a compile-time constant: few distinct values as caches grow).
+    """
+    if tokens <= 0:
+        return 0, block_n
+    if cfg.num_splits is not None:
+        wanted = cfg.num_splits
+    else:
+        wanted = math.ceil(cfg.programs_per_sm * sms / programs)
+        wanted = min(wanted, math.ceil(tokens / cfg.min_split_tokens))
+    blocks = math.ceil(tokens / block_n)
+    per_split_blocks = triton.next_power_of_2(math.ceil(blocks / max(1, wanted)))
+    per_split = per_split_blocks * block_n
+    return math.ceil(tokens / per_split), per_split
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _code_offset(dtype: torch.dtype, bits: int) -> float:
+    """The constant the kernel's int->float bit trick (``_codes_to``) leaves on every code."""
+    if dtype == torch.float16:
+        return 1024.0
+    if dtype == torch.bfloat16 and bits <= 7 and not _interpreting():
+        return 128.0
+    return 0.0
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """Operands of the in-kernel products: the query's dtype (float32 under the interpreter for
+    bfloat16, which numpy cannot multiply)."""
+    if dtype == torch.bfloat16:
+        return tl.float32 if _interpreting() else tl.bfloat16
+    return tl.float16 if dtype == torch.float16 else tl.float32
+
+
+# ----- public entry point ----------------------------------------------------------------------------------
+def fused_decode_attention(
+    query: torch.Tensor,
+    keys: QuantizedTensor | None,
+    values: QuantizedTensor | None,
+    key_quantizer: object,
+    value_quantizer: object,
+    residual_keys: torch.Tensor | None,
+    residual_values: torch.Tensor | None,
+    scale: float,
+    attention_mask: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Softmax attention of ``query`` over packed keys/values plus the residual window, fused.
+
+    Same arguments and result as :func:`kvpolar.decode_attention.reference_decode_attention`
+    (the quantizers are accepted for that symmetry; the stored tensors carry what the kernel needs):
+
+    Args:
+        query: ``[B, Hq, Tq, D]`` float16/bfloat16/float32 (Tq small: decoding, speculative steps).
+        keys, values: packed ``[B, Hkv, Tk, D]`` (both or neither); formats: see ``supports``.
+        residual_keys, residual_values: ``[B, Hkv, R, D]`` full precision, or None.
+        scale: softmax scale.
+        attention_mask: bool broadcastable to ``[B, Hq, Tq, Tk + R]``, True = attend; fully
+            masked rows give zeros.
+        config: launch tuning (block size, warps, stages, splits); None = defaults.
+
+    Returns:
+        ``[B, Hq, Tq, D]`` in ``query.dtype``.
+    """
+    if triton is None:
+        raise RuntimeError("fused_decode_attention needs triton; use reference_decode_attention instead")
+    if (keys is None) != (values is None):
+        raise ValueError("keys and values must be both given or both None")
+    if keys is None and residual_keys is None:
+        raise ValueError("attention needs keys: both the packed part and the residual window are empty")
+    if (residual_keys is None) != (residual_values is None):
+        raise ValueError("residual_keys and residual_values must be both given or both None")
+    for reason in (_key_reason(keys), _value_reason(values)):
+        if reason is not None:
+            raise ValueError(f"fused_decode_attention does not support {reason}; check supports() first")
+    if query.dim() != 4 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"query must be [B, Hq, Tq, D] float16/bfloat16/float32; got {tuple(query.shape)} {query.dtype}")
+    cfg = config or LaunchConfig()
+    adapter = _QUERY_ADAPTERS.get(type(keys).__name__) if keys is not None else None
+    if adapter is not None:
+        query = adapter[0](query, keys)
+
+    bsz, hq, tq, d = query.shape
+    hkv = keys.shape[1] if keys is not None else residual_keys.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} are not a multiple of KV heads {hkv}")
+    tk = keys.num_tokens if keys is not None else 0
+    r = residual_keys.shape[-2] if residual_keys is not None else 0
+    if keys is not None and (tuple(keys.shape[:2]) != (bsz, hkv) or keys.head_dim != d or values.num_tokens != tk):
+        raise ValueError(f"keys {tuple(keys.shape)} / values {tuple(values.shape)} do not match query {tuple(query.shape)}")
+    if residual_keys is not None and (residual_keys.shape != (bsz, hkv, r, d) or residual_values.shape != (bsz, hkv, r, d)):
+        raise ValueError(f"residual keys {tuple(residual_keys.shape)} / values {tuple(residual_values.shape)} "
+                         f"must be [B={bsz}, Hkv={hkv}, R, D={d}]")
+    n_total = tk + r
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool:
+            raise ValueError(f"attention_mask must be bool (True = attend); got {attention_mask.dtype}")
+        mask = attention_mask.expand(bsz, hq, tq, n_total).view(torch.uint8)
+
+    gqa = hq // hkv
+    block_m = max(16, triton.next_power_of_2(gqa * tq))
+    sms = _device_sms(query.device)
+    parts = []  # (key operand, value operand, token offset, splits, tokens per split, block_n)
+    if tk:
+        k_op, v_op = _key_operand(keys), _value_operand(values)
+        block_n = cfg.block_n
+        if k_op.fmt == _FMT_POLAR or (k_op.fmt == _FMT_KIVI and block_n % k_op.group):
+            block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
+        splits, per_split = choose_splits(tk, bsz * hkv, sms, block_n, cfg)
+        parts.append((k_op, v_op, 0, splits, per_split, block_n))
+    if r:
+        block_n = min(cfg.block_n, max(16, triton.next_power_of_2(r)))
+        splits, per_split = choose_splits(r, bsz * hkv, sms, block_n,
+                                          dataclasses.replace(cfg, num_splits=None, min_split_tokens=1024))
+        parts.append((_full_operand(residual_keys), _full_operand(residual_values), tk, splits, per_split, block_n))
+    total_splits = sum(p[3] for p in parts)
+
+    dev = query.device
+    part_max = torch.empty(bsz, hq, tq, total_splits, device=dev, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    part_acc = torch.empty(bsz, hq, tq, total_splits, d, device=dev, dtype=torch.float32)
+    base = 0
+    for k_op, v_op, offset, splits, per_split, block_n in parts:
+        _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
+                      part_max, part_sum, part_acc, scale, gqa, block_m, block_n, cfg)
+        base += splits
+    out = torch.empty(bsz, hq, tq, d, device=dev, dtype=query.dtype)
+    _combine_kernel[(bsz * hq * tq,)](
+        part_max, part_sum, part_acc, out, total_splits,
+        D=d, BLOCK_S=triton.next_power_of_2(total_splits), num_warps=4,
+    )
+    if adapter is not None:
+        out = adapter[1](out, keys)
+    return out
+
+
+def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
+                  part_max, part_sum, part_acc, scale, gqa, block_m, block_n, cfg):
+    bsz, hq, tq, d = query.shape
+    hkv = hq // gqa
+    km = k_op.meta + (query,) * (4 - len(k_op.meta))  # unused pointer slots get any tensor
+    vm = v_op.meta + (query,) * (2 - len(v_op.meta))
+    km_strides = k_op.meta[0].stride()[:3] if k_op.meta else (0, 0, 0)
+    vm_strides = v_op.meta[0].stride()[:3] if v_op.meta else (0, 0, 0)
+    k_unit = _unit(k_op.bits) if k_op.fmt != _FMT_FULL else (1, 1)
+    v_unit = _unit(v_op.bits) if v_op.fmt != _FMT_FULL else (1, 1)
+    mask_t = mask if mask is not None else query
+    mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    _split_kernel[(bsz * hkv, splits)](
+        query, *query.stride()[:3],
+        k_op.data, *k_op.data.stride()[:3], *km, *km_strides,
+        v_op.data, *v_op.data.stride()[:3], *vm, *vm_strides,
+        mask_t, *mask_strides,
+        part_max, part_sum, part_acc,
+        k_op.tokens, offset, per_split // block_n, base, total_splits, hkv,
+        scale * _LOG2E,
+        D=d, GQA=gqa, TQ=tq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS_CONST=per_split // block_n if _interpreting() else 0,
+        KEY_FMT=k_op.fmt, KEY_BITS=k_op.bits, KEY_UB=k_unit[0], KEY_U=k_unit[1], KEY_GROUP=k_op.group,
+        ANGLE_BITS=k_op.angle_bits, PAIR_HALF=k_op.pair_half,
+        VAL_FMT=v_op.fmt, VAL_BITS=v_op.bits, VAL_UB=v_unit[0], VAL_U=v_unit[1], VAL_GROUP=v_op.group,
+        HAS_MASK=mask is not None, NATIVE=not _interpreting(),
+        DOT_DTYPE=_dot_dtype(query.dtype),
+        KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
+        PARTS=cfg.by_parts,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+# ----- Triton kernels ----------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _unpack(row_ptrs, row_ok, scale, minimum, BITS: tl.constexpr, UB: tl.constexpr, U: tl.constexpr,
+                NCODES: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, AFFINE: tl.constexpr,
+                RAW: tl.constexpr, OFFSET: tl.constexpr):
+        """Codes of ``BITS`` bits, densely packed from ``row_ptrs`` (uint8 ``[BN, 1]``), as
+        ``[BN, NCODES]`` in their natural order. Units of ``UB`` bytes hold ``U`` codes each.
+
+        RAW: int32 codes. Else ``DT`` values: ``(code - offset) * scale + minimum`` with AFFINE
+        (``scale``/``minimum`` ``[BN, NCODES // U]``, one per unit, applied before interleaving),
+        or ``code + OFFSET`` without (``OFFSET = _code_offset(...)``; the caller corrects for it).
+        """
+        word = _load_units(row_ptrs, row_ok, NCODES // U, UB)
+        CMASK: tl.constexpr = (1 << BITS) - 1
+        codes = (word[:, :, None] >> (tl.arange(0, U) * BITS)[None, None, :]) & CMASK  # [BN, NU, U]
+        if RAW:
+            out = codes
+        else:
+            out = _codes_to(codes, DT, BITS, NATIVE)
+            if AFFINE:
+                out = ((out - OFFSET) * scale[:, :, None] + minimum[:, :, None]).to(DT)
+        return tl.reshape(out, [out.shape[0], NCODES])  # merge (unit, code in unit): natural order
+
+    @triton.jit
+    def _codes_to(codes, DT: tl.constexpr, BITS: tl.constexpr, NATIVE: tl.constexpr):
+        """int32 codes -> ``DT`` values ``code + offset`` (``_code_offset``) without the slow int->float converter:
+        the code is OR-ed into the mantissa of 1024 (float16) or 128 (bfloat16, codes < 128)."""
+        if DT == tl.float16:
+            out = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        elif DT == tl.bfloat16 and BITS <= 7 and NATIVE:  # (the interpreter lacks bf16 bitcasts)
+            out = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            out = codes.to(tl.float32).to(DT)
+        return out
+
+    @triton.jit
+    def _load_units(row_ptrs, row_ok, NU: tl.constexpr, UB: tl.constexpr):
+        """``[BN, NU]`` int32 words, one per packed unit of ``UB`` bytes (little-endian)."""
+        cols = tl.arange(0, NU)[None, :] * UB
+        word = tl.load(row_ptrs + cols, mask=row_ok, other=0).to(tl.int32)
+        if UB == 3:
+            word = word | (tl.load(row_ptrs + cols + 1, mask=row_ok, other=0).to(tl.int32) << 8)
+            word = word | (tl.load(row_ptrs + cols + 2, mask=row_ok, other=0).to(tl.int32) << 16)
+        return word
+
+    @triton.jit
+    def _kivi_key_part(s, bias, q_rows, row_ok, word, meta_ptr0, meta_ptr1, K: tl.constexpr, U: tl.constexpr,
+                       BITS: tl.constexpr, NU: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr,
+                       OFFSET: tl.constexpr, PREC: tl.constexpr):
+        """Scores of code ``K`` of every unit (channels ``u * U + K``): no interleaving needed."""
+        ch = tl.arange(0, NU) * U + K
+        qk = tl.load(q_rows[:, None] + ch[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        k_scale = tl.load(meta_ptr0 + ch).to(tl.float32)
+        k_min = tl.load(meta_ptr1 + ch).to(tl.float32)
+        q_scaled = (qk * k_scale[None, :]).to(DT)
+        codes = _codes_to((word >> (K * BITS)) & ((1 << BITS) - 1), DT, BITS, NATIVE)
+        s = tl.dot(q_scaled, tl.trans(codes), s, input_precision=PREC)
+        bias += tl.sum(qk * k_min[None, :] - OFFSET * q_scaled.to(tl.float32), axis=1)
+        return s, bias
+
+    @triton.jit
+    def _kivi_value_part(acc, p, word, v_scale, v_min, alpha, K: tl.constexpr, BITS: tl.constexpr,
+                         DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr, PREC: tl.constexpr):
+        """``acc_K = acc_K * alpha + p @ v_K`` for code ``K`` of every unit (channels ``u * U + K``)."""
+        v = _codes_to((word >> (K * BITS)) & ((1 << BITS) - 1), DT, BITS, NATIVE)
+        v = ((v - OFFSET) * v_scale + v_min).to(DT)
+        return tl.dot(p, v, acc * alpha[:, None], input_precision=PREC)
+
+    @triton.jit
+    def _split_kernel(
+        q_ptr, sq_b, sq_h, sq_t,
+        k_ptr, sk_b, sk_h, sk_t, km0, km1, km2, km3, skm_b, skm_h, skm_g,
+        v_ptr, sv_b, sv_h, sv_t, vm0, vm1, svm_b, svm_h, svm_t,
+        mask_ptr, smk_b, smk_h, smk_t, smk_n,
+        part_max, part_sum, part_acc,
+        n_tokens, mask_offset, blocks_per_split, split_base, total_splits, n_kv_heads,
+        qk_scale,
+        D: tl.constexpr, GQA: tl.constexpr, TQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCKS_CONST: tl.constexpr,
+        KEY_FMT: tl.constexpr, KEY_BITS: tl.constexpr, KEY_UB: tl.constexpr, KEY_U: tl.constexpr,
+        KEY_GROUP: tl.constexpr, ANGLE_BITS: tl.constexpr, PAIR_HALF: tl.constexpr,
+        VAL_FMT: tl.constexpr, VAL_BITS: tl.constexpr, VAL_UB: tl.constexpr, VAL_U: tl.constexpr,
+        VAL_GROUP: tl.constexpr,
+        HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr, PARTS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // n_kv_heads
+        hkv = pid % n_kv_heads
+        start = split * blocks_per_split * BLOCK_N  # a short last split masks its surplus blocks
+        DT: tl.constexpr = DOT_DTYPE  # operand dtype of the tensor-core products (the query's)
+        PREC: tl.constexpr = "ieee" if DT == tl.float32 else "tf32"
+        HALF: tl.constexpr = D // 2
+
+        rows = tl.arange(0, BLOCK_M)
+        row_ok = rows < GQA * TQ
+        head = hkv * GQA + rows // TQ
+        tok = rows % TQ
+        q_rows = q_ptr + b.to(tl.int64) * sq_b + head * sq_h + tok * sq_t
+        dcol = tl.arange(0, D)
+        if KEY_FMT == 2:  # polar-rope: the query split into the x and y channel of every pair
+            j = tl.arange(0, HALF)
+            if PAIR_HALF:
+                ix = j
+                iy = j + HALF
+            else:
+                ix = 2 * j
+                iy = 2 * j + 1
+            qx = tl.load(q_rows[:, None] + ix[None, :], mask=row_ok[:, None], other=0.0).to(DT)
+            qy = tl.load(q_rows[:, None] + iy[None, :], mask=row_ok[:, None], other=0.0).to(DT)
+        else:
+            qf = tl.load(q_rows[:, None] + dcol[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            q = qf.to(DT)
+
+        k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+        v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+        km_base = b.to(tl.int64) * skm_b + hkv.to(tl.int64) * skm_h
+        vm_base = b.to(tl.int64) * svm_b + hkv.to(tl.int64) * svm_h
+        if HAS_MASK:
+            mask_rows = mask_ptr + b.to(tl.int64) * smk_b + head * smk_h + tok * smk_t
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        # KIVI values by parts: accumulator K holds channels u * VAL_U + K (no interleaving)
+        VAL_PARTS: tl.constexpr = VAL_FMT == 1 and VAL_U <= 4 and PARTS
+        NUV: tl.constexpr = D // VAL_U
+        acc0 = tl.zeros([BLOCK_M, NUV], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, NUV], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, NUV], tl.float32)
+        acc3 = tl.zeros([BLOCK_M, NUV], tl.float32)
+        # (the interpreter needs a compile-time loop count; compiled kernels take it at run time)
+        for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
+            n0 = start + i * BLOCK_N
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < n_tokens
+            # ---- scores [BLOCK_M, BLOCK_N] from the stored keys
+            if KEY_FMT == 0:
+                k = tl.load(k_base + offs_n[:, None] * sk_t + dcol[None, :], mask=n_ok[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k.to(DT)), input_precision=PREC)
+            elif KEY_FMT == 1 and BLOCK_N <= KEY_GROUP and KEY_U <= 4 and PARTS:  # KIVI, by parts:
+                NUK: tl.constexpr = D // KEY_U  # per code position K of the packed units,
+                word = _load_units(k_base + offs_n[:, None] * sk_t, n_ok[:, None], NUK, KEY_UB)
+                meta = km_base + (n0 // KEY_GROUP) * skm_g  # (q * scale_g) . codes + q . min_g
+                s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                bias = tl.zeros([BLOCK_M], tl.float32)
+                s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, 0, KEY_U,
+                                         KEY_BITS, NUK, DT, NATIVE, KEY_OFFSET, PREC)
+                if KEY_U >= 2:
+                    s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, 1, KEY_U,
+                                             KEY_BITS, NUK, DT, NATIVE, KEY_OFFSET, PREC)
+                if KEY_U >= 4:
+                    s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, 2, KEY_U,
+                                             KEY_BITS, NUK, DT, NATIVE, KEY_OFFSET, PREC)
+                    s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, 3, KEY_U,
+                                             KEY_BITS, NUK, DT, NATIVE, KEY_OFFSET, PREC)
+                s += bias[:, None]
+            elif KEY_FMT == 1 and BLOCK_N <= KEY_GROUP:  # KIVI, one token group per block:
+                meta = km_base + (n0 // KEY_GROUP) * skm_g + dcol  # (q * scale_g) . codes + q . min_g
+                k_scale = tl.load(km0 + meta).to(tl.float32)
+                k_min = tl.load(km1 + meta).to(tl.float32)
+                codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
+                                D, DT, NATIVE, False, False, KEY_OFFSET)  # code + offset
+                q_scaled = (qf * k_scale[None, :]).to(DT)
+                s = tl.dot(q_scaled, tl.trans(codes), input_precision=PREC)
+                bias = qf * k_min[None, :] - KEY_OFFSET * q_scaled.to(tl.float32)
+                s += tl.sum(bias, axis=1)[:, None]
+            elif KEY_FMT == 1:  # KIVI, several token groups per block: dequantize in registers
+                NGK: tl.constexpr = BLOCK_N // KEY_GROUP
+                groups = n0 // KEY_GROUP + tl.arange(0, NGK)
+                meta = km_base + groups[:, None] * skm_g + dcol[None, :]
+                g_ok = (groups * KEY_GROUP < n_tokens)[:, None]
+                k_scale = tl.load(km0 + meta, mask=g_ok, other=0.0).to(DT)
+                k_min = tl.load(km1 + meta, mask=g_ok, other=0.0).to(DT)
+                k_scale = tl.reshape(tl.broadcast_to(k_scale[:, None, :], [NGK, KEY_GROUP, D]), [BLOCK_N, D])
+                k_min = tl.reshape(tl.broadcast_to(k_min[:, None, :], [NGK, KEY_GROUP, D]), [BLOCK_N, D])
+                codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
+                                D, DT, NATIVE, False, False, KEY_OFFSET)
+                k = ((codes - KEY_OFFSET) * k_scale + k_min).to(DT)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC)
+            else:  # polar-rope: (x, y) = r (cos, sin) theta per pair, then q_x . x + q_y . y
+                meta = km_base + (n0 // KEY_GROUP) * skm_g + tl.arange(0, HALF)
+                r_scale = tl.load(km0 + meta).to(tl.float32)
+                r_min = tl.load(km1 + meta).to(tl.float32)
+                a_scale = tl.load(km2 + meta).to(tl.float32)
+                a_min = tl.load(km3 + meta).to(tl.float32)
+                codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
+                                HALF, DT, NATIVE, False, True, 0.0)
+                radius = r_min[None, :] + (codes >> ANGLE_BITS).to(tl.float32) * r_scale[None, :]
+                angle = a_min[None, :] + (codes & ((1 << ANGLE_BITS) - 1)).to(tl.float32) * a_scale[None, :]
+                if NATIVE:
+                    cos = libdevice.fast_cosf(angle)
+                    sin = libdevice.fast_sinf(angle)
+                else:
+                    cos = tl.cos(angle)
+                    sin = tl.sin(angle)
+                s = tl.dot(qx, tl.trans((radius * cos).to(DT)), input_precision=PREC)
+                s = tl.dot(qy, tl.trans((radius * sin).to(DT)), s, input_precision=PREC)
+            # ---- online softmax (base 2); masked entries are -inf, fully masked rows stay at 0
+            s = s * qk_scale
+            keep = n_ok[None, :] & row_ok[:, None]
+            if HAS_MASK:
+                allowed = tl.load(mask_rows[:, None] + (offs_n + mask_offset)[None, :] * smk_n,
+                                  mask=keep, other=0)
+                keep = keep & (allowed != 0)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+            # ---- p @ values
+            if VAL_PARTS:
+                word = _load_units(v_base + offs_n[:, None] * sv_t, n_ok[:, None], NUV, VAL_UB)
+                meta = vm_base + offs_n[:, None] * svm_t + ((tl.arange(0, NUV) * VAL_U) // VAL_GROUP)[None, :]
+                v_scale = tl.load(vm0 + meta, mask=n_ok[:, None], other=0.0).to(DT)
+                v_min = tl.load(vm1 + meta, mask=n_ok[:, None], other=0.0).to(DT)
+                p16 = p.to(DT)
+                acc0 = _kivi_value_part(acc0, p16, word, v_scale, v_min, alpha, 0, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                if VAL_U >= 2:
+                    acc1 = _kivi_value_part(acc1, p16, word, v_scale, v_min, alpha, 1, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                if VAL_U >= 4:
+                    acc2 = _kivi_value_part(acc2, p16, word, v_scale, v_min, alpha, 2, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                    acc3 = _kivi_value_part(acc3, p16, word, v_scale, v_min, alpha, 3, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+            else:
+                if VAL_FMT == 0:
+                    v = tl.load(v_base + offs_n[:, None] * sv_t + dcol[None, :], mask=n_ok[:, None], other=0.0)
+                    v = v.to(DT)
+                else:  # KIVI per-token: codes * scale + min, per packed unit (one channel group)
+                    NUV2: tl.constexpr = D // VAL_U
+                    meta = vm_base + offs_n[:, None] * svm_t + ((tl.arange(0, NUV2) * VAL_U) // VAL_GROUP)[None, :]
+                    v_scale = tl.load(vm0 + meta, mask=n_ok[:, None], other=0.0).to(DT)
+                    v_min = tl.load(vm1 + meta, mask=n_ok[:, None], other=0.0).to(DT)
+                    v = _unpack(v_base + offs_n[:, None] * sv_t, n_ok[:, None], v_scale, v_min, VAL_BITS, VAL_UB,
+                                VAL_U, D, DT, NATIVE, True, False, VAL_OFFSET)
+                acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PREC)
+
+        slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
+        tl.store(part_max + slot, m_i, mask=row_ok)
+        tl.store(part_sum + slot, l_i, mask=row_ok)
+        acc_rows = part_acc + slot.to(tl.int64)[:, None] * D
+        if VAL_PARTS:
+            ch = tl.arange(0, NUV)[None, :] * VAL_U
+            tl.store(acc_rows + ch, acc0, mask=row_ok[:, None])
+            if VAL_U >= 2:
+                tl.store(acc_rows + ch + 1, acc1, mask=row_ok[:, None])
+            if VAL_U >= 4:
+                tl.store(acc_rows + ch + 2, acc2, mask=row_ok[:, None])
+                tl.store(acc_rows + ch + 3, acc3, mask=row_ok[:, None])
+        else:
+            tl.store(acc_rows + dcol[None, :], acc, mask=row_ok[:, None])
+
+    @triton.jit
+    def _combine_kernel(part_max, part_sum, part_acc, out_ptr, n_splits,
+                        D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Merge the splits of one (sequence, query head, query token) row; empty rows give 0."""
+        row = tl.program_id(0).to(tl.int64)
+        sp = tl.arange(0, BLOCK_S)
+        ok = sp < n_splits
+        m = tl.load(part_max + row * n_splits + sp, mask=ok, other=float("-inf"))
+        l = tl.load(part_sum + row * n_splits + sp, mask=ok, other=0.0)
+        m_max = tl.max(m, axis=0)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_safe)
+        total = tl.sum(w * l, axis=0)
+        dcol = tl.arange(0, D)
+        acc = tl.load(part_acc + (row * n_splits + sp)[:, None] * D + dcol[None, :], mask=ok[:, None], other=0.0)
+        o = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + row * D + dcol, o.to(out_ptr.dtype.element_ty))

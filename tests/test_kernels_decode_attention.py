@@ -1,0 +1,278 @@
+"""Fused decode attention (Triton, under TRITON_INTERPRET=1 on CPU) against the PyTorch reference.
+
+Tolerance from the reference's own error (style guide): both the kernel and the reference run in the
+working dtype and are compared with a float64 oracle (attention over the dequantized cache in
+float64); the kernel may be at most a small multiple of the reference's error.
+"""
+
+import os
+
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses
+import math
+import zlib
+
+import pytest
+import torch
+
+import kvpolar
+from kvpolar.decode_attention import reference_decode_attention
+from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention, supports
+from kvpolar.packing import pack_bits, unpack_bits
+from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, stored
+from kvpolar.quantizers import uniform
+from kvpolar.quantizers.base import Quantizer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+D = 64
+
+
+# ----- a stand-in for the polar-rope format (HELPERS.md), only to feed the kernel in these tests ----------
+@quantized_tensor_class
+class PolarRopeTensor(QuantizedTensor):
+    codes: torch.Tensor = stored(token_axis=-2)
+    radius_scale: torch.Tensor = stored(token_axis=-2)
+    radius_min: torch.Tensor = stored(token_axis=-2)
+    angle_scale: torch.Tensor = stored(token_axis=-2)
+    angle_min: torch.Tensor = stored(token_axis=-2)
+    radius_bits: int = 2
+    angle_bits: int = 4
+    group_size: int = 32
+    pairing: str = "half"
+    angle_range: str = "full"
+
+    @property
+    def token_group(self) -> int:  # type: ignore[override]
+        return self.group_size
+
+
+def _pairs(d, pairing):
+    j = torch.arange(d // 2)
+    return (j, j + d // 2) if pairing == "half" else (2 * j, 2 * j + 1)
+
+
+def polar_quantize(x, radius_bits, angle_bits, group_size, pairing):
+    ix, iy = _pairs(x.shape[-1], pairing)
+    xf = x.float()
+    r = torch.hypot(xf[..., ix], xf[..., iy])
+    theta = torch.remainder(torch.atan2(xf[..., iy], xf[..., ix]), 2 * math.pi)
+    t = x.shape[-2]
+    stats, codes = [], []
+    for v, bits in ((r, radius_bits), (theta, angle_bits)):
+        g = uniform.pad_to_multiple(v, group_size, -2).reshape(*v.shape[:-2], -1, group_size, v.shape[-1])
+        sc, mn = uniform.minmax_scale(g.amin(-2), g.amax(-2), bits, x.dtype)
+        c = uniform.encode(g, sc.unsqueeze(-2), mn.unsqueeze(-2), bits).reshape(*v.shape[:-2], -1, v.shape[-1])
+        stats += [sc, mn]
+        codes.append(c[..., :t, :].int())
+    combined = (codes[0] << angle_bits) | codes[1]
+    return PolarRopeTensor(
+        shape=x.shape, dtype=x.dtype, codes=pack_bits(combined, radius_bits + angle_bits),
+        radius_scale=stats[0], radius_min=stats[1], angle_scale=stats[2], angle_min=stats[3],
+        radius_bits=radius_bits, angle_bits=angle_bits, group_size=group_size, pairing=pairing,
+    )
+
+
+def polar_dequantize64(p):
+    d, t, ab = p.head_dim, p.num_tokens, p.angle_bits
+    codes = unpack_bits(p.codes, p.radius_bits + ab, d // 2).long()
+
+    def tok(m):
+        return m.double().repeat_interleave(p.group_size, -2)[..., :t, :]
+
+    r = tok(p.radius_min) + (codes >> ab).double() * tok(p.radius_scale)
+    th = tok(p.angle_min) + (codes & ((1 << ab) - 1)).double() * tok(p.angle_scale)
+    out = torch.empty(*p.shape, dtype=torch.float64)
+    ix, iy = _pairs(d, p.pairing)
+    out[..., ix], out[..., iy] = r * th.cos(), r * th.sin()
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _PolarConfig:
+    pass
+
+
+class PolarStandIn(Quantizer):
+    """Only what reference_decode_attention needs: scores via float dequantization."""
+
+    name = "polar-rope-test"
+    Config = _PolarConfig
+    stored_type = PolarRopeTensor
+
+    def _quantize(self, x):
+        raise NotImplementedError
+
+    def _dequantize(self, p):
+        return polar_dequantize64(p).to(p.dtype)
+
+    def _scores(self, q, p):
+        return (q.double() @ polar_dequantize64(p).transpose(-1, -2)).float()
+
+
+# ----- float64 oracle -------------------------------------------------------------------------------------
+def dequantize64(p):
+    name = type(p).__name__
+    if name == "FullPrecisionTensor":
+        return p.values.double()
+    if name == "PolarRopeTensor":
+        return polar_dequantize64(p)
+    codes = unpack_bits(p.codes, p.bits, p.head_dim).double()
+    if name == "KiviChannelTensor":
+        sc = p.scale.double().repeat_interleave(p.group_size, -2)[..., : p.num_tokens, :]
+        mn = p.minimum.double().repeat_interleave(p.group_size, -2)[..., : p.num_tokens, :]
+        return codes * sc + mn
+    sc = p.scale.double().repeat_interleave(p.group_size, -1)
+    mn = p.minimum.double().repeat_interleave(p.group_size, -1)
+    return codes * sc + mn
+
+
+def oracle(q, pk, pv, rk, rv, scale, mask):
+    ks, vs = [], []
+    if pk is not None:
+        ks.append(dequantize64(pk))
+        vs.append(dequantize64(pv))
+    if rk is not None:
+        ks.append(rk.double())
+        vs.append(rv.double())
+    k, v = torch.cat(ks, -2), torch.cat(vs, -2)
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = q.double() @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(s, -1).nan_to_num(0.0)
+    return w @ v
+
+
+# ----- inputs -------------------------------------------------------------------------------------------------
+def make_keys(fmt, k):
+    if fmt == "none":
+        qz = kvpolar.quantizer("none")
+        return qz, qz.quantize(k)
+    if fmt.startswith("kivi"):
+        bits, group = (int(x) for x in fmt.split("-")[1:])
+        qz = kvpolar.quantizer("kivi", bits=bits, group_size=group, axis="channel")
+        return qz, qz.quantize(k)
+    rb, ab, group, pairing = fmt.split("-")[1:]
+    return PolarStandIn(), polar_quantize(k, int(rb), int(ab), int(group), pairing)
+
+
+def make_values(fmt, v):
+    if fmt == "none":
+        qz = kvpolar.quantizer("none")
+        return qz, qz.quantize(v)
+    bits, group = (int(x) for x in fmt.split("-")[1:])
+    qz = kvpolar.quantizer("kivi", bits=bits, group_size=group, axis="token")
+    return qz, qz.quantize(v)
+
+
+def check(key_fmt, value_fmt, *, batch=1, hkv=1, gqa=4, tq=1, tk=37, r=0, dtype=torch.float16,
+          lengths=None, config=None, factor=3.0):
+    g = torch.Generator().manual_seed(zlib.crc32(repr((key_fmt, value_fmt, batch, hkv, gqa, tq, tk, r, dtype)).encode()))
+    n = tk + r
+    k = (torch.randn(batch, hkv, n, D, generator=g) * 1.5 + 0.3).to(dtype)
+    v = torch.randn(batch, hkv, n, D, generator=g).to(dtype)
+    q = torch.randn(batch, hkv * gqa, tq, D, generator=g).to(dtype)
+    kq, pk = make_keys(key_fmt, k[..., :tk, :]) if tk else (None, None)
+    vq, pv = make_values(value_fmt, v[..., :tk, :]) if tk else (None, None)
+    rk, rv = (k[..., tk:, :], v[..., tk:, :]) if r else (None, None)
+    mask = None
+    if lengths is not None:  # left padding: sequence i holds its last lengths[i] tokens
+        pos = torch.arange(n)
+        mask = (pos[None, :] >= n - torch.tensor(lengths)[:, None])[:, None, None, :].expand(batch, 1, tq, n)
+    scale = D**-0.5
+    want = oracle(q, pk, pv, rk, rv, scale, mask)
+    ref = reference_decode_attention(q, pk, pv, kq, vq, rk, rv, scale, mask)
+    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    assert supports(pk, pv)
+    out = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, dev(rk), dev(rv), scale, dev(mask), config)
+    assert out.dtype == dtype and out.shape == q.shape
+    out = out.cpu().double()
+    assert torch.isfinite(out).all()
+    ref_err = (ref.double() - want).abs().max().item()
+    err = (out - want).abs().max().item()
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-20}[dtype]
+    floor = ulp * want.abs().max().item()
+    assert err <= factor * max(ref_err, floor), f"kernel error {err:.3g} vs reference error {ref_err:.3g}"
+    return out
+
+
+# ----- tests ------------------------------------------------------------------------------------------------------
+KIVI_KEYS = ["kivi-2-32", "kivi-4-32", "kivi-8-16", "kivi-3-32"]
+
+
+@pytest.mark.parametrize("key_fmt", KIVI_KEYS)
+@pytest.mark.parametrize("value_fmt", ["kivi-2-32", "kivi-4-16", "kivi-8-32"])
+def test_kivi_formats(key_fmt, value_fmt):
+    check(key_fmt, value_fmt, tk=45, gqa=4)
+
+
+@pytest.mark.parametrize("tk", [1, 16, 33, 70])
+def test_lengths_off_the_block_and_group(tk):
+    check("kivi-2-32", "kivi-2-32", tk=tk, gqa=1)
+
+
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("tq", [1, 3])
+def test_gqa_and_query_tokens_with_residual(gqa, tq):
+    check("kivi-2-32", "kivi-2-32", hkv=2 if gqa == 1 else 1, gqa=gqa, tq=tq, tk=40, r=7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ragged_batch_left_padding(dtype):
+    check("kivi-2-32", "kivi-2-32", batch=3, gqa=4, tk=50, r=5, dtype=dtype, lengths=[55, 20, 3])
+
+
+def test_fully_masked_row_gives_zeros():
+    out = check("kivi-4-32", "kivi-4-32", batch=2, gqa=1, tk=20, r=3, lengths=[23, 0])
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_full_precision_path(dtype):
+    check("none", "none", gqa=4, tq=3, tk=29, r=4, dtype=dtype)
+
+
+def test_residual_only():
+    check("none", "none", gqa=8, tk=0, r=9)
+
+
+def test_many_splits_and_blocks():
+    check("kivi-2-32", "kivi-2-32", gqa=4, tk=70, r=3, config=LaunchConfig(block_n=16, num_splits=3))
+
+
+@pytest.mark.parametrize("tk", [40, 64])
+def test_several_key_groups_per_block(tk):
+    check("kivi-2-16", "kivi-3-32", gqa=4, tq=3, tk=tk, r=2, config=LaunchConfig(block_n=64, num_splits=1))
+
+
+@pytest.mark.parametrize("rb_ab", [(2, 4), (4, 4), (3, 3)])
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_polar_rope_keys(rb_ab, pairing):
+    rb, ab = rb_ab
+    check(f"polar-{rb}-{ab}-32-{pairing}", "kivi-2-32", gqa=4, tq=3 if rb == 2 else 1, tk=45, r=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_polar_rope_ragged_bf16(dtype):
+    check("polar-2-4-16-half", "kivi-2-32", batch=2, gqa=8, tk=33, r=2, dtype=dtype, lengths=[35, 11])
+
+
+def test_supports_refuses_what_it_cannot_read():
+    kq = kvpolar.quantizer("kivi", bits=2, group_size=24, axis="channel")
+    vq = kvpolar.quantizer("kivi", bits=2, group_size=32, axis="token")
+    x = torch.randn(1, 1, 48, D)
+    assert not supports(kq.quantize(x), vq.quantize(x))
+    with pytest.raises(ValueError, match="group_size=24"):
+        fused_decode_attention(torch.randn(1, 1, 1, D), kq.quantize(x), vq.quantize(x), kq, vq, None, None, 1.0)
+
+
+@pytest.mark.parametrize("key_fmt", ["kivi-2-32", "polar-2-4-32-half"])
+def test_float32_query(key_fmt):
+    check(key_fmt, "kivi-3-32", gqa=4, tk=45, r=3, dtype=torch.float32)
+
+
+def test_natural_order_path():
+    check("kivi-4-32", "kivi-2-32", gqa=8, tq=3, tk=45, r=3, config=LaunchConfig(by_parts=False, block_n=32))
