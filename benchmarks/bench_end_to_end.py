@@ -31,15 +31,21 @@ CONFIG_8B = dict(
 )
 
 
+DEVICE = "cuda"
+SMOKE_CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096)
+
+
 def build_model(layers: int):
     import transformers
 
-    config = transformers.LlamaConfig(**{**CONFIG_8B, "num_hidden_layers": layers})
+    base = CONFIG_8B if DEVICE == "cuda" else SMOKE_CONFIG
+    config = transformers.LlamaConfig(**{**base, "num_hidden_layers": layers})
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
     try:
-        with torch.device("cuda"):
+        with torch.device(DEVICE):
             model = transformers.LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
@@ -55,6 +61,22 @@ def make_cache(model, preset: str):
         model.set_attn_implementation("sdpa")
         return transformers.DynamicCache(config=model.config)
     return kvpolar.enable(model, preset)
+
+
+def _sync() -> None:
+    """Wait for the device: decode steps are timed by wall clock around a full model forward."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_memory() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke test)"
 
 
 @dataclasses.dataclass
@@ -73,26 +95,24 @@ class Point:
 
 @torch.no_grad()
 def decode_point(model, preset: str, batch: int, context: int, steps: int, weights_bytes: int) -> Point:
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    _reset_memory()
     cache = make_cache(model, preset)
     fill_cache(model, cache, preset, batch, context)
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
-    pos = torch.full((batch, 1), context, device="cuda", dtype=torch.long)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE)
+    pos = torch.full((batch, 1), context, device=DEVICE, dtype=torch.long)
     times = []
     for step in range(steps + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        _sync()
+        start = time.perf_counter()
         out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
         ids = out.logits[:, -1:].argmax(-1)
-        end.record()
-        end.synchronize()
+        _sync()
         if step >= 2:
-            times.append(start.elapsed_time(end))
+            times.append(1000 * (time.perf_counter() - start))
         pos = pos + 1
     times.sort()
     ms = times[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
     if preset == "fp16":
         cache_bytes = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
         bits = 16.0
@@ -110,33 +130,33 @@ def fill_cache(model, cache, preset, batch, context):
     through the cache's own path (update, then the post-attention compression of whole groups)."""
     cfg = model.config
     hkv, d, hq = cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads
-    gen = torch.Generator(device="cuda").manual_seed(1)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
     chunk = 4096
     for layer_idx, layer in enumerate(cache.layers):
         for start in range(0, context, chunk):
             n = min(chunk, context - start)
-            k = torch.randn(batch, hkv, n, d, device="cuda", dtype=torch.float16, generator=gen)
-            v = torch.randn(batch, hkv, n, d, device="cuda", dtype=torch.float16, generator=gen)
+            k = torch.randn(batch, hkv, n, d, device=DEVICE, dtype=torch.float16, generator=gen)
+            v = torch.randn(batch, hkv, n, d, device=DEVICE, dtype=torch.float16, generator=gen)
             if preset == "fp16":
                 cache.update(k, v, layer_idx)
                 continue
             layer.update(k, v)
             # a query of n tokens for the layer's bookkeeping; SQuat's subspace comes from its values
-            q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16, generator=gen).expand(batch, hq, n, d)
+            q = torch.randn(batch, hq, 1, d, device=DEVICE, dtype=torch.float16, generator=gen).expand(batch, hq, n, d)
             layer.after_attention(None, q)
             del k, v
 
 
 @torch.no_grad()
 def prefill_seconds(model, preset: str, context: int) -> float:
-    torch.cuda.empty_cache()
+    _reset_memory()
     cache = make_cache(model, preset)
-    ids = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=DEVICE)
     model(input_ids=ids[:, :128], past_key_values=make_cache(model, preset), use_cache=True, logits_to_keep=1)
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    torch.cuda.synchronize()
+    _sync()
     return time.perf_counter() - start
 
 
@@ -149,7 +169,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--prefill", action="store_true", help="also time a batch-1 prefill per preset")
     parser.add_argument("--out", default="end_to_end.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script runs")
     args = parser.parse_args()
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
 
     import transformers
 
@@ -167,7 +191,7 @@ def main() -> None:
                 points.append(Point(preset, batch, args.context, float("nan"), 0.0, float("nan"),
                                     weights / 2**30, float("nan"), float("nan"), "out of memory"))
                 print(f"{preset:>14} B={batch:<4} out of memory", flush=True)
-                torch.cuda.empty_cache()
+                _reset_memory()
                 break
             points.append(point)
             print(f"{preset:>14} B={batch:<4} {point.decode_ms_per_step:8.2f} ms/step "
@@ -181,7 +205,7 @@ def main() -> None:
             print(f"{preset:>14} prefill B=1 {args.context} tokens: {prefill[preset]:.3f} s", flush=True)
     result = {
         "command": " ".join(sys.argv),
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": _device_name(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "kvpolar": kvpolar.__version__, "python": platform.python_version()},
         "model": {**CONFIG_8B, "num_hidden_layers": args.layers, "weights": "random, float16"},
@@ -195,7 +219,7 @@ def main() -> None:
         if p.status == "ok" and p.tokens_per_second > best.get(p.preset, (0, 0))[0]:
             best[p.preset] = (p.tokens_per_second, p.batch)
     base = best.get("fp16", (float("nan"), 0))[0]
-    print(f"\n{torch.cuda.get_device_name()}, context {args.context}: best throughput per preset")
+    print(f"\n{_device_name()}, context {args.context}: best throughput per preset")
     print("| preset | best batch | tokens/s | vs fp16 |")
     print("|---|---:|---:|---:|")
     for name, (tps, b) in best.items():
