@@ -32,7 +32,7 @@ def tp_run(tmp_path_factory):
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    cmd = [str(torchrun if torchrun.exists() else "torchrun"), "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [str(torchrun if torchrun.exists() else "torchrun"), "--standalone", "--nproc_per_node", "2",
            str(HERE / "tp_worker.py"), str(work / "model"), str(work / "inputs.pt"), str(work / "out.pt"), *PRESETS]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

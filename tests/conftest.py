@@ -1,0 +1,11 @@
+"""Test-session set-up shared by every test module."""
+
+import os
+
+import torch
+
+# Triton kernels run on CPU tensors through Triton's interpreter when there is no GPU. The variable
+# must be set before any kernel module is imported (``@triton.jit`` reads it then), so here, not in
+# the individual test modules, whose import order pytest decides.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
