@@ -5,7 +5,7 @@ rounding). One program serves a block of ``BLOCK_T`` tokens of one KV head for a
 with GQA the ``Hq / Hkv`` query heads (times ``Tq``) that share the KV head are the rows, so each packed
 key is read once per KV head, not once per query head.
 
-Per program: load the ``(rb+ab)``-bit codes of ``[D/2, BLOCK_T]`` pairs (a code may straddle two bytes:
+Per program: load the ``(rb+ab)``-bit codes of ``[BLOCK_T, D/2]`` pairs (a code may straddle two bytes:
 both bytes are loaded), rebuild the key pair coordinates ``r cos(theta), r sin(theta)`` in registers
 and multiply with the queries on the tensor cores (``tl.dot``); nothing dequantized is written to
 memory. Three ways to get ``(r cos theta, r sin theta)`` (``mode``):
@@ -129,19 +129,20 @@ def polar_rope_scores_kernel(
     jmask = j < P
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
-    mask = jmask[:, None] & tmask[None, :]
+    mask = tmask[:, None] & jmask[None, :]
 
-    # ---- packed codes, [P_PAD, BLOCK_T]: code j at bits [j*BITS, (j+1)*BITS) of the row
+    # ---- packed codes, [BLOCK_T, P_PAD]: code j at bits [j*BITS, (j+1)*BITS) of the token's row.
+    # Pairs run fastest across lanes, so a warp's loads fall in one or two sectors of a row.
     bit = j * BITS
     byte = bit // 8
     shift = bit % 8
-    row = codes_ptr + pid_n * stride_cn + t[None, :].to(tl.int64) * stride_ct + byte[:, None]
+    row = codes_ptr + pid_n * stride_cn + t[:, None].to(tl.int64) * stride_ct + byte[None, :]
     v = tl.load(row, mask=mask, other=0).to(tl.int32)
     if 8 % BITS != 0:  # a code may straddle two bytes: load the second one only where needed
         spill = (shift + BITS) > 8
-        hi = tl.load(row + 1, mask=mask & spill[:, None], other=0).to(tl.int32)
+        hi = tl.load(row + 1, mask=mask & spill[None, :], other=0).to(tl.int32)
         v = v | (hi << 8)
-    code = (v >> shift[:, None]) & ((1 << BITS) - 1)
+    code = (v >> shift[None, :]) & ((1 << BITS) - 1)
     ac = code & ((1 << AB) - 1)
 
     # ---- metadata of the pairs: per block (one group) or per token
@@ -154,15 +155,15 @@ def polar_rope_scores_kernel(
         a_s = tl.load(as_ptr + off, mask=jmask, other=0).to(tl.float32)
         am = tl.load(am_ptr + off, mask=jmask, other=0).to(tl.float32)
         if MODE == 0:
-            rs, rm, a_s, am = rs[:, None], rm[:, None], a_s[:, None], am[:, None]
+            rs, rm, a_s, am = rs[None, :], rm[None, :], a_s[None, :], am[None, :]
     else:
-        off = meta + (t // G)[None, :] * stride_mg + j[:, None]
+        off = meta + (t // G)[:, None] * stride_mg + j[None, :]
         rs = tl.load(rs_ptr + off, mask=mask, other=0).to(tl.float32)
         rm = tl.load(rm_ptr + off, mask=mask, other=0).to(tl.float32)
         a_s = tl.load(as_ptr + off, mask=mask, other=0).to(tl.float32)
         am = tl.load(am_ptr + off, mask=mask, other=0).to(tl.float32)
 
-    # ---- key pair coordinates in registers
+    # ---- key pair coordinates in registers, [BLOCK_T, P_PAD]
     if MODE == 0:  # direct
         r = rm + (code >> AB).to(tl.float32) * rs
         theta = am + ac.to(tl.float32) * a_s
@@ -170,16 +171,16 @@ def polar_rope_scores_kernel(
         ky = r * tl.sin(theta)
     elif MODE == 1:  # angle table: cos/sin of the 2**AB levels of each pair, gathered by angle code
         level = tl.arange(0, 1 << AB).to(tl.float32)
-        theta_tab = am[:, None] + level[None, :] * a_s[:, None]  # [P_PAD, 2**AB]
-        r = rm[:, None] + (code >> AB).to(tl.float32) * rs[:, None]
-        kx = r * tl.gather(tl.cos(theta_tab), ac, 1)
-        ky = r * tl.gather(tl.sin(theta_tab), ac, 1)
+        theta_tab = am[None, :] + level[:, None] * a_s[None, :]  # [2**AB, P_PAD]
+        r = rm[None, :] + (code >> AB).to(tl.float32) * rs[None, :]
+        kx = r * tl.gather(tl.cos(theta_tab), ac, 0)
+        ky = r * tl.gather(tl.sin(theta_tab), ac, 0)
     else:  # folded table over every combined code: r_level * (cos, sin)(theta_level)
         c = tl.arange(0, 1 << BITS)
-        r_tab = rm[:, None] + (c >> AB).to(tl.float32)[None, :] * rs[:, None]
-        theta_tab = am[:, None] + (c & ((1 << AB) - 1)).to(tl.float32)[None, :] * a_s[:, None]
-        kx = tl.gather(r_tab * tl.cos(theta_tab), code, 1)
-        ky = tl.gather(r_tab * tl.sin(theta_tab), code, 1)
+        r_tab = rm[None, :] + (c >> AB).to(tl.float32)[:, None] * rs[None, :]
+        theta_tab = am[None, :] + (c & ((1 << AB) - 1)).to(tl.float32)[:, None] * a_s[None, :]
+        kx = tl.gather(r_tab * tl.cos(theta_tab), code, 0)
+        ky = tl.gather(r_tab * tl.sin(theta_tab), code, 0)
 
     # ---- queries [BLOCK_Q, P_PAD] and the product on the tensor cores
     qi = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -195,10 +196,10 @@ def polar_rope_scores_kernel(
     qx = tl.load(qrow + xcol[None, :], mask=qm, other=0)
     qy = tl.load(qrow + ycol[None, :], mask=qm, other=0)
     if IEEE:  # float32 queries, or the interpreter (its bfloat16 dot is wrong): exact float32 product
-        acc = tl.dot(qx.to(tl.float32), kx, input_precision="ieee")
-        acc = tl.dot(qy.to(tl.float32), ky, acc, input_precision="ieee")
+        acc = tl.dot(qx.to(tl.float32), tl.trans(kx), input_precision="ieee")
+        acc = tl.dot(qy.to(tl.float32), tl.trans(ky), acc, input_precision="ieee")
     else:
-        acc = tl.dot(qx, kx.to(qx.dtype))
-        acc = tl.dot(qy, ky.to(qy.dtype), acc)
+        acc = tl.dot(qx, tl.trans(kx.to(qx.dtype)))
+        acc = tl.dot(qy, tl.trans(ky.to(qy.dtype)), acc)
     out = out_ptr + pid_n * stride_on + qi[:, None] * stride_oq + t[None, :]
     tl.store(out, acc, mask=qmask[:, None] & tmask[None, :])
