@@ -73,7 +73,7 @@ def check_scores() -> list[dict]:
     rows = []
     cases = [(2, 4, 1, 4096 // S, torch.float16), (2, 1, 3, 1000 // S, torch.bfloat16), (1, 4, 1, 1, torch.float16)]
     for b, gqa, tq, t, dtype in cases:
-        for rb, ab in BITS:
+        for rb, ab in BITS if t > 1000 // S else BITS[:1]:
             keys = synthetic.rope_keys(b, 2, t, D, seed=t + rb, dtype=dtype).to(DEV)
             p = quantize_polar(keys, rb, ab, GROUP, "half", "shortest-arc")
             q = torch.randn(b, 2 * gqa, tq, D, device=DEV).to(dtype)
@@ -81,14 +81,17 @@ def check_scores() -> list[dict]:
             work = q.float() @ dequantize_polar(p).to(dtype).float().repeat_interleave(gqa, 1).transpose(-1, -2)
             ref_err = (work.double() - exact).abs().max().item()
             for mode in MODES:
-                for bt in (64,) if not SMOKE else (16,):
-                    if mode == "folded_table" and rb + ab > 6:
+                for dot in (False, True):
+                    cfg = ScoresConfig(block_t=64 if not SMOKE else 16, mode=mode, dot=dot)
+                    try:
+                        got = polar_rope_scores(q, p, cfg)
+                    except Exception as e:  # noqa: BLE001
+                        rows.append(dict(check="scores", config=dataclasses.asdict(cfg), ok=False, error=repr(e)[:300]))
                         continue
-                    got = polar_rope_scores(q, p, ScoresConfig(block_t=bt, mode=mode))
                     err = (got.double() - exact).abs().max().item()
                     ok = bool(err <= 2 * ref_err + 1e-6 * exact.abs().max().item()) and bool(torch.isfinite(got).all())
                     rows.append(dict(check="scores", B=b, gqa=gqa, Tq=tq, T=t, dtype=str(dtype), bits=f"r{rb}a{ab}",
-                                     mode=mode, block_t=bt, max_err=err, ref_max_err=ref_err, ok=ok))
+                                     config=dataclasses.asdict(cfg), max_err=err, ref_max_err=ref_err, ok=ok))
     # Quantizer.scores on CUDA goes through the kernel
     qz = kvpolar.quantizer("polar-rope", group_size=GROUP)
     keys = synthetic.rope_keys(1, 8, 300, D, seed=3).to(DEV)
@@ -126,26 +129,27 @@ def tune(b: int, t: int) -> dict[str, dict]:
     """Median time of each launch config per bit setting at one shape; the fastest is used after."""
     q = torch.randn(b, HQ, 1, D, device=DEV, dtype=torch.float16)
     keys = torch.randn(b, HKV, t, D, device=DEV, dtype=torch.float16)
-    best = {}
-    for rb, ab in BITS:
+    best, shortlist = {}, None
+    for rb, ab in BITS:  # full sweep for the first setting, its three fastest configs for the others
         p = polar_rope_encode(keys, rb, ab, GROUP, "half", "shortest-arc")
+        if shortlist is None:
+            variants = [(m, dot, True) for m in MODES for dot in (False, True)] + [("direct", False, False)]
+            configs = [ScoresConfig(block_t=bt, num_warps=w, mode=m, dot=dot, fast_trig=fast)
+                       for m, dot, fast in variants for bt in ((64, 128) if not SMOKE else (16,)) for w in (4, 8)]
+        else:
+            configs = shortlist
         trials = []
-        for mode in MODES:
-            if mode == "folded_table" and rb + ab > 6:
+        for cfg in configs:
+            try:
+                ms = median_ms(lambda: polar_rope_scores(q, p, cfg), rep=40)
+            except Exception as e:  # a config that does not compile is recorded, not fatal
+                trials.append(dict(config=dataclasses.asdict(cfg), error=repr(e)[:200]))
                 continue
-            for bt in (64, 128) if not SMOKE else (16,):
-                for warps in (4, 8):
-                    cfg = ScoresConfig(block_t=bt, num_warps=warps, mode=mode)
-                    try:
-                        ms = median_ms(lambda: polar_rope_scores(q, p, cfg), rep=40)
-                    except Exception as e:  # a config that does not compile is recorded, not fatal
-                        trials.append(dict(config=dataclasses.asdict(cfg), error=repr(e)[:200]))
-                        continue
-                    trials.append(dict(config=dataclasses.asdict(cfg), ms=ms))
-        ok = [x for x in trials if "ms" in x]
-        win = min(ok, key=lambda x: x["ms"])
-        best[f"r{rb}a{ab}"] = dict(best=win, trials=trials)
-        print(f"tune r{rb}a{ab} B={b} T={t}: best {win}", flush=True)
+            trials.append(dict(config=dataclasses.asdict(cfg), ms=ms))
+        ok = sorted((x for x in trials if "ms" in x), key=lambda x: x["ms"])
+        shortlist = shortlist or [ScoresConfig(**x["config"]) for x in ok[:3]]
+        best[f"r{rb}a{ab}"] = dict(best=ok[0], trials=trials)
+        print(f"tune r{rb}a{ab} B={b} T={t}: best {ok[0]}", flush=True)
     return best
 
 
@@ -176,7 +180,7 @@ def time_shape(b: int, t: int, configs: dict[str, ScoresConfig], copy_bw: float)
         cfg = configs[f"r{rb}a{ab}"]
         ms = median_ms(lambda: polar_rope_scores(q, p, cfg))
         add(f"polar-rope r{rb}a{ab} (Triton)", ms, p.nbytes + nbytes(q), b * HQ * t * 4,
-            f"{p.bits_per_element:.2f} bits/elem; {cfg.mode} block_t={cfg.block_t} warps={cfg.num_warps}")
+            f"{p.bits_per_element:.2f} bits/elem; {cfg}")
         del p
     fp16 = {r["method"]: r["ms"] for r in rows if r["method"].startswith("fp16")}
     for r in rows:
