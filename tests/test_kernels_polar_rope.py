@@ -28,11 +28,14 @@ def random_keys(batch, heads, tokens, dim, dtype, pairing="half", seed=None):
     "batch,hkv,gqa,tq,tokens,bits,pairing,dtype,config",
     [
         (2, 2, 4, 1, 45, (2, 4), "half", torch.float16, ScoresConfig(block_t=16, mode="angle_table")),
+        (2, 2, 4, 1, 45, (2, 4), "half", torch.float16, ScoresConfig(block_t=16, mode="direct", dot=True)),
         (1, 2, 1, 3, 1, (2, 4), "half", torch.bfloat16, ScoresConfig(block_t=16, mode="direct")),
-        (2, 1, 4, 2, 77, (3, 3), "interleaved", torch.bfloat16, ScoresConfig(block_t=32, mode="folded_table")),
-        (1, 2, 4, 1, 70, (4, 4), "half", torch.float16, ScoresConfig(block_t=64, mode="direct")),  # block > group
+        (2, 1, 4, 2, 77, (3, 3), "interleaved", torch.bfloat16, ScoresConfig(block_t=32, mode="angle_table", dot=True)),
+        (1, 2, 4, 1, 70, (4, 4), "half", torch.float16, ScoresConfig(block_t=64, mode="angle_table")),  # block > group
         (2, 2, 1, 1, 33, (1, 7), "half", torch.float16, ScoresConfig(block_t=16, mode="angle_table")),
-        (1, 1, 8, 3, 50, (2, 3), "interleaved", torch.float16, ScoresConfig(block_t=32, block_q=16, mode="angle_table")),
+        (1, 1, 8, 3, 50, (2, 3), "interleaved", torch.float16, ScoresConfig(block_t=32, block_q=16, mode="angle_table", dot=True)),
+        (1, 1, 8, 3, 50, (2, 3), "interleaved", torch.float16, ScoresConfig(block_t=32, block_q=4, mode="direct")),
+        (2, 2, 4, 1, 200, (2, 4), "half", torch.bfloat16, None),  # the default launch config
     ],
 )
 def test_scores_kernel_matches_reference(batch, hkv, gqa, tq, tokens, bits, pairing, dtype, config):
@@ -54,7 +57,7 @@ def test_scores_kernel_float32_and_reference_path():
     p = quantize_polar(keys, 2, 4, 16, "half", "minmax")
     q = torch.randn(1, 8, 2, 32, device=DEVICE)
     exact = q.double() @ dequantize_polar(p, torch.float64).repeat_interleave(4, 1).transpose(-1, -2)
-    got = polar_rope_scores(q, p, ScoresConfig(block_t=16, mode="angle_table"))
+    got = polar_rope_scores(q, p, ScoresConfig(block_t=16, mode="angle_table", dot=True))
     assert (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
 
 

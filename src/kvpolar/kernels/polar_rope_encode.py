@@ -103,7 +103,8 @@ def stats(lo, hi, BITS: tl.constexpr, store_ty: tl.constexpr):
 
 @triton.jit
 def encode(v, minimum, scale, BITS: tl.constexpr):
-    inv = tl.where(scale > 0, tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 0.0)
+    safe = tl.where(scale > 0, scale, 1.0)
+    inv = tl.where(scale > 0, tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe), 0.0)
     c = tl.floor((v - minimum[None, :]) * inv[None, :] + 0.5)
     return tl.minimum(tl.maximum(c, 0.0), (1 << BITS) - 1.0).to(tl.int32)
 

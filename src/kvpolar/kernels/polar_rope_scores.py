@@ -5,18 +5,20 @@ rounding). One program serves a block of ``BLOCK_T`` tokens of one KV head for a
 with GQA the ``Hq / Hkv`` query heads (times ``Tq``) that share the KV head are the rows, so each packed
 key is read once per KV head, not once per query head.
 
-Per program: load the ``(rb+ab)``-bit codes of ``[D/2, BLOCK_T]`` pairs (a code may straddle two bytes:
+Per program: load the ``(rb+ab)``-bit codes of ``[BLOCK_T, D/2]`` pairs (a code may straddle two bytes:
 both bytes are loaded), rebuild the key pair coordinates ``r cos(theta), r sin(theta)`` in registers
-and multiply with the queries on the tensor cores (``tl.dot``); nothing dequantized is written to
-memory. Three ways to get ``(r cos theta, r sin theta)`` (``mode``):
+and multiply with the queries, on the tensor cores (``tl.dot``, ``dot=True``) or, for the few query rows
+of GQA decoding, on the CUDA cores (``dot=False``); nothing dequantized is written to memory. Two ways
+to get ``(cos theta, sin theta)`` (``mode``):
 
-* ``"direct"``: decode ``r`` and ``theta`` and evaluate cos/sin per element (any block size);
+* ``"direct"``: decode ``theta`` and evaluate cos/sin per element (any block size); with
+  ``fast_trig`` on the GPU's special-function unit (``sin.approx.f32``, abs. error ~1e-6);
 * ``"angle_table"``: a per-block table of cos/sin over the ``2**ab`` angle levels of each pair,
-  gathered by angle code (``tl.gather``), times the decoded radius;
-* ``"folded_table"``: a per-block table over all ``2**(rb+ab)`` combined codes with the radius folded in,
-  gathered by the whole code (the paper's table-lookup with the radius folded).
+  gathered by angle code (``tl.gather``); needs each token block inside one metadata group
+  (``group_size % block_t == 0``), otherwise ``"direct"`` is used.
 
-The table modes need each token block inside one metadata group (``group_size % block_t == 0``).
+A radius-folded table over all ``2**(rb+ab)`` codes (the paper's variant) was tried and dropped: slower
+than the angle table on the H100, and ``tl.gather`` with a 64-row table gave wrong results there.
 """
 
 from __future__ import annotations
@@ -32,18 +34,25 @@ import triton.language as tl
 from kvpolar.quantizers.polar_rope import PolarRopeTensor, table_scores
 
 REFERENCE = table_scores
-MODES = ("direct", "angle_table", "folded_table")
+MODES = ("direct", "angle_table")
 
 
 @dataclasses.dataclass(frozen=True)
 class ScoresConfig:
-    """Launch parameters. ``block_q``: query rows per program (0: up to 64, at least 16)."""
+    """Launch parameters.
 
-    block_t: int = 64
+    ``block_q``: query rows per program (0: all rows of a KV head, at least 16 and at most 64 with
+    ``dot``, at most 8 without). ``dot=None``: tensor cores when a KV head has more than 8 query rows
+    (prefill), CUDA cores otherwise (decoding). ``fast_trig`` is ignored under ``TRITON_INTERPRET``.
+    """
+
+    block_t: int = 128
     block_q: int = 0
     num_warps: int = 4
     num_stages: int = 2
-    mode: str = "angle_table"
+    mode: str = "direct"
+    dot: bool | None = None
+    fast_trig: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -54,7 +63,8 @@ class ScoresConfig:
                 raise ValueError(f"{name}={v} is not supported; allowed: a power of two")
 
 
-#: Chosen from benchmarks/bench_scores.py on an H100 (see benchmarks/README.md).
+#: The fastest r2a4 config of the sweep in benchmarks/bench_scores.py on an H100 (B=8, T=32k, 4 query
+#: rows per KV head); see benchmarks/README.md.
 DEFAULT_CONFIG = ScoresConfig()
 
 
@@ -92,7 +102,11 @@ def polar_rope_scores(q: torch.Tensor, p: PolarRopeTensor, config: ScoresConfig 
     o = out.view(n, rows, tokens)
     one_group = p.group_size % cfg.block_t == 0
     mode = cfg.mode if one_group else "direct"
-    block_q = cfg.block_q or min(64, max(16, triton.next_power_of_2(rows)))
+    dot = cfg.dot if cfg.dot is not None else rows > 8
+    if dot:
+        block_q = cfg.block_q or min(64, max(16, triton.next_power_of_2(rows)))
+    else:
+        block_q = cfg.block_q or min(8, triton.next_power_of_2(rows))
     grid = (triton.cdiv(tokens, cfg.block_t), triton.cdiv(rows, block_q), n)
     polar_rope_scores_kernel[grid](
         qf, codes, *metas, o,
@@ -102,6 +116,7 @@ def polar_rope_scores(q: torch.Tensor, p: PolarRopeTensor, config: ScoresConfig 
         P=pairs, P_PAD=max(16, triton.next_power_of_2(pairs)), RB=p.radius_bits, AB=p.angle_bits,
         G=p.group_size, HALF=p.pairing == "half", BLOCK_T=cfg.block_t, BLOCK_Q=block_q,
         MODE=MODES.index(mode), ONE_GROUP=one_group, IEEE=q.dtype == torch.float32 or _interpreting(),
+        DOT=dot, FAST=cfg.fast_trig and not _interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -113,13 +128,32 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _to_float(c):
+    """Small non-negative int32 -> float32 exactly, on the FMA pipe (no quarter-rate I2F)."""
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _cos_sin(theta, FAST: tl.constexpr):
+    if FAST:
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [theta], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [theta], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        c = tl.cos(theta)
+        s = tl.sin(theta)
+    return c, s
+
+
+@triton.jit
 def polar_rope_scores_kernel(
     q_ptr, codes_ptr, rs_ptr, rm_ptr, as_ptr, am_ptr, out_ptr,
     T, NQ,
     stride_qn, stride_qq, stride_cn, stride_ct, stride_mn, stride_mg, stride_on, stride_oq,
     P: tl.constexpr, P_PAD: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr, G: tl.constexpr,
     HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, MODE: tl.constexpr,
-    ONE_GROUP: tl.constexpr, IEEE: tl.constexpr,
+    ONE_GROUP: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, FAST: tl.constexpr,
 ):
     BITS: tl.constexpr = RB + AB
     pid_t = tl.program_id(0)
@@ -129,19 +163,20 @@ def polar_rope_scores_kernel(
     jmask = j < P
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
-    mask = jmask[:, None] & tmask[None, :]
+    mask = tmask[:, None] & jmask[None, :]
 
-    # ---- packed codes, [P_PAD, BLOCK_T]: code j at bits [j*BITS, (j+1)*BITS) of the row
+    # ---- packed codes, [BLOCK_T, P_PAD]: code j at bits [j*BITS, (j+1)*BITS) of the token's row.
+    # Pairs run fastest across lanes, so a warp's loads fall in one or two sectors of a row.
     bit = j * BITS
     byte = bit // 8
     shift = bit % 8
-    row = codes_ptr + pid_n * stride_cn + t[None, :].to(tl.int64) * stride_ct + byte[:, None]
+    row = codes_ptr + pid_n * stride_cn + t[:, None].to(tl.int64) * stride_ct + byte[None, :]
     v = tl.load(row, mask=mask, other=0).to(tl.int32)
     if 8 % BITS != 0:  # a code may straddle two bytes: load the second one only where needed
         spill = (shift + BITS) > 8
-        hi = tl.load(row + 1, mask=mask & spill[:, None], other=0).to(tl.int32)
+        hi = tl.load(row + 1, mask=mask & spill[None, :], other=0).to(tl.int32)
         v = v | (hi << 8)
-    code = (v >> shift[:, None]) & ((1 << BITS) - 1)
+    code = (v >> shift[None, :]) & ((1 << BITS) - 1)
     ac = code & ((1 << AB) - 1)
 
     # ---- metadata of the pairs: per block (one group) or per token
@@ -154,51 +189,55 @@ def polar_rope_scores_kernel(
         a_s = tl.load(as_ptr + off, mask=jmask, other=0).to(tl.float32)
         am = tl.load(am_ptr + off, mask=jmask, other=0).to(tl.float32)
         if MODE == 0:
-            rs, rm, a_s, am = rs[:, None], rm[:, None], a_s[:, None], am[:, None]
+            rs, rm, a_s, am = rs[None, :], rm[None, :], a_s[None, :], am[None, :]
     else:
-        off = meta + (t // G)[None, :] * stride_mg + j[:, None]
+        off = meta + (t // G)[:, None] * stride_mg + j[None, :]
         rs = tl.load(rs_ptr + off, mask=mask, other=0).to(tl.float32)
         rm = tl.load(rm_ptr + off, mask=mask, other=0).to(tl.float32)
         a_s = tl.load(as_ptr + off, mask=mask, other=0).to(tl.float32)
         am = tl.load(am_ptr + off, mask=mask, other=0).to(tl.float32)
 
-    # ---- key pair coordinates in registers
+    # ---- key pair coordinates in registers, [BLOCK_T, P_PAD]
     if MODE == 0:  # direct
-        r = rm + (code >> AB).to(tl.float32) * rs
-        theta = am + ac.to(tl.float32) * a_s
-        kx = r * tl.cos(theta)
-        ky = r * tl.sin(theta)
-    elif MODE == 1:  # angle table: cos/sin of the 2**AB levels of each pair, gathered by angle code
+        r = rm + _to_float(code >> AB) * rs
+        c, s = _cos_sin(am + _to_float(ac) * a_s, FAST)
+    else:  # angle table: cos/sin of the 2**AB levels of each pair, gathered by angle code
         level = tl.arange(0, 1 << AB).to(tl.float32)
-        theta_tab = am[:, None] + level[None, :] * a_s[:, None]  # [P_PAD, 2**AB]
-        r = rm[:, None] + (code >> AB).to(tl.float32) * rs[:, None]
-        kx = r * tl.gather(tl.cos(theta_tab), ac, 1)
-        ky = r * tl.gather(tl.sin(theta_tab), ac, 1)
-    else:  # folded table over every combined code: r_level * (cos, sin)(theta_level)
-        c = tl.arange(0, 1 << BITS)
-        r_tab = rm[:, None] + (c >> AB).to(tl.float32)[None, :] * rs[:, None]
-        theta_tab = am[:, None] + (c & ((1 << AB) - 1)).to(tl.float32)[None, :] * a_s[:, None]
-        kx = tl.gather(r_tab * tl.cos(theta_tab), code, 1)
-        ky = tl.gather(r_tab * tl.sin(theta_tab), code, 1)
+        c_tab, s_tab = _cos_sin(am[None, :] + level[:, None] * a_s[None, :], FAST)  # [2**AB, P_PAD]
+        r = rm[None, :] + _to_float(code >> AB) * rs[None, :]
+        c = tl.gather(c_tab, ac, 0)
+        s = tl.gather(s_tab, ac, 0)
+    kx = r * c
+    ky = r * s
 
-    # ---- queries [BLOCK_Q, P_PAD] and the product on the tensor cores
-    qi = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = qi < NQ
+    # ---- queries and the product
     if HALF:
         xcol = j
         ycol = j + P
     else:
         xcol = 2 * j
         ycol = 2 * j + 1
-    qrow = q_ptr + pid_n * stride_qn + qi[:, None] * stride_qq
-    qm = qmask[:, None] & jmask[None, :]
-    qx = tl.load(qrow + xcol[None, :], mask=qm, other=0)
-    qy = tl.load(qrow + ycol[None, :], mask=qm, other=0)
-    if IEEE:  # float32 queries, or the interpreter (its bfloat16 dot is wrong): exact float32 product
-        acc = tl.dot(qx.to(tl.float32), kx, input_precision="ieee")
-        acc = tl.dot(qy.to(tl.float32), ky, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(qx, kx.to(qx.dtype))
-        acc = tl.dot(qy, ky.to(qy.dtype), acc)
-    out = out_ptr + pid_n * stride_on + qi[:, None] * stride_oq + t[None, :]
-    tl.store(out, acc, mask=qmask[:, None] & tmask[None, :])
+    if DOT:  # [BLOCK_Q, P_PAD] x [P_PAD, BLOCK_T] on the tensor cores
+        qi = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        qmask = qi < NQ
+        qrow = q_ptr + pid_n * stride_qn + qi[:, None] * stride_qq
+        qm = qmask[:, None] & jmask[None, :]
+        qx = tl.load(qrow + xcol[None, :], mask=qm, other=0)
+        qy = tl.load(qrow + ycol[None, :], mask=qm, other=0)
+        if IEEE:  # float32 queries, or the interpreter (its bfloat16 dot is wrong): exact float32 product
+            acc = tl.dot(qx.to(tl.float32), tl.trans(kx), input_precision="ieee")
+            acc = tl.dot(qy.to(tl.float32), tl.trans(ky), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(qx, tl.trans(kx.to(qx.dtype)))
+            acc = tl.dot(qy, tl.trans(ky.to(qy.dtype)), acc)
+        out = out_ptr + pid_n * stride_on + qi[:, None] * stride_oq + t[None, :]
+        tl.store(out, acc, mask=qmask[:, None] & tmask[None, :])
+    else:  # few rows (GQA decoding): multiply-add and reduce over pairs on the CUDA cores
+        for i in tl.static_range(BLOCK_Q):
+            qrow = pid_q * BLOCK_Q + i
+            qvalid = qrow < NQ
+            base = q_ptr + pid_n * stride_qn + qrow * stride_qq
+            qx = tl.load(base + xcol, mask=jmask & qvalid, other=0).to(tl.float32)
+            qy = tl.load(base + ycol, mask=jmask & qvalid, other=0).to(tl.float32)
+            score = tl.sum(kx * qx[None, :] + ky * qy[None, :], axis=1)
+            tl.store(out_ptr + pid_n * stride_on + qrow * stride_oq + t, score, mask=tmask & qvalid)
