@@ -73,15 +73,16 @@ def greedy_continue(model: Any, cache: Any, context: torch.Tensor, feed: torch.T
 
 
 def cache_memory(cache: Any, model: Any) -> dict[str, float]:
-    """Bits/element, bytes and compression from the cache's ``memory_report()``; 16-bit for a stock cache."""
+    """Bits/element, bytes and compression against a 16-bit cache, from ``memory_report()`` when the cache has one."""
     report = getattr(cache, "memory_report", None)
     if callable(report):
         r = report()
         return {"bits_per_element": float(r.bits_per_element), "cache_bytes": int(r.total),
                 "fp16_bytes": int(r.fp16_bytes), "compression": float(r.compression_ratio)}
-    tokens = int(cache.get_seq_length())
-    cfg = model.config
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    fp16 = 2 * 2 * cfg.num_hidden_layers * kv_heads * head_dim * tokens  # keys + values, 2 bytes each
-    return {"bits_per_element": 16.0, "cache_bytes": fp16, "fp16_bytes": fp16, "compression": 1.0}
+    # a stock cache: bytes of the tensors it holds (float32 on CPU counts 32 bits, as memory_report does)
+    held = [t for layer in getattr(cache, "layers", []) for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(t, torch.Tensor)]
+    nbytes = sum(t.numel() * t.element_size() for t in held)
+    fp16 = sum(t.numel() * 2 for t in held)
+    return {"bits_per_element": 16.0 * nbytes / fp16 if fp16 else 16.0, "cache_bytes": nbytes, "fp16_bytes": fp16,
+            "compression": fp16 / nbytes if nbytes else 1.0}
