@@ -46,28 +46,31 @@ def loaded():
 @pytest.fixture(scope="module")
 def windows(loaded):
     _, tokenizer, _ = loaded
-    return perplexity.windows_from(heldout_token_ids(tokenizer), 96, 1)
+    return perplexity.windows_from(heldout_token_ids(tokenizer), 96, 2)
 
 
 def test_decode_protocol_matches_one_forward_pass_for_the_baseline(loaded, windows):
-    """Prefill + chunked decoding through DynamicCache scores exactly what one forward pass does."""
+    """Prefill + chunked decoding through DynamicCache (one window or a batch of two per cache)
+    scores exactly what one forward pass does."""
     model, _, _ = loaded
     prefill = 40
-    row = perplexity.preset_perplexity(model, windows, baseline_preset(), prefill=prefill, chunk=7)
+    row = perplexity.preset_perplexity(model, windows, baseline_preset(), prefill=prefill, chunk=7, batch_size=1)
+    batched = perplexity.preset_perplexity(model, windows, baseline_preset(), prefill=prefill, chunk=7, batch_size=2)
     with torch.no_grad():
         logits = model(input_ids=windows).logits.float()
     # positions prefill .. L-2 predict tokens prefill+1 .. L-1 (the decode-time predictions)
-    nll = torch.nn.functional.cross_entropy(logits[0, prefill:-1], windows[0, prefill + 1 :])
-    assert row.tokens_scored == windows.shape[1] - prefill - 1
+    nll = torch.nn.functional.cross_entropy(logits[:, prefill:-1].reshape(-1, logits.shape[-1]), windows[:, prefill + 1 :].reshape(-1))
+    assert row.tokens_scored == batched.tokens_scored == 2 * (windows.shape[1] - prefill - 1)
+    assert math.isclose(batched.nll, float(nll), rel_tol=1e-4)
     assert math.isclose(row.nll, float(nll), rel_tol=1e-4)
     assert row.bits_per_element == torch.finfo(model.dtype).bits  # the stock cache holds the model dtype
 
 
 def test_quantized_cache_costs_perplexity(loaded, windows):
     model, _, _ = loaded
-    base = perplexity.preset_perplexity(model, windows, baseline_preset(), prefill=32, chunk=16)
-    kivi2 = perplexity.preset_perplexity(model, windows, _preset("kivi", bits=2, group_size=32, axis="token"), 32, 16)
-    kivi8 = perplexity.preset_perplexity(model, windows, _preset("kivi", bits=8, group_size=32, axis="token"), 32, 16)
+    base = perplexity.preset_perplexity(model, windows[:1], baseline_preset(), prefill=32, chunk=16)
+    kivi2 = perplexity.preset_perplexity(model, windows[:1], _preset("kivi", bits=2, group_size=32, axis="token"), 32, 16)
+    kivi8 = perplexity.preset_perplexity(model, windows[:1], _preset("kivi", bits=8, group_size=32, axis="token"), 32, 16)
     assert kivi2.perplexity > base.perplexity
     assert abs(kivi8.nll - base.nll) < abs(kivi2.nll - base.nll)
 
@@ -100,7 +103,7 @@ def test_needle_prompt_places_the_needle_at_depth(loaded, depth):
 
 def test_run_needle_grid_and_heatmaps(tmp_path):
     res = run_needle(None, [_preset("kivi", bits=2, group_size=32, axis="token")], "cpu", max_length=64,
-                     out_dir=tmp_path, progress=False, lengths=[48, 64], depths=[0.0, 1.0], trials=1)
+                     out_dir=tmp_path, progress=False, lengths=[40, 48], depths=[0.0, 1.0], trials=1)
     assert len(res["cells"]) == 2 * 2 * 2
     assert all(0.0 <= c["accuracy"] <= 1.0 for c in res["cells"])
     assert (tmp_path / "needle_fp16.png").is_file() and (tmp_path / "needle_kivi-2.png").is_file()

@@ -1,6 +1,6 @@
 """Held-out perplexity with the KV cache quantized as it is while decoding.
 
-Protocol (also written into the report): each window of ``max_length`` held-out tokens is run through
+Each window of ``max_length`` held-out tokens is run through
 a fresh cache of the preset. The first ``prefill`` tokens go in one forward call (a prompt); the rest
 are fed ``chunk`` tokens per call (1 = token-by-token decoding). Only predictions made by those later
 calls are scored: each of them attends to keys/values that were written through the preset's cache
@@ -48,11 +48,13 @@ def windows_from(ids: Sequence[int], max_length: int, num_windows: int) -> torch
 
 
 def preset_perplexity(model: Any, windows: torch.Tensor, preset: EvalPreset, prefill: int, chunk: int,
-                      on_step=None) -> PerplexityRow:
-    """Perplexity of ``windows`` ``[W, L]`` (on the model's device) under ``preset``'s cache."""
+                      on_step=None, batch_size: int = 4) -> PerplexityRow:
+    """Perplexity of ``windows`` ``[W, L]`` (on the model's device) under ``preset``'s cache.
+
+    Windows go through the cache ``batch_size`` at a time (one cache per batch of sequences).
+    """
     total, count, memory = 0.0, 0, None
-    for w in windows:
-        ids = w[None]
+    for ids in windows.split(batch_size):
         cache = new_cache(model, preset)
         sums = []
 
@@ -65,7 +67,7 @@ def preset_perplexity(model: Any, windows: torch.Tensor, preset: EvalPreset, pre
 
         forward_chunks(model, cache, ids, prefill, chunk, score, on_step)
         total += float(torch.stack(sums).sum()) if sums else 0.0
-        count += ids.shape[1] - prefill - 1
+        count += ids.shape[0] * (ids.shape[1] - prefill - 1)
         memory = cache_memory(cache, model)
     reset_attention(model)
     nll = total / max(count, 1)
@@ -83,6 +85,7 @@ def run_perplexity(
     num_windows: int = 4,
     prefill: int | None = None,
     chunk: int = 1,
+    batch_size: int = 4,
 ) -> dict:
     """Perplexity of the shipped held-out text for the fp16 baseline and each preset.
 
@@ -95,6 +98,7 @@ def run_perplexity(
         num_windows: windows of held-out text (fewer if the text is shorter).
         prefill: tokens of each window given as one prompt (default ``max_length // 4``).
         chunk: tokens per decode-time forward call (1 = token by token).
+        batch_size: windows decoded together through one cache.
     Returns: the results dict written to ``perplexity.json``.
     """
     from tqdm.auto import tqdm
@@ -106,16 +110,17 @@ def run_perplexity(
     if not 1 <= prefill < max_length - 1:
         raise ValueError(f"prefill={prefill}; it must be in [1, max_length - 2 = {max_length - 2}]")
     windows = windows_from(heldout_token_ids(tokenizer), max_length, num_windows).to(dev)
-    steps_per_window = math.ceil((max_length - prefill) / chunk)
-    bar = tqdm(total=len(resolved) * windows.shape[0] * steps_per_window, desc="perplexity", disable=not progress)
+    steps_per_batch = math.ceil((max_length - prefill) / chunk)
+    batches = math.ceil(windows.shape[0] / batch_size)
+    bar = tqdm(total=len(resolved) * batches * steps_per_batch, desc="perplexity", disable=not progress)
     rows = []
     for preset in resolved:
         bar.set_postfix_str(preset.name)
-        rows.append(preset_perplexity(model, windows, preset, prefill, chunk, on_step=lambda: bar.update(1)))
+        rows.append(preset_perplexity(model, windows, preset, prefill, chunk, lambda: bar.update(1), batch_size))
     bar.close()
     results = {
         "eval": "perplexity", "model": str(model_path or "built-in tiny model"), "device": report.device_name(dev),
-        "settings": {"max_length": max_length, "windows": int(windows.shape[0]), "prefill": prefill, "chunk": chunk,
+        "settings": {"max_length": max_length, "windows": int(windows.shape[0]), "prefill": prefill, "chunk": chunk, "batch_size": batch_size,
                      "dtype": str(model.dtype).removeprefix("torch.")},
         "protocol": PROTOCOL, "rows": [dataclasses.asdict(r) for r in rows],
     }
