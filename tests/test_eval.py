@@ -161,3 +161,19 @@ def test_bad_inputs_say_what_is_wrong(loaded, tmp_path):
         resolve_presets(["no-such-preset"])
     with pytest.raises(ValueError, match="more than once"):
         resolve_presets(["fp16", baseline_preset()])
+
+
+def test_kvpolar_presets_run_through_the_quantized_cache(loaded):
+    """With the transformers cache (kvpolar.cache, merged from the cache branch): real presets."""
+    pytest.importorskip("kvpolar.cache", reason="kvpolar.cache (the transformers cache) is not on this branch yet")
+    from kvpolar.eval.presets import kvpolar_preset
+
+    model, tokenizer, _ = loaded
+    w = perplexity.windows_from(heldout_token_ids(tokenizer), 224, 1)  # longer than the 128-token residual window
+    rows = {p.name: perplexity.preset_perplexity(model, w, p, prefill=16, chunk=52)
+            for p in (baseline_preset(), kvpolar_preset("kivi-2"), kvpolar_preset("kivi-8"))}
+    assert model.config._attn_implementation == "sdpa"  # put back after the kvpolar presets
+    assert rows["kivi-2"].bits_per_element < rows["kivi-8"].bits_per_element < rows["fp16"].bits_per_element
+    assert abs(rows["kivi-8"].nll - rows["fp16"].nll) < abs(rows["kivi-2"].nll - rows["fp16"].nll)
+    cap = fidelity.capture_qkv(model, w)[2]
+    assert 0 < fidelity.layer_fidelity(cap, kvpolar_preset("kivi-2"), 8, 2).score_rel_error < 1
