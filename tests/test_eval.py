@@ -107,6 +107,8 @@ def test_run_needle_grid_and_heatmaps(tmp_path):
     assert len(res["cells"]) == 2 * 2 * 2
     assert all(0.0 <= c["accuracy"] <= 1.0 for c in res["cells"])
     assert (tmp_path / "needle_fp16.png").is_file() and (tmp_path / "needle_kivi-2.png").is_file()
+    baseline_hits = sum(c["accuracy"] for c in res["cells"] if c["preset"] == "fp16")
+    assert ("retrieves no pass key" in (tmp_path / "needle.md").read_text()) == (baseline_hits == 0)
 
 
 def test_capture_matches_the_cache_keys_and_values(loaded, windows):

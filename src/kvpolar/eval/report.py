@@ -88,6 +88,9 @@ def write_needle(out_dir, results: dict) -> list[pathlib.Path]:
     table = [{"preset": p, "accuracy": sum(c["accuracy"] for c in cells if c["preset"] == p)
               / max(1, sum(1 for c in cells if c["preset"] == p))} for p in presets]
     md = _header(results, "Needle in a haystack") + markdown_table(table, [("preset", "preset", ""), ("accuracy", "mean accuracy", ".3f")]) + "\n"
+    if table and table[0]["accuracy"] == 0.0:
+        md += (f"\n**The {table[0]['preset']} baseline retrieves no pass key: this model cannot do the task, so "
+               "this grid says nothing about the cache.**\n")
     plt = _plt()
     figures = {}
     for p in presets:
