@@ -54,8 +54,8 @@ def test_decode_protocol_matches_one_forward_pass_for_the_baseline(loaded, windo
     scores exactly what one forward pass does."""
     model, _, _ = loaded
     prefill = 40
-    row = perplexity.preset_perplexity(model, windows, baseline_preset(), prefill=prefill, chunk=7, batch_size=1)
-    batched = perplexity.preset_perplexity(model, windows, baseline_preset(), prefill=prefill, chunk=7, batch_size=2)
+    row = perplexity.preset_perplexity(model, windows, baseline_preset(), prefill=prefill, chunk=11, batch_size=1)
+    batched = perplexity.preset_perplexity(model, windows, baseline_preset(), prefill=prefill, chunk=11, batch_size=2)
     with torch.no_grad():
         logits = model(input_ids=windows).logits.float()
     # positions prefill .. L-2 predict tokens prefill+1 .. L-1 (the decode-time predictions)
@@ -68,9 +68,9 @@ def test_decode_protocol_matches_one_forward_pass_for_the_baseline(loaded, windo
 
 def test_quantized_cache_costs_perplexity(loaded, windows):
     model, _, _ = loaded
-    base = perplexity.preset_perplexity(model, windows[:1], baseline_preset(), prefill=32, chunk=16)
-    kivi2 = perplexity.preset_perplexity(model, windows[:1], _preset("kivi", bits=2, group_size=32, axis="token"), 32, 16)
-    kivi8 = perplexity.preset_perplexity(model, windows[:1], _preset("kivi", bits=8, group_size=32, axis="token"), 32, 16)
+    base = perplexity.preset_perplexity(model, windows[:1], baseline_preset(), prefill=32, chunk=32)
+    kivi2 = perplexity.preset_perplexity(model, windows[:1], _preset("kivi", bits=2, group_size=32, axis="token"), 32, 32)
+    kivi8 = perplexity.preset_perplexity(model, windows[:1], _preset("kivi", bits=8, group_size=32, axis="token"), 32, 32)
     assert kivi2.perplexity > base.perplexity
     assert abs(kivi8.nll - base.nll) < abs(kivi2.nll - base.nll)
 
