@@ -113,6 +113,20 @@ def window_nll(model, ids: np.ndarray, length: int, device, batch: int = 8) -> t
     return total / max(count, 1), count
 
 
+def add_repeats(x, fraction: float, rng: np.random.Generator, min_len: int = 8, max_len: int = 64) -> None:
+    """In place: in about ``fraction`` of the rows of ``x`` ``[B, T]``, copy a random span of the row
+    to a later position of the same row (each span 8-64 tokens), so the model must learn to copy from
+    its context (induction), which retrieval from a long context (needle tests) needs. Off (0) for
+    the shipped model; see its card.
+    """
+    batch, length = x.shape
+    for row in np.nonzero(rng.random(batch) < fraction)[0]:
+        n = int(rng.integers(min_len, max_len + 1))
+        src = int(rng.integers(0, length - 2 * n))
+        dst = int(rng.integers(src + n, length - n + 1))
+        x[row, dst : dst + n] = x[row, src : src + n].clone()
+
+
 def train(args: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaForCausalLM
@@ -153,7 +167,10 @@ def train(args: argparse.Namespace) -> None:
     while step < args.steps:
         starts = torch.from_numpy(rng.integers(0, train_ids.numel() - seq - 1, size=args.batch))
         idx = starts[:, None] + torch.arange(seq + 1)[None, :]
-        x = train_ids[idx].to(device, non_blocking=True)
+        x = train_ids[idx]
+        if args.copy_fraction:
+            add_repeats(x, args.copy_fraction, rng)
+        x = x.to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -282,7 +299,7 @@ scored (bf16 autocast on the GPU):
 ```
 python scripts/build_corpus.py --out /work/corpus
 python scripts/train_tiny_model.py tokenize --corpus /work/corpus --data DATA
-python scripts/train_tiny_model.py train --data DATA --out OUT --steps {a['steps']} --batch {a['batch']} --seed {a['seed']}
+python scripts/train_tiny_model.py train --data DATA --out OUT --steps {a['steps']} --batch {a['batch']} --seed {a['seed']} --copy-fraction {a.get('copy_fraction', 0.0)}
 ```
 """
 
@@ -310,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--grad-clip", type=float, default=1.0)
     m.add_argument("--eval-every", type=int, default=100)
     m.add_argument("--max-shard-size", default="15MB")
+    m.add_argument("--copy-fraction", type=float, default=0.0,
+                   help="fraction of training rows given a repeated span (teaches copying; 0 = off)")
     m.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds: lower --steps to what fits, measured on the first steps (0 = off)")
     m.add_argument("--eval-tokens", type=int, default=0, help="cap on scored tokens (0 = all; smoke runs)")

@@ -55,7 +55,7 @@ def test_heldout_perplexity_matches_model_card(model_and_tokenizer):
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
     ppl = math.exp(float(nll))
     # a uniform guess scores the vocabulary size (8192); the card's figure is over all windows
-    assert ppl < 1.5 * card_ppl, (ppl, card_ppl)
+    assert ppl < 1.2 * card_ppl, (ppl, card_ppl)  # measured 31.3 (float32, CPU) against 31.25 on the card
     assert ppl > 1.0
 
 
