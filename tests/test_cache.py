@@ -269,3 +269,20 @@ def test_cuda_dispatch_falls_back_with_a_warning(monkeypatch):
         fn = attention.decode_attention(cuda_query)
     assert fn is reference_decode_attention
     assert attention.decode_attention(torch.zeros(1)) is reference_decode_attention  # CPU: reference
+
+
+@pytest.mark.parametrize("preset", ["none", "kivi-2"])
+def test_multi_token_step_after_prefill(llama, batch, preset):
+    """A second multi-token forward (chunked prefill, a new turn) attends over packed + window + new
+    tokens with the causal mask: identical to feeding the tokens one by one."""
+    ids, mask, cont = batch
+    one_by_one = teacher_forced(llama, ids, mask, cont, QuantizedKVCache(llama.config, config(preset, residual_length=4)))
+    cache = QuantizedKVCache(llama.config, config(preset, residual_length=4))
+    teacher_forced(llama, ids, mask, cont[:, :0], cache)
+    full = torch.cat([mask, torch.ones_like(cont)], dim=-1)
+    pos = (full.cumsum(-1) - 1)[:, -cont.shape[1]:]
+    with torch.no_grad():
+        out = llama(input_ids=cont, attention_mask=full, position_ids=pos, past_key_values=cache)
+    assert cache.layers[0].packed_keys is not None and cache.get_seq_length() == full.shape[1]
+    # 45 + 12 tokens, window 4: both runs hold the same 32 packed tokens (no group completes meanwhile)
+    torch.testing.assert_close(out.logits[:, :-1].float(), one_by_one[:, 1:cont.shape[1]], rtol=0, atol=2e-6)
