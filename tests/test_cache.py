@@ -286,3 +286,30 @@ def test_multi_token_step_after_prefill(llama, batch, preset):
     assert cache.layers[0].packed_keys is not None and cache.get_seq_length() == full.shape[1]
     # 45 + 12 tokens, window 4: both runs hold the same 32 packed tokens (no group completes meanwhile)
     torch.testing.assert_close(out.logits[:, :-1].float(), one_by_one[:, 1:cont.shape[1]], rtol=0, atol=2e-6)
+
+
+def test_memory_report_total_over_ranks(tmp_path):
+    """Two gloo processes: ``total_over_ranks=True`` sums every byte count over the ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from cache_helpers import memory_report_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: no re-import of torch/transformers in the children (spawn costs ~40 s here)
+    procs = mp.start_processes(memory_report_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
+                               start_method="fork")
+    for _ in range(60):  # at most ~2 minutes, then fail instead of hanging
+        if procs.join(timeout=2):
+            break
+    else:
+        for p in procs.processes:
+            p.kill()
+        pytest.fail("the two gloo ranks did not finish within 2 minutes")
+    (local0, total0), (local1, total1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert total0 == total1 | {"tokens": total0["tokens"]}  # tokens: this rank's sequence length
+    for name in ("packed_codes", "metadata", "residual", "total", "fp16_bytes"):
+        assert total0[name] == local0[name] + local1[name]
+    assert local0["total"] != local1["total"]
