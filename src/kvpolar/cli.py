@@ -1,4 +1,4 @@
-"""The ``kvpolar`` command line. Argument parsing only; the work lives in the library modules."""
+"""The ``kvpolar`` command line. Argument parsing and messages only; the work lives in the library."""
 
 from __future__ import annotations
 
@@ -7,25 +7,95 @@ import sys
 from collections.abc import Sequence
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from kvpolar.demo import format_table, run_demo
+class CLIError(Exception):
+    """A user error: printed as ``kvpolar: error: ...`` with exit code 2, no traceback."""
 
-    rows = run_demo(tokens=args.tokens, head_dim=args.head_dim, seed=args.seed)
-    print(
-        f"kvpolar demo: synthetic RoPE keys with outlier pairs and Gaussian values, 1 x 4 heads x "
-        f"{args.tokens} tokens x head dim {args.head_dim}, float16; queries from a rank-8 subspace\n"
+
+def _presets(text: str | None) -> list[str]:
+    from kvpolar.cache.config import PRESETS
+
+    names = [p for p in PRESETS if p != "none"] if text in (None, "all") else [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PRESETS]
+    if unknown:
+        raise CLIError(f"unknown preset(s) {', '.join(unknown)}; available: {', '.join(sorted(PRESETS))}")
+    return names
+
+
+def _device(text: str | None) -> str:
+    import torch
+
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {text}: CUDA is not available on this machine; use --device cpu")
+    if text != "cpu" and not text.startswith("cuda"):
+        raise CLIError(f"--device {text!r} is not supported; allowed: cpu, cuda, cuda:N")
+    return text
+
+
+def _check_model(path: str | None) -> None:
+    """A local Hugging Face causal-LM checkpoint directory, or None for the built-in model."""
+    if path is None:
+        return
+    import json
+    import pathlib
+
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise CLIError(f"--model {path}: no such directory (a local Hugging Face checkpoint is expected)")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise CLIError(f"--model {path}: no config.json there; not a Hugging Face checkpoint")
+    archs = json.loads(config.read_text()).get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in archs):
+        raise CLIError(f"--model {path}: architectures {archs} is not a causal LM (*ForCausalLM)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.synthetic:
+        from kvpolar.demo import format_table, run_demo
+
+        rows = run_demo(tokens=args.tokens, head_dim=args.head_dim, seed=args.seed)
+        print(
+            f"kvpolar demo --synthetic: RoPE keys with outlier pairs and Gaussian values, 1 x 4 heads x "
+            f"{args.tokens} tokens x head dim {args.head_dim}, float16; queries from a rank-8 subspace\n"
+        )
+        print(format_table(rows))
+        return 0
+    from kvpolar.generation_demo import format_generation_table, run_generation_demo
+
+    presets = _presets(args.presets)
+    device = _device(args.device)
+    _check_model(args.model)
+    rows, setup = run_generation_demo(
+        presets, model_path=args.model, device=device, prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens, progress=True,
     )
-    print(format_table(rows))
+    print(
+        f"\nkvpolar demo: {setup['model']}, {setup['device']}, {setup['dtype']}; greedy generation of "
+        f"{setup['new_tokens']} tokens after a {setup['prompt_tokens']}-token held-out prompt\n"
+    )
+    print(format_generation_table(rows))
+    print(f"\n16-bit continuation: {rows[0].text[:200]!r}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpolar", description="KV-cache quantization for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="quantize synthetic keys/values with every method and print a table")
-    demo.add_argument("--tokens", type=_positive_int, default=512, help="tokens per head (default 512)")
-    demo.add_argument("--head-dim", type=_positive_int, default=128, help="head dimension (default 128)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo = sub.add_parser(
+        "demo", help="generate on the built-in model with the 16-bit cache and every preset; print a table"
+    )
+    demo.add_argument("--model", default=None, help="local Hugging Face checkpoint (default: the built-in model)")
+    demo.add_argument("--presets", default=None, help="comma-separated presets (default: all)")
+    demo.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    demo.add_argument("--prompt-tokens", type=_positive_int, default=768, help="prompt length (default 768)")
+    demo.add_argument("--new-tokens", type=_positive_int, default=48, help="tokens to generate (default 48)")
+    demo.add_argument("--synthetic", action="store_true",
+                      help="instead: quantize synthetic keys/values with every quantizer, print errors")
+    demo.add_argument("--tokens", type=_positive_int, default=512, help="--synthetic: tokens per head")
+    demo.add_argument("--head-dim", type=_positive_int, default=128, help="--synthetic: head dimension")
+    demo.add_argument("--seed", type=int, default=0, help="--synthetic: random seed")
     demo.set_defaults(handler=_demo)
     return parser
 
@@ -41,8 +111,12 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except CLIError as err:
+        parser.exit(2, f"kvpolar: error: {err}\n")
 
 
 if __name__ == "__main__":

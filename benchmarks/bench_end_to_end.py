@@ -1,0 +1,206 @@
+"""End-to-end decoding with a Llama-3.1-8B-shaped model (random weights, no download) at long context.
+
+For the 16-bit cache (``DynamicCache`` + ``sdpa``) and each kvpolar preset: decode tokens/s and peak
+GPU memory at ``--context`` tokens per sequence, for batch sizes up to the largest that fits, and the
+prefill time of one sequence including quantization.
+
+The caches are filled layer by layer with random keys/values in chunks (quantized through the same
+cache code path decoding uses) instead of running a ``context``-token prefill for every sequence of
+every batch, which would cost minutes of GPU time per point and is not what is measured here; the
+prefill is timed separately at batch 1. Decode steps run the whole model (all 32 layers, MLPs,
+sampling-free argmax) through ``model.forward`` with the cache, one token per sequence per step.
+
+    python benchmarks/bench_end_to_end.py --out results.json            # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+
+import torch
+
+CONFIG_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+    rope_theta=500000.0, tie_word_embeddings=False,
+)
+
+
+def build_model(layers: int):
+    import transformers
+
+    config = transformers.LlamaConfig(**{**CONFIG_8B, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("cuda"):
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def make_cache(model, preset: str):
+    import transformers
+
+    import kvpolar
+
+    if preset == "fp16":
+        model.set_attn_implementation("sdpa")
+        return transformers.DynamicCache(config=model.config)
+    return kvpolar.enable(model, preset)
+
+
+@dataclasses.dataclass
+class Point:
+    preset: str
+    batch: int
+    context: int
+    decode_ms_per_step: float
+    tokens_per_second: float
+    peak_gib: float
+    weights_gib: float
+    cache_gib: float
+    cache_bits_per_element: float
+    status: str = "ok"
+
+
+@torch.no_grad()
+def decode_point(model, preset: str, batch: int, context: int, steps: int, weights_bytes: int) -> Point:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cache = make_cache(model, preset)
+    fill_cache(model, cache, preset, batch, context)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+    pos = torch.full((batch, 1), context, device="cuda", dtype=torch.long)
+    times = []
+    for step in range(steps + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        ids = out.logits[:, -1:].argmax(-1)
+        end.record()
+        end.synchronize()
+        if step >= 2:
+            times.append(start.elapsed_time(end))
+        pos = pos + 1
+    times.sort()
+    ms = times[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated()
+    if preset == "fp16":
+        cache_bytes = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
+        bits = 16.0
+    else:
+        report = cache.memory_report()
+        cache_bytes, bits = report.total, report.bits_per_element
+    del cache, out
+    return Point(preset, batch, context, ms, batch * 1000.0 / ms, peak / 2**30, weights_bytes / 2**30,
+                 cache_bytes / 2**30, bits)
+
+
+@torch.no_grad()
+def fill_cache(model, cache, preset, batch, context):
+    """Put ``context`` random tokens per sequence into every layer, as a prefill would leave them,
+    through the cache's own path (update, then the post-attention compression of whole groups)."""
+    cfg = model.config
+    hkv, d, hq = cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    chunk = 4096
+    for layer_idx, layer in enumerate(cache.layers):
+        for start in range(0, context, chunk):
+            n = min(chunk, context - start)
+            k = torch.randn(batch, hkv, n, d, device="cuda", dtype=torch.float16, generator=gen)
+            v = torch.randn(batch, hkv, n, d, device="cuda", dtype=torch.float16, generator=gen)
+            if preset == "fp16":
+                cache.update(k, v, layer_idx)
+                continue
+            layer.update(k, v)
+            # a query of n tokens for the layer's bookkeeping; SQuat's subspace comes from its values
+            q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16, generator=gen).expand(batch, hq, n, d)
+            layer.after_attention(None, q)
+            del k, v
+
+
+@torch.no_grad()
+def prefill_seconds(model, preset: str, context: int) -> float:
+    torch.cuda.empty_cache()
+    cache = make_cache(model, preset)
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
+    model(input_ids=ids[:, :128], past_key_values=make_cache(model, preset), use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", default="fp16,kivi-2,kivi-4,polar-rope-3,polar-rope-4")
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--batches", default="1,8,16,32,48,64,96")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--prefill", action="store_true", help="also time a batch-1 prefill per preset")
+    parser.add_argument("--out", default="end_to_end.json")
+    args = parser.parse_args()
+
+    import transformers
+
+    import kvpolar
+
+    model = build_model(args.layers)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    points: list[Point] = []
+    prefill: dict[str, float] = {}
+    for preset in args.presets.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            try:
+                point = decode_point(model, preset, batch, args.context, args.steps, weights)
+            except torch.OutOfMemoryError:
+                points.append(Point(preset, batch, args.context, float("nan"), 0.0, float("nan"),
+                                    weights / 2**30, float("nan"), float("nan"), "out of memory"))
+                print(f"{preset:>14} B={batch:<4} out of memory", flush=True)
+                torch.cuda.empty_cache()
+                break
+            points.append(point)
+            print(f"{preset:>14} B={batch:<4} {point.decode_ms_per_step:8.2f} ms/step "
+                  f"{point.tokens_per_second:9.1f} tok/s peak {point.peak_gib:6.1f} GiB "
+                  f"cache {point.cache_gib:6.2f} GiB ({point.cache_bits_per_element:.2f} b/e)", flush=True)
+        if args.prefill:
+            try:
+                prefill[preset] = prefill_seconds(model, preset, args.context)
+            except torch.OutOfMemoryError:
+                prefill[preset] = float("nan")
+            print(f"{preset:>14} prefill B=1 {args.context} tokens: {prefill[preset]:.3f} s", flush=True)
+    result = {
+        "command": " ".join(sys.argv),
+        "gpu": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "kvpolar": kvpolar.__version__, "python": platform.python_version()},
+        "model": {**CONFIG_8B, "num_hidden_layers": args.layers, "weights": "random, float16"},
+        "points": [dataclasses.asdict(p) for p in points],
+        "prefill_seconds_batch1": prefill,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    best = {}
+    for p in points:
+        if p.status == "ok" and p.tokens_per_second > best.get(p.preset, (0, 0))[0]:
+            best[p.preset] = (p.tokens_per_second, p.batch)
+    base = best.get("fp16", (float("nan"), 0))[0]
+    print(f"\n{torch.cuda.get_device_name()}, context {args.context}: best throughput per preset")
+    print("| preset | best batch | tokens/s | vs fp16 |")
+    print("|---|---:|---:|---:|")
+    for name, (tps, b) in best.items():
+        print(f"| {name} | {b} | {tps:.1f} | {tps / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
