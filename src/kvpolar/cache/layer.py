@@ -18,6 +18,7 @@ SQuat's query subspace).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from typing import Any
@@ -100,7 +101,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.packed_values: QuantizedTensor | None = None
         self.keys = self.values = None  # the residual window (transformers' names)
         self.residual_valid: torch.Tensor | None = None  # bool [B, R]: False = padding
-        self.context_queries: torch.Tensor | None = None  # SQuat: prompt queries [B, Hq, Tq, D]
+        self.key_context: dict[str, Any] | None = None  # SQuat: prompt queries or their subspace
         self.seen = 0
         self.awaiting_attention = False
         self.is_initialized = False
@@ -180,8 +181,8 @@ class QuantizedLayer(CacheLayerMixin):
         if old is None or old.shape[-1] != self.residual_tokens - t_new:
             old = torch.ones(self.batch_size, self.residual_tokens - t_new, dtype=torch.bool, device=self.device)
         self.residual_valid = torch.cat([old, new_valid.to(self.device)], dim=-1)
-        if self.context_queries is None and "queries" in self.key_quantizer.context_keys:
-            self.context_queries = _fill_padding(query, new_valid, axis=-2)
+        if self.key_context is None and "queries" in self.key_quantizer.context_keys:
+            self.key_context = self._prompt_context(_fill_padding(query, new_valid, axis=-2))
         move = (self.residual_tokens - self.residual_length) // self.chunk * self.chunk
         if move > 0:
             self._compress(move)
@@ -190,16 +191,26 @@ class QuantizedLayer(CacheLayerMixin):
         valid = self.residual_valid[:, :move]
         keys = _fill_padding(self.keys[..., :move, :], valid, axis=-2)
         values = _fill_padding(self.values[..., :move, :], valid, axis=-2)
-        context = {}
-        if self.context_queries is not None:
-            context["queries"] = self.context_queries
-        pk = self.key_quantizer.quantize(keys, **context)
+        pk = self.key_quantizer.quantize(keys, **(self.key_context or {}))
         pv = self.value_quantizer.quantize(values)
         self.packed_keys = pk if self.packed_keys is None else cat([self.packed_keys, pk])
         self.packed_values = pv if self.packed_values is None else cat([self.packed_values, pv])
         self.keys = self.keys[..., move:, :]
         self.values = self.values[..., move:, :]
         self.residual_valid = self.residual_valid[:, move:]
+
+    def _prompt_context(self, queries: torch.Tensor) -> dict[str, Any]:
+        """What the key quantizer keeps from the prompt's queries ``[B, Hq, Tq, D]`` (GQA-stacked):
+        the prepared subspace when it offers ``prepare`` (SQuat), else the queries themselves."""
+        prepare = getattr(self.key_quantizer, "prepare", None)
+        if "subspace" in self.key_quantizer.context_keys and callable(prepare):
+            return {"subspace": prepare(queries, kv_heads=self.num_heads)}
+        return {"queries": queries}
+
+    @property
+    def context_nbytes(self) -> int:
+        """Bytes of what the layer keeps from the prompt for its key quantizer (reported as shared)."""
+        return sum(_nbytes(v) for v in (self.key_context or {}).values())
 
     # ----- helpers -----------------------------------------------------------------------------
     def _check_shape(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -216,6 +227,14 @@ class QuantizedLayer(CacheLayerMixin):
     def _refuse(self, what: str) -> None:
         if self.seen:
             raise NotImplementedError(f"kvpolar's QuantizedKVCache does not support {what}")
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if dataclasses.is_dataclass(obj):
+        return sum(_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
 
 
 def _fill_padding(x: torch.Tensor, valid: torch.Tensor | None, axis: int) -> torch.Tensor:
