@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
-import transformers
 
-import kvpolar
-from kvpolar.cache.cache import QuantizedKVCache  # registers attn_implementation="kvpolar"
+if not torch.cuda.is_available():
+    # transformers imports triton; the Triton kernel tests collected after these need interpreter mode
+    # to be on before triton's first import (their own setdefault would come too late)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402
+
+import kvpolar  # noqa: E402
+from kvpolar.cache.cache import QuantizedKVCache  # registers attn_implementation="kvpolar"  # noqa: E402
 
 VOCAB = 96
 FAMILIES = {

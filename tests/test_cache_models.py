@@ -56,6 +56,9 @@ def _generate(model, preset):
     assert quantized and all(layer.packed_keys is not None for layer in quantized)
     rep = cache.memory_report()
     assert rep.total > 0 and rep.tokens == 141
+    if "queries" in quantized[0].key_quantizer.context_keys:  # SQuat: prompt subspace kept and counted
+        kept = quantized[0].context_nbytes()
+        assert kept and all(rep.metadata_fields[f"key.{k}"] == len(quantized) * v for k, v in kept.items())
 
 
 def test_none_equals_dynamic_cache(model):

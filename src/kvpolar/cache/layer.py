@@ -207,10 +207,9 @@ class QuantizedLayer(CacheLayerMixin):
             return {"subspace": prepare(queries, kv_heads=self.num_heads)}
         return {"queries": queries}
 
-    @property
-    def context_nbytes(self) -> int:
-        """Bytes of what the layer keeps from the prompt for its key quantizer (reported as shared)."""
-        return sum(_nbytes(v) for v in (self.key_context or {}).values())
+    def context_nbytes(self) -> dict[str, int]:
+        """Bytes of what the layer keeps from the prompt for its key quantizer, by context name."""
+        return {name: _nbytes(v) for name, v in (self.key_context or {}).items()}
 
     # ----- helpers -----------------------------------------------------------------------------
     def _check_shape(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
