@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
-import transformers
 
-import kvpolar
-from kvpolar.cache.cache import QuantizedKVCache  # registers attn_implementation="kvpolar"
+if not torch.cuda.is_available():
+    # transformers imports triton; the Triton kernel tests collected after these need interpreter mode
+    # to be on before triton's first import (their own setdefault would come too late)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402
+
+import kvpolar  # noqa: E402
+from kvpolar.cache.cache import QuantizedKVCache  # registers attn_implementation="kvpolar"  # noqa: E402
 
 VOCAB = 96
 FAMILIES = {
@@ -80,3 +87,20 @@ def continuation(batch: int, steps: int, seed: int = 2) -> torch.Tensor:
 
 
 __all__ = ["QuantizedKVCache", "config", "continuation", "left_padded", "stock_logits", "teacher_forced", "tiny_model"]
+
+
+def memory_report_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One gloo rank: prefill a tiny Llama with KIVI-2, save local and summed-over-ranks reports."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # forked child: keep OpenMP's pool (not fork-safe) out of it
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = tiny_model("llama", layers=2)
+        ids, mask = left_padded([40 + 8 * rank])  # ranks hold different lengths: sums differ from 2x
+        cache = QuantizedKVCache(model.config, config("kivi-2", residual_length=4))
+        teacher_forced(model, ids, mask, ids[:, :0], cache)
+        reports = (dataclasses.asdict(cache.memory_report()), dataclasses.asdict(cache.memory_report(True)))
+        torch.save(reports, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -269,3 +269,47 @@ def test_cuda_dispatch_falls_back_with_a_warning(monkeypatch):
         fn = attention.decode_attention(cuda_query)
     assert fn is reference_decode_attention
     assert attention.decode_attention(torch.zeros(1)) is reference_decode_attention  # CPU: reference
+
+
+@pytest.mark.parametrize("preset", ["none", "kivi-2"])
+def test_multi_token_step_after_prefill(llama, batch, preset):
+    """A second multi-token forward (chunked prefill, a new turn) attends over packed + window + new
+    tokens with the causal mask: identical to feeding the tokens one by one."""
+    ids, mask, cont = batch
+    one_by_one = teacher_forced(llama, ids, mask, cont, QuantizedKVCache(llama.config, config(preset, residual_length=4)))
+    cache = QuantizedKVCache(llama.config, config(preset, residual_length=4))
+    teacher_forced(llama, ids, mask, cont[:, :0], cache)
+    full = torch.cat([mask, torch.ones_like(cont)], dim=-1)
+    pos = (full.cumsum(-1) - 1)[:, -cont.shape[1]:]
+    with torch.no_grad():
+        out = llama(input_ids=cont, attention_mask=full, position_ids=pos, past_key_values=cache)
+    assert cache.layers[0].packed_keys is not None and cache.get_seq_length() == full.shape[1]
+    # 45 + 12 tokens, window 4: both runs hold the same 32 packed tokens (no group completes meanwhile)
+    torch.testing.assert_close(out.logits[:, :-1].float(), one_by_one[:, 1:cont.shape[1]], rtol=0, atol=2e-6)
+
+
+def test_memory_report_total_over_ranks(tmp_path):
+    """Two gloo processes: ``total_over_ranks=True`` sums every byte count over the ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from cache_helpers import memory_report_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: no re-import of torch/transformers in the children (spawn costs ~40 s here)
+    procs = mp.start_processes(memory_report_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
+                               start_method="fork")
+    for _ in range(60):  # at most ~2 minutes, then fail instead of hanging
+        if procs.join(timeout=2):
+            break
+    else:
+        for p in procs.processes:
+            p.kill()
+        pytest.fail("the two gloo ranks did not finish within 2 minutes")
+    (local0, total0), (local1, total1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert total0 == total1 | {"tokens": total0["tokens"]}  # tokens: this rank's sequence length
+    for name in ("packed_codes", "metadata", "residual", "total", "fp16_bytes"):
+        assert total0[name] == local0[name] + local1[name]
+    assert local0["total"] != local1["total"]

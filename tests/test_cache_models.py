@@ -22,19 +22,43 @@ def model(request):
     return tiny_model(request.param, layers=2, kv_heads=1)  # GQA 4
 
 
+# every registered preset on Llama; on the other families, one preset per kind of key path
+PER_FAMILY = [p for p in ("kivi-2", "polar-rope-3", "squat-2", "turbo-4") if p in REGISTERED]
+
+
 @pytest.mark.parametrize("preset", REGISTERED)
-def test_generate_every_preset(model, preset):
+def test_generate_every_preset(preset):
+    _generate(tiny_model("llama", layers=2, kv_heads=1), preset)
+
+
+@pytest.fixture(scope="module", params=[f for f in sorted(FAMILIES) if f != "llama"])
+def other_family(request):
+    return tiny_model(request.param, layers=2, kv_heads=1)
+
+
+@pytest.mark.parametrize("preset", PER_FAMILY)
+def test_generate_other_families(other_family, preset):
+    _generate(other_family, preset)
+
+
+def _generate(model, preset):
     """Prompts long enough (136 + padding) that groups of up to 128 tokens reach the packed path."""
     ids, mask = left_padded([136, 120])
-    cache = QuantizedKVCache(model.config, config(preset, residual_length=4))
+    changes = {"residual_length": 4}
+    if PRESETS[preset].full_precision_layers:  # boundary-2 would cover both layers of the tiny model
+        changes["full_precision_layers"] = (0,)
+    cache = QuantizedKVCache(model.config, config(preset, **changes))
     out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False,
                          pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     assert out.sequences.shape == (2, 142) and cache.get_seq_length() == 141
     assert all(torch.isfinite(s).all() for s in out.scores)
     quantized = [layer for layer in cache.layers if not layer.plan.full_precision]
-    assert all(layer.packed_keys is not None for layer in quantized)
+    assert quantized and all(layer.packed_keys is not None for layer in quantized)
     rep = cache.memory_report()
     assert rep.total > 0 and rep.tokens == 141
+    if "queries" in quantized[0].key_quantizer.context_keys:  # SQuat: prompt subspace kept and counted
+        kept = quantized[0].context_nbytes()
+        assert kept and all(rep.metadata_fields[f"key.{k}"] == len(quantized) * v for k, v in kept.items())
 
 
 def test_none_equals_dynamic_cache(model):

@@ -26,8 +26,8 @@ class MemoryReport:
     """Bytes held by a cache (this rank's, or summed over ranks with ``total_over_ranks=True``).
 
     ``packed_codes`` + ``metadata`` (per-field breakdown in ``metadata_fields``: scales, minimums,
-    SQuat's per-prompt subspace (``key.prompt_subspace``),
-    norms, stored codebooks) + ``residual`` (16-bit window of quantized layers) + ``shared``
+    norms, stored codebooks, and what a layer keeps from the prompt for its key quantizer, e.g.
+    ``key.subspace`` for SQuat) + ``residual`` (16-bit window of quantized layers) + ``shared``
     (rotations and other layer-wide objects) + ``full_precision_layers`` = ``total``.
     ``fp16_bytes`` is a 16-bit cache of the same tokens; ``compression_ratio = fp16_bytes / total``.
     """
@@ -109,9 +109,9 @@ class QuantizedKVCache(Cache):
             residual += 0 if layer.keys is None else layer.keys.nbytes + layer.values.nbytes
             shared += layer.key_quantizer.shared_nbytes(layer.head_dim)
             shared += layer.value_quantizer.shared_nbytes(layer.head_dim)
-            if layer.context_nbytes:  # SQuat's per-prompt subspace and block matrices, per KV head
-                meta += layer.context_nbytes
-                fields["key.prompt_subspace"] = fields.get("key.prompt_subspace", 0) + layer.context_nbytes
+            for name, nbytes in layer.context_nbytes().items():  # per head, like metadata
+                meta += nbytes
+                fields[f"key.{name}"] = fields.get(f"key.{name}", 0) + nbytes
             for role, packed in (("key", layer.packed_keys), ("value", layer.packed_values)):
                 for name, t in ({} if packed is None else packed.stored_tensors()).items():
                     if name in _PAYLOAD_FIELDS:

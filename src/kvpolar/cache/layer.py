@@ -18,6 +18,7 @@ SQuat's query subspace).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from typing import Any
@@ -100,9 +101,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.packed_values: QuantizedTensor | None = None
         self.keys = self.values = None  # the residual window (transformers' names)
         self.residual_valid: torch.Tensor | None = None  # bool [B, R]: False = padding
-        # SQuat: what the key quantizer needs from the prompt, computed once at prefill and reused
-        # for every later key group ({"subspace": ...} when it can be prepared, else {"queries": ...})
-        self.key_context: dict[str, Any] | None = None
+        self.key_context: dict[str, Any] | None = None  # SQuat: prompt queries or their subspace
         self.seen = 0
         self.awaiting_attention = False
         self.is_initialized = False
@@ -201,17 +200,16 @@ class QuantizedLayer(CacheLayerMixin):
         self.residual_valid = self.residual_valid[:, move:]
 
     def _prompt_context(self, queries: torch.Tensor) -> dict[str, Any]:
-        """The prompt's queries ``[B, Hq, Tq, D]`` as the key quantizer's context: a prepared
-        subspace (SQuat: SVD and block matrices once per prompt) when the quantizer offers one."""
+        """What the key quantizer keeps from the prompt's queries ``[B, Hq, Tq, D]`` (GQA-stacked):
+        the prepared subspace when it offers ``prepare`` (SQuat), else the queries themselves."""
         prepare = getattr(self.key_quantizer, "prepare", None)
-        if prepare is not None and "subspace" in self.key_quantizer.context_keys:
+        if "subspace" in self.key_quantizer.context_keys and callable(prepare):
             return {"subspace": prepare(queries, kv_heads=self.num_heads)}
         return {"queries": queries}
 
-    @property
-    def context_nbytes(self) -> int:
-        """Bytes held for the key quantizer's prompt context (e.g. SQuat's subspace and matrices)."""
-        return sum(t.numel() * t.element_size() for t in _tensors(self.key_context))
+    def context_nbytes(self) -> dict[str, int]:
+        """Bytes of what the layer keeps from the prompt for its key quantizer, by context name."""
+        return {name: _nbytes(v) for name, v in (self.key_context or {}).items()}
 
     # ----- helpers -----------------------------------------------------------------------------
     def _check_shape(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -230,19 +228,15 @@ class QuantizedLayer(CacheLayerMixin):
             raise NotImplementedError(f"kvpolar's QuantizedKVCache does not support {what}")
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor inside ``obj`` (dicts, sequences and dataclasses walked)."""
-    import dataclasses
-
+def _nbytes(obj: Any) -> int:
+    """Bytes of every tensor inside ``obj`` (tensors, sequences of them, dataclasses holding them)."""
     if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
+        return obj.nbytes
     if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name))]
-    return []
+        return sum(_nbytes(v) for v in obj)
+    if dataclasses.is_dataclass(obj):
+        return sum(_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
 
 
 def _fill_padding(x: torch.Tensor, valid: torch.Tensor | None, axis: int) -> torch.Tensor:
