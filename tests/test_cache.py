@@ -11,6 +11,7 @@ import torch
 from cache_helpers import QuantizedKVCache, config, continuation, left_padded, stock_logits, teacher_forced, tiny_model
 
 import kvpolar
+from kvpolar.decode_attention import reference_decode_attention
 from kvpolar.cache.config import PRESETS, KVCacheConfig
 
 LENGTHS = [45, 30, 12]  # ragged prompts, left-padded to 45
@@ -260,15 +261,36 @@ def test_prompt_queries_reach_the_key_quantizer(llama, query_recording_quantizer
 def test_cuda_dispatch_falls_back_with_a_warning(monkeypatch):
     """Without the fused kernel module the CUDA path warns once, naming why, and uses the reference."""
     from kvpolar.cache import attention
-    from kvpolar.decode_attention import reference_decode_attention
 
     monkeypatch.setattr(attention, "_FUSED", {})
     monkeypatch.setitem(sys.modules, "kvpolar.kernels.decode_attention", None)  # import fails
     cuda_query = type("CudaQuery", (), {"device": torch.device("cuda")})()  # only .device is read
     with pytest.warns(RuntimeWarning, match="fused decode attention unavailable.*reference"):
-        fn = attention.decode_attention(cuda_query)
-    assert fn is reference_decode_attention
-    assert attention.decode_attention(torch.zeros(1)) is reference_decode_attention  # CPU: reference
+        assert attention.fused_kernel(cuda_query) is None
+    assert attention.fused_kernel(torch.zeros(1)) is None  # CPU: the reference, no warning
+
+
+def test_formats_the_kernel_does_not_read_use_the_reference(monkeypatch):
+    """A stored format the fused kernel does not cover decodes with the reference, warned once."""
+    import types
+
+    from kvpolar.cache import attention
+
+    calls = []
+    fake = types.SimpleNamespace(
+        supports=lambda keys, values: False,
+        fused_decode_attention=lambda *a: calls.append("fused"),
+    )
+    monkeypatch.setattr(attention, "fused_kernel", lambda query: fake)
+    monkeypatch.setattr(attention, "_FUSED", {})
+    kq, vq = kvpolar.quantizer("turbo", bits=3), kvpolar.quantizer("kivi", axis="token")
+    k, v = torch.randn(1, 2, 32, 64), torch.randn(1, 2, 32, 64)
+    q = torch.randn(1, 4, 1, 64)
+    args = (kq.quantize(k), vq.quantize(v), kq, vq, None, None, 0.125, None)
+    with pytest.warns(RuntimeWarning, match="does not read keys stored as TurboTensor"):
+        out = attention._decode(q, *args)
+    assert calls == []
+    assert torch.allclose(out, reference_decode_attention(q, *args))
 
 
 @pytest.mark.parametrize("preset", ["none", "kivi-2"])

@@ -95,35 +95,43 @@ def _bool_mask(mask: torch.Tensor | None, query: torch.Tensor, kv_len: int) -> t
 
 
 def _decode(query: torch.Tensor, *args: Any) -> torch.Tensor:
-    """Fused kernel if it covers this pair of quantizers, else the reference (warned once per pair)."""
-    fn = decode_attention(query)
-    if fn is not reference_decode_attention:
-        try:
-            return fn(query, *args)
-        except NotImplementedError as err:
-            pair = (args[2].name, args[3].name)
-            if pair not in _FUSED:
-                _FUSED[pair] = True
-                warnings.warn(f"kvpolar: fused decode attention does not cover keys={pair[0]!r}, "
-                              f"values={pair[1]!r} ({err}); using the PyTorch reference", RuntimeWarning, stacklevel=3)
+    """The fused kernel when it covers this pair of stored formats, else the reference (on CUDA,
+    with a warning once per pair naming the formats)."""
+    kernel = fused_kernel(query)
+    keys, values = args[0], args[1]
+    if kernel is not None:
+        if kernel.supports(keys, values):
+            return kernel.fused_decode_attention(query, *args)
+        pair = (type(keys).__name__, type(values).__name__)
+        if pair not in _FUSED:
+            _FUSED[pair] = True
+            warnings.warn(
+                f"kvpolar: the fused decode kernel does not read keys stored as {pair[0]} with values "
+                f"stored as {pair[1]}; this cache decodes with the PyTorch reference (correct, slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return reference_decode_attention(query, *args)
 
 
-def decode_attention(query: torch.Tensor):
-    """The fused CUDA kernel when available for ``query``'s device, else the PyTorch reference."""
+def fused_kernel(query: torch.Tensor) -> Any:
+    """The fused decode-attention kernel module for CUDA queries, or None (CPU, or no Triton:
+    then a one-time warning says why)."""
     if query.device.type != "cuda":
-        return reference_decode_attention
-    if "fn" not in _FUSED:
+        return None
+    if "module" not in _FUSED:
         try:
-            from kvpolar.kernels.decode_attention import fused_decode_attention
+            import kvpolar.kernels.decode_attention as module
 
-            _FUSED["fn"] = fused_decode_attention
-        except Exception as err:  # ImportError, missing Triton, or a kernel module without the function
+            if module.triton is None:
+                raise ImportError("triton is not installed")
+            _FUSED["module"] = module
+        except Exception as err:  # ImportError, missing Triton
             warnings.warn(
                 f"kvpolar: fused decode attention unavailable ({type(err).__name__}: {err}); "
                 "using the PyTorch reference (correct, slower)",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            _FUSED["fn"] = reference_decode_attention
-    return _FUSED["fn"]
+            _FUSED["module"] = None
+    return _FUSED["module"]
