@@ -27,13 +27,14 @@ def run_bench(
     out_dir: str | pathlib.Path = "kvpolar-results",
     new_tokens: int = 64,
     progress: bool = True,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Time greedy decoding of ``new_tokens`` after a ``max_length - new_tokens`` prompt per preset."""
     if new_tokens >= max_length:
         raise ValueError(f"new_tokens={new_tokens} must be smaller than max_length={max_length}")
     rows, setup = run_generation_demo(
         presets, model_path=model_path, device=device, prompt_tokens=max_length - new_tokens,
-        new_tokens=new_tokens, progress=progress,
+        new_tokens=new_tokens, progress=progress, dtype=dtype,
     )
     markdown = (
         f"# kvpolar bench\n\n{setup['model']} on {_device_name(device)} ({setup['dtype']}): greedy decoding of "

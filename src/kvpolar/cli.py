@@ -7,6 +7,9 @@ import sys
 from collections.abc import Sequence
 
 
+DTYPE_CHOICES = ("float16", "bfloat16", "float32")
+
+
 class CLIError(Exception):
     """A user error: printed as ``kvpolar: error: ...`` with exit code 2, no traceback."""
 
@@ -69,7 +72,7 @@ def _demo(args: argparse.Namespace) -> int:
     _check_model(args.model)
     rows, setup = run_generation_demo(
         presets, model_path=args.model, device=device, prompt_tokens=args.prompt_tokens,
-        new_tokens=args.new_tokens, progress=True,
+        new_tokens=args.new_tokens, progress=True, dtype=args.dtype,
     )
     print(
         f"\nkvpolar demo: {setup['model']}, {setup['device']}, {setup['dtype']}; greedy generation of "
@@ -96,7 +99,8 @@ def _eval(args: argparse.Namespace) -> int:
     _check_model(args.model)
     run = getattr(evaluations, _EVALS[args.metric][0])
     try:
-        results = run(args.model, presets, device=device, max_length=args.max_length, out_dir=args.out, progress=True)
+        results = run(args.model, presets, device=device, max_length=args.max_length, out_dir=args.out,
+                      progress=True, dtype=args.dtype)
     except ValueError as err:  # e.g. a context longer than the model supports
         raise CLIError(str(err)) from None
     for path in results.get("files", []):
@@ -115,7 +119,7 @@ def _bench(args: argparse.Namespace) -> int:
     _check_model(args.model)
     try:
         results = run_bench(args.model, presets, device=device, max_length=args.max_length, out_dir=args.out,
-                            new_tokens=args.new_tokens, progress=True)
+                            new_tokens=args.new_tokens, progress=True, dtype=args.dtype)
     except ValueError as err:
         raise CLIError(str(err)) from None
     for path in results["files"]:
@@ -131,6 +135,8 @@ def _common_options(parser: argparse.ArgumentParser, max_length: int) -> None:
     parser.add_argument("--max-length", type=_positive_int, default=max_length,
                         help=f"context length in tokens (default {max_length})")
     parser.add_argument("--out", default="kvpolar-results", help="output directory (default: kvpolar-results)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                        help="model and cache dtype (default: float16 on CUDA, float32 on CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     demo.add_argument("--prompt-tokens", type=_positive_int, default=768, help="prompt length (default 768)")
     demo.add_argument("--new-tokens", type=_positive_int, default=48, help="tokens to generate (default 48)")
+    demo.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16",
+                      help="model and cache dtype (default float16, on the CPU too)")
     demo.add_argument("--synthetic", action="store_true",
                       help="instead: quantize synthetic keys/values with every quantizer, print errors")
     demo.add_argument("--tokens", type=_positive_int, default=512, help="--synthetic: tokens per head")

@@ -31,19 +31,6 @@ class GenerationRow:
     text: str
 
 
-def load_model(model_path: str | None, device: str) -> tuple[Any, Any]:
-    """Model and tokenizer from a local checkpoint (default: the built-in model), 16-bit on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kvpolar import assets
-
-    path = model_path or str(assets.tiny_model_path())
-    dtype = torch.float16 if device.startswith("cuda") else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
-
-
 def demo_prompt(tokenizer: Any, tokens: int) -> torch.Tensor:
     """The first ``tokens`` tokens of the built-in held-out text: ``[1, tokens]`` int64."""
     from kvpolar import assets
@@ -65,18 +52,23 @@ def run_generation_demo(
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
     new_tokens: int = DEFAULT_NEW_TOKENS,
     progress: bool = False,
+    dtype: str | None = "float16",
 ) -> tuple[list[GenerationRow], dict[str, Any]]:
     """Generate ``new_tokens`` greedily after a held-out prompt with the 16-bit cache, then each preset.
 
     The first row, ``"16-bit"``, is the stock ``DynamicCache`` with ``sdpa``: the reference for token
-    agreement. ``progress`` shows a tqdm bar on stderr.
+    agreement. ``progress`` shows a tqdm bar on stderr. ``dtype`` is the model's (and so the cache's)
+    dtype: float16 by default, on the CPU too, so bits/element are those of a 16-bit deployment
+    (None: float16 on CUDA, float32 on CPU).
     """
     import transformers
     from tqdm import tqdm
 
     import kvpolar
 
-    model, tokenizer = load_model(model_path, device)
+    from kvpolar.eval.common import load_model
+
+    model, tokenizer, _ = load_model(model_path, device, dtype)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and prompt_tokens + new_tokens > limit:
         raise ValueError(

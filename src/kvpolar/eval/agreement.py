@@ -49,13 +49,14 @@ def run_agreement(
     max_length: int = 2048,
     out_dir: str | pathlib.Path | None = None,
     progress: bool = True,
+    dtype: str | None = None,
     prompts: int = 4,
     new_tokens: int = 64,
 ) -> dict:
     """Token agreement of greedy generation with fp16; prompts of ``max_length - new_tokens`` tokens."""
     from tqdm.auto import tqdm
 
-    model, tokenizer, dev = load_model(model_path, device)
+    model, tokenizer, dev = load_model(model_path, device, dtype)
     check_length(model, max_length)
     prompt_len = max_length - new_tokens
     if prompt_len < 2:

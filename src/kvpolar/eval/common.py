@@ -18,11 +18,31 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def load_model(model_path: str | pathlib.Path | None, device: str | torch.device | None) -> tuple[Any, Any, torch.device]:
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` -> float16 on CUDA, float32 on CPU (fastest there); else one of :data:`DTYPES`.
+
+    The cache stores keys, values and quantization metadata in the model's dtype, so bits/element
+    and the 16-bit baseline are those of a float16 deployment only with float16 or bfloat16.
+    """
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+
+
+def load_model(
+    model_path: str | pathlib.Path | None, device: str | torch.device | None, dtype: str | torch.dtype | None = None
+) -> tuple[Any, Any, torch.device]:
     """A causal LM and its tokenizer from a local directory (default: the built-in tiny model).
 
-    float16 on CUDA, float32 on CPU (CPU half-precision matmuls are slow and not what a GPU runs).
-    Raises ValueError for a missing directory or a checkpoint that is not a causal LM.
+    ``dtype``: see :func:`resolve_dtype`. Raises ValueError for a missing directory or a checkpoint
+    that is not a causal LM.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -41,7 +61,7 @@ def load_model(model_path: str | pathlib.Path | None, device: str | torch.device
             f"model at {str(path)!r} has model_type {config.model_type!r}, which is not a causal LM"
         )
     device = resolve_device(device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(dtype, device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, device

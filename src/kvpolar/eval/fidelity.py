@@ -134,6 +134,7 @@ def run_fidelity(
     max_length: int = 2048,
     out_dir: str | pathlib.Path | None = None,
     progress: bool = True,
+    dtype: str | None = None,
     num_queries: int = 64,
 ) -> dict:
     """Per-layer score/output/key/value relative errors of each preset on one held-out window.
@@ -142,7 +143,7 @@ def run_fidelity(
     """
     from tqdm.auto import tqdm
 
-    model, tokenizer, dev = load_model(model_path, device)
+    model, tokenizer, dev = load_model(model_path, device, dtype)
     check_length(model, max_length)
     resolved = [p for p in resolve_presets(presets) if not p.is_baseline]
     ids = heldout_token_ids(tokenizer)

@@ -86,6 +86,7 @@ def run_needle(
     max_length: int = 2048,
     out_dir: str | pathlib.Path | None = None,
     progress: bool = True,
+    dtype: str | None = None,
     lengths: Sequence[int] | None = None,
     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     trials: int = 4,
@@ -98,7 +99,7 @@ def run_needle(
     """
     from tqdm.auto import tqdm
 
-    model, tokenizer, _ = load_model(model_path, device)
+    model, tokenizer, _ = load_model(model_path, device, dtype)
     check_length(model, max_length)
     if lengths is None:
         lengths = sorted({n for n in (256, 512, 1024, 2048, 4096, 8192) if n < max_length} | {max_length})

@@ -82,6 +82,7 @@ def run_perplexity(
     max_length: int = 2048,
     out_dir: str | pathlib.Path | None = None,
     progress: bool = True,
+    dtype: str | None = None,
     num_windows: int = 4,
     prefill: int | None = None,
     chunk: int = 1,
@@ -99,11 +100,13 @@ def run_perplexity(
         prefill: tokens of each window given as one prompt (default ``max_length // 4``).
         chunk: tokens per decode-time forward call (1 = token by token).
         batch_size: windows decoded together through one cache.
+        dtype: model dtype, ``"float16"``/``"bfloat16"``/``"float32"`` (None: float16 on CUDA,
+            float32 on CPU); the cache stores keys, values and metadata in it.
     Returns: the results dict written to ``perplexity.json``.
     """
     from tqdm.auto import tqdm
 
-    model, tokenizer, dev = load_model(model_path, device)
+    model, tokenizer, dev = load_model(model_path, device, dtype)
     check_length(model, max_length)
     resolved = resolve_presets(presets)
     prefill = max(1, max_length // 4) if prefill is None else prefill
