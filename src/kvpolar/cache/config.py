@@ -123,7 +123,8 @@ PRESETS: dict[str, KVCacheConfig] = {
         "polar-rope", {"radius_bits": 4, "angle_bits": 4, "group_size": 128}, "kivi", _kivi(4, "token")
     ),
     "polar-recursive": _preset("polar-recursive", {}, "polar-recursive", {}),
-    "squat-2": _preset("squat", {"bits": 2, "group_size": 32}, "kivi", _kivi(2, "token")),
+    # block_size 32: 2 blocks at head dim 64, 4 at 128 (one block would reduce SQuat to KIVI)
+    "squat-2": _preset("squat", {"bits": 2, "group_size": 32, "block_size": 32}, "kivi", _kivi(2, "token")),
     "turbo-3": _preset("turbo", {"bits": 3}, "kivi", _kivi(3, "token"), full_precision_layers="boundary-2"),
     "turbo-4": _preset("turbo", {"bits": 4}, "kivi", _kivi(4, "token")),
     "turbo-k3v4": _preset(

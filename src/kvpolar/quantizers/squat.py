@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -77,6 +78,9 @@ class SquatConfig:
         check_positive_int("power_iterations", self.power_iterations)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise allowed("seed", self.seed, "an integer")
+
+
+_WARNED_ONE_BLOCK: set[tuple[int, int]] = set()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -285,6 +289,15 @@ class SquatQuantizer(Quantizer):
             raise ValueError(
                 f"subspace_dim={self.config.subspace_dim} exceeds the head dim {head_dim}; "
                 f"allowed: 1..{head_dim}"
+            )
+        if self.config.block_size >= head_dim and (head_dim, self.config.block_size) not in _WARNED_ONE_BLOCK:
+            _WARNED_ONE_BLOCK.add((head_dim, self.config.block_size))
+            warnings.warn(
+                f"squat: block_size={self.config.block_size} covers the whole head dim {head_dim}, so no "
+                "channels are left to absorb the error and SQuat gives exactly KIVI's codes; use a "
+                f"block_size below {head_dim} (the paper: 2 blocks, block_size = head_dim / 2)",
+                UserWarning,
+                stacklevel=3,
             )
 
     def _quantize(
