@@ -1,4 +1,4 @@
-"""CUDA check of the transformers cache: a tiny random Llama in float16 generates with quantized presets.
+"""CUDA check of the transformers cache: a tiny random Llama in float16 generates with every registered preset.
 
 Usage: python benchmarks/cache_cuda_smoke.py [OUT_DIR]. Prints a table; writes cache_cuda_smoke.json.
 Proves the CUDA path runs (fused kernel if installed, else the reference with a warning) and reports
@@ -17,11 +17,12 @@ import transformers
 
 import kvpolar
 from kvpolar.cache.cache import QuantizedKVCache
+from kvpolar.cache.config import PRESETS
 
 
 def main(out_dir: str | None) -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
                                    num_attention_heads=8, num_key_value_heads=2, head_dim=64)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).to(dev, torch.float16).eval()
@@ -29,7 +30,7 @@ def main(out_dir: str | None) -> None:
     ids = torch.randint(1, 256, (2, 300), generator=gen).to(dev)
     mask = torch.ones_like(ids)
     mask[1, :37] = 0  # left padding on row 1
-    cont = torch.randint(1, 256, (2, 40), generator=gen).to(dev)
+    cont = torch.randint(1, 256, (2, 16), generator=gen).to(dev)
 
     @torch.no_grad()
     def teacher_forced(cache):
@@ -43,21 +44,28 @@ def main(out_dir: str | None) -> None:
             logits.append(out.logits[:, -1].float())
         return torch.stack(logits, 1)
 
+    presets = [name for name, c in PRESETS.items()
+               if {c.key_quantizer, c.value_quantizer} <= set(kvpolar.available_quantizers())]
     model.set_attn_implementation("sdpa")
     ref = teacher_forced(transformers.DynamicCache(config=model.config))
     rows = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for preset in ["none", "kivi-8", "kivi-4", "kivi-2"]:
-            cache = kvpolar.enable(model, preset)
-            err = (teacher_forced(cache) - ref).abs().max().item()
-            cache = QuantizedKVCache(model.config, preset)
-            seq = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=32,
-                                 do_sample=False, pad_token_id=0)
+        for preset in presets:
+            try:
+                cache = kvpolar.enable(model, preset)
+                err = (teacher_forced(cache) - ref).abs().max().item()
+                cache = QuantizedKVCache(model.config, preset)
+                seq = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=16,
+                                     do_sample=False, pad_token_id=0)
+            except Exception as exc:  # record and go on: one broken method must not hide the others
+                rows.append({"preset": preset, "error": f"{type(exc).__name__}: {exc}"})
+                continue
             rep = cache.memory_report()
+            packed = [l.packed_keys for l in cache.layers if l.packed_keys is not None]
             rows.append({"preset": preset, "max_logit_err": err, "tokens": rep.tokens,
                          "generated": int(seq.shape[1] - ids.shape[1]), "bits_per_element": rep.bits_per_element,
-                         "compression": rep.compression_ratio, "packed_dtype": str(cache.layers[0].packed_keys.dtype)})
+                         "compression": rep.compression_ratio, "packed_dtype": str(packed[0].dtype) if packed else None})
     notes = sorted({str(w.message) for w in caught if "kvpolar" in str(w.message)})
     result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
               "python": platform.python_version(), "command": "python benchmarks/cache_cuda_smoke.py",
@@ -69,6 +77,9 @@ def main(out_dir: str | None) -> None:
     print(f"{result['device']}  torch {torch.__version__}  transformers {transformers.__version__}  logit scale {result['reference_logit_scale']:.3f}")
     print(f"{'preset':8} {'max|dlogit|':>12} {'tokens':>7} {'gen':>4} {'bits/el':>8} {'compr':>6}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['preset']:8} ERROR {r['error']}")
+            continue
         print(f"{r['preset']:8} {r['max_logit_err']:12.4g} {r['tokens']:7d} {r['generated']:4d} "
               f"{r['bits_per_element']:8.3f} {r['compression']:6.2f}")
 

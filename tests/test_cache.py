@@ -335,3 +335,12 @@ def test_memory_report_total_over_ranks(tmp_path):
     for name in ("packed_codes", "metadata", "residual", "total", "fp16_bytes"):
         assert total0[name] == local0[name] + local1[name]
     assert local0["total"] != local1["total"]
+
+
+def test_window_does_not_pin_the_prompt_buffer(llama):
+    """After prefill the 16-bit window owns just its tokens (a view would keep the whole prompt alive)."""
+    ids, mask = left_padded([45])
+    cache = QuantizedKVCache(llama.config, config("kivi-2", residual_length=4))
+    teacher_forced(llama, ids, mask, ids[:, :0], cache)
+    keys = cache.layers[0].keys
+    assert keys.shape[-2] == 13 and keys.untyped_storage().nbytes() == keys.nbytes

@@ -195,8 +195,9 @@ class QuantizedLayer(CacheLayerMixin):
         pv = self.value_quantizer.quantize(values)
         self.packed_keys = pk if self.packed_keys is None else cat([self.packed_keys, pk])
         self.packed_values = pv if self.packed_values is None else cat([self.packed_values, pv])
-        self.keys = self.keys[..., move:, :]
-        self.values = self.values[..., move:, :]
+        # copies, not views: a view would keep the whole 16-bit prompt buffer alive
+        self.keys = self.keys[..., move:, :].clone()
+        self.values = self.values[..., move:, :].clone()
         self.residual_valid = self.residual_valid[:, move:]
 
     def _prompt_context(self, queries: torch.Tensor) -> dict[str, Any]:
