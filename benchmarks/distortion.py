@@ -26,7 +26,6 @@ import torch
 
 import kvpolar
 from kvpolar import synthetic
-from kvpolar.demo import DEMO_SETTINGS
 from kvpolar.quantizers import codebooks as cb
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +46,8 @@ def datasets() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def measure(name: str, params: dict, x: torch.Tensor, q: torch.Tensor) -> dict:
     quant = kvpolar.quantizer(name, **params)
-    p = quant.quantize(x)
+    # SQuat takes its subspace from the queries whose scores are measured (the prompt's queries)
+    p = quant.quantize(x, **({"queries": q} if "queries" in quant.context_keys else {}))
     xh = quant.dequantize(p).double()
     xd = x.double()
     mse = ((xh - xd).norm(dim=-1) ** 2 / xd.norm(dim=-1).clamp_min(1e-30) ** 2).mean()
@@ -119,11 +119,10 @@ def method_settings() -> list[tuple[str, str, dict]]:
                 ("polar-recursive orthogonal", "polar-recursive", {"preconditioner": "orthogonal"})]
     settings += [("kivi", "kivi", {"bits": b, "group_size": 32, "axis": "channel"}) for b in (2, 3, 4)]
     settings += [("turbo", "turbo", {"bits": b}) for b in (1, 2, 3, 4)]
-    if "polar-rope" in kvpolar.available_quantizers():
-        key_params = DEMO_SETTINGS.get("polar-rope", ({}, {}))[0]
-        settings.append(("polar-rope", "polar-rope", dict(key_params)))
-    else:
-        print("note: 'polar-rope' is not registered on this branch; skipped (rerun after merging)")
+    settings += [("polar-rope", "polar-rope", {"radius_bits": r, "angle_bits": a, "group_size": 128})
+                 for r, a in ((2, 2), (2, 4), (3, 3), (4, 4))]
+    settings += [("squat", "squat", {"bits": b, "group_size": 32, "block_size": 32}) for b in (2, 3, 4)]
+    settings += [("fp8", "fp8", {"format": f, "scale": "head"}) for f in ("e4m3", "e5m2")]
     settings += [("polar-recursive explored", "polar-recursive", s) for s in exploration_settings(SHAPE[-1])]
     return settings
 
@@ -201,7 +200,8 @@ def plot(result: dict, path: Path) -> None:
 
     names = sorted({r["dataset"] for r in result["rows"]})
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), sharey=True)
-    styles = {"kivi": "s-", "turbo": "o-", "polar-rope": "D", "polar-recursive (paper)": "*",
+    styles = {"kivi": "s-", "turbo": "o-", "polar-rope": "D-", "squat": "v-", "fp8": "^",
+              "polar-recursive (paper)": "*",
               "polar-recursive online": "P", "polar-recursive orthogonal": "X"}
     for ax, name in zip(axes, names):
         rows = [r for r in result["rows"] if r["dataset"] == name]
