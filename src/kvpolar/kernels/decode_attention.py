@@ -186,22 +186,28 @@ class LaunchConfig:
     transposed: KIVI keys and values in whole bytes (2, 4, 8 bits) run ``_split_kernel_t``: every
         product transposed (``s^T = K q^T``, ``o^T = V^T p^T``) so the dequantized cache tiles are
         the register operand of the tensor-core products; blocks then hold one key group at most.
-    transposed_warps: warps per program of the transposed kernel (its tiles are 32 rows: 2 warps
-        of 16-row MMA tiles; more warps would repeat work).
+    transposed_warps: warps per program of the transposed kernel (its tiles are 32 rows: 1 or 2
+        warps of 16-row MMA tiles; more warps would repeat work).
+    transposed_programs_per_sm: ``programs_per_sm`` of the transposed kernel (it is latency-bound:
+        more, shorter splits keep more loads in flight).
+    max_registers: register cap per thread of the transposed kernel (Triton's ``maxnreg``); None =
+        the compiler's choice. Fewer registers, more programs per SM.
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     """
 
     block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
     num_splits: int | None = None
     programs_per_sm: int = 4
     min_split_tokens: int = 256
     by_parts: bool = True
     transposed: bool = True
-    transposed_warps: int = 2
+    transposed_warps: int = 1
     transposed_rows: int = 8
+    transposed_programs_per_sm: int = 8
+    max_registers: int | None = None
 
     def __post_init__(self) -> None:
         if not (_pow2(self.block_n) and self.block_n >= 16):
@@ -337,7 +343,10 @@ def fused_decode_attention(
         block_n = cfg.block_n
         if k_op.fmt == _FMT_POLAR or (k_op.fmt == _FMT_KIVI and block_n % k_op.group) or _use_transposed(k_op, v_op, cfg):
             block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
-        splits, per_split = choose_splits(tk, bsz * hkv, sms, block_n, cfg)
+        split_cfg = cfg
+        if _use_transposed(k_op, v_op, cfg):
+            split_cfg = dataclasses.replace(cfg, programs_per_sm=cfg.transposed_programs_per_sm)
+        splits, per_split = choose_splits(tk, bsz * hkv, sms, block_n, split_cfg)
         parts.append((k_op, v_op, 0, splits, per_split, block_n))
     if r:
         block_n = min(cfg.block_n, max(16, triton.next_power_of_2(r)))
@@ -383,10 +392,12 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
     v_unit = _unit(v_op.bits) if v_op.fmt != _FMT_FULL else (1, 1)
     mask_t = mask if mask is not None else query
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
-    kernel, warps = _split_kernel, cfg.num_warps
+    kernel, warps, extra = _split_kernel, cfg.num_warps, {}
     if _use_transposed(k_op, v_op, cfg):
         kernel, warps = _split_kernel_t, cfg.transposed_warps
         block_m = max(cfg.transposed_rows, triton.next_power_of_2(gqa * query.shape[2]))
+        if cfg.max_registers is not None and not _interpreting():
+            extra["maxnreg"] = cfg.max_registers
     kernel[(bsz * hkv, splits)](
         query, *query.stride()[:3],
         k_op.data, *k_op.data.stride()[:3], *km, *km_strides,
@@ -403,7 +414,7 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         DOT_DTYPE=_dot_dtype(query.dtype),
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
         PARTS=cfg.by_parts,
-        num_warps=warps, num_stages=cfg.num_stages,
+        num_warps=warps, num_stages=cfg.num_stages, **extra,
     )
 
 
@@ -731,6 +742,7 @@ if triton is not None:
         ch = tl.arange(0, NU) * U + K
         k_scale = tl.load(meta_ptr0 + ch).to(tl.float32)
         k_min = tl.load(meta_ptr1 + ch).to(tl.float32)
+        q_t = q_t.to(tl.float32)  # (kept in the input dtype between blocks: fewer registers)
         q_scaled = (q_t * k_scale[:, None]).to(DT)
         codes = _byte_codes(word, K, BITS, DT, NATIVE)
         s_t = tl.dot(codes, q_scaled, s_t, input_precision=PREC)
@@ -785,15 +797,15 @@ if triton is not None:
         uk = tl.arange(0, NUK)
         uv = tl.arange(0, NUV)
         # the query, transposed and split by code position K of the packed bytes: [NUK, BM] each
-        q0 = tl.load(q_rows[None, :] + (uk * KEY_U)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+        q0 = tl.load(q_rows[None, :] + (uk * KEY_U)[:, None], mask=row_ok[None, :], other=0.0)
         q1 = q0
         q2 = q0
         q3 = q0
         if KEY_U >= 2:
-            q1 = tl.load(q_rows[None, :] + (uk * KEY_U + 1)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+            q1 = tl.load(q_rows[None, :] + (uk * KEY_U + 1)[:, None], mask=row_ok[None, :], other=0.0)
         if KEY_U >= 4:
-            q2 = tl.load(q_rows[None, :] + (uk * KEY_U + 2)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
-            q3 = tl.load(q_rows[None, :] + (uk * KEY_U + 3)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+            q2 = tl.load(q_rows[None, :] + (uk * KEY_U + 2)[:, None], mask=row_ok[None, :], other=0.0)
+            q3 = tl.load(q_rows[None, :] + (uk * KEY_U + 3)[:, None], mask=row_ok[None, :], other=0.0)
 
         k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
         v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
