@@ -299,10 +299,9 @@ def _compiled_registers() -> dict:
 #: its own earlier sweep (block of 64 tokens for r2a4, 32 for r4a4; 4 warps, 2 stages, by parts).
 TUNE_GRID = {
     "kivi": [LaunchConfig(block_n=64, num_warps=4, num_stages=2, transposed=False),
-             LaunchConfig(num_stages=2),  # transposed defaults: 1 warp, 8 programs per SM
-             LaunchConfig(num_stages=2, transposed_warps=2, max_registers=128),
-             LaunchConfig(num_stages=2, block_n=16, transposed_programs_per_sm=16),
-             LaunchConfig(num_stages=2, transposed_programs_per_sm=16, min_split_tokens=128)],
+             LaunchConfig(),  # transposed defaults: 1 warp, 8 programs per SM, 2 stages
+             LaunchConfig(max_registers=168, transposed_programs_per_sm=16),  # 12 programs per SM
+             LaunchConfig(block_n=16, transposed_programs_per_sm=16)],
     "polar-rope-3": [LaunchConfig(block_n=64, num_warps=4, num_stages=2)],
     "polar-rope-4": [LaunchConfig(block_n=32, num_warps=4, num_stages=2)],
 }
