@@ -214,6 +214,10 @@ class LaunchConfig:
             raise ValueError(f"block_n={self.block_n} (allowed: powers of two >= 16)")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} (allowed: 1, 2, 4, 8, 16)")
+        if self.transposed_warps not in (1, 2, 4):
+            raise ValueError(f"transposed_warps={self.transposed_warps} (allowed: 1, 2, 4)")
+        if self.max_registers is not None and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"max_registers={self.max_registers} (allowed: None or 24..255)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -742,7 +746,6 @@ if triton is not None:
         ch = tl.arange(0, NU) * U + K
         k_scale = tl.load(meta_ptr0 + ch).to(tl.float32)
         k_min = tl.load(meta_ptr1 + ch).to(tl.float32)
-        q_t = q_t.to(tl.float32)  # (kept in the input dtype between blocks: fewer registers)
         q_scaled = (q_t * k_scale[:, None]).to(DT)
         codes = _byte_codes(word, K, BITS, DT, NATIVE)
         s_t = tl.dot(codes, q_scaled, s_t, input_precision=PREC)
@@ -797,15 +800,15 @@ if triton is not None:
         uk = tl.arange(0, NUK)
         uv = tl.arange(0, NUV)
         # the query, transposed and split by code position K of the packed bytes: [NUK, BM] each
-        q0 = tl.load(q_rows[None, :] + (uk * KEY_U)[:, None], mask=row_ok[None, :], other=0.0)
+        q0 = tl.load(q_rows[None, :] + (uk * KEY_U)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
         q1 = q0
         q2 = q0
         q3 = q0
         if KEY_U >= 2:
-            q1 = tl.load(q_rows[None, :] + (uk * KEY_U + 1)[:, None], mask=row_ok[None, :], other=0.0)
+            q1 = tl.load(q_rows[None, :] + (uk * KEY_U + 1)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
         if KEY_U >= 4:
-            q2 = tl.load(q_rows[None, :] + (uk * KEY_U + 2)[:, None], mask=row_ok[None, :], other=0.0)
-            q3 = tl.load(q_rows[None, :] + (uk * KEY_U + 3)[:, None], mask=row_ok[None, :], other=0.0)
+            q2 = tl.load(q_rows[None, :] + (uk * KEY_U + 2)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+            q3 = tl.load(q_rows[None, :] + (uk * KEY_U + 3)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
 
         k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
         v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
