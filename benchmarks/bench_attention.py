@@ -285,26 +285,38 @@ def _compiled_registers() -> dict:
 
     out = {}
     try:
-        for cache in mod._split_kernel.device_caches.values():
-            for key, kernel in cache[0].items():
-                out[key] = (kernel.n_regs, kernel.n_spills)
+        for fn in (mod._split_kernel, mod._split_kernel_t):
+            for cache in fn.device_caches.values():
+                for key, kernel in cache[0].items():
+                    out[(fn.__name__, key)] = (kernel.n_regs, kernel.n_spills)
     except Exception:  # the cache layout is Triton-internal
         pass
     return out
 
 
+#: launch parameters swept per preset by --tune: KIVI presets run the transposed kernel (the classic
+#: one kept as a comparison row); polar-rope keys run the classic kernel with the best parameters of
+#: its own earlier sweep (block of 64 tokens for r2a4, 32 for r4a4; 4 warps, 2 stages, by parts).
+TUNE_GRID = {
+    "kivi": [LaunchConfig(block_n=64, num_warps=4, num_stages=2, transposed=False),
+             LaunchConfig(),  # transposed defaults: 1 warp, 8 programs per SM, 2 stages
+             LaunchConfig(max_registers=168, transposed_programs_per_sm=16),  # 12 programs per SM
+             LaunchConfig(block_n=16, transposed_programs_per_sm=16)],
+    "polar-rope-3": [LaunchConfig(block_n=64, num_warps=4, num_stages=2)],
+    "polar-rope-4": [LaunchConfig(block_n=32, num_warps=4, num_stages=2)],
+}
+
+
 def tune(dev, copy_gbs):
-    """A small sweep of launch parameters at a few shapes; returns rows."""
+    """A small sweep of launch parameters at B=32, T=32k (``TUNE_GRID``); returns rows."""
     rows = []
-    grid = [LaunchConfig(block_n=bn, num_warps=w, num_stages=2, by_parts=parts)
-            for bn, w, parts in [(32, 4, True), (64, 4, True), (64, 4, False), (64, 8, True)]]
     for b, t in [(32, 32768)]:
         for name in PRESETS:
             pk, pv = make_preset(name, b, t - RESIDUAL, torch.float16, dev)
             q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.float16)
             rk = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=torch.float16)
             nbytes = pk.nbytes + pv.nbytes + 2 * rk.numel() * 2 + 2 * q.numel() * 2
-            for cfg in grid:
+            for cfg in TUNE_GRID.get(name, TUNE_GRID["kivi"]):
                 before = _compiled_registers()
                 try:
                     call = lambda i: lambda: fused_decode_attention(q, pk, pv, None, None, rk, rk, D**-0.5, None, cfg)  # noqa: E731
@@ -350,8 +362,9 @@ def main() -> None:
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     tuning = tune(dev, copy_gbs) if args.tune or args.tune_only else []
     for r in sorted(tuning, key=lambda r: (r["batch"], r["preset"], r["median_ms"]))[:]:
-        print(f"tune B={r['batch']} {r['preset']:13s} bn={r['block_n']:3d} w={r['num_warps']} st={r['num_stages']} "
-              f"parts={r['by_parts']:d} {r['median_ms'] * 1e3:8.1f} us {100 * r['copy_bw_fraction']:5.1f}% "
+        print(f"tune B={r['batch']} {r['preset']:13s} bn={r['block_n']:3d} w={r['num_warps']}/{r['transposed_warps']} "
+              f"st={r['num_stages']} t={r['transposed']:d} pps={r['transposed_programs_per_sm']} "
+              f"minsplit={r['min_split_tokens']} maxreg={r['max_registers']} {r['median_ms'] * 1e3:8.1f} us {100 * r['copy_bw_fraction']:5.1f}% "
               f"regs/spills {r['registers_spills']}")
     configs = {name: config for name in args.presets}
     for name in args.presets:  # the sweep's fastest launch parameters per preset, unless given
@@ -360,19 +373,20 @@ def main() -> None:
             best = min(cands, key=lambda r: r["median_ms"])
             configs[name] = LaunchConfig(**{f.name: best[f.name] for f in dataclasses.fields(LaunchConfig)})
     meta["launch_config_per_preset"] = {k: dataclasses.asdict(v) for k, v in configs.items()}
-    print("launch configs:", {k: (v.block_n, v.num_warps, v.by_parts) for k, v in configs.items()})
+    print("launch configs:", {k: dataclasses.asdict(v) for k, v in configs.items()})
     shapes = [] if args.tune_only else [(1, 4096)] if args.quick else [(b, t) for b in args.batches for t in args.tokens]
-    rows = []
-    for b, t in shapes:
-        rows += time_shape(b, t, dev, copy_gbs, args.presets, configs)
-    result = {"meta": meta, "copy_gb_per_s": copy_gbs, "checks": checks, "tuning": tuning, "results": rows,
-              "elapsed_s": time.time() - t0}
     import os
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "attention_h100.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    rows = []
+    for b, t in [(None, None)] + shapes:  # (written after every shape: a cut-off run keeps what it measured)
+        if b is not None:
+            rows += time_shape(b, t, dev, copy_gbs, args.presets, configs)
+        result = {"meta": meta, "copy_gb_per_s": copy_gbs, "checks": checks, "tuning": tuning, "results": rows,
+                  "elapsed_s": time.time() - t0}
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
     print(f"\n{props.name}, copy {copy_gbs:.0f} GB/s; wrote {path}")
     print(f"{'B':>3} {'T':>7} {'method':22s} {'ms':>9} {'x sdpa':>7} {'GB/s':>7} {'%copy':>6}")
     for r in rows:

@@ -1,4 +1,5 @@
-"""Plot and tabulate benchmarks/results/attention_h100.json (written by bench_attention.py).
+"""Plot and tabulate benchmarks/results/attention_h100.json (written by bench_attention.py) or
+attention_transposed_h100.json (tune_attention_t.py: method names ``<preset>:<launch variant>``).
 
 Usage: ``python benchmarks/report_attention.py [results.json] [plot.png]``: writes the plot (speed-up
 over fp16 SDPA vs context length, one panel per batch size) and prints the markdown table that
@@ -47,8 +48,9 @@ def main() -> None:
             print(f"| {r['batch']} | {r['tokens']} | {r['method']} | {r['note']} | | | | |")
             continue
         eager = f"{r['eager_median_ms']:.4f}" if r.get("eager_median_ms") else ""
+        gbs = r.get("gb_per_s") or r["bytes"] / r["median_ms"] / 1e6
         print(f"| {r['batch']} | {r['tokens']} | {r['method']} | {r['median_ms']:.4f} | {eager} | "
-              f"{r['speedup_vs_sdpa_fp16']:.2f} | {r['gb_per_s']:.0f} | {100 * r['copy_bw_fraction']:.0f}% |")
+              f"{r['speedup_vs_sdpa_fp16']:.2f} | {gbs:.0f} | {100 * r['copy_bw_fraction']:.0f}% |")
 
 
 if __name__ == "__main__":

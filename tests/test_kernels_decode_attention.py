@@ -276,3 +276,24 @@ def test_float32_query(key_fmt):
 
 def test_natural_order_path():
     check("kivi-4-32", "kivi-2-32", gqa=8, tq=3, tk=45, r=3, config=LaunchConfig(by_parts=False, block_n=32))
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("formats", [("kivi-2-32", "kivi-2-32"), ("kivi-4-32", "kivi-8-32")])
+def test_transposed_and_classic_kernels(transposed, formats):
+    """Both split kernels (transposed: s^T = K q^T; classic: s = q K^T) on the same inputs."""
+    check(*formats, batch=2, gqa=4, tq=2, tk=75, r=3, lengths=[78, 30],
+          config=LaunchConfig(transposed=transposed, transposed_warps=2, num_splits=2))
+
+
+def test_transposed_small_blocks_and_register_cap():
+    """16-token blocks inside a 32-token key group; the register cap is ignored by the interpreter."""
+    check("kivi-2-32", "kivi-4-16", gqa=8, tk=50, r=2,
+          config=LaunchConfig(block_n=16, max_registers=168, transposed_programs_per_sm=16))
+
+
+def test_launch_config_refuses_bad_values():
+    with pytest.raises(ValueError, match="block_n=48"):
+        LaunchConfig(block_n=48)
+    with pytest.raises(ValueError, match="num_warps=3"):
+        LaunchConfig(num_warps=3)

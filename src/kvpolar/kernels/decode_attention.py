@@ -183,15 +183,41 @@ class LaunchConfig:
     by_parts: KIVI codes with at most 4 per packed unit are never interleaved: code position K of
         every unit is one operand of its own product (the query gathered at channels u*U + K for
         keys, one accumulator per K for values).
+    transposed: KIVI keys and values in whole bytes (2, 4, 8 bits) run ``_split_kernel_t``: every
+        product transposed (``s^T = K q^T``, ``o^T = V^T p^T``) so the dequantized cache tiles are
+        the register operand of the tensor-core products; blocks then hold one key group at most.
+    transposed_warps: warps per program of the transposed kernel (its tiles are 32 rows: 1 or 2
+        warps of 16-row MMA tiles; more warps would repeat work).
+    transposed_programs_per_sm: ``programs_per_sm`` of the transposed kernel (it is latency-bound:
+        more, shorter splits keep more loads in flight).
+    max_registers: register cap per thread of the transposed kernel (Triton's ``maxnreg``); None =
+        the compiler's choice. Fewer registers, more programs per SM.
+    transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
+        two) in the transposed kernel's products (the MMA's N dimension is 8).
     """
 
     block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
     num_splits: int | None = None
     programs_per_sm: int = 4
     min_split_tokens: int = 256
     by_parts: bool = True
+    transposed: bool = True
+    transposed_warps: int = 1
+    transposed_rows: int = 8
+    transposed_programs_per_sm: int = 8
+    max_registers: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (_pow2(self.block_n) and self.block_n >= 16):
+            raise ValueError(f"block_n={self.block_n} (allowed: powers of two >= 16)")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} (allowed: 1, 2, 4, 8, 16)")
+        if self.transposed_warps not in (1, 2, 4):
+            raise ValueError(f"transposed_warps={self.transposed_warps} (allowed: 1, 2, 4)")
+        if self.max_registers is not None and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"max_registers={self.max_registers} (allowed: None or 24..255)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -319,9 +345,12 @@ def fused_decode_attention(
     if tk:
         k_op, v_op = _key_operand(keys), _value_operand(values)
         block_n = cfg.block_n
-        if k_op.fmt == _FMT_POLAR or (k_op.fmt == _FMT_KIVI and block_n % k_op.group):
+        if k_op.fmt == _FMT_POLAR or (k_op.fmt == _FMT_KIVI and block_n % k_op.group) or _use_transposed(k_op, v_op, cfg):
             block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
-        splits, per_split = choose_splits(tk, bsz * hkv, sms, block_n, cfg)
+        split_cfg = cfg
+        if _use_transposed(k_op, v_op, cfg):
+            split_cfg = dataclasses.replace(cfg, programs_per_sm=cfg.transposed_programs_per_sm)
+        splits, per_split = choose_splits(tk, bsz * hkv, sms, block_n, split_cfg)
         parts.append((k_op, v_op, 0, splits, per_split, block_n))
     if r:
         block_n = min(cfg.block_n, max(16, triton.next_power_of_2(r)))
@@ -349,6 +378,12 @@ def fused_decode_attention(
     return out
 
 
+def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:
+    """KIVI keys and values whose codes fill whole bytes take the transposed kernel."""
+    return (cfg.transposed and cfg.by_parts and k_op.fmt == _FMT_KIVI and v_op.fmt == _FMT_KIVI
+            and 8 % k_op.bits == 0 and 8 % v_op.bits == 0)
+
+
 def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
                   part_max, part_sum, part_acc, scale, gqa, block_m, block_n, cfg):
     bsz, hq, tq, d = query.shape
@@ -361,7 +396,13 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
     v_unit = _unit(v_op.bits) if v_op.fmt != _FMT_FULL else (1, 1)
     mask_t = mask if mask is not None else query
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
-    _split_kernel[(bsz * hkv, splits)](
+    kernel, warps, extra = _split_kernel, cfg.num_warps, {}
+    if _use_transposed(k_op, v_op, cfg):
+        kernel, warps = _split_kernel_t, cfg.transposed_warps
+        block_m = max(cfg.transposed_rows, triton.next_power_of_2(gqa * query.shape[2]))
+        if cfg.max_registers is not None and not _interpreting():
+            extra["maxnreg"] = cfg.max_registers
+    kernel[(bsz * hkv, splits)](
         query, *query.stride()[:3],
         k_op.data, *k_op.data.stride()[:3], *km, *km_strides,
         v_op.data, *v_op.data.stride()[:3], *vm, *vm_strides,
@@ -377,7 +418,7 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         DOT_DTYPE=_dot_dtype(query.dtype),
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
         PARTS=cfg.by_parts,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=warps, num_stages=cfg.num_stages, **extra,
     )
 
 
@@ -654,3 +695,188 @@ if triton is not None:
         acc = tl.load(part_acc + (row * n_splits + sp)[:, None] * D + dcol[None, :], mask=ok[:, None], other=0.0)
         o = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + row * D + dcol, o.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _byte_codes(word8, K: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr):
+        """Code ``K`` of every packed byte of ``word8`` (uint8) as ``DT`` ``code + offset``
+        (``_code_offset``). Compiled fp16 / bf16 (codes < 128): four bytes per inline-PTX call,
+        shift + mask + two byte permutes that OR each code into the mantissa of 1024 (0x64..)
+        or 128 (0x43..): about one instruction per code, two codes per register."""
+        if NATIVE and (DT == tl.float16 or (DT == tl.bfloat16 and BITS <= 4)):
+            if DT == tl.float16 and BITS == 2 and K == 0:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; mov.b32 t, $2; and.b32 t, t, 0x03030303; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }", "=r,=r,r", [word8], dtype=tl.float16, is_pure=True, pack=4)
+            elif DT == tl.float16 and BITS == 2 and K == 1:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; shr.u32 t, $2, 2; and.b32 t, t, 0x03030303; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }", "=r,=r,r", [word8], dtype=tl.float16, is_pure=True, pack=4)
+            elif DT == tl.float16 and BITS == 2 and K == 2:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; shr.u32 t, $2, 4; and.b32 t, t, 0x03030303; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }", "=r,=r,r", [word8], dtype=tl.float16, is_pure=True, pack=4)
+            elif DT == tl.float16 and BITS == 2 and K == 3:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; shr.u32 t, $2, 6; and.b32 t, t, 0x03030303; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }", "=r,=r,r", [word8], dtype=tl.float16, is_pure=True, pack=4)
+            elif DT == tl.float16 and BITS == 4 and K == 0:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; mov.b32 t, $2; and.b32 t, t, 0x0F0F0F0F; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }", "=r,=r,r", [word8], dtype=tl.float16, is_pure=True, pack=4)
+            elif DT == tl.float16 and BITS == 4 and K == 1:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }", "=r,=r,r", [word8], dtype=tl.float16, is_pure=True, pack=4)
+            elif DT == tl.float16 and BITS == 8 and K == 0:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; mov.b32 t, $2; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }", "=r,=r,r", [word8], dtype=tl.float16, is_pure=True, pack=4)
+            elif DT == tl.bfloat16 and BITS == 2 and K == 0:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; mov.b32 t, $2; and.b32 t, t, 0x03030303; prmt.b32 $0, t, 0x43434343, 0x4140; prmt.b32 $1, t, 0x43434343, 0x4342; }", "=r,=r,r", [word8], dtype=tl.bfloat16, is_pure=True, pack=4)
+            elif DT == tl.bfloat16 and BITS == 2 and K == 1:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; shr.u32 t, $2, 2; and.b32 t, t, 0x03030303; prmt.b32 $0, t, 0x43434343, 0x4140; prmt.b32 $1, t, 0x43434343, 0x4342; }", "=r,=r,r", [word8], dtype=tl.bfloat16, is_pure=True, pack=4)
+            elif DT == tl.bfloat16 and BITS == 2 and K == 2:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; shr.u32 t, $2, 4; and.b32 t, t, 0x03030303; prmt.b32 $0, t, 0x43434343, 0x4140; prmt.b32 $1, t, 0x43434343, 0x4342; }", "=r,=r,r", [word8], dtype=tl.bfloat16, is_pure=True, pack=4)
+            elif DT == tl.bfloat16 and BITS == 2 and K == 3:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; shr.u32 t, $2, 6; and.b32 t, t, 0x03030303; prmt.b32 $0, t, 0x43434343, 0x4140; prmt.b32 $1, t, 0x43434343, 0x4342; }", "=r,=r,r", [word8], dtype=tl.bfloat16, is_pure=True, pack=4)
+            elif DT == tl.bfloat16 and BITS == 4 and K == 0:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; mov.b32 t, $2; and.b32 t, t, 0x0F0F0F0F; prmt.b32 $0, t, 0x43434343, 0x4140; prmt.b32 $1, t, 0x43434343, 0x4342; }", "=r,=r,r", [word8], dtype=tl.bfloat16, is_pure=True, pack=4)
+            elif DT == tl.bfloat16 and BITS == 4 and K == 1:
+                out = tl.inline_asm_elementwise("{ .reg .b32 t; shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; prmt.b32 $0, t, 0x43434343, 0x4140; prmt.b32 $1, t, 0x43434343, 0x4342; }", "=r,=r,r", [word8], dtype=tl.bfloat16, is_pure=True, pack=4)
+            else:
+                out = _codes_to((word8.to(tl.int32) >> (K * BITS)) & ((1 << BITS) - 1), DT, BITS, NATIVE)
+        else:
+            out = _codes_to((word8.to(tl.int32) >> (K * BITS)) & ((1 << BITS) - 1), DT, BITS, NATIVE)
+        return out
+
+    @triton.jit
+    def _key_part_t(s_t, bias, q_t, word, meta_ptr0, meta_ptr1, K: tl.constexpr, U: tl.constexpr,
+                    BITS: tl.constexpr, NU: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr,
+                    OFFSET: tl.constexpr, PREC: tl.constexpr):
+        """Transposed scores of code ``K`` of every packed byte (channels ``u * U + K``):
+        ``s_t [BN, BM] += codes_K [BN, NU] @ (q_K * scale)^T [NU, BM]``, the codes as the register
+        (A) operand of the product; ``bias [NU, BM] += q_K * min - OFFSET * q_K * scale`` (summed
+        over the channels once per block by the caller)."""
+        ch = tl.arange(0, NU) * U + K
+        k_scale = tl.load(meta_ptr0 + ch).to(tl.float32)
+        k_min = tl.load(meta_ptr1 + ch).to(tl.float32)
+        q_scaled = (q_t * k_scale[:, None]).to(DT)
+        codes = _byte_codes(word, K, BITS, DT, NATIVE)
+        s_t = tl.dot(codes, q_scaled, s_t, input_precision=PREC)
+        bias += q_t * k_min[:, None] - OFFSET * q_scaled.to(tl.float32)
+        return s_t, bias
+
+    @triton.jit
+    def _value_part_t(acc_t, p_t, word_t, v_scale_t, v_min_t, alpha, K: tl.constexpr, BITS: tl.constexpr,
+                      DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr, PREC: tl.constexpr):
+        """``acc_K^T [NU, BM] = acc_K^T * alpha + v_K^T [NU, BN] @ p^T [BN, BM]`` (values as the A operand)."""
+        v = _byte_codes(word_t, K, BITS, DT, NATIVE)
+        v = ((v - OFFSET) * v_scale_t + v_min_t).to(DT)
+        return tl.dot(v, p_t, acc_t * alpha[None, :], input_precision=PREC)
+
+    @triton.jit
+    def _split_kernel_t(
+        q_ptr, sq_b, sq_h, sq_t,
+        k_ptr, sk_b, sk_h, sk_t, km0, km1, km2, km3, skm_b, skm_h, skm_g,
+        v_ptr, sv_b, sv_h, sv_t, vm0, vm1, svm_b, svm_h, svm_t,
+        mask_ptr, smk_b, smk_h, smk_t, smk_n,
+        part_max, part_sum, part_acc,
+        n_tokens, mask_offset, blocks_per_split, split_base, total_splits, n_kv_heads,
+        qk_scale,
+        D: tl.constexpr, GQA: tl.constexpr, TQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCKS_CONST: tl.constexpr,
+        KEY_FMT: tl.constexpr, KEY_BITS: tl.constexpr, KEY_UB: tl.constexpr, KEY_U: tl.constexpr,
+        KEY_GROUP: tl.constexpr, ANGLE_BITS: tl.constexpr, PAIR_HALF: tl.constexpr,
+        VAL_FMT: tl.constexpr, VAL_BITS: tl.constexpr, VAL_UB: tl.constexpr, VAL_U: tl.constexpr,
+        VAL_GROUP: tl.constexpr,
+        HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr, PARTS: tl.constexpr,
+    ):
+        """The split step with every product transposed (KIVI keys and values in whole bytes, one key
+        group per block): ``s^T = K q^T`` and ``o^T = V^T p^T``, so the large dequantized tiles are
+        the register operand of the tensor-core products and only the small query / probability
+        tiles (``BLOCK_M`` = GQA group x query tokens, padded to 16) go through shared memory."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // n_kv_heads
+        hkv = pid % n_kv_heads
+        start = split * blocks_per_split * BLOCK_N
+        DT: tl.constexpr = DOT_DTYPE
+        PREC: tl.constexpr = "ieee" if DT == tl.float32 else "tf32"
+        NUK: tl.constexpr = D // KEY_U
+        NUV: tl.constexpr = D // VAL_U
+
+        rows = tl.arange(0, BLOCK_M)
+        row_ok = rows < GQA * TQ
+        head = hkv * GQA + rows // TQ
+        tok = rows % TQ
+        q_rows = q_ptr + b.to(tl.int64) * sq_b + head * sq_h + tok * sq_t
+        uk = tl.arange(0, NUK)
+        uv = tl.arange(0, NUV)
+        # the query, transposed and split by code position K of the packed bytes: [NUK, BM] each
+        q0 = tl.load(q_rows[None, :] + (uk * KEY_U)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if KEY_U >= 2:
+            q1 = tl.load(q_rows[None, :] + (uk * KEY_U + 1)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+        if KEY_U >= 4:
+            q2 = tl.load(q_rows[None, :] + (uk * KEY_U + 2)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+            q3 = tl.load(q_rows[None, :] + (uk * KEY_U + 3)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+
+        k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+        v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+        km_base = b.to(tl.int64) * skm_b + hkv.to(tl.int64) * skm_h
+        vm_base = b.to(tl.int64) * svm_b + hkv.to(tl.int64) * svm_h
+        if HAS_MASK:
+            mask_rows = mask_ptr + b.to(tl.int64) * smk_b + head * smk_h + tok * smk_t
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        acc0 = tl.zeros([NUV, BLOCK_M], tl.float32)
+        acc1 = tl.zeros([NUV, BLOCK_M], tl.float32)
+        acc2 = tl.zeros([NUV, BLOCK_M], tl.float32)
+        acc3 = tl.zeros([NUV, BLOCK_M], tl.float32)
+        v_unit_group = ((uv * VAL_U) // VAL_GROUP)[:, None]
+        for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
+            n0 = start + i * BLOCK_N
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < n_tokens
+            # ---- transposed scores [BN, BM]
+            word = tl.load(k_base + offs_n[:, None] * sk_t + uk[None, :], mask=n_ok[:, None], other=0)
+            meta = km_base + (n0 // KEY_GROUP) * skm_g
+            s_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            bias = tl.zeros([NUK, BLOCK_M], tl.float32)
+            s_t, bias = _key_part_t(s_t, bias, q0, word, km0 + meta, km1 + meta, 0, KEY_U, KEY_BITS, NUK, DT,
+                                    NATIVE, KEY_OFFSET, PREC)
+            if KEY_U >= 2:
+                s_t, bias = _key_part_t(s_t, bias, q1, word, km0 + meta, km1 + meta, 1, KEY_U, KEY_BITS, NUK, DT,
+                                        NATIVE, KEY_OFFSET, PREC)
+            if KEY_U >= 4:
+                s_t, bias = _key_part_t(s_t, bias, q2, word, km0 + meta, km1 + meta, 2, KEY_U, KEY_BITS, NUK, DT,
+                                        NATIVE, KEY_OFFSET, PREC)
+                s_t, bias = _key_part_t(s_t, bias, q3, word, km0 + meta, km1 + meta, 3, KEY_U, KEY_BITS, NUK, DT,
+                                        NATIVE, KEY_OFFSET, PREC)
+            s_t = (s_t + tl.sum(bias, axis=0)[None, :]) * qk_scale
+            # ---- online softmax over axis 0 (tokens)
+            keep = n_ok[:, None] & row_ok[None, :]
+            if HAS_MASK:
+                allowed = tl.load(mask_rows[None, :] + (offs_n + mask_offset)[:, None] * smk_n, mask=keep, other=0)
+                keep = keep & (allowed != 0)
+            s_t = tl.where(keep, s_t, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s_t, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s_t - m_safe[None, :])
+            l_t = l_t * alpha[None, :] + p  # summed over tokens once, after the loop
+            m_i = m_new
+            p_t = p.to(DT)
+            # ---- values, transposed: [NUV, BN] packed bytes and per-(unit, token) scale / min
+            word_t = tl.load(v_base + offs_n[None, :] * sv_t + uv[:, None], mask=n_ok[None, :], other=0)
+            vmeta = vm_base + offs_n[None, :] * svm_t + v_unit_group
+            v_scale = tl.load(vm0 + vmeta, mask=n_ok[None, :], other=0.0).to(DT)
+            v_min = tl.load(vm1 + vmeta, mask=n_ok[None, :], other=0.0).to(DT)
+            acc0 = _value_part_t(acc0, p_t, word_t, v_scale, v_min, alpha, 0, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+            if VAL_U >= 2:
+                acc1 = _value_part_t(acc1, p_t, word_t, v_scale, v_min, alpha, 1, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+            if VAL_U >= 4:
+                acc2 = _value_part_t(acc2, p_t, word_t, v_scale, v_min, alpha, 2, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                acc3 = _value_part_t(acc3, p_t, word_t, v_scale, v_min, alpha, 3, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+
+        slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
+        tl.store(part_max + slot, m_i, mask=row_ok)
+        tl.store(part_sum + slot, tl.sum(l_t, axis=0), mask=row_ok)
+        acc_cols = part_acc + slot.to(tl.int64)[None, :] * D  # [1, BM]
+        ch = (uv * VAL_U)[:, None]
+        tl.store(acc_cols + ch, acc0, mask=row_ok[None, :])
+        if VAL_U >= 2:
+            tl.store(acc_cols + ch + 1, acc1, mask=row_ok[None, :])
+        if VAL_U >= 4:
+            tl.store(acc_cols + ch + 2, acc2, mask=row_ok[None, :])
+            tl.store(acc_cols + ch + 3, acc3, mask=row_ok[None, :])

@@ -1,0 +1,98 @@
+"""Compile the decode-attention split kernels for sm_90 on a machine without a GPU and report
+registers, spills, shared memory and the SASS instruction mix of the main loop.
+
+Costs no device time: Triton's bundled ``ptxas`` / ``cuobjdump`` do the work. Used to choose the
+transposed kernel's tile shapes before timing them (see benchmarks/README.md, "Second version").
+
+Usage: ``PYTHONPATH=src python benchmarks/inspect_attention_sass.py [--bits 2] [--warps 1 2]
+[--block-n 32] [--rows 8] [--max-registers 168] [--classic] [--out DIR]``
+(D = 128, GQA 4, Tq 1, fp16, KIVI key group 32 and value group 32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kvpolar.kernels import decode_attention as mod
+
+_RUNTIME_INTS = ("n_tokens", "mask_offset", "blocks_per_split", "split_base", "total_splits", "n_kv_heads",
+                 "sq_t", "smk_t", "smk_n", "sq_b")
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages: int = 2,
+                  max_registers: int | None = None):
+    """Compiled kernel for KIVI ``bits``-bit keys and values (fp16 query), as the launch would make it
+    (integer arguments divisible by 16 where the benchmark's are)."""
+    names = list(kernel.arg_names)
+    ptrs = {"q_ptr": "*fp16", "k_ptr": "*u8", "v_ptr": "*u8", "km0": "*fp16", "km1": "*fp16", "km2": "*fp16",
+            "km3": "*fp16", "vm0": "*fp16", "vm1": "*fp16", "mask_ptr": "*fp16", "part_max": "*fp32",
+            "part_sum": "*fp32", "part_acc": "*fp32"}
+    cons = dict(D=128, GQA=4, TQ=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCKS_CONST=0, KEY_FMT=1, KEY_BITS=bits,
+                KEY_UB=1, KEY_U=8 // bits, KEY_GROUP=32, ANGLE_BITS=0, PAIR_HALF=True, VAL_FMT=1, VAL_BITS=bits,
+                VAL_UB=1, VAL_U=8 // bits, VAL_GROUP=32, HAS_MASK=False, NATIVE=True, DOT_DTYPE=tl.float16,
+                KEY_OFFSET=1024.0, VAL_OFFSET=1024.0, PARTS=True)
+    sig = {n: "constexpr" if n in cons else ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n] not in ("constexpr", "fp32") and n not in _RUNTIME_INTS}
+    options = {"num_warps": warps, "num_stages": stages}
+    if max_registers:
+        options["maxnreg"] = max_registers
+    src = ASTSource(fn=kernel, signature=sig, constexprs=cons, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def report(compiled, tag: str, out_dir: str) -> str:
+    cubin = os.path.join(out_dir, f"{tag}.cubin")
+    with open(cubin, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", cubin],
+                           capture_output=True, text=True).stdout
+    sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+    with open(os.path.join(out_dir, f"{tag}.sass"), "w") as f:
+        f.write(sass)
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
+    loop = ""
+    for addr, txt in ins:  # the main loop: the backward branch spanning the most instructions
+        b = re.search(r"BRA .*?0x([0-9a-f]+)", txt)
+        if b and int(b.group(1), 16) < addr:
+            body = [t for a, t in ins if int(b.group(1), 16) <= a <= addr]
+            ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+            loop = f"loop {len(body)} instructions: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(14))
+    res = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage)
+    return f"{tag}: {res.group(0) if res else '?'} (Triton shared {compiled.metadata.shared} B)\n  {loop}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", type=int, default=2, choices=(2, 4, 8))
+    ap.add_argument("--warps", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--block-n", type=int, default=32)
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--max-registers", type=int, default=None)
+    ap.add_argument("--classic", action="store_true", help="also the first (classic) kernel, 64-token blocks, 4 warps")
+    ap.add_argument("--out", default=None, help="where to keep cubin/SASS (default: a temporary folder)")
+    args = ap.parse_args()
+    out = args.out or tempfile.mkdtemp(prefix="kvpolar-sass-")
+    os.makedirs(out, exist_ok=True)
+    if args.classic:
+        c = compile_split(mod._split_kernel, args.bits, 64, 4, 16)
+        print(report(c, f"classic-b{args.bits}", out))
+    for w in args.warps:
+        c = compile_split(mod._split_kernel_t, args.bits, args.block_n, w, args.rows, max_registers=args.max_registers)
+        print(report(c, f"transposed-b{args.bits}-w{w}-n{args.block_n}", out))
+    print(f"(cubin and SASS in {out})")
+
+
+if __name__ == "__main__":
+    main()

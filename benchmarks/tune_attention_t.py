@@ -1,0 +1,147 @@
+"""Transposed vs classic split kernel of fused decode attention: checks, then GPU times side by side.
+
+One device call: correctness of both kernels against ``reference_decode_attention`` (the
+bench_attention checks plus every variant at a ragged bf16 shape), then CUDA-graph medians (inputs
+rotated beyond L2, see ``bench_attention.graph_ms``) of fp16 SDPA, the classic kernel and a few
+launch configurations of the transposed kernel, for kivi-2 and kivi-4. Writes JSON to ``--out``
+and prints a table last.
+
+Usage: ``PYTHONPATH=src python benchmarks/tune_attention_t.py --out $OUT``
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_attention as ba  # noqa: E402
+from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention  # noqa: E402
+
+CLASSIC = LaunchConfig(block_n=64, num_warps=4, num_stages=2, transposed=False)
+VARIANTS = {  # (as measured in results/attention_transposed_h100.json; pps = programs per SM)
+    "classic": CLASSIC,
+    "t-w2-s2": LaunchConfig(transposed_warps=2, num_stages=2, transposed_programs_per_sm=4),
+    "t-w2-s3-pps8": LaunchConfig(transposed_warps=2, num_stages=3, transposed_programs_per_sm=8),
+    "t-w2-s2-pps8": LaunchConfig(transposed_warps=2, num_stages=2, transposed_programs_per_sm=8),
+    "t-w4-s2": LaunchConfig(transposed_warps=4, num_stages=2, transposed_programs_per_sm=4),
+    "t-w1-s2-pps8": LaunchConfig(transposed_warps=1, num_stages=2, transposed_programs_per_sm=8),  # the default
+}
+
+
+def check_variants(dev):
+    rows = []
+    for name in ("kivi-2", "kivi-4"):
+        for dtype, ragged, tq in ((torch.float16, False, 1), (torch.bfloat16, True, 1), (torch.float16, True, 3)):
+            b, tk = 3, 2001
+            pk, pv = ba.make_preset(name, b, tk, dtype, dev)
+            q = torch.randn(b, ba.HQ, tq, ba.D, device=dev, dtype=dtype)
+            rk = torch.randn(b, ba.HKV, ba.RESIDUAL, ba.D, device=dev, dtype=dtype)
+            rv = torch.randn_like(rk)
+            n = tk + ba.RESIDUAL
+            mask = None
+            if ragged:
+                lengths = torch.tensor([n, n - 700, 5], device=dev)
+                mask = (torch.arange(n, device=dev)[None, :] >= n - lengths[:, None])[:, None, None, :]
+            want = ba.reference(name, q, pk, pv, rk, rv, ba.D**-0.5, mask)
+            for vname, cfg in VARIANTS.items():
+                try:
+                    out = fused_decode_attention(q, pk, pv, None, None, rk, rv, ba.D**-0.5, mask, cfg).float()
+                    torch.cuda.synchronize()
+                    rel = ((out - want).norm() / want.norm()).item()
+                    ok = bool(torch.isfinite(out).all()) and rel < (5e-3 if dtype == torch.float16 else 3e-2)
+                except Exception as e:  # noqa: BLE001
+                    print(f"check {name} {vname}: {type(e).__name__}: {str(e)[-400:]}")
+                    rel, ok = float("nan"), False
+                rows.append({"preset": name, "variant": vname, "dtype": str(dtype), "tq": tq, "ragged": ragged,
+                             "rel_l2_error": rel, "ok": ok})
+                print(f"check {name} {vname:14s} {str(dtype):15s} tq={tq} ragged={ragged!s:5s} rel {rel:.2e} {'ok' if ok else 'FAIL'}")
+    return rows
+
+
+def time_all(dev, shapes, copy_gbs, variants):
+    rows = []
+    scale = ba.D**-0.5
+    for b, t in shapes:
+        tk = t - ba.RESIDUAL
+        q_bytes = 2 * b * ba.HQ * ba.D * 2
+        res_bytes = 2 * b * ba.HKV * ba.RESIDUAL * ba.D * 2
+
+        def sdpa_call(i):
+            q = torch.randn(b, ba.HQ, 1, ba.D, device=dev, dtype=torch.float16)
+            k = torch.randn(b, ba.HKV, t, ba.D, device=dev, dtype=torch.float16)
+            v = torch.randn_like(k)
+            return lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+        nbytes = 2 * b * ba.HKV * t * ba.D * 2 + q_bytes
+        base = ba.graph_ms(sdpa_call, nbytes)
+        rows.append({"batch": b, "tokens": t, "method": "sdpa-fp16", "median_ms": base, "bytes": nbytes})
+        torch.cuda.empty_cache()
+        for name in ("kivi-2", "kivi-4"):
+            pk, pv = ba.make_preset(name, b, tk, torch.float16, dev)
+            nbytes = pk.nbytes + pv.nbytes + res_bytes + q_bytes
+            del pk, pv
+            for vname in variants:
+                cfg = VARIANTS[vname]
+
+                def fused_call(i, cfg=cfg):
+                    pk, pv = ba.make_preset(name, b, tk, torch.float16, dev)
+                    q = torch.randn(b, ba.HQ, 1, ba.D, device=dev, dtype=torch.float16)
+                    rk = torch.randn(b, ba.HKV, ba.RESIDUAL, ba.D, device=dev, dtype=torch.float16)
+                    rv = torch.randn_like(rk)
+                    return lambda: fused_decode_attention(q, pk, pv, None, None, rk, rv, scale, None, cfg)
+
+                try:
+                    ms = ba.graph_ms(fused_call, nbytes)
+                except Exception as e:  # noqa: BLE001
+                    print(f"time {name} {vname}: {type(e).__name__}: {str(e)[-300:]}")
+                    ms = None
+                rows.append({"batch": b, "tokens": t, "method": f"{name}:{vname}", "median_ms": ms, "bytes": nbytes})
+                torch.cuda.empty_cache()
+        for r in rows:
+            if r["batch"] == b and r["tokens"] == t and r["median_ms"]:
+                r["speedup_vs_sdpa_fp16"] = base / r["median_ms"]
+                r["copy_bw_fraction"] = r["bytes"] / r["median_ms"] / 1e6 / copy_gbs
+        print(" ".join(f"{r['method']}={r['median_ms'] or float('nan'):.4f}" for r in rows if r["batch"] == b and r["tokens"] == t), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--shapes", nargs="+", default=["1x4096", "1x32768", "1x131072", "8x4096", "8x32768", "32x4096", "32x32768"])
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    t0 = time.time()
+    props = torch.cuda.get_device_properties(dev)
+    checks = ba.check_correctness(dev) + check_variants(dev)
+    copy_gbs = ba.copy_bandwidth(dev)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
+    rows = time_all(dev, shapes, copy_gbs, args.variants)
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"gpu": props.name, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "variants": {k: dataclasses.asdict(v) for k, v in VARIANTS.items()}, "copy_gb_per_s": copy_gbs,
+            "elapsed_s": time.time() - t0}
+    with open(os.path.join(args.out, "attention_transposed_h100.json"), "w") as f:
+        json.dump({"meta": meta, "checks": checks, "results": rows}, f, indent=1)
+    print(f"\n{props.name} copy {copy_gbs:.0f} GB/s, {time.time() - t0:.0f} s; checks ok: {all(c['ok'] for c in checks)}")
+    for c in checks:
+        if not c["ok"]:
+            print("FAILED", c)
+    print(f"{'B':>3} {'T':>7} {'method':22s} {'ms':>8} {'x sdpa':>7} {'%copy':>6}")
+    for r in rows:
+        if r["median_ms"]:
+            print(f"{r['batch']:>3} {r['tokens']:>7} {r['method']:22s} {r['median_ms']:8.4f} {r.get('speedup_vs_sdpa_fp16', 0):7.2f} {100 * r.get('copy_bw_fraction', 0):6.1f}")
+
+
+if __name__ == "__main__":
+    main()
