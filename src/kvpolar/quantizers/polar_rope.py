@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from kvpolar.kernels import triton_available
 from kvpolar.packing import MAX_BITS, pack_bits, unpack_bits
 from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, stored
 from kvpolar.quantizers import uniform
@@ -265,7 +266,7 @@ class PolarRope(Quantizer):
 
     def _quantize(self, x: torch.Tensor) -> PolarRopeTensor:
         c = self.config
-        if x.is_cuda and _triton_available():
+        if x.is_cuda and triton_available():
             from kvpolar.kernels.polar_rope_encode import polar_rope_encode
 
             return polar_rope_encode(x, c.radius_bits, c.angle_bits, c.group_size, c.pairing, c.angle_range)
@@ -277,16 +278,10 @@ class PolarRope(Quantizer):
 
     def _scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
         assert isinstance(p, PolarRopeTensor)
-        if q.is_cuda and _triton_available():
+        if q.is_cuda and triton_available():
             from kvpolar.kernels.polar_rope_scores import polar_rope_scores
 
             return polar_rope_scores(q, p)
         return table_scores(q, p)
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
