@@ -37,30 +37,10 @@ from triton.testing import do_bench
 
 import kvpolar
 from kvpolar.decode_attention import reference_decode_attention
-from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention, supports
-from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, stored
+from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
 
-try:
-    from kvpolar.quantizers.polar_rope import PolarRopeTensor
-
-    HAVE_POLAR = True
-except ImportError:  # the polar-rope quantizer lives on another branch: build its documented format
-
-    @quantized_tensor_class
-    class PolarRopeTensor(QuantizedTensor):  # type: ignore[no-redef]
-        codes: torch.Tensor = stored(token_axis=-2)
-        radius_scale: torch.Tensor = stored(token_axis=-2)
-        radius_min: torch.Tensor = stored(token_axis=-2)
-        angle_scale: torch.Tensor = stored(token_axis=-2)
-        angle_min: torch.Tensor = stored(token_axis=-2)
-        radius_bits: int = 2
-        angle_bits: int = 4
-        group_size: int = 128
-        pairing: str = "half"
-        angle_range: str = "shortest-arc"
-
-    HAVE_POLAR = False
+from kvpolar.quantizers.polar_rope import PolarRopeTensor
 
 HQ, HKV, D, RESIDUAL = 32, 8, 128, 128
 PRESETS = {  # name: (key format, key params, value bits); KIVI group 32, polar-rope group 128
@@ -354,7 +334,6 @@ def main() -> None:
     props = torch.cuda.get_device_properties(dev)
     meta = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
-            "polar_rope_class": "kvpolar.quantizers.polar_rope" if HAVE_POLAR else "documented format, built here",
             "launch_config": dataclasses.asdict(config), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     t0 = time.time()
     checks = check_correctness(dev)

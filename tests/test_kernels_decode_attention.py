@@ -5,13 +5,7 @@ working dtype and are compared with a float64 oracle (attention over the dequant
 float64); the kernel may be at most a small multiple of the reference's error.
 """
 
-import os
-
-if not __import__("torch").cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import dataclasses
-import math
 import zlib
 
 import pytest
@@ -20,32 +14,12 @@ import torch
 import kvpolar
 from kvpolar.decode_attention import reference_decode_attention
 from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention, supports
-from kvpolar.packing import pack_bits, unpack_bits
-from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, stored
-from kvpolar.quantizers import uniform
+from kvpolar.packing import unpack_bits
 from kvpolar.quantizers.base import Quantizer
+from kvpolar.quantizers.polar_rope import PolarRopeTensor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 D = 64
-
-
-# ----- a stand-in for the polar-rope format (HELPERS.md), only to feed the kernel in these tests ----------
-@quantized_tensor_class
-class PolarRopeTensor(QuantizedTensor):
-    codes: torch.Tensor = stored(token_axis=-2)
-    radius_scale: torch.Tensor = stored(token_axis=-2)
-    radius_min: torch.Tensor = stored(token_axis=-2)
-    angle_scale: torch.Tensor = stored(token_axis=-2)
-    angle_min: torch.Tensor = stored(token_axis=-2)
-    radius_bits: int = 2
-    angle_bits: int = 4
-    group_size: int = 32
-    pairing: str = "half"
-    angle_range: str = "full"
-
-    @property
-    def token_group(self) -> int:  # type: ignore[override]
-        return self.group_size
 
 
 def _pairs(d, pairing):
@@ -54,24 +28,10 @@ def _pairs(d, pairing):
 
 
 def polar_quantize(x, radius_bits, angle_bits, group_size, pairing):
-    ix, iy = _pairs(x.shape[-1], pairing)
-    xf = x.float()
-    r = torch.hypot(xf[..., ix], xf[..., iy])
-    theta = torch.remainder(torch.atan2(xf[..., iy], xf[..., ix]), 2 * math.pi)
-    t = x.shape[-2]
-    stats, codes = [], []
-    for v, bits in ((r, radius_bits), (theta, angle_bits)):
-        g = uniform.pad_to_multiple(v, group_size, -2).reshape(*v.shape[:-2], -1, group_size, v.shape[-1])
-        sc, mn = uniform.minmax_scale(g.amin(-2), g.amax(-2), bits, x.dtype)
-        c = uniform.encode(g, sc.unsqueeze(-2), mn.unsqueeze(-2), bits).reshape(*v.shape[:-2], -1, v.shape[-1])
-        stats += [sc, mn]
-        codes.append(c[..., :t, :].int())
-    combined = (codes[0] << angle_bits) | codes[1]
-    return PolarRopeTensor(
-        shape=x.shape, dtype=x.dtype, codes=pack_bits(combined, radius_bits + angle_bits),
-        radius_scale=stats[0], radius_min=stats[1], angle_scale=stats[2], angle_min=stats[3],
-        radius_bits=radius_bits, angle_bits=angle_bits, group_size=group_size, pairing=pairing,
-    )
+    """Keys through the real polar-rope quantizer (shortest-arc angle ranges: angle_min may be < 0)."""
+    q = kvpolar.quantizer("polar-rope", radius_bits=radius_bits, angle_bits=angle_bits,
+                          group_size=group_size, pairing=pairing)
+    return q.quantize(x)
 
 
 def polar_dequantize64(p):
@@ -95,7 +55,7 @@ class _PolarConfig:
 
 
 class PolarStandIn(Quantizer):
-    """Only what reference_decode_attention needs: scores via float dequantization."""
+    """polar-rope scores for reference_decode_attention computed in float64 from the stored format."""
 
     name = "polar-rope-test"
     Config = _PolarConfig

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
-
 import torch
 
 from kvpolar.packing import pack_bits, unpack_bits
@@ -22,7 +20,7 @@ from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, stored
 from kvpolar.quantizers import uniform
 from kvpolar.quantizers.base import Quantizer
 from kvpolar.registry import register
-from kvpolar.validation import allowed, check_choice, check_positive_int
+from kvpolar.validation import check_choice, check_positive_int
 
 KIVI_BITS = (2, 3, 4, 8)
 KIVI_AXES = ("channel", "token")
