@@ -51,3 +51,30 @@ def test_a_checkpoint_that_is_not_a_causal_lm(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["demo", "--model", str(tmp_path)])
     assert info.value.code == 2 and "not a causal LM" in capsys.readouterr().err
+
+
+def test_eval_fidelity_writes_json_markdown_and_plot(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["eval", "fidelity", "--presets", "kivi-2", "--max-length", "96", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "fidelity.json").read_text())
+    rows = [r for r in data["rows"] if r["preset"] == "kivi-2"]
+    assert len(rows) == 6 and all(0 < r["score_rel_error"] < 1 for r in rows)  # one row per layer
+    assert (out / "fidelity.md").is_file() and (out / "fidelity_layers.png").stat().st_size > 0
+
+
+def test_bench_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--presets", "kivi-2", "--max-length", "200", "--new-tokens", "4", "--device", "cpu",
+                 "--dtype", "float16", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["preset"] for r in data["rows"]] == ["16-bit", "kivi-2"]
+    # 196 tokens: 64 packed beyond the 128-token 16-bit window
+    assert data["rows"][1]["bits_per_element"] < 16 and (out / "bench.png").stat().st_size > 0
+
+
+def test_a_context_longer_than_the_model_supports(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "ppl", "--presets", "kivi-2", "--max-length", "4096", "--device", "cpu", "--out", str(tmp_path)])
+    assert info.value.code == 2 and "longer than the model's context (2048" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written half-way

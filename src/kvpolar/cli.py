@@ -190,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except CLIError as err:
         parser.exit(2, f"kvpolar: error: {err}\n")
+    except ModuleNotFoundError as err:
+        if err.name in ("transformers", "tqdm", "matplotlib", "accelerate"):
+            parser.exit(2, f"kvpolar: error: '{args.command}' needs {err.name}: pip install 'kvpolar[eval]'\n")
+        raise
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ DEMO_SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "none": ({}, {}),
     "kivi": ({"bits": 2, "group_size": 32, "axis": "channel"}, {"bits": 2, "group_size": 32, "axis": "token"}),
     "fp8": ({"format": "e4m3", "scale": "head"}, {"format": "e4m3", "scale": "head"}),
-    "squat": ({"bits": 2, "group_size": 32, "block_size": 64, "subspace_dim": 20, "lam": 1e-3}, {}),
+    "squat": ({"bits": 2, "group_size": 32, "block_size": 32, "subspace_dim": 20, "lam": 1e-3}, {}),
     "turbo": ({"bits": 3}, {"bits": 3}),
     "polar-recursive": ({"levels": 4, "bits": (4, 2, 2, 2)}, {"levels": 4, "bits": (4, 2, 2, 2)}),
     # keys-only method: its value column shows the same quantizer on values (no RoPE rings there)
