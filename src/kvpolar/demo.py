@@ -10,16 +10,18 @@ import torch
 from kvpolar import synthetic
 from kvpolar.registry import available_quantizers, quantizer
 
-#: Key and value settings per method for the demo (a method not listed runs with its defaults).
-DEMO_SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "none": ({}, {}),
-    "kivi": ({"bits": 2, "group_size": 32, "axis": "channel"}, {"bits": 2, "group_size": 32, "axis": "token"}),
-    "fp8": ({"format": "e4m3", "scale": "head"}, {"format": "e4m3", "scale": "head"}),
-    "squat": ({"bits": 2, "group_size": 32, "block_size": 32, "subspace_dim": 20, "lam": 1e-3}, {}),
-    "turbo": ({"bits": 3}, {"bits": 3}),
-    "polar-recursive": ({"levels": 4, "bits": (4, 2, 2, 2)}, {"levels": 4, "bits": (4, 2, 2, 2)}),
-    # keys-only method: its value column shows the same quantizer on values (no RoPE rings there)
-    "polar-rope": ({"radius_bits": 2, "angle_bits": 4, "group_size": 128}, {"radius_bits": 2, "angle_bits": 4, "group_size": 128}),
+_KIVI_VALUES = ("kivi", {"bits": 2, "group_size": 32, "axis": "token"})
+
+#: Per method: key params, and (method, params) for values. Keys-only methods (SQuat, polar-rope)
+#: store values as KIVI 2-bit per token, as their papers and the cache presets do.
+DEMO_SETTINGS: dict[str, tuple[dict[str, Any], tuple[str, dict[str, Any]]]] = {
+    "none": ({}, ("none", {})),
+    "kivi": ({"bits": 2, "group_size": 32, "axis": "channel"}, _KIVI_VALUES),
+    "fp8": ({"format": "e4m3", "scale": "head"}, ("fp8", {"format": "e4m3", "scale": "head"})),
+    "squat": ({"bits": 2, "group_size": 32, "block_size": 32, "subspace_dim": 20, "lam": 1e-3}, _KIVI_VALUES),
+    "turbo": ({"bits": 3}, ("turbo", {"bits": 3})),
+    "polar-recursive": ({"levels": 4, "bits": (4, 2, 2, 2)}, ("polar-recursive", {"levels": 4, "bits": (4, 2, 2, 2)})),
+    "polar-rope": ({"radius_bits": 2, "angle_bits": 4, "group_size": 128}, _KIVI_VALUES),
 }
 
 
@@ -47,8 +49,8 @@ def run_demo(batch: int = 1, heads: int = 4, tokens: int = 512, head_dim: int = 
     exact_scores = queries.float() @ keys.float().transpose(-1, -2)
     rows = []
     for name in available_quantizers():
-        key_params, value_params = DEMO_SETTINGS.get(name, ({}, {}))
-        kq, vq = quantizer(name, **key_params), quantizer(name, **value_params)
+        key_params, (value_method, value_params) = DEMO_SETTINGS.get(name, ({}, (name, {})))
+        kq, vq = quantizer(name, **key_params), quantizer(value_method, **value_params)
         context = {"queries": queries} if "queries" in kq.context_keys else {}
         pk = kq.quantize(keys, **context)
         pv = vq.quantize(values, **({"queries": queries} if "queries" in vq.context_keys else {}))
