@@ -235,9 +235,9 @@ def polar_rope_scores_kernel(
     else:  # few rows (GQA decoding): multiply-add and reduce over pairs on the CUDA cores
         for i in tl.static_range(BLOCK_Q):
             qrow = pid_q * BLOCK_Q + i
-            qvalid = qrow < NQ
             base = q_ptr + pid_n * stride_qn + qrow * stride_qq
-            qx = tl.load(base + xcol, mask=jmask & qvalid, other=0).to(tl.float32)
-            qy = tl.load(base + ycol, mask=jmask & qvalid, other=0).to(tl.float32)
+            # the row test as a block (not a scalar), which every Triton interpreter accepts in a mask
+            qx = tl.load(base + xcol, mask=jmask & (xcol * 0 + qrow < NQ), other=0).to(tl.float32)
+            qy = tl.load(base + ycol, mask=jmask & (ycol * 0 + qrow < NQ), other=0).to(tl.float32)
             score = tl.sum(kx * qx[None, :] + ky * qy[None, :], axis=1)
-            tl.store(out_ptr + pid_n * stride_on + qrow * stride_oq + t, score, mask=tmask & qvalid)
+            tl.store(out_ptr + pid_n * stride_on + qrow * stride_oq + t, score, mask=tmask & (t * 0 + qrow < NQ))
