@@ -344,3 +344,25 @@ def test_window_does_not_pin_the_prompt_buffer(llama):
     teacher_forced(llama, ids, mask, ids[:, :0], cache)
     keys = cache.layers[0].keys
     assert keys.shape[-2] == 13 and keys.untyped_storage().nbytes() == keys.nbytes
+
+
+def test_squat_prompt_subspace_is_counted_once_per_layer(llama, batch):
+    """SQuat keeps its prepared subspace (Qs and every block matrix) per layer: counted as metadata,
+    exactly, and prepared once (the same object serves every later key group)."""
+    ids, mask, cont = batch
+    squat = {"bits": 2, "group_size": 32, "block_size": 16}  # 2 blocks at the test model's head dim 32
+    cache = QuantizedKVCache(llama.config, config("squat-2", residual_length=4, key_params=squat))
+    teacher_forced(llama, ids, mask, cont[:, :1], cache)
+    first = [layer.key_context["subspace"] for layer in cache.layers]
+    packed_before = cache.layers[0].packed_keys.num_tokens
+    more = continuation(len(LENGTHS), 40, seed=7)
+    for t in range(more.shape[1]):  # past another 32-token group
+        m = torch.cat([mask, torch.ones(len(LENGTHS), 1 + t + 1, dtype=mask.dtype)], dim=-1)
+        with torch.no_grad():
+            llama(input_ids=more[:, t:t + 1], attention_mask=m, position_ids=m.sum(-1, keepdim=True) - 1,
+                  past_key_values=cache)
+    assert cache.layers[0].packed_keys.num_tokens > packed_before  # later key groups were quantized
+    assert all(layer.key_context["subspace"] is s for layer, s in zip(cache.layers, first))
+    expected = sum(s.qs.nbytes + sum(m.nbytes for m in s.block_matrices) for s in first)
+    assert len(first[0].block_matrices) == 2
+    assert cache.memory_report().metadata_fields["key.subspace"] == expected
