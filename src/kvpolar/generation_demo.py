@@ -33,15 +33,12 @@ class GenerationRow:
 
 def demo_prompt(tokenizer: Any, tokens: int) -> torch.Tensor:
     """The first ``tokens`` tokens of the built-in held-out text: ``[1, tokens]`` int64."""
-    from kvpolar import assets
+    from kvpolar.eval.common import heldout_token_ids
 
-    pieces: list[str] = []
-    for doc in assets.heldout_documents():
-        pieces.append(doc["text"])
-        ids = tokenizer("\n\n".join(pieces), return_tensors="pt").input_ids
-        if ids.shape[1] >= tokens:
-            return ids[:, :tokens]
-    raise ValueError(f"the held-out text holds {ids.shape[1]} tokens; fewer than the {tokens} asked for")
+    ids = heldout_token_ids(tokenizer)
+    if len(ids) < tokens:
+        raise ValueError(f"the held-out text holds {len(ids)} tokens; fewer than the {tokens} asked for")
+    return torch.tensor([ids[:tokens]], dtype=torch.long)
 
 
 @torch.no_grad()
