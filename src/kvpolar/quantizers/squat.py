@@ -80,9 +80,6 @@ class SquatConfig:
             raise allowed("seed", self.seed, "an integer")
 
 
-_WARNED_ONE_BLOCK: set[tuple[int, int]] = set()
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class SquatSubspace:
     """The per-prompt state of SQuat, computed once by :meth:`SquatQuantizer.prepare`.
@@ -290,8 +287,7 @@ class SquatQuantizer(Quantizer):
                 f"subspace_dim={self.config.subspace_dim} exceeds the head dim {head_dim}; "
                 f"allowed: 1..{head_dim}"
             )
-        if self.config.block_size >= head_dim and (head_dim, self.config.block_size) not in _WARNED_ONE_BLOCK:
-            _WARNED_ONE_BLOCK.add((head_dim, self.config.block_size))
+        if self.config.block_size >= head_dim:  # Python's warning registry shows each message once
             warnings.warn(
                 f"squat: block_size={self.config.block_size} covers the whole head dim {head_dim}, so no "
                 "channels are left to absorb the error and SQuat gives exactly KIVI's codes; use a "
