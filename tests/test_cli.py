@@ -78,3 +78,14 @@ def test_a_context_longer_than_the_model_supports(tmp_path, capsys):
         main(["eval", "ppl", "--presets", "kivi-2", "--max-length", "4096", "--device", "cpu", "--out", str(tmp_path)])
     assert info.value.code == 2 and "longer than the model's context (2048" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written half-way
+
+
+def test_eval_ppl_with_a_short_residual_window_reads_the_quantized_cache(tmp_path, capsys):
+    out = tmp_path / "ppl"
+    assert main(["eval", "ppl", "--presets", "kivi-2", "--max-length", "96", "--residual-length", "0",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    data = json.loads((out / "perplexity.json").read_text())
+    assert data["settings"]["residual_length"] == 0
+    rows = {r["preset"]: r for r in data["rows"]}
+    assert rows["kivi-2"]["perplexity"] != rows["fp16"]["perplexity"]
+    assert rows["kivi-2"]["bits_per_element"] < 16

@@ -98,9 +98,15 @@ def _eval(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _check_model(args.model)
     run = getattr(evaluations, _EVALS[args.metric][0])
+    extra = {}
+    if args.residual_length is not None:
+        if args.metric == "fidelity":
+            raise CLIError("--residual-length does not apply to fidelity: it applies the quantizers to every "
+                           "key and value directly, without a cache")
+        extra["residual_length"] = args.residual_length
     try:
         results = run(args.model, presets, device=device, max_length=args.max_length, out_dir=args.out,
-                      progress=True, dtype=args.dtype)
+                      progress=True, dtype=args.dtype, **extra)
     except ValueError as err:  # e.g. a context longer than the model supports
         raise CLIError(str(err)) from None
     for path in results.get("files", []):
@@ -164,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     for metric, (_, text) in _EVALS.items():
         sub_metric = metrics.add_parser(metric, help=text, description=text)
         _common_options(sub_metric, max_length=1024)
+        sub_metric.add_argument("--residual-length", type=_non_negative_int, default=None,
+                                help="16-bit window of newest tokens for every preset (default: the preset's, 128)")
         sub_metric.set_defaults(handler=_eval)
 
     bench = sub.add_parser("bench", help="decode speed and cache memory per preset on a model")
@@ -180,6 +188,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 

@@ -50,6 +50,7 @@ def run_agreement(
     out_dir: str | pathlib.Path | None = None,
     progress: bool = True,
     dtype: str | None = None,
+    residual_length: int | None = None,
     prompts: int = 4,
     new_tokens: int = 64,
 ) -> dict:
@@ -61,7 +62,7 @@ def run_agreement(
     prompt_len = max_length - new_tokens
     if prompt_len < 2:
         raise ValueError(f"max_length={max_length} leaves no prompt for new_tokens={new_tokens}")
-    resolved = resolve_presets(presets)
+    resolved = resolve_presets(presets, residual_length)
     ids = heldout_token_ids(tokenizer)
     stride = max(1, (len(ids) - prompt_len) // max(prompts, 1))
     starts = [k * stride for k in range(prompts) if k * stride + prompt_len <= len(ids)]
@@ -83,7 +84,7 @@ def run_agreement(
         rows.append(AgreementRow(preset.name, agree, prefix, len(starts), new_tokens))
     results = {
         "eval": "agreement", "model": str(model_path or "built-in tiny model"), "device": report.device_name(dev),
-        "settings": {"prompt_tokens": prompt_len, "new_tokens": new_tokens, "prompts": len(starts),
+        "settings": {"residual_length": residual_length, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "prompts": len(starts),
                      "dtype": str(model.dtype).removeprefix("torch.")},
         "protocol": PROTOCOL, "rows": [dataclasses.asdict(r) for r in rows],
         "samples": {name: tokenizer.decode(out[0]) for name, out in outputs.items()} if starts else {},

@@ -87,6 +87,7 @@ def run_needle(
     out_dir: str | pathlib.Path | None = None,
     progress: bool = True,
     dtype: str | None = None,
+    residual_length: int | None = None,
     lengths: Sequence[int] | None = None,
     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     trials: int = 4,
@@ -105,7 +106,7 @@ def run_needle(
         lengths = sorted({n for n in (256, 512, 1024, 2048, 4096, 8192) if n < max_length} | {max_length})
     for n in lengths:
         check_length(model, n, "needle length")
-    resolved = resolve_presets(presets)
+    resolved = resolve_presets(presets, residual_length)
     filler = [i for i in heldout_token_ids(tokenizer) if i != tokenizer.bos_token_id]
     bar = tqdm(total=len(resolved) * len(lengths) * len(depths) * trials, desc="needle", disable=not progress)
     cells = []
@@ -115,7 +116,7 @@ def run_needle(
     bar.close()
     results = {
         "eval": "needle", "model": str(model_path or "built-in tiny model"), "device": report.device_name(model.device),
-        "settings": {"lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed,
+        "settings": {"residual_length": residual_length, "lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed,
                      "dtype": str(model.dtype).removeprefix("torch.")},
         "protocol": PROTOCOL, "cells": [dataclasses.asdict(c) for c in cells],
     }

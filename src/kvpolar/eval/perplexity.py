@@ -83,6 +83,7 @@ def run_perplexity(
     out_dir: str | pathlib.Path | None = None,
     progress: bool = True,
     dtype: str | None = None,
+    residual_length: int | None = None,
     num_windows: int = 4,
     prefill: int | None = None,
     chunk: int = 1,
@@ -102,13 +103,15 @@ def run_perplexity(
         batch_size: windows decoded together through one cache.
         dtype: model dtype, ``"float16"``/``"bfloat16"``/``"float32"`` (None: float16 on CUDA,
             float32 on CPU); the cache stores keys, values and metadata in it.
+        residual_length: the presets' 16-bit window of newest tokens (None: each preset's own,
+            128); a short window makes short evaluations exercise the quantized part.
     Returns: the results dict written to ``perplexity.json``.
     """
     from tqdm.auto import tqdm
 
     model, tokenizer, dev = load_model(model_path, device, dtype)
     check_length(model, max_length)
-    resolved = resolve_presets(presets)
+    resolved = resolve_presets(presets, residual_length)
     prefill = max(1, max_length // 4) if prefill is None else prefill
     if not 1 <= prefill < max_length - 1:
         raise ValueError(f"prefill={prefill}; it must be in [1, max_length - 2 = {max_length - 2}]")
@@ -123,7 +126,7 @@ def run_perplexity(
     bar.close()
     results = {
         "eval": "perplexity", "model": str(model_path or "built-in tiny model"), "device": report.device_name(dev),
-        "settings": {"max_length": max_length, "windows": int(windows.shape[0]), "prefill": prefill, "chunk": chunk, "batch_size": batch_size,
+        "settings": {"residual_length": residual_length, "max_length": max_length, "windows": int(windows.shape[0]), "prefill": prefill, "chunk": chunk, "batch_size": batch_size,
                      "dtype": str(model.dtype).removeprefix("torch.")},
         "protocol": PROTOCOL, "rows": [dataclasses.asdict(r) for r in rows],
     }

@@ -48,8 +48,9 @@ def baseline_preset() -> EvalPreset:
     return EvalPreset(BASELINE, lambda model: DynamicCache(config=model.config), method=BASELINE)
 
 
-def kvpolar_preset(name: str) -> EvalPreset:
-    """A ``kvpolar.cache`` preset; ValueError naming the known presets when ``name`` is unknown."""
+def kvpolar_preset(name: str, **changes: Any) -> EvalPreset:
+    """A ``kvpolar.cache`` preset, with ``changes`` to its config fields (e.g. ``residual_length``);
+    ValueError naming the known presets when ``name`` is unknown."""
     try:
         from kvpolar.cache import KVCacheConfig, enable
     except ImportError:  # the transformers integration is not installed / not on this branch
@@ -57,6 +58,8 @@ def kvpolar_preset(name: str) -> EvalPreset:
     from kvpolar.registry import quantizer
 
     config = KVCacheConfig.preset(name)  # raises ValueError listing the presets
+    if changes:
+        config = dataclasses.replace(config, **changes)
     return EvalPreset(
         name,
         lambda model: enable(model, config),
@@ -75,8 +78,10 @@ def available_presets() -> list[str]:
     return [BASELINE, *sorted(PRESETS)]
 
 
-def resolve_presets(presets: Sequence[str | EvalPreset]) -> list[EvalPreset]:
-    """Names or ready :class:`EvalPreset` objects -> presets, the baseline first (added if absent)."""
+def resolve_presets(presets: Sequence[str | EvalPreset], residual_length: int | None = None) -> list[EvalPreset]:
+    """Names or ready :class:`EvalPreset` objects -> presets, the baseline first (added if absent);
+    ``residual_length`` (None: each preset's own) replaces the window of presets given by name."""
+    changes = {} if residual_length is None else {"residual_length": residual_length}
     if isinstance(presets, str):
         presets = [p.strip() for p in presets.split(",") if p.strip()]
     out = [baseline_preset()]
@@ -84,7 +89,7 @@ def resolve_presets(presets: Sequence[str | EvalPreset]) -> list[EvalPreset]:
         if isinstance(p, EvalPreset):
             out.append(p)
         elif p != BASELINE:
-            out.append(kvpolar_preset(p))
+            out.append(kvpolar_preset(p, **changes))
     names = [p.name for p in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
