@@ -81,3 +81,21 @@ def test_quantized_tensor_reports_shape_dtype_device():
     p = kvpolar.quantizer("kivi").quantize(x)
     assert p.shape == x.shape and p.dtype == torch.bfloat16 and p.device == x.device
     assert "bits_per_element" in repr(p)
+
+
+@pytest.mark.parametrize(
+    "name,made_with,read_with,shown",
+    [
+        ("kivi", {"bits": 2}, {"bits": 4}, "bits=2, group_size=32; this quantizer has bits=4"),
+        ("fp8", {"format": "e4m3"}, {"format": "e5m2"}, "format='e4m3'"),
+        ("turbo", {"bits": 3}, {"bits": 3, "seed": 1}, "seed=0"),
+        ("polar-rope", {"angle_bits": 4}, {"angle_bits": 3}, "angle_bits=4"),
+    ],
+)
+def test_reading_a_tensor_quantized_with_other_parameters(name, made_with, read_with, shown):
+    x = torch.randn(1, 2, 32, 64)
+    p = kvpolar.quantizer(name, **made_with).quantize(x)
+    other = kvpolar.quantizer(name, **read_with)
+    for read in (other.dequantize, lambda p: other.scores(torch.randn(1, 2, 1, 64), p)):
+        with pytest.raises(ValueError, match=f"tensor was quantized with .*{shown}"):
+            read(p)

@@ -27,6 +27,9 @@ class Quantizer(abc.ABC):
     context_keys: ClassVar[frozenset[str]] = frozenset()
     #: Context keys without which ``quantize`` refuses to run.
     required_context: ClassVar[frozenset[str]] = frozenset()
+    #: Config field -> attribute of the stored form that must equal it for this quantizer to read
+    #: the tensor (e.g. ``{"bits": "bits"}``); checked by ``dequantize``/``scores``/``weighted_sum``.
+    stored_params: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **params: Any) -> None:
         known = {f.name for f in dataclasses.fields(self.Config)}
@@ -130,6 +133,17 @@ class Quantizer(abc.ABC):
                 f"quantizer {self.name!r} expects a {self.stored_type.__name__}; "
                 f"got {type(p).__name__}"
             )
+        self._check_stored_params(p)
+
+    def _check_stored_params(self, p: Any) -> None:
+        """ValueError when ``p`` was quantized with other parameters (see ``stored_params``)."""
+        mine = {f: getattr(self.config, f) for f in self.stored_params}
+        theirs = {f: getattr(p, attr) for f, attr in self.stored_params.items()}
+        if mine != theirs:
+            def show(d: dict[str, Any]) -> str:
+                return ", ".join(f"{k}={v!r}" for k, v in d.items())
+
+            raise ValueError(f"tensor was quantized with {show(theirs)}; this quantizer has {show(mine)}")
 
     def __repr__(self) -> str:
         params = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))

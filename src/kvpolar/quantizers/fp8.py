@@ -71,6 +71,7 @@ class Fp8Quantizer(Quantizer):
     name = "fp8"
     Config = Fp8Config
     stored_type = Fp8Tensor
+    stored_params = {"format": "format", "scale": "scale_granularity"}
 
     config: Fp8Config
 
@@ -88,15 +89,6 @@ class Fp8Quantizer(Quantizer):
             chunk_tokens=torch.tensor([x.shape[-2]], dtype=torch.int32, device=x.device),
             format=c.format, scale_granularity=c.scale,
         )
-
-    def _check_stored(self, p: object) -> None:
-        super()._check_stored(p)
-        assert isinstance(p, Fp8Tensor)
-        if (p.format, p.scale_granularity) != (self.config.format, self.config.scale):
-            raise ValueError(
-                f"tensor was quantized with format={p.format!r}, scale={p.scale_granularity!r}; this "
-                f"quantizer has format={self.config.format!r}, scale={self.config.scale!r}"
-            )
 
     def _dequantize(self, p: QuantizedTensor) -> torch.Tensor:
         assert isinstance(p, Fp8Tensor)

@@ -87,6 +87,7 @@ class Kivi(Quantizer):
     name = "kivi"
     Config = KiviConfig
     stored_type = QuantizedTensor  # narrowed per axis in _check_stored
+    stored_params = {"bits": "bits", "group_size": "group_size"}
 
     config: KiviConfig
 
@@ -107,11 +108,7 @@ class Kivi(Quantizer):
                 f"kivi(axis={self.config.axis!r}) expects a {self._stored_cls.__name__}; "
                 f"got {type(p).__name__}"
             )
-        if p.bits != self.config.bits or p.group_size != self.config.group_size:  # type: ignore[attr-defined]
-            raise ValueError(
-                f"tensor was quantized with bits={p.bits}, group_size={p.group_size}; "  # type: ignore[attr-defined]
-                f"this quantizer has bits={self.config.bits}, group_size={self.config.group_size}"
-            )
+        self._check_stored_params(p)
 
     def _quantize(self, x: torch.Tensor) -> QuantizedTensor:
         c = self.config

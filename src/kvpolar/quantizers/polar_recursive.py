@@ -159,6 +159,7 @@ class PolarRecursive(Quantizer):
     name = "polar-recursive"
     Config = PolarRecursiveConfig
     stored_type = PolarRecursiveTensor
+    stored_params = {name: name for name in ("levels", "bits", "codebook", "preconditioner", "seed", "radius_bits")}
 
     config: PolarRecursiveConfig
 
@@ -186,17 +187,6 @@ class PolarRecursive(Quantizer):
         c = self.config
         books = 4 * sum(2**b for b in c.bits) if c.codebook == "analytic" else 0
         return rotation(c.preconditioner, head_dim, c.seed).nbytes + books
-
-    def _check_stored(self, p: object) -> None:
-        super()._check_stored(p)
-        c = self.config
-        mine = (c.levels, c.bits, c.codebook, c.preconditioner, c.seed, c.radius_bits)
-        theirs = (p.levels, p.bits, p.codebook, p.preconditioner, p.seed, p.radius_bits)  # type: ignore[attr-defined]
-        if mine != theirs:
-            raise ValueError(
-                "tensor was quantized with (levels, bits, codebook, preconditioner, seed, radius_bits)="
-                f"{theirs}; this quantizer has {mine}"
-            )
 
     # ----- encode -----------------------------------------------------------------------------
     def _quantize(self, x: torch.Tensor) -> PolarRecursiveTensor:

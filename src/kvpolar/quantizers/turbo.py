@@ -80,6 +80,7 @@ class Turbo(Quantizer):
     name = "turbo"
     Config = TurboConfig
     stored_type = TurboTensor
+    stored_params = {"bits": "bits", "rotation": "rotation_kind", "seed": "seed", "norm_correction": "norm_correction"}
 
     config: TurboConfig
 
@@ -96,17 +97,6 @@ class Turbo(Quantizer):
         """The rotation (signs or matrix) plus the float32 codebook."""
         self.check_head_dim(head_dim)
         return rotation(self.config.rotation, head_dim, self.config.seed).nbytes + 4 * 2**self.config.bits
-
-    def _check_stored(self, p: object) -> None:
-        super()._check_stored(p)
-        c = self.config
-        mine = (c.bits, c.rotation, c.seed, c.norm_correction)
-        theirs = (p.bits, p.rotation_kind, p.seed, p.norm_correction)  # type: ignore[attr-defined]
-        if mine != theirs:
-            raise ValueError(
-                f"tensor was quantized with (bits, rotation, seed, norm_correction)={theirs}; "
-                f"this quantizer has {mine}"
-            )
 
     def _quantize(self, x: torch.Tensor) -> TurboTensor:
         c = self.config
