@@ -92,6 +92,11 @@ class Point:
     cache_bits_per_element: float
     status: str = "ok"
 
+    @property
+    def overhead(self) -> float:
+        """Peak GPU memory beyond the weights, over the bytes the cache needs (1.0 = nothing else)."""
+        return (self.peak_gib - self.weights_gib) / self.cache_gib
+
 
 @torch.no_grad()
 def decode_point(model, preset: str, batch: int, context: int, steps: int, weights_bytes: int) -> Point:
@@ -209,7 +214,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "kvpolar": kvpolar.__version__, "python": platform.python_version()},
         "model": {**CONFIG_8B, "num_hidden_layers": args.layers, "weights": "random, float16"},
-        "points": [dataclasses.asdict(p) for p in points],
+        "points": [{**dataclasses.asdict(p), "peak_over_cache": p.overhead} for p in points],
         "prefill_seconds_batch1": prefill,
     }
     with open(args.out, "w") as f:
@@ -224,6 +229,13 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, (tps, b) in best.items():
         print(f"| {name} | {b} | {tps:.1f} | {tps / base:.2f}x |")
+    print("\nPeak memory beyond the weights over the cache's bytes, at the largest batch that fit:")
+    for name in best:
+        ok = [p for p in points if p.preset == name and p.status == "ok"]
+        if ok and ok[-1].cache_gib > 0:
+            last = ok[-1]
+            print(f"  {name:>14} B={last.batch:<4} {last.peak_gib - last.weights_gib:7.2f} GiB / cache "
+                  f"{last.cache_gib:7.2f} GiB = {last.overhead:.3f}")
 
 
 if __name__ == "__main__":

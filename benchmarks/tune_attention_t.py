@@ -33,6 +33,11 @@ VARIANTS = {  # (as measured in results/attention_transposed_h100.json; pps = pr
     "t-w2-s2-pps8": LaunchConfig(transposed_warps=2, num_stages=2, transposed_programs_per_sm=8),
     "t-w4-s2": LaunchConfig(transposed_warps=4, num_stages=2, transposed_programs_per_sm=4),
     "t-w1-s2-pps8": LaunchConfig(transposed_warps=1, num_stages=2, transposed_programs_per_sm=8),  # the default
+    # register caps: fewer registers per thread, more resident one-warp programs per SM
+    "t-w1-pps12-r168": LaunchConfig(transposed_programs_per_sm=12, max_registers=168),
+    "t-w1-pps16-r128": LaunchConfig(transposed_programs_per_sm=16, max_registers=128),
+    "t-w1-s3-pps12": LaunchConfig(num_stages=3, transposed_programs_per_sm=12),
+    "t-w1-bn16-pps8": LaunchConfig(block_n=16, transposed_programs_per_sm=8),
 }
 
 

@@ -113,18 +113,21 @@ def window_nll(model, ids: np.ndarray, length: int, device, batch: int = 8) -> t
     return total / max(count, 1), count
 
 
-def add_repeats(x, fraction: float, rng: np.random.Generator, min_len: int = 8, max_len: int = 64) -> None:
-    """In place: in about ``fraction`` of the rows of ``x`` ``[B, T]``, copy a random span of the row
-    to a later position of the same row (each span 8-64 tokens), so the model must learn to copy from
-    its context (induction), which retrieval from a long context (needle tests) needs. Off (0) for
-    the shipped model; see its card.
+def add_repeats(x, fraction: float, rng: np.random.Generator, spans: int = 1, min_len: int = 8,
+                max_len: int = 64) -> None:
+    """In place: in about ``fraction`` of the rows of ``x`` ``[B, T]``, copy ``spans`` random spans
+    of the row (each ``min_len``-``max_len`` tokens) to later positions of the same row, so the model
+    must learn to copy from its context (induction), which retrieval from a long context (needle
+    tests) needs. The model card records the setting.
     """
     batch, length = x.shape
+    max_len = min(max_len, length // 2 - 1)
     for row in np.nonzero(rng.random(batch) < fraction)[0]:
-        n = int(rng.integers(min_len, max_len + 1))
-        src = int(rng.integers(0, length - 2 * n))
-        dst = int(rng.integers(src + n, length - n + 1))
-        x[row, dst : dst + n] = x[row, src : src + n].clone()
+        for _ in range(spans):
+            n = int(rng.integers(min_len, max_len + 1))
+            src = int(rng.integers(0, length - 2 * n))
+            dst = int(rng.integers(src + n, length - n + 1))
+            x[row, dst : dst + n] = x[row, src : src + n].clone()
 
 
 def train(args: argparse.Namespace) -> None:
@@ -169,7 +172,7 @@ def train(args: argparse.Namespace) -> None:
         idx = starts[:, None] + torch.arange(seq + 1)[None, :]
         x = train_ids[idx]
         if args.copy_fraction:
-            add_repeats(x, args.copy_fraction, rng)
+            add_repeats(x, args.copy_fraction, rng, args.copy_spans, max_len=args.copy_max_len)
         x = x.to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -249,6 +252,11 @@ def model_card(s: dict) -> str:
         f"| {k} | {v['documents']} | {v['bytes']:,} | {v['tokens']:,} |" for k, v in d["splits"].items()
     )
     ppl_rows = "\n".join(f"| {k} | {v['ppl']:.2f} | {v['tokens_scored']:,} |" for k, v in s["heldout"].items())
+    copy_note = ""
+    if a.get("copy_fraction"):
+        copy_note = (f"\nCopy spans (teach retrieval from the context, which the needle test needs): in {a['copy_fraction']:.0%} "
+                     f"of the training rows, {a.get('copy_spans', 1)} random span(s) of 8-{a.get('copy_max_len', 64)} tokens "
+                     "are repeated later in the same row; validation and held-out text are unchanged.\n")
     return f"""# kvpolar tiny Llama (built-in model)
 
 A small `LlamaForCausalLM` trained from scratch by the kvpolar project so that the library's
@@ -286,7 +294,7 @@ betas 0.9/0.95, weight decay {a['weight_decay']}), {a['warmup']} warm-up steps t
 step {s['best_step']} (lowest validation loss, {s['best_val_loss']}). Trained in {s['train_seconds']:.0f} s on
 {s['device']} (torch {s['versions']['torch']}, transformers {s['versions']['transformers']}). Weights
 stored in float16.
-
+{copy_note}
 ## Held-out perplexity
 Non-overlapping windows of the held-out token stream, every token after the first of each window
 scored (bf16 autocast on the GPU):
@@ -299,7 +307,7 @@ scored (bf16 autocast on the GPU):
 ```
 python scripts/build_corpus.py --out /work/corpus
 python scripts/train_tiny_model.py tokenize --corpus /work/corpus --data DATA
-python scripts/train_tiny_model.py train --data DATA --out OUT --steps {a['steps']} --batch {a['batch']} --seed {a['seed']} --copy-fraction {a.get('copy_fraction', 0.0)}
+python scripts/train_tiny_model.py train --data DATA --out OUT --steps {a['steps']} --batch {a['batch']} --seed {a['seed']} --copy-fraction {a.get('copy_fraction', 0.0)} --copy-spans {a.get('copy_spans', 1)} --copy-max-len {a.get('copy_max_len', 64)}
 ```
 """
 
@@ -329,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--max-shard-size", default="15MB")
     m.add_argument("--copy-fraction", type=float, default=0.0,
                    help="fraction of training rows given a repeated span (teaches copying; 0 = off)")
+    m.add_argument("--copy-spans", type=int, default=1, help="repeated spans per chosen row")
+    m.add_argument("--copy-max-len", type=int, default=64, help="longest repeated span in tokens (shortest: 8)")
     m.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds: lower --steps to what fits, measured on the first steps (0 = off)")
     m.add_argument("--eval-tokens", type=int, default=0, help="cap on scored tokens (0 = all; smoke runs)")
