@@ -8,10 +8,12 @@ For B in {1, 8, 32}, 32 query heads, 8 KV heads, D = 128, T in {4k, 16k, 32k, 12
   attend), emulated with kvpolar's KIVI ``dequantize`` + the fp16 residual + the same SDPA call;
 * ``<preset>``: kvpolar's fused kernel on the packed cache, ``T - 128`` packed tokens plus a
   128-token fp16 residual window, for kivi-2, kivi-4, polar-rope-3 (r2a4 keys, KIVI 2-bit values) and
-  polar-rope-4 (r4a4 keys, KIVI 4-bit values); group sizes as the presets (KIVI 32, polar-rope 128).
+  polar-rope-4 (r4a4 keys, KIVI 4-bit values); group sizes as the presets (KIVI 32, polar-rope 128);
+  and the other cache presets (``BUILT_PRESETS``: kivi-8, squat-2, polar-recursive, the turbo presets,
+  fp8), quantized by their own quantizers.
 
-Packed inputs are random codes and metadata in the stored formats (timing does not depend on the
-values); correctness is checked first, at a few shapes, against ``reference_decode_attention``.
+Packed inputs of the first four are random codes and metadata in the stored formats (timing does not
+depend on the values); correctness is checked first, at a few shapes, against ``reference_decode_attention``.
 Times are medians of ``triton.testing.do_bench`` (which flushes L2 between runs). Bytes read =
 packed codes + metadata + residual window + query; effective bandwidth is set against a
 device-to-device copy measured in the same run (bytes read + written).
@@ -37,7 +39,7 @@ from triton.testing import do_bench
 
 import kvpolar
 from kvpolar.decode_attention import reference_decode_attention
-from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention
+from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention, supports
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
 
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
@@ -90,7 +92,51 @@ def polar_keys(b, t, rb, ab, dtype, dev):
     )
 
 
+#: presets whose packed inputs come from their own quantizers (``kvpolar.cache.config.PRESETS``):
+#: the formats the random builders above do not cover.
+BUILT_PRESETS = ("kivi-8", "squat-2", "polar-recursive", "turbo-3", "turbo-4", "turbo-k3v4", "fp8")
+_BUILT_ROWS: dict = {}
+
+
+def preset_quantizers(name):
+    """(key quantizer, value quantizer) of a cache preset, as ``QuantizedKVCache`` builds them."""
+    from kvpolar.cache.config import KVCacheConfig
+
+    c = KVCacheConfig.preset(name)
+    return kvpolar.quantizer(c.key_quantizer, **c.key_params), kvpolar.quantizer(c.value_quantizer, **c.value_params)
+
+
+def built_preset(name, b, t, dtype, dev):
+    """Keys/values ``[b, HKV, t, D]`` quantized by the preset's own quantizers: one sequence is
+    quantized (random normal keys/values; SQuat gets random prompt queries) and its stored tensors
+    are repeated over the batch, so every sequence still has bytes of its own to read."""
+    key = (name, t, dtype, str(dev))
+    if key not in _BUILT_ROWS:
+        _BUILT_ROWS.clear()  # one preset's row at a time: the largest are hundreds of MB
+        kq, vq = preset_quantizers(name)
+        gen = torch.Generator(device=dev).manual_seed(t)
+        k = torch.randn(1, HKV, t, D, device=dev, dtype=dtype, generator=gen)
+        v = torch.randn(1, HKV, t, D, device=dev, dtype=dtype, generator=gen)
+        context = {}
+        if "queries" in kq.context_keys:
+            context["queries"] = torch.randn(1, HQ, 64, D, device=dev, dtype=dtype, generator=gen)
+        _BUILT_ROWS[key] = (kq.quantize(k, **context), vq.quantize(v))
+        del k, v
+    return tuple(_repeat_batch(p, b) for p in _BUILT_ROWS[key])
+
+
+def _repeat_batch(p, b):
+    """``p`` (batch 1) with every stored tensor that has the batch axis repeated ``b`` times."""
+    fields = {}
+    for fname, tensor in p.stored_tensors().items():
+        if tensor.dim() >= 3 and tensor.shape[0] == 1:
+            fields[fname] = tensor.repeat(b, *([1] * (tensor.dim() - 1)))
+    return dataclasses.replace(p, shape=torch.Size((b, *p.shape[1:])), **fields)
+
+
 def make_preset(name, b, t, dtype, dev):
+    if name not in PRESETS:
+        return built_preset(name, b, t, dtype, dev)
     kind, kp, vbits = PRESETS[name]
     keys = kivi_keys(b, t, kp, dtype, dev) if kind == "kivi" else polar_keys(b, t, *kp, dtype, dev)
     return keys, kivi_values(b, t, vbits, dtype, dev)
@@ -117,6 +163,9 @@ def polar_dense_keys(p):
 
 # ----- correctness on the GPU ---------------------------------------------------------------------------------
 def reference(name, q, pk, pv, rk, rv, scale, mask):
+    if name not in PRESETS:
+        kq, vq = preset_quantizers(name)
+        return reference_decode_attention(q, pk, pv, kq, vq, rk, rv, scale, mask).float()
     kq, vq = kivi_quantizers(name)
     if PRESETS[name][0] == "kivi":
         return reference_decode_attention(q, pk, pv, kq, vq, rk, rv, scale, mask).float()
@@ -132,9 +181,13 @@ def check_correctness(dev):
         ("kivi-2", 2, 1, 3001, torch.float16, False), ("kivi-4", 2, 3, 777, torch.float16, True),
         ("polar-rope-3", 2, 1, 3001, torch.float16, True), ("polar-rope-4", 1, 3, 1000, torch.float16, False),
         ("kivi-2", 3, 1, 2000, torch.bfloat16, True), ("polar-rope-3", 1, 1, 4500, torch.bfloat16, False),
-    ]
+    ] + [(name, 2, 1 + 2 * (i % 2), 1000 + 555 * i, (torch.float16, torch.bfloat16)[i % 2], i % 3 == 0)
+         for i, name in enumerate(BUILT_PRESETS)]
     for name, b, tq, tk, dtype, ragged in cases:
         pk, pv = make_preset(name, b, tk, dtype, dev)
+        if not supports(pk, pv):
+            print(f"check {name:13s} skipped: the fused kernel does not read these formats")
+            continue
         q = torch.randn(b, HQ, tq, D, device=dev, dtype=dtype)
         rk = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=dtype)
         rv = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=dtype)
@@ -230,7 +283,11 @@ def time_shape(b, t, dev, copy_gbs, presets, configs, with_hf=True):
 
         pk, pv = make_preset(name, b, tk, torch.float16, dev)
         nbytes = pk.nbytes + pv.nbytes + res_bytes + q_bytes
+        readable = supports(pk, pv)
         del pk, pv
+        if not readable:
+            record(name, None, nbytes, note="not read by the fused kernel (the cache falls back to the reference)")
+            continue
         record(name, graph_ms(fused_call, nbytes), nbytes, median_ms(fused_call(0)))
         torch.cuda.empty_cache()
         if with_hf and PRESETS[name][0] == "kivi":
@@ -317,7 +374,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768, 131072])
-    ap.add_argument("--presets", nargs="+", default=list(PRESETS))
+    ap.add_argument("--presets", nargs="+", default=[*PRESETS, *BUILT_PRESETS])
     ap.add_argument("--quick", action="store_true", help="checks plus one small shape")
     ap.add_argument("--tune", action="store_true", help="sweep launch parameters first")
     ap.add_argument("--tune-only", action="store_true", help="checks and the sweep, no timing table")

@@ -86,15 +86,17 @@ class Point:
     context: int
     decode_ms_per_step: float
     tokens_per_second: float
-    peak_gib: float
+    peak_gib: float  # peak while decoding (the filled cache, weights, activations, kernel scratch)
     weights_gib: float
     cache_gib: float
     cache_bits_per_element: float
     status: str = "ok"
+    fill_peak_gib: float = float("nan")  # peak while the cache was filled (chunk temporaries included)
 
     @property
     def overhead(self) -> float:
-        """Peak GPU memory beyond the weights, over the bytes the cache needs (1.0 = nothing else)."""
+        """Peak GPU memory while decoding, beyond the weights, over the bytes the cache needs
+        (1.0 = nothing else)."""
         return (self.peak_gib - self.weights_gib) / self.cache_gib
 
 
@@ -103,6 +105,9 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
     _reset_memory()
     cache = make_cache(model, preset)
     fill_cache(model, cache, preset, batch, context)
+    fill_peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
+    if DEVICE == "cuda":  # decoding's own peak from here on (the fill's chunk temporaries are gone)
+        torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE)
     pos = torch.full((batch, 1), context, device=DEVICE, dtype=torch.long)
     times = []
@@ -126,7 +131,7 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
         cache_bytes, bits = report.total, report.bits_per_element
     del cache, out
     return Point(preset, batch, context, ms, batch * 1000.0 / ms, peak / 2**30, weights_bytes / 2**30,
-                 cache_bytes / 2**30, bits)
+                 cache_bytes / 2**30, bits, fill_peak_gib=fill_peak / 2**30)
 
 
 @torch.no_grad()
@@ -188,6 +193,20 @@ def main() -> None:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     points: list[Point] = []
     prefill: dict[str, float] = {}
+
+    def save() -> None:  # after every point: a run cut short still leaves its results
+        result = {
+            "command": " ".join(sys.argv),
+            "gpu": _device_name(),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "kvpolar": kvpolar.__version__, "python": platform.python_version()},
+            "model": {**CONFIG_8B, "num_hidden_layers": args.layers, "weights": "random, float16"},
+            "points": [{**dataclasses.asdict(p), "peak_over_cache": p.overhead} for p in points],
+            "prefill_seconds_batch1": prefill,
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
     for preset in args.presets.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             try:
@@ -197,8 +216,10 @@ def main() -> None:
                                     weights / 2**30, float("nan"), float("nan"), "out of memory"))
                 print(f"{preset:>14} B={batch:<4} out of memory", flush=True)
                 _reset_memory()
+                save()
                 break
             points.append(point)
+            save()
             print(f"{preset:>14} B={batch:<4} {point.decode_ms_per_step:8.2f} ms/step "
                   f"{point.tokens_per_second:9.1f} tok/s peak {point.peak_gib:6.1f} GiB "
                   f"cache {point.cache_gib:6.2f} GiB ({point.cache_bits_per_element:.2f} b/e)", flush=True)
@@ -207,18 +228,8 @@ def main() -> None:
                 prefill[preset] = prefill_seconds(model, preset, args.context)
             except torch.OutOfMemoryError:
                 prefill[preset] = float("nan")
+            save()
             print(f"{preset:>14} prefill B=1 {args.context} tokens: {prefill[preset]:.3f} s", flush=True)
-    result = {
-        "command": " ".join(sys.argv),
-        "gpu": _device_name(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "kvpolar": kvpolar.__version__, "python": platform.python_version()},
-        "model": {**CONFIG_8B, "num_hidden_layers": args.layers, "weights": "random, float16"},
-        "points": [{**dataclasses.asdict(p), "peak_over_cache": p.overhead} for p in points],
-        "prefill_seconds_batch1": prefill,
-    }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
     best = {}
     for p in points:
         if p.status == "ok" and p.tokens_per_second > best.get(p.preset, (0, 0))[0]:
@@ -229,7 +240,7 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, (tps, b) in best.items():
         print(f"| {name} | {b} | {tps:.1f} | {tps / base:.2f}x |")
-    print("\nPeak memory beyond the weights over the cache's bytes, at the largest batch that fit:")
+    print("\nPeak memory while decoding, beyond the weights, over the cache's bytes, at the largest batch that fit:")
     for name in best:
         ok = [p for p in points if p.preset == name and p.status == "ok"]
         if ok and ok[-1].cache_gib > 0:
