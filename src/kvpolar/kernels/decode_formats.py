@@ -26,7 +26,7 @@ import functools
 import torch
 
 from kvpolar.quantized import QuantizedTensor
-from kvpolar.quantizers.rotations import rotation
+from kvpolar.quantizers.rotations import Rotation, rotation
 
 try:
     import triton
@@ -69,14 +69,21 @@ def rotation_matrix(p: QuantizedTensor | None) -> torch.Tensor | None:
     un-rotates them), or None for formats stored in the original basis.
 
     One matmul per call instead of the ``log2 D`` butterfly passes of the randomized Hadamard
-    transform; cached per (kind, dim, seed, device) since rotations are deterministic in those.
+    transform. The matrix is cached per (kind, dim, seed, device) when ``p`` holds the layer's shared
+    rotation from :func:`~kvpolar.quantizers.rotations.rotation` (the quantizers store exactly that
+    object); any other stored rotation is expanded from ``p`` itself, so ``p`` always decides.
     """
     name = type(p).__name__
     if name == "TurboTensor":
-        return _matrix(p.rotation_kind, p.head_dim, p.seed, str(p.rotation.device))
-    if name == "PolarRecursiveTensor":
-        return _matrix(p.preconditioner, p.head_dim, p.seed, str(p.rotation.device))
-    return None
+        kind = p.rotation_kind
+    elif name == "PolarRecursiveTensor":
+        kind = p.preconditioner
+    else:
+        return None
+    shared = rotation(kind, p.head_dim, p.seed, p.rotation.device)
+    if p.rotation is shared.stored:
+        return _matrix(kind, p.head_dim, p.seed, str(p.rotation.device))
+    return Rotation(kind=kind, dim=p.head_dim, seed=p.seed, stored=p.rotation).matrix()
 
 
 @functools.lru_cache(maxsize=32)
