@@ -170,7 +170,7 @@ def test_mixed_pairs_gqa_and_residual(pair, gqa, r):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("pair", [(turbo(3), KIVI_V), (fp8("e5m2", "head"),) * 2, (polar(),) * 2],
+@pytest.mark.parametrize("pair", [(turbo(3), KIVI_V), (fp8("e5m2", "head"),) * 2, (polar(codebook="online"), polar())],
                          ids=["turbo-kivi", "fp8", "polar"])
 def test_ragged_batch_left_padding(pair, dtype):
     out = check(*pair, batch=3, gqa=4, tk=50, r=5, dtype=dtype, lengths=[55, 20, 0])
@@ -203,6 +203,12 @@ def test_rotations_and_levels(pair):
 @pytest.mark.parametrize("pair", [(turbo(3), KIVI_V), (polar(), fp8("e4m3", "head"))], ids=["turbo", "polar"])
 def test_float32_query(pair):
     check(*pair, gqa=4, tk=33, r=3, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("preset", ["turbo-3", "turbo-4", "turbo-k3v4", "fp8", "polar-recursive"])
+def test_presets_through_the_kernel(preset):
+    cfg = PRESETS[preset]
+    check((cfg.key_quantizer, cfg.key_params), (cfg.value_quantizer, cfg.value_params), gqa=4, tk=70, r=9)
 
 
 def test_rotation_stored_as_a_copy():

@@ -58,7 +58,8 @@ try:  # Triton is optional: the PyTorch reference works without it.
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
-#: Stored formats (by class name) of keys and values this kernel reads, with the bit widths.
+#: Stored formats (by class name) of keys and values this kernel reads, with the bit widths (KIVI) or
+#: what is read of them (decode_formats).
 KEY_FORMATS = {"FullPrecisionTensor": None, "KiviChannelTensor": (2, 3, 4, 8), "PolarRopeTensor": None,
                **formats.FORMATS}
 VALUE_FORMATS = {"FullPrecisionTensor": None, "KiviTokenTensor": (2, 3, 4, 8), **formats.FORMATS}

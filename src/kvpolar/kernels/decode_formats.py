@@ -182,7 +182,11 @@ if triton is not None:
         """
         dcol = tl.arange(0, D)
         if FMT == 3:  # turbo: codebook value per coordinate; norm (/ ||codewords||) per token
-            codes = _read_code(rows[:, None], row_ok[:, None], dcol * BITS, BITS, NB)
+            if 8 % BITS == 0:  # codes never straddle two bytes: one byte load per code
+                byte = tl.load(rows[:, None] + (dcol // (8 // BITS))[None, :], mask=row_ok[:, None], other=0)
+                codes = (byte.to(tl.int32) >> ((dcol % (8 // BITS)) * BITS)[None, :]) & ((1 << BITS) - 1)
+            else:
+                codes = _read_code(rows[:, None], row_ok[:, None], dcol * BITS, BITS, NB)
             tile = tl.load(tab0 + codes)
             factor = tl.load(meta_tok, mask=row_ok, other=0.0).to(tl.float32)
             if NORM_CORRECTION:
