@@ -365,6 +365,7 @@ def fused_decode_attention(
         block_n = cfg.block_n
         if k_op.fmt == _FMT_POLAR or (k_op.fmt == _FMT_KIVI and block_n % k_op.group) or _use_transposed(k_op, v_op, cfg):
             block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
+        block_n = min(block_n, formats.block_n_cap(k_op.fmt, v_op.fmt) or block_n)
         split_cfg = cfg
         if _use_transposed(k_op, v_op, cfg):
             split_cfg = dataclasses.replace(cfg, programs_per_sm=cfg.transposed_programs_per_sm)

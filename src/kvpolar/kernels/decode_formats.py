@@ -45,6 +45,15 @@ FORMATS = {
 TURBO_BITS = (1, 2, 3, 4)
 FP8_FORMATS = ("e4m3", "e5m2")
 E4M3_SHIFT = 256.0  # e4m3 bytes decode to value / 2**8 (see fp8_to_f16)
+#: Most tokens per block when either operand is polar-recursive: the level-by-level rebuild of a
+#: ``[BLOCK_N, D]`` tile is register-hungry. Compiled for sm_90 (D = 128, GQA 4, 4 warps, fp16,
+#: polar-recursive keys and values): 64 tokens spill 1376 bytes per thread, 32 spill 232, 16 spill 16.
+POLAR_RECURSIVE_BLOCK_N = 16
+
+
+def block_n_cap(key_fmt: int, value_fmt: int) -> int | None:
+    """Largest ``block_n`` for this pair of format ids, or None (no limit from these formats)."""
+    return POLAR_RECURSIVE_BLOCK_N if FMT_POLAR_RECURSIVE in (key_fmt, value_fmt) else None
 
 
 def reason(p: QuantizedTensor, role: str) -> str | None:
