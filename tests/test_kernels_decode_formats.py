@@ -156,15 +156,17 @@ def test_key_formats_with_own_kivi_and_full_values(key_name, value_kind):
 
 
 @pytest.mark.parametrize("value", [turbo(1), turbo(3, norm_correction=False), fp8("e4m3", "tensor"),
-                                   fp8("e5m2", "head"), polar(codebook="online")], ids=str)
+                                   fp8("e5m2", "head"), polar(codebook="online")],
+                         ids=["turbo-1", "turbo-3-no-norm-correction", "fp8-e4m3-tensor", "fp8-e5m2-head",
+                              "polar-online"])
 def test_value_formats_with_kivi_keys(value):
     check(KIVI_K, value, tk=45, r=3, gqa=1)
 
 
 @pytest.mark.parametrize("gqa", [1, 4, 8])
 @pytest.mark.parametrize("r", [0, 6])
-@pytest.mark.parametrize("pair", [(turbo(3), polar()), (polar(codebook="online"), turbo(4)), (fp8("e4m3", "head"),) * 2],
-                         ids=["turbo-polar", "polar-turbo", "fp8-fp8"])
+@pytest.mark.parametrize("pair", [(turbo(3), polar()), (polar(codebook="online"), turbo(4)),
+                                  (fp8("e4m3", "head"),) * 2], ids=["turbo-polar", "polar-turbo", "fp8-fp8"])
 def test_mixed_pairs_gqa_and_residual(pair, gqa, r):
     check(*pair, hkv=2 if gqa == 1 else 1, gqa=gqa, tk=29, r=r)
 
