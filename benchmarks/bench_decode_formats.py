@@ -92,9 +92,6 @@ def time_shape(b, t, dev, names):
         ms = median_ms(lambda: fused_decode_attention(q, pk, pv, kq, vq, rk, rv, D**-0.5))
         rows.append({"batch": b, "tokens": t, "method": name, "median_ms": ms, "bytes": nbytes,
                      "speedup_vs_sdpa_fp16": sdpa_ms / ms})
-        del pk, pv
-    del q, k, v
-    torch.cuda.empty_cache()
     for r in rows:
         r["gb_per_s"] = r["bytes"] / r["median_ms"] / 1e6
     return rows
