@@ -271,3 +271,34 @@ def test_unsupported_setting_names_the_parameter(role):
     assert not supports(keys, values)
     with pytest.raises(ValueError, match=f"polar-recursive {role} radius_bits=4"):
         fused_decode_attention(torch.randn(1, 1, 1, D), keys, values, None, None, None, None, 1.0)
+
+
+# ----- through the transformers cache -------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["turbo-k3v4", "fp8", "polar-recursive"])
+def test_cache_decodes_through_the_kernel(monkeypatch, preset):
+    """The cache's attention dispatches these presets to the fused kernel (forced here on CPU, as on
+    CUDA) and its logits match the reference decode of the same cache."""
+    from cache_helpers import config, left_padded, teacher_forced, tiny_model
+
+    from kvpolar.cache import attention
+    from kvpolar.cache.cache import QuantizedKVCache
+    from kvpolar.kernels import decode_attention
+
+    model = tiny_model("llama", layers=2)
+    ids, mask = left_padded([21, 9])
+    cont = torch.randint(1, 90, (2, 2), generator=torch.Generator().manual_seed(3))
+    cfg = config(preset, residual_length=4, full_precision_layers=())
+
+    def run(kernel):
+        monkeypatch.setattr(attention, "fused_kernel", lambda query: kernel)
+        return teacher_forced(model, ids, mask, cont, QuantizedKVCache(model.config, cfg))
+
+    want = run(None)  # the reference
+    calls = []
+    counting = type("Counting", (), {
+        "supports": staticmethod(decode_attention.supports),
+        "fused_decode_attention": staticmethod(lambda *a: calls.append(1) or decode_attention.fused_decode_attention(*a)),
+    })
+    got = run(counting)
+    assert len(calls) == 2 * cont.shape[1]  # every decode step of both layers
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
