@@ -17,6 +17,10 @@ formats here plug into its classic split kernel (``_split_kernel``) through one 
 
 Rotated-domain formats never un-rotate a token: the wrapper rotates the query once (keys) and the
 combined output once (values), see :func:`rotation_matrix`.
+
+Reference: :func:`kvpolar.decode_attention.reference_decode_attention` (through
+``fused_decode_attention``; tests: ``tests/test_kernels_decode_formats.py``). Compiled for sm_90
+without a GPU by ``benchmarks/inspect_format_sass.py``; timed by ``benchmarks/bench_decode_formats.py``.
 """
 
 from __future__ import annotations
