@@ -15,6 +15,11 @@ How it runs (two Triton kernels):
      (``q * scale_g``), multiplied with the integer codes on the tensor cores, plus ``q . min_g``;
    * keys, polar-rope: per pair ``r = r_min + rc * r_scale``, ``theta = a_min + ac * a_scale``,
      ``(x, y) = r (cos, sin) theta`` in registers, then ``q_x . x + q_y . y``;
+   * turbo, fp8 and polar-recursive keys or values (:mod:`kvpolar.kernels.decode_formats`): a
+     ``[BLOCK_N, D]`` tile rebuilt in registers (turbo: codebook values; fp8: the bytes as float16;
+     polar-recursive: the inverse polar transform from the stored radii and codebook cos/sin tables)
+     times a per-token factor (turbo: norm; fp8: chunk scale) applied to the scores, or to the tile
+     for values;
    * values, KIVI per-token: codes unpacked and dequantized in registers, then ``p @ v``;
    * ``none`` (full precision) keys/values: the plain fp16/bf16 path of the same kernel.
 
@@ -23,9 +28,15 @@ How it runs (two Triton kernels):
 2. ``_combine_kernel``, one program per ``(batch, query head, query token)``: merges the splits.
 
 The number of splits grows until ``batch * kv_heads * splits`` covers the GPU several times, so
-batch 1 at 128k tokens fills every SM. Formats that live in a rotated domain (polar-recursive,
-turbo) plug in through ``_QUERY_ADAPTERS``: rotate the query once before the kernel and the output
-once after it (the kernel itself sees ordinary KIVI-like codes).
+batch 1 at 128k tokens fills every SM. Formats that live in a rotated domain (turbo,
+polar-recursive; ``decode_formats.rotation_matrix``) never un-rotate a token: rotated keys get the
+query rotated once (the residual window's launch keeps the plain query); rotated values accumulate
+in the rotated domain, the residual window's partial outputs are rotated into it (one row per
+query, not per token), and the combined output is un-rotated once.
+
+Stored formats read (any key format with any value format; ``supports`` checks the parameters):
+keys: full precision, KIVI per-channel, polar-rope, turbo, fp8, polar-recursive; values: full
+precision, KIVI per-token, turbo, fp8, polar-recursive.
 """
 
 from __future__ import annotations
@@ -34,10 +45,10 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Callable
 
 import torch
 
+from kvpolar.kernels import decode_formats as formats
 from kvpolar.quantized import QuantizedTensor
 
 try:  # Triton is optional: the PyTorch reference works without it.
@@ -47,9 +58,11 @@ try:  # Triton is optional: the PyTorch reference works without it.
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
-#: Stored formats (by class name) of keys and values this kernel reads, with the bit widths.
-KEY_FORMATS = {"FullPrecisionTensor": None, "KiviChannelTensor": (2, 3, 4, 8), "PolarRopeTensor": None}
-VALUE_FORMATS = {"FullPrecisionTensor": None, "KiviTokenTensor": (2, 3, 4, 8)}
+#: Stored formats (by class name) of keys and values this kernel reads, with the bit widths (KIVI) or
+#: what is read of them (decode_formats).
+KEY_FORMATS = {"FullPrecisionTensor": None, "KiviChannelTensor": (2, 3, 4, 8), "PolarRopeTensor": None,
+               **formats.FORMATS}
+VALUE_FORMATS = {"FullPrecisionTensor": None, "KiviTokenTensor": (2, 3, 4, 8), **formats.FORMATS}
 POLAR_PAIR_BITS = (2, 3, 4, 6, 8)  # radius_bits + angle_bits that unpack in whole 1- or 3-byte units
 
 _FMT_FULL, _FMT_KIVI, _FMT_POLAR = 0, 1, 2
@@ -91,6 +104,8 @@ def _key_reason(keys: QuantizedTensor | None) -> str | None:
             return f"polar-rope group_size={keys.group_size} (supported: multiples of 16)"
         if keys.pairing not in ("half", "interleaved"):
             return f"polar-rope pairing={keys.pairing!r} (supported: 'half', 'interleaved')"
+    if name in formats.FORMATS:
+        return formats.reason(keys, "key")
     return None
 
 
@@ -108,19 +123,14 @@ def _value_reason(values: QuantizedTensor | None) -> str | None:
             return f"KIVI value bits={values.bits} (supported: {VALUE_FORMATS[name]})"
         if not (_pow2(values.group_size) and values.group_size >= 8):
             return f"KIVI value group_size={values.group_size} (supported: powers of two >= 8)"
+    if name in formats.FORMATS:
+        return formats.reason(values, "value")
     return None
 
 
 def supports(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> bool:
     """True when :func:`fused_decode_attention` can read this pair of stored formats."""
     return triton is not None and _key_reason(keys) is None and _value_reason(values) is None
-
-
-# ----- rotated-domain formats (polar-recursive, turbo) plug in here --------------------------------------
-#: key class name -> (query -> rotated query, output -> output in the original basis). The stored
-#: codes of such formats are read like KIVI/polar codes; only the basis changes, once per call.
-_QUERY_ADAPTERS: dict[str, tuple[Callable[[torch.Tensor, QuantizedTensor], torch.Tensor],
-                                 Callable[[torch.Tensor, QuantizedTensor], torch.Tensor]]] = {}
 
 
 # ----- operands: a format's tensors and static parameters, as the kernel takes them -------------------
@@ -134,6 +144,13 @@ class _Operand:
     radius_bits: int = 0
     angle_bits: int = 0
     pair_half: bool = True
+    # decode_formats (turbo, fp8, polar-recursive): lookup tables, their per-KV-head stride, levels,
+    # packed bytes per token, turbo's norm correction
+    tables: tuple[torch.Tensor, ...] = ()
+    book_stride: int = 0
+    levels: int = 0
+    row_bytes: int = 0
+    norm_correction: bool = False
 
     @property
     def tokens(self) -> int:
@@ -146,6 +163,8 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def _key_operand(keys: QuantizedTensor) -> _Operand:
     name = type(keys).__name__
+    if name in formats.FORMATS:
+        return _Operand(**formats.operand_fields(keys))
     if name == "FullPrecisionTensor":
         return _Operand(_FMT_FULL, _last_contiguous(keys.values), ())
     if name == "KiviChannelTensor":
@@ -160,6 +179,8 @@ def _key_operand(keys: QuantizedTensor) -> _Operand:
 
 
 def _value_operand(values: QuantizedTensor) -> _Operand:
+    if type(values).__name__ in formats.FORMATS:
+        return _Operand(**formats.operand_fields(values))
     if type(values).__name__ == "FullPrecisionTensor":
         return _Operand(_FMT_FULL, _last_contiguous(values.values), ())
     meta = (values.scale, values.minimum)
@@ -316,10 +337,6 @@ def fused_decode_attention(
     if query.dim() != 4 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"query must be [B, Hq, Tq, D] float16/bfloat16/float32; got {tuple(query.shape)} {query.dtype}")
     cfg = config or LaunchConfig()
-    adapter = _QUERY_ADAPTERS.get(type(keys).__name__) if keys is not None else None
-    if adapter is not None:
-        query = adapter[0](query, keys)
-
     bsz, hq, tq, d = query.shape
     hkv = keys.shape[1] if keys is not None else residual_keys.shape[1]
     if hq % hkv:
@@ -341,22 +358,26 @@ def fused_decode_attention(
     gqa = hq // hkv
     block_m = max(16, triton.next_power_of_2(gqa * tq))
     sms = _device_sms(query.device)
-    parts = []  # (key operand, value operand, token offset, splits, tokens per split, block_n)
+    k_rot, v_rot = formats.rotation_matrix(keys), formats.rotation_matrix(values)  # rotated-domain formats
+    parts = []  # (key operand, value operand, token offset, splits, tokens per split, block_n, query)
     if tk:
         k_op, v_op = _key_operand(keys), _value_operand(values)
         block_n = cfg.block_n
         if k_op.fmt == _FMT_POLAR or (k_op.fmt == _FMT_KIVI and block_n % k_op.group) or _use_transposed(k_op, v_op, cfg):
             block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
+        block_n = min(block_n, formats.block_n_cap(k_op.fmt, v_op.fmt) or block_n)
         split_cfg = cfg
         if _use_transposed(k_op, v_op, cfg):
             split_cfg = dataclasses.replace(cfg, programs_per_sm=cfg.transposed_programs_per_sm)
         splits, per_split = choose_splits(tk, bsz * hkv, sms, block_n, split_cfg)
-        parts.append((k_op, v_op, 0, splits, per_split, block_n))
+        q_packed = query if k_rot is None else (query.float() @ k_rot.T).to(query.dtype)  # R q, once
+        parts.append((k_op, v_op, 0, splits, per_split, block_n, q_packed))
     if r:
         block_n = min(cfg.block_n, max(16, triton.next_power_of_2(r)))
         splits, per_split = choose_splits(r, bsz * hkv, sms, block_n,
                                           dataclasses.replace(cfg, num_splits=None, min_split_tokens=1024))
-        parts.append((_full_operand(residual_keys), _full_operand(residual_values), tk, splits, per_split, block_n))
+        parts.append((_full_operand(residual_keys), _full_operand(residual_values), tk, splits, per_split, block_n,
+                      query))
     total_splits = sum(p[3] for p in parts)
 
     dev = query.device
@@ -364,17 +385,20 @@ def fused_decode_attention(
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty(bsz, hq, tq, total_splits, d, device=dev, dtype=torch.float32)
     base = 0
-    for k_op, v_op, offset, splits, per_split, block_n in parts:
-        _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
+    for k_op, v_op, offset, splits, per_split, block_n, q_part in parts:
+        _launch_split(q_part, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
                       part_max, part_sum, part_acc, scale, gqa, block_m, block_n, cfg)
         base += splits
-    out = torch.empty(bsz, hq, tq, d, device=dev, dtype=query.dtype)
+    if v_rot is not None and r:  # the residual window's partial outputs into the values' rotated domain
+        n_packed = parts[0][3] if tk else 0
+        part_acc[..., n_packed:, :] = part_acc[..., n_packed:, :] @ v_rot.T
+    out = torch.empty(bsz, hq, tq, d, device=dev, dtype=query.dtype if v_rot is None else torch.float32)
     _combine_kernel[(bsz * hq * tq,)](
         part_max, part_sum, part_acc, out, total_splits,
         D=d, BLOCK_S=triton.next_power_of_2(total_splits), num_warps=4,
     )
-    if adapter is not None:
-        out = adapter[1](out, keys)
+    if v_rot is not None:
+        out = (out @ v_rot).to(query.dtype)  # R^T o, once
     return out
 
 
@@ -402,6 +426,8 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         block_m = max(cfg.transposed_rows, triton.next_power_of_2(gqa * query.shape[2]))
         if cfg.max_registers is not None and not _interpreting():
             extra["maxnreg"] = cfg.max_registers
+    if kernel is _split_kernel:
+        extra.update(formats.kernel_args(k_op, v_op, query))
     kernel[(bsz * hkv, splits)](
         query, *query.stride()[:3],
         k_op.data, *k_op.data.stride()[:3], *km, *km_strides,
@@ -509,7 +535,12 @@ if triton is not None:
         VAL_GROUP: tl.constexpr,
         HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr, PARTS: tl.constexpr,
+        ktab0, ktab1, ktab2, k_book_stride, vtab0, vtab1, vtab2, v_book_stride,
+        KEY_NB: tl.constexpr, KEY_LEVELS: tl.constexpr, KEY_NORM: tl.constexpr,
+        VAL_NB: tl.constexpr, VAL_LEVELS: tl.constexpr, VAL_NORM: tl.constexpr,
     ):
+        """The split step (see the module docstring); ``ktab*`` / ``vtab*``, ``*_book_stride``,
+        ``*_NB``, ``*_LEVELS``, ``*_NORM``: the formats of ``decode_formats`` (``kernel_args``)."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // n_kv_heads
@@ -605,6 +636,12 @@ if triton is not None:
                                 D, DT, NATIVE, False, False, KEY_OFFSET)
                 k = ((codes - KEY_OFFSET) * k_scale + k_min).to(DT)
                 s = tl.dot(q, tl.trans(k), input_precision=PREC)
+            elif KEY_FMT >= 3:  # turbo / fp8 / polar-recursive: a tile, the per-token factor on the scores
+                k, k_tok = formats.format_tile(
+                    k_base + offs_n * sk_t, n_ok, km0 + km_base + offs_n * skm_g, ktab0, ktab1, ktab2,
+                    (b * n_kv_heads + hkv) * k_book_stride, KEY_FMT, KEY_BITS, KEY_NB, KEY_LEVELS, KEY_NORM,
+                    D, BLOCK_N)
+                s = tl.dot(q, tl.trans(k.to(DT)), input_precision=PREC) * k_tok[None, :]
             else:  # polar-rope: (x, y) = r (cos, sin) theta per pair, then q_x . x + q_y . y
                 meta = km_base + (n0 // KEY_GROUP) * skm_g + tl.arange(0, HALF)
                 r_scale = tl.load(km0 + meta).to(tl.float32)
@@ -654,13 +691,22 @@ if triton is not None:
                 if VAL_FMT == 0:
                     v = tl.load(v_base + offs_n[:, None] * sv_t + dcol[None, :], mask=n_ok[:, None], other=0.0)
                     v = v.to(DT)
-                else:  # KIVI per-token: codes * scale + min, per packed unit (one channel group)
+                elif VAL_FMT == 1:  # KIVI per-token: codes * scale + min, per packed unit (one channel group)
                     NUV2: tl.constexpr = D // VAL_U
                     meta = vm_base + offs_n[:, None] * svm_t + ((tl.arange(0, NUV2) * VAL_U) // VAL_GROUP)[None, :]
                     v_scale = tl.load(vm0 + meta, mask=n_ok[:, None], other=0.0).to(DT)
                     v_min = tl.load(vm1 + meta, mask=n_ok[:, None], other=0.0).to(DT)
                     v = _unpack(v_base + offs_n[:, None] * sv_t, n_ok[:, None], v_scale, v_min, VAL_BITS, VAL_UB,
                                 VAL_U, D, DT, NATIVE, True, False, VAL_OFFSET)
+                elif VAL_FMT >= 3:  # turbo / fp8 / polar-recursive: the per-token factor on the tile
+                    v, v_tok = formats.format_tile(
+                        v_base + offs_n * sv_t, n_ok, vm0 + vm_base + offs_n * svm_t, vtab0, vtab1, vtab2,
+                        (b * n_kv_heads + hkv) * v_book_stride, VAL_FMT, VAL_BITS, VAL_NB, VAL_LEVELS, VAL_NORM,
+                        D, BLOCK_N)
+                    if VAL_FMT == 6:
+                        v = v.to(DT)
+                    else:
+                        v = (v.to(tl.float32) * v_tok[:, None]).to(DT)
                 acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PREC)
 
         slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split

@@ -1,0 +1,304 @@
+"""Fused decode attention over turbo, fp8 and polar-recursive keys/values (kernels/decode_formats.py),
+alone and mixed with KIVI / full-precision parts, against the PyTorch reference (TRITON_INTERPRET=1
+on CPU).
+
+Tolerance from the reference's own error (style guide): kernel and reference are both compared with a
+float64 oracle (attention over the cache dequantized in float64, rotations undone in float64); the
+kernel may be at most a small multiple of the working-dtype reference's error.
+"""
+
+import dataclasses
+import zlib
+
+import pytest
+import torch
+
+import kvpolar
+from kvpolar.cache.config import PRESETS
+from kvpolar.decode_attention import reference_decode_attention
+from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention, supports
+from kvpolar.packing import unpack_bits
+from kvpolar.quantizers.polar_recursive import decoded_angles, inverse_polar_transform
+from kvpolar.quantizers.rotations import rotation
+
+triton = pytest.importorskip("triton")
+tl = triton.language
+from kvpolar.kernels.decode_formats import E4M3_SHIFT, fp8_to_f16  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+D = 64
+KIVI_K = ("kivi", {"bits": 2, "group_size": 32, "axis": "channel"})
+KIVI_V = ("kivi", {"bits": 3, "group_size": 32, "axis": "token"})
+NONE = ("none", {})
+
+
+# ----- float64 oracle -----------------------------------------------------------------------------------
+def _matrix64(kind, seed):
+    return rotation(kind, D, seed).matrix().double()
+
+
+def dequantize64(p):
+    """The stored tensor in float64, in the original basis."""
+    name = type(p).__name__
+    if name == "FullPrecisionTensor":
+        return p.values.double()
+    if name == "Fp8Tensor":
+        return p.codes.double() * p.token_scales().double()[..., None]
+    if name == "TurboTensor":
+        cw = p.codebook.double()[unpack_bits(p.codes, p.bits, D).long()]
+        factor = p.norms.double()
+        if p.norm_correction:
+            factor = factor / torch.linalg.vector_norm(cw, dim=-1, keepdim=True)
+        return (cw * factor) @ _matrix64(p.rotation_kind, p.seed)
+    if name == "PolarRecursiveTensor":
+        y = inverse_polar_transform([a.double() for a in decoded_angles(p)], p.radii.double())
+        return y @ _matrix64(p.preconditioner, p.seed)
+    codes = unpack_bits(p.codes, p.bits, D).double()
+    if name == "KiviChannelTensor":
+        sc = p.scale.double().repeat_interleave(p.group_size, -2)[..., : p.num_tokens, :]
+        mn = p.minimum.double().repeat_interleave(p.group_size, -2)[..., : p.num_tokens, :]
+    else:
+        sc = p.scale.double().repeat_interleave(p.group_size, -1)
+        mn = p.minimum.double().repeat_interleave(p.group_size, -1)
+    return codes * sc + mn
+
+
+def oracle(q, pk, pv, rk, rv, scale, mask):
+    ks, vs = [], []
+    if pk is not None:
+        ks.append(dequantize64(pk))
+        vs.append(dequantize64(pv))
+    if rk is not None:
+        ks.append(rk.double())
+        vs.append(rv.double())
+    k, v = torch.cat(ks, -2), torch.cat(vs, -2)
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = q.double() @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v
+
+
+# ----- one comparison -------------------------------------------------------------------------------------
+def quantize_in_chunks(qz, x, chunks):
+    """``x`` quantized as a cache grows: one ``quantize`` call per chunk of tokens, then ``kvpolar.cat``."""
+    if chunks is None:
+        return qz.quantize(x)
+    parts, start = [], 0
+    for n in chunks:
+        parts.append(qz.quantize(x[..., start : start + n, :] * (1 + start / 10)))  # distinct scales
+        start += n
+    assert start == x.shape[-2]
+    return kvpolar.cat(parts)
+
+
+def check(key, value, *, batch=1, hkv=2, gqa=4, tq=1, tk=37, r=5, dtype=torch.float16, lengths=None,
+          chunks=None, config=None, factor=3.0, stored_hook=None):
+    g = torch.Generator().manual_seed(zlib.crc32(repr((key, value, batch, hkv, gqa, tq, tk, r, dtype)).encode()))
+    n = tk + r
+    k = (torch.randn(batch, hkv, n, D, generator=g) * 1.5 + 0.3).to(dtype)
+    v = torch.randn(batch, hkv, n, D, generator=g).to(dtype)
+    q = torch.randn(batch, hkv * gqa, tq, D, generator=g).to(dtype)
+    kq, vq = kvpolar.quantizer(key[0], **key[1]), kvpolar.quantizer(value[0], **value[1])
+    pk = quantize_in_chunks(kq, k[..., :tk, :], chunks) if tk else None
+    pv = quantize_in_chunks(vq, v[..., :tk, :], chunks) if tk else None
+    if stored_hook is not None:
+        pk, pv = stored_hook(pk), stored_hook(pv)
+    rk, rv = (k[..., tk:, :], v[..., tk:, :]) if r else (None, None)
+    mask = None
+    if lengths is not None:  # left padding: sequence i holds its last lengths[i] tokens
+        pos = torch.arange(n)
+        mask = (pos[None, :] >= n - torch.tensor(lengths)[:, None])[:, None, None, :].expand(batch, 1, tq, n)
+    scale = D**-0.5
+    want = oracle(q, pk, pv, rk, rv, scale, mask)
+    ref = reference_decode_attention(q, pk, pv, kq, vq, rk, rv, scale, mask)
+    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    assert supports(pk, pv)
+    out = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, dev(rk), dev(rv), scale, dev(mask), config)
+    assert out.dtype == dtype and out.shape == q.shape
+    out = out.cpu().double()
+    assert torch.isfinite(out).all()
+    ref_err = (ref.double() - want).abs().max().item()
+    err = (out - want).abs().max().item()
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-20}[dtype]
+    floor = ulp * want.abs().max().item()
+    assert err <= factor * max(ref_err, floor), f"kernel error {err:.3g} vs reference error {ref_err:.3g}"
+    return out
+
+
+def turbo(bits, **kw):
+    return ("turbo", {"bits": bits, **kw})
+
+
+def fp8(fmt, scale):
+    return ("fp8", {"format": fmt, "scale": scale})
+
+
+def polar(**kw):
+    return ("polar-recursive", kw)
+
+
+# ----- tests --------------------------------------------------------------------------------------------------
+NEW_FORMATS = {
+    "turbo-2": turbo(2), "turbo-3": turbo(3), "turbo-4": turbo(4),
+    "fp8-e4m3-head": fp8("e4m3", "head"), "fp8-e5m2-tensor": fp8("e5m2", "tensor"),
+    "polar-analytic": polar(), "polar-online": polar(codebook="online"),
+}
+
+
+@pytest.mark.parametrize("value_kind", ["own", "kivi", "none"])
+@pytest.mark.parametrize("key_name", list(NEW_FORMATS))
+def test_key_formats_with_own_kivi_and_full_values(key_name, value_kind):
+    key = NEW_FORMATS[key_name]
+    value = {"own": key, "kivi": KIVI_V, "none": NONE}[value_kind]
+    check(key, value, tk=37, r=5)
+
+
+@pytest.mark.parametrize("value", [turbo(1), turbo(3, norm_correction=False), fp8("e4m3", "tensor"),
+                                   fp8("e5m2", "head"), polar(codebook="online")],
+                         ids=["turbo-1", "turbo-3-no-norm-correction", "fp8-e4m3-tensor", "fp8-e5m2-head",
+                              "polar-online"])
+def test_value_formats_with_kivi_keys(value):
+    check(KIVI_K, value, tk=45, r=3, gqa=1)
+
+
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("r", [0, 6])
+@pytest.mark.parametrize("pair", [(turbo(3), polar()), (polar(codebook="online"), turbo(4)),
+                                  (fp8("e4m3", "head"),) * 2], ids=["turbo-polar", "polar-turbo", "fp8-fp8"])
+def test_mixed_pairs_gqa_and_residual(pair, gqa, r):
+    check(*pair, hkv=2 if gqa == 1 else 1, gqa=gqa, tk=29, r=r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pair", [(turbo(3), KIVI_V), (fp8("e5m2", "head"),) * 2, (polar(codebook="online"), polar())],
+                         ids=["turbo-kivi", "fp8", "polar"])
+def test_ragged_batch_left_padding(pair, dtype):
+    out = check(*pair, batch=3, gqa=4, tk=50, r=5, dtype=dtype, lengths=[55, 20, 0])
+    assert torch.equal(out[2], torch.zeros_like(out[2]))  # a fully masked row gives zeros
+
+
+@pytest.mark.parametrize("tk", [1, 16, 65])
+@pytest.mark.parametrize("pair", [(turbo(3), turbo(3)), (polar(), polar()), (fp8("e4m3", "tensor"), KIVI_V)],
+                         ids=["turbo", "polar", "fp8-kivi"])
+def test_lengths_off_the_block(pair, tk):
+    check(*pair, gqa=4, tk=tk, r=0 if tk == 1 else 2)
+
+
+@pytest.mark.parametrize("pair", [(fp8("e4m3", "head"), fp8("e5m2", "tensor")), (turbo(2), fp8("e4m3", "head"))],
+                         ids=["fp8-fp8", "turbo-fp8"])
+def test_fp8_chunks_and_several_splits(pair):
+    """Tokens appended in chunks of their own scales; several splits per (sequence, head)."""
+    check(*pair, batch=2, gqa=4, tq=2, tk=70, r=3, lengths=[73, 40], chunks=[5, 33, 32],
+          config=LaunchConfig(block_n=16, num_splits=3))
+
+
+@pytest.mark.parametrize("pair", [
+    (turbo(4, rotation="orthogonal"), polar(preconditioner="orthogonal")),
+    (polar(levels=2, bits=(3, 3)), polar(levels=6, bits=(4, 3, 3, 3, 2, 3), codebook="online")),
+], ids=["orthogonal", "levels"])
+def test_rotations_and_levels(pair):
+    check(*pair, gqa=4, tq=3, tk=40, r=4)
+
+
+@pytest.mark.parametrize("pair", [(turbo(3), KIVI_V), (polar(), fp8("e4m3", "head"))], ids=["turbo", "polar"])
+def test_float32_query(pair):
+    check(*pair, gqa=4, tk=33, r=3, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("preset", ["turbo-3", "turbo-4", "turbo-k3v4", "fp8", "polar-recursive"])
+def test_presets_through_the_kernel(preset):
+    cfg = PRESETS[preset]
+    check((cfg.key_quantizer, cfg.key_params), (cfg.value_quantizer, cfg.value_params), gqa=4, tk=70, r=9)
+
+
+def test_rotation_stored_as_a_copy():
+    """A stored rotation that is not the layer's shared object (e.g. loaded from disk) is used as stored."""
+    check(turbo(3), polar(), gqa=4, tk=20, r=3,
+          stored_hook=lambda p: dataclasses.replace(p, rotation=p.rotation.clone()))
+
+
+def test_turbo_keys_only_residual_launch_keeps_plain_query():
+    """Rotated keys and values with a residual window longer than the packed part."""
+    check(turbo(3), turbo(3), gqa=8, tk=3, r=30)
+
+
+# ----- fp8 bit trick -------------------------------------------------------------------------------------------
+@triton.jit
+def _fp8_decode_kernel(src, dst, E4M3: tl.constexpr):
+    i = tl.arange(0, 256)
+    tl.store(dst + i, fp8_to_f16(tl.load(src + i).to(tl.int32), E4M3))
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_bits_to_float16_over_all_codes(fmt):
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    out = torch.empty(256, dtype=torch.float16)
+    out = out.to(DEVICE)
+    _fp8_decode_kernel[(1,)](codes.to(DEVICE), out, fmt == "e4m3")
+    want = codes.view({"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[fmt]).double()
+    got = out.cpu().double() * (E4M3_SHIFT if fmt == "e4m3" else 1.0)
+    finite = ~torch.isnan(want)
+    assert int(finite.sum()) == (254 if fmt == "e4m3" else 250)
+    assert torch.equal(got[finite], want[finite])
+
+
+# ----- what the kernel claims to read -----------------------------------------------------------------------
+def _stored(name, params, x):
+    qz = kvpolar.quantizer(name, **params)
+    context = {"queries": torch.randn(1, 2, 8, D)} if "queries" in qz.context_keys else {}
+    return qz.quantize(x, **context)
+
+
+def test_supports_every_preset():
+    """Every preset's stored pair, built through its quantizers (SQuat stores KIVI keys)."""
+    x = torch.randn(1, 2, 64, D)
+    covered = {}
+    for name, cfg in PRESETS.items():
+        covered[name] = supports(_stored(cfg.key_quantizer, cfg.key_params, x),
+                                 _stored(cfg.value_quantizer, cfg.value_params, x))
+    assert all(covered.values()), covered
+    assert {"turbo-3", "turbo-4", "turbo-k3v4", "fp8", "polar-recursive"} <= set(covered)
+
+
+@pytest.mark.parametrize("role", ["key", "value"])
+def test_unsupported_setting_names_the_parameter(role):
+    x = torch.randn(1, 1, 20, D)
+    odd = kvpolar.quantizer("polar-recursive", radius_bits=4)
+    fp = kvpolar.quantizer("none")
+    keys, values = (odd.quantize(x), fp.quantize(x)) if role == "key" else (fp.quantize(x), odd.quantize(x))
+    assert not supports(keys, values)
+    with pytest.raises(ValueError, match=f"polar-recursive {role} radius_bits=4"):
+        fused_decode_attention(torch.randn(1, 1, 1, D), keys, values, None, None, None, None, 1.0)
+
+
+# ----- through the transformers cache -------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["turbo-k3v4", "fp8", "polar-recursive"])
+def test_cache_decodes_through_the_kernel(monkeypatch, preset):
+    """The cache's attention dispatches these presets to the fused kernel (forced here on CPU, as on
+    CUDA) and its logits match the reference decode of the same cache."""
+    from cache_helpers import config, left_padded, teacher_forced, tiny_model
+
+    from kvpolar.cache import attention
+    from kvpolar.cache.cache import QuantizedKVCache
+    from kvpolar.kernels import decode_attention
+
+    model = tiny_model("llama", layers=2)
+    ids, mask = left_padded([21, 9])
+    cont = torch.randint(1, 90, (2, 2), generator=torch.Generator().manual_seed(3))
+    cfg = config(preset, residual_length=4, full_precision_layers=())
+
+    def run(kernel):
+        monkeypatch.setattr(attention, "fused_kernel", lambda query: kernel)
+        return teacher_forced(model, ids, mask, cont, QuantizedKVCache(model.config, cfg))
+
+    want = run(None)  # the reference
+    calls = []
+    counting = type("Counting", (), {
+        "supports": staticmethod(decode_attention.supports),
+        "fused_decode_attention": staticmethod(lambda *a: calls.append(1) or decode_attention.fused_decode_attention(*a)),
+    })
+    got = run(counting)
+    assert len(calls) == 2 * cont.shape[1]  # every decode step of both layers
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
