@@ -271,23 +271,27 @@ def test_cuda_dispatch_falls_back_with_a_warning(monkeypatch):
 
 
 def test_formats_the_kernel_does_not_read_use_the_reference(monkeypatch):
-    """A stored format the fused kernel does not cover decodes with the reference, warned once."""
+    """A stored format the fused kernel does not cover (here polar-recursive keys with quantized
+    radii: the kernel's own ``supports`` says no) decodes with the reference, warned once."""
     import types
 
     from kvpolar.cache import attention
+    from kvpolar.kernels.decode_attention import supports
 
     calls = []
     fake = types.SimpleNamespace(
-        supports=lambda keys, values: False,
+        supports=supports,
         fused_decode_attention=lambda *a: calls.append("fused"),
     )
     monkeypatch.setattr(attention, "fused_kernel", lambda query: fake)
     monkeypatch.setattr(attention, "_FUSED", {})
-    kq, vq = kvpolar.quantizer("turbo", bits=3), kvpolar.quantizer("kivi", axis="token")
+    kq = kvpolar.quantizer("polar-recursive", levels=4, bits=(4, 2, 2, 2), radius_bits=6)
+    vq = kvpolar.quantizer("kivi", axis="token")
     k, v = torch.randn(1, 2, 32, 64), torch.randn(1, 2, 32, 64)
     q = torch.randn(1, 4, 1, 64)
     args = (kq.quantize(k), vq.quantize(v), kq, vq, None, None, 0.125, None)
-    with pytest.warns(RuntimeWarning, match="does not read keys stored as TurboTensor"):
+    assert not supports(args[0], args[1])
+    with pytest.warns(RuntimeWarning, match="does not read keys stored as PolarRecursiveTensor"):
         out = attention._decode(q, *args)
     assert calls == []
     assert torch.allclose(out, reference_decode_attention(q, *args))
