@@ -20,7 +20,7 @@ combined output once (values), see :func:`rotation_matrix`.
 
 Reference: :func:`kvpolar.decode_attention.reference_decode_attention` (through
 ``fused_decode_attention``; tests: ``tests/test_kernels_decode_formats.py``). Compiled for sm_90
-without a GPU by ``benchmarks/inspect_format_sass.py``; timed by ``benchmarks/bench_decode_formats.py``.
+without a GPU by ``benchmarks/inspect_format_sass.py``; timed with every other preset by ``benchmarks/bench_attention.py``.
 """
 
 from __future__ import annotations
