@@ -36,16 +36,18 @@ SMOKE_CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_
                     num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096)
 
 
-def build_model(layers: int):
+def build_model(layers: int, device: str | None = None):
+    """Random-weight float16 Llama: ``CONFIG_8B`` on CUDA, ``SMOKE_CONFIG`` on the CPU (seed 0)."""
     import transformers
 
-    base = CONFIG_8B if DEVICE == "cuda" else SMOKE_CONFIG
-    config = transformers.LlamaConfig(**{**base, "num_hidden_layers": layers})
+    device = device or DEVICE
+    base = CONFIG_8B if device == "cuda" else SMOKE_CONFIG
+    config = transformers.LlamaConfig(**{**base, "num_hidden_layers": layers or base["num_hidden_layers"]})
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
     try:
-        with torch.device(DEVICE):
+        with torch.device(device):
             model = transformers.LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)

@@ -34,25 +34,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_end_to_end import CONFIG_8B, SMOKE_CONFIG  # noqa: E402
+from bench_end_to_end import CONFIG_8B, SMOKE_CONFIG, build_model, make_cache  # noqa: E402
 
 DEFAULT_PRESETS = "fp16,kivi-2,kivi-4,polar-rope-3,turbo-4"
 
 
 def make_model(path: str, layers: int, smoke: bool) -> None:
     """Save a random-weight Llama (float16 safetensors) to ``path``."""
-    import transformers
-
-    base = SMOKE_CONFIG if smoke else CONFIG_8B
-    config = transformers.LlamaConfig(**{**base, "num_hidden_layers": layers or base["num_hidden_layers"]})
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device("cpu" if smoke else "cuda"):
-            model = transformers.LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
+    model = build_model(layers, "cpu" if smoke else "cuda")
     model.save_pretrained(path)
     print(f"saved {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters to {path}")
 
@@ -71,17 +60,6 @@ def load(path: str, smoke: bool):
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to("cpu" if smoke else "cuda")
     return model.eval()
-
-
-def make_cache(model, preset: str):
-    import transformers
-
-    import kvpolar
-
-    if preset == "fp16":
-        model.set_attn_implementation("sdpa")
-        return transformers.DynamicCache(config=model.config)
-    return kvpolar.enable(model, preset)
 
 
 def _device(model) -> torch.device:
