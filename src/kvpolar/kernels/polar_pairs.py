@@ -1,0 +1,106 @@
+"""Triton helpers: polar-rope key pairs decoded in registers, shared by the scores and attention kernels.
+
+Polar-rope codes of ``BITS = radius_bits + angle_bits`` bits in {2, 4, 6, 8} pack four pairs into a
+unit of ``BITS / 2`` whole bytes (little-endian). Both kernels read a tile of units ``[tokens, NU]``
+as int32 words and decode "by parts": part ``K`` of every unit is pair ``4 u + K``, so no codes are
+interleaved and each part is the register (A) operand of its own tensor-core product with the query
+at those pairs' channels (``s^T += X_K q_x,K^T + Y_K q_y,K^T``).
+
+Per pair the decode costs two integer ops per code (shift + one LOP3 that masks and ORs the code into
+the mantissa of 1.0: ``1 + code / 128`` as float32, no int->float converter), one FMA each for the
+radius and the angle (the metadata are pre-folded: ``r = f_r * (128 rs) + (r_min - 128 rs)``), and
+``cos.approx`` / ``sin.approx`` on the special-function unit (absolute error ~1e-6).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: pair bits whose units hold four codes in whole bytes (the transposed / by-parts decode)
+UNIT_PAIR_BITS = (2, 4, 6, 8)
+
+
+def unit_words(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    """``(tensor, unit bytes)`` to pass as the kernels' code pointer: for 8- and 4-bit pairs the byte
+    rows viewed as int32 / int16 words (one load per unit) when the layout allows; else the bytes."""
+    ub = bits // 2
+    view = {4: torch.int32, 2: torch.int16}.get(ub)
+    if view is not None and codes.shape[-1] % ub == 0:
+        try:
+            return codes.view(view), ub
+        except RuntimeError:  # storage offset or strides not a multiple of the word size
+            pass
+    return codes, ub
+
+
+@triton.jit
+def load_unit_words(row_ptrs, row_ok, NU: tl.constexpr, UB: tl.constexpr, WORDS: tl.constexpr):
+    """``[BN, NU]`` int32 units of ``UB`` bytes from ``row_ptrs`` ``[BN, 1]``: one load per unit when
+    ``WORDS`` (pointers to int16/int32 words), else ``UB`` byte loads combined little-endian."""
+    u = tl.arange(0, NU)[None, :]
+    if WORDS:
+        word = tl.load(row_ptrs + u, mask=row_ok, other=0).to(tl.int32)
+        if UB == 2:
+            word = word & 0xFFFF
+    else:
+        cols = u * UB
+        word = tl.load(row_ptrs + cols, mask=row_ok, other=0).to(tl.int32)
+        if UB >= 2:
+            word = word | (tl.load(row_ptrs + cols + 1, mask=row_ok, other=0).to(tl.int32) << 8)
+        if UB >= 3:
+            word = word | (tl.load(row_ptrs + cols + 2, mask=row_ok, other=0).to(tl.int32) << 16)
+        if UB >= 4:
+            word = word | (tl.load(row_ptrs + cols + 3, mask=row_ok, other=0).to(tl.int32) << 24)
+    return word
+
+
+@triton.jit
+def code_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr):
+    """``1 + ((word >> SHIFT) & (2**WIDTH - 1)) / 128`` as float32 (WIDTH <= 7): the code is masked
+    straight into the mantissa of 1.0 (a shift and one AND-OR)."""
+    FIELD: tl.constexpr = ((1 << WIDTH) - 1) << 16
+    if SHIFT <= 16:
+        bits = ((word << (16 - SHIFT)) & FIELD) | 0x3F800000
+    else:
+        bits = ((word >> (SHIFT - 16)) & FIELD) | 0x3F800000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cos_sin(theta, FAST: tl.constexpr):
+    """(cos, sin) of float32 ``theta``: ``cos.approx`` / ``sin.approx`` (one SFU op each) when FAST."""
+    if FAST:
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [theta], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [theta], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        c = tl.cos(theta)
+        s = tl.sin(theta)
+    return c, s
+
+
+@triton.jit
+def folded_meta(meta_rs, meta_rm, meta_as, meta_am, offs, ok):
+    """Metadata of the pairs at ``offs`` folded for :func:`pair_xy`: ``(128 rs, r_min - 128 rs,
+    128 as, a_min - 128 as)`` float32 ``[1, n]``."""
+    rs = tl.load(meta_rs + offs, mask=ok, other=0.0).to(tl.float32)
+    rm = tl.load(meta_rm + offs, mask=ok, other=0.0).to(tl.float32)
+    a_s = tl.load(meta_as + offs, mask=ok, other=0.0).to(tl.float32)
+    am = tl.load(meta_am + offs, mask=ok, other=0.0).to(tl.float32)
+    return (128.0 * rs)[None, :], (rm - 128.0 * rs)[None, :], (128.0 * a_s)[None, :], (am - 128.0 * a_s)[None, :]
+
+
+@triton.jit
+def pair_xy(word, r_mul, r_add, a_mul, a_add, K: tl.constexpr, BITS: tl.constexpr, AB: tl.constexpr,
+            FAST: tl.constexpr):
+    """Key coordinates ``(x, y) = r (cos, sin) theta`` float32 of code ``K`` of every unit of ``word``
+    (int32 ``[BN, NU]``): ``r = r_min + rc * r_scale``, ``theta = a_min + ac * a_scale`` with the
+    metadata folded by :func:`folded_meta`."""
+    fa = code_as_float(word, K * BITS, AB)
+    fr = code_as_float(word, K * BITS + AB, BITS - AB)
+    c, s = cos_sin(fa * a_mul + a_add, FAST)
+    r = fr * r_mul + r_add
+    return r * c, r * s
