@@ -13,6 +13,8 @@ import torch
 from kvpolar.decode_attention import reference_decode_attention
 from kvpolar.kernels import decode_attention as da
 from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention
+from kvpolar.kernels.polar_rope_scores import ScoresConfig, polar_rope_scores
+from kvpolar.quantizers.polar_rope import dequantize_polar, quantize_polar
 
 from test_kernels_decode_attention import DEVICE, PolarStandIn, make_values, oracle, polar_quantize
 
@@ -91,3 +93,27 @@ def test_length_one_and_classic_switch(transposed_calls):
     check(4, 4, "half", "kivi-8-32", tk=1, r=2)
     check(4, 4, "half", "kivi-8-32", tk=1, r=2, config=LaunchConfig(transposed=False))
     assert transposed_calls == [da._FMT_POLAR]
+
+
+# ----- the standalone scores kernel, mode="transposed" ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "batch,hkv,gqa,tq,tokens,bits,pairing,dtype,config",
+    [
+        (2, 2, 4, 1, 45, (2, 4), "half", torch.float16, ScoresConfig(blocks=2)),
+        (1, 2, 8, 2, 77, (4, 4), "interleaved", torch.bfloat16, ScoresConfig(block_t=16, blocks=3)),
+        (1, 1, 1, 1, 1, (2, 2), "half", torch.float16, ScoresConfig(block_t=16, blocks=1)),
+        (1, 1, 4, 1, 40, (1, 1), "interleaved", torch.float16, None),
+    ],
+)
+def test_scores_transposed_matches_reference(batch, hkv, gqa, tq, tokens, bits, pairing, dtype, config):
+    g = torch.Generator().manual_seed(tokens * 31 + bits[0])
+    keys = (torch.randn(batch, hkv, tokens, D, generator=g) * 1.5 + 0.3).to(dtype)
+    p = quantize_polar(keys, bits[0], bits[1], 32, pairing, "shortest-arc")
+    q = torch.randn(batch, hkv * gqa, tq, D, generator=g).to(dtype)
+    got = polar_rope_scores(q.to(DEVICE), p.to(DEVICE), config).cpu()
+    assert got.shape == (batch, hkv * gqa, tq, tokens) and got.dtype == torch.float32
+    exact = q.double() @ dequantize_polar(p, torch.float64).repeat_interleave(gqa, 1).transpose(-1, -2)
+    work = q.float() @ dequantize_polar(p).to(dtype).float().repeat_interleave(gqa, 1).transpose(-1, -2)
+    ref_err = (work.double() - exact).abs().max().item()
+    err = (got.double() - exact).abs().max().item()
+    assert err <= 2 * ref_err + 1e-6 * exact.abs().max().item(), (err, ref_err)

@@ -468,7 +468,9 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
 # ----- Triton kernels ----------------------------------------------------------------------------------------
 if triton is not None:
     from kvpolar.kernels.polar_pairs import UNIT_PAIR_BITS as _POLAR_UNIT_BITS
-    from kvpolar.kernels.polar_pairs import folded_meta, load_unit_words, pair_xy
+    from kvpolar.kernels.polar_pairs import load_unit_words
+    from kvpolar.kernels.polar_pairs import query_pairs_t as _polar_query_t
+    from kvpolar.kernels.polar_pairs import scores_part_t as _polar_key_part_t
     from kvpolar.kernels.polar_pairs import unit_words as _unit_words
 
     @triton.jit
@@ -805,33 +807,6 @@ if triton is not None:
         v = _byte_codes(word_t, K, BITS, DT, NATIVE)
         v = ((v - OFFSET) * v_scale_t + v_min_t).to(DT)
         return tl.dot(v, p_t, acc_t * alpha[None, :], input_precision=PREC)
-
-    @triton.jit
-    def _polar_query_t(q_rows, row_ok, uk, K: tl.constexpr, D: tl.constexpr, PAIR_HALF: tl.constexpr,
-                       DT: tl.constexpr):
-        """The query at the x and y channels of pairs ``4 u + K``, transposed: ``[NU, BM]`` each."""
-        j = uk * 4 + K
-        if PAIR_HALF:
-            cx = j
-            cy = j + D // 2
-        else:
-            cx = 2 * j
-            cy = 2 * j + 1
-        qx = tl.load(q_rows[None, :] + cx[:, None], mask=row_ok[None, :], other=0.0).to(DT)
-        qy = tl.load(q_rows[None, :] + cy[:, None], mask=row_ok[None, :], other=0.0).to(DT)
-        return qx, qy
-
-    @triton.jit
-    def _polar_key_part_t(s_t, word, qx, qy, m_rs, m_rm, m_as, m_am, meta_ok, uk, K: tl.constexpr,
-                          BITS: tl.constexpr, AB: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr,
-                          PREC: tl.constexpr):
-        """``s_t [BN, BM] += X_K [BN, NU] @ qx_K^T + Y_K @ qy_K^T`` for pairs ``4 u + K``: the key pair
-        coordinates decoded in registers (``polar_pairs.pair_xy``) are the A operands."""
-        offs = uk * 4 + K
-        r_mul, r_add, a_mul, a_add = folded_meta(m_rs, m_rm, m_as, m_am, offs, meta_ok)
-        x, y = pair_xy(word, r_mul, r_add, a_mul, a_add, K, BITS, AB, NATIVE)
-        s_t = tl.dot(x.to(DT), qx, s_t, input_precision=PREC)
-        return tl.dot(y.to(DT), qy, s_t, input_precision=PREC)
 
     @triton.jit
     def _split_kernel_t(

@@ -104,3 +104,34 @@ def pair_xy(word, r_mul, r_add, a_mul, a_add, K: tl.constexpr, BITS: tl.constexp
     c, s = cos_sin(fa * a_mul + a_add, FAST)
     r = fr * r_mul + r_add
     return r * c, r * s
+
+
+@triton.jit
+def query_pairs_t(q_rows, row_ok, uk, K: tl.constexpr, D: tl.constexpr, PAIR_HALF: tl.constexpr,
+                  DT: tl.constexpr):
+    """The query rows ``q_rows`` ``[BM]`` at the x and y channels of pairs ``4 u + K`` (``uk`` =
+    ``arange(NU)``), transposed: ``[NU, BM]`` each, in ``DT``."""
+    j = uk * 4 + K
+    if PAIR_HALF:
+        cx = j
+        cy = j + D // 2
+    else:
+        cx = 2 * j
+        cy = 2 * j + 1
+    qx = tl.load(q_rows[None, :] + cx[:, None], mask=row_ok[None, :], other=0.0).to(DT)
+    qy = tl.load(q_rows[None, :] + cy[:, None], mask=row_ok[None, :], other=0.0).to(DT)
+    return qx, qy
+
+
+@triton.jit
+def scores_part_t(s_t, word, qx, qy, m_rs, m_rm, m_as, m_am, meta_ok, uk, K: tl.constexpr,
+                  BITS: tl.constexpr, AB: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr,
+                  PREC: tl.constexpr):
+    """``s_t [BN, BM] += X_K [BN, NU] @ qx_K + Y_K @ qy_K`` for pairs ``4 u + K``: the key pair
+    coordinates decoded in registers (:func:`pair_xy`) are the A operands of the products. ``m_*``:
+    pointers to the group's radius scale / min and angle scale / min rows."""
+    offs = uk * 4 + K
+    r_mul, r_add, a_mul, a_add = folded_meta(m_rs, m_rm, m_as, m_am, offs, meta_ok)
+    x, y = pair_xy(word, r_mul, r_add, a_mul, a_add, K, BITS, AB, FAST)
+    s_t = tl.dot(x.to(DT), qx, s_t, input_precision=PREC)
+    return tl.dot(y.to(DT), qy, s_t, input_precision=PREC)
