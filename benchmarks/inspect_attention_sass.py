@@ -45,9 +45,9 @@ def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages
                 KEY_OFFSET=1024.0, VAL_OFFSET=1024.0, PARTS=True, KEY_NU=128 // (8 // bits), KEY_WORDS=False)
     if polar is not None:
         pb = sum(polar)
-        cons.update(KEY_FMT=2, KEY_BITS=pb, KEY_UB=pb // 2, KEY_U=4, KEY_NU=16, KEY_WORDS=pb in (4, 8),
+        cons.update(KEY_FMT=2, KEY_BITS=pb, KEY_UB=pb // 2, KEY_U=4, KEY_NU=16, KEY_WORDS=pb in (4, 6, 8),
                     KEY_GROUP=128, ANGLE_BITS=polar[1])
-        if pb in (4, 8):
+        if pb in (4, 6, 8):
             ptrs = dict(ptrs, k_ptr="*i32" if pb == 8 else "*i16")
     cons = {k: v for k, v in cons.items() if k in names}
     sig = {n: "constexpr" if n in cons else ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}

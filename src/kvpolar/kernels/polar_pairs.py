@@ -23,10 +23,10 @@ UNIT_PAIR_BITS = (2, 4, 6, 8)
 
 
 def unit_words(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
-    """``(tensor, unit bytes)`` to pass as the kernels' code pointer: for 8- and 4-bit pairs the byte
-    rows viewed as int32 / int16 words (one load per unit) when the layout allows; else the bytes."""
+    """``(tensor, unit bytes)`` to pass as the kernels' code pointer: for 8-, 6- and 4-bit pairs the
+    byte rows viewed as int32 / int16 words when the layout allows; else the bytes."""
     ub = bits // 2
-    view = {4: torch.int32, 2: torch.int16}.get(ub)
+    view = {4: torch.int32, 3: torch.int16, 2: torch.int16}.get(ub)
     if view is not None and codes.shape[-1] % ub == 0:
         try:
             return codes.view(view), ub
@@ -37,10 +37,16 @@ def unit_words(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
 
 @triton.jit
 def load_unit_words(row_ptrs, row_ok, NU: tl.constexpr, UB: tl.constexpr, WORDS: tl.constexpr):
-    """``[BN, NU]`` int32 units of ``UB`` bytes from ``row_ptrs`` ``[BN, 1]``: one load per unit when
-    ``WORDS`` (pointers to int16/int32 words), else ``UB`` byte loads combined little-endian."""
+    """``[BN, NU]`` int32 units of ``UB`` bytes from ``row_ptrs`` ``[BN, 1]``: with ``WORDS`` (pointers
+    to int32 words for UB=4, int16 for UB=2 or 3) one load per unit (UB=3: three per two units),
+    else ``UB`` byte loads combined little-endian."""
     u = tl.arange(0, NU)[None, :]
-    if WORDS:
+    if WORDS and UB == 3:  # int16 words: unit u = bytes 3u .. 3u+2 = halfwords 3v+p, 3v+1+p >> 8p (v = u // 2, p = u % 2)
+        h = (u // 2) * 3 + (u % 2)
+        lo = tl.load(row_ptrs + h, mask=row_ok, other=0).to(tl.int32) & 0xFFFF
+        hi = tl.load(row_ptrs + h + 1, mask=row_ok, other=0).to(tl.int32)
+        word = ((lo | (hi << 16)) >> ((u % 2) * 8)) & 0xFFFFFF
+    elif WORDS:
         word = tl.load(row_ptrs + u, mask=row_ok, other=0).to(tl.int32)
         if UB == 2:
             word = word & 0xFFFF
