@@ -347,6 +347,8 @@ def fused_decode_attention(
         block_n = cfg.block_n
         if k_op.fmt == _FMT_POLAR or (k_op.fmt == _FMT_KIVI and block_n % k_op.group) or _use_transposed(k_op, v_op, cfg):
             block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
+        if k_op.fmt == _FMT_POLAR and _use_transposed(k_op, v_op, cfg):
+            block_n = min(block_n, _POLAR_T_BLOCK_N)
         split_cfg = cfg
         if _use_transposed(k_op, v_op, cfg):
             split_cfg = dataclasses.replace(cfg, programs_per_sm=cfg.transposed_programs_per_sm)
@@ -376,6 +378,11 @@ def fused_decode_attention(
     if adapter is not None:
         out = adapter[1](out, keys)
     return out
+
+
+#: Largest token block of polar-rope keys in the transposed kernel (H100, B=8/32 at 4k-32k: 32-token
+#: blocks 1.10-1.27x over fp16 SDPA, 64-token blocks 0.90-1.22x; benchmarks/README.md).
+_POLAR_T_BLOCK_N = 32
 
 
 def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:

@@ -20,9 +20,9 @@ to get ``(cos theta, sin theta)`` (``mode``):
 * ``"transposed"`` (default for decoding): ``s^T = X q_x^T + Y q_y^T`` on the tensor cores with the
   decoded key tile as the register (A) operand, read "by parts" (``polar_pairs``: four pairs per unit
   of whole bytes, part ``K`` = pairs ``4 u + K``), ``cos.approx`` / ``sin.approx``, one warp per
-  program looping over ``blocks`` blocks of ``block_t`` tokens. Needs 2/4/6/8 bits per pair, head
-  dim >= 128, ``group_size % block_t == 0`` and at most 16 query rows per KV head; otherwise
-  ``"direct"`` is used.
+  or two warps per program looping over ``blocks`` blocks of ``gcd(block_t, group_size)`` tokens.
+  Needs 2/4/6/8 bits per pair, head dim >= 128, blocks of at least 16 tokens and at most 16 query
+  rows per KV head; otherwise ``"direct"`` is used.
 
 A radius-folded table over all ``2**(rb+ab)`` codes (the paper's variant) was tried and dropped: slower
 than the angle table on the H100, and ``tl.gather`` with a 64-row table gave wrong results there.
@@ -57,7 +57,7 @@ class ScoresConfig:
     those of the ``"direct"`` fallback.
     """
 
-    block_t: int = 32
+    block_t: int = 64
     block_q: int = 0
     num_warps: int = 4
     num_stages: int = 2
@@ -65,7 +65,7 @@ class ScoresConfig:
     dot: bool | None = None
     fast_trig: bool = True
     blocks: int = 4
-    transposed_warps: int = 1
+    transposed_warps: int = 2
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -84,7 +84,7 @@ DEFAULT_CONFIG = ScoresConfig()
 
 def _transposed_applies(p: PolarRopeTensor, rows: int, cfg: ScoresConfig) -> bool:
     return (p.code_bits in UNIT_PAIR_BITS and (p.head_dim >= 128 or _interpreting()) and p.head_dim % 8 == 0
-            and cfg.block_t >= 16 and p.group_size % cfg.block_t == 0 and rows <= 16)
+            and math.gcd(cfg.block_t, p.group_size) >= 16 and rows <= 16)
 
 
 def polar_rope_scores(q: torch.Tensor, p: PolarRopeTensor, config: ScoresConfig | None = None) -> torch.Tensor:
@@ -152,7 +152,8 @@ def _launch_transposed(qf, p, codes, metas, o, rows, cfg):
     words, ub = unit_words(codes, p.code_bits)
     ieee = qf.dtype == torch.float32 or _interpreting()
     dt = tl.float32 if ieee else (tl.float16 if qf.dtype == torch.float16 else tl.bfloat16)
-    per_program = cfg.block_t * cfg.blocks
+    block_t = math.gcd(cfg.block_t, p.group_size)  # blocks inside one metadata group
+    per_program = block_t * cfg.blocks
     grid = (triton.cdiv(tokens, per_program), n)
     polar_rope_scores_t_kernel[grid](
         qf, words, *metas, o,
@@ -160,7 +161,7 @@ def _launch_transposed(qf, p, codes, metas, o, rows, cfg):
         qf.stride(0), qf.stride(1), words.stride(0), words.stride(1),
         metas[0].stride(0), metas[0].stride(1), o.stride(0), o.stride(1),
         D=dim, BITS=p.code_bits, AB=p.angle_bits, G=p.group_size, HALF=p.pairing == "half",
-        UB=ub, WORDS=words is not codes, BLOCK_T=cfg.block_t, BLOCK_Q=max(8, triton.next_power_of_2(rows)),
+        UB=ub, WORDS=words is not codes, BLOCK_T=block_t, BLOCK_Q=max(8, triton.next_power_of_2(rows)),
         BLOCKS=cfg.blocks, DT=dt, PREC="ieee" if ieee else "tf32", FAST=cfg.fast_trig and not _interpreting(),
         num_warps=cfg.transposed_warps, num_stages=cfg.num_stages,
     )
