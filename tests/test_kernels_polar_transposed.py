@@ -23,7 +23,9 @@ D = 128
 
 @pytest.fixture
 def transposed_calls(monkeypatch):
-    """Counts launches of the transposed kernel (the test fails if polar keys took the classic one)."""
+    """Counts launches of the transposed kernel (the test fails if polar keys took the classic one);
+    the small test caches are let into it (``_POLAR_T_MIN_ROWS``)."""
+    monkeypatch.setattr(da, "_POLAR_T_MIN_ROWS", 1)
     calls = []
     real = da._launch_split_t
 
@@ -86,6 +88,19 @@ def test_ragged_batch_and_residual(dtype, transposed_calls):
     check(2, 4, "interleaved", "kivi-4-16", batch=3, hkv=2, gqa=4, tk=70, r=6, dtype=dtype,
           lengths=[76, 40, 3], config=LaunchConfig(num_splits=2))
     assert transposed_calls == [da._FMT_POLAR]
+
+
+def test_small_caches_stay_on_the_classic_kernel():
+    """Below ``_POLAR_T_MIN_ROWS`` packed rows (and for 3-bit pairs) polar keys take the classic kernel."""
+    def op(rows, bits):
+        return da._Operand(da._FMT_POLAR, torch.zeros(1, 1, rows, 64 * bits // 8, dtype=torch.uint8), (), bits=bits)
+
+    values = da._Operand(da._FMT_KIVI, torch.zeros(1), (), bits=2)
+    cfg = LaunchConfig()
+    assert not da._use_transposed(op(da._POLAR_T_MIN_ROWS - 1, 6), values, cfg)
+    assert da._use_transposed(op(da._POLAR_T_MIN_ROWS, 6), values, cfg)
+    assert not da._use_transposed(op(da._POLAR_T_MIN_ROWS, 3), values, cfg)
+    assert not da._use_transposed(op(da._POLAR_T_MIN_ROWS, 6), values, LaunchConfig(transposed=False))
 
 
 def test_length_one_and_classic_switch(transposed_calls):

@@ -183,7 +183,8 @@ class LaunchConfig:
     by_parts: KIVI codes with at most 4 per packed unit are never interleaved: code position K of
         every unit is one operand of its own product (the query gathered at channels u*U + K for
         keys, one accumulator per K for values).
-    transposed: KIVI keys and values in whole bytes (2, 4, 8 bits) run ``_split_kernel_t``: every
+    transposed: KIVI keys (2, 4, 8 bits) or polar-rope keys (2, 4, 6, 8 bits per pair, head dim >= 128,
+        large caches) with KIVI values in whole bytes run ``_split_kernel_t``: every
         product transposed (``s^T = K q^T``, ``o^T = V^T p^T``) so the dequantized cache tiles are
         the register operand of the tensor-core products; blocks then hold one key group at most.
     transposed_warps: warps per program of the transposed kernel (its tiles are 32 rows: 1 or 2
@@ -383,19 +384,25 @@ def fused_decode_attention(
 #: Largest token block of polar-rope keys in the transposed kernel (H100, B=8/32 at 4k-32k: 32-token
 #: blocks 1.10-1.27x over fp16 SDPA, 64-token blocks 0.90-1.22x; benchmarks/README.md).
 _POLAR_T_BLOCK_N = 32
+#: Polar-rope keys take the transposed kernel from this many packed (sequence, KV head, token) rows
+#: on: below it the classic kernel's shorter latency wins (H100: 32k rows, B=1 at 4k, classic
+#: 0.025 ms vs 0.043 ms; 262k rows, B=1 at 32k, transposed 0.053 ms vs 0.071 ms).
+_POLAR_T_MIN_ROWS = 1 << 17
 
 
 def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:
     """KIVI values in whole bytes, with KIVI keys in whole bytes or polar-rope keys of 2, 4, 6 or 8
     bits per pair (four pairs per unit of whole bytes; head dim >= 128 so each of the four parts
-    fills the tensor-core K of 16), take the transposed kernel."""
+    fills the tensor-core K of 16; at least ``_POLAR_T_MIN_ROWS`` packed rows), take the
+    transposed kernel."""
     if not (cfg.transposed and cfg.by_parts and v_op.fmt == _FMT_KIVI and 8 % v_op.bits == 0):
         return False
     if k_op.fmt == _FMT_KIVI:
         return 8 % k_op.bits == 0
     if k_op.fmt == _FMT_POLAR and k_op.bits in _POLAR_UNIT_BITS:
         head_dim = k_op.data.shape[-1] * 16 // k_op.bits
-        return head_dim >= 128 or _interpreting()
+        rows = math.prod(k_op.data.shape[:-1])
+        return (head_dim >= 128 or _interpreting()) and rows >= _POLAR_T_MIN_ROWS
     return False
 
 
