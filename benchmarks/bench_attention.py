@@ -331,16 +331,16 @@ def _compiled_registers() -> dict:
     return out
 
 
-#: launch parameters swept per preset by --tune: KIVI presets run the transposed kernel (the classic
-#: one kept as a comparison row); polar-rope keys run the classic kernel with the best parameters of
-#: its own earlier sweep (block of 64 tokens for r2a4, 32 for r4a4; 4 warps, 2 stages, by parts).
+#: launch parameters swept per preset by --tune: every preset runs the transposed kernel by default
+#: (polar-rope keys in 32-token blocks), the classic kernel kept as a comparison row with the best
+#: parameters of its own earlier sweep (polar-rope: 64 tokens for r2a4, 32 for r4a4; 4 warps, 2 stages).
 TUNE_GRID = {
     "kivi": [LaunchConfig(block_n=64, num_warps=4, num_stages=2, transposed=False),
-             LaunchConfig(),  # transposed defaults: 1 warp, 8 programs per SM, 2 stages
+             LaunchConfig(),  # transposed defaults: 1 warp, 12 programs per SM, 3 stages
              LaunchConfig(max_registers=168, transposed_programs_per_sm=16),  # 12 programs per SM
              LaunchConfig(block_n=16, transposed_programs_per_sm=16)],
-    "polar-rope-3": [LaunchConfig(block_n=64, num_warps=4, num_stages=2)],
-    "polar-rope-4": [LaunchConfig(block_n=32, num_warps=4, num_stages=2)],
+    "polar-rope-3": [LaunchConfig(block_n=64, num_warps=4, num_stages=2, transposed=False), LaunchConfig()],
+    "polar-rope-4": [LaunchConfig(block_n=32, num_warps=4, num_stages=2, transposed=False), LaunchConfig()],
 }
 
 

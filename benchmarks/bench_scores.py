@@ -81,7 +81,7 @@ def check_scores() -> list[dict]:
             work = q.float() @ dequantize_polar(p).to(dtype).float().repeat_interleave(gqa, 1).transpose(-1, -2)
             ref_err = (work.double() - exact).abs().max().item()
             for mode in MODES:
-                for dot in (False, True):
+                for dot in (False, True) if mode != "transposed" else (None,):
                     cfg = ScoresConfig(block_t=64 if not SMOKE else 16, mode=mode, dot=dot)
                     try:
                         got = polar_rope_scores(q, p, cfg)
@@ -130,12 +130,14 @@ def tune(b: int, t: int) -> dict[str, dict]:
     q = torch.randn(b, HQ, 1, D, device=DEV, dtype=torch.float16)
     keys = torch.randn(b, HKV, t, D, device=DEV, dtype=torch.float16)
     best, shortlist = {}, None
-    for rb, ab in BITS:  # full sweep for the first setting, its three fastest configs for the others
+    for rb, ab in BITS:  # the sweep for the first setting, its three fastest configs for the others
         p = polar_rope_encode(keys, rb, ab, GROUP, "half", "shortest-arc")
-        if shortlist is None:
-            variants = [(m, dot, True) for m in MODES for dot in (False, True)] + [("direct", False, False)]
-            configs = [ScoresConfig(block_t=bt, num_warps=w, mode=m, dot=dot, fast_trig=fast)
-                       for m, dot, fast in variants for bt in ((64, 128) if not SMOKE else (16,)) for w in (4, 8)]
+        if shortlist is None:  # the earlier sweep's best CUDA-core / tensor-core configs, then the transposed mode
+            configs = [ScoresConfig(block_t=128, mode="direct", dot=False), ScoresConfig(block_t=128, mode="direct", dot=True),
+                       ScoresConfig(block_t=128, mode="angle_table", dot=True)]
+            configs = [ScoresConfig(block_t=16, mode=c.mode, dot=c.dot) for c in configs] if SMOKE else configs
+            configs += [ScoresConfig(block_t=bt, blocks=nb, transposed_warps=w, mode="transposed")
+                        for bt, nb, w in ((32, 4, 1), (32, 8, 1), (64, 4, 2), (64, 8, 2))]
         else:
             configs = shortlist
         trials = []
@@ -223,12 +225,13 @@ def main() -> None:
     parser.add_argument("--lengths", default="4096,32768,131072")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET")
+    parser.add_argument("--no-encode", action="store_true", help="skip the encode checks and timings")
     args = parser.parse_args()
     command = "PYTHONPATH=src python " + " ".join(sys.argv)
     result = dict(environment=environment(command))
     print(result["environment"], flush=True)
 
-    result["checks"] = check_scores() + check_encode()
+    result["checks"] = check_scores() + ([] if args.no_encode else check_encode())
     failed = [c for c in result["checks"] if not c["ok"]]
     print(f"checks: {len(result['checks']) - len(failed)} passed, {len(failed)} failed", flush=True)
     for c in failed:
@@ -244,7 +247,7 @@ def main() -> None:
             rows += time_shape(b, t, configs, copy_bw)
             print(f"timed B={b} T={t}", flush=True)
     result["scores"] = rows
-    result["encode"] = time_encode(copy_bw)
+    result["encode"] = [] if args.no_encode else time_encode(copy_bw)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

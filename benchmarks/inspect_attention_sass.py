@@ -5,7 +5,7 @@ Costs no device time: Triton's bundled ``ptxas`` / ``cuobjdump`` do the work. Us
 transposed kernel's tile shapes before timing them (see benchmarks/README.md, "Second version").
 
 Usage: ``PYTHONPATH=src python benchmarks/inspect_attention_sass.py [--bits 2] [--warps 1 2]
-[--block-n 32] [--rows 8] [--max-registers 168] [--classic] [--out DIR]``
+[--block-n 32] [--rows 8] [--max-registers 168] [--polar r2a4] [--classic] [--out DIR]``
 (D = 128, GQA 4, Tq 1, fp16, KIVI key group 32 and value group 32).
 """
 
@@ -31,9 +31,10 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 
 def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages: int = 2,
-                  max_registers: int | None = None):
-    """Compiled kernel for KIVI ``bits``-bit keys and values (fp16 query), as the launch would make it
-    (integer arguments divisible by 16 where the benchmark's are)."""
+                  max_registers: int | None = None, polar: tuple[int, int] | None = None):
+    """Compiled kernel for KIVI ``bits``-bit keys and values (fp16 query), or polar-rope keys
+    ``polar = (radius_bits, angle_bits)`` (group 128) with KIVI ``bits``-bit values, as the launch
+    would make it (integer arguments divisible by 16 where the benchmark's are)."""
     names = list(kernel.arg_names)
     ptrs = {"q_ptr": "*fp16", "k_ptr": "*u8", "v_ptr": "*u8", "km0": "*fp16", "km1": "*fp16", "km2": "*fp16",
             "km3": "*fp16", "vm0": "*fp16", "vm1": "*fp16", "mask_ptr": "*fp16", "part_max": "*fp32",
@@ -41,7 +42,14 @@ def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages
     cons = dict(D=128, GQA=4, TQ=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCKS_CONST=0, KEY_FMT=1, KEY_BITS=bits,
                 KEY_UB=1, KEY_U=8 // bits, KEY_GROUP=32, ANGLE_BITS=0, PAIR_HALF=True, VAL_FMT=1, VAL_BITS=bits,
                 VAL_UB=1, VAL_U=8 // bits, VAL_GROUP=32, HAS_MASK=False, NATIVE=True, DOT_DTYPE=tl.float16,
-                KEY_OFFSET=1024.0, VAL_OFFSET=1024.0, PARTS=True)
+                KEY_OFFSET=1024.0, VAL_OFFSET=1024.0, PARTS=True, KEY_NU=128 // (8 // bits), KEY_WORDS=False)
+    if polar is not None:
+        pb = sum(polar)
+        cons.update(KEY_FMT=2, KEY_BITS=pb, KEY_UB=pb // 2, KEY_U=4, KEY_NU=16, KEY_WORDS=pb in (4, 6, 8),
+                    KEY_GROUP=128, ANGLE_BITS=polar[1])
+        if pb in (4, 6, 8):
+            ptrs = dict(ptrs, k_ptr="*i32" if pb == 8 else "*i16")
+    cons = {k: v for k, v in cons.items() if k in names}
     sig = {n: "constexpr" if n in cons else ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n] not in ("constexpr", "fp32") and n not in _RUNTIME_INTS}
@@ -80,17 +88,21 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, default=32)
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--max-registers", type=int, default=None)
+    ap.add_argument("--polar", default=None, help="polar-rope keys, e.g. r2a4 (values: --bits)")
     ap.add_argument("--classic", action="store_true", help="also the first (classic) kernel, 64-token blocks, 4 warps")
     ap.add_argument("--out", default=None, help="where to keep cubin/SASS (default: a temporary folder)")
     args = ap.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="kvpolar-sass-")
     os.makedirs(out, exist_ok=True)
+    polar = tuple(int(x) for x in args.polar[1:].split("a")) if args.polar else None
+    tag = f"{args.polar}-" if polar else ""
     if args.classic:
-        c = compile_split(mod._split_kernel, args.bits, 64, 4, 16)
-        print(report(c, f"classic-b{args.bits}", out))
+        c = compile_split(mod._split_kernel, args.bits, 64, 4, 16, polar=polar)
+        print(report(c, f"classic-{tag}b{args.bits}", out))
     for w in args.warps:
-        c = compile_split(mod._split_kernel_t, args.bits, args.block_n, w, args.rows, max_registers=args.max_registers)
-        print(report(c, f"transposed-b{args.bits}-w{w}-n{args.block_n}", out))
+        c = compile_split(mod._split_kernel_t, args.bits, args.block_n, w, args.rows, max_registers=args.max_registers,
+                          polar=polar)
+        print(report(c, f"transposed-{tag}b{args.bits}-w{w}-n{args.block_n}", out))
     print(f"(cubin and SASS in {out})")
 
 

@@ -1,12 +1,16 @@
 """Transposed vs classic split kernel of fused decode attention: checks, then GPU times side by side.
 
+(``classic`` = ``LaunchConfig(transposed=False)``; the other variants run the transposed kernel for
+KIVI keys and for polar-rope keys of 2/4/6/8 bits per pair.)
+
 One device call: correctness of both kernels against ``reference_decode_attention`` (the
 bench_attention checks plus every variant at a ragged bf16 shape), then CUDA-graph medians (inputs
 rotated beyond L2, see ``bench_attention.graph_ms``) of fp16 SDPA, the classic kernel and a few
 launch configurations of the transposed kernel, for kivi-2 and kivi-4. Writes JSON to ``--out``
 and prints a table last.
 
-Usage: ``PYTHONPATH=src python benchmarks/tune_attention_t.py --out $OUT``
+Usage: ``PYTHONPATH=src python benchmarks/tune_attention_t.py --out $OUT [--presets kivi-2 polar-rope-3]
+[--variants classic t-n32] [--shapes 32x32768] [--name FILE.json]``
 """
 
 from __future__ import annotations
@@ -26,24 +30,28 @@ import bench_attention as ba  # noqa: E402
 from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention  # noqa: E402
 
 CLASSIC = LaunchConfig(block_n=64, num_warps=4, num_stages=2, transposed=False)
-VARIANTS = {  # (as measured in results/attention_transposed_h100.json; pps = programs per SM)
+VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = programs per SM)
     "classic": CLASSIC,
-    "t-w2-s2": LaunchConfig(transposed_warps=2, num_stages=2, transposed_programs_per_sm=4),
-    "t-w2-s3-pps8": LaunchConfig(transposed_warps=2, num_stages=3, transposed_programs_per_sm=8),
-    "t-w2-s2-pps8": LaunchConfig(transposed_warps=2, num_stages=2, transposed_programs_per_sm=8),
-    "t-w4-s2": LaunchConfig(transposed_warps=4, num_stages=2, transposed_programs_per_sm=4),
-    "t-w1-s2-pps8": LaunchConfig(transposed_warps=1, num_stages=2, transposed_programs_per_sm=8),  # the default
+    "t-w2-s2": LaunchConfig(transposed_warps=2, transposed_stages=2, transposed_programs_per_sm=4),
+    "t-w2-s3-pps8": LaunchConfig(transposed_warps=2, transposed_stages=3, transposed_programs_per_sm=8),
+    "t-w2-s2-pps8": LaunchConfig(transposed_warps=2, transposed_stages=2, transposed_programs_per_sm=8),
+    "t-w4-s2": LaunchConfig(transposed_warps=4, transposed_stages=2, transposed_programs_per_sm=4),
+    "t-w1-s2-pps8": LaunchConfig(transposed_stages=2, transposed_programs_per_sm=8),  # the first sweep's best
     # register caps: fewer registers per thread, more resident one-warp programs per SM
-    "t-w1-pps12-r168": LaunchConfig(transposed_programs_per_sm=12, max_registers=168),
-    "t-w1-pps16-r128": LaunchConfig(transposed_programs_per_sm=16, max_registers=128),
-    "t-w1-s3-pps12": LaunchConfig(num_stages=3, transposed_programs_per_sm=12),
-    "t-w1-bn16-pps8": LaunchConfig(block_n=16, transposed_programs_per_sm=8),
+    "t-w1-pps12-r168": LaunchConfig(transposed_stages=2, transposed_programs_per_sm=12, max_registers=168),
+    "t-w1-pps16-r128": LaunchConfig(transposed_stages=2, transposed_programs_per_sm=16, max_registers=128),
+    "t-w1-s3-pps12": LaunchConfig(transposed_stages=3, transposed_programs_per_sm=12),  # the default now
+    "t-w1-bn16-pps8": LaunchConfig(block_n=16, transposed_stages=2, transposed_programs_per_sm=8),
+    # polar-rope keys (group 128): the block is min(block_n, 128) tokens (measured with 2 stages, 8 pps)
+    "t-n32": LaunchConfig(block_n=32, transposed_stages=2, transposed_programs_per_sm=8),
+    "t-n32-pps16": LaunchConfig(block_n=32, transposed_stages=2, transposed_programs_per_sm=16),
+    "t-n64-w2": LaunchConfig(block_n=64, transposed_warps=2, transposed_stages=2, transposed_programs_per_sm=8),
 }
 
 
-def check_variants(dev):
+def check_variants(dev, presets, variants):
     rows = []
-    for name in ("kivi-2", "kivi-4"):
+    for name in presets:
         for dtype, ragged, tq in ((torch.float16, False, 1), (torch.bfloat16, True, 1), (torch.float16, True, 3)):
             b, tk = 3, 2001
             pk, pv = ba.make_preset(name, b, tk, dtype, dev)
@@ -56,7 +64,8 @@ def check_variants(dev):
                 lengths = torch.tensor([n, n - 700, 5], device=dev)
                 mask = (torch.arange(n, device=dev)[None, :] >= n - lengths[:, None])[:, None, None, :]
             want = ba.reference(name, q, pk, pv, rk, rv, ba.D**-0.5, mask)
-            for vname, cfg in VARIANTS.items():
+            for vname in variants:
+                cfg = VARIANTS[vname]
                 try:
                     out = fused_decode_attention(q, pk, pv, None, None, rk, rv, ba.D**-0.5, mask, cfg).float()
                     torch.cuda.synchronize()
@@ -71,7 +80,7 @@ def check_variants(dev):
     return rows
 
 
-def time_all(dev, shapes, copy_gbs, variants):
+def time_all(dev, shapes, copy_gbs, variants, presets):
     rows = []
     scale = ba.D**-0.5
     for b, t in shapes:
@@ -89,7 +98,7 @@ def time_all(dev, shapes, copy_gbs, variants):
         base = ba.graph_ms(sdpa_call, nbytes)
         rows.append({"batch": b, "tokens": t, "method": "sdpa-fp16", "median_ms": base, "bytes": nbytes})
         torch.cuda.empty_cache()
-        for name in ("kivi-2", "kivi-4"):
+        for name in presets:
             pk, pv = ba.make_preset(name, b, tk, torch.float16, dev)
             nbytes = pk.nbytes + pv.nbytes + res_bytes + q_bytes
             del pk, pv
@@ -122,21 +131,23 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--presets", nargs="+", default=["kivi-2", "kivi-4"], help="presets of bench_attention.PRESETS")
+    ap.add_argument("--name", default="attention_transposed_h100.json", help="JSON file name under --out")
     ap.add_argument("--shapes", nargs="+", default=["1x4096", "1x32768", "1x131072", "8x4096", "8x32768", "32x4096", "32x32768"])
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
     t0 = time.time()
     props = torch.cuda.get_device_properties(dev)
-    checks = ba.check_correctness(dev) + check_variants(dev)
+    checks = ba.check_correctness(dev) + check_variants(dev, args.presets, args.variants)
     copy_gbs = ba.copy_bandwidth(dev)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
-    rows = time_all(dev, shapes, copy_gbs, args.variants)
+    rows = time_all(dev, shapes, copy_gbs, args.variants, args.presets)
     os.makedirs(args.out, exist_ok=True)
     meta = {"gpu": props.name, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "variants": {k: dataclasses.asdict(v) for k, v in VARIANTS.items()}, "copy_gb_per_s": copy_gbs,
             "elapsed_s": time.time() - t0}
-    with open(os.path.join(args.out, "attention_transposed_h100.json"), "w") as f:
+    with open(os.path.join(args.out, args.name), "w") as f:
         json.dump({"meta": meta, "checks": checks, "results": rows}, f, indent=1)
     print(f"\n{props.name} copy {copy_gbs:.0f} GB/s, {time.time() - t0:.0f} s; checks ok: {all(c['ok'] for c in checks)}")
     for c in checks:

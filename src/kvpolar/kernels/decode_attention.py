@@ -204,13 +204,17 @@ class LaunchConfig:
     by_parts: KIVI codes with at most 4 per packed unit are never interleaved: code position K of
         every unit is one operand of its own product (the query gathered at channels u*U + K for
         keys, one accumulator per K for values).
-    transposed: KIVI keys and values in whole bytes (2, 4, 8 bits) run ``_split_kernel_t``: every
+    transposed: KIVI keys (2, 4, 8 bits) or polar-rope keys (2, 4, 6, 8 bits per pair, head dim >= 128,
+        large caches) with KIVI values in whole bytes run ``_split_kernel_t``: every
         product transposed (``s^T = K q^T``, ``o^T = V^T p^T``) so the dequantized cache tiles are
         the register operand of the tensor-core products; blocks then hold one key group at most.
     transposed_warps: warps per program of the transposed kernel (its tiles are 32 rows: 1 or 2
         warps of 16-row MMA tiles; more warps would repeat work).
     transposed_programs_per_sm: ``programs_per_sm`` of the transposed kernel (it is latency-bound:
         more, shorter splits keep more loads in flight).
+    transposed_stages: software-pipelining stages of the transposed kernel's loads (the second
+        sweep on the H100: 3 stages with 12 programs per SM beat 2 with 8 for kivi-2 and kivi-4 at
+        every measured shape, benchmarks/README.md).
     max_registers: register cap per thread of the transposed kernel (Triton's ``maxnreg``); None =
         the compiler's choice. Fewer registers, more programs per SM.
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
@@ -227,7 +231,8 @@ class LaunchConfig:
     transposed: bool = True
     transposed_warps: int = 1
     transposed_rows: int = 8
-    transposed_programs_per_sm: int = 8
+    transposed_programs_per_sm: int = 12
+    transposed_stages: int = 3
     max_registers: int | None = None
 
     def __post_init__(self) -> None:
@@ -237,6 +242,8 @@ class LaunchConfig:
             raise ValueError(f"num_warps={self.num_warps} (allowed: 1, 2, 4, 8, 16)")
         if self.transposed_warps not in (1, 2, 4):
             raise ValueError(f"transposed_warps={self.transposed_warps} (allowed: 1, 2, 4)")
+        if not 1 <= self.transposed_stages <= 6:
+            raise ValueError(f"transposed_stages={self.transposed_stages} (allowed: 1..6)")
         if self.max_registers is not None and not 24 <= self.max_registers <= 255:
             raise ValueError(f"max_registers={self.max_registers} (allowed: None or 24..255)")
 
@@ -366,6 +373,8 @@ def fused_decode_attention(
         if k_op.fmt == _FMT_POLAR or (k_op.fmt == _FMT_KIVI and block_n % k_op.group) or _use_transposed(k_op, v_op, cfg):
             block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
         block_n = min(block_n, formats.block_n_cap(k_op.fmt, v_op.fmt) or block_n)
+        if k_op.fmt == _FMT_POLAR and _use_transposed(k_op, v_op, cfg):
+            block_n = min(block_n, _POLAR_T_BLOCK_N)
         split_cfg = cfg
         if _use_transposed(k_op, v_op, cfg):
             split_cfg = dataclasses.replace(cfg, programs_per_sm=cfg.transposed_programs_per_sm)
@@ -402,14 +411,36 @@ def fused_decode_attention(
     return out
 
 
+#: Largest token block of polar-rope keys in the transposed kernel (H100, B=8/32 at 4k-32k: 32-token
+#: blocks 1.10-1.27x over fp16 SDPA, 64-token blocks 0.90-1.22x; benchmarks/README.md).
+_POLAR_T_BLOCK_N = 32
+#: Polar-rope keys take the transposed kernel from this many packed (sequence, KV head, token) rows
+#: on: below it the classic kernel's shorter latency wins (H100: 32k rows, B=1 at 4k, classic
+#: 0.025 ms vs 0.043 ms; 262k rows, B=1 at 32k, transposed 0.053 ms vs 0.071 ms).
+_POLAR_T_MIN_ROWS = 1 << 17
+
+
 def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:
-    """KIVI keys and values whose codes fill whole bytes take the transposed kernel."""
-    return (cfg.transposed and cfg.by_parts and k_op.fmt == _FMT_KIVI and v_op.fmt == _FMT_KIVI
-            and 8 % k_op.bits == 0 and 8 % v_op.bits == 0)
+    """KIVI values in whole bytes, with KIVI keys in whole bytes or polar-rope keys of 2, 4, 6 or 8
+    bits per pair (four pairs per unit of whole bytes; head dim >= 128 so each of the four parts
+    fills the tensor-core K of 16; at least ``_POLAR_T_MIN_ROWS`` packed rows), take the
+    transposed kernel."""
+    if not (cfg.transposed and cfg.by_parts and v_op.fmt == _FMT_KIVI and 8 % v_op.bits == 0):
+        return False
+    if k_op.fmt == _FMT_KIVI:
+        return 8 % k_op.bits == 0
+    if k_op.fmt == _FMT_POLAR and k_op.bits in _POLAR_UNIT_BITS:
+        head_dim = k_op.data.shape[-1] * 16 // k_op.bits
+        rows = math.prod(k_op.data.shape[:-1])
+        return (head_dim >= 128 or _interpreting()) and rows >= _POLAR_T_MIN_ROWS
+    return False
 
 
 def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
                   part_max, part_sum, part_acc, scale, gqa, block_m, block_n, cfg):
+    if _use_transposed(k_op, v_op, cfg):
+        return _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
+                               part_max, part_sum, part_acc, scale, gqa, block_n, cfg)
     bsz, hq, tq, d = query.shape
     hkv = hq // gqa
     km = k_op.meta + (query,) * (4 - len(k_op.meta))  # unused pointer slots get any tensor
@@ -420,15 +451,7 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
     v_unit = _unit(v_op.bits) if v_op.fmt != _FMT_FULL else (1, 1)
     mask_t = mask if mask is not None else query
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
-    kernel, warps, extra = _split_kernel, cfg.num_warps, {}
-    if _use_transposed(k_op, v_op, cfg):
-        kernel, warps = _split_kernel_t, cfg.transposed_warps
-        block_m = max(cfg.transposed_rows, triton.next_power_of_2(gqa * query.shape[2]))
-        if cfg.max_registers is not None and not _interpreting():
-            extra["maxnreg"] = cfg.max_registers
-    if kernel is _split_kernel:
-        extra.update(formats.kernel_args(k_op, v_op, query))
-    kernel[(bsz * hkv, splits)](
+    _split_kernel[(bsz * hkv, splits)](
         query, *query.stride()[:3],
         k_op.data, *k_op.data.stride()[:3], *km, *km_strides,
         v_op.data, *v_op.data.stride()[:3], *vm, *vm_strides,
@@ -444,12 +467,55 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         DOT_DTYPE=_dot_dtype(query.dtype),
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
         PARTS=cfg.by_parts,
-        num_warps=warps, num_stages=cfg.num_stages, **extra,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **formats.kernel_args(k_op, v_op, query),
+    )
+
+
+def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
+                    part_max, part_sum, part_acc, scale, gqa, block_n, cfg):
+    """Launch ``_split_kernel_t`` (see ``_use_transposed``) over one packed range of tokens."""
+    bsz, hq, tq, d = query.shape
+    hkv = hq // gqa
+    block_m = max(cfg.transposed_rows, triton.next_power_of_2(gqa * tq))
+    if k_op.fmt == _FMT_POLAR:  # four pairs per unit of bits/2 bytes, read as one word where possible
+        k_data, k_ub = _unit_words(k_op.data, k_op.bits)
+        k_u, k_nu, k_words = 4, d // 8, k_data is not k_op.data
+    else:
+        k_data, (k_ub, k_u) = k_op.data, _unit(k_op.bits)
+        k_nu, k_words = d // k_u, False
+    v_ub, v_u = _unit(v_op.bits)
+    km = k_op.meta + (query,) * (4 - len(k_op.meta))
+    mask_t = mask if mask is not None else query
+    mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    extra = {}
+    if cfg.max_registers is not None and not _interpreting():
+        extra["maxnreg"] = cfg.max_registers
+    _split_kernel_t[(bsz * hkv, splits)](
+        query, *query.stride()[:3],
+        k_data, *k_data.stride()[:3], *km, *k_op.meta[0].stride()[:3],
+        v_op.data, *v_op.data.stride()[:3], *v_op.meta, *v_op.meta[0].stride()[:3],
+        mask_t, *mask_strides,
+        part_max, part_sum, part_acc,
+        k_op.tokens, offset, per_split // block_n, base, total_splits, hkv,
+        scale * _LOG2E,
+        D=d, GQA=gqa, TQ=tq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS_CONST=per_split // block_n if _interpreting() else 0,
+        KEY_FMT=k_op.fmt, KEY_BITS=k_op.bits, KEY_UB=k_ub, KEY_U=k_u, KEY_NU=k_nu, KEY_WORDS=k_words,
+        KEY_GROUP=k_op.group, ANGLE_BITS=k_op.angle_bits, PAIR_HALF=k_op.pair_half,
+        VAL_BITS=v_op.bits, VAL_U=v_u, VAL_GROUP=v_op.group,
+        HAS_MASK=mask is not None, NATIVE=not _interpreting(),
+        DOT_DTYPE=_dot_dtype(query.dtype),
+        KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
+        num_warps=cfg.transposed_warps, num_stages=cfg.transposed_stages, **extra,
     )
 
 
 # ----- Triton kernels ----------------------------------------------------------------------------------------
 if triton is not None:
+    from kvpolar.kernels.polar_pairs import UNIT_PAIR_BITS as _POLAR_UNIT_BITS
+    from kvpolar.kernels.polar_pairs import load_unit_words
+    from kvpolar.kernels.polar_pairs import query_pairs_t as _polar_query_t
+    from kvpolar.kernels.polar_pairs import scores_part_t as _polar_key_part_t
+    from kvpolar.kernels.polar_pairs import unit_words as _unit_words
 
     @triton.jit
     def _unpack(row_ptrs, row_ok, scale, minimum, BITS: tl.constexpr, UB: tl.constexpr, U: tl.constexpr,
@@ -818,16 +884,21 @@ if triton is not None:
         D: tl.constexpr, GQA: tl.constexpr, TQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCKS_CONST: tl.constexpr,
         KEY_FMT: tl.constexpr, KEY_BITS: tl.constexpr, KEY_UB: tl.constexpr, KEY_U: tl.constexpr,
+        KEY_NU: tl.constexpr, KEY_WORDS: tl.constexpr,
         KEY_GROUP: tl.constexpr, ANGLE_BITS: tl.constexpr, PAIR_HALF: tl.constexpr,
-        VAL_FMT: tl.constexpr, VAL_BITS: tl.constexpr, VAL_UB: tl.constexpr, VAL_U: tl.constexpr,
-        VAL_GROUP: tl.constexpr,
+        VAL_BITS: tl.constexpr, VAL_U: tl.constexpr, VAL_GROUP: tl.constexpr,
         HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr, PARTS: tl.constexpr,
+        KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr,
     ):
-        """The split step with every product transposed (KIVI keys and values in whole bytes, one key
-        group per block): ``s^T = K q^T`` and ``o^T = V^T p^T``, so the large dequantized tiles are
-        the register operand of the tensor-core products and only the small query / probability
-        tiles (``BLOCK_M`` = GQA group x query tokens, padded to 16) go through shared memory."""
+        """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
+        ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
+        products and only the small query / probability tiles (``BLOCK_M`` = GQA group x query
+        tokens, padded to 8) go through shared memory.
+
+        Keys: KIVI in whole bytes (code ``K`` of every byte, channels ``u * U + K``, times the
+        group-scaled query plus ``q . min``), or polar-rope with four pairs per unit of ``KEY_UB``
+        bytes (part ``K`` = pairs ``4 u + K``: ``(x, y)`` decoded in registers, times the query at
+        those pairs' x and y channels). Values: KIVI per token in whole bytes."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // n_kv_heads
@@ -835,7 +906,7 @@ if triton is not None:
         start = split * blocks_per_split * BLOCK_N
         DT: tl.constexpr = DOT_DTYPE
         PREC: tl.constexpr = "ieee" if DT == tl.float32 else "tf32"
-        NUK: tl.constexpr = D // KEY_U
+        NUK: tl.constexpr = KEY_NU
         NUV: tl.constexpr = D // VAL_U
 
         rows = tl.arange(0, BLOCK_M)
@@ -845,16 +916,21 @@ if triton is not None:
         q_rows = q_ptr + b.to(tl.int64) * sq_b + head * sq_h + tok * sq_t
         uk = tl.arange(0, NUK)
         uv = tl.arange(0, NUV)
-        # the query, transposed and split by code position K of the packed bytes: [NUK, BM] each
-        q0 = tl.load(q_rows[None, :] + (uk * KEY_U)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
-        q1 = q0
-        q2 = q0
-        q3 = q0
-        if KEY_U >= 2:
-            q1 = tl.load(q_rows[None, :] + (uk * KEY_U + 1)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
-        if KEY_U >= 4:
-            q2 = tl.load(q_rows[None, :] + (uk * KEY_U + 2)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
-            q3 = tl.load(q_rows[None, :] + (uk * KEY_U + 3)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+        if KEY_FMT == 2:  # the query at the x / y channels of the pairs of each part: [NUK, BM] each
+            qx0, qy0 = _polar_query_t(q_rows, row_ok, uk, 0, D, PAIR_HALF, DT)
+            qx1, qy1 = _polar_query_t(q_rows, row_ok, uk, 1, D, PAIR_HALF, DT)
+            qx2, qy2 = _polar_query_t(q_rows, row_ok, uk, 2, D, PAIR_HALF, DT)
+            qx3, qy3 = _polar_query_t(q_rows, row_ok, uk, 3, D, PAIR_HALF, DT)
+        else:  # the query, transposed and split by code position K of the packed bytes: [NUK, BM] each
+            q0 = tl.load(q_rows[None, :] + (uk * KEY_U)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+            q1 = q0
+            q2 = q0
+            q3 = q0
+            if KEY_U >= 2:
+                q1 = tl.load(q_rows[None, :] + (uk * KEY_U + 1)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+            if KEY_U >= 4:
+                q2 = tl.load(q_rows[None, :] + (uk * KEY_U + 2)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+                q3 = tl.load(q_rows[None, :] + (uk * KEY_U + 3)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
 
         k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
         v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
@@ -875,21 +951,35 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < n_tokens
             # ---- transposed scores [BN, BM]
-            word = tl.load(k_base + offs_n[:, None] * sk_t + uk[None, :], mask=n_ok[:, None], other=0)
-            meta = km_base + (n0 // KEY_GROUP) * skm_g
             s_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            bias = tl.zeros([NUK, BLOCK_M], tl.float32)
-            s_t, bias = _key_part_t(s_t, bias, q0, word, km0 + meta, km1 + meta, 0, KEY_U, KEY_BITS, NUK, DT,
-                                    NATIVE, KEY_OFFSET, PREC)
-            if KEY_U >= 2:
-                s_t, bias = _key_part_t(s_t, bias, q1, word, km0 + meta, km1 + meta, 1, KEY_U, KEY_BITS, NUK, DT,
+            if KEY_FMT == 2:  # polar-rope: four parts of NUK pairs, each decoded into (x, y) in registers
+                word = load_unit_words(k_base + offs_n[:, None] * sk_t, n_ok[:, None], NUK, KEY_UB, KEY_WORDS)
+                mo = km_base + (n0 // KEY_GROUP) * skm_g
+                meta_ok = (uk * 0 + n0) < n_tokens  # (surplus blocks of a short last split read no metadata)
+                s_t = _polar_key_part_t(s_t, word, qx0, qy0, km0 + mo, km1 + mo, km2 + mo, km3 + mo, meta_ok, uk,
+                                        0, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
+                s_t = _polar_key_part_t(s_t, word, qx1, qy1, km0 + mo, km1 + mo, km2 + mo, km3 + mo, meta_ok, uk,
+                                        1, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
+                s_t = _polar_key_part_t(s_t, word, qx2, qy2, km0 + mo, km1 + mo, km2 + mo, km3 + mo, meta_ok, uk,
+                                        2, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
+                s_t = _polar_key_part_t(s_t, word, qx3, qy3, km0 + mo, km1 + mo, km2 + mo, km3 + mo, meta_ok, uk,
+                                        3, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
+                s_t = s_t * qk_scale
+            else:  # KIVI: code K of every byte times the group-scaled query, plus q . min
+                word = tl.load(k_base + offs_n[:, None] * sk_t + uk[None, :], mask=n_ok[:, None], other=0)
+                meta = km_base + (n0 // KEY_GROUP) * skm_g
+                bias = tl.zeros([NUK, BLOCK_M], tl.float32)
+                s_t, bias = _key_part_t(s_t, bias, q0, word, km0 + meta, km1 + meta, 0, KEY_U, KEY_BITS, NUK, DT,
                                         NATIVE, KEY_OFFSET, PREC)
-            if KEY_U >= 4:
-                s_t, bias = _key_part_t(s_t, bias, q2, word, km0 + meta, km1 + meta, 2, KEY_U, KEY_BITS, NUK, DT,
-                                        NATIVE, KEY_OFFSET, PREC)
-                s_t, bias = _key_part_t(s_t, bias, q3, word, km0 + meta, km1 + meta, 3, KEY_U, KEY_BITS, NUK, DT,
-                                        NATIVE, KEY_OFFSET, PREC)
-            s_t = (s_t + tl.sum(bias, axis=0)[None, :]) * qk_scale
+                if KEY_U >= 2:
+                    s_t, bias = _key_part_t(s_t, bias, q1, word, km0 + meta, km1 + meta, 1, KEY_U, KEY_BITS, NUK, DT,
+                                            NATIVE, KEY_OFFSET, PREC)
+                if KEY_U >= 4:
+                    s_t, bias = _key_part_t(s_t, bias, q2, word, km0 + meta, km1 + meta, 2, KEY_U, KEY_BITS, NUK, DT,
+                                            NATIVE, KEY_OFFSET, PREC)
+                    s_t, bias = _key_part_t(s_t, bias, q3, word, km0 + meta, km1 + meta, 3, KEY_U, KEY_BITS, NUK, DT,
+                                            NATIVE, KEY_OFFSET, PREC)
+                s_t = (s_t + tl.sum(bias, axis=0)[None, :]) * qk_scale
             # ---- online softmax over axis 0 (tokens)
             keep = n_ok[:, None] & row_ok[None, :]
             if HAS_MASK:

@@ -17,6 +17,13 @@ to get ``(cos theta, sin theta)`` (``mode``):
   gathered by angle code (``tl.gather``); needs each token block inside one metadata group
   (``group_size % block_t == 0``), otherwise ``"direct"`` is used.
 
+* ``"transposed"`` (default for decoding): ``s^T = X q_x^T + Y q_y^T`` on the tensor cores with the
+  decoded key tile as the register (A) operand, read "by parts" (``polar_pairs``: four pairs per unit
+  of whole bytes, part ``K`` = pairs ``4 u + K``), ``cos.approx`` / ``sin.approx``, one warp per
+  or two warps per program looping over ``blocks`` blocks of ``gcd(block_t, group_size)`` tokens.
+  Needs 2/4/6/8 bits per pair, head dim >= 128, blocks of at least 16 tokens and at most 16 query
+  rows per KV head; otherwise ``"direct"`` is used.
+
 A radius-folded table over all ``2**(rb+ab)`` codes (the paper's variant) was tried and dropped: slower
 than the angle table on the H100, and ``tl.gather`` with a 64-row table gave wrong results there.
 """
@@ -31,10 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kvpolar.kernels.polar_pairs import UNIT_PAIR_BITS, load_unit_words, query_pairs_t, scores_part_t, unit_words
 from kvpolar.quantizers.polar_rope import PolarRopeTensor, table_scores
 
 REFERENCE = table_scores
-MODES = ("direct", "angle_table")
+MODES = ("direct", "angle_table", "transposed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,28 +52,39 @@ class ScoresConfig:
     ``block_q``: query rows per program (0: all rows of a KV head, at least 16 and at most 64 with
     ``dot``, at most 8 without). ``dot=None``: tensor cores when a KV head has more than 8 query rows
     (prefill), CUDA cores otherwise (decoding). ``fast_trig`` is ignored under ``TRITON_INTERPRET``.
+    ``mode="transposed"`` (see the module docstring) uses ``block_t`` tokens per step, ``blocks``
+    steps per program and ``transposed_warps`` warps; ``block_q``, ``dot`` and ``num_warps`` are
+    those of the ``"direct"`` fallback.
     """
 
-    block_t: int = 128
+    block_t: int = 64
     block_q: int = 0
     num_warps: int = 4
     num_stages: int = 2
-    mode: str = "direct"
+    mode: str = "transposed"
     dot: bool | None = None
     fast_trig: bool = True
+    blocks: int = 4
+    transposed_warps: int = 2
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not supported; allowed: {', '.join(MODES)}")
-        for name in ("block_t", "num_warps"):
+        if self.blocks < 1:
+            raise ValueError(f"blocks={self.blocks} is not supported; allowed: an integer >= 1")
+        for name in ("block_t", "num_warps", "transposed_warps"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"{name}={v} is not supported; allowed: a power of two")
 
 
-#: The fastest r2a4 config of the sweep in benchmarks/bench_scores.py on an H100 (B=8, T=32k, 4 query
-#: rows per KV head); see benchmarks/README.md.
+#: Transposed decode (see benchmarks/README.md for the H100 sweep); ``"direct"`` where it does not apply.
 DEFAULT_CONFIG = ScoresConfig()
+
+
+def _transposed_applies(p: PolarRopeTensor, rows: int, cfg: ScoresConfig) -> bool:
+    return (p.code_bits in UNIT_PAIR_BITS and (p.head_dim >= 128 or _interpreting()) and p.head_dim % 8 == 0
+            and math.gcd(cfg.block_t, p.group_size) >= 16 and rows <= 16)
 
 
 def polar_rope_scores(q: torch.Tensor, p: PolarRopeTensor, config: ScoresConfig | None = None) -> torch.Tensor:
@@ -100,6 +119,11 @@ def polar_rope_scores(q: torch.Tensor, p: PolarRopeTensor, config: ScoresConfig 
     codes = p.codes.reshape(n, tokens, -1).contiguous()
     metas = [m.reshape(n, -1, pairs).contiguous() for m in (p.radius_scale, p.radius_min, p.angle_scale, p.angle_min)]
     o = out.view(n, rows, tokens)
+    if cfg.mode == "transposed" and _transposed_applies(p, rows, cfg):
+        _launch_transposed(qf, p, codes, metas, o, rows, cfg)
+        return out
+    if cfg.mode == "transposed":
+        cfg = dataclasses.replace(cfg, mode="direct", block_t=128 if p.group_size % 128 == 0 else cfg.block_t)
     one_group = p.group_size % cfg.block_t == 0
     mode = cfg.mode if one_group else "direct"
     dot = cfg.dot if cfg.dot is not None else rows > 8
@@ -121,6 +145,26 @@ def polar_rope_scores(q: torch.Tensor, p: PolarRopeTensor, config: ScoresConfig 
     )
     return out
 
+
+
+def _launch_transposed(qf, p, codes, metas, o, rows, cfg):
+    n, tokens, dim = codes.shape[0], p.num_tokens, p.head_dim
+    words, ub = unit_words(codes, p.code_bits)
+    ieee = qf.dtype == torch.float32 or _interpreting()
+    dt = tl.float32 if ieee else (tl.float16 if qf.dtype == torch.float16 else tl.bfloat16)
+    block_t = math.gcd(cfg.block_t, p.group_size)  # blocks inside one metadata group
+    per_program = block_t * cfg.blocks
+    grid = (triton.cdiv(tokens, per_program), n)
+    polar_rope_scores_t_kernel[grid](
+        qf, words, *metas, o,
+        tokens, rows,
+        qf.stride(0), qf.stride(1), words.stride(0), words.stride(1),
+        metas[0].stride(0), metas[0].stride(1), o.stride(0), o.stride(1),
+        D=dim, BITS=p.code_bits, AB=p.angle_bits, G=p.group_size, HALF=p.pairing == "half",
+        UB=ub, WORDS=words is not codes, BLOCK_T=block_t, BLOCK_Q=max(8, triton.next_power_of_2(rows)),
+        BLOCKS=cfg.blocks, DT=dt, PREC="ieee" if ieee else "tf32", FAST=cfg.fast_trig and not _interpreting(),
+        num_warps=cfg.transposed_warps, num_stages=cfg.num_stages,
+    )
 
 
 def _interpreting() -> bool:
@@ -241,3 +285,47 @@ def polar_rope_scores_kernel(
             qy = tl.load(base + ycol, mask=jmask & (ycol * 0 + qrow < NQ), other=0).to(tl.float32)
             score = tl.sum(kx * qx[None, :] + ky * qy[None, :], axis=1)
             tl.store(out_ptr + pid_n * stride_on + qrow * stride_oq + t, score, mask=tmask & (t * 0 + qrow < NQ))
+
+
+@triton.jit
+def polar_rope_scores_t_kernel(
+    q_ptr, codes_ptr, rs_ptr, rm_ptr, as_ptr, am_ptr, out_ptr,
+    T, NQ,
+    stride_qn, stride_qq, stride_cn, stride_ct, stride_mn, stride_mg, stride_on, stride_oq,
+    D: tl.constexpr, BITS: tl.constexpr, AB: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
+    UB: tl.constexpr, WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCKS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
+):
+    """Scores of ``BLOCKS`` blocks of ``BLOCK_T`` tokens of one KV head for all its ``NQ`` query rows:
+    ``s^T [BLOCK_T, BLOCK_Q] = sum_K X_K q_x,K^T + Y_K q_y,K^T`` (see ``polar_pairs``)."""
+    NU: tl.constexpr = D // 8
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = tl.arange(0, BLOCK_Q)
+    row_ok = rows < NQ
+    q_rows = q_ptr + pid_n * stride_qn + rows * stride_qq
+    uk = tl.arange(0, NU)
+    qx0, qy0 = query_pairs_t(q_rows, row_ok, uk, 0, D, HALF, DT)
+    qx1, qy1 = query_pairs_t(q_rows, row_ok, uk, 1, D, HALF, DT)
+    qx2, qy2 = query_pairs_t(q_rows, row_ok, uk, 2, D, HALF, DT)
+    qx3, qy3 = query_pairs_t(q_rows, row_ok, uk, 3, D, HALF, DT)
+    c_base = codes_ptr + pid_n * stride_cn
+    m_base = pid_n * stride_mn
+    o_rows = out_ptr + pid_n * stride_on + rows[None, :] * stride_oq
+    for i in range(BLOCKS):
+        t0 = (pid_t * BLOCKS + i) * BLOCK_T
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        word = load_unit_words(c_base + t[:, None].to(tl.int64) * stride_ct, t_ok[:, None], NU, UB, WORDS)
+        mo = m_base + (t0 // G) * stride_mg
+        meta_ok = (uk * 0 + t0) < T
+        s_t = tl.zeros([BLOCK_T, BLOCK_Q], tl.float32)
+        s_t = scores_part_t(s_t, word, qx0, qy0, rs_ptr + mo, rm_ptr + mo, as_ptr + mo, am_ptr + mo, meta_ok, uk,
+                            0, BITS, AB, DT, FAST, PREC)
+        s_t = scores_part_t(s_t, word, qx1, qy1, rs_ptr + mo, rm_ptr + mo, as_ptr + mo, am_ptr + mo, meta_ok, uk,
+                            1, BITS, AB, DT, FAST, PREC)
+        s_t = scores_part_t(s_t, word, qx2, qy2, rs_ptr + mo, rm_ptr + mo, as_ptr + mo, am_ptr + mo, meta_ok, uk,
+                            2, BITS, AB, DT, FAST, PREC)
+        s_t = scores_part_t(s_t, word, qx3, qy3, rs_ptr + mo, rm_ptr + mo, as_ptr + mo, am_ptr + mo, meta_ok, uk,
+                            3, BITS, AB, DT, FAST, PREC)
+        tl.store(o_rows + t[:, None], s_t, mask=t_ok[:, None] & row_ok[None, :])

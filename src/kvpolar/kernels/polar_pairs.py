@@ -1,0 +1,143 @@
+"""Triton helpers: polar-rope key pairs decoded in registers, shared by the scores and attention kernels.
+
+Polar-rope codes of ``BITS = radius_bits + angle_bits`` bits in {2, 4, 6, 8} pack four pairs into a
+unit of ``BITS / 2`` whole bytes (little-endian). Both kernels read a tile of units ``[tokens, NU]``
+as int32 words and decode "by parts": part ``K`` of every unit is pair ``4 u + K``, so no codes are
+interleaved and each part is the register (A) operand of its own tensor-core product with the query
+at those pairs' channels (``s^T += X_K q_x,K^T + Y_K q_y,K^T``).
+
+Per pair the decode costs two integer ops per code (shift + one LOP3 that masks and ORs the code into
+the mantissa of 1.0: ``1 + code / 128`` as float32, no int->float converter), one FMA each for the
+radius and the angle (the metadata are pre-folded: ``r = f_r * (128 rs) + (r_min - 128 rs)``), and
+``cos.approx`` / ``sin.approx`` on the special-function unit (absolute error ~1e-6).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: pair bits whose units hold four codes in whole bytes (the transposed / by-parts decode)
+UNIT_PAIR_BITS = (2, 4, 6, 8)
+
+
+def unit_words(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    """``(tensor, unit bytes)`` to pass as the kernels' code pointer: for 8-, 6- and 4-bit pairs the
+    byte rows viewed as int32 / int16 words when the layout allows; else the bytes."""
+    ub = bits // 2
+    view = {4: torch.int32, 3: torch.int16, 2: torch.int16}.get(ub)
+    if view is not None and codes.shape[-1] % ub == 0:
+        try:
+            return codes.view(view), ub
+        except RuntimeError:  # storage offset or strides not a multiple of the word size
+            pass
+    return codes, ub
+
+
+@triton.jit
+def load_unit_words(row_ptrs, row_ok, NU: tl.constexpr, UB: tl.constexpr, WORDS: tl.constexpr):
+    """``[BN, NU]`` int32 units of ``UB`` bytes from ``row_ptrs`` ``[BN, 1]``: with ``WORDS`` (pointers
+    to int32 words for UB=4, int16 for UB=2 or 3) one load per unit (UB=3: three per two units),
+    else ``UB`` byte loads combined little-endian."""
+    u = tl.arange(0, NU)[None, :]
+    if WORDS and UB == 3:  # int16 words: unit u = bytes 3u .. 3u+2 = halfwords 3v+p, 3v+1+p >> 8p (v = u // 2, p = u % 2)
+        h = (u // 2) * 3 + (u % 2)
+        lo = tl.load(row_ptrs + h, mask=row_ok, other=0).to(tl.int32) & 0xFFFF
+        hi = tl.load(row_ptrs + h + 1, mask=row_ok, other=0).to(tl.int32)
+        word = ((lo | (hi << 16)) >> ((u % 2) * 8)) & 0xFFFFFF
+    elif WORDS:
+        word = tl.load(row_ptrs + u, mask=row_ok, other=0).to(tl.int32)
+        if UB == 2:
+            word = word & 0xFFFF
+    else:
+        cols = u * UB
+        word = tl.load(row_ptrs + cols, mask=row_ok, other=0).to(tl.int32)
+        if UB >= 2:
+            word = word | (tl.load(row_ptrs + cols + 1, mask=row_ok, other=0).to(tl.int32) << 8)
+        if UB >= 3:
+            word = word | (tl.load(row_ptrs + cols + 2, mask=row_ok, other=0).to(tl.int32) << 16)
+        if UB >= 4:
+            word = word | (tl.load(row_ptrs + cols + 3, mask=row_ok, other=0).to(tl.int32) << 24)
+    return word
+
+
+@triton.jit
+def code_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr):
+    """``1 + ((word >> SHIFT) & (2**WIDTH - 1)) / 128`` as float32 (WIDTH <= 7): the code is masked
+    straight into the mantissa of 1.0 (a shift and one AND-OR)."""
+    FIELD: tl.constexpr = ((1 << WIDTH) - 1) << 16
+    if SHIFT <= 16:
+        bits = ((word << (16 - SHIFT)) & FIELD) | 0x3F800000
+    else:
+        bits = ((word >> (SHIFT - 16)) & FIELD) | 0x3F800000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cos_sin(theta, FAST: tl.constexpr):
+    """(cos, sin) of float32 ``theta``: ``cos.approx`` / ``sin.approx`` (one SFU op each) when FAST."""
+    if FAST:
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [theta], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [theta], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        c = tl.cos(theta)
+        s = tl.sin(theta)
+    return c, s
+
+
+@triton.jit
+def folded_meta(meta_rs, meta_rm, meta_as, meta_am, offs, ok):
+    """Metadata of the pairs at ``offs`` folded for :func:`pair_xy`: ``(128 rs, r_min - 128 rs,
+    128 as, a_min - 128 as)`` float32 ``[1, n]``."""
+    rs = tl.load(meta_rs + offs, mask=ok, other=0.0).to(tl.float32)
+    rm = tl.load(meta_rm + offs, mask=ok, other=0.0).to(tl.float32)
+    a_s = tl.load(meta_as + offs, mask=ok, other=0.0).to(tl.float32)
+    am = tl.load(meta_am + offs, mask=ok, other=0.0).to(tl.float32)
+    return (128.0 * rs)[None, :], (rm - 128.0 * rs)[None, :], (128.0 * a_s)[None, :], (am - 128.0 * a_s)[None, :]
+
+
+@triton.jit
+def pair_xy(word, r_mul, r_add, a_mul, a_add, K: tl.constexpr, BITS: tl.constexpr, AB: tl.constexpr,
+            FAST: tl.constexpr):
+    """Key coordinates ``(x, y) = r (cos, sin) theta`` float32 of code ``K`` of every unit of ``word``
+    (int32 ``[BN, NU]``): ``r = r_min + rc * r_scale``, ``theta = a_min + ac * a_scale`` with the
+    metadata folded by :func:`folded_meta`."""
+    fa = code_as_float(word, K * BITS, AB)
+    fr = code_as_float(word, K * BITS + AB, BITS - AB)
+    c, s = cos_sin(fa * a_mul + a_add, FAST)
+    r = fr * r_mul + r_add
+    return r * c, r * s
+
+
+@triton.jit
+def query_pairs_t(q_rows, row_ok, uk, K: tl.constexpr, D: tl.constexpr, PAIR_HALF: tl.constexpr,
+                  DT: tl.constexpr):
+    """The query rows ``q_rows`` ``[BM]`` at the x and y channels of pairs ``4 u + K`` (``uk`` =
+    ``arange(NU)``), transposed: ``[NU, BM]`` each, in ``DT``."""
+    j = uk * 4 + K
+    if PAIR_HALF:
+        cx = j
+        cy = j + D // 2
+    else:
+        cx = 2 * j
+        cy = 2 * j + 1
+    qx = tl.load(q_rows[None, :] + cx[:, None], mask=row_ok[None, :], other=0.0).to(DT)
+    qy = tl.load(q_rows[None, :] + cy[:, None], mask=row_ok[None, :], other=0.0).to(DT)
+    return qx, qy
+
+
+@triton.jit
+def scores_part_t(s_t, word, qx, qy, m_rs, m_rm, m_as, m_am, meta_ok, uk, K: tl.constexpr,
+                  BITS: tl.constexpr, AB: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr,
+                  PREC: tl.constexpr):
+    """``s_t [BN, BM] += X_K [BN, NU] @ qx_K + Y_K @ qy_K`` for pairs ``4 u + K``: the key pair
+    coordinates decoded in registers (:func:`pair_xy`) are the A operands of the products. ``m_*``:
+    pointers to the group's radius scale / min and angle scale / min rows."""
+    offs = uk * 4 + K
+    r_mul, r_add, a_mul, a_add = folded_meta(m_rs, m_rm, m_as, m_am, offs, meta_ok)
+    x, y = pair_xy(word, r_mul, r_add, a_mul, a_add, K, BITS, AB, FAST)
+    s_t = tl.dot(x.to(DT), qx, s_t, input_precision=PREC)
+    return tl.dot(y.to(DT), qy, s_t, input_precision=PREC)

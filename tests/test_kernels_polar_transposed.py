@@ -1,0 +1,134 @@
+"""Polar-rope keys in the transposed split kernel (``_split_kernel_t``) against the float64 oracle.
+
+Under TRITON_INTERPRET=1 on CPU. Head dim 128 (the transposed polar path needs D/8 >= 16 pairs per
+part on the GPU); pair bits 6 (r2a4, 3-byte units) and 8 (r4a4, one int32 word per unit). Tolerance
+as in test_kernels_decode_attention: at most a small multiple of the working-dtype reference's error.
+"""
+
+import zlib
+
+import pytest
+import torch
+
+from kvpolar.decode_attention import reference_decode_attention
+from kvpolar.kernels import decode_attention as da
+from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention
+from kvpolar.kernels.polar_rope_scores import ScoresConfig, polar_rope_scores
+from kvpolar.quantizers.polar_rope import dequantize_polar, quantize_polar
+
+from test_kernels_decode_attention import DEVICE, PolarStandIn, make_values, oracle, polar_quantize
+
+D = 128
+
+
+@pytest.fixture
+def transposed_calls(monkeypatch):
+    """Counts launches of the transposed kernel (the test fails if polar keys took the classic one);
+    the small test caches are let into it (``_POLAR_T_MIN_ROWS``)."""
+    monkeypatch.setattr(da, "_POLAR_T_MIN_ROWS", 1)
+    calls = []
+    real = da._launch_split_t
+
+    def spy(query, k_op, *args):
+        calls.append(k_op.fmt)
+        return real(query, k_op, *args)
+
+    monkeypatch.setattr(da, "_launch_split_t", spy)
+    return calls
+
+
+def check(rb, ab, pairing, value_fmt="kivi-2-32", *, batch=1, hkv=1, gqa=4, tq=1, tk=45, r=0, group=32,
+          dtype=torch.float16, lengths=None, config=None, factor=3.0):
+    g = torch.Generator().manual_seed(zlib.crc32(repr((rb, ab, pairing, value_fmt, batch, hkv, gqa, tq, tk, r,
+                                                       dtype)).encode()))
+    n = tk + r
+    k = (torch.randn(batch, hkv, n, D, generator=g) * 1.5 + 0.3).to(dtype)
+    v = torch.randn(batch, hkv, n, D, generator=g).to(dtype)
+    q = torch.randn(batch, hkv * gqa, tq, D, generator=g).to(dtype)
+    pk = polar_quantize(k[..., :tk, :], rb, ab, group, pairing)
+    vq, pv = make_values(value_fmt, v[..., :tk, :])
+    rk, rv = (k[..., tk:, :], v[..., tk:, :]) if r else (None, None)
+    mask = None
+    if lengths is not None:  # left padding: sequence i holds its last lengths[i] tokens
+        pos = torch.arange(n)
+        mask = (pos[None, :] >= n - torch.tensor(lengths)[:, None])[:, None, None, :].expand(batch, 1, tq, n)
+    scale = D**-0.5
+    want = oracle(q, pk, pv, rk, rv, scale, mask)
+    ref = reference_decode_attention(q, pk, pv, PolarStandIn(), vq, rk, rv, scale, mask)
+    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    out = fused_decode_attention(dev(q), dev(pk), dev(pv), None, vq, dev(rk), dev(rv), scale, dev(mask), config)
+    assert out.dtype == dtype and out.shape == q.shape
+    out = out.cpu().double()
+    assert torch.isfinite(out).all()
+    ref_err = (ref.double() - want).abs().max().item()
+    err = (out - want).abs().max().item()
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    floor = ulp * want.abs().max().item()
+    assert err <= factor * max(ref_err, floor), f"kernel error {err:.3g} vs reference error {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+@pytest.mark.parametrize("rb_ab", [(2, 4), (4, 4)])
+def test_polar_keys_transposed(rb_ab, pairing, transposed_calls):
+    """Both unit layouts (3-byte units, int32 words), both pairings, a query tile of 2 x 4 rows."""
+    check(*rb_ab, pairing, "kivi-2-32" if rb_ab[0] == 2 else "kivi-4-32", gqa=4, tq=2, tk=45, r=3)
+    assert transposed_calls == [da._FMT_POLAR]
+
+
+@pytest.mark.parametrize("gqa", [1, 8])
+def test_gqa_ratios_and_odd_lengths(gqa, transposed_calls):
+    """GQA 1 and 8, 77 packed tokens (off the 32-token group and 16-token block), length-1 residual."""
+    check(2, 4, "half", gqa=gqa, tk=77, r=1, config=LaunchConfig(block_n=16, num_splits=3))
+    assert transposed_calls == [da._FMT_POLAR]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ragged_batch_and_residual(dtype, transposed_calls):
+    """Left-padded batch of 3 (one sequence shorter than the residual window), 2 KV heads, bf16 too."""
+    check(2, 4, "interleaved", "kivi-4-16", batch=3, hkv=2, gqa=4, tk=70, r=6, dtype=dtype,
+          lengths=[76, 40, 3], config=LaunchConfig(num_splits=2))
+    assert transposed_calls == [da._FMT_POLAR]
+
+
+def test_small_caches_stay_on_the_classic_kernel():
+    """Below ``_POLAR_T_MIN_ROWS`` packed rows (and for 3-bit pairs) polar keys take the classic kernel."""
+    def op(rows, bits):
+        return da._Operand(da._FMT_POLAR, torch.zeros(1, 1, rows, 64 * bits // 8, dtype=torch.uint8), (), bits=bits)
+
+    values = da._Operand(da._FMT_KIVI, torch.zeros(1), (), bits=2)
+    cfg = LaunchConfig()
+    assert not da._use_transposed(op(da._POLAR_T_MIN_ROWS - 1, 6), values, cfg)
+    assert da._use_transposed(op(da._POLAR_T_MIN_ROWS, 6), values, cfg)
+    assert not da._use_transposed(op(da._POLAR_T_MIN_ROWS, 3), values, cfg)
+    assert not da._use_transposed(op(da._POLAR_T_MIN_ROWS, 6), values, LaunchConfig(transposed=False))
+
+
+def test_length_one_and_classic_switch(transposed_calls):
+    """One packed token; ``transposed=False`` keeps polar keys on the classic kernel."""
+    check(4, 4, "half", "kivi-8-32", tk=1, r=2)
+    check(4, 4, "half", "kivi-8-32", tk=1, r=2, config=LaunchConfig(transposed=False))
+    assert transposed_calls == [da._FMT_POLAR]
+
+
+# ----- the standalone scores kernel, mode="transposed" ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "batch,hkv,gqa,tq,tokens,bits,pairing,dtype,config",
+    [
+        (2, 2, 4, 1, 45, (2, 4), "half", torch.float16, ScoresConfig(blocks=2)),
+        (1, 2, 8, 2, 77, (4, 4), "interleaved", torch.bfloat16, ScoresConfig(block_t=16, blocks=3)),
+        (1, 1, 1, 1, 1, (2, 2), "half", torch.float16, ScoresConfig(block_t=16, blocks=1)),
+        (1, 1, 4, 1, 40, (1, 1), "interleaved", torch.float16, None),
+    ],
+)
+def test_scores_transposed_matches_reference(batch, hkv, gqa, tq, tokens, bits, pairing, dtype, config):
+    g = torch.Generator().manual_seed(tokens * 31 + bits[0])
+    keys = (torch.randn(batch, hkv, tokens, D, generator=g) * 1.5 + 0.3).to(dtype)
+    p = quantize_polar(keys, bits[0], bits[1], 32, pairing, "shortest-arc")
+    q = torch.randn(batch, hkv * gqa, tq, D, generator=g).to(dtype)
+    got = polar_rope_scores(q.to(DEVICE), p.to(DEVICE), config).cpu()
+    assert got.shape == (batch, hkv * gqa, tq, tokens) and got.dtype == torch.float32
+    exact = q.double() @ dequantize_polar(p, torch.float64).repeat_interleave(gqa, 1).transpose(-1, -2)
+    work = q.float() @ dequantize_polar(p).to(dtype).float().repeat_interleave(gqa, 1).transpose(-1, -2)
+    ref_err = (work.double() - exact).abs().max().item()
+    err = (got.double() - exact).abs().max().item()
+    assert err <= 2 * ref_err + 1e-6 * exact.abs().max().item(), (err, ref_err)
