@@ -290,7 +290,7 @@ def time_shape(b, t, dev, copy_gbs, presets, configs, with_hf=True):
             continue
         record(name, graph_ms(fused_call, nbytes), nbytes, median_ms(fused_call(0)))
         torch.cuda.empty_cache()
-        if with_hf and PRESETS[name][0] == "kivi":
+        if with_hf and name in PRESETS and PRESETS[name][0] == "kivi":
             kq, vq = kivi_quantizers(name)
 
             def hf_call(i):

@@ -155,7 +155,8 @@ def fill_cache(model, cache, preset, batch, context):
             layer.update(k, v)
             # a query of n tokens for the layer's bookkeeping; SQuat's subspace comes from its values
             q = torch.randn(batch, hq, 1, d, device=DEVICE, dtype=torch.float16, generator=gen).expand(batch, hq, n, d)
-            layer.after_attention(None, q)
+            if not layer.plan.full_precision:  # (16-bit layers keep everything, as DynamicCache)
+                layer.after_attention(None, q)
             del k, v
 
 

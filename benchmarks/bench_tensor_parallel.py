@@ -106,7 +106,8 @@ def fill_cache(model, cache, preset: str, batch: int, context: int, local_kv_hea
             layer.update(k, v)
             q = torch.randn(batch, local_kv_heads * (cfg.num_attention_heads // cfg.num_key_value_heads), 1, d,
                             device=dev, dtype=dtype, generator=gen).expand(-1, -1, n, -1)
-            layer.after_attention(None, q)
+            if not layer.plan.full_precision:  # (16-bit layers keep everything, as DynamicCache)
+                layer.after_attention(None, q)
 
 
 @torch.no_grad()

@@ -467,7 +467,8 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         DOT_DTYPE=_dot_dtype(query.dtype),
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
         PARTS=cfg.by_parts,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **formats.kernel_args(k_op, v_op, query),
+        **{"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **formats.launch_overrides(k_op.fmt, v_op.fmt)},
+        **formats.kernel_args(k_op, v_op, query),
     )
 
 

@@ -53,11 +53,23 @@ E4M3_SHIFT = 256.0  # e4m3 bytes decode to value / 2**8 (see fp8_to_f16)
 #: ``[BLOCK_N, D]`` tile is register-hungry. Compiled for sm_90 (D = 128, GQA 4, 4 warps, fp16,
 #: polar-recursive keys and values): 64 tokens spill 1376 bytes per thread, 32 spill 232, 16 spill 16.
 POLAR_RECURSIVE_BLOCK_N = 16
+#: Warps and pipelining stages of the split kernel when either operand is polar-recursive (None:
+#: ``LaunchConfig``'s ``num_warps`` / ``num_stages``).
+POLAR_RECURSIVE_WARPS: int | None = None
+POLAR_RECURSIVE_STAGES: int | None = None
 
 
 def block_n_cap(key_fmt: int, value_fmt: int) -> int | None:
     """Largest ``block_n`` for this pair of format ids, or None (no limit from these formats)."""
     return POLAR_RECURSIVE_BLOCK_N if FMT_POLAR_RECURSIVE in (key_fmt, value_fmt) else None
+
+
+def launch_overrides(key_fmt: int, value_fmt: int) -> dict:
+    """``num_warps`` / ``num_stages`` this pair of format ids fixes for the split kernel ({} = none)."""
+    if FMT_POLAR_RECURSIVE not in (key_fmt, value_fmt):
+        return {}
+    out = {"num_warps": POLAR_RECURSIVE_WARPS, "num_stages": POLAR_RECURSIVE_STAGES}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def reason(p: QuantizedTensor, role: str) -> str | None:
