@@ -24,12 +24,15 @@ def main() -> None:
     rows = [r for r in data["results"] if r["median_ms"]]
     batches = sorted({r["batch"] for r in rows})
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "sdpa-fp16"]
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches) + 2, 4.5), sharey=True, squeeze=False)
+    colors = plt.get_cmap("tab20").colors  # one color per method (the default cycle repeats after 10)
+    markers = "osD^v<>ph*"
     for ax, b in zip(axes[0], batches):
-        for m in methods:
+        for i, m in enumerate(methods):
             pts = sorted((r["tokens"], r["speedup_vs_sdpa_fp16"]) for r in rows if r["batch"] == b and r["method"] == m)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=m,
+                        color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
                         linestyle="--" if m.startswith("hf-") else "-")
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xscale("log", base=2)
@@ -37,7 +40,7 @@ def main() -> None:
         ax.set_title(f"batch {b}")
         ax.set_xlabel("context tokens")
     axes[0][0].set_ylabel("speed-up over fp16 SDPA (GPU time)")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"Decode attention, 32 q heads / 8 KV heads, D=128 - {data['meta']['gpu']}")
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -49,13 +49,16 @@ FORMATS = {
 TURBO_BITS = (1, 2, 3, 4)
 FP8_FORMATS = ("e4m3", "e5m2")
 E4M3_SHIFT = 256.0  # e4m3 bytes decode to value / 2**8 (see fp8_to_f16)
-#: Most tokens per block when either operand is polar-recursive: the level-by-level rebuild of a
-#: ``[BLOCK_N, D]`` tile is register-hungry. Compiled for sm_90 (D = 128, GQA 4, 4 warps, fp16,
-#: polar-recursive keys and values): 64 tokens spill 1376 bytes per thread, 32 spill 232, 16 spill 16.
-POLAR_RECURSIVE_BLOCK_N = 16
-#: Warps and pipelining stages of the split kernel when either operand is polar-recursive (None:
-#: ``LaunchConfig``'s ``num_warps`` / ``num_stages``).
-POLAR_RECURSIVE_WARPS: int | None = None
+#: Tokens per block, warps and pipelining stages of the split kernel when either operand is
+#: polar-recursive (None: ``LaunchConfig``'s). The level-by-level rebuild of a ``[BLOCK_N, D]`` tile
+#: is register-hungry (sm_90, D = 128, GQA 4, fp16, 4 warps: 64 tokens spill 1376 bytes per thread,
+#: 32 spill 232, 16 spill 16), but 16-token blocks on 4 warps compute WRONG results on the H100
+#: (relative error 2.0; the Triton interpreter is right), while 32-token blocks on 8 warps are correct
+#: (relative error 5e-4 fp16 / 4e-3 bf16 for every key/value pairing): benchmarks/
+#: polar_recursive_launch_check.py, results/polar_recursive_launch_h100.json. Re-check on a GPU
+#: before changing them.
+POLAR_RECURSIVE_BLOCK_N = 32
+POLAR_RECURSIVE_WARPS: int | None = 8
 POLAR_RECURSIVE_STAGES: int | None = None
 
 
