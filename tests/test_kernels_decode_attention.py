@@ -6,19 +6,17 @@ float64); the kernel may be at most a small multiple of the reference's error.
 """
 
 import dataclasses
-import zlib
 
 import pytest
 import torch
 
 import kvpolar
-from kvpolar.decode_attention import reference_decode_attention
 from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention, supports
 from kvpolar.packing import unpack_bits
 from kvpolar.quantizers.base import Quantizer
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
+from kernel_checks import compare_with_oracle, left_padding_mask, oracle_with, random_inputs  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 D = 64
 
 
@@ -88,22 +86,7 @@ def dequantize64(p):
     return codes * sc + mn
 
 
-def oracle(q, pk, pv, rk, rv, scale, mask):
-    ks, vs = [], []
-    if pk is not None:
-        ks.append(dequantize64(pk))
-        vs.append(dequantize64(pv))
-    if rk is not None:
-        ks.append(rk.double())
-        vs.append(rv.double())
-    k, v = torch.cat(ks, -2), torch.cat(vs, -2)
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = q.double() @ k.transpose(-1, -2) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    w = torch.softmax(s, -1).nan_to_num(0.0)
-    return w @ v
+oracle = oracle_with(dequantize64)
 
 
 # ----- inputs -------------------------------------------------------------------------------------------------
@@ -130,33 +113,15 @@ def make_values(fmt, v):
 
 def check(key_fmt, value_fmt, *, batch=1, hkv=1, gqa=4, tq=1, tk=37, r=0, dtype=torch.float16,
           lengths=None, config=None, factor=3.0):
-    g = torch.Generator().manual_seed(zlib.crc32(repr((key_fmt, value_fmt, batch, hkv, gqa, tq, tk, r, dtype)).encode()))
     n = tk + r
-    k = (torch.randn(batch, hkv, n, D, generator=g) * 1.5 + 0.3).to(dtype)
-    v = torch.randn(batch, hkv, n, D, generator=g).to(dtype)
-    q = torch.randn(batch, hkv * gqa, tq, D, generator=g).to(dtype)
+    k, v, q = random_inputs((key_fmt, value_fmt, batch, hkv, gqa, tq, tk, r, dtype),
+                            batch=batch, hkv=hkv, gqa=gqa, tq=tq, n=n, d=D, dtype=dtype)
     kq, pk = make_keys(key_fmt, k[..., :tk, :]) if tk else (None, None)
     vq, pv = make_values(value_fmt, v[..., :tk, :]) if tk else (None, None)
     rk, rv = (k[..., tk:, :], v[..., tk:, :]) if r else (None, None)
-    mask = None
-    if lengths is not None:  # left padding: sequence i holds its last lengths[i] tokens
-        pos = torch.arange(n)
-        mask = (pos[None, :] >= n - torch.tensor(lengths)[:, None])[:, None, None, :].expand(batch, 1, tq, n)
-    scale = D**-0.5
-    want = oracle(q, pk, pv, rk, rv, scale, mask)
-    ref = reference_decode_attention(q, pk, pv, kq, vq, rk, rv, scale, mask)
-    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     assert supports(pk, pv)
-    out = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, dev(rk), dev(rv), scale, dev(mask), config)
-    assert out.dtype == dtype and out.shape == q.shape
-    out = out.cpu().double()
-    assert torch.isfinite(out).all()
-    ref_err = (ref.double() - want).abs().max().item()
-    err = (out - want).abs().max().item()
-    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-20}[dtype]
-    floor = ulp * want.abs().max().item()
-    assert err <= factor * max(ref_err, floor), f"kernel error {err:.3g} vs reference error {ref_err:.3g}"
-    return out
+    return compare_with_oracle(oracle, q, pk, pv, kq, vq, rk, rv, left_padding_mask(lengths, tq, n),
+                               config=config, factor=factor)
 
 
 # ----- tests ------------------------------------------------------------------------------------------------------

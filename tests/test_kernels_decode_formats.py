@@ -8,14 +8,12 @@ kernel may be at most a small multiple of the working-dtype reference's error.
 """
 
 import dataclasses
-import zlib
 
 import pytest
 import torch
 
 import kvpolar
 from kvpolar.cache.config import PRESETS
-from kvpolar.decode_attention import reference_decode_attention
 from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention, supports
 from kvpolar.packing import unpack_bits
 from kvpolar.quantizers.polar_recursive import decoded_angles, inverse_polar_transform
@@ -24,8 +22,8 @@ from kvpolar.quantizers.rotations import rotation
 triton = pytest.importorskip("triton")
 tl = triton.language
 from kvpolar.kernels.decode_formats import E4M3_SHIFT, fp8_to_f16  # noqa: E402
+from kernel_checks import DEVICE, compare_with_oracle, left_padding_mask, oracle_with, random_inputs  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 D = 64
 KIVI_K = ("kivi", {"bits": 2, "group_size": 32, "axis": "channel"})
 KIVI_V = ("kivi", {"bits": 3, "group_size": 32, "axis": "token"})
@@ -63,21 +61,7 @@ def dequantize64(p):
     return codes * sc + mn
 
 
-def oracle(q, pk, pv, rk, rv, scale, mask):
-    ks, vs = [], []
-    if pk is not None:
-        ks.append(dequantize64(pk))
-        vs.append(dequantize64(pv))
-    if rk is not None:
-        ks.append(rk.double())
-        vs.append(rv.double())
-    k, v = torch.cat(ks, -2), torch.cat(vs, -2)
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = q.double() @ k.transpose(-1, -2) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return torch.softmax(s, -1).nan_to_num(0.0) @ v
+oracle = oracle_with(dequantize64)
 
 
 # ----- one comparison -------------------------------------------------------------------------------------
@@ -95,36 +79,18 @@ def quantize_in_chunks(qz, x, chunks):
 
 def check(key, value, *, batch=1, hkv=2, gqa=4, tq=1, tk=37, r=5, dtype=torch.float16, lengths=None,
           chunks=None, config=None, factor=3.0, stored_hook=None):
-    g = torch.Generator().manual_seed(zlib.crc32(repr((key, value, batch, hkv, gqa, tq, tk, r, dtype)).encode()))
     n = tk + r
-    k = (torch.randn(batch, hkv, n, D, generator=g) * 1.5 + 0.3).to(dtype)
-    v = torch.randn(batch, hkv, n, D, generator=g).to(dtype)
-    q = torch.randn(batch, hkv * gqa, tq, D, generator=g).to(dtype)
+    k, v, q = random_inputs((key, value, batch, hkv, gqa, tq, tk, r, dtype),
+                            batch=batch, hkv=hkv, gqa=gqa, tq=tq, n=n, d=D, dtype=dtype)
     kq, vq = kvpolar.quantizer(key[0], **key[1]), kvpolar.quantizer(value[0], **value[1])
     pk = quantize_in_chunks(kq, k[..., :tk, :], chunks) if tk else None
     pv = quantize_in_chunks(vq, v[..., :tk, :], chunks) if tk else None
     if stored_hook is not None:
         pk, pv = stored_hook(pk), stored_hook(pv)
     rk, rv = (k[..., tk:, :], v[..., tk:, :]) if r else (None, None)
-    mask = None
-    if lengths is not None:  # left padding: sequence i holds its last lengths[i] tokens
-        pos = torch.arange(n)
-        mask = (pos[None, :] >= n - torch.tensor(lengths)[:, None])[:, None, None, :].expand(batch, 1, tq, n)
-    scale = D**-0.5
-    want = oracle(q, pk, pv, rk, rv, scale, mask)
-    ref = reference_decode_attention(q, pk, pv, kq, vq, rk, rv, scale, mask)
-    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     assert supports(pk, pv)
-    out = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, dev(rk), dev(rv), scale, dev(mask), config)
-    assert out.dtype == dtype and out.shape == q.shape
-    out = out.cpu().double()
-    assert torch.isfinite(out).all()
-    ref_err = (ref.double() - want).abs().max().item()
-    err = (out - want).abs().max().item()
-    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-20}[dtype]
-    floor = ulp * want.abs().max().item()
-    assert err <= factor * max(ref_err, floor), f"kernel error {err:.3g} vs reference error {ref_err:.3g}"
-    return out
+    return compare_with_oracle(oracle, q, pk, pv, kq, vq, rk, rv, left_padding_mask(lengths, tq, n),
+                               config=config, factor=factor)
 
 
 def turbo(bits, **kw):

@@ -5,18 +5,17 @@ part on the GPU); pair bits 6 (r2a4, 3-byte units) and 8 (r4a4, one int32 word p
 as in test_kernels_decode_attention: at most a small multiple of the working-dtype reference's error.
 """
 
-import zlib
 
 import pytest
 import torch
 
-from kvpolar.decode_attention import reference_decode_attention
 from kvpolar.kernels import decode_attention as da
-from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention
+from kvpolar.kernels.decode_attention import LaunchConfig
 from kvpolar.kernels.polar_rope_scores import ScoresConfig, polar_rope_scores
 from kvpolar.quantizers.polar_rope import dequantize_polar, quantize_polar
 
-from test_kernels_decode_attention import DEVICE, PolarStandIn, make_values, oracle, polar_quantize
+from test_kernels_decode_attention import PolarStandIn, make_values, oracle, polar_quantize
+from kernel_checks import DEVICE, compare_with_oracle, left_padding_mask, random_inputs  # noqa: E402
 
 D = 128
 
@@ -39,32 +38,14 @@ def transposed_calls(monkeypatch):
 
 def check(rb, ab, pairing, value_fmt="kivi-2-32", *, batch=1, hkv=1, gqa=4, tq=1, tk=45, r=0, group=32,
           dtype=torch.float16, lengths=None, config=None, factor=3.0):
-    g = torch.Generator().manual_seed(zlib.crc32(repr((rb, ab, pairing, value_fmt, batch, hkv, gqa, tq, tk, r,
-                                                       dtype)).encode()))
     n = tk + r
-    k = (torch.randn(batch, hkv, n, D, generator=g) * 1.5 + 0.3).to(dtype)
-    v = torch.randn(batch, hkv, n, D, generator=g).to(dtype)
-    q = torch.randn(batch, hkv * gqa, tq, D, generator=g).to(dtype)
+    k, v, q = random_inputs((rb, ab, pairing, value_fmt, batch, hkv, gqa, tq, tk, r, dtype),
+                            batch=batch, hkv=hkv, gqa=gqa, tq=tq, n=n, d=D, dtype=dtype)
     pk = polar_quantize(k[..., :tk, :], rb, ab, group, pairing)
     vq, pv = make_values(value_fmt, v[..., :tk, :])
     rk, rv = (k[..., tk:, :], v[..., tk:, :]) if r else (None, None)
-    mask = None
-    if lengths is not None:  # left padding: sequence i holds its last lengths[i] tokens
-        pos = torch.arange(n)
-        mask = (pos[None, :] >= n - torch.tensor(lengths)[:, None])[:, None, None, :].expand(batch, 1, tq, n)
-    scale = D**-0.5
-    want = oracle(q, pk, pv, rk, rv, scale, mask)
-    ref = reference_decode_attention(q, pk, pv, PolarStandIn(), vq, rk, rv, scale, mask)
-    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
-    out = fused_decode_attention(dev(q), dev(pk), dev(pv), None, vq, dev(rk), dev(rv), scale, dev(mask), config)
-    assert out.dtype == dtype and out.shape == q.shape
-    out = out.cpu().double()
-    assert torch.isfinite(out).all()
-    ref_err = (ref.double() - want).abs().max().item()
-    err = (out - want).abs().max().item()
-    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
-    floor = ulp * want.abs().max().item()
-    assert err <= factor * max(ref_err, floor), f"kernel error {err:.3g} vs reference error {ref_err:.3g}"
+    compare_with_oracle(oracle, q, pk, pv, None, vq, rk, rv, left_padding_mask(lengths, tq, n),
+                        config=config, factor=factor, reference_key_quantizer=PolarStandIn())
 
 
 @pytest.mark.parametrize("pairing", ["half", "interleaved"])

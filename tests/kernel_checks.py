@@ -1,0 +1,80 @@
+"""Shared pieces of the fused decode-attention kernel tests: seeded random inputs, left-padding masks,
+and the comparison of the kernel with a float64 oracle next to the PyTorch reference's own error."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+from kvpolar.decode_attention import reference_decode_attention
+from kvpolar.kernels.decode_attention import fused_decode_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: one unit in the last place at 1.0, per working dtype (the error floor of a tiny reference error)
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-20}
+
+
+def random_inputs(seed_key: object, *, batch: int, hkv: int, gqa: int, tq: int, n: int, d: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys and values ``[batch, hkv, n, d]`` (keys offset and scaled, as real keys are) and queries
+    ``[batch, hkv * gqa, tq, d]`` in ``dtype``, from a generator seeded by ``repr(seed_key)``."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr(seed_key).encode()))
+    k = (torch.randn(batch, hkv, n, d, generator=g) * 1.5 + 0.3).to(dtype)
+    v = torch.randn(batch, hkv, n, d, generator=g).to(dtype)
+    q = torch.randn(batch, hkv * gqa, tq, d, generator=g).to(dtype)
+    return k, v, q
+
+
+def left_padding_mask(lengths: Sequence[int] | None, tq: int, n: int) -> torch.Tensor | None:
+    """bool ``[B, 1, tq, n]``: sequence ``i`` holds its last ``lengths[i]`` tokens (None: no mask)."""
+    if lengths is None:
+        return None
+    pos = torch.arange(n)
+    mask = pos[None, :] >= n - torch.tensor(lengths)[:, None]
+    return mask[:, None, None, :].expand(len(lengths), 1, tq, n)
+
+
+def compare_with_oracle(oracle: Callable, q, pk, pv, kq, vq, rk, rv, mask, *, config=None, factor: float = 3.0,
+                        reference_key_quantizer=None) -> torch.Tensor:
+    """Run ``fused_decode_attention`` (on CUDA when there is one) and assert that its error against
+    the float64 ``oracle(q, pk, pv, rk, rv, scale, mask)`` is at most ``factor`` times the working-dtype
+    reference's own error (or one ulp of the largest output). Returns the kernel's output as float64."""
+    scale = q.shape[-1] ** -0.5
+    want = oracle(q, pk, pv, rk, rv, scale, mask)
+    ref = reference_decode_attention(q, pk, pv, reference_key_quantizer or kq, vq, rk, rv, scale, mask)
+    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    out = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, dev(rk), dev(rv), scale, dev(mask), config)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    out = out.cpu().double()
+    assert torch.isfinite(out).all()
+    ref_err = (ref.double() - want).abs().max().item()
+    err = (out - want).abs().max().item()
+    floor = ULP[q.dtype] * want.abs().max().item()
+    assert err <= factor * max(ref_err, floor), f"kernel error {err:.3g} vs reference error {ref_err:.3g}"
+    return out
+
+
+def oracle_with(dequantize64: Callable) -> Callable:
+    """The float64 attention oracle ``oracle(q, pk, pv, rk, rv, scale, mask)`` over stored tensors
+    decoded by ``dequantize64`` (packed part first, then the residual window; GQA by repetition;
+    fully masked rows give zeros)."""
+
+    def oracle(q, pk, pv, rk, rv, scale, mask):
+        ks, vs = [], []
+        if pk is not None:
+            ks.append(dequantize64(pk))
+            vs.append(dequantize64(pv))
+        if rk is not None:
+            ks.append(rk.double())
+            vs.append(rv.double())
+        k, v = torch.cat(ks, -2), torch.cat(vs, -2)
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        s = q.double() @ k.transpose(-1, -2) * scale
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return torch.softmax(s, -1).nan_to_num(0.0) @ v
+
+    return oracle
