@@ -222,3 +222,7 @@ def test_launch_config_refuses_bad_values():
         LaunchConfig(block_n=48)
     with pytest.raises(ValueError, match="num_warps=3"):
         LaunchConfig(num_warps=3)
+    with pytest.raises(ValueError, match="transposed_stages=0"):
+        LaunchConfig(transposed_stages=0)
+    with pytest.raises(ValueError, match="max_registers=300"):
+        LaunchConfig(max_registers=300)

@@ -268,3 +268,15 @@ def test_cache_decodes_through_the_kernel(monkeypatch, preset):
     got = run(counting)
     assert len(calls) == 2 * cont.shape[1]  # every decode step of both layers
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_polar_recursive_launch_settings_are_the_gpu_checked_ones():
+    """16-token blocks on 4 warps gave wrong results on the H100 (the interpreter cannot see it);
+    32 on 8 warps were checked there (benchmarks/polar_recursive_launch_check.py). A change here
+    needs that check rerun on a GPU."""
+    from kvpolar.kernels import decode_formats as fm
+
+    pr, kivi = fm.FMT_POLAR_RECURSIVE, 1
+    assert fm.block_n_cap(pr, kivi) == fm.block_n_cap(kivi, pr) == 32
+    assert fm.launch_overrides(pr, pr) == {"num_warps": 8}
+    assert fm.launch_overrides(kivi, kivi) == {} and fm.block_n_cap(fm.FMT_TURBO, kivi) is None
