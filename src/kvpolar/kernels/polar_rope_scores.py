@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from kvpolar.kernels.polar_pairs import UNIT_PAIR_BITS, load_unit_words, query_pairs_t, scores_part_t, unit_words
+from kvpolar.kernels.polar_pairs import cos_sin as _cos_sin
 from kvpolar.quantizers.polar_rope import PolarRopeTensor, table_scores
 
 REFERENCE = table_scores
@@ -175,19 +176,6 @@ def _interpreting() -> bool:
 def _to_float(c):
     """Small non-negative int32 -> float32 exactly, on the FMA pipe (no quarter-rate I2F)."""
     return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _cos_sin(theta, FAST: tl.constexpr):
-    if FAST:
-        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [theta], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [theta], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-    else:
-        c = tl.cos(theta)
-        s = tl.sin(theta)
-    return c, s
 
 
 @triton.jit
