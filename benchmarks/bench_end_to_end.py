@@ -137,24 +137,32 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
 
 
 @torch.no_grad()
-def fill_cache(model, cache, preset, batch, context):
+def fill_cache(model, cache, preset: str, batch: int, context: int, kv_heads: int | None = None) -> None:
     """Put ``context`` random tokens per sequence into every layer, as a prefill would leave them,
-    through the cache's own path (update, then the post-attention compression of whole groups)."""
+    through the cache's own path (update, then the post-attention compression of whole groups).
+
+    ``kv_heads``: KV heads this process caches (a tensor-parallel rank's local heads); None: all.
+    Tensors go to the model's device and dtype.
+    """
     cfg = model.config
-    hkv, d, hq = cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    param = next(model.parameters())
+    dev, dtype, d = param.device, param.dtype, cfg.head_dim
+    hkv = kv_heads or cfg.num_key_value_heads
+    hq = hkv * (cfg.num_attention_heads // cfg.num_key_value_heads)
+    gen = torch.Generator(device=dev).manual_seed(1)
     chunk = 4096
-    for layer_idx, layer in enumerate(cache.layers):
+    for layer_idx in range(cfg.num_hidden_layers):
         for start in range(0, context, chunk):
             n = min(chunk, context - start)
-            k = torch.randn(batch, hkv, n, d, device=DEVICE, dtype=torch.float16, generator=gen)
-            v = torch.randn(batch, hkv, n, d, device=DEVICE, dtype=torch.float16, generator=gen)
+            k = torch.randn(batch, hkv, n, d, device=dev, dtype=dtype, generator=gen)
+            v = torch.randn(batch, hkv, n, d, device=dev, dtype=dtype, generator=gen)
             if preset == "fp16":
                 cache.update(k, v, layer_idx)
                 continue
+            layer = cache.layers[layer_idx]
             layer.update(k, v)
             # a query of n tokens for the layer's bookkeeping; SQuat's subspace comes from its values
-            q = torch.randn(batch, hq, 1, d, device=DEVICE, dtype=torch.float16, generator=gen).expand(batch, hq, n, d)
+            q = torch.randn(batch, hq, 1, d, device=dev, dtype=dtype, generator=gen).expand(batch, hq, n, d)
             if not layer.plan.full_precision:  # (16-bit layers keep everything, as DynamicCache)
                 layer.after_attention(None, q)
             del k, v

@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_end_to_end import CONFIG_8B, SMOKE_CONFIG, build_model, make_cache  # noqa: E402
+from bench_end_to_end import CONFIG_8B, SMOKE_CONFIG, build_model, fill_cache, make_cache  # noqa: E402
 
 DEFAULT_PRESETS = "fp16,kivi-2,kivi-4,polar-rope-3,turbo-4"
 
@@ -84,30 +84,6 @@ def agreement_logits(model, preset: str, prompt: int, steps: int) -> torch.Tenso
         out = model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
         rows.append(out.logits[0, -1].float().cpu())
     return torch.stack(rows)
-
-
-@torch.no_grad()
-def fill_cache(model, cache, preset: str, batch: int, context: int, local_kv_heads: int) -> None:
-    """``context`` random tokens of the local KV heads in every layer, through the cache's own path."""
-    cfg = model.config
-    dev = _device(model)
-    dtype = next(model.parameters()).dtype
-    d = cfg.head_dim
-    gen = torch.Generator(device=dev).manual_seed(1)
-    for layer_idx in range(cfg.num_hidden_layers):
-        for start in range(0, context, 4096):
-            n = min(4096, context - start)
-            k = torch.randn(batch, local_kv_heads, n, d, device=dev, dtype=dtype, generator=gen)
-            v = torch.randn(batch, local_kv_heads, n, d, device=dev, dtype=dtype, generator=gen)
-            if preset == "fp16":
-                cache.update(k, v, layer_idx)
-                continue
-            layer = cache.layers[layer_idx]
-            layer.update(k, v)
-            q = torch.randn(batch, local_kv_heads * (cfg.num_attention_heads // cfg.num_key_value_heads), 1, d,
-                            device=dev, dtype=dtype, generator=gen).expand(-1, -1, n, -1)
-            if not layer.plan.full_precision:  # (16-bit layers keep everything, as DynamicCache)
-                layer.after_attention(None, q)
 
 
 @torch.no_grad()
