@@ -81,16 +81,27 @@ def _unit(bits: int) -> tuple[int, int]:
     return 3, 24 // bits
 
 
+def _common_reason(p: QuantizedTensor, role: str, table: dict) -> str | None:
+    """The checks every stored format shares (known format, head dim), then those of the formats of
+    ``decode_formats``; None when these pass."""
+    name = type(p).__name__
+    if name not in table:
+        return f"{role} format {name} (supported: {sorted(table)})"
+    if not (_pow2(p.head_dim) and p.head_dim >= 32):
+        return f"head dim {p.head_dim} (supported: powers of two >= 32)"
+    if name in formats.FORMATS:
+        return formats.reason(p, role)
+    return None
+
+
 def _key_reason(keys: QuantizedTensor | None) -> str | None:
     """Why the kernel cannot read these keys, or None when it can."""
     if keys is None:
         return None
+    common = _common_reason(keys, "key", KEY_FORMATS)
+    if common is not None:
+        return common
     name = type(keys).__name__
-    d = keys.head_dim
-    if name not in KEY_FORMATS:
-        return f"key format {name} (supported: {sorted(KEY_FORMATS)})"
-    if not (_pow2(d) and d >= 32):
-        return f"head dim {d} (supported: powers of two >= 32)"
     if name == "KiviChannelTensor":
         if keys.bits not in KEY_FORMATS[name]:
             return f"KIVI key bits={keys.bits} (supported: {KEY_FORMATS[name]})"
@@ -104,27 +115,21 @@ def _key_reason(keys: QuantizedTensor | None) -> str | None:
             return f"polar-rope group_size={keys.group_size} (supported: multiples of 16)"
         if keys.pairing not in ("half", "interleaved"):
             return f"polar-rope pairing={keys.pairing!r} (supported: 'half', 'interleaved')"
-    if name in formats.FORMATS:
-        return formats.reason(keys, "key")
     return None
 
 
 def _value_reason(values: QuantizedTensor | None) -> str | None:
+    """Why the kernel cannot read these values, or None when it can."""
     if values is None:
         return None
-    name = type(values).__name__
-    d = values.head_dim
-    if name not in VALUE_FORMATS:
-        return f"value format {name} (supported: {sorted(VALUE_FORMATS)})"
-    if not (_pow2(d) and d >= 32):
-        return f"head dim {d} (supported: powers of two >= 32)"
-    if name == "KiviTokenTensor":
-        if values.bits not in VALUE_FORMATS[name]:
-            return f"KIVI value bits={values.bits} (supported: {VALUE_FORMATS[name]})"
+    common = _common_reason(values, "value", VALUE_FORMATS)
+    if common is not None:
+        return common
+    if type(values).__name__ == "KiviTokenTensor":
+        if values.bits not in VALUE_FORMATS["KiviTokenTensor"]:
+            return f"KIVI value bits={values.bits} (supported: {VALUE_FORMATS['KiviTokenTensor']})"
         if not (_pow2(values.group_size) and values.group_size >= 8):
             return f"KIVI value group_size={values.group_size} (supported: powers of two >= 8)"
-    if name in formats.FORMATS:
-        return formats.reason(values, "value")
     return None
 
 
