@@ -1,4 +1,4 @@
-"""Shared pieces of the fused decode-attention kernel tests: seeded random inputs, left-padding masks,
+"""Shared pieces of the Triton kernel tests (fused decode attention, polar-rope scores): seeded random inputs,
 and the comparison of the kernel with a float64 oracle next to the PyTorch reference's own error."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 from kvpolar.decode_attention import reference_decode_attention
 from kvpolar.kernels.decode_attention import fused_decode_attention
+from kvpolar.quantizers import polar_rope
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: one unit in the last place at 1.0, per working dtype (the error floor of a tiny reference error)
@@ -78,3 +79,14 @@ def oracle_with(dequantize64: Callable) -> Callable:
         return torch.softmax(s, -1).nan_to_num(0.0) @ v
 
     return oracle
+
+
+def assert_scores_within_reference_error(got, q, p, gqa):
+    """``got`` (float32 scores) is within 2x the working-dtype reference's error of the float64 ones
+    (the reference: keys rounded to the input dtype, float32 product)."""
+    q, p = q.cpu(), p.to("cpu")
+    exact = q.double() @ polar_rope.dequantize_polar(p, torch.float64).repeat_interleave(gqa, 1).transpose(-1, -2)
+    work = q.float() @ polar_rope.dequantize_polar(p).to(q.dtype).float().repeat_interleave(gqa, 1).transpose(-1, -2)
+    ref_err = (work.double() - exact).abs().max().item()
+    err = (got.cpu().double() - exact).abs().max().item()
+    assert err <= 2 * ref_err + 1e-6 * exact.abs().max().item(), (err, ref_err)

@@ -15,6 +15,7 @@ from kvpolar import synthetic  # noqa: E402
 from kvpolar.kernels.polar_rope_encode import polar_rope_encode  # noqa: E402
 from kvpolar.kernels.polar_rope_scores import ScoresConfig, polar_rope_scores  # noqa: E402
 from kvpolar.quantizers.polar_rope import dequantize_polar, quantize_polar, unpack_codes  # noqa: E402
+from kernel_checks import assert_scores_within_reference_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -44,12 +45,7 @@ def test_scores_kernel_matches_reference(batch, hkv, gqa, tq, tokens, bits, pair
     q = torch.randn(batch, hkv * gqa, tq, 64, device=DEVICE).to(dtype)
     got = polar_rope_scores(q, p, config)
     assert got.shape == (batch, hkv * gqa, tq, tokens) and got.dtype == torch.float32
-    exact = q.double() @ dequantize_polar(p, torch.float64).repeat_interleave(gqa, 1).transpose(-1, -2)
-    # the working-dtype reference: keys rounded to the input dtype, float32 product
-    work = q.float() @ dequantize_polar(p).to(dtype).float().repeat_interleave(gqa, 1).transpose(-1, -2)
-    ref_err = (work.double() - exact).abs().max().item()
-    err = (got.double() - exact).abs().max().item()
-    assert err <= 2 * ref_err + 1e-6 * exact.abs().max().item(), (err, ref_err)
+    assert_scores_within_reference_error(got, q, p, gqa)
 
 
 def test_scores_kernel_float32_and_reference_path():
