@@ -1,5 +1,6 @@
-"""Shared pieces of the Triton kernel tests (fused decode attention, polar-rope scores): seeded random inputs,
-and the comparison of the kernel with a float64 oracle next to the PyTorch reference's own error."""
+"""Shared pieces of the Triton kernel tests (fused decode attention, polar-rope scores): seeded random
+inputs, left-padding masks, and checks of a kernel against float64 results next to the PyTorch
+reference's own error."""
 
 from __future__ import annotations
 
