@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kvpolar
+from kvpolar.kernels import decode_attention as da
 from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention, supports
 from kvpolar.packing import unpack_bits
 from kvpolar.quantizers.base import Quantizer
@@ -121,7 +122,13 @@ def check(key_fmt, value_fmt, *, batch=1, hkv=1, gqa=4, tq=1, tk=37, r=0, dtype=
     rk, rv = (k[..., tk:, :], v[..., tk:, :]) if r else (None, None)
     assert supports(pk, pv)
     return compare_with_oracle(oracle, q, pk, pv, kq, vq, rk, rv, left_padding_mask(lengths, tq, n),
-                               config=config, factor=factor)
+                               config=small_caches_transposed(config), factor=factor)
+
+
+def small_caches_transposed(config: LaunchConfig | None) -> LaunchConfig:
+    """``config`` with the small test caches let into the transposed kernel (``transposed_min_rows``;
+    ``test_launch_policy`` checks the threshold itself)."""
+    return dataclasses.replace(config or LaunchConfig(), transposed_min_rows=0)
 
 
 # ----- tests ------------------------------------------------------------------------------------------------------
@@ -217,6 +224,35 @@ def test_transposed_small_blocks_and_register_cap():
           config=LaunchConfig(block_n=16, max_registers=168, transposed_programs_per_sm=16))
 
 
+def _operand(fmt, rows, bits):
+    return da._Operand(fmt, torch.zeros(1, 1, rows, 128 * bits // 8 // (2 if fmt == da._FMT_POLAR else 1),
+                                        dtype=torch.uint8), (), bits=bits)
+
+
+def test_launch_policy():
+    """Small caches take the classic kernel; batched launches get the measured programs-per-SM and
+    register-cap policy (``transposed_tuning``); explicit config values win."""
+    kivi = da._FMT_KIVI
+    values2, values4 = _operand(kivi, 1, 2), _operand(kivi, 1, 4)
+    cfg = LaunchConfig()
+    small = cfg.transposed_min_rows
+    assert not da._use_transposed(_operand(kivi, small - 1, 2), values2, cfg)
+    assert da._use_transposed(_operand(kivi, small, 2), values2, cfg)
+    assert not da._use_transposed(_operand(kivi, small, 2), values2, LaunchConfig(transposed=False))
+    big = da._REGISTER_CAP_MIN_ROWS
+    assert da.transposed_tuning(_operand(kivi, big, 2), values2, 64, cfg) == (16, 128)
+    assert da.transposed_tuning(_operand(kivi, big - 1, 2), values2, 64, cfg) == (12, None)
+    assert da.transposed_tuning(_operand(kivi, big, 2), values2, 63, cfg) == (12, None)
+    assert da.transposed_tuning(_operand(kivi, big, 4), values4, 64, cfg) == (12, None)
+    assert da.transposed_tuning(_operand(kivi, big, 2), values4, 64, cfg) == (12, None)
+    polar = _operand(da._FMT_POLAR, small, 6)
+    assert da.transposed_tuning(polar, values2, 64, cfg) == (16, None)
+    assert da.transposed_tuning(polar, values2, 8, cfg) == (12, None)
+    assert da.transposed_tuning(polar, values4, 64, cfg) == (12, None)
+    mine = LaunchConfig(transposed_programs_per_sm=5, max_registers=200)
+    assert da.transposed_tuning(_operand(kivi, big, 2), values2, 64, mine) == (5, 200)
+
+
 def test_launch_config_refuses_bad_values():
     with pytest.raises(ValueError, match="block_n=48"):
         LaunchConfig(block_n=48)
@@ -226,3 +262,7 @@ def test_launch_config_refuses_bad_values():
         LaunchConfig(transposed_stages=0)
     with pytest.raises(ValueError, match="max_registers=300"):
         LaunchConfig(max_registers=300)
+    with pytest.raises(ValueError, match="transposed_programs_per_sm=0"):
+        LaunchConfig(transposed_programs_per_sm=0)
+    with pytest.raises(ValueError, match="transposed_min_rows=-1"):
+        LaunchConfig(transposed_min_rows=-1)

@@ -14,7 +14,7 @@ from kvpolar.kernels.decode_attention import LaunchConfig
 from kvpolar.kernels.polar_rope_scores import ScoresConfig, polar_rope_scores
 from kvpolar.quantizers.polar_rope import quantize_polar
 
-from test_kernels_decode_attention import PolarStandIn, make_values, oracle, polar_quantize
+from test_kernels_decode_attention import PolarStandIn, make_values, oracle, polar_quantize, small_caches_transposed
 from kernel_checks import DEVICE, assert_scores_within_reference_error, compare_with_oracle, left_padding_mask, random_inputs  # noqa: E402
 
 D = 128
@@ -22,9 +22,7 @@ D = 128
 
 @pytest.fixture
 def transposed_calls(monkeypatch):
-    """Counts launches of the transposed kernel (the test fails if polar keys took the classic one);
-    the small test caches are let into it (``_POLAR_T_MIN_ROWS``)."""
-    monkeypatch.setattr(da, "_POLAR_T_MIN_ROWS", 1)
+    """Counts launches of the transposed kernel (the test fails if polar keys took the classic one)."""
     calls = []
     real = da._launch_split_t
 
@@ -45,7 +43,7 @@ def check(rb, ab, pairing, value_fmt="kivi-2-32", *, batch=1, hkv=1, gqa=4, tq=1
     vq, pv = make_values(value_fmt, v[..., :tk, :])
     rk, rv = (k[..., tk:, :], v[..., tk:, :]) if r else (None, None)
     compare_with_oracle(oracle, q, pk, pv, None, vq, rk, rv, left_padding_mask(lengths, tq, n),
-                        config=config, factor=factor, reference_key_quantizer=PolarStandIn())
+                        config=small_caches_transposed(config), factor=factor, reference_key_quantizer=PolarStandIn())
 
 
 @pytest.mark.parametrize("pairing", ["half", "interleaved"])
@@ -72,16 +70,17 @@ def test_ragged_batch_and_residual(dtype, transposed_calls):
 
 
 def test_small_caches_stay_on_the_classic_kernel():
-    """Below ``_POLAR_T_MIN_ROWS`` packed rows (and for 3-bit pairs) polar keys take the classic kernel."""
+    """Below ``transposed_min_rows`` packed rows (and for 3-bit pairs) polar keys take the classic kernel."""
     def op(rows, bits):
         return da._Operand(da._FMT_POLAR, torch.zeros(1, 1, rows, 64 * bits // 8, dtype=torch.uint8), (), bits=bits)
 
     values = da._Operand(da._FMT_KIVI, torch.zeros(1), (), bits=2)
     cfg = LaunchConfig()
-    assert not da._use_transposed(op(da._POLAR_T_MIN_ROWS - 1, 6), values, cfg)
-    assert da._use_transposed(op(da._POLAR_T_MIN_ROWS, 6), values, cfg)
-    assert not da._use_transposed(op(da._POLAR_T_MIN_ROWS, 3), values, cfg)
-    assert not da._use_transposed(op(da._POLAR_T_MIN_ROWS, 6), values, LaunchConfig(transposed=False))
+    rows = cfg.transposed_min_rows
+    assert not da._use_transposed(op(rows - 1, 6), values, cfg)
+    assert da._use_transposed(op(rows, 6), values, cfg)
+    assert not da._use_transposed(op(rows, 3), values, cfg)
+    assert not da._use_transposed(op(rows, 6), values, LaunchConfig(transposed=False))
 
 
 def test_length_one_and_classic_switch(transposed_calls):

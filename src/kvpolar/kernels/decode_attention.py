@@ -216,12 +216,19 @@ class LaunchConfig:
     transposed_warps: warps per program of the transposed kernel (its tiles are 32 rows: 1 or 2
         warps of 16-row MMA tiles; more warps would repeat work).
     transposed_programs_per_sm: ``programs_per_sm`` of the transposed kernel (it is latency-bound:
-        more, shorter splits keep more loads in flight).
+        more, shorter splits keep more loads in flight); None = the measured policy of
+        ``transposed_tuning`` (12, or 16 for polar-rope keys with 2-bit values at batch sizes with
+        >= 64 (sequence, KV head) pairs).
     transposed_stages: software-pipelining stages of the transposed kernel's loads (the second
         sweep on the H100: 3 stages with 12 programs per SM beat 2 with 8 for kivi-2 and kivi-4 at
         every measured shape, benchmarks/README.md).
-    max_registers: register cap per thread of the transposed kernel (Triton's ``maxnreg``); None =
-        the compiler's choice. Fewer registers, more programs per SM.
+    max_registers: register cap per thread of the transposed kernel (Triton's ``maxnreg``). Fewer
+        registers, more programs per SM. None = the measured policy of ``transposed_tuning``
+        (128 for 2-bit KIVI keys and values at >= 64 pairs and >= 2**21 packed rows, else the
+        compiler's choice); 255 = no cap.
+    transposed_min_rows: caches of fewer packed (sequence, KV head, token) rows take the classic
+        kernel, whose shorter per-split latency wins there (H100, 8 KV heads: batch 1 at 4k and 8k
+        tokens; see ``_use_transposed``).
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     """
@@ -236,9 +243,10 @@ class LaunchConfig:
     transposed: bool = True
     transposed_warps: int = 1
     transposed_rows: int = 8
-    transposed_programs_per_sm: int = 12
+    transposed_programs_per_sm: int | None = None
     transposed_stages: int = 3
     max_registers: int | None = None
+    transposed_min_rows: int = 1 << 16
 
     def __post_init__(self) -> None:
         if not (_pow2(self.block_n) and self.block_n >= 16):
@@ -251,6 +259,10 @@ class LaunchConfig:
             raise ValueError(f"transposed_stages={self.transposed_stages} (allowed: 1..6)")
         if self.max_registers is not None and not 24 <= self.max_registers <= 255:
             raise ValueError(f"max_registers={self.max_registers} (allowed: None or 24..255)")
+        if self.transposed_programs_per_sm is not None and self.transposed_programs_per_sm < 1:
+            raise ValueError(f"transposed_programs_per_sm={self.transposed_programs_per_sm} (allowed: None or >= 1)")
+        if self.transposed_min_rows < 0:
+            raise ValueError(f"transposed_min_rows={self.transposed_min_rows} (allowed: >= 0)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -371,7 +383,7 @@ def fused_decode_attention(
     block_m = max(16, triton.next_power_of_2(gqa * tq))
     sms = _device_sms(query.device)
     k_rot, v_rot = formats.rotation_matrix(keys), formats.rotation_matrix(values)  # rotated-domain formats
-    parts = []  # (key operand, value operand, token offset, splits, tokens per split, block_n, query)
+    parts = []  # (key operand, value operand, token offset, splits, tokens per split, block_n, query, config)
     if tk:
         k_op, v_op = _key_operand(keys), _value_operand(values)
         block_n = cfg.block_n
@@ -382,16 +394,17 @@ def fused_decode_attention(
             block_n = min(block_n, _POLAR_T_BLOCK_N)
         split_cfg = cfg
         if _use_transposed(k_op, v_op, cfg):
-            split_cfg = dataclasses.replace(cfg, programs_per_sm=cfg.transposed_programs_per_sm)
+            pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg)
+            split_cfg = dataclasses.replace(cfg, programs_per_sm=pps, max_registers=max_registers)
         splits, per_split = choose_splits(tk, bsz * hkv, sms, block_n, split_cfg)
         q_packed = query if k_rot is None else (query.float() @ k_rot.T).to(query.dtype)  # R q, once
-        parts.append((k_op, v_op, 0, splits, per_split, block_n, q_packed))
+        parts.append((k_op, v_op, 0, splits, per_split, block_n, q_packed, split_cfg))
     if r:
         block_n = min(cfg.block_n, max(16, triton.next_power_of_2(r)))
         splits, per_split = choose_splits(r, bsz * hkv, sms, block_n,
                                           dataclasses.replace(cfg, num_splits=None, min_split_tokens=1024))
         parts.append((_full_operand(residual_keys), _full_operand(residual_values), tk, splits, per_split, block_n,
-                      query))
+                      query, cfg))
     total_splits = sum(p[3] for p in parts)
 
     dev = query.device
@@ -399,9 +412,9 @@ def fused_decode_attention(
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty(bsz, hq, tq, total_splits, d, device=dev, dtype=torch.float32)
     base = 0
-    for k_op, v_op, offset, splits, per_split, block_n, q_part in parts:
+    for k_op, v_op, offset, splits, per_split, block_n, q_part, part_cfg in parts:
         _launch_split(q_part, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
-                      part_max, part_sum, part_acc, scale, gqa, block_m, block_n, cfg)
+                      part_max, part_sum, part_acc, scale, gqa, block_m, block_n, part_cfg)
         base += splits
     if v_rot is not None and r:  # the residual window's partial outputs into the values' rotated domain
         n_packed = parts[0][3] if tk else 0
@@ -419,25 +432,53 @@ def fused_decode_attention(
 #: Largest token block of polar-rope keys in the transposed kernel (H100, B=8/32 at 4k-32k: 32-token
 #: blocks 1.10-1.27x over fp16 SDPA, 64-token blocks 0.90-1.22x; benchmarks/README.md).
 _POLAR_T_BLOCK_N = 32
-#: Polar-rope keys take the transposed kernel from this many packed (sequence, KV head, token) rows
-#: on: below it the classic kernel's shorter latency wins (H100: 32k rows, B=1 at 4k, classic
-#: 0.025 ms vs 0.043 ms; 262k rows, B=1 at 32k, transposed 0.053 ms vs 0.071 ms).
-_POLAR_T_MIN_ROWS = 1 << 17
+#: Launches with at least this many (sequence, KV head) pairs count as "batched" in ``transposed_tuning``.
+_BATCH_PROGRAMS = 64
+#: ... and a 2-bit KIVI cache of at least this many packed (sequence, KV head, token) rows gets the register cap.
+_REGISTER_CAP_MIN_ROWS = 1 << 21
+
+
+def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: LaunchConfig) -> tuple[int, int | None]:
+    """(programs per SM, register cap or None) of the transposed kernel for ``programs`` (sequence,
+    KV head) pairs: the config's values where given, else the policy measured on the H100
+    (``benchmarks/results/attention_sweep3_h100.json``, speed-up over fp16 SDPA, default -> policy):
+
+    - polar-rope keys with 2-bit values (polar-rope-3), 16 programs per SM from 64 pairs on: B=8/32k
+      1.14x -> 1.39x, B=32/4k 1.10x -> 1.32x, B=32/32k 1.13x -> 1.40x, B=32/128k 1.14x -> 1.43x (B=1:
+      1.13x -> 1.08x at 128k, so single sequences keep 12; with 4-bit values, polar-rope-4, 16 was
+      0.96-1.03x of 12 in ``results/attention_h100.json``'s run against the one before, so it keeps 12);
+    - 2-bit KIVI keys and values, a 128-register cap (16 programs per SM) from 64 pairs and 2**21
+      rows on: B=8/32k 1.92x -> 1.99x, B=32/32k 1.97x -> 2.11x, B=32/128k 2.01x -> 2.21x (smaller
+      caches lose: B=8/4k 1.59x -> 1.33x, B=1/128k 1.84x -> 1.36x; 4-bit codes spill and lose everywhere).
+    """
+    batched = programs >= _BATCH_PROGRAMS
+    rows = math.prod(k_op.data.shape[:-1])
+    cap = (k_op.fmt == _FMT_KIVI and k_op.bits == 2 and v_op.bits == 2 and batched
+           and rows >= _REGISTER_CAP_MIN_ROWS)
+    pps = 16 if (batched and k_op.fmt == _FMT_POLAR and v_op.bits == 2) or cap else 12
+    if cfg.transposed_programs_per_sm is not None:
+        pps = cfg.transposed_programs_per_sm
+    max_registers = cfg.max_registers if cfg.max_registers is not None else (128 if cap else None)
+    return pps, max_registers
 
 
 def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:
     """KIVI values in whole bytes, with KIVI keys in whole bytes or polar-rope keys of 2, 4, 6 or 8
     bits per pair (four pairs per unit of whole bytes; head dim >= 128 so each of the four parts
-    fills the tensor-core K of 16; at least ``_POLAR_T_MIN_ROWS`` packed rows), take the
-    transposed kernel."""
+    fills the tensor-core K of 16), take the transposed kernel, from ``cfg.transposed_min_rows``
+    packed (sequence, KV head, token) rows on. Below it the classic kernel's shorter latency wins
+    (H100, B=1, 8 KV heads, classic vs transposed: KIVI-2 at 4k 0.020 ms vs 0.028 ms, at 8k (64.5k
+    rows) 0.025 vs 0.029, at 16k (130k rows) 0.034 vs 0.030; polar-rope-3 at 4k 0.025 vs 0.043)."""
     if not (cfg.transposed and cfg.by_parts and v_op.fmt == _FMT_KIVI and 8 % v_op.bits == 0):
+        return False
+    rows = math.prod(k_op.data.shape[:-1])
+    if rows < cfg.transposed_min_rows:
         return False
     if k_op.fmt == _FMT_KIVI:
         return 8 % k_op.bits == 0
     if k_op.fmt == _FMT_POLAR and k_op.bits in _POLAR_UNIT_BITS:
         head_dim = k_op.data.shape[-1] * 16 // k_op.bits
-        rows = math.prod(k_op.data.shape[:-1])
-        return (head_dim >= 128 or _interpreting()) and rows >= _POLAR_T_MIN_ROWS
+        return head_dim >= 128 or _interpreting()
     return False
 
 
