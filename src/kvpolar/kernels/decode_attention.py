@@ -445,8 +445,9 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
 
     - polar-rope keys with 2-bit values (polar-rope-3), 16 programs per SM from 64 pairs on: B=8/32k
       1.14x -> 1.39x, B=32/4k 1.10x -> 1.32x, B=32/32k 1.13x -> 1.40x, B=32/128k 1.14x -> 1.43x (B=1:
-      1.13x -> 1.08x at 128k, so single sequences keep 12; with 4-bit values, polar-rope-4, 16 was
-      0.96-1.03x of 12 in ``results/attention_h100.json``'s run against the one before, so it keeps 12);
+      1.13x -> 1.08x at 128k, so single sequences keep 12; with 4-bit values, polar-rope-4, 16 gave
+      0.95-1.03x the speed of 12, ``results/attention_policy_v1_h100.json`` against
+      ``results/attention_h100.json``, so it keeps 12);
     - 2-bit KIVI keys and values, a 128-register cap (16 programs per SM) from 64 pairs and 2**21
       rows on: B=8/32k 1.92x -> 1.99x, B=32/32k 1.97x -> 2.11x, B=32/128k 2.01x -> 2.21x (smaller
       caches lose: B=8/4k 1.59x -> 1.33x, B=1/128k 1.84x -> 1.36x; 4-bit codes spill and lose everywhere).
