@@ -177,13 +177,23 @@ def reference(name, q, pk, pv, rk, rv, scale, mask):
 
 def check_correctness(dev):
     rows = []
-    cases = [  # (preset, batch, tq, packed tokens, dtype, ragged mask)
-        ("kivi-2", 2, 1, 3001, torch.float16, False), ("kivi-4", 2, 3, 777, torch.float16, True),
-        ("polar-rope-3", 2, 1, 3001, torch.float16, True), ("polar-rope-4", 1, 3, 1000, torch.float16, False),
-        ("kivi-2", 3, 1, 2000, torch.bfloat16, True), ("polar-rope-3", 1, 1, 4500, torch.bfloat16, False),
-    ] + [(name, 2, 1 + 2 * (i % 2), 1000 + 555 * i, (torch.float16, torch.bfloat16)[i % 2], i % 3 == 0)
+    # These small caches take the classic kernel by default (``LaunchConfig.transposed_min_rows``): the
+    # transposed kernel is checked with the threshold lifted, with the register cap, and at a size where
+    # the default launch policy itself picks the cap (B=8, 2**21 packed rows).
+    transposed = LaunchConfig(transposed_min_rows=0)
+    capped = LaunchConfig(transposed_min_rows=0, max_registers=128, transposed_programs_per_sm=16)
+    cases = [  # (preset, batch, tq, packed tokens, dtype, ragged mask, launch config)
+        ("kivi-2", 2, 1, 3001, torch.float16, False, None), ("kivi-4", 2, 3, 777, torch.float16, True, None),
+        ("polar-rope-3", 2, 1, 3001, torch.float16, True, None), ("polar-rope-4", 1, 3, 1000, torch.float16, False, None),
+        ("kivi-2", 3, 1, 2000, torch.bfloat16, True, None), ("polar-rope-3", 1, 1, 4500, torch.bfloat16, False, None),
+        ("kivi-2", 2, 1, 3001, torch.float16, False, transposed), ("kivi-4", 2, 3, 777, torch.float16, True, transposed),
+        ("polar-rope-3", 2, 1, 3001, torch.float16, True, transposed),
+        ("polar-rope-4", 1, 3, 1000, torch.bfloat16, False, transposed),
+        ("kivi-2", 3, 1, 2000, torch.bfloat16, True, capped), ("kivi-2", 2, 3, 1500, torch.float16, True, capped),
+        ("kivi-2", 8, 1, 32768, torch.float16, True, None),
+    ] + [(name, 2, 1 + 2 * (i % 2), 1000 + 555 * i, (torch.float16, torch.bfloat16)[i % 2], i % 3 == 0, None)
          for i, name in enumerate(BUILT_PRESETS)]
-    for name, b, tq, tk, dtype, ragged in cases:
+    for name, b, tq, tk, dtype, ragged, cfg in cases:
         pk, pv = make_preset(name, b, tk, dtype, dev)
         if not supports(pk, pv):
             print(f"check {name:13s} skipped: the fused kernel does not read these formats")
@@ -198,15 +208,17 @@ def check_correctness(dev):
             mask = (torch.arange(n, device=dev)[None, :] >= n - lengths[:, None])[:, None, None, :]
         want = reference(name, q, pk, pv, rk, rv, D**-0.5, mask)
         try:
-            out = fused_decode_attention(q, pk, pv, None, None, rk, rv, D**-0.5, mask).float()
+            out = fused_decode_attention(q, pk, pv, None, None, rk, rv, D**-0.5, mask, cfg).float()
         except Exception as e:  # report and go on: the sweep may still find configurations that work
             print(f"check {name}: {type(e).__name__}: {str(e)[-300:]}")
             out = torch.full_like(want, float("nan"))
         rel = ((out - want).abs().max() / want.abs().max()).item()
         ok = bool(torch.isfinite(out).all()) and rel < (1e-2 if dtype == torch.float16 else 4e-2)
+        launch = "default" if cfg is None else ("capped" if cfg.max_registers else "transposed")
         rows.append({"preset": name, "batch": b, "tq": tq, "tokens": tk + RESIDUAL, "dtype": str(dtype),
-                     "ragged_mask": ragged, "max_rel_error": rel, "ok": ok})
-        print(f"check {name:13s} B={b} Tq={tq} N={n} {str(dtype):14s} mask={ragged!s:5s} rel err {rel:.2e} {'ok' if ok else 'FAIL'}")
+                     "ragged_mask": ragged, "launch": launch, "max_rel_error": rel, "ok": ok})
+        print(f"check {name:13s} B={b} Tq={tq} N={n} {str(dtype):14s} mask={ragged!s:5s} {launch:10s} "
+              f"rel err {rel:.2e} {'ok' if ok else 'FAIL'}")
     return rows
 
 

@@ -31,6 +31,10 @@ from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attentio
 
 CLASSIC = LaunchConfig(block_n=64, num_warps=4, num_stages=2, transposed=False)
 VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = programs per SM)
+    # Variants leaving max_registers / transposed_programs_per_sm unset now get the launch policy
+    # (decode_attention.transposed_tuning) for them; the JSON of each run records the configs it used.
+    "policy": LaunchConfig(),  # the defaults
+    "t-min0": LaunchConfig(transposed_min_rows=0),  # the defaults, with small caches let into the transposed kernel
     "classic": CLASSIC,
     "t-w2-s2": LaunchConfig(transposed_warps=2, transposed_stages=2, transposed_programs_per_sm=4),
     "t-w2-s3-pps8": LaunchConfig(transposed_warps=2, transposed_stages=3, transposed_programs_per_sm=8),
@@ -41,6 +45,9 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     "t-w1-pps12-r168": LaunchConfig(transposed_stages=2, transposed_programs_per_sm=12, max_registers=168),
     "t-w1-pps16-r128": LaunchConfig(transposed_stages=2, transposed_programs_per_sm=16, max_registers=128),
     "t-w1-s3-pps12": LaunchConfig(transposed_stages=3, transposed_programs_per_sm=12),  # the default now
+    # third sweep: the register cap with 3 stages, and 16 programs per SM without a cap
+    "t-s3-pps16": LaunchConfig(transposed_stages=3, transposed_programs_per_sm=16),
+    "t-s3-pps16-r128": LaunchConfig(transposed_stages=3, transposed_programs_per_sm=16, max_registers=128),
     "t-w1-bn16-pps8": LaunchConfig(block_n=16, transposed_stages=2, transposed_programs_per_sm=8),
     # polar-rope keys (group 128): the block is min(block_n, 128) tokens (measured with 2 stages, 8 pps)
     "t-n32": LaunchConfig(block_n=32, transposed_stages=2, transposed_programs_per_sm=8),
@@ -66,6 +73,8 @@ def check_variants(dev, presets, variants):
             want = ba.reference(name, q, pk, pv, rk, rv, ba.D**-0.5, mask)
             for vname in variants:
                 cfg = VARIANTS[vname]
+                if cfg.transposed:  # these small caches would take the classic kernel (transposed_min_rows)
+                    cfg = dataclasses.replace(cfg, transposed_min_rows=0)
                 try:
                     out = fused_decode_attention(q, pk, pv, None, None, rk, rv, ba.D**-0.5, mask, cfg).float()
                     torch.cuda.synchronize()
