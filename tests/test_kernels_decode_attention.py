@@ -225,6 +225,7 @@ def test_transposed_small_blocks_and_register_cap():
 
 
 def _operand(fmt, rows, bits):
+    """A stand-in operand of ``rows`` packed rows (head dim 128) for the launch-policy checks."""
     return da._Operand(fmt, torch.zeros(1, 1, rows, 128 * bits // 8 // (2 if fmt == da._FMT_POLAR else 1),
                                         dtype=torch.uint8), (), bits=bits)
 
