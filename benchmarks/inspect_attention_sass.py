@@ -5,7 +5,7 @@ Costs no device time: Triton's bundled ``ptxas`` / ``cuobjdump`` do the work. Us
 transposed kernel's tile shapes before timing them (see benchmarks/README.md, "Second version").
 
 Usage: ``PYTHONPATH=src python benchmarks/inspect_attention_sass.py [--bits 2] [--warps 1 2]
-[--block-n 32] [--rows 8] [--max-registers 168] [--polar r2a4] [--classic] [--out DIR]``
+[--block-n 32] [--rows 8] [--stages 2] [--max-registers 168] [--polar r2a4] [--classic] [--out DIR]``
 (D = 128, GQA 4, Tq 1, fp16, KIVI key group 32 and value group 32).
 """
 
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, default=32)
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--max-registers", type=int, default=None)
+    ap.add_argument("--stages", type=int, default=2, help="pipelining stages (the kernel's default is 3)")
     ap.add_argument("--polar", default=None, help="polar-rope keys, e.g. r2a4 (values: --bits)")
     ap.add_argument("--classic", action="store_true", help="also the first (classic) kernel, 64-token blocks, 4 warps")
     ap.add_argument("--out", default=None, help="where to keep cubin/SASS (default: a temporary folder)")
@@ -100,8 +101,8 @@ def main() -> None:
         c = compile_split(mod._split_kernel, args.bits, 64, 4, 16, polar=polar)
         print(report(c, f"classic-{tag}b{args.bits}", out))
     for w in args.warps:
-        c = compile_split(mod._split_kernel_t, args.bits, args.block_n, w, args.rows, max_registers=args.max_registers,
-                          polar=polar)
+        c = compile_split(mod._split_kernel_t, args.bits, args.block_n, w, args.rows, stages=args.stages,
+                          max_registers=args.max_registers, polar=polar)
         print(report(c, f"transposed-{tag}b{args.bits}-w{w}-n{args.block_n}", out))
     print(f"(cubin and SASS in {out})")
 
