@@ -48,6 +48,7 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # third sweep: the register cap with 3 stages, and 16 programs per SM without a cap
     "t-s3-pps16": LaunchConfig(transposed_stages=3, transposed_programs_per_sm=16),
     "t-s3-pps16-r128": LaunchConfig(transposed_stages=3, transposed_programs_per_sm=16, max_registers=128),
+    "t-s3-pps32-r96": LaunchConfig(transposed_stages=3, transposed_programs_per_sm=32, max_registers=96),
     "t-w1-bn16-pps8": LaunchConfig(block_n=16, transposed_stages=2, transposed_programs_per_sm=8),
     # polar-rope keys (group 128): the block is min(block_n, 128) tokens (measured with 2 stages, 8 pps)
     "t-n32": LaunchConfig(block_n=32, transposed_stages=2, transposed_programs_per_sm=8),
