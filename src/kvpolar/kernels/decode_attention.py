@@ -383,28 +383,30 @@ def fused_decode_attention(
     block_m = max(16, triton.next_power_of_2(gqa * tq))
     sms = _device_sms(query.device)
     k_rot, v_rot = formats.rotation_matrix(keys), formats.rotation_matrix(values)  # rotated-domain formats
-    parts = []  # (key operand, value operand, token offset, splits, tokens per split, block_n, query, config)
+    # (key operand, value operand, token offset, splits, tokens per split, block_n, query, config, transposed)
+    parts = []
     if tk:
         k_op, v_op = _key_operand(keys), _value_operand(values)
+        transposed = _use_transposed(k_op, v_op, cfg)
         block_n = cfg.block_n
-        if k_op.fmt == _FMT_POLAR or (k_op.fmt == _FMT_KIVI and block_n % k_op.group) or _use_transposed(k_op, v_op, cfg):
+        if k_op.fmt == _FMT_POLAR or (k_op.fmt == _FMT_KIVI and block_n % k_op.group) or transposed:
             block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
         block_n = min(block_n, formats.block_n_cap(k_op.fmt, v_op.fmt) or block_n)
-        if k_op.fmt == _FMT_POLAR and _use_transposed(k_op, v_op, cfg):
+        if k_op.fmt == _FMT_POLAR and transposed:
             block_n = min(block_n, _POLAR_T_BLOCK_N)
         split_cfg = cfg
-        if _use_transposed(k_op, v_op, cfg):
+        if transposed:
             pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg)
             split_cfg = dataclasses.replace(cfg, programs_per_sm=pps, max_registers=max_registers)
         splits, per_split = choose_splits(tk, bsz * hkv, sms, block_n, split_cfg)
         q_packed = query if k_rot is None else (query.float() @ k_rot.T).to(query.dtype)  # R q, once
-        parts.append((k_op, v_op, 0, splits, per_split, block_n, q_packed, split_cfg))
+        parts.append((k_op, v_op, 0, splits, per_split, block_n, q_packed, split_cfg, transposed))
     if r:
         block_n = min(cfg.block_n, max(16, triton.next_power_of_2(r)))
         splits, per_split = choose_splits(r, bsz * hkv, sms, block_n,
                                           dataclasses.replace(cfg, num_splits=None, min_split_tokens=1024))
         parts.append((_full_operand(residual_keys), _full_operand(residual_values), tk, splits, per_split, block_n,
-                      query, cfg))
+                      query, cfg, False))
     total_splits = sum(p[3] for p in parts)
 
     dev = query.device
@@ -412,9 +414,13 @@ def fused_decode_attention(
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty(bsz, hq, tq, total_splits, d, device=dev, dtype=torch.float32)
     base = 0
-    for k_op, v_op, offset, splits, per_split, block_n, q_part, part_cfg in parts:
-        _launch_split(q_part, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
-                      part_max, part_sum, part_acc, scale, gqa, block_m, block_n, part_cfg)
+    for k_op, v_op, offset, splits, per_split, block_n, q_part, part_cfg, transposed in parts:
+        if transposed:
+            _launch_split_t(q_part, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
+                            part_max, part_sum, part_acc, scale, gqa, block_n, part_cfg)
+        else:
+            _launch_split(q_part, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
+                          part_max, part_sum, part_acc, scale, gqa, block_m, block_n, part_cfg)
         base += splits
     if v_rot is not None and r:  # the residual window's partial outputs into the values' rotated domain
         n_packed = parts[0][3] if tk else 0
@@ -485,9 +491,7 @@ def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:
 
 def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
                   part_max, part_sum, part_acc, scale, gqa, block_m, block_n, cfg):
-    if _use_transposed(k_op, v_op, cfg):
-        return _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
-                               part_max, part_sum, part_acc, scale, gqa, block_n, cfg)
+    """Launch ``_split_kernel`` (the classic form) over one packed range of tokens, or the residual window."""
     bsz, hq, tq, d = query.shape
     hkv = hq // gqa
     km = k_op.meta + (query,) * (4 - len(k_op.meta))  # unused pointer slots get any tensor
