@@ -565,6 +565,7 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
 if triton is not None:
     from kvpolar.kernels.polar_pairs import UNIT_PAIR_BITS as _POLAR_UNIT_BITS
     from kvpolar.kernels.polar_pairs import load_unit_words
+    from kvpolar.kernels.polar_pairs import pair_channels as _pair_channels
     from kvpolar.kernels.polar_pairs import query_pairs_t as _polar_query_t
     from kvpolar.kernels.polar_pairs import scores_part_t as _polar_key_part_t
     from kvpolar.kernels.polar_pairs import unit_words as _unit_words
@@ -675,13 +676,7 @@ if triton is not None:
         q_rows = q_ptr + b.to(tl.int64) * sq_b + head * sq_h + tok * sq_t
         dcol = tl.arange(0, D)
         if KEY_FMT == 2:  # polar-rope: the query split into the x and y channel of every pair
-            j = tl.arange(0, HALF)
-            if PAIR_HALF:
-                ix = j
-                iy = j + HALF
-            else:
-                ix = 2 * j
-                iy = 2 * j + 1
+            ix, iy = _pair_channels(tl.arange(0, HALF), HALF, PAIR_HALF)
             qx = tl.load(q_rows[:, None] + ix[None, :], mask=row_ok[:, None], other=0.0).to(DT)
             qy = tl.load(q_rows[:, None] + iy[None, :], mask=row_ok[:, None], other=0.0).to(DT)
         else:

@@ -63,6 +63,19 @@ def load_unit_words(row_ptrs, row_ok, NU: tl.constexpr, UB: tl.constexpr, WORDS:
 
 
 @triton.jit
+def pair_channels(j, P: tl.constexpr, HALF: tl.constexpr):
+    """Channels ``(x, y)`` of pair ``j`` of a head with ``P`` pairs: ``(j, j + P)`` for the "half"
+    pairing (rotate-half RoPE), ``(2 j, 2 j + 1)`` for "interleaved"."""
+    if HALF:
+        cx = j
+        cy = j + P
+    else:
+        cx = 2 * j
+        cy = 2 * j + 1
+    return cx, cy
+
+
+@triton.jit
 def code_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr):
     """``1 + ((word >> SHIFT) & (2**WIDTH - 1)) / 128`` as float32 (WIDTH <= 7): the code is masked
     straight into the mantissa of 1.0 (a shift and one AND-OR)."""
@@ -117,13 +130,7 @@ def query_pairs_t(q_rows, row_ok, uk, K: tl.constexpr, D: tl.constexpr, PAIR_HAL
                   DT: tl.constexpr):
     """The query rows ``q_rows`` ``[BM]`` at the x and y channels of pairs ``4 u + K`` (``uk`` =
     ``arange(NU)``), transposed: ``[NU, BM]`` each, in ``DT``."""
-    j = uk * 4 + K
-    if PAIR_HALF:
-        cx = j
-        cy = j + D // 2
-    else:
-        cx = 2 * j
-        cy = 2 * j + 1
+    cx, cy = pair_channels(uk * 4 + K, D // 2, PAIR_HALF)
     qx = tl.load(q_rows[None, :] + cx[:, None], mask=row_ok[None, :], other=0.0).to(DT)
     qy = tl.load(q_rows[None, :] + cy[:, None], mask=row_ok[None, :], other=0.0).to(DT)
     return qx, qy

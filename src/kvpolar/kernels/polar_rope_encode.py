@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvpolar.kernels.polar_pairs import pair_channels
 from kvpolar.quantizers.polar_rope import PolarRopeTensor, quantize_polar
 
 REFERENCE = quantize_polar
@@ -126,12 +127,7 @@ def polar_rope_encode_kernel(
     j = tl.arange(0, P_PAD)
     jmask = j < P
     mask = tmask[:, None] & jmask[None, :]
-    if HALF:
-        xcol = j
-        ycol = j + P
-    else:
-        xcol = 2 * j
-        ycol = 2 * j + 1
+    xcol, ycol = pair_channels(j, P, HALF)
     base = x_ptr + n * stride_xn
     rows = base + t[:, None].to(tl.int64) * stride_xt
     px = tl.load(rows + xcol[None, :], mask=mask, other=0).to(tl.float32)

@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvpolar.kernels.polar_pairs import UNIT_PAIR_BITS, load_unit_words, query_pairs_t, scores_part_t, unit_words
+from kvpolar.kernels.polar_pairs import (UNIT_PAIR_BITS, load_unit_words, pair_channels, query_pairs_t, scores_part_t,
+                                         unit_words)
 from kvpolar.kernels.polar_pairs import cos_sin as _cos_sin
 from kvpolar.quantizers.polar_rope import PolarRopeTensor, table_scores
 
@@ -243,12 +244,7 @@ def polar_rope_scores_kernel(
     ky = r * s
 
     # ---- queries and the product
-    if HALF:
-        xcol = j
-        ycol = j + P
-    else:
-        xcol = 2 * j
-        ycol = 2 * j + 1
+    xcol, ycol = pair_channels(j, P, HALF)
     if DOT:  # [BLOCK_Q, P_PAD] x [P_PAD, BLOCK_T] on the tensor cores
         qi = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
         qmask = qi < NQ
