@@ -567,7 +567,7 @@ if triton is not None:
     from kvpolar.kernels.polar_pairs import load_unit_words
     from kvpolar.kernels.polar_pairs import pair_channels as _pair_channels
     from kvpolar.kernels.polar_pairs import query_pairs_t as _polar_query_t
-    from kvpolar.kernels.polar_pairs import scores_part_t as _polar_key_part_t
+    from kvpolar.kernels.polar_pairs import scores_t as _polar_key_scores_t
     from kvpolar.kernels.polar_pairs import unit_words as _unit_words
 
     @triton.jit
@@ -1003,14 +1003,8 @@ if triton is not None:
                 word = load_unit_words(k_base + offs_n[:, None] * sk_t, n_ok[:, None], NUK, KEY_UB, KEY_WORDS)
                 mo = km_base + (n0 // KEY_GROUP) * skm_g
                 meta_ok = (uk * 0 + n0) < n_tokens  # (surplus blocks of a short last split read no metadata)
-                s_t = _polar_key_part_t(s_t, word, qx0, qy0, km0 + mo, km1 + mo, km2 + mo, km3 + mo, meta_ok, uk,
-                                        0, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
-                s_t = _polar_key_part_t(s_t, word, qx1, qy1, km0 + mo, km1 + mo, km2 + mo, km3 + mo, meta_ok, uk,
-                                        1, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
-                s_t = _polar_key_part_t(s_t, word, qx2, qy2, km0 + mo, km1 + mo, km2 + mo, km3 + mo, meta_ok, uk,
-                                        2, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
-                s_t = _polar_key_part_t(s_t, word, qx3, qy3, km0 + mo, km1 + mo, km2 + mo, km3 + mo, meta_ok, uk,
-                                        3, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
+                s_t = _polar_key_scores_t(s_t, word, qx0, qy0, qx1, qy1, qx2, qy2, qx3, qy3, km0 + mo, km1 + mo,
+                                          km2 + mo, km3 + mo, meta_ok, uk, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
                 s_t = s_t * qk_scale
             else:  # KIVI: code K of every byte times the group-scaled query, plus q . min
                 word = tl.load(k_base + offs_n[:, None] * sk_t + uk[None, :], mask=n_ok[:, None], other=0)

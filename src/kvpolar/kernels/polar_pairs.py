@@ -148,3 +148,14 @@ def scores_part_t(s_t, word, qx, qy, m_rs, m_rm, m_as, m_am, meta_ok, uk, K: tl.
     x, y = pair_xy(word, r_mul, r_add, a_mul, a_add, K, BITS, AB, FAST)
     s_t = tl.dot(x.to(DT), qx, s_t, input_precision=PREC)
     return tl.dot(y.to(DT), qy, s_t, input_precision=PREC)
+
+
+@triton.jit
+def scores_t(s_t, word, qx0, qy0, qx1, qy1, qx2, qy2, qx3, qy3, m_rs, m_rm, m_as, m_am, meta_ok, uk,
+             BITS: tl.constexpr, AB: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
+    """``s_t [BN, BM]`` plus the scores of all four parts of ``word`` (:func:`scores_part_t` for parts
+    0..3, the query split by :func:`query_pairs_t`)."""
+    s_t = scores_part_t(s_t, word, qx0, qy0, m_rs, m_rm, m_as, m_am, meta_ok, uk, 0, BITS, AB, DT, FAST, PREC)
+    s_t = scores_part_t(s_t, word, qx1, qy1, m_rs, m_rm, m_as, m_am, meta_ok, uk, 1, BITS, AB, DT, FAST, PREC)
+    s_t = scores_part_t(s_t, word, qx2, qy2, m_rs, m_rm, m_as, m_am, meta_ok, uk, 2, BITS, AB, DT, FAST, PREC)
+    return scores_part_t(s_t, word, qx3, qy3, m_rs, m_rm, m_as, m_am, meta_ok, uk, 3, BITS, AB, DT, FAST, PREC)

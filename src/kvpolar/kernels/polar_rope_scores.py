@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvpolar.kernels.polar_pairs import (UNIT_PAIR_BITS, load_unit_words, pair_channels, query_pairs_t, scores_part_t,
+from kvpolar.kernels.polar_pairs import (UNIT_PAIR_BITS, load_unit_words, pair_channels, query_pairs_t, scores_t,
                                          unit_words)
 from kvpolar.kernels.polar_pairs import cos_sin as _cos_sin
 from kvpolar.quantizers.polar_rope import PolarRopeTensor, table_scores
@@ -303,13 +303,6 @@ def polar_rope_scores_t_kernel(
         word = load_unit_words(c_base + t[:, None].to(tl.int64) * stride_ct, t_ok[:, None], NU, UB, WORDS)
         mo = m_base + (t0 // G) * stride_mg
         meta_ok = (uk * 0 + t0) < T
-        s_t = tl.zeros([BLOCK_T, BLOCK_Q], tl.float32)
-        s_t = scores_part_t(s_t, word, qx0, qy0, rs_ptr + mo, rm_ptr + mo, as_ptr + mo, am_ptr + mo, meta_ok, uk,
-                            0, BITS, AB, DT, FAST, PREC)
-        s_t = scores_part_t(s_t, word, qx1, qy1, rs_ptr + mo, rm_ptr + mo, as_ptr + mo, am_ptr + mo, meta_ok, uk,
-                            1, BITS, AB, DT, FAST, PREC)
-        s_t = scores_part_t(s_t, word, qx2, qy2, rs_ptr + mo, rm_ptr + mo, as_ptr + mo, am_ptr + mo, meta_ok, uk,
-                            2, BITS, AB, DT, FAST, PREC)
-        s_t = scores_part_t(s_t, word, qx3, qy3, rs_ptr + mo, rm_ptr + mo, as_ptr + mo, am_ptr + mo, meta_ok, uk,
-                            3, BITS, AB, DT, FAST, PREC)
+        s_t = scores_t(tl.zeros([BLOCK_T, BLOCK_Q], tl.float32), word, qx0, qy0, qx1, qy1, qx2, qy2, qx3, qy3,
+                       rs_ptr + mo, rm_ptr + mo, as_ptr + mo, am_ptr + mo, meta_ok, uk, BITS, AB, DT, FAST, PREC)
         tl.store(o_rows + t[:, None], s_t, mask=t_ok[:, None] & row_ok[None, :])
