@@ -31,8 +31,8 @@ NONE = ("none", {})
 
 
 # ----- float64 oracle -----------------------------------------------------------------------------------
-def _matrix64(kind, seed):
-    return rotation(kind, D, seed).matrix().double()
+def _matrix64(kind, seed, dim=D):
+    return rotation(kind, dim, seed).matrix().double()
 
 
 def dequantize64(p):
@@ -43,15 +43,15 @@ def dequantize64(p):
     if name == "Fp8Tensor":
         return p.codes.double() * p.token_scales().double()[..., None]
     if name == "TurboTensor":
-        cw = p.codebook.double()[unpack_bits(p.codes, p.bits, D).long()]
+        cw = p.codebook.double()[unpack_bits(p.codes, p.bits, p.head_dim).long()]
         factor = p.norms.double()
         if p.norm_correction:
             factor = factor / torch.linalg.vector_norm(cw, dim=-1, keepdim=True)
-        return (cw * factor) @ _matrix64(p.rotation_kind, p.seed)
+        return (cw * factor) @ _matrix64(p.rotation_kind, p.seed, p.head_dim)
     if name == "PolarRecursiveTensor":
         y = inverse_polar_transform([a.double() for a in decoded_angles(p)], p.radii.double())
-        return y @ _matrix64(p.preconditioner, p.seed)
-    codes = unpack_bits(p.codes, p.bits, D).double()
+        return y @ _matrix64(p.preconditioner, p.seed, p.head_dim)
+    codes = unpack_bits(p.codes, p.bits, p.head_dim).double()
     if name == "KiviChannelTensor":
         sc = p.scale.double().repeat_interleave(p.group_size, -2)[..., : p.num_tokens, :]
         mn = p.minimum.double().repeat_interleave(p.group_size, -2)[..., : p.num_tokens, :]
@@ -78,10 +78,10 @@ def quantize_in_chunks(qz, x, chunks):
 
 
 def check(key, value, *, batch=1, hkv=2, gqa=4, tq=1, tk=37, r=5, dtype=torch.float16, lengths=None,
-          chunks=None, config=None, factor=3.0, stored_hook=None):
+          chunks=None, config=None, factor=3.0, stored_hook=None, d=D):
     n = tk + r
     k, v, q = random_inputs((key, value, batch, hkv, gqa, tq, tk, r, dtype),
-                            batch=batch, hkv=hkv, gqa=gqa, tq=tq, n=n, d=D, dtype=dtype)
+                            batch=batch, hkv=hkv, gqa=gqa, tq=tq, n=n, d=d, dtype=dtype)
     kq, vq = kvpolar.quantizer(key[0], **key[1]), kvpolar.quantizer(value[0], **value[1])
     pk = quantize_in_chunks(kq, k[..., :tk, :], chunks) if tk else None
     pv = quantize_in_chunks(vq, v[..., :tk, :], chunks) if tk else None

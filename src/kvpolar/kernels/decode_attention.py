@@ -156,6 +156,7 @@ class _Operand:
     levels: int = 0
     row_bytes: int = 0
     norm_correction: bool = False
+    parts: bool = False  # polar-recursive in the paper's setting: the transposed kernel reads it by parts
 
     @property
     def tokens(self) -> int:
@@ -210,7 +211,8 @@ class LaunchConfig:
         every unit is one operand of its own product (the query gathered at channels u*U + K for
         keys, one accumulator per K for values).
     transposed: KIVI keys (2, 4, 8 bits) or polar-rope keys (2, 4, 6, 8 bits per pair, head dim >= 128,
-        large caches) with KIVI values in whole bytes run ``_split_kernel_t``: every
+        large caches) with KIVI values in whole bytes, and polar-recursive keys / values in the
+        paper's setting (``polar_recursive_parts``), run ``_split_kernel_t``: every
         product transposed (``s^T = K q^T``, ``o^T = V^T p^T``) so the dequantized cache tiles are
         the register operand of the tensor-core products; blocks then hold one key group at most.
     transposed_warps: warps per program of the transposed kernel (its tiles are 32 rows: 1 or 2
@@ -389,7 +391,8 @@ def fused_decode_attention(
         k_op, v_op = _key_operand(keys), _value_operand(values)
         transposed = _use_transposed(k_op, v_op, cfg)
         block_n = cfg.block_n
-        if k_op.fmt == _FMT_POLAR or (k_op.fmt == _FMT_KIVI and block_n % k_op.group) or transposed:
+        grouped = k_op.fmt in (_FMT_POLAR, _FMT_KIVI)
+        if grouped and (k_op.fmt == _FMT_POLAR or block_n % k_op.group or transposed):
             block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
         block_n = min(block_n, formats.block_n_cap(k_op.fmt, v_op.fmt) or block_n)
         if k_op.fmt == _FMT_POLAR and transposed:
@@ -470,17 +473,22 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
 
 
 def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:
-    """KIVI values in whole bytes, with KIVI keys in whole bytes or polar-rope keys of 2, 4, 6 or 8
-    bits per pair (four pairs per unit of whole bytes; head dim >= 128 so each of the four parts
-    fills the tensor-core K of 16), take the transposed kernel, from ``cfg.transposed_min_rows``
+    """KIVI values in whole bytes or polar-recursive values in the paper's setting (``parts``), with
+    KIVI keys in whole bytes, polar-rope keys of 2, 4, 6 or 8 bits per pair (four pairs per unit of
+    whole bytes; head dim >= 128 so each of the four parts fills the tensor-core K of 16) or
+    polar-recursive keys (``parts``), take the transposed kernel, from ``cfg.transposed_min_rows``
     packed (sequence, KV head, token) rows on. Below it the classic kernel's shorter latency wins
     (H100, B=1, 8 KV heads, classic vs transposed: KIVI-2 at 4k 0.020 ms vs 0.028 ms, at 8k (64.5k
     rows) 0.025 vs 0.029, at 16k (130k rows) 0.034 vs 0.030; polar-rope-3 at 4k 0.025 vs 0.043)."""
-    if not (cfg.transposed and cfg.by_parts and v_op.fmt == _FMT_KIVI and 8 % v_op.bits == 0):
+    kivi_values = v_op.fmt == _FMT_KIVI and 8 % v_op.bits == 0
+    parts_values = v_op.fmt == formats.FMT_POLAR_RECURSIVE and v_op.parts
+    if not (cfg.transposed and cfg.by_parts and (kivi_values or parts_values)):
         return False
     rows = math.prod(k_op.data.shape[:-1])
     if rows < cfg.transposed_min_rows:
         return False
+    if k_op.fmt == formats.FMT_POLAR_RECURSIVE:
+        return k_op.parts
     if k_op.fmt == _FMT_KIVI:
         return 8 % k_op.bits == 0
     if k_op.fmt == _FMT_POLAR and k_op.bits in _POLAR_UNIT_BITS:
@@ -537,6 +545,9 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
         k_nu, k_words = d // k_u, False
     v_ub, v_u = _unit(v_op.bits)
     km = k_op.meta + (query,) * (4 - len(k_op.meta))
+    vm = v_op.meta + (query,) * (2 - len(v_op.meta))
+    k_tab = k_op.tables[:2] if k_op.fmt == formats.FMT_POLAR_RECURSIVE else (query, query)
+    v_tab = v_op.tables[:2] if v_op.fmt == formats.FMT_POLAR_RECURSIVE else (query, query)
     mask_t = mask if mask is not None else query
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     extra = {}
@@ -545,7 +556,7 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
     _split_kernel_t[(bsz * hkv, splits)](
         query, *query.stride()[:3],
         k_data, *k_data.stride()[:3], *km, *k_op.meta[0].stride()[:3],
-        v_op.data, *v_op.data.stride()[:3], *v_op.meta, *v_op.meta[0].stride()[:3],
+        v_op.data, *v_op.data.stride()[:3], *vm, *v_op.meta[0].stride()[:3],
         mask_t, *mask_strides,
         part_max, part_sum, part_acc,
         k_op.tokens, offset, per_split // block_n, base, total_splits, hkv,
@@ -557,6 +568,7 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
         HAS_MASK=mask is not None, NATIVE=not _interpreting(),
         DOT_DTYPE=_dot_dtype(query.dtype),
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
+        VAL_FMT=v_op.fmt, kcos=k_tab[0], ksin=k_tab[1], vcos=v_tab[0], vsin=v_tab[1], PR_KEY_JOIN=_pr.KEY_JOIN, PR_VALUE_JOIN=_pr.VALUE_JOIN,
         num_warps=cfg.transposed_warps, num_stages=cfg.transposed_stages, **extra,
     )
 
@@ -569,6 +581,7 @@ if triton is not None:
     from kvpolar.kernels.polar_pairs import query_pairs_t as _polar_query_t
     from kvpolar.kernels.polar_pairs import scores_t as _polar_key_scores_t
     from kvpolar.kernels.polar_pairs import unit_words as _unit_words
+    from kvpolar.kernels import polar_recursive_parts as _pr
 
     @triton.jit
     def _unpack(row_ptrs, row_ok, scale, minimum, BITS: tl.constexpr, UB: tl.constexpr, U: tl.constexpr,
@@ -936,6 +949,7 @@ if triton is not None:
         VAL_BITS: tl.constexpr, VAL_U: tl.constexpr, VAL_GROUP: tl.constexpr,
         HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr,
+        VAL_FMT: tl.constexpr, kcos, ksin, vcos, vsin, PR_KEY_JOIN: tl.constexpr, PR_VALUE_JOIN: tl.constexpr,
     ):
         """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
         ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -945,7 +959,10 @@ if triton is not None:
         Keys: KIVI in whole bytes (code ``K`` of every byte, channels ``u * U + K``, times the
         group-scaled query plus ``q . min``), or polar-rope with four pairs per unit of ``KEY_UB``
         bytes (part ``K`` = pairs ``4 u + K``: ``(x, y)`` decoded in registers, times the query at
-        those pairs' x and y channels). Values: KIVI per token in whole bytes."""
+        those pairs' x and y channels), or polar-recursive by parts (``polar_recursive_parts``; the
+        query rotated). Values: KIVI per token in whole bytes, or polar-recursive by parts (one
+        accumulator per part; ``kcos`` / ``ksin`` / ``vcos`` / ``vsin``: cos / sin tables of the
+        shared analytic codebooks)."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // n_kv_heads
@@ -955,6 +972,8 @@ if triton is not None:
         PREC: tl.constexpr = "ieee" if DT == tl.float32 else "tf32"
         NUK: tl.constexpr = KEY_NU
         NUV: tl.constexpr = D // VAL_U
+        NJ: tl.constexpr = D // 16  # polar-recursive subtrees
+        NACC: tl.constexpr = 2 * NJ if VAL_FMT == 6 else NUV  # rows of one value accumulator
 
         rows = tl.arange(0, BLOCK_M)
         row_ok = rows < GQA * TQ
@@ -968,6 +987,15 @@ if triton is not None:
             qx1, qy1 = _polar_query_t(q_rows, row_ok, uk, 1, D, PAIR_HALF, DT)
             qx2, qy2 = _polar_query_t(q_rows, row_ok, uk, 2, D, PAIR_HALF, DT)
             qx3, qy3 = _polar_query_t(q_rows, row_ok, uk, 3, D, PAIR_HALF, DT)
+        elif KEY_FMT == 6:  # polar-recursive: the rotated query at each part's coordinates, [2 NJ, BM] each
+            qp0 = _pr.query_part_t(q_rows, row_ok, 0, NJ, DT)
+            qp1 = _pr.query_part_t(q_rows, row_ok, 1, NJ, DT)
+            qp2 = _pr.query_part_t(q_rows, row_ok, 2, NJ, DT)
+            qp3 = _pr.query_part_t(q_rows, row_ok, 3, NJ, DT)
+            qp4 = _pr.query_part_t(q_rows, row_ok, 4, NJ, DT)
+            qp5 = _pr.query_part_t(q_rows, row_ok, 5, NJ, DT)
+            qp6 = _pr.query_part_t(q_rows, row_ok, 6, NJ, DT)
+            qp7 = _pr.query_part_t(q_rows, row_ok, 7, NJ, DT)
         else:  # the query, transposed and split by code position K of the packed bytes: [NUK, BM] each
             q0 = tl.load(q_rows[None, :] + (uk * KEY_U)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
             q1 = q0
@@ -988,10 +1016,22 @@ if triton is not None:
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        acc0 = tl.zeros([NUV, BLOCK_M], tl.float32)
-        acc1 = tl.zeros([NUV, BLOCK_M], tl.float32)
-        acc2 = tl.zeros([NUV, BLOCK_M], tl.float32)
-        acc3 = tl.zeros([NUV, BLOCK_M], tl.float32)
+        acc0 = tl.zeros([NACC, BLOCK_M], tl.float32)
+        acc1 = tl.zeros([NACC, BLOCK_M], tl.float32)
+        acc2 = tl.zeros([NACC, BLOCK_M], tl.float32)
+        acc3 = tl.zeros([NACC, BLOCK_M], tl.float32)
+        acc4 = tl.zeros([NACC, BLOCK_M], tl.float32)  # (polar-recursive values: eight parts)
+        acc5 = tl.zeros([NACC, BLOCK_M], tl.float32)
+        acc6 = tl.zeros([NACC, BLOCK_M], tl.float32)
+        acc7 = tl.zeros([NACC, BLOCK_M], tl.float32)
+        if KEY_FMT == 6:  # cos / sin of the 2-bit levels' codebooks (the tables are shared: analytic)
+            klv2 = _pr.level_values(kcos, ksin, _pr.ENTRY_L2)
+            klv3 = _pr.level_values(kcos, ksin, _pr.ENTRY_L3)
+            klv4 = _pr.level_values(kcos, ksin, _pr.ENTRY_L4)
+        if VAL_FMT == 6:
+            vlv2 = _pr.level_values(vcos, vsin, _pr.ENTRY_L2)
+            vlv3 = _pr.level_values(vcos, vsin, _pr.ENTRY_L3)
+            vlv4 = _pr.level_values(vcos, vsin, _pr.ENTRY_L4)
         v_unit_group = ((uv * VAL_U) // VAL_GROUP)[:, None]
         for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
             n0 = start + i * BLOCK_N
@@ -1005,6 +1045,19 @@ if triton is not None:
                 meta_ok = (uk * 0 + n0) < n_tokens  # (surplus blocks of a short last split read no metadata)
                 s_t = _polar_key_scores_t(s_t, word, qx0, qy0, qx1, qy1, qx2, qy2, qx3, qy3, km0 + mo, km1 + mo,
                                           km2 + mo, km3 + mo, meta_ok, uk, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
+                s_t = s_t * qk_scale
+            elif KEY_FMT == 6:  # polar-recursive: eight parts rebuilt level by level from the radii
+                ok_k = n_ok[:, None]
+                if PR_KEY_JOIN:  # [BN, NJ] subtree tiles, each part's cos / sin halves joined (wrong on sm_90)
+                    jk = tl.arange(0, NJ)[None, :]
+                    odd_k = 0.0
+                else:  # [BN, 2 NJ] tiles: column k = 2 j + b1 (each subtree read twice)
+                    jk = (tl.arange(0, 2 * NJ) // 2)[None, :]
+                    odd_k = (tl.arange(0, 2 * NJ) % 2).to(tl.float32)[None, :]
+                radius = tl.load(km0 + km_base + offs_n[:, None] * skm_g + jk, mask=ok_k, other=0.0).to(tl.float32)
+                w1, b2, b3, c4 = _pr.subtree_codes(k_base + offs_n[:, None] * sk_t, ok_k, jk, D)
+                s_t = _pr.key_scores_t(s_t, radius, w1, b2, b3, c4, odd_k, qp0, qp1, qp2, qp3, qp4, qp5, qp6, qp7,
+                                       klv2, klv3, klv4, BLOCK_N, NJ, DT, PREC, NATIVE, PR_KEY_JOIN)
                 s_t = s_t * qk_scale
             else:  # KIVI: code K of every byte times the group-scaled query, plus q . min
                 word = tl.load(k_base + offs_n[:, None] * sk_t + uk[None, :], mask=n_ok[:, None], other=0)
@@ -1034,26 +1087,49 @@ if triton is not None:
             l_t = l_t * alpha[None, :] + p  # summed over tokens once, after the loop
             m_i = m_new
             p_t = p.to(DT)
-            # ---- values, transposed: [NUV, BN] packed bytes and per-(unit, token) scale / min
-            word_t = tl.load(v_base + offs_n[None, :] * sv_t + uv[:, None], mask=n_ok[None, :], other=0)
-            vmeta = vm_base + offs_n[None, :] * svm_t + v_unit_group
-            v_scale = tl.load(vm0 + vmeta, mask=n_ok[None, :], other=0.0).to(DT)
-            v_min = tl.load(vm1 + vmeta, mask=n_ok[None, :], other=0.0).to(DT)
-            acc0 = _value_part_t(acc0, p_t, word_t, v_scale, v_min, alpha, 0, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
-            if VAL_U >= 2:
-                acc1 = _value_part_t(acc1, p_t, word_t, v_scale, v_min, alpha, 1, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
-            if VAL_U >= 4:
-                acc2 = _value_part_t(acc2, p_t, word_t, v_scale, v_min, alpha, 2, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
-                acc3 = _value_part_t(acc3, p_t, word_t, v_scale, v_min, alpha, 3, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+            if VAL_FMT == 6:  # ---- values, polar-recursive: [NJ, BN] subtree tiles, eight parts
+                ok_v = n_ok[None, :]
+                if PR_VALUE_JOIN:  # [NJ, BN] subtree tiles, each part's cos / sin halves joined
+                    jv = tl.arange(0, NJ)[:, None]
+                    odd_v = 0.0
+                else:
+                    jv = (tl.arange(0, 2 * NJ) // 2)[:, None]
+                    odd_v = (tl.arange(0, 2 * NJ) % 2).to(tl.float32)[:, None]
+                radius_v = tl.load(vm0 + vm_base + offs_n[None, :] * svm_t + jv, mask=ok_v, other=0.0).to(tl.float32)
+                vw1, vb2, vb3, vc4 = _pr.subtree_codes(v_base + offs_n[None, :] * sv_t, ok_v, jv, D)
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _pr.value_parts_t(
+                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, radius_v, vw1, vb2, vb3, vc4, odd_v, p_t, alpha,
+                    vlv2, vlv3, vlv4, BLOCK_N, NJ, DT, PREC, NATIVE, PR_VALUE_JOIN)
+            else:  # ---- values, KIVI transposed: [NUV, BN] packed bytes and per-(unit, token) scale / min
+                word_t = tl.load(v_base + offs_n[None, :] * sv_t + uv[:, None], mask=n_ok[None, :], other=0)
+                vmeta = vm_base + offs_n[None, :] * svm_t + v_unit_group
+                v_scale = tl.load(vm0 + vmeta, mask=n_ok[None, :], other=0.0).to(DT)
+                v_min = tl.load(vm1 + vmeta, mask=n_ok[None, :], other=0.0).to(DT)
+                acc0 = _value_part_t(acc0, p_t, word_t, v_scale, v_min, alpha, 0, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                if VAL_U >= 2:
+                    acc1 = _value_part_t(acc1, p_t, word_t, v_scale, v_min, alpha, 1, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                if VAL_U >= 4:
+                    acc2 = _value_part_t(acc2, p_t, word_t, v_scale, v_min, alpha, 2, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                    acc3 = _value_part_t(acc3, p_t, word_t, v_scale, v_min, alpha, 3, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
 
         slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
         tl.store(part_max + slot, m_i, mask=row_ok)
         tl.store(part_sum + slot, tl.sum(l_t, axis=0), mask=row_ok)
         acc_cols = part_acc + slot.to(tl.int64)[None, :] * D  # [1, BM]
-        ch = (uv * VAL_U)[:, None]
-        tl.store(acc_cols + ch, acc0, mask=row_ok[None, :])
-        if VAL_U >= 2:
-            tl.store(acc_cols + ch + 1, acc1, mask=row_ok[None, :])
-        if VAL_U >= 4:
-            tl.store(acc_cols + ch + 2, acc2, mask=row_ok[None, :])
-            tl.store(acc_cols + ch + 3, acc3, mask=row_ok[None, :])
+        if VAL_FMT == 6:  # part P holds coordinates 16 j + 2 P + b1
+            tl.store(acc_cols + _pr.part_channels(0, NJ)[:, None], acc0, mask=row_ok[None, :])
+            tl.store(acc_cols + _pr.part_channels(1, NJ)[:, None], acc1, mask=row_ok[None, :])
+            tl.store(acc_cols + _pr.part_channels(2, NJ)[:, None], acc2, mask=row_ok[None, :])
+            tl.store(acc_cols + _pr.part_channels(3, NJ)[:, None], acc3, mask=row_ok[None, :])
+            tl.store(acc_cols + _pr.part_channels(4, NJ)[:, None], acc4, mask=row_ok[None, :])
+            tl.store(acc_cols + _pr.part_channels(5, NJ)[:, None], acc5, mask=row_ok[None, :])
+            tl.store(acc_cols + _pr.part_channels(6, NJ)[:, None], acc6, mask=row_ok[None, :])
+            tl.store(acc_cols + _pr.part_channels(7, NJ)[:, None], acc7, mask=row_ok[None, :])
+        else:
+            ch = (uv * VAL_U)[:, None]
+            tl.store(acc_cols + ch, acc0, mask=row_ok[None, :])
+            if VAL_U >= 2:
+                tl.store(acc_cols + ch + 1, acc1, mask=row_ok[None, :])
+            if VAL_U >= 4:
+                tl.store(acc_cols + ch + 2, acc2, mask=row_ok[None, :])
+                tl.store(acc_cols + ch + 3, acc3, mask=row_ok[None, :])

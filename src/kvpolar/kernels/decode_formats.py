@@ -13,7 +13,9 @@ formats here plug into its classic split kernel (``_split_kernel``) through one 
 * ``polar-recursive`` (``PolarRecursiveTensor``, radii in the input dtype): the stored radii split
   level by level into ``(r cos psi, r sin psi)`` with the kernel helpers of
   :mod:`kvpolar.kernels.polar_recursive_scores` (cos/sin of every codebook entry looked up by code);
-  factor = 1. The tile lives in the rotated domain ``R x``.
+  factor = 1. The tile lives in the rotated domain ``R x``. (The paper's setting, 4 levels with bits
+  4/2/2/2 and analytic codebooks, takes the transposed kernel by parts instead:
+  :mod:`kvpolar.kernels.polar_recursive_parts`.)
 
 Rotated-domain formats never un-rotate a token: the wrapper rotates the query once (keys) and the
 combined output once (values), see :func:`rotation_matrix`.
@@ -38,6 +40,9 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
+#: The paper's polar-recursive setting, which the transposed kernel reads by parts
+#: (``polar_recursive_parts``; head dim >= 128); any other levels / bits take the classic kernel.
+PARTS_LEVELS, PARTS_BITS = 4, (4, 2, 2, 2)
 # format ids of the split kernel's KEY_FMT / VAL_FMT (0-2: full precision, KIVI, polar-rope)
 FMT_TURBO, FMT_FP8_E4M3, FMT_FP8_E5M2, FMT_POLAR_RECURSIVE = 3, 4, 5, 6
 #: class name -> what the kernel reads of it (the format's own limits are checked by ``reason``).
@@ -165,9 +170,11 @@ def operand_fields(p: QuantizedTensor) -> dict:
     else:
         books, book_stride = p.analytic_codebooks.float(), 0
     table = _level_table(p.head_dim, tuple(p.bits), str(codes.device))
+    parts = (p.levels == PARTS_LEVELS and tuple(p.bits) == PARTS_BITS and p.head_dim >= 128
+             and p.codebook == "analytic")
     return dict(fmt=FMT_POLAR_RECURSIVE, data=codes, meta=(_last_contiguous(p.radii),), bits=8,
                 tables=(books.cos().contiguous(), books.sin().contiguous(), table), book_stride=book_stride,
-                levels=p.levels, row_bytes=codes.shape[-1])
+                levels=p.levels, row_bytes=codes.shape[-1], parts=parts)
 
 
 def kernel_args(k_op, v_op, placeholder: torch.Tensor) -> dict:
