@@ -191,6 +191,9 @@ def check_correctness(dev):
         ("polar-rope-4", 1, 3, 1000, torch.bfloat16, False, transposed),
         ("kivi-2", 3, 1, 2000, torch.bfloat16, True, capped), ("kivi-2", 2, 3, 1500, torch.float16, True, capped),
         ("kivi-2", 8, 1, 32768, torch.float16, True, None),
+        ("polar-recursive", 2, 1, 3001, torch.float16, True, transposed),
+        ("polar-recursive", 1, 3, 1000, torch.bfloat16, False, transposed),
+        ("polar-recursive", 8, 1, 32768, torch.float16, True, None),
     ] + [(name, 2, 1 + 2 * (i % 2), 1000 + 555 * i, (torch.float16, torch.bfloat16)[i % 2], i % 3 == 0, None)
          for i, name in enumerate(BUILT_PRESETS)]
     for name, b, tq, tk, dtype, ragged, cfg in cases:

@@ -31,14 +31,17 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 
 def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages: int = 2,
-                  max_registers: int | None = None, polar: tuple[int, int] | None = None):
+                  max_registers: int | None = None, polar: tuple[int, int] | None = None,
+                  recursive: bool = False):
     """Compiled kernel for KIVI ``bits``-bit keys and values (fp16 query), or polar-rope keys
-    ``polar = (radius_bits, angle_bits)`` (group 128) with KIVI ``bits``-bit values, as the launch
+    ``polar = (radius_bits, angle_bits)`` (group 128) with KIVI ``bits``-bit values, or
+    polar-recursive keys and values (``recursive``, the paper setting, read by parts), as the launch
     would make it (integer arguments divisible by 16 where the benchmark's are)."""
     names = list(kernel.arg_names)
     ptrs = {"q_ptr": "*fp16", "k_ptr": "*u8", "v_ptr": "*u8", "km0": "*fp16", "km1": "*fp16", "km2": "*fp16",
             "km3": "*fp16", "vm0": "*fp16", "vm1": "*fp16", "mask_ptr": "*fp16", "part_max": "*fp32",
-            "part_sum": "*fp32", "part_acc": "*fp32"}
+            "part_sum": "*fp32", "part_acc": "*fp32", "kcos": "*fp32", "ksin": "*fp32", "vcos": "*fp32",
+            "vsin": "*fp32"}
     cons = dict(D=128, GQA=4, TQ=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCKS_CONST=0, KEY_FMT=1, KEY_BITS=bits,
                 KEY_UB=1, KEY_U=8 // bits, KEY_GROUP=32, ANGLE_BITS=0, PAIR_HALF=True, VAL_FMT=1, VAL_BITS=bits,
                 VAL_UB=1, VAL_U=8 // bits, VAL_GROUP=32, HAS_MASK=False, NATIVE=True, DOT_DTYPE=tl.float16,
@@ -49,6 +52,9 @@ def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages
                     KEY_GROUP=128, ANGLE_BITS=polar[1])
         if pb in (4, 6, 8):
             ptrs = dict(ptrs, k_ptr="*i32" if pb == 8 else "*i16")
+    if recursive:
+        cons.update(KEY_FMT=6, VAL_FMT=6, KEY_BITS=8, VAL_BITS=8, KEY_U=1, VAL_U=1, KEY_NU=128, KEY_GROUP=1,
+                    VAL_GROUP=1, PR_KEY_JOIN=False, PR_VALUE_JOIN=True)
     cons = {k: v for k, v in cons.items() if k in names}
     sig = {n: "constexpr" if n in cons else ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
@@ -90,6 +96,8 @@ def main() -> None:
     ap.add_argument("--max-registers", type=int, default=None)
     ap.add_argument("--stages", type=int, default=2, help="pipelining stages (the kernel's default is 3)")
     ap.add_argument("--polar", default=None, help="polar-rope keys, e.g. r2a4 (values: --bits)")
+    ap.add_argument("--recursive", action="store_true",
+                    help="polar-recursive keys and values (4 levels, bits 4/2/2/2) instead of KIVI / polar-rope")
     ap.add_argument("--classic", action="store_true", help="also the first (classic) kernel, 64-token blocks, 4 warps")
     ap.add_argument("--out", default=None, help="where to keep cubin/SASS (default: a temporary folder)")
     args = ap.parse_args()
@@ -102,8 +110,9 @@ def main() -> None:
         print(report(c, f"classic-{tag}b{args.bits}", out))
     for w in args.warps:
         c = compile_split(mod._split_kernel_t, args.bits, args.block_n, w, args.rows, stages=args.stages,
-                          max_registers=args.max_registers, polar=polar)
-        print(report(c, f"transposed-{tag}b{args.bits}-w{w}-n{args.block_n}", out))
+                          max_registers=args.max_registers, polar=polar, recursive=args.recursive)
+        tag_w = "recursive-" if args.recursive else f"{tag}b{args.bits}-"
+        print(report(c, f"transposed-{tag_w}w{w}-n{args.block_n}", out))
     print(f"(cubin and SASS in {out})")
 
 

@@ -54,6 +54,9 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     "t-n32": LaunchConfig(block_n=32, transposed_stages=2, transposed_programs_per_sm=8),
     "t-n32-pps16": LaunchConfig(block_n=32, transposed_stages=2, transposed_programs_per_sm=16),
     "t-n64-w2": LaunchConfig(block_n=64, transposed_warps=2, transposed_stages=2, transposed_programs_per_sm=8),
+    # polar-recursive by parts (fourth session): 2 stages (205 registers in sm_90 compiles, 3 stages: 255)
+    "t-s2": LaunchConfig(transposed_stages=2),
+    "t-s2-pps16": LaunchConfig(transposed_stages=2, transposed_programs_per_sm=16),
 }
 
 
