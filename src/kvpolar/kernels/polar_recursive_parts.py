@@ -123,8 +123,8 @@ def level2_branch(r3, byte2, lv2, Q: tl.constexpr, B2: tl.constexpr):
 def leaf_pair(r2, word1, P: tl.constexpr, FAST: tl.constexpr):
     """The two coordinates ``(r2 cos psi1, r2 sin psi1)`` of path ``P`` (``b1`` = 0, 1). Level 1's
     analytic codebook is the uniform grid ``(c + 1/2) 2 pi / 16`` (Lloyd-Max on the uniform
-    density; ``uniform_level1`` checks the stored table): the angle is one FMA on the code read
-    into a float's mantissa, its cos / sin one SFU op each when ``FAST``."""
+    density; the tests check the stored table with ``uniform_level1``): the angle is one FMA on
+    the code read into a float's mantissa, its cos / sin one SFU op each when ``FAST``."""
     theta = code_as_float(word1, 4 * P, 4) * LEVEL1_MUL + LEVEL1_ADD
     c, s = cos_sin(theta, FAST)
     return r2 * c, r2 * s
@@ -169,8 +169,7 @@ def value_part_t(acc, r2, word1, odd, p_t, alpha, P: tl.constexpr, BN: tl.conste
 @triton.jit
 def query_part_t(q_rows, row_ok, P: tl.constexpr, NJ: tl.constexpr, DT: tl.constexpr):
     """The (rotated) query at part ``P``'s coordinates ``16 j + 2 P + b1``, transposed: ``[2 NJ, BM]``."""
-    k = tl.arange(0, 2 * NJ)
-    ch = (k // 2) * 16 + 2 * P + (k % 2)
+    ch = part_channels(P, NJ)
     return tl.load(q_rows[None, :] + ch[:, None], mask=row_ok[None, :], other=0.0).to(DT)
 
 
