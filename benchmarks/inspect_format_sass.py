@@ -62,8 +62,7 @@ def compile_pair(key: str, value: str, dtype, block_n: int, warps: int):
                 VAL_GROUP=32 if vf == 1 else 1, HAS_MASK=False, NATIVE=True, DOT_DTYPE=dtype,
                 KEY_OFFSET=offset, VAL_OFFSET=offset, PARTS=True,
                 KEY_NB=_row_bytes(kf, kb), KEY_LEVELS=4 if kf == fm.FMT_POLAR_RECURSIVE else 0,
-                KEY_NORM=kf == fm.FMT_TURBO, VAL_NB=_row_bytes(vf, vb),
-                VAL_LEVELS=4 if vf == fm.FMT_POLAR_RECURSIVE else 0, VAL_NORM=vf == fm.FMT_TURBO)
+                VAL_NB=_row_bytes(vf, vb), VAL_LEVELS=4 if vf == fm.FMT_POLAR_RECURSIVE else 0)
     sig = {n: "constexpr" if n in cons else ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n] not in ("constexpr", "fp32") and n not in _RUNTIME_INTS}

@@ -44,10 +44,7 @@ def dequantize64(p):
         return p.codes.double() * p.token_scales().double()[..., None]
     if name == "TurboTensor":
         cw = p.codebook.double()[unpack_bits(p.codes, p.bits, p.head_dim).long()]
-        factor = p.norms.double()
-        if p.norm_correction:
-            factor = factor / torch.linalg.vector_norm(cw, dim=-1, keepdim=True)
-        return (cw * factor) @ _matrix64(p.rotation_kind, p.seed, p.head_dim)
+        return (cw * p.norms.double()) @ _matrix64(p.rotation_kind, p.seed, p.head_dim)
     if name == "PolarRecursiveTensor":
         y = inverse_polar_transform([a.double() for a in decoded_angles(p)], p.radii.double())
         return y @ _matrix64(p.preconditioner, p.seed, p.head_dim)

@@ -6,6 +6,7 @@ import torch
 import kvpolar
 from kvpolar.quantizers import codebooks as cb
 from kvpolar.quantizers import turbo
+from kvpolar.packing import unpack_bits
 from kvpolar.quantizers.rotations import Rotation
 
 # TurboQuant (arXiv 2504.19874), Theorem 1: unit-vector MSE of the per-coordinate Lloyd-Max codebook
@@ -51,19 +52,24 @@ def test_round_trip_error_near_turboquant_anchors(bits):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rotation", ["hadamard", "orthogonal"])
-def test_norm_correction_gives_exactly_the_stored_norm(dtype, rotation):
+def test_norm_correction_gives_the_input_norm(dtype, rotation):
     x = (torch.randn(3, 40, 64) * torch.rand(3, 40, 1) * 10).to(dtype)
     q = make(bits=2, rotation=rotation)
     p = q.quantize(x)
-    rotated = turbo.decode_rotated(p)
-    assert torch.allclose(rotated.norm(dim=-1, keepdim=True), p.norms.float(), rtol=1e-6)
     assert p.norms.dtype == torch.float16
     exact = x.double().norm(dim=-1, keepdim=True)
-    assert torch.all((p.norms.double() - exact).abs() <= exact * 2**-11)
+    codewords = p.codebook.double()[unpack_bits(p.codes, p.bits, p.head_dim).long()]
+    # the stored factor is ||x|| / ||c||, rounded once to float16
+    factor = exact / codewords.norm(dim=-1, keepdim=True)
+    assert torch.all((p.norms.double() - factor).abs() <= factor * (2**-11 + 1e-6))
+    rotated = turbo.decode_rotated(p)
+    assert torch.all((rotated.double().norm(dim=-1, keepdim=True) - exact).abs() <= exact * (2**-11 + 1e-6))
     out = q.dequantize(p)
     assert out.dtype == dtype
     eps = float(torch.finfo(dtype).eps)
     assert torch.all((out.double().norm(dim=-1, keepdim=True) - exact).abs() <= exact * (2**-11 + eps + 1e-5))
+    plain = make(bits=2, rotation=rotation, norm_correction=False).quantize(x)
+    assert torch.all((plain.norms.double() - exact).abs() <= exact * 2**-11)  # without: ||x|| itself
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])

@@ -150,12 +150,11 @@ class _Operand:
     angle_bits: int = 0
     pair_half: bool = True
     # decode_formats (turbo, fp8, polar-recursive): lookup tables, their per-KV-head stride, levels,
-    # packed bytes per token, turbo's norm correction
+    # packed bytes per token
     tables: tuple[torch.Tensor, ...] = ()
     book_stride: int = 0
     levels: int = 0
     row_bytes: int = 0
-    norm_correction: bool = False
     parts: bool = False  # polar-recursive in the paper's setting: the transposed kernel reads it by parts
 
     @property
@@ -668,11 +667,11 @@ if triton is not None:
         HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr, PARTS: tl.constexpr,
         ktab0, ktab1, ktab2, k_book_stride, vtab0, vtab1, vtab2, v_book_stride,
-        KEY_NB: tl.constexpr, KEY_LEVELS: tl.constexpr, KEY_NORM: tl.constexpr,
-        VAL_NB: tl.constexpr, VAL_LEVELS: tl.constexpr, VAL_NORM: tl.constexpr,
+        KEY_NB: tl.constexpr, KEY_LEVELS: tl.constexpr,
+        VAL_NB: tl.constexpr, VAL_LEVELS: tl.constexpr,
     ):
         """The split step (see the module docstring); ``ktab*`` / ``vtab*``, ``*_book_stride``,
-        ``*_NB``, ``*_LEVELS``, ``*_NORM``: the formats of ``decode_formats`` (``kernel_args``)."""
+        ``*_NB``, ``*_LEVELS``: the formats of ``decode_formats`` (``kernel_args``)."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // n_kv_heads
@@ -765,7 +764,7 @@ if triton is not None:
             elif KEY_FMT >= 3:  # turbo / fp8 / polar-recursive: a tile, the per-token factor on the scores
                 k, k_tok = formats.format_tile(
                     k_base + offs_n * sk_t, n_ok, km0 + km_base + offs_n * skm_g, ktab0, ktab1, ktab2,
-                    (b * n_kv_heads + hkv) * k_book_stride, KEY_FMT, KEY_BITS, KEY_NB, KEY_LEVELS, KEY_NORM,
+                    (b * n_kv_heads + hkv) * k_book_stride, KEY_FMT, KEY_BITS, KEY_NB, KEY_LEVELS,
                     D, BLOCK_N)
                 s = tl.dot(q, tl.trans(k.to(DT)), input_precision=PREC) * k_tok[None, :]
             else:  # polar-rope: (x, y) = r (cos, sin) theta per pair, then q_x . x + q_y . y
@@ -827,7 +826,7 @@ if triton is not None:
                 elif VAL_FMT >= 3:  # turbo / fp8 / polar-recursive: the per-token factor on the tile
                     v, v_tok = formats.format_tile(
                         v_base + offs_n * sv_t, n_ok, vm0 + vm_base + offs_n * svm_t, vtab0, vtab1, vtab2,
-                        (b * n_kv_heads + hkv) * v_book_stride, VAL_FMT, VAL_BITS, VAL_NB, VAL_LEVELS, VAL_NORM,
+                        (b * n_kv_heads + hkv) * v_book_stride, VAL_FMT, VAL_BITS, VAL_NB, VAL_LEVELS,
                         D, BLOCK_N)
                     if VAL_FMT == 6:
                         v = v.to(DT)

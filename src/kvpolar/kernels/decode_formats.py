@@ -5,8 +5,7 @@ formats here plug into its classic split kernel (``_split_kernel``) through one 
 :func:`format_tile`, which rebuilds a block of keys or values in registers:
 
 * ``turbo`` (``TurboTensor``): codes of ``bits`` bits per coordinate, looked up in the shared
-  Lloyd-Max codebook; factor = the stored norm (divided by the codeword vector's norm under
-  ``norm_correction``). The tile lives in the rotated domain ``R x``.
+  Lloyd-Max codebook; factor = the stored per-token factor (``TurboTensor.norms``). The tile lives in the rotated domain ``R x``.
 * ``fp8`` (``Fp8Tensor``): the float8 bytes turned into float16 by moving bits (no fp8 dtype needed:
   e5m2 ``b << 8``; e4m3 ``sign << 8 | rest << 7`` is the value / 256, subnormals included);
   factor = the chunk's fp32 scale (times 256 for e4m3).
@@ -152,8 +151,7 @@ def operand_fields(p: QuantizedTensor) -> dict:
     codes = _last_contiguous(p.codes)
     if name == "TurboTensor":
         return dict(fmt=FMT_TURBO, data=codes, meta=(_last_contiguous(p.norms),), bits=p.bits,
-                    tables=(p.codebook.float().contiguous(),), row_bytes=codes.shape[-1],
-                    norm_correction=p.norm_correction)
+                    tables=(p.codebook.float().contiguous(),), row_bytes=codes.shape[-1])
     if name == "Fp8Tensor":
         # the chunk scales expanded to one fp32 scale per token (4 bytes/token next to D bytes of
         # codes): the kernel reads a token's scale like any per-token metadata
@@ -185,7 +183,7 @@ def kernel_args(k_op, v_op, placeholder: torch.Tensor) -> dict:
         out.update({f"{prefix}tab0": tables[0], f"{prefix}tab1": tables[1], f"{prefix}tab2": tables[2],
                     f"{prefix}_book_stride": op.book_stride})
         role = "KEY" if prefix == "k" else "VAL"
-        out.update({f"{role}_NB": op.row_bytes, f"{role}_LEVELS": op.levels, f"{role}_NORM": op.norm_correction})
+        out.update({f"{role}_NB": op.row_bytes, f"{role}_LEVELS": op.levels})
     return out
 
 
@@ -206,7 +204,7 @@ if triton is not None:
     @triton.jit
     def format_tile(rows, row_ok, meta_tok, tab0, tab1, tab2, book,
                     FMT: tl.constexpr, BITS: tl.constexpr, NB: tl.constexpr, LEVELS: tl.constexpr,
-                    NORM_CORRECTION: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+                    D: tl.constexpr, BLOCK_N: tl.constexpr):
         """A block of stored vectors: ``(tile [BLOCK_N, D], factor [BLOCK_N] float32)`` with
         ``x_hat = tile * factor`` per token (rotated domain for turbo / polar-recursive).
 
@@ -224,8 +222,6 @@ if triton is not None:
                 codes = _read_code(rows[:, None], row_ok[:, None], dcol * BITS, BITS, NB)
             tile = tl.load(tab0 + codes)
             factor = tl.load(meta_tok, mask=row_ok, other=0.0).to(tl.float32)
-            if NORM_CORRECTION:
-                factor = factor / tl.sqrt(tl.sum(tile * tile, axis=1))
         elif FMT == 4 or FMT == 5:  # fp8 e4m3 / e5m2: one fp32 scale per token
             byte = tl.load(rows[:, None] + dcol[None, :], mask=row_ok[:, None], other=0).to(tl.int32)
             tile = fp8_to_f16(byte, FMT == 4)

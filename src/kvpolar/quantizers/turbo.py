@@ -10,9 +10,9 @@ codebook of one coordinate of a uniformly random unit vector in ``R^D`` (density
 packed densely along ``D``: ``bits + 16 / D`` bits per element exactly (for ``D * bits`` a multiple
 of 8).
 
-Reconstruction in the rotated domain is ``norm * c`` with ``c`` the codeword vector, or with
-``norm_correction=True`` ``norm * c / ||c||`` (computed at decode, nothing extra stored), so the
-reconstructed vector has exactly the stored norm. ``scores`` rotates the query once; ``weighted_sum``
+Reconstruction in the rotated domain is ``scale * c`` with ``c`` the codeword vector and ``scale``
+the stored float16 factor: ``||x||``, or with ``norm_correction=True`` ``||x|| / ||c||`` (divided once
+when quantizing, nothing extra stored), so the reconstructed vector has the norm of ``x``. ``scores`` rotates the query once; ``weighted_sum``
 accumulates in the rotated domain and un-rotates the output once.
 """
 
@@ -52,7 +52,8 @@ class TurboConfig:
 
 @quantized_tensor_class
 class TurboTensor(QuantizedTensor):
-    """codes: uint8 ``[..., T, ceil(D * bits / 8)]``; norms: float16 ``[..., T, 1]``;
+    """codes: uint8 ``[..., T, ceil(D * bits / 8)]``; norms: float16 ``[..., T, 1]``, the factor on the
+    codeword vector (``||x||``, or ``||x|| / ||c||`` under ``norm_correction``);
     rotation (shared): int8 signs ``[D]`` or float32 ``[D, D]``; codebook (shared): float32 ``[2**bits]``."""
 
     codes: torch.Tensor = stored(token_axis=-2)
@@ -66,8 +67,10 @@ class TurboTensor(QuantizedTensor):
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def sphere_codebook(head_dim: int, bits: int, device: str = "cpu") -> torch.Tensor:
-    """Lloyd-Max centroids ``[2**bits]`` float32 for one coordinate of a random unit vector in R^D."""
+    """Lloyd-Max centroids ``[2**bits]`` float32 for one coordinate of a random unit vector in R^D
+    (one tensor per arguments, shared by every ``TurboTensor`` made with them: read-only)."""
     return lloyd_max(sphere_coordinate_density(head_dim), bits).centroids.to(device, torch.float32)
 
 
@@ -104,16 +107,20 @@ class Turbo(Quantizer):
         rot = rotation(c.rotation, d, c.seed, x.device)
         y = rot.apply(x)
         norm = torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True)
-        if norm.numel() and float(norm.max()) > FP16_MAX:
-            raise ValueError(
-                f"a vector norm of {float(norm.max()):.4g} exceeds the float16 range ({FP16_MAX:.0f}) "
-                "turbo stores norms in; rescale the input"
-            )
         unit = y / norm.clamp_min(torch.finfo(torch.float32).tiny)
         codes = nearest(unit, _sphere_boundaries(d, c.bits, str(x.device)))
+        codebook = sphere_codebook(d, c.bits, str(x.device))
+        scale = norm
+        if c.norm_correction:  # the codeword vector's own norm, divided out once here
+            scale = norm / torch.linalg.vector_norm(codebook[codes.long()], dim=-1, keepdim=True)
+        if scale.numel() and float(scale.max()) > FP16_MAX:
+            raise ValueError(
+                f"a vector norm of {float(norm.max()):.4g} (stored factor {float(scale.max()):.4g}) exceeds "
+                f"the float16 range ({FP16_MAX:.0f}) turbo stores its factors in; rescale the input"
+            )
         return TurboTensor(
-            shape=x.shape, dtype=x.dtype, codes=pack_bits(codes, c.bits), norms=norm.to(torch.float16),
-            rotation=rot.stored, codebook=sphere_codebook(d, c.bits, str(x.device)),
+            shape=x.shape, dtype=x.dtype, codes=pack_bits(codes, c.bits), norms=scale.to(torch.float16),
+            rotation=rot.stored, codebook=codebook,
             bits=c.bits, rotation_kind=c.rotation, seed=c.seed, norm_correction=c.norm_correction,
         )
 
@@ -134,19 +141,15 @@ def _rotation_of(p: TurboTensor) -> Rotation:
     return Rotation(kind=p.rotation_kind, dim=p.head_dim, seed=p.seed, stored=p.rotation)
 
 
-def token_scale(p: TurboTensor, codewords: torch.Tensor) -> torch.Tensor:
-    """Per-token factor ``[..., T, 1]`` on the codeword vector: the norm, divided by the codeword
-    vector's own norm under ``norm_correction``."""
-    norms = p.norms.float()
-    if p.norm_correction:
-        norms = norms / torch.linalg.vector_norm(codewords, dim=-1, keepdim=True)
-    return norms
+def token_scale(p: TurboTensor) -> torch.Tensor:
+    """Per-token factor ``[..., T, 1]`` float32 on the codeword vector (the stored ``norms``)."""
+    return p.norms.float()
 
 
 def decode_rotated(p: TurboTensor) -> torch.Tensor:
     """Reconstruction in the rotated domain, ``R x_hat``: ``[..., T, D]`` float32."""
     codewords = p.codebook[unpack_bits(p.codes, p.bits, p.head_dim).long()]
-    return codewords * token_scale(p, codewords)
+    return codewords * token_scale(p)
 
 
 def rotated_scores(q: torch.Tensor, p: TurboTensor) -> torch.Tensor:
@@ -157,7 +160,7 @@ def rotated_scores(q: torch.Tensor, p: TurboTensor) -> torch.Tensor:
     """
     codewords = p.codebook[unpack_bits(p.codes, p.bits, p.head_dim).long()]
     raw = _rotation_of(p).apply(q) @ codewords.transpose(-1, -2)
-    return raw * token_scale(p, codewords).transpose(-1, -2)
+    return raw * token_scale(p).transpose(-1, -2)
 
 
 register(Turbo)
