@@ -32,20 +32,22 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages: int = 2,
                   max_registers: int | None = None, polar: tuple[int, int] | None = None,
-                  recursive: bool = False):
+                  recursive: bool = False, turbo: int | None = None):
     """Compiled kernel for KIVI ``bits``-bit keys and values (fp16 query), or polar-rope keys
     ``polar = (radius_bits, angle_bits)`` (group 128) with KIVI ``bits``-bit values, or
-    polar-recursive keys and values (``recursive``, the paper setting, read by parts), as the launch
+    polar-recursive keys and values (``recursive``, the paper setting, read by parts), or turbo keys
+    and values of ``turbo`` bits (read by parts), as the launch
     would make it (integer arguments divisible by 16 where the benchmark's are)."""
     names = list(kernel.arg_names)
     ptrs = {"q_ptr": "*fp16", "k_ptr": "*u8", "v_ptr": "*u8", "km0": "*fp16", "km1": "*fp16", "km2": "*fp16",
             "km3": "*fp16", "vm0": "*fp16", "vm1": "*fp16", "mask_ptr": "*fp16", "part_max": "*fp32",
             "part_sum": "*fp32", "part_acc": "*fp32", "kcos": "*fp32", "ksin": "*fp32", "vcos": "*fp32",
-            "vsin": "*fp32"}
+            "vsin": "*fp32", "kbook": "*fp32", "klut": "*i32", "vbook": "*fp32", "vlut": "*i32"}
     cons = dict(D=128, GQA=4, TQ=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCKS_CONST=0, KEY_FMT=1, KEY_BITS=bits,
                 KEY_UB=1, KEY_U=8 // bits, KEY_GROUP=32, ANGLE_BITS=0, PAIR_HALF=True, VAL_FMT=1, VAL_BITS=bits,
                 VAL_UB=1, VAL_U=8 // bits, VAL_GROUP=32, HAS_MASK=False, NATIVE=True, DOT_DTYPE=tl.float16,
-                KEY_OFFSET=1024.0, VAL_OFFSET=1024.0, PARTS=True, KEY_NU=128 // (8 // bits), KEY_WORDS=False)
+                KEY_OFFSET=1024.0, VAL_OFFSET=1024.0, PARTS=True, KEY_NU=128 // (8 // bits), KEY_WORDS=False,
+                VAL_WORDS=False)
     if polar is not None:
         pb = sum(polar)
         cons.update(KEY_FMT=2, KEY_BITS=pb, KEY_UB=pb // 2, KEY_U=4, KEY_NU=16, KEY_WORDS=pb in (4, 6, 8),
@@ -55,6 +57,12 @@ def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages
     if recursive:
         cons.update(KEY_FMT=6, VAL_FMT=6, KEY_BITS=8, VAL_BITS=8, KEY_U=1, VAL_U=1, KEY_NU=128, KEY_GROUP=1,
                     VAL_GROUP=1, PR_KEY_JOIN=False, PR_VALUE_JOIN=True)
+    if turbo is not None:
+        ub, u = {1: (1, 8), 2: (1, 4), 3: (3, 8), 4: (1, 2)}[turbo]
+        cons.update(KEY_FMT=3, VAL_FMT=3, KEY_BITS=turbo, VAL_BITS=turbo, KEY_UB=ub, VAL_UB=ub, KEY_U=u, VAL_U=u,
+                    KEY_NU=128 // u, KEY_GROUP=1, VAL_GROUP=1, KEY_WORDS=ub == 3, VAL_WORDS=ub == 3)
+        if ub == 3:
+            ptrs = dict(ptrs, k_ptr="*i16", v_ptr="*i16")
     cons = {k: v for k, v in cons.items() if k in names}
     sig = {n: "constexpr" if n in cons else ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
@@ -98,6 +106,8 @@ def main() -> None:
     ap.add_argument("--polar", default=None, help="polar-rope keys, e.g. r2a4 (values: --bits)")
     ap.add_argument("--recursive", action="store_true",
                     help="polar-recursive keys and values (4 levels, bits 4/2/2/2) instead of KIVI / polar-rope")
+    ap.add_argument("--turbo", type=int, default=None, choices=(1, 2, 3, 4),
+                    help="turbo keys and values of these bits (read by parts)")
     ap.add_argument("--classic", action="store_true", help="also the first (classic) kernel, 64-token blocks, 4 warps")
     ap.add_argument("--out", default=None, help="where to keep cubin/SASS (default: a temporary folder)")
     args = ap.parse_args()
@@ -110,8 +120,9 @@ def main() -> None:
         print(report(c, f"classic-{tag}b{args.bits}", out))
     for w in args.warps:
         c = compile_split(mod._split_kernel_t, args.bits, args.block_n, w, args.rows, stages=args.stages,
-                          max_registers=args.max_registers, polar=polar, recursive=args.recursive)
-        tag_w = "recursive-" if args.recursive else f"{tag}b{args.bits}-"
+                          max_registers=args.max_registers, polar=polar, recursive=args.recursive,
+                          turbo=args.turbo)
+        tag_w = "recursive-" if args.recursive else f"turbo{args.turbo}-" if args.turbo else f"{tag}b{args.bits}-"
         print(report(c, f"transposed-{tag_w}w{w}-n{args.block_n}", out))
     print(f"(cubin and SASS in {out})")
 

@@ -210,8 +210,8 @@ class LaunchConfig:
         every unit is one operand of its own product (the query gathered at channels u*U + K for
         keys, one accumulator per K for values).
     transposed: KIVI keys (2, 4, 8 bits) or polar-rope keys (2, 4, 6, 8 bits per pair, head dim >= 128,
-        large caches) with KIVI values in whole bytes, and polar-recursive keys / values in the
-        paper's setting (``polar_recursive_parts``), run ``_split_kernel_t``: every
+        large caches) with KIVI values in whole bytes, polar-recursive keys / values in the
+        paper's setting (``polar_recursive_parts``) and turbo keys / values (``turbo_parts``), run ``_split_kernel_t``: every
         product transposed (``s^T = K q^T``, ``o^T = V^T p^T``) so the dequantized cache tiles are
         the register operand of the tensor-core products; blocks then hold one key group at most.
     transposed_warps: warps per program of the transposed kernel (its tiles are 32 rows: 1 or 2
@@ -229,7 +229,7 @@ class LaunchConfig:
         compiler's choice); 255 = no cap.
     transposed_min_rows: caches of fewer packed (sequence, KV head, token) rows take the classic
         kernel, whose shorter per-split latency wins there (H100, 8 KV heads: batch 1 at 4k and 8k
-        tokens; see ``_use_transposed``).
+        tokens; see ``_use_transposed``). Turbo keys or values take the transposed kernel at every size.
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     """
@@ -396,6 +396,8 @@ def fused_decode_attention(
         block_n = min(block_n, formats.block_n_cap(k_op.fmt, v_op.fmt) or block_n)
         if k_op.fmt == _FMT_POLAR and transposed:
             block_n = min(block_n, _POLAR_T_BLOCK_N)
+        if formats.FMT_TURBO in (k_op.fmt, v_op.fmt) and transposed:
+            block_n = min(block_n, _TURBO_T_BLOCK_N)
         split_cfg = cfg
         if transposed:
             pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg)
@@ -440,6 +442,9 @@ def fused_decode_attention(
 #: Largest token block of polar-rope keys in the transposed kernel (H100, B=8/32 at 4k-32k: 32-token
 #: blocks 1.10-1.27x over fp16 SDPA, 64-token blocks 0.90-1.22x; benchmarks/README.md).
 _POLAR_T_BLOCK_N = 32
+#: Largest token block of the transposed kernel with turbo keys or values (the 32-token blocks of the
+#: other transposed paths; not tuned separately).
+_TURBO_T_BLOCK_N = 32
 #: Launches with at least this many (sequence, KV head) pairs count as "batched" in ``transposed_tuning``.
 _BATCH_PROGRAMS = 64
 #: ... and a 2-bit KIVI cache of at least this many packed (sequence, KV head, token) rows gets the register cap.
@@ -478,22 +483,55 @@ def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:
     polar-recursive keys (``parts``), take the transposed kernel, from ``cfg.transposed_min_rows``
     packed (sequence, KV head, token) rows on. Below it the classic kernel's shorter latency wins
     (H100, B=1, 8 KV heads, classic vs transposed: KIVI-2 at 4k 0.020 ms vs 0.028 ms, at 8k (64.5k
-    rows) 0.025 vs 0.029, at 16k (130k rows) 0.034 vs 0.030; polar-rope-3 at 4k 0.025 vs 0.043)."""
+    rows) 0.025 vs 0.029, at 16k (130k rows) 0.034 vs 0.030; polar-rope-3 at 4k 0.025 vs 0.043).
+    Turbo keys and values of any bits take it too (``turbo_parts``) when each code position fills the
+    tensor-core K of 16 (head dim >= 16 x codes per unit), at every cache size: the classic kernel's
+    codebook gathers lose even where its latency should win (H100, B=1, ms, classic vs transposed,
+    ``results/turbo_parts_small_h100.json``: turbo-3 at 4k 0.073 vs 0.060, turbo-4 0.075 vs 0.054,
+    KIVI-2 keys with turbo-4 values 0.043 vs 0.036; at 8k turbo-3 0.103 vs 0.060)."""
     kivi_values = v_op.fmt == _FMT_KIVI and 8 % v_op.bits == 0
     parts_values = v_op.fmt == formats.FMT_POLAR_RECURSIVE and v_op.parts
-    if not (cfg.transposed and cfg.by_parts and (kivi_values or parts_values)):
+    if not (cfg.transposed and cfg.by_parts and (kivi_values or parts_values or _turbo_parts(v_op))):
         return False
     rows = math.prod(k_op.data.shape[:-1])
-    if rows < cfg.transposed_min_rows:
+    turbo = formats.FMT_TURBO in (k_op.fmt, v_op.fmt)
+    if rows < cfg.transposed_min_rows and not turbo:
         return False
     if k_op.fmt == formats.FMT_POLAR_RECURSIVE:
         return k_op.parts
+    if k_op.fmt == formats.FMT_TURBO:
+        return _turbo_parts(k_op)
     if k_op.fmt == _FMT_KIVI:
         return 8 % k_op.bits == 0
     if k_op.fmt == _FMT_POLAR and k_op.bits in _POLAR_UNIT_BITS:
         head_dim = k_op.data.shape[-1] * 16 // k_op.bits
         return head_dim >= 128 or _interpreting()
     return False
+
+
+def _turbo_parts(op: _Operand) -> bool:
+    """Turbo codes the transposed kernel reads by parts: at least 16 units per head vector."""
+    if op.fmt != formats.FMT_TURBO:
+        return False
+    head_dim = op.data.shape[-1] * 8 // op.bits
+    return head_dim // _tq.UNITS[op.bits][1] >= 16
+
+
+def _turbo_units(op: _Operand) -> tuple[torch.Tensor, int, int, bool]:
+    """(code pointer tensor, bytes per unit, codes per unit, int16 words) of turbo codes."""
+    ub, u = _tq.UNITS[op.bits]
+    if ub == 3:
+        data, _ = _unit_words(op.data, 6)  # 24-bit units, as polar-rope's 6-bit pairs
+        return data, ub, u, data is not op.data
+    return op.data, ub, u, False
+
+
+def _turbo_tables(op: _Operand, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 codebook, ``turbo_parts.lut_words`` of it in the query's dtype) of turbo codes; any
+    tensors for other formats (pointer slots the kernel does not read)."""
+    if op.fmt != formats.FMT_TURBO:
+        return query, query
+    return op.tables[0], _tq.lut_words(op.tables[0], query.dtype)
 
 
 def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
@@ -539,10 +577,18 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
     if k_op.fmt == _FMT_POLAR:  # four pairs per unit of bits/2 bytes, read as one word where possible
         k_data, k_ub = _unit_words(k_op.data, k_op.bits)
         k_u, k_nu, k_words = 4, d // 8, k_data is not k_op.data
+    elif k_op.fmt == formats.FMT_TURBO:
+        k_data, k_ub, k_u, k_words = _turbo_units(k_op)
+        k_nu = d // k_u
     else:
         k_data, (k_ub, k_u) = k_op.data, _unit(k_op.bits)
         k_nu, k_words = d // k_u, False
-    v_ub, v_u = _unit(v_op.bits)
+    if v_op.fmt == formats.FMT_TURBO:
+        v_data, v_ub, v_u, v_words = _turbo_units(v_op)
+    else:
+        v_data, (v_ub, v_u), v_words = v_op.data, _unit(v_op.bits), False
+    k_book, k_lut = _turbo_tables(k_op, query)
+    v_book, v_lut = _turbo_tables(v_op, query)
     km = k_op.meta + (query,) * (4 - len(k_op.meta))
     vm = v_op.meta + (query,) * (2 - len(v_op.meta))
     k_tab = k_op.tables[:2] if k_op.fmt == formats.FMT_POLAR_RECURSIVE else (query, query)
@@ -555,7 +601,7 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
     _split_kernel_t[(bsz * hkv, splits)](
         query, *query.stride()[:3],
         k_data, *k_data.stride()[:3], *km, *k_op.meta[0].stride()[:3],
-        v_op.data, *v_op.data.stride()[:3], *vm, *v_op.meta[0].stride()[:3],
+        v_data, *v_data.stride()[:3], *vm, *v_op.meta[0].stride()[:3],
         mask_t, *mask_strides,
         part_max, part_sum, part_acc,
         k_op.tokens, offset, per_split // block_n, base, total_splits, hkv,
@@ -568,6 +614,7 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
         DOT_DTYPE=_dot_dtype(query.dtype),
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
         VAL_FMT=v_op.fmt, kcos=k_tab[0], ksin=k_tab[1], vcos=v_tab[0], vsin=v_tab[1], PR_KEY_JOIN=_pr.KEY_JOIN, PR_VALUE_JOIN=_pr.VALUE_JOIN,
+        VAL_UB=v_ub, VAL_WORDS=v_words, kbook=k_book, klut=k_lut, vbook=v_book, vlut=v_lut,
         num_warps=cfg.transposed_warps, num_stages=cfg.transposed_stages, **extra,
     )
 
@@ -581,6 +628,7 @@ if triton is not None:
     from kvpolar.kernels.polar_pairs import scores_t as _polar_key_scores_t
     from kvpolar.kernels.polar_pairs import unit_words as _unit_words
     from kvpolar.kernels import polar_recursive_parts as _pr
+    from kvpolar.kernels import turbo_parts as _tq
 
     @triton.jit
     def _unpack(row_ptrs, row_ok, scale, minimum, BITS: tl.constexpr, UB: tl.constexpr, U: tl.constexpr,
@@ -949,6 +997,7 @@ if triton is not None:
         HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr,
         VAL_FMT: tl.constexpr, kcos, ksin, vcos, vsin, PR_KEY_JOIN: tl.constexpr, PR_VALUE_JOIN: tl.constexpr,
+        VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, klut, vbook, vlut,
     ):
         """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
         ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -959,9 +1008,12 @@ if triton is not None:
         group-scaled query plus ``q . min``), or polar-rope with four pairs per unit of ``KEY_UB``
         bytes (part ``K`` = pairs ``4 u + K``: ``(x, y)`` decoded in registers, times the query at
         those pairs' x and y channels), or polar-recursive by parts (``polar_recursive_parts``; the
-        query rotated). Values: KIVI per token in whole bytes, or polar-recursive by parts (one
-        accumulator per part; ``kcos`` / ``ksin`` / ``vcos`` / ``vsin``: cos / sin tables of the
-        shared analytic codebooks)."""
+        query rotated), or turbo by parts (``turbo_parts``: code ``K`` of every unit looked up in the
+        codebook, times the rotated query at channels ``u * U + K``, times each token's factor). Values:
+        KIVI per token in whole bytes, or polar-recursive by parts (one accumulator per part;
+        ``kcos`` / ``ksin`` / ``vcos`` / ``vsin``: cos / sin tables of the shared analytic codebooks),
+        or turbo by parts (one accumulator per code position; ``kbook`` / ``vbook``: the codebooks,
+        ``klut`` / ``vlut``: them as ``turbo_parts.lut_words``)."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // n_kv_heads
@@ -995,6 +1047,16 @@ if triton is not None:
             qp5 = _pr.query_part_t(q_rows, row_ok, 5, NJ, DT)
             qp6 = _pr.query_part_t(q_rows, row_ok, 6, NJ, DT)
             qp7 = _pr.query_part_t(q_rows, row_ok, 7, NJ, DT)
+        elif KEY_FMT == 3:  # turbo: the rotated query at channels u * U + K, [NUK, BM] each, in DT
+            q0 = _tq.query_part_t(q_rows, row_ok, uk, 0, KEY_U, DT)
+            q1 = _tq.query_part_t(q_rows, row_ok, uk, 1, KEY_U, DT)
+            q2 = _tq.query_part_t(q_rows, row_ok, uk, 2, KEY_U, DT)
+            q3 = _tq.query_part_t(q_rows, row_ok, uk, 3, KEY_U, DT)
+            q4 = _tq.query_part_t(q_rows, row_ok, uk, 4, KEY_U, DT)
+            q5 = _tq.query_part_t(q_rows, row_ok, uk, 5, KEY_U, DT)
+            q6 = _tq.query_part_t(q_rows, row_ok, uk, 6, KEY_U, DT)
+            q7 = _tq.query_part_t(q_rows, row_ok, uk, 7, KEY_U, DT)
+            k_lut = _tq.load_lut(klut)
         else:  # the query, transposed and split by code position K of the packed bytes: [NUK, BM] each
             q0 = tl.load(q_rows[None, :] + (uk * KEY_U)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
             q1 = q0
@@ -1027,6 +1089,8 @@ if triton is not None:
             klv2 = _pr.level_values(kcos, ksin, _pr.ENTRY_L2)
             klv3 = _pr.level_values(kcos, ksin, _pr.ENTRY_L3)
             klv4 = _pr.level_values(kcos, ksin, _pr.ENTRY_L4)
+        if VAL_FMT == 3:
+            v_lut = _tq.load_lut(vlut)
         if VAL_FMT == 6:
             vlv2 = _pr.level_values(vcos, vsin, _pr.ENTRY_L2)
             vlv3 = _pr.level_values(vcos, vsin, _pr.ENTRY_L3)
@@ -1058,6 +1122,12 @@ if triton is not None:
                 s_t = _pr.key_scores_t(s_t, radius, w1, b2, b3, c4, odd_k, qp0, qp1, qp2, qp3, qp4, qp5, qp6, qp7,
                                        klv2, klv3, klv4, BLOCK_N, NJ, DT, PREC, NATIVE, PR_KEY_JOIN)
                 s_t = s_t * qk_scale
+            elif KEY_FMT == 3:  # turbo: one product per code position, then each token's factor
+                word = _tq.load_units(k_base + offs_n[:, None] * sk_t, n_ok[:, None], uk[None, :], KEY_UB, KEY_WORDS)
+                s_t = _tq.key_scores_t(s_t, word, q0, q1, q2, q3, q4, q5, q6, q7, KEY_U, KEY_BITS, k_lut, kbook,
+                                       DT, NATIVE, PREC)
+                k_factor = tl.load(km0 + km_base + offs_n * skm_g, mask=n_ok, other=0.0).to(tl.float32)
+                s_t = s_t * (k_factor * qk_scale)[:, None]
             else:  # KIVI: code K of every byte times the group-scaled query, plus q . min
                 word = tl.load(k_base + offs_n[:, None] * sk_t + uk[None, :], mask=n_ok[:, None], other=0)
                 meta = km_base + (n0 // KEY_GROUP) * skm_g
@@ -1099,6 +1169,13 @@ if triton is not None:
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _pr.value_parts_t(
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, radius_v, vw1, vb2, vb3, vc4, odd_v, p_t, alpha,
                     vlv2, vlv3, vlv4, BLOCK_N, NJ, DT, PREC, NATIVE, PR_VALUE_JOIN)
+            elif VAL_FMT == 3:  # ---- values, turbo: [NUV, BN] units, each token's factor on its probabilities
+                word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS)
+                v_factor = tl.load(vm0 + vm_base + offs_n * svm_t, mask=n_ok, other=0.0).to(tl.float32)
+                p_v = (p * v_factor[:, None]).to(DT)
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _tq.value_parts_t(
+                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, word_t, p_v, alpha, VAL_U, VAL_BITS, v_lut, vbook,
+                    DT, NATIVE, PREC)
             else:  # ---- values, KIVI transposed: [NUV, BN] packed bytes and per-(unit, token) scale / min
                 word_t = tl.load(v_base + offs_n[None, :] * sv_t + uv[:, None], mask=n_ok[None, :], other=0)
                 vmeta = vm_base + offs_n[None, :] * svm_t + v_unit_group
@@ -1132,3 +1209,8 @@ if triton is not None:
             if VAL_U >= 4:
                 tl.store(acc_cols + ch + 2, acc2, mask=row_ok[None, :])
                 tl.store(acc_cols + ch + 3, acc3, mask=row_ok[None, :])
+            if VAL_U >= 8:  # (turbo: 1- and 3-bit codes)
+                tl.store(acc_cols + ch + 4, acc4, mask=row_ok[None, :])
+                tl.store(acc_cols + ch + 5, acc5, mask=row_ok[None, :])
+                tl.store(acc_cols + ch + 6, acc6, mask=row_ok[None, :])
+                tl.store(acc_cols + ch + 7, acc7, mask=row_ok[None, :])

@@ -5,7 +5,9 @@ formats here plug into its classic split kernel (``_split_kernel``) through one 
 :func:`format_tile`, which rebuilds a block of keys or values in registers:
 
 * ``turbo`` (``TurboTensor``): codes of ``bits`` bits per coordinate, looked up in the shared
-  Lloyd-Max codebook; factor = the stored per-token factor (``TurboTensor.norms``). The tile lives in the rotated domain ``R x``.
+  Lloyd-Max codebook; factor = the stored per-token factor (``TurboTensor.norms``). The tile lives
+  in the rotated domain ``R x``. (Head dims with at least 16 code units, e.g. 128 at any bits, take
+  the transposed kernel by parts instead: :mod:`kvpolar.kernels.turbo_parts`.)
 * ``fp8`` (``Fp8Tensor``): the float8 bytes turned into float16 by moving bits (no fp8 dtype needed:
   e5m2 ``b << 8``; e4m3 ``sign << 8 | rest << 7`` is the value / 256, subnormals included);
   factor = the chunk's fp32 scale (times 256 for e4m3).

@@ -37,10 +37,15 @@ def unit_words(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
 
 @triton.jit
 def load_unit_words(row_ptrs, row_ok, NU: tl.constexpr, UB: tl.constexpr, WORDS: tl.constexpr):
-    """``[BN, NU]`` int32 units of ``UB`` bytes from ``row_ptrs`` ``[BN, 1]``: with ``WORDS`` (pointers
-    to int32 words for UB=4, int16 for UB=2 or 3) one load per unit (UB=3: three per two units),
-    else ``UB`` byte loads combined little-endian."""
-    u = tl.arange(0, NU)[None, :]
+    """``[BN, NU]`` int32 units of ``UB`` bytes from ``row_ptrs`` ``[BN, 1]`` (:func:`unit_words_at`)."""
+    return unit_words_at(row_ptrs, row_ok, tl.arange(0, NU)[None, :], UB, WORDS)
+
+
+@triton.jit
+def unit_words_at(row_ptrs, row_ok, u, UB: tl.constexpr, WORDS: tl.constexpr):
+    """int32 units ``u`` of ``UB`` bytes from ``row_ptrs``, any orientation (``u`` broadcast against
+    ``row_ptrs`` / ``row_ok``): with ``WORDS`` (pointers to int32 words for UB=4, int16 for UB=2 or
+    3) one load per unit (UB=3: three per two units), else ``UB`` byte loads combined little-endian."""
     if WORDS and UB == 3:  # int16 words: unit u = bytes 3u .. 3u+2 = halfwords 3v+p, 3v+1+p >> 8p (v = u // 2, p = u % 2)
         h = (u // 2) * 3 + (u % 2)
         lo = tl.load(row_ptrs + h, mask=row_ok, other=0).to(tl.int32) & 0xFFFF

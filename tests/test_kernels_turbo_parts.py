@@ -1,0 +1,151 @@
+"""turbo keys and values by parts in the transposed decode kernel (kernels/turbo_parts.py).
+
+Two halves:
+- the GPU-only ``prmt`` lookups, run on a small emulator of the PTX instructions they use against
+  the codebook rounded to float16 / bfloat16 (the interpreter never executes inline assembly);
+- the kernel under TRITON_INTERPRET=1 (memory gathers instead of the lookups) against the float64
+  oracle, with a spy checking that the transposed kernel ran.
+"""
+
+import pytest
+import torch
+
+import kvpolar
+from kvpolar.kernels import decode_attention as da
+
+pytest.importorskip("triton")
+from kvpolar.kernels import turbo_parts as tp  # noqa: E402
+from test_kernels_decode_attention import small_caches_transposed  # noqa: E402
+from test_kernels_decode_formats import check, polar, turbo  # noqa: E402
+from test_kernels_polar_recursive_parts import transposed_launches  # noqa: E402, F401
+
+D = 128
+MASK32 = 0xFFFFFFFF
+KIVI2_K = ("kivi", {"bits": 2, "group_size": 32, "axis": "channel"})
+KIVI2_V = ("kivi", {"bits": 2, "group_size": 32, "axis": "token"})
+
+# ----- a PTX emulator for the lookups ---------------------------------------------------------------------
+def _prmt(a: int, b: int, c: int) -> int:
+    pool = (a & MASK32) | ((b & MASK32) << 32)
+    out = 0
+    for k in range(4):
+        sel = (c >> (4 * k)) & 0xF
+        byte = (pool >> (8 * (sel & 7))) & 0xFF
+        if sel & 8:  # sign-replicate mode
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * k)
+    return out
+
+def _bfe(a: int, pos: int, length: int) -> int:
+    return (a >> pos) & ((1 << length) - 1) if pos < 32 else 0
+
+def _bfi(f: int, b: int, pos: int, length: int) -> int:
+    m = ((1 << length) - 1) << pos
+    return (b & ~m & MASK32) | ((f << pos) & m)
+
+OPS = {
+    "shr.u32": lambda a, b: (a & MASK32) >> b,
+    "shl.b32": lambda a, b: (a << b) & MASK32,
+    "and.b32": lambda a, b: a & b,
+    "or.b32": lambda a, b: a | b,
+    "xor.b32": lambda a, b: a ^ b,
+    "prmt.b32": _prmt,
+    "bfe.u32": _bfe,
+    "bfi.b32": _bfi,
+}
+
+def run_ptx(asm: str, operands: list[int]) -> tuple[int, int]:
+    """Execute one of ``turbo_parts``'s asm strings; ``operands`` are $2 onwards; returns ($0, $1)."""
+    regs = {f"${i + 2}": v & MASK32 for i, v in enumerate(operands)}
+    body = asm.strip()[1:-1]
+    for stmt in filter(None, (s.strip() for s in body.split(";"))):
+        if stmt.startswith(".reg"):
+            continue
+        op, args = stmt.split(None, 1)
+        dst, *srcs = (x.strip() for x in args.split(","))
+        vals = [regs[s] if s in regs else int(s, 0) for s in srcs]
+        assert op in OPS, f"the emulator lacks {op}"
+        regs[dst] = OPS[op](*vals) & MASK32
+    return regs["$0"], regs["$1"]
+
+def _halves(word: int) -> tuple[int, int]:
+    return word & 0xFFFF, word >> 16
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_prmt_lookups_give_the_rounded_codebook(bits, dtype):
+    book = torch.sort(torch.randn(2**bits))[0]
+    lut = [int(w) & MASK32 for w in tp.lut_words(book, dtype)]
+    expected = book.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    ub, u = tp.UNITS[bits]
+    asm = {1: tp.ASM_BYTES_1, 2: tp.ASM_BYTES_2, 3: tp.ASM_WORDS_3, 4: tp.ASM_BYTES_4}[bits].value
+    n_tables = 8 if bits == 4 else 4
+    gen = torch.Generator().manual_seed(bits)
+    for _ in range(64):
+        units = torch.randint(0, 1 << (8 * ub), (4,), generator=gen).tolist()  # 4 units of random codes
+        for k in range(u):
+            shift = k * bits
+            if ub == 3:
+                operands = units + [shift] * 4
+            else:
+                operands = [units[0] | units[1] << 8 | units[2] << 16 | units[3] << 24] + [shift] * 4
+            for t in range(n_tables):
+                operands += [lut[t]] * 4
+            out0, out1 = run_ptx(asm, operands)
+            got = [*_halves(out0), *_halves(out1)]
+            want = [int(expected[(w >> shift) & (2**bits - 1)]) for w in units]
+            assert got == want, (bits, k, units)
+
+def test_lut_words_layout():
+    book = torch.tensor([-1.5, -0.25, 0.25, 1.5])
+    lut = tp.lut_words(book, torch.float16)
+    assert lut.dtype == torch.int32 and lut.shape == (8,)
+    pattern = book.half().view(torch.int16).to(torch.int64) & 0xFFFF
+    assert int(lut[0]) & MASK32 == sum(int(p & 0xFF) << (8 * i) for i, p in enumerate(pattern))
+    assert int(lut[2]) & MASK32 == sum(int(p >> 8) << (8 * i) for i, p in enumerate(pattern))
+    assert int(lut[1]) == 0 and torch.all(lut[4:] == 0)  # entries past the codebook are zero
+
+# ----- the kernel under the interpreter --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_turbo_parts_against_the_oracle_ragged(bits, dtype, transposed_launches):
+    out = check(turbo(bits), turbo(bits), batch=3, gqa=4, tk=50, r=5, dtype=dtype, lengths=[55, 20, 0], d=D,
+                config=small_caches_transposed(None))
+    assert transposed_launches == [(3, 3)]
+    assert torch.equal(out[2], torch.zeros_like(out[2]))  # a fully masked row gives zeros
+
+@pytest.mark.parametrize("pair", [(turbo(3), KIVI2_V), (KIVI2_K, turbo(4)), (turbo(3, norm_correction=False), turbo(4)),
+                                  (turbo(2, rotation="orthogonal"), polar()), (polar(), turbo(3))],
+                         ids=["turbo-kivi", "kivi-turbo", "k3v4-plain", "orthogonal-polar", "polar-turbo"])
+def test_turbo_mixed_with_other_formats(pair, transposed_launches):
+    check(*pair, gqa=4, tk=45, r=3, d=D, config=small_caches_transposed(None))
+    assert len(transposed_launches) == 1
+
+@pytest.mark.parametrize("tk,gqa,tq", [(1, 1, 1), (33, 8, 1), (70, 4, 3)])
+def test_lengths_gqa_and_query_tokens(tk, gqa, tq, transposed_launches):
+    check(turbo(3), turbo(3), hkv=1 if gqa == 8 else 2, gqa=gqa, tq=tq, tk=tk, r=0 if tk == 1 else 3, d=D,
+          config=small_caches_transposed(None))
+    assert transposed_launches == [(3, 3)]
+
+def test_narrow_heads_take_the_classic_kernel(transposed_launches):
+    # head dim 64 with 3-bit codes: 8 units per vector, under the tensor cores' K of 16
+    check(turbo(3), turbo(3), gqa=4, tk=40, r=3, d=64, config=small_caches_transposed(None))
+    assert transposed_launches == []
+    check(turbo(2), turbo(2), gqa=4, tk=40, r=3, d=64, config=small_caches_transposed(None))
+    assert transposed_launches == [(3, 3)]  # 2-bit codes: 16 units of 4 codes
+
+def test_quantizer_codebook_is_what_the_kernel_tables_hold():
+    p = kvpolar.quantizer("turbo", bits=3).quantize(torch.randn(1, 1, 4, D))
+    lut = tp.lut_words(p.codebook, torch.float16)
+    low = [(int(lut[i // 4]) >> (8 * (i % 4))) & 0xFF for i in range(8)]
+    high = [(int(lut[2 + i // 4]) >> (8 * (i % 4))) & 0xFF for i in range(8)]
+    halves = torch.tensor([lo | hi << 8 for lo, hi in zip(low, high)], dtype=torch.int32).to(torch.int16)
+    assert torch.equal(halves.view(torch.float16), p.codebook.half())
+
+
+def test_turbo_takes_the_transposed_kernel_at_every_cache_size(transposed_launches):
+    # a 20-token cache, far under ``transposed_min_rows``: the launch policy lets turbo in anyway
+    check(turbo(4), KIVI2_V, gqa=4, tk=20, r=3, d=D)
+    assert transposed_launches == [(3, 1)]
+    check(turbo(3), turbo(3), gqa=4, tk=20, r=3, d=D, config=da.LaunchConfig(transposed=False))
+    assert transposed_launches == [(3, 1)]  # switched off: the classic kernel ran
