@@ -194,6 +194,8 @@ def check_correctness(dev):
         ("polar-recursive", 2, 1, 3001, torch.float16, True, transposed),
         ("polar-recursive", 1, 3, 1000, torch.bfloat16, False, transposed),
         ("polar-recursive", 8, 1, 32768, torch.float16, True, None),
+        ("turbo-3", 2, 1, 3001, torch.float16, True, transposed), ("turbo-4", 1, 3, 1000, torch.bfloat16, False, transposed),
+        ("turbo-k3v4", 2, 1, 2000, torch.bfloat16, True, transposed), ("turbo-3", 8, 1, 32768, torch.float16, True, None),
     ] + [(name, 2, 1 + 2 * (i % 2), 1000 + 555 * i, (torch.float16, torch.bfloat16)[i % 2], i % 3 == 0, None)
          for i, name in enumerate(BUILT_PRESETS)]
     for name, b, tq, tk, dtype, ragged, cfg in cases:
