@@ -149,3 +149,15 @@ def test_turbo_takes_the_transposed_kernel_at_every_cache_size(transposed_launch
     assert transposed_launches == [(3, 1)]
     check(turbo(3), turbo(3), gqa=4, tk=20, r=3, d=D, config=da.LaunchConfig(transposed=False))
     assert transposed_launches == [(3, 1)]  # switched off: the classic kernel ran
+
+
+KIVI3_V = ("kivi", {"bits": 3, "group_size": 32, "axis": "token"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("key,key_fmt", [(turbo(3), 3), (KIVI2_K, 1)], ids=["turbo-3-preset", "kivi2-kivi3"])
+def test_kivi_3bit_values_in_three_byte_units(key, key_fmt, dtype, transposed_launches):
+    # the turbo-3 preset's values: KIVI 3-bit codes, eight per 3-byte unit, one accumulator per position
+    check(key, KIVI3_V, batch=2, gqa=4, tk=50, r=5, dtype=dtype, lengths=[55, 21], d=D,
+          config=small_caches_transposed(None))
+    assert transposed_launches == [(key_fmt, 1)]

@@ -210,8 +210,9 @@ class LaunchConfig:
         every unit is one operand of its own product (the query gathered at channels u*U + K for
         keys, one accumulator per K for values).
     transposed: KIVI keys (2, 4, 8 bits) or polar-rope keys (2, 4, 6, 8 bits per pair, head dim >= 128,
-        large caches) with KIVI values in whole bytes, polar-recursive keys / values in the
-        paper's setting (``polar_recursive_parts``) and turbo keys / values (``turbo_parts``), run ``_split_kernel_t``: every
+        large caches) with KIVI values in whole bytes (or 3-bit, head dim >= 128), polar-recursive
+        keys / values in the paper's setting (``polar_recursive_parts``) and turbo keys / values
+        (``turbo_parts``), run ``_split_kernel_t``: every
         product transposed (``s^T = K q^T``, ``o^T = V^T p^T``) so the dequantized cache tiles are
         the register operand of the tensor-core products; blocks then hold one key group at most.
     transposed_warps: warps per program of the transposed kernel (its tiles are 32 rows: 1 or 2
@@ -477,7 +478,8 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
 
 
 def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:
-    """KIVI values in whole bytes or polar-recursive values in the paper's setting (``parts``), with
+    """KIVI values in whole bytes (or 3-bit codes in 3-byte units, head dim >= 128) or polar-recursive
+    values in the paper's setting (``parts``), with
     KIVI keys in whole bytes, polar-rope keys of 2, 4, 6 or 8 bits per pair (four pairs per unit of
     whole bytes; head dim >= 128 so each of the four parts fills the tensor-core K of 16) or
     polar-recursive keys (``parts``), take the transposed kernel, from ``cfg.transposed_min_rows``
@@ -489,7 +491,7 @@ def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:
     codebook gathers lose even where its latency should win (H100, B=1, ms, classic vs transposed,
     ``results/turbo_parts_small_h100.json``: turbo-3 at 4k 0.073 vs 0.060, turbo-4 0.075 vs 0.054,
     KIVI-2 keys with turbo-4 values 0.043 vs 0.036; at 8k turbo-3 0.103 vs 0.060)."""
-    kivi_values = v_op.fmt == _FMT_KIVI and 8 % v_op.bits == 0
+    kivi_values = v_op.fmt == _FMT_KIVI and (8 % v_op.bits == 0 or _kivi3_parts(v_op))
     parts_values = v_op.fmt == formats.FMT_POLAR_RECURSIVE and v_op.parts
     if not (cfg.transposed and cfg.by_parts and (kivi_values or parts_values or _turbo_parts(v_op))):
         return False
@@ -517,9 +519,16 @@ def _turbo_parts(op: _Operand) -> bool:
     return head_dim // _tq.UNITS[op.bits][1] >= 16
 
 
+def _kivi3_parts(op: _Operand) -> bool:
+    """3-bit KIVI values the transposed kernel reads by parts (units of 3 bytes, 8 codes): at least 16
+    units per head vector."""
+    return op.bits == 3 and op.data.shape[-1] * 8 // 3 // 8 >= 16
+
+
 def _turbo_units(op: _Operand) -> tuple[torch.Tensor, int, int, bool]:
-    """(code pointer tensor, bytes per unit, codes per unit, int16 words) of turbo codes."""
-    ub, u = _tq.UNITS[op.bits]
+    """(code pointer tensor, bytes per unit, codes per unit, int16 words) of turbo codes, and of
+    KIVI codes in the transposed kernel (whole bytes, or 3-byte units of 3-bit codes)."""
+    ub, u = _tq.UNITS[op.bits] if op.fmt == formats.FMT_TURBO else _unit(op.bits)
     if ub == 3:
         data, _ = _unit_words(op.data, 6)  # 24-bit units, as polar-rope's 6-bit pairs
         return data, ub, u, data is not op.data
@@ -583,7 +592,7 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
     else:
         k_data, (k_ub, k_u) = k_op.data, _unit(k_op.bits)
         k_nu, k_words = d // k_u, False
-    if v_op.fmt == formats.FMT_TURBO:
+    if v_op.fmt in (formats.FMT_TURBO, _FMT_KIVI):
         v_data, v_ub, v_u, v_words = _turbo_units(v_op)
     else:
         v_data, (v_ub, v_u), v_words = v_op.data, _unit(v_op.bits), False
@@ -1010,8 +1019,9 @@ if triton is not None:
         those pairs' x and y channels), or polar-recursive by parts (``polar_recursive_parts``; the
         query rotated), or turbo by parts (``turbo_parts``: code ``K`` of every unit looked up in the
         codebook, times the rotated query at channels ``u * U + K``, times each token's factor). Values:
-        KIVI per token in whole bytes, or polar-recursive by parts (one accumulator per part;
-        ``kcos`` / ``ksin`` / ``vcos`` / ``vsin``: cos / sin tables of the shared analytic codebooks),
+        KIVI per token in whole bytes or 3-byte units (3-bit codes), or polar-recursive by parts (one
+        accumulator per part; ``kcos`` / ``ksin`` / ``vcos`` / ``vsin``: cos / sin tables of the shared
+        analytic codebooks),
         or turbo by parts (one accumulator per code position; ``kbook`` / ``vbook``: the codebooks,
         ``klut`` / ``vlut``: them as ``turbo_parts.lut_words``)."""
         pid = tl.program_id(0)
@@ -1176,8 +1186,8 @@ if triton is not None:
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _tq.value_parts_t(
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, word_t, p_v, alpha, VAL_U, VAL_BITS, v_lut, vbook,
                     DT, NATIVE, PREC)
-            else:  # ---- values, KIVI transposed: [NUV, BN] packed bytes and per-(unit, token) scale / min
-                word_t = tl.load(v_base + offs_n[None, :] * sv_t + uv[:, None], mask=n_ok[None, :], other=0)
+            else:  # ---- values, KIVI transposed: [NUV, BN] packed units and per-(unit, token) scale / min
+                word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS)
                 vmeta = vm_base + offs_n[None, :] * svm_t + v_unit_group
                 v_scale = tl.load(vm0 + vmeta, mask=n_ok[None, :], other=0.0).to(DT)
                 v_min = tl.load(vm1 + vmeta, mask=n_ok[None, :], other=0.0).to(DT)
@@ -1187,6 +1197,11 @@ if triton is not None:
                 if VAL_U >= 4:
                     acc2 = _value_part_t(acc2, p_t, word_t, v_scale, v_min, alpha, 2, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
                     acc3 = _value_part_t(acc3, p_t, word_t, v_scale, v_min, alpha, 3, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                if VAL_U >= 8:  # (3-bit codes: eight per 3-byte unit)
+                    acc4 = _value_part_t(acc4, p_t, word_t, v_scale, v_min, alpha, 4, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                    acc5 = _value_part_t(acc5, p_t, word_t, v_scale, v_min, alpha, 5, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                    acc6 = _value_part_t(acc6, p_t, word_t, v_scale, v_min, alpha, 6, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                    acc7 = _value_part_t(acc7, p_t, word_t, v_scale, v_min, alpha, 7, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
 
         slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
         tl.store(part_max + slot, m_i, mask=row_ok)
