@@ -1,0 +1,67 @@
+"""Where a decode step of the 8B-shaped model goes, per preset: each step's wall time (a slow step
+among fast ones is a recompilation) and a torch.profiler table of one step (CPU and CUDA time).
+
+Uses ``bench_end_to_end``'s model (random weights, fewer layers to keep it short) and cache fill.
+
+    PYTHONPATH=src python benchmarks/profile_decode_step.py OUT_DIR [--layers 4] [--batch 12]
+        [--presets turbo-3,turbo-4,squat-2,polar-recursive]
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_end_to_end as e2e  # noqa: E402
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--presets", default="fp16,turbo-3,turbo-4,squat-2,polar-recursive")
+    args = ap.parse_args()
+    model = e2e.build_model(args.layers)
+    report = []
+    for preset in args.presets.split(","):
+        e2e._reset_memory()
+        cache = e2e.make_cache(model, preset)
+        e2e.fill_cache(model, cache, preset, args.batch, args.context)
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, 1), device="cuda")
+        pos = torch.full((args.batch, 1), args.context, device="cuda", dtype=torch.long)
+
+        def step(cache=cache):
+            nonlocal ids, pos
+            out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            ids = out.logits[:, -1:].argmax(-1)
+            pos = pos + 1
+
+        times = []
+        for _ in range(8):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(1000 * (time.perf_counter() - start))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60)
+        cuda = prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60)
+        line = f"{preset} B={args.batch} layers={args.layers}: step ms " + " ".join(f"{t:.1f}" for t in times)
+        print(line, flush=True)
+        report += [line, table, cuda]
+        del cache
+    with open(os.path.join(args.out, "profile_decode_step.txt"), "w") as f:
+        f.write("\n".join(report))
+    print("\n".join(report[1::3][:1]))
+
+
+if __name__ == "__main__":
+    main()
