@@ -629,13 +629,6 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
 
 
 # ----- Triton kernels ----------------------------------------------------------------------------------------
-#: Integer arguments of the split kernels that change as a cache grows (token counts, split counts,
-#: the residual window's offset). Triton would otherwise specialize on them (== 1, divisible by 16)
-#: and recompile, about 2 s on an H100, whenever a decode step moves one into another class
-#: (benchmarks/profile_decode_step.py: turbo-4, B=12, steps of 32 ms with four 1.8-6.3 s steps among
-#: the first eight). None of them is used for alignment.
-_GROWING_ARGS = ["n_tokens", "mask_offset", "blocks_per_split", "split_base", "total_splits"]
-
 if triton is not None:
     from kvpolar.kernels.polar_pairs import UNIT_PAIR_BITS as _POLAR_UNIT_BITS
     from kvpolar.kernels.polar_pairs import load_unit_words
@@ -713,7 +706,7 @@ if triton is not None:
         v = ((v - OFFSET) * v_scale + v_min).to(DT)
         return tl.dot(p, v, acc * alpha[:, None], input_precision=PREC)
 
-    @triton.jit(do_not_specialize=_GROWING_ARGS)
+    @triton.jit
     def _split_kernel(
         q_ptr, sq_b, sq_h, sq_t,
         k_ptr, sk_b, sk_h, sk_t, km0, km1, km2, km3, skm_b, skm_h, skm_g,
@@ -913,7 +906,7 @@ if triton is not None:
         else:
             tl.store(acc_rows + dcol[None, :], acc, mask=row_ok[:, None])
 
-    @triton.jit(do_not_specialize=["n_splits"])
+    @triton.jit
     def _combine_kernel(part_max, part_sum, part_acc, out_ptr, n_splits,
                         D: tl.constexpr, BLOCK_S: tl.constexpr):
         """Merge the splits of one (sequence, query head, query token) row; empty rows give 0."""
@@ -995,7 +988,7 @@ if triton is not None:
         v = ((v - OFFSET) * v_scale_t + v_min_t).to(DT)
         return tl.dot(v, p_t, acc_t * alpha[None, :], input_precision=PREC)
 
-    @triton.jit(do_not_specialize=_GROWING_ARGS)
+    @triton.jit
     def _split_kernel_t(
         q_ptr, sq_b, sq_h, sq_t,
         k_ptr, sk_b, sk_h, sk_t, km0, km1, km2, km3, skm_b, skm_h, skm_g,
