@@ -51,6 +51,8 @@ def test_presets_and_bad_names():
         KVCacheConfig.preset("kivi-3")
     with pytest.raises(ValueError, match="residual_length"):
         KVCacheConfig(residual_length=-1)
+    with pytest.raises(ValueError, match="min_chunk=0.*integer >= 1"):
+        KVCacheConfig(min_chunk=0)
     with pytest.raises(ValueError, match="full_precision_layers='boundary-3'"):
         KVCacheConfig(full_precision_layers="boundary-3")
     with pytest.raises(ValueError, match=r"layer_overrides\[1\]"):
@@ -109,10 +111,22 @@ def test_misuse_errors(llama, batch):
 # ----- exactness -----------------------------------------------------------------------------------
 def test_none_equals_dynamic_cache(llama, batch, stock):
     """Identity quantizers through the packed path: the plumbing (order, masks, GQA) is exact."""
-    cache = QuantizedKVCache(llama.config, config("none", residual_length=4))
+    cache = QuantizedKVCache(llama.config, config("none", residual_length=4, min_chunk=1))
     got = teacher_forced(llama, *batch, cache)
     assert cache.layers[0].packed_keys.num_tokens == max(LENGTHS) + 12 - 4  # packed + 4 in the window
     torch.testing.assert_close(got, stock[0], rtol=0, atol=2e-6)
+
+
+def test_per_token_formats_move_in_chunks_of_min_chunk(llama, batch):
+    """A per-token format (token group 1) moves ``min_chunk`` tokens at a time, not one per step."""
+    cache = QuantizedKVCache(llama.config, config("none", residual_length=4))  # min_chunk 32
+    teacher_forced(llama, *batch, cache)
+    layer = cache.layers[0]
+    total = max(LENGTHS) + 12
+    assert layer.chunk == 32
+    assert layer.packed_keys.num_tokens == (total - 4) // 32 * 32
+    assert layer.residual_tokens == total - layer.packed_keys.num_tokens
+    assert 4 <= layer.residual_tokens < 4 + 32
 
 
 def test_left_padding_rows_match_single_runs(llama, batch):
@@ -244,7 +258,7 @@ def query_recording_quantizer():
 def test_prompt_queries_reach_the_key_quantizer(llama, query_recording_quantizer):
     ids, mask = left_padded([45, 30])
     cont = continuation(2, 10)
-    cfg = KVCacheConfig("test-needs-queries", {}, "none", {}, residual_length=4)
+    cfg = KVCacheConfig("test-needs-queries", {}, "none", {}, residual_length=4, min_chunk=1)
     got = teacher_forced(llama, ids, mask, cont, QuantizedKVCache(llama.config, cfg))
     ref, _ = stock_logits(llama, ids, mask, cont)
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)

@@ -79,7 +79,8 @@ class QuantizedKVCache(Cache):
         self.num_layers = int(text.num_hidden_layers)
         self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
         layers = [
-            QuantizedLayer(cache_config.plan(i, self.num_layers), i, self.head_dim, cache_config.residual_length)
+            QuantizedLayer(cache_config.plan(i, self.num_layers), i, self.head_dim, cache_config.residual_length,
+                           cache_config.min_chunk)
             for i in range(self.num_layers)
         ]
         for layer in layers:

@@ -38,7 +38,11 @@ class KVCacheConfig:
         key_quantizer, key_params: registered quantizer name and its parameters for keys.
         value_quantizer, value_params: the same for values.
         residual_length: the newest ``residual_length`` tokens always stay in 16 bits; older tokens
-            are quantized in whole chunks of the key quantizer's token group (see ``cache.py``).
+            are quantized in whole chunks: the key and value quantizers' token groups, at least
+            ``min_chunk`` tokens (see ``cache/layer.py``).
+        min_chunk: fewest tokens moved into the packed part at a time (default 32: per-token formats
+            such as turbo would otherwise re-quantize, re-concatenate and change the packed tensors'
+            strides every step). 1 moves them token by token.
         full_precision_layers: layer indices kept entirely in 16 bits (negative counts from the end),
             or ``"boundary-2"``: the first and last two layers.
         layer_overrides: ``{layer index: {"key_quantizer"|"key_params"|"value_quantizer"|
@@ -50,6 +54,7 @@ class KVCacheConfig:
     value_quantizer: str = "kivi"
     value_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     residual_length: int = 128
+    min_chunk: int = 32
     full_precision_layers: tuple[int, ...] | str = ()
     layer_overrides: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -60,6 +65,9 @@ class KVCacheConfig:
         r = self.residual_length
         if not isinstance(r, int) or isinstance(r, bool) or r < 0:
             raise allowed("residual_length", r, "an integer >= 0")
+        c = self.min_chunk
+        if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+            raise allowed("min_chunk", c, "an integer >= 1")
         fpl = self.full_precision_layers
         if isinstance(fpl, str):
             if fpl not in LAYER_SHORTHANDS:

@@ -6,9 +6,10 @@ attention mask (built for ``get_seq_length() + new tokens`` columns) lines up wi
 Residual policy: ``update`` appends new keys/values to the residual window; after attention has run
 (``after_attention``, called by the ``"kvpolar"`` attention function) the oldest tokens beyond
 ``residual_length`` move to the packed part in whole chunks of ``chunk`` tokens (the least common
-multiple of the key and value quantizers' token groups, e.g. KIVI's G = 32). So the newest
-``residual_length`` tokens are always 16-bit and at most ``chunk - 1`` more wait for their group to
-fill; prefill quantizes all complete chunks at once. Values move in the same chunks as keys (KIVI's
+multiple of the key and value quantizers' token groups, e.g. KIVI's G = 32, and at least
+``min_chunk`` tokens, ``KVCacheConfig.min_chunk``: per-token formats such as turbo would otherwise
+re-quantize and re-concatenate every step). So the newest ``residual_length`` tokens are always 16-bit and at most ``chunk - 1``
+more wait for their chunk to fill; prefill quantizes all complete chunks at once. Values move in the same chunks as keys (KIVI's
 code moves values token by token; one boundary for both keeps one attention layout).
 
 Padding: tokens no query may attend to (left padding) are replaced, before quantizing, by the next
@@ -80,7 +81,14 @@ class QuantizedLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, plan: LayerPlan, layer_idx: int, head_dim: int, residual_length: int) -> None:
+    def __init__(self, plan: LayerPlan, layer_idx: int, head_dim: int, residual_length: int,
+                 min_chunk: int = 32) -> None:
+        """``min_chunk``: fewest tokens per move into the packed part (``KVCacheConfig.min_chunk``). Each
+        move quantizes the chunk and concatenates it to every stored tensor of the layer (a copy of its
+        packed cache) and changes the packed tensors' strides, which the fused kernel is compiled for:
+        moving one token per step made turbo and polar-recursive copy the whole cache every step and
+        recompile (about 2 s) in several of the first steps on an H100 (benchmarks/README.md, "The
+        other presets")."""
         super().__init__()
         self.plan, self.layer_idx, self.head_dim = plan, layer_idx, head_dim
         self.residual_length = residual_length
@@ -93,7 +101,8 @@ class QuantizedLayer(CacheLayerMixin):
             self.value_quantizer = build_quantizer("value", plan.value_quantizer, plan.value_params, head_dim)
             kg = token_group(self.key_quantizer, head_dim)
             vg = token_group(self.value_quantizer, head_dim)
-            self.chunk = kg * vg // math.gcd(kg, vg)
+            group = kg * vg // math.gcd(kg, vg)
+            self.chunk = group * math.ceil(min_chunk / group)
         self._clear()
 
     def _clear(self) -> None:
