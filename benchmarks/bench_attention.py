@@ -175,6 +175,22 @@ def reference(name, q, pk, pv, rk, rv, scale, mask):
     return reference_decode_attention(q.float(), dense, pv, none, vq, rk.float(), rv.float(), scale, mask).float()
 
 
+def ragged_case(kq, vq, dtype, dev, b=2, tk=2110, r=128):
+    """Arguments of ``reference_decode_attention`` / ``fused_decode_attention`` for one check: random
+    keys / values quantized by ``kq`` / ``vq`` (``tk`` packed tokens) plus ``r`` residual tokens, a
+    1-token query, and a ragged left-padding mask (every sequence after the first holds ``tk // 2``
+    tokens). Seeded."""
+    torch.manual_seed(0)
+    k = torch.randn(b, HKV, tk + r, D, device=dev, dtype=dtype)
+    v = torch.randn_like(k)
+    q = torch.randn(b, HQ, 1, D, device=dev, dtype=dtype)
+    pk, pv = kq.quantize(k[..., :tk, :]), vq.quantize(v[..., :tk, :])
+    n = tk + r
+    lengths = torch.tensor([n] + [tk // 2] * (b - 1), device=dev)
+    mask = (torch.arange(n, device=dev)[None, :] >= n - lengths[:, None])[:, None, None, :]
+    return q, pk, pv, kq, vq, k[..., tk:, :], v[..., tk:, :], D**-0.5, mask
+
+
 def check_correctness(dev):
     rows = []
     # These small caches take the classic kernel by default (``LaunchConfig.transposed_min_rows``): the

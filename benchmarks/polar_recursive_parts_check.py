@@ -45,15 +45,8 @@ def check(key_join, value_join, stages):
     rows = []
     for kname, vname in PAIRS:
         for dtype in (torch.float16, torch.bfloat16):
-            torch.manual_seed(0)
             kq, vq = quantizer(kname, "k"), quantizer(vname, "v")
-            k = torch.randn(B, HKV, TK + R, D, device=dev, dtype=dtype)
-            v = torch.randn_like(k)
-            q = torch.randn(B, HQ, 1, D, device=dev, dtype=dtype)
-            pk, pv = kq.quantize(k[..., :TK, :]), vq.quantize(v[..., :TK, :])
-            lengths = torch.tensor([TK + R, TK // 2], device=dev)
-            mask = (torch.arange(TK + R, device=dev)[None, :] >= TK + R - lengths[:, None])[:, None, None, :]
-            args = (q, pk, pv, kq, vq, k[..., TK:, :], v[..., TK:, :], D**-0.5, mask)
+            args = ba.ragged_case(kq, vq, dtype, dev, B, TK, R)
             want = reference_decode_attention(*args).float()
             got = fused_decode_attention(*args, config=cfg).float()
             rel = ((got - want).norm() / want.norm()).item()
