@@ -250,7 +250,7 @@ def test_cache_decodes_through_the_kernel(monkeypatch, preset):
     model = tiny_model("llama", layers=2)
     ids, mask = left_padded([21, 9])
     cont = torch.randint(1, 90, (2, 2), generator=torch.Generator().manual_seed(3))
-    cfg = config(preset, residual_length=4, full_precision_layers=())
+    cfg = config(preset, residual_length=4, min_chunk=1, full_precision_layers=())  # tokens packed each step
 
     def run(kernel):
         monkeypatch.setattr(attention, "fused_kernel", lambda query: kernel)
