@@ -525,7 +525,7 @@ def _kivi3_parts(op: _Operand) -> bool:
     return op.bits == 3 and op.data.shape[-1] * 8 // 3 // 8 >= 16
 
 
-def _turbo_units(op: _Operand) -> tuple[torch.Tensor, int, int, bool]:
+def _code_units(op: _Operand) -> tuple[torch.Tensor, int, int, bool]:
     """(code pointer tensor, bytes per unit, codes per unit, int16 words) of turbo codes, and of
     KIVI codes in the transposed kernel (whole bytes, or 3-byte units of 3-bit codes)."""
     ub, u = _tq.UNITS[op.bits] if op.fmt == formats.FMT_TURBO else _unit(op.bits)
@@ -587,13 +587,13 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
         k_data, k_ub = _unit_words(k_op.data, k_op.bits)
         k_u, k_nu, k_words = 4, d // 8, k_data is not k_op.data
     elif k_op.fmt == formats.FMT_TURBO:
-        k_data, k_ub, k_u, k_words = _turbo_units(k_op)
+        k_data, k_ub, k_u, k_words = _code_units(k_op)
         k_nu = d // k_u
     else:
         k_data, (k_ub, k_u) = k_op.data, _unit(k_op.bits)
         k_nu, k_words = d // k_u, False
     if v_op.fmt in (formats.FMT_TURBO, _FMT_KIVI):
-        v_data, v_ub, v_u, v_words = _turbo_units(v_op)
+        v_data, v_ub, v_u, v_words = _code_units(v_op)
     else:
         v_data, (v_ub, v_u), v_words = v_op.data, _unit(v_op.bits), False
     k_book, k_lut = _turbo_tables(k_op, query)
