@@ -522,7 +522,8 @@ def _turbo_parts(op: _Operand) -> bool:
 def _kivi3_parts(op: _Operand) -> bool:
     """3-bit KIVI values the transposed kernel reads by parts (units of 3 bytes, 8 codes): at least 16
     units per head vector."""
-    return op.bits == 3 and op.data.shape[-1] * 8 // 3 // 8 >= 16
+    head_dim = op.data.shape[-1] * 8 // 3
+    return op.bits == 3 and head_dim // 8 >= 16
 
 
 def _code_units(op: _Operand) -> tuple[torch.Tensor, int, int, bool]:
@@ -1021,9 +1022,8 @@ if triton is not None:
         codebook, times the rotated query at channels ``u * U + K``, times each token's factor). Values:
         KIVI per token in whole bytes or 3-byte units (3-bit codes), or polar-recursive by parts (one
         accumulator per part; ``kcos`` / ``ksin`` / ``vcos`` / ``vsin``: cos / sin tables of the shared
-        analytic codebooks),
-        or turbo by parts (one accumulator per code position; ``kbook`` / ``vbook``: the codebooks,
-        ``klut`` / ``vlut``: them as ``turbo_parts.lut_words``)."""
+        analytic codebooks), or turbo by parts (one accumulator per code position; ``kbook`` /
+        ``vbook``: the codebooks, ``klut`` / ``vlut``: them as ``turbo_parts.lut_words``)."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // n_kv_heads
