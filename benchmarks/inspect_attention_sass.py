@@ -24,6 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kvpolar.kernels import decode_attention as mod
+from kvpolar.kernels import turbo_parts
 
 _RUNTIME_INTS = ("n_tokens", "mask_offset", "blocks_per_split", "split_base", "total_splits", "n_kv_heads",
                  "sq_t", "smk_t", "smk_n", "sq_b")
@@ -58,7 +59,7 @@ def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages
         cons.update(KEY_FMT=6, VAL_FMT=6, KEY_BITS=8, VAL_BITS=8, KEY_U=1, VAL_U=1, KEY_NU=128, KEY_GROUP=1,
                     VAL_GROUP=1, PR_KEY_JOIN=False, PR_VALUE_JOIN=True)
     if turbo is not None:
-        ub, u = {1: (1, 8), 2: (1, 4), 3: (3, 8), 4: (1, 2)}[turbo]
+        ub, u = turbo_parts.UNITS[turbo]
         cons.update(KEY_FMT=3, VAL_FMT=3, KEY_BITS=turbo, VAL_BITS=turbo, KEY_UB=ub, VAL_UB=ub, KEY_U=u, VAL_U=u,
                     KEY_NU=128 // u, KEY_GROUP=1, VAL_GROUP=1, KEY_WORDS=ub == 3, VAL_WORDS=ub == 3)
         if ub == 3:

@@ -1224,7 +1224,7 @@ if triton is not None:
             if VAL_U >= 4:
                 tl.store(acc_cols + ch + 2, acc2, mask=row_ok[None, :])
                 tl.store(acc_cols + ch + 3, acc3, mask=row_ok[None, :])
-            if VAL_U >= 8:  # (turbo: 1- and 3-bit codes)
+            if VAL_U >= 8:  # (eight codes per unit: turbo 1- and 3-bit, KIVI 3-bit)
                 tl.store(acc_cols + ch + 4, acc4, mask=row_ok[None, :])
                 tl.store(acc_cols + ch + 5, acc5, mask=row_ok[None, :])
                 tl.store(acc_cols + ch + 6, acc6, mask=row_ok[None, :])
