@@ -94,6 +94,7 @@ class Point:
     cache_bits_per_element: float
     status: str = "ok"
     fill_peak_gib: float = float("nan")  # peak while the cache was filled (chunk temporaries included)
+    step_ms: list[float] = dataclasses.field(default_factory=list)  # every step, warm-up included, in order
 
     @property
     def overhead(self) -> float:
@@ -103,7 +104,11 @@ class Point:
 
 
 @torch.no_grad()
-def decode_point(model, preset: str, batch: int, context: int, steps: int, weights_bytes: int) -> Point:
+def decode_point(model, preset: str, batch: int, context: int, steps: int, weights_bytes: int,
+                 warmup: int = 2) -> Point:
+    """Median wall time of ``steps`` decode steps after ``warmup`` untimed ones (Triton compiles
+    its kernels in the first steps; per-token formats move ``min_chunk`` tokens into the packed
+    part every ``min_chunk`` steps, so a long run's median is the steady state)."""
     _reset_memory()
     cache = make_cache(model, preset)
     fill_cache(model, cache, preset, batch, context)
@@ -112,17 +117,16 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
         torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE)
     pos = torch.full((batch, 1), context, device=DEVICE, dtype=torch.long)
-    times = []
-    for step in range(steps + 2):
+    every = []
+    for _ in range(steps + warmup):
         _sync()
         start = time.perf_counter()
         out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
         ids = out.logits[:, -1:].argmax(-1)
         _sync()
-        if step >= 2:
-            times.append(1000 * (time.perf_counter() - start))
+        every.append(1000 * (time.perf_counter() - start))
         pos = pos + 1
-    times.sort()
+    times = sorted(every[warmup:])
     ms = times[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
     if preset == "fp16":
@@ -133,7 +137,7 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
         cache_bytes, bits = report.total, report.bits_per_element
     del cache, out
     return Point(preset, batch, context, ms, batch * 1000.0 / ms, peak / 2**30, weights_bytes / 2**30,
-                 cache_bytes / 2**30, bits, fill_peak_gib=fill_peak / 2**30)
+                 cache_bytes / 2**30, bits, fill_peak_gib=fill_peak / 2**30, step_ms=every)
 
 
 @torch.no_grad()
@@ -186,7 +190,8 @@ def main() -> None:
     parser.add_argument("--presets", default="fp16,kivi-2,kivi-4,polar-rope-3,polar-rope-4")
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--batches", default="1,8,16,32,48,64,96")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="timed decode steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed decode steps before them")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--prefill", action="store_true", help="also time a batch-1 prefill per preset")
     parser.add_argument("--out", default="end_to_end.json")
@@ -221,7 +226,7 @@ def main() -> None:
     for preset in args.presets.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             try:
-                point = decode_point(model, preset, batch, args.context, args.steps, weights)
+                point = decode_point(model, preset, batch, args.context, args.steps, weights, args.warmup)
             except torch.OutOfMemoryError:
                 points.append(Point(preset, batch, args.context, float("nan"), 0.0, float("nan"),
                                     weights / 2**30, float("nan"), float("nan"), "out of memory"))
