@@ -39,7 +39,7 @@ from triton.testing import do_bench
 
 import kvpolar
 from kvpolar.decode_attention import reference_decode_attention
-from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention, supports
+from kvpolar.kernels.decode_attention import LaunchConfig, describe_launch, fused_decode_attention, supports
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
 
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
@@ -284,9 +284,9 @@ def time_shape(b, t, dev, copy_gbs, presets, configs, with_hf=True):
     q_bytes = 2 * b * HQ * D * 2  # query in, output out
     res_bytes = 2 * b * HKV * RESIDUAL * D * 2
 
-    def record(method, ms, nbytes, eager=None, note=""):
+    def record(method, ms, nbytes, eager=None, note="", launch=None):
         row = {"batch": b, "tokens": t, "method": method, "median_ms": ms, "eager_median_ms": eager,
-               "bytes": nbytes, "gb_per_s": nbytes / ms / 1e6 if ms else None, "note": note}
+               "bytes": nbytes, "gb_per_s": nbytes / ms / 1e6 if ms else None, "note": note, "launch": launch}
         row["copy_bw_fraction"] = row["gb_per_s"] / copy_gbs if ms else None
         rows.append(row)
         print(f"  {b:3d} {t:7d} {method:22s} {ms if ms else float('nan'):9.4f} ms  eager {eager or float('nan'):9.4f} ms", flush=True)
@@ -317,11 +317,12 @@ def time_shape(b, t, dev, copy_gbs, presets, configs, with_hf=True):
         pk, pv = make_preset(name, b, tk, torch.float16, dev)
         nbytes = pk.nbytes + pv.nbytes + res_bytes + q_bytes
         readable = supports(pk, pv)
+        launch = describe_launch(q_and_residual()[0], pk, pv, configs[name]) if readable else None
         del pk, pv
         if not readable:
             record(name, None, nbytes, note="not read by the fused kernel (the cache falls back to the reference)")
             continue
-        record(name, graph_ms(fused_call, nbytes), nbytes, median_ms(fused_call(0)))
+        record(name, graph_ms(fused_call, nbytes), nbytes, median_ms(fused_call(0)), launch=launch)
         torch.cuda.empty_cache()
         if with_hf and name in PRESETS and PRESETS[name][0] == "kivi":
             kq, vq = kivi_quantizers(name)
@@ -462,8 +463,10 @@ def main() -> None:
         if r["median_ms"] is None:
             print(f"{r['batch']:>3} {r['tokens']:>7} {r['method']:22s} {r['note']}")
             continue
+        launch = r.get("launch") or {}
+        where = f" {launch['kernel'][0]} splits {launch['splits']} pps {launch['programs_per_sm']}" if launch else ""
         print(f"{r['batch']:>3} {r['tokens']:>7} {r['method']:22s} {r['median_ms']:9.4f} "
-              f"{r['speedup_vs_sdpa_fp16'] or 0:7.2f} {r['gb_per_s']:7.0f} {100 * r['copy_bw_fraction']:6.1f}")
+              f"{r['speedup_vs_sdpa_fp16'] or 0:7.2f} {r['gb_per_s']:7.0f} {100 * r['copy_bw_fraction']:6.1f}{where}")
     if not all(c["ok"] for c in checks):
         sys.exit("correctness check FAILED (see above)")
 

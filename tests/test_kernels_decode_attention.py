@@ -6,6 +6,7 @@ float64); the kernel may be at most a small multiple of the reference's error.
 """
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -252,6 +253,67 @@ def test_launch_policy():
     assert da.transposed_tuning(polar, values4, 64, cfg) == (12, None)
     mine = LaunchConfig(transposed_programs_per_sm=5, max_registers=200)
     assert da.transposed_tuning(_operand(kivi, big, 2), values2, 64, mine) == (5, 200)
+
+
+@pytest.mark.parametrize("pps", [4, 8, 12, 16])
+@pytest.mark.parametrize("programs", [8, 64, 256, 1024, 4096])
+@pytest.mark.parametrize("tokens", [1, 70, 4096, 32768 - 96, 131072])
+def test_splits_fill_one_wave_and_cover_every_token(monkeypatch, pps, programs, tokens):
+    """Compiled launches: as many splits as one wave of ``pps`` programs per SM holds (never a second,
+    partly filled wave), every token in exactly one split, none shorter than ``min_split_tokens``."""
+    monkeypatch.setattr(da, "_interpreting", lambda: False)
+    cfg, sms, block_n = LaunchConfig(programs_per_sm=pps), 132, 32
+    splits, per_split = da.choose_splits(tokens, programs, sms, block_n, cfg)
+    assert per_split % block_n == 0
+    assert (splits - 1) * per_split < tokens <= splits * per_split
+    assert programs * splits <= max(programs, pps * sms)
+    assert splits <= math.ceil(tokens / cfg.min_split_tokens)
+    if programs * 2 <= pps * sms and tokens >= 2 * cfg.min_split_tokens * (pps * sms // programs):
+        assert programs * splits > pps * sms // 2  # and the wave is more than half full
+
+
+def test_splits_under_the_interpreter_are_powers_of_two_blocks():
+    for tokens in (70, 1000, 5000):
+        splits, per_split = da.choose_splits(tokens, 4, 8, 16, LaunchConfig(min_split_tokens=16))
+        assert per_split // 16 & (per_split // 16 - 1) == 0 and (splits - 1) * per_split < tokens <= splits * per_split
+
+
+def test_programs_per_sm_from_registers_and_shared_memory():
+    """H100 figures: 128 registers -> 16 one-warp programs (kivi-2 with its cap), 168 -> 12 (turbo-3 in
+    Nsight Compute), 192 to 255 -> 8 (a warp's registers come 256 at a time from one of the SM's four
+    partitions; the split sweep's waves); shared memory and threads bound it too."""
+    assert da.programs_per_sm_of(128, 6656, 1) == 16
+    assert da.programs_per_sm_of(168, 3072, 1) == 12
+    assert da.programs_per_sm_of(226, 12800, 1) == 8
+    assert da.programs_per_sm_of(215, 6656, 1) == 8  # 2 warps per partition (65536 // 6912 would say 9)
+    assert da.programs_per_sm_of(192, 6656, 1) == 8
+    assert da.programs_per_sm_of(255, 3072, 1) == 8
+    assert da.programs_per_sm_of(128, 100 * 1024, 1) == 2
+    assert da.programs_per_sm_of(32, 0, 1) == 32
+    assert da.programs_per_sm_of(64, 0, 4) == 8
+    assert da.programs_per_sm_of(40, 0, 16) == 3  # 1280 registers per warp: 65536 // 20480
+
+
+def test_describe_launch_caps_programs_per_sm_at_what_fits(monkeypatch):
+    """``describe_launch`` reports the launch ``fused_decode_attention`` makes; the one-wave target is
+    the measured policy (12 here) capped by the programs the compiled kernel fits on an SM."""
+    x = torch.randn(2, 2, 300, 128)
+    keys = kvpolar.quantizer("kivi", bits=2, axis="channel", group_size=32).quantize(x)
+    values = kvpolar.quantizer("kivi", bits=2, axis="token", group_size=32).quantize(x)
+    q = torch.randn(2, 8, 1, 128, dtype=torch.float16)
+    classic = da.describe_launch(q, keys, values)
+    assert classic["kernel"] == "classic" and classic["block_n"] == 64  # (two key groups per block)
+    cfg = LaunchConfig(transposed_min_rows=0, min_split_tokens=32)
+    plain = da.describe_launch(q, keys, values, cfg)
+    assert plain["kernel"] == "transposed" and plain["programs_per_sm"] == 12
+    monkeypatch.setattr(da, "_transposed_residency", lambda *a, **k: 5)
+    capped = da.describe_launch(q, keys, values, cfg)
+    assert capped["programs_per_sm"] == 5
+    for launch in (classic, plain, capped):
+        assert launch["programs"] == 4 * launch["splits"]
+        assert (launch["splits"] - 1) * launch["tokens_per_split"] < 300 <= launch["splits"] * launch["tokens_per_split"]
+    monkeypatch.setattr(da, "_interpreting", lambda: False)  # compiled: no power-of-two rounding
+    assert da.describe_launch(q, keys, values, cfg)["splits"] == min(5 * 8 // 4, 300 // 32 + 1)
 
 
 def test_launch_config_refuses_bad_values():

@@ -27,8 +27,10 @@ How it runs (two Triton kernels):
    window is one more launch of the same kernel (``none`` format) writing the last split(s).
 2. ``_combine_kernel``, one program per ``(batch, query head, query token)``: merges the splits.
 
-The number of splits grows until ``batch * kv_heads * splits`` covers the GPU several times, so
-batch 1 at 128k tokens fills every SM. Formats that live in a rotated domain (turbo,
+The number of splits grows until ``batch * kv_heads * splits`` fills one wave of the programs an SM
+holds at once (``choose_splits``; for the transposed kernel, counted from its compiled registers and
+shared memory, ``programs_per_sm_of``), so batch 1 at 128k tokens fills every SM and no launch ends
+in a partly filled second wave. ``describe_launch`` reports the launch a cache gets. Formats that live in a rotated domain (turbo,
 polar-recursive; ``decode_formats.rotation_matrix``) never un-rotate a token: rotated keys get the
 query rotated once (the residual window's launch keeps the plain query); rotated values accumulate
 in the rotated domain, the residual window's partial outputs are rotated into it (one row per
@@ -220,7 +222,9 @@ class LaunchConfig:
     transposed_programs_per_sm: ``programs_per_sm`` of the transposed kernel (it is latency-bound:
         more, shorter splits keep more loads in flight); None = the measured policy of
         ``transposed_tuning`` (12, or 16 for polar-rope keys with 2-bit values at batch sizes with
-        >= 64 (sequence, KV head) pairs).
+        >= 64 (sequence, KV head) pairs), capped on the GPU by the programs of the compiled kernel
+        that fit on one SM (``programs_per_sm_of``): a launch of more than one wave waits a whole
+        split's time for its last few programs (H100, ``results/sweep_splits_h100.json``).
     transposed_stages: software-pipelining stages of the transposed kernel's loads (the second
         sweep on the H100: 3 stages with 12 programs per SM beat 2 with 8 for kivi-2 and kivi-4 at
         every measured shape, benchmarks/README.md).
@@ -281,19 +285,23 @@ def _device_sms(device: torch.device) -> int:
 def choose_splits(tokens: int, programs: int, sms: int, block_n: int, cfg: LaunchConfig) -> tuple[int, int]:
     """(splits, tokens per split) for ``tokens`` tokens and ``programs`` (sequence, KV head) pairs.
 
-    Enough splits for ``programs_per_sm`` programs per SM (batch 1 at 128k fills the GPU), none
-    shorter than ``min_split_tokens``. Tokens per split are ``block_n`` times a power of two (under
-    the interpreter the loop count is a compile-time constant: few distinct values as caches grow).
+    As many splits as fit ONE wave of ``programs_per_sm`` programs per SM (``programs * splits <=
+    programs_per_sm * sms``: a second, partly filled wave would cost a whole split's time for a few
+    programs), none shorter than ``min_split_tokens``, so batch 1 at 128k fills the GPU. Under the
+    interpreter tokens per split are ``block_n`` times a power of two (its loop count is a
+    compile-time constant: few distinct values as caches grow); compiled, any multiple of ``block_n``.
     """
     if tokens <= 0:
         return 0, block_n
     if cfg.num_splits is not None:
         wanted = cfg.num_splits
     else:
-        wanted = math.ceil(cfg.programs_per_sm * sms / programs)
+        wanted = max(1, cfg.programs_per_sm * sms // programs)
         wanted = min(wanted, math.ceil(tokens / cfg.min_split_tokens))
     blocks = math.ceil(tokens / block_n)
-    per_split_blocks = triton.next_power_of_2(math.ceil(blocks / max(1, wanted)))
+    per_split_blocks = math.ceil(blocks / max(1, wanted))
+    if _interpreting():
+        per_split_blocks = triton.next_power_of_2(per_split_blocks)
     per_split = per_split_blocks * block_n
     return math.ceil(tokens / per_split), per_split
 
@@ -388,24 +396,10 @@ def fused_decode_attention(
     # (key operand, value operand, token offset, splits, tokens per split, block_n, query, config, transposed)
     parts = []
     if tk:
-        k_op, v_op = _key_operand(keys), _value_operand(values)
-        transposed = _use_transposed(k_op, v_op, cfg)
-        block_n = cfg.block_n
-        grouped = k_op.fmt in (_FMT_POLAR, _FMT_KIVI)
-        if grouped and (k_op.fmt == _FMT_POLAR or block_n % k_op.group or transposed):
-            block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
-        block_n = min(block_n, formats.block_n_cap(k_op.fmt, v_op.fmt) or block_n)
-        if k_op.fmt == _FMT_POLAR and transposed:
-            block_n = min(block_n, _POLAR_T_BLOCK_N)
-        if formats.FMT_TURBO in (k_op.fmt, v_op.fmt) and transposed:
-            block_n = min(block_n, _TURBO_T_BLOCK_N)
-        split_cfg = cfg
-        if transposed:
-            pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg)
-            split_cfg = dataclasses.replace(cfg, programs_per_sm=pps, max_registers=max_registers)
-        splits, per_split = choose_splits(tk, bsz * hkv, sms, block_n, split_cfg)
         q_packed = query if k_rot is None else (query.float() @ k_rot.T).to(query.dtype)  # R q, once
-        parts.append((k_op, v_op, 0, splits, per_split, block_n, q_packed, split_cfg, transposed))
+        plan = _packed_plan(q_packed, keys, values, mask, scale, cfg)
+        parts.append((plan.k_op, plan.v_op, 0, plan.splits, plan.per_split, plan.block_n, q_packed, plan.config,
+                      plan.transposed))
     if r:
         block_n = min(cfg.block_n, max(16, triton.next_power_of_2(r)))
         splits, per_split = choose_splits(r, bsz * hkv, sms, block_n,
@@ -440,6 +434,63 @@ def fused_decode_attention(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _PackedPlan:
+    """How the packed tokens are launched: operands, kernel form, block, splits, tuned config."""
+
+    k_op: _Operand
+    v_op: _Operand
+    transposed: bool
+    block_n: int
+    splits: int
+    per_split: int
+    config: LaunchConfig  # with the programs per SM and register cap that were used
+
+
+def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _PackedPlan:
+    """The launch of the packed tokens (``query``: as the kernel reads it, rotated for rotated formats)."""
+    bsz, hq = query.shape[:2]
+    hkv = keys.shape[1]
+    k_op, v_op = _key_operand(keys), _value_operand(values)
+    transposed = _use_transposed(k_op, v_op, cfg)
+    block_n = cfg.block_n
+    grouped = k_op.fmt in (_FMT_POLAR, _FMT_KIVI)
+    if grouped and (k_op.fmt == _FMT_POLAR or block_n % k_op.group or transposed):
+        block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
+    block_n = min(block_n, formats.block_n_cap(k_op.fmt, v_op.fmt) or block_n)
+    if k_op.fmt == _FMT_POLAR and transposed:
+        block_n = min(block_n, _POLAR_T_BLOCK_N)
+    if formats.FMT_TURBO in (k_op.fmt, v_op.fmt) and transposed:
+        block_n = min(block_n, _TURBO_T_BLOCK_N)
+    split_cfg = cfg
+    if transposed:
+        pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg)
+        split_cfg = dataclasses.replace(cfg, max_registers=max_registers)
+        if cfg.transposed_programs_per_sm is None:  # no more than fit at once: the splits fill one wave
+            resident = _transposed_residency(query, k_op, v_op, mask, 0, scale, hq // hkv, block_n, split_cfg)
+            pps = min(pps, resident or pps)
+        split_cfg = dataclasses.replace(split_cfg, programs_per_sm=pps)
+    splits, per_split = choose_splits(k_op.tokens, bsz * hkv, _device_sms(query.device), block_n, split_cfg)
+    return _PackedPlan(k_op, v_op, transposed, block_n, splits, per_split, split_cfg)
+
+
+def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: QuantizedTensor,
+                    config: LaunchConfig | None = None) -> dict:
+    """How ``fused_decode_attention`` launches the packed part of this cache (no attention is run;
+    on CUDA the kernel may be compiled): ``kernel`` ("transposed" or "classic"), ``block_n``,
+    ``splits``, ``tokens_per_split``, ``programs`` (``batch * kv_heads * splits``),
+    ``programs_per_sm`` (the one-wave target: the measured policy, capped by how many compiled
+    programs fit on an SM), ``max_registers``. ``query``: ``[B, Hq, Tq, D]``."""
+    cfg = config or LaunchConfig()
+    k_rot = formats.rotation_matrix(keys)
+    q = query if k_rot is None else (query.float() @ k_rot.T).to(query.dtype)
+    plan = _packed_plan(q, keys, values, None, query.shape[-1] ** -0.5, cfg)
+    return {"kernel": "transposed" if plan.transposed else "classic", "block_n": plan.block_n,
+            "splits": plan.splits, "tokens_per_split": plan.per_split,
+            "programs": keys.shape[0] * keys.shape[1] * plan.splits,
+            "programs_per_sm": plan.config.programs_per_sm, "max_registers": plan.config.max_registers}
+
+
 #: Largest token block of polar-rope keys in the transposed kernel (H100, B=8/32 at 4k-32k: 32-token
 #: blocks 1.10-1.27x over fp16 SDPA, 64-token blocks 0.90-1.22x; benchmarks/README.md).
 _POLAR_T_BLOCK_N = 32
@@ -454,7 +505,8 @@ _REGISTER_CAP_MIN_ROWS = 1 << 21
 
 def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: LaunchConfig) -> tuple[int, int | None]:
     """(programs per SM, register cap or None) of the transposed kernel for ``programs`` (sequence,
-    KV head) pairs: the config's values where given, else the policy measured on the H100
+    KV head) pairs: the config's values where given, else the policy measured on the H100 (on the
+    GPU, ``_packed_plan`` then caps the programs per SM by what the compiled kernel fits on an SM)
     (``benchmarks/results/attention_sweep3_h100.json``, speed-up over fp16 SDPA, default -> policy):
 
     - polar-rope keys with 2-bit values (polar-rope-3), 16 programs per SM from 64 pairs on: B=8/32k
@@ -578,9 +630,9 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
     )
 
 
-def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
-                    part_max, part_sum, part_acc, scale, gqa, block_n, cfg):
-    """Launch ``_split_kernel_t`` (see ``_use_transposed``) over one packed range of tokens."""
+def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, total_splits,
+                       part_max, part_sum, part_acc, scale, gqa, block_n, cfg) -> tuple[tuple, dict]:
+    """(positional, keyword) arguments of ``_split_kernel_t`` over one packed range of tokens."""
     bsz, hq, tq, d = query.shape
     hkv = hq // gqa
     block_m = max(cfg.transposed_rows, triton.next_power_of_2(gqa * tq))
@@ -608,15 +660,17 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
     extra = {}
     if cfg.max_registers is not None and not _interpreting():
         extra["maxnreg"] = cfg.max_registers
-    _split_kernel_t[(bsz * hkv, splits)](
+    args = (
         query, *query.stride()[:3],
         k_data, *k_data.stride()[:3], *km, *k_op.meta[0].stride()[:3],
         v_data, *v_data.stride()[:3], *vm, *v_op.meta[0].stride()[:3],
         mask_t, *mask_strides,
         part_max, part_sum, part_acc,
-        k_op.tokens, offset, per_split // block_n, base, total_splits, hkv,
+        k_op.tokens, offset, blocks_per_split, base, total_splits, hkv,
         scale * _LOG2E,
-        D=d, GQA=gqa, TQ=tq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS_CONST=per_split // block_n if _interpreting() else 0,
+    )
+    kwargs = dict(
+        D=d, GQA=gqa, TQ=tq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS_CONST=blocks_per_split if _interpreting() else 0,
         KEY_FMT=k_op.fmt, KEY_BITS=k_op.bits, KEY_UB=k_ub, KEY_U=k_u, KEY_NU=k_nu, KEY_WORDS=k_words,
         KEY_GROUP=k_op.group, ANGLE_BITS=k_op.angle_bits, PAIR_HALF=k_op.pair_half,
         VAL_BITS=v_op.bits, VAL_U=v_u, VAL_GROUP=v_op.group,
@@ -627,6 +681,69 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
         VAL_UB=v_ub, VAL_WORDS=v_words, kbook=k_book, klut=k_lut, vbook=v_book, vlut=v_lut,
         num_warps=cfg.transposed_warps, num_stages=cfg.transposed_stages, **extra,
     )
+    return args, kwargs
+
+
+def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
+                    part_max, part_sum, part_acc, scale, gqa, block_n, cfg):
+    """Launch ``_split_kernel_t`` (see ``_use_transposed``) over one packed range of tokens."""
+    args, kwargs = _split_t_arguments(query, k_op, v_op, mask, offset, per_split // block_n, base, total_splits,
+                                      part_max, part_sum, part_acc, scale, gqa, block_n, cfg)
+    hkv = query.shape[1] // gqa
+    _split_kernel_t[(query.shape[0] * hkv, splits)](*args, **kwargs)
+
+
+#: Programs of the compiled transposed kernel resident on one SM, by launch signature (``_resident_key``).
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _resident_key(args: tuple, kwargs: dict, device: torch.device) -> tuple:
+    """What selects one compiled ``_split_kernel_t``: its compile-time arguments and the tensors' dtypes
+    (the integer arguments whose values change from call to call are not specialized)."""
+    consts = tuple((k, str(v)) for k, v in sorted(kwargs.items()) if not isinstance(v, torch.Tensor))
+    dtypes = tuple(str(a.dtype) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+    return consts + dtypes + (str(device),)
+
+
+def programs_per_sm_of(registers: int, shared_bytes: int, num_warps: int, regs_per_sm: int = 65536,
+                       shared_per_sm: int = 233472, threads_per_sm: int = 2048, partitions: int = 4) -> int:
+    """Programs of ``num_warps`` warps that fit on one SM at once, given the compiled kernel's
+    ``registers`` per thread and ``shared_bytes`` of shared memory (plus the 1 KiB the driver
+    reserves per block); at most 32 (the SM's block limit). Registers are allocated per warp in
+    units of 256 from the register file of the SM partition (of ``partitions``) the warp runs on, so
+    215 registers per thread allow 2 warps per partition, 8 per SM, not 65536 // 6912 = 9 (H100,
+    ``results/sweep_splits_h100.json``: one-warp KIVI-2 programs at 1056 per launch run 1.78x fp16
+    SDPA, at 1152 to 1280 1.26-1.32x: a second wave). Defaults: an H100's (sm_90) SM."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = partitions * (regs_per_sm // partitions // per_warp) // num_warps
+    by_shared = shared_per_sm // (shared_bytes + 1024)
+    by_threads = threads_per_sm // (32 * num_warps)
+    return max(1, min(by_registers, by_shared, by_threads, 32))
+
+
+def _transposed_residency(query, k_op, v_op, mask, offset, scale, gqa, block_n, cfg) -> int | None:
+    """Programs per SM the compiled ``_split_kernel_t`` for these operands can hold (compiled once per
+    launch signature, without running); None under the interpreter or if Triton's compiled-kernel
+    attributes are missing."""
+    if _interpreting() or query.device.type != "cuda":
+        return None
+    scratch = torch.empty(1, device=query.device, dtype=torch.float32)
+    args, kwargs = _split_t_arguments(query, k_op, v_op, mask, offset, 2, 0, 2, scratch, scratch, scratch,
+                                      scale, gqa, block_n, cfg)
+    key = _resident_key(args, kwargs, query.device)
+    if key not in _RESIDENT:
+        try:
+            compiled = _split_kernel_t.warmup(*args, grid=(1, 1), **kwargs)
+            compiled._init_handles()
+            props = torch.cuda.get_device_properties(query.device)
+            _RESIDENT[key] = programs_per_sm_of(
+                compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps,
+                getattr(props, "regs_per_multiprocessor", 65536),
+                getattr(props, "shared_memory_per_multiprocessor", 233472),
+                getattr(props, "max_threads_per_multi_processor", 2048))
+        except (AttributeError, TypeError):  # another Triton's compiled-kernel API: the measured policy alone
+            _RESIDENT[key] = None
+    return _RESIDENT[key]
 
 
 # ----- Triton kernels ----------------------------------------------------------------------------------------
@@ -989,7 +1106,7 @@ if triton is not None:
         v = ((v - OFFSET) * v_scale_t + v_min_t).to(DT)
         return tl.dot(v, p_t, acc_t * alpha[None, :], input_precision=PREC)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["blocks_per_split", "total_splits"])  # (``_transposed_residency``)
     def _split_kernel_t(
         q_ptr, sq_b, sq_h, sq_t,
         k_ptr, sk_b, sk_h, sk_t, km0, km1, km2, km3, skm_b, skm_h, skm_g,
