@@ -194,10 +194,10 @@ def ragged_case(kq, vq, dtype, dev, b=2, tk=2110, r=128):
 def check_correctness(dev):
     rows = []
     # These small caches take the classic kernel by default (``LaunchConfig.transposed_min_rows``): the
-    # transposed kernel is checked with the threshold lifted, with the register cap, and at a size where
-    # the default launch policy itself picks the cap (B=8, 2**21 packed rows).
+    # transposed kernel is checked with the threshold lifted, with the policy's register cap, and at a
+    # size where the default launch policy itself picks the cap (B=8, 32k tokens).
     transposed = LaunchConfig(transposed_min_rows=0)
-    capped = LaunchConfig(transposed_min_rows=0, max_registers=128, transposed_programs_per_sm=16)
+    capped = LaunchConfig(transposed_min_rows=0, max_registers=168)
     cases = [  # (preset, batch, tq, packed tokens, dtype, ragged mask, launch config)
         ("kivi-2", 2, 1, 3001, torch.float16, False, None), ("kivi-4", 2, 3, 777, torch.float16, True, None),
         ("polar-rope-3", 2, 1, 3001, torch.float16, True, None), ("polar-rope-4", 1, 3, 1000, torch.float16, False, None),

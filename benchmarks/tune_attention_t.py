@@ -57,6 +57,9 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # polar-recursive by parts (fourth session): 2 stages (205 registers in sm_90 compiles, 3 stages: 255)
     "t-s2": LaunchConfig(transposed_stages=2),
     "t-s2-pps16": LaunchConfig(transposed_stages=2, transposed_programs_per_sm=16),
+    # sixth session: register caps under the one-wave split policy (programs per SM from the compiled kernel)
+    "t-s3-r168": LaunchConfig(max_registers=168),
+    "t-s3-r144": LaunchConfig(max_registers=144),
 }
 
 

@@ -464,7 +464,7 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
         block_n = min(block_n, _TURBO_T_BLOCK_N)
     split_cfg = cfg
     if transposed:
-        pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg)
+        pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg, _device_sms(query.device))
         split_cfg = dataclasses.replace(cfg, max_registers=max_registers)
         if cfg.transposed_programs_per_sm is None:  # no more than fit at once: the splits fill one wave
             resident = _transposed_residency(query, k_op, v_op, mask, 0, scale, hq // hkv, block_n, split_cfg)
@@ -499,33 +499,43 @@ _POLAR_T_BLOCK_N = 32
 _TURBO_T_BLOCK_N = 32
 #: Launches with at least this many (sequence, KV head) pairs count as "batched" in ``transposed_tuning``.
 _BATCH_PROGRAMS = 64
-#: ... and a 2-bit KIVI cache of at least this many packed (sequence, KV head, token) rows gets the register cap.
-_REGISTER_CAP_MIN_ROWS = 1 << 21
+#: Register cap of the transposed kernel for KIVI keys of 2 or 4 bits and for turbo codes: 12 one-warp
+#: programs per SM instead of the 8 that 192-226 registers allow.
+_REGISTER_CAP = 168
 
 
-def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: LaunchConfig) -> tuple[int, int | None]:
+def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: LaunchConfig,
+                      sms: int = 132) -> tuple[int, int | None]:
     """(programs per SM, register cap or None) of the transposed kernel for ``programs`` (sequence,
-    KV head) pairs: the config's values where given, else the policy measured on the H100 (on the
-    GPU, ``_packed_plan`` then caps the programs per SM by what the compiled kernel fits on an SM)
-    (``benchmarks/results/attention_sweep3_h100.json``, speed-up over fp16 SDPA, default -> policy):
+    KV head) pairs on ``sms`` SMs: the config's values where given, else the policy measured on the
+    H100 (on the GPU, ``_packed_plan`` then caps the programs per SM by what the compiled kernel
+    fits on an SM, and ``choose_splits`` fills one wave of them):
 
+    - a 168-register cap (12 programs per SM) for KIVI keys of 2 or 4 bits (with KIVI values of at
+      most 4 bits) and for turbo keys or values, where the cache has the tokens to fill a wave of 12
+      programs per SM with splits of ``min_split_tokens`` (``results/registers_h100.json``,
+      ``registers2_h100.json``, speed-up over fp16 SDPA, uncapped -> 168: kivi-2 B=32/32k 2.19x ->
+      2.32x, B=8/32k 1.88x -> 2.24x, B=1/128k 1.86x -> 2.17x; kivi-4 1.69x -> 1.89x, 1.62x -> 1.77x,
+      1.62x -> 1.72x; turbo-4 B=32/32k 1.37x -> 1.51x. Caches too short for that wave lose: kivi-4
+      B=8/4k 1.38x -> 1.28x, B=1/16k 1.01x -> 0.94x. 8-bit KIVI loses everywhere, 0.98x -> 0.77x at
+      B=32/32k; polar-recursive is unchanged). It replaces the earlier 128-register cap of 2-bit
+      KIVI (16 programs per SM, with spills: B=32/32k 2.17x, B=1/128k 1.41x);
     - polar-rope keys with 2-bit values (polar-rope-3), 16 programs per SM from 64 pairs on: B=8/32k
       1.14x -> 1.39x, B=32/4k 1.10x -> 1.32x, B=32/32k 1.13x -> 1.40x, B=32/128k 1.14x -> 1.43x (B=1:
       1.13x -> 1.08x at 128k, so single sequences keep 12; with 4-bit values, polar-rope-4, 16 gave
       0.95-1.03x the speed of 12, ``results/attention_policy_v1_h100.json`` against
-      ``results/attention_h100.json``, so it keeps 12);
-    - 2-bit KIVI keys and values, a 128-register cap (16 programs per SM) from 64 pairs and 2**21
-      rows on: B=8/32k 1.92x -> 1.99x, B=32/32k 1.97x -> 2.11x, B=32/128k 2.01x -> 2.21x (smaller
-      caches lose: B=8/4k 1.59x -> 1.33x, B=1/128k 1.84x -> 1.36x; 4-bit codes spill and lose everywhere).
+      ``results/attention_h100.json``, so it keeps 12; both measured before one-wave splits).
     """
     batched = programs >= _BATCH_PROGRAMS
-    rows = math.prod(k_op.data.shape[:-1])
-    cap = (k_op.fmt == _FMT_KIVI and k_op.bits == 2 and v_op.bits == 2 and batched
-           and rows >= _REGISTER_CAP_MIN_ROWS)
-    pps = 16 if (batched and k_op.fmt == _FMT_POLAR and v_op.bits == 2) or cap else 12
+    capped_format = ((k_op.fmt == _FMT_KIVI and k_op.bits in (2, 4) and v_op.fmt == _FMT_KIVI and v_op.bits <= 4)
+                     or formats.FMT_TURBO in (k_op.fmt, v_op.fmt))
+    fills_wave = k_op.tokens >= cfg.min_split_tokens * math.ceil(12 * sms / programs)
+    pps = 16 if batched and k_op.fmt == _FMT_POLAR and v_op.bits == 2 else 12
     if cfg.transposed_programs_per_sm is not None:
         pps = cfg.transposed_programs_per_sm
-    max_registers = cfg.max_registers if cfg.max_registers is not None else (128 if cap else None)
+    max_registers = cfg.max_registers
+    if max_registers is None and capped_format and fills_wave:
+        max_registers = _REGISTER_CAP
     return pps, max_registers
 
 
@@ -1090,12 +1100,12 @@ if triton is not None:
         (A) operand of the product; ``bias [NU, BM] += q_K * min - OFFSET * q_K * scale`` (summed
         over the channels once per block by the caller)."""
         ch = tl.arange(0, NU) * U + K
-        k_scale = tl.load(meta_ptr0 + ch).to(tl.float32)
+        k_scale = tl.load(meta_ptr0 + ch).to(DT)
         k_min = tl.load(meta_ptr1 + ch).to(tl.float32)
-        q_scaled = (q_t * k_scale[:, None]).to(DT)
+        q_scaled = q_t * k_scale[:, None]  # (DT x DT: the exact product rounded once, as via float32)
         codes = _byte_codes(word, K, BITS, DT, NATIVE)
         s_t = tl.dot(codes, q_scaled, s_t, input_precision=PREC)
-        bias += q_t * k_min[:, None] - OFFSET * q_scaled.to(tl.float32)
+        bias += q_t.to(tl.float32) * k_min[:, None] - OFFSET * q_scaled.to(tl.float32)
         return s_t, bias
 
     @triton.jit
@@ -1185,15 +1195,15 @@ if triton is not None:
             q7 = _tq.query_part_t(q_rows, row_ok, uk, 7, KEY_U, DT)
             k_lut = _tq.load_lut(klut)
         else:  # the query, transposed and split by code position K of the packed bytes: [NUK, BM] each
-            q0 = tl.load(q_rows[None, :] + (uk * KEY_U)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+            q0 = tl.load(q_rows[None, :] + (uk * KEY_U)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
             q1 = q0
             q2 = q0
             q3 = q0
             if KEY_U >= 2:
-                q1 = tl.load(q_rows[None, :] + (uk * KEY_U + 1)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+                q1 = tl.load(q_rows[None, :] + (uk * KEY_U + 1)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
             if KEY_U >= 4:
-                q2 = tl.load(q_rows[None, :] + (uk * KEY_U + 2)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
-                q3 = tl.load(q_rows[None, :] + (uk * KEY_U + 3)[:, None], mask=row_ok[None, :], other=0.0).to(tl.float32)
+                q2 = tl.load(q_rows[None, :] + (uk * KEY_U + 2)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
+                q3 = tl.load(q_rows[None, :] + (uk * KEY_U + 3)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
 
         k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
         v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
