@@ -710,9 +710,9 @@ _RESIDENT: dict[tuple, int] = {}
 def _resident_key(args: tuple, kwargs: dict, device: torch.device) -> tuple:
     """What selects one compiled ``_split_kernel_t``: its compile-time arguments and the tensors' dtypes
     (the integer arguments whose values change from call to call are not specialized)."""
-    consts = tuple((k, str(v)) for k, v in sorted(kwargs.items()) if not isinstance(v, torch.Tensor))
-    dtypes = tuple(str(a.dtype) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-    return consts + dtypes + (str(device),)
+    consts = tuple((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor))  # (hashable values)
+    dtypes = tuple(a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+    return consts + dtypes + (device,)
 
 
 def programs_per_sm_of(registers: int, shared_bytes: int, num_warps: int, regs_per_sm: int = 65536,
