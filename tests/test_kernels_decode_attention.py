@@ -325,6 +325,26 @@ def test_describe_launch_caps_programs_per_sm_at_what_fits(monkeypatch):
     assert da.describe_launch(q, keys, values, cfg)["splits"] == min(5 * 8 // 4, 300 // 32 + 1)
 
 
+def test_residency_key_follows_triton_specialization():
+    """The residency of a compiled transposed kernel is looked up by what Triton compiles on: equal
+    for two caches of one shape, different when a stride or token count changes its divisibility
+    by 16 (those compile to other register counts)."""
+    kivi_k = kvpolar.quantizer("kivi", bits=2, axis="channel", group_size=32)
+    kivi_v = kvpolar.quantizer("kivi", bits=2, axis="token", group_size=32)
+    q = torch.randn(2, 8, 1, 128, dtype=torch.float16)
+    scratch = torch.empty(1)
+
+    def key(tokens):
+        x = torch.randn(2, 2, tokens, 128, dtype=torch.float16)
+        k_op, v_op = da._key_operand(kivi_k.quantize(x)), da._value_operand(kivi_v.quantize(x))
+        args, kwargs = da._split_t_arguments(q, k_op, v_op, None, 0, 2, 0, 2, scratch, scratch, scratch, 0.1, 4,
+                                             32, LaunchConfig())
+        return da._resident_key(args, kwargs, q.device)
+
+    assert key(2048) == key(2048)
+    assert key(2048) != key(2001)
+
+
 def test_launch_config_refuses_bad_values():
     with pytest.raises(ValueError, match="block_n=48"):
         LaunchConfig(block_n=48)

@@ -707,12 +707,29 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
 _RESIDENT: dict[tuple, int] = {}
 
 
+def _specialization(value) -> object:
+    """What Triton specializes a launch argument on: a tensor's dtype and 16-byte alignment, an
+    integer's being 1 or a multiple of 16 (strides, token counts), a compile-time value itself."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value == 1, value % 16 == 0
+    if isinstance(value, float):
+        return float
+    return value
+
+
 def _resident_key(args: tuple, kwargs: dict, device: torch.device) -> tuple:
-    """What selects one compiled ``_split_kernel_t``: its compile-time arguments and the tensors' dtypes
-    (the integer arguments whose values change from call to call are not specialized)."""
-    consts = tuple((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor))  # (hashable values)
-    dtypes = tuple(a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-    return consts + dtypes + (device,)
+    """What selects one compiled ``_split_kernel_t``: its compile-time arguments and how each runtime
+    argument is specialized (``_specialization``; ``blocks_per_split`` and ``total_splits`` are not).
+    Launches of one preset whose strides differ in divisibility by 16 compile to different register
+    counts (H100: polar-rope-4's kernel, first compiled for a 2001-token cache, gave its residency to
+    a 32k one and 4 splits instead of 6, 1.31x instead of 1.49x, ``results/registers3_h100.json``)."""
+    tensor, integer = torch.Tensor, int
+    spec = [(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, tensor)
+            else (a == 1, a % 16 == 0) if type(a) is integer else _specialization(a) for a in args]
+    spec += [(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, tensor) else v for v in kwargs.values()]
+    return tuple(spec) + tuple(kwargs) + (device,)
 
 
 def programs_per_sm_of(registers: int, shared_bytes: int, num_warps: int, regs_per_sm: int = 65536,
