@@ -323,6 +323,10 @@ def test_describe_launch_caps_programs_per_sm_at_what_fits(monkeypatch):
         assert (launch["splits"] - 1) * launch["tokens_per_split"] < 300 <= launch["splits"] * launch["tokens_per_split"]
     monkeypatch.setattr(da, "_interpreting", lambda: False)  # compiled: no power-of-two rounding
     assert da.describe_launch(q, keys, values, cfg)["splits"] == min(5 * 8 // 4, 300 // 32 + 1)
+    with pytest.raises(ValueError, match="Hq a multiple"):
+        da.describe_launch(torch.randn(2, 3, 1, 128), keys, values)
+    with pytest.raises(ValueError, match="packed keys and values"):
+        da.describe_launch(q, None, values)
 
 
 def test_residency_key_follows_triton_specialization():

@@ -481,6 +481,14 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
     ``splits``, ``tokens_per_split``, ``programs`` (``batch * kv_heads * splits``),
     ``programs_per_sm`` (the one-wave target: the measured policy, capped by how many compiled
     programs fit on an SM), ``max_registers``. ``query``: ``[B, Hq, Tq, D]``."""
+    if keys is None or values is None:
+        raise ValueError("describe_launch needs packed keys and values (the residual window alone is not launched this way)")
+    for reason in (_key_reason(keys), _value_reason(values)):
+        if reason is not None:
+            raise ValueError(f"fused_decode_attention does not support {reason}; check supports() first")
+    if query.dim() != 4 or query.shape[1] % keys.shape[1]:
+        raise ValueError(f"query must be [B, Hq, Tq, D] with Hq a multiple of the {keys.shape[1]} KV heads; "
+                         f"got {tuple(query.shape)}")
     cfg = config or LaunchConfig()
     k_rot = formats.rotation_matrix(keys)
     q = query if k_rot is None else (query.float() @ k_rot.T).to(query.dtype)
