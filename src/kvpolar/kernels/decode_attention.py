@@ -135,6 +135,13 @@ def _value_reason(values: QuantizedTensor | None) -> str | None:
     return None
 
 
+def _refuse_unsupported(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> None:
+    """ValueError naming the stored format the kernel cannot read (``supports`` says it as a bool)."""
+    for reason in (_key_reason(keys), _value_reason(values)):
+        if reason is not None:
+            raise ValueError(f"fused_decode_attention does not support {reason}; check supports() first")
+
+
 def supports(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> bool:
     """True when :func:`fused_decode_attention` can read this pair of stored formats."""
     return triton is not None and _key_reason(keys) is None and _value_reason(values) is None
@@ -365,9 +372,7 @@ def fused_decode_attention(
         raise ValueError("attention needs keys: both the packed part and the residual window are empty")
     if (residual_keys is None) != (residual_values is None):
         raise ValueError("residual_keys and residual_values must be both given or both None")
-    for reason in (_key_reason(keys), _value_reason(values)):
-        if reason is not None:
-            raise ValueError(f"fused_decode_attention does not support {reason}; check supports() first")
+    _refuse_unsupported(keys, values)
     if query.dim() != 4 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"query must be [B, Hq, Tq, D] float16/bfloat16/float32; got {tuple(query.shape)} {query.dtype}")
     cfg = config or LaunchConfig()
@@ -396,7 +401,7 @@ def fused_decode_attention(
     # (key operand, value operand, token offset, splits, tokens per split, block_n, query, config, transposed)
     parts = []
     if tk:
-        q_packed = query if k_rot is None else (query.float() @ k_rot.T).to(query.dtype)  # R q, once
+        q_packed = _packed_query(query, k_rot)
         plan = _packed_plan(q_packed, keys, values, mask, scale, cfg)
         parts.append((plan.k_op, plan.v_op, 0, plan.splits, plan.per_split, plan.block_n, q_packed, plan.config,
                       plan.transposed))
@@ -434,6 +439,11 @@ def fused_decode_attention(
     return out
 
 
+def _packed_query(query: torch.Tensor, k_rot: torch.Tensor | None) -> torch.Tensor:
+    """The query as the packed keys' kernel reads it: ``R q`` for keys in a rotated domain (once per call)."""
+    return query if k_rot is None else (query.float() @ k_rot.T).to(query.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class _PackedPlan:
     """How the packed tokens are launched: operands, kernel form, block, splits, tuned config."""
@@ -462,15 +472,15 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
         block_n = min(block_n, _POLAR_T_BLOCK_N)
     if formats.FMT_TURBO in (k_op.fmt, v_op.fmt) and transposed:
         block_n = min(block_n, _TURBO_T_BLOCK_N)
-    split_cfg = cfg
+    split_cfg, sms = cfg, _device_sms(query.device)
     if transposed:
-        pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg, _device_sms(query.device))
+        pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg, sms)
         split_cfg = dataclasses.replace(cfg, max_registers=max_registers)
         if cfg.transposed_programs_per_sm is None:  # no more than fit at once: the splits fill one wave
             resident = _transposed_residency(query, k_op, v_op, mask, 0, scale, hq // hkv, block_n, split_cfg)
             pps = min(pps, resident or pps)
         split_cfg = dataclasses.replace(split_cfg, programs_per_sm=pps)
-    splits, per_split = choose_splits(k_op.tokens, bsz * hkv, _device_sms(query.device), block_n, split_cfg)
+    splits, per_split = choose_splits(k_op.tokens, bsz * hkv, sms, block_n, split_cfg)
     return _PackedPlan(k_op, v_op, transposed, block_n, splits, per_split, split_cfg)
 
 
@@ -483,16 +493,13 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
     programs fit on an SM), ``max_registers``. ``query``: ``[B, Hq, Tq, D]``."""
     if keys is None or values is None:
         raise ValueError("describe_launch needs packed keys and values (the residual window alone is not launched this way)")
-    for reason in (_key_reason(keys), _value_reason(values)):
-        if reason is not None:
-            raise ValueError(f"fused_decode_attention does not support {reason}; check supports() first")
+    _refuse_unsupported(keys, values)
     if query.dim() != 4 or query.shape[1] % keys.shape[1]:
         raise ValueError(f"query must be [B, Hq, Tq, D] with Hq a multiple of the {keys.shape[1]} KV heads; "
                          f"got {tuple(query.shape)}")
     cfg = config or LaunchConfig()
-    k_rot = formats.rotation_matrix(keys)
-    q = query if k_rot is None else (query.float() @ k_rot.T).to(query.dtype)
-    plan = _packed_plan(q, keys, values, None, query.shape[-1] ** -0.5, cfg)
+    plan = _packed_plan(_packed_query(query, formats.rotation_matrix(keys)), keys, values, None,
+                        query.shape[-1] ** -0.5, cfg)
     return {"kernel": "transposed" if plan.transposed else "classic", "block_n": plan.block_n,
             "splits": plan.splits, "tokens_per_split": plan.per_split,
             "programs": keys.shape[0] * keys.shape[1] * plan.splits,
@@ -717,27 +724,24 @@ _RESIDENT: dict[tuple, int] = {}
 
 def _specialization(value) -> object:
     """What Triton specializes a launch argument on: a tensor's dtype and 16-byte alignment, an
-    integer's being 1 or a multiple of 16 (strides, token counts), a compile-time value itself."""
+    integer's being 1 or a multiple of 16 (strides, token counts), a float's type only."""
     if isinstance(value, torch.Tensor):
         return value.dtype, value.data_ptr() % 16 == 0
-    if isinstance(value, int) and not isinstance(value, bool):
+    if type(value) is int:
         return value == 1, value % 16 == 0
-    if isinstance(value, float):
-        return float
-    return value
+    return float if isinstance(value, float) else value
 
 
 def _resident_key(args: tuple, kwargs: dict, device: torch.device) -> tuple:
-    """What selects one compiled ``_split_kernel_t``: its compile-time arguments and how each runtime
-    argument is specialized (``_specialization``; ``blocks_per_split`` and ``total_splits`` are not).
-    Launches of one preset whose strides differ in divisibility by 16 compile to different register
-    counts (H100: polar-rope-4's kernel, first compiled for a 2001-token cache, gave its residency to
-    a 32k one and 4 splits instead of 6, 1.31x instead of 1.49x, ``results/registers3_h100.json``)."""
-    tensor, integer = torch.Tensor, int
-    spec = [(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, tensor)
-            else (a == 1, a % 16 == 0) if type(a) is integer else _specialization(a) for a in args]
-    spec += [(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, tensor) else v for v in kwargs.values()]
-    return tuple(spec) + tuple(kwargs) + (device,)
+    """What selects one compiled ``_split_kernel_t``: how each runtime argument is specialized
+    (``_specialization``; ``blocks_per_split`` and ``total_splits`` are not) and the compile-time
+    arguments themselves. Launches of one preset whose strides differ in divisibility by 16 compile
+    to different register counts (H100: polar-rope-4's kernel, first compiled for a 2001-token
+    cache, gave its residency to a 32k one and 4 splits instead of 6, 1.31x instead of 1.49x,
+    ``results/registers3_h100.json``)."""
+    tensor = torch.Tensor
+    return (tuple(map(_specialization, args)) + tuple(kwargs)
+            + tuple(_specialization(v) if isinstance(v, tensor) else v for v in kwargs.values()) + (device,))
 
 
 def programs_per_sm_of(registers: int, shared_bytes: int, num_warps: int, regs_per_sm: int = 65536,
