@@ -277,6 +277,30 @@ def copy_bandwidth(dev):
     return 2 * (1 << 30) / ms / 1e6  # GB/s, read + write
 
 
+def sdpa_maker(b, t, dev):
+    """``make_call`` for ``graph_ms``: fp16 SDPA of one decode query over its own random ``[b, HKV,
+    t, D]`` cache per copy (what a user has without kvpolar)."""
+    def make_call(i):
+        q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.float16)
+        k = torch.randn(b, HKV, t, D, device=dev, dtype=torch.float16)
+        v = torch.randn_like(k)
+        return lambda: F.scaled_dot_product_attention(q, k, v, scale=D**-0.5, enable_gqa=True)
+
+    return make_call
+
+
+def fused_maker(name, b, tk, dev, cfg):
+    """``make_call`` for ``graph_ms``: ``fused_decode_attention`` of one decode query over its own
+    ``tk`` packed tokens of preset ``name`` plus a ``RESIDUAL``-token fp16 window per copy."""
+    def make_call(i):
+        pk, pv = make_preset(name, b, tk, torch.float16, dev)
+        q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.float16)
+        rk = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=torch.float16)
+        return lambda: fused_decode_attention(q, pk, pv, None, None, rk, torch.randn_like(rk), D**-0.5, None, cfg)
+
+    return make_call
+
+
 def time_shape(b, t, dev, copy_gbs, presets, configs, with_hf=True):
     rows = []
     scale = D**-0.5
@@ -296,12 +320,7 @@ def time_shape(b, t, dev, copy_gbs, presets, configs, with_hf=True):
         rk = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=torch.float16)
         return q, rk, torch.randn_like(rk)
 
-    def sdpa_call(i):
-        q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.float16)
-        k = torch.randn(b, HKV, t, D, device=dev, dtype=torch.float16)
-        v = torch.randn_like(k)
-        return lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-
+    sdpa_call = sdpa_maker(b, t, dev)
     nbytes = 2 * b * HKV * t * D * 2 + q_bytes
     try:
         record("sdpa-fp16", graph_ms(sdpa_call, nbytes), nbytes, median_ms(sdpa_call(0)))
@@ -309,11 +328,7 @@ def time_shape(b, t, dev, copy_gbs, presets, configs, with_hf=True):
         record("sdpa-fp16", None, None, note="out of memory")
     torch.cuda.empty_cache()
     for name in presets:
-        def fused_call(i):
-            pk, pv = make_preset(name, b, tk, torch.float16, dev)
-            q, rk, rv = q_and_residual()
-            return lambda: fused_decode_attention(q, pk, pv, None, None, rk, rv, scale, None, configs[name])
-
+        fused_call = fused_maker(name, b, tk, dev, configs[name])
         pk, pv = make_preset(name, b, tk, torch.float16, dev)
         nbytes = pk.nbytes + pv.nbytes + res_bytes + q_bytes
         readable = supports(pk, pv)

@@ -20,39 +20,20 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_attention as ba  # noqa: E402
-from kvpolar.kernels.decode_attention import LaunchConfig, describe_launch, fused_decode_attention  # noqa: E402
+from kvpolar.kernels.decode_attention import LaunchConfig, describe_launch  # noqa: E402
 
 CASES = ["kivi-2@8x32768", "kivi-2@32x32768", "turbo-4@32x32768", "turbo-3@32x32768", "polar-rope-4@32x32768",
          "kivi-4@32x32768", "polar-recursive@32x32768"]
 
 
-def sdpa_ms(b: int, t: int, dev) -> float:
-    def call(i):
-        q = torch.randn(b, ba.HQ, 1, ba.D, device=dev, dtype=torch.float16)
-        k = torch.randn(b, ba.HKV, t, ba.D, device=dev, dtype=torch.float16)
-        v = torch.randn_like(k)
-        return lambda: F.scaled_dot_product_attention(q, k, v, scale=ba.D**-0.5, enable_gqa=True)
-
-    return ba.graph_ms(call, 2 * b * ba.HKV * t * ba.D * 2)
-
-
 def preset_ms(name: str, b: int, t: int, dev, cfg: LaunchConfig) -> float:
-    tk = t - ba.RESIDUAL
-
-    def call(i):
-        pk, pv = ba.make_preset(name, b, tk, torch.float16, dev)
-        q = torch.randn(b, ba.HQ, 1, ba.D, device=dev, dtype=torch.float16)
-        rk = torch.randn(b, ba.HKV, ba.RESIDUAL, ba.D, device=dev, dtype=torch.float16)
-        return lambda: fused_decode_attention(q, pk, pv, None, None, rk, torch.randn_like(rk), ba.D**-0.5, None, cfg)
-
-    pk, pv = ba.make_preset(name, b, tk, torch.float16, dev)
+    pk, pv = ba.make_preset(name, b, t - ba.RESIDUAL, torch.float16, dev)
     nbytes = pk.nbytes + pv.nbytes
     del pk, pv
-    return ba.graph_ms(call, nbytes)
+    return ba.graph_ms(ba.fused_maker(name, b, t - ba.RESIDUAL, dev, cfg), nbytes)
 
 
 def main() -> None:
@@ -71,7 +52,7 @@ def main() -> None:
         name, shape = case.split("@")
         b, t = (int(x) for x in shape.split("x"))
         if (b, t) not in sdpa:
-            sdpa[b, t] = sdpa_ms(b, t, dev)
+            sdpa[b, t] = ba.graph_ms(ba.sdpa_maker(b, t, dev), 2 * b * ba.HKV * t * ba.D * 2)
         pk, pv = ba.make_preset(name, b, t - ba.RESIDUAL, torch.float16, dev)
         q = torch.randn(b, ba.HQ, 1, ba.D, device=dev, dtype=torch.float16)
         default = describe_launch(q, pk, pv)

@@ -23,7 +23,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_attention as ba  # noqa: E402
@@ -98,20 +97,13 @@ def check_variants(dev, presets, variants):
 
 def time_all(dev, shapes, copy_gbs, variants, presets):
     rows = []
-    scale = ba.D**-0.5
     for b, t in shapes:
         tk = t - ba.RESIDUAL
         q_bytes = 2 * b * ba.HQ * ba.D * 2
         res_bytes = 2 * b * ba.HKV * ba.RESIDUAL * ba.D * 2
 
-        def sdpa_call(i):
-            q = torch.randn(b, ba.HQ, 1, ba.D, device=dev, dtype=torch.float16)
-            k = torch.randn(b, ba.HKV, t, ba.D, device=dev, dtype=torch.float16)
-            v = torch.randn_like(k)
-            return lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-
         nbytes = 2 * b * ba.HKV * t * ba.D * 2 + q_bytes
-        base = ba.graph_ms(sdpa_call, nbytes)
+        base = ba.graph_ms(ba.sdpa_maker(b, t, dev), nbytes)
         rows.append({"batch": b, "tokens": t, "method": "sdpa-fp16", "median_ms": base, "bytes": nbytes})
         torch.cuda.empty_cache()
         for name in presets:
@@ -119,17 +111,8 @@ def time_all(dev, shapes, copy_gbs, variants, presets):
             nbytes = pk.nbytes + pv.nbytes + res_bytes + q_bytes
             del pk, pv
             for vname in variants:
-                cfg = VARIANTS[vname]
-
-                def fused_call(i, cfg=cfg):
-                    pk, pv = ba.make_preset(name, b, tk, torch.float16, dev)
-                    q = torch.randn(b, ba.HQ, 1, ba.D, device=dev, dtype=torch.float16)
-                    rk = torch.randn(b, ba.HKV, ba.RESIDUAL, ba.D, device=dev, dtype=torch.float16)
-                    rv = torch.randn_like(rk)
-                    return lambda: fused_decode_attention(q, pk, pv, None, None, rk, rv, scale, None, cfg)
-
                 try:
-                    ms = ba.graph_ms(fused_call, nbytes)
+                    ms = ba.graph_ms(ba.fused_maker(name, b, tk, dev, VARIANTS[vname]), nbytes)
                 except Exception as e:  # noqa: BLE001
                     print(f"time {name} {vname}: {type(e).__name__}: {str(e)[-300:]}")
                     ms = None
