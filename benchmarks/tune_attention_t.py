@@ -10,7 +10,7 @@ launch configurations of the transposed kernel, for kivi-2 and kivi-4. Writes JS
 and prints a table last.
 
 Usage: ``PYTHONPATH=src python benchmarks/tune_attention_t.py --out $OUT [--presets kivi-2 polar-rope-3]
-[--variants classic t-n32] [--shapes 32x32768] [--name FILE.json]``
+[--variants classic t-n32] [--check-variants policy] [--shapes 32x32768] [--name FILE.json]``
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # sixth session: register caps under the one-wave split policy (programs per SM from the compiled kernel)
     "t-s3-r168": LaunchConfig(max_registers=168),
     "t-s3-r144": LaunchConfig(max_registers=144),
+    # seventh session: every load of the loop asynchronous or read a block ahead; which register budget now
+    "t-s3-r255": LaunchConfig(max_registers=255),  # no cap: programs per SM from the compiled kernel
+    "t-s3-r128": LaunchConfig(max_registers=128),  # 16 programs per SM
 }
 
 
@@ -132,22 +135,26 @@ def main():
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--presets", nargs="+", default=["kivi-2", "kivi-4"], help="presets of bench_attention.PRESETS")
     ap.add_argument("--name", default="attention_transposed_h100.json", help="JSON file name under --out")
+    ap.add_argument("--check-variants", nargs="+", default=None,
+                    help="variants to check against the reference (default: all timed; register caps do not change results)")
     ap.add_argument("--shapes", nargs="+", default=["1x4096", "1x32768", "1x131072", "8x4096", "8x32768", "32x4096", "32x32768"])
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
     t0 = time.time()
     props = torch.cuda.get_device_properties(dev)
-    checks = ba.check_correctness(dev) + check_variants(dev, args.presets, args.variants)
+    checks = ba.check_correctness(dev) + check_variants(dev, args.presets, args.check_variants or args.variants)
     copy_gbs = ba.copy_bandwidth(dev)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
-    rows = time_all(dev, shapes, copy_gbs, args.variants, args.presets)
     os.makedirs(args.out, exist_ok=True)
-    meta = {"gpu": props.name, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "variants": {k: dataclasses.asdict(v) for k, v in VARIANTS.items()}, "copy_gb_per_s": copy_gbs,
-            "elapsed_s": time.time() - t0}
-    with open(os.path.join(args.out, args.name), "w") as f:
-        json.dump({"meta": meta, "checks": checks, "results": rows}, f, indent=1)
+    rows = []
+    for shape in shapes:  # (written after every shape: a cut-off run keeps what it measured)
+        rows += time_all(dev, [shape], copy_gbs, args.variants, args.presets)
+        meta = {"gpu": props.name, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "variants": {k: dataclasses.asdict(v) for k, v in VARIANTS.items()}, "copy_gb_per_s": copy_gbs,
+                "elapsed_s": time.time() - t0}
+        with open(os.path.join(args.out, args.name), "w") as f:
+            json.dump({"meta": meta, "checks": checks, "results": rows}, f, indent=1)
     print(f"\n{props.name} copy {copy_gbs:.0f} GB/s, {time.time() - t0:.0f} s; checks ok: {all(c['ok'] for c in checks)}")
     for c in checks:
         if not c["ok"]:

@@ -613,6 +613,25 @@ def _code_units(op: _Operand) -> tuple[torch.Tensor, int, int, bool]:
     return op.data, ub, u, False
 
 
+def _meta_words(op: _Operand, query: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """(metadata tensors, as int32 words) of KIVI values for the transposed kernel: two 16-bit
+    per-(token, group) values per int32 word where the layout allows (an even number of groups per
+    token, 16-bit metadata of the query's dtype, float16 under the interpreter, which has no bfloat16
+    bitcasts). Loads of 32-bit elements are what Triton's pipeliner copies asynchronously, stages
+    ahead; 16-bit gathers stay in the loop (then read one block ahead into registers instead)."""
+    groups = op.meta[0].shape[-1]
+    wanted = query.dtype if not _interpreting() else torch.float16
+    if op.fmt != _FMT_KIVI or groups % 2 or any(m.dtype != wanted for m in op.meta):
+        return op.meta, False
+    try:
+        words = tuple(m.view(torch.int32) for m in op.meta)
+    except RuntimeError:  # storage offset or strides not whole words
+        return op.meta, False
+    if words[0].stride() != words[1].stride():
+        return op.meta, False
+    return words, True
+
+
 def _turbo_tables(op: _Operand, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 codebook, ``turbo_parts.lut_words`` of it in the query's dtype) of turbo codes; any
     tensors for other formats (pointer slots the kernel does not read)."""
@@ -677,7 +696,8 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
     k_book, k_lut = _turbo_tables(k_op, query)
     v_book, v_lut = _turbo_tables(v_op, query)
     km = k_op.meta + (query,) * (4 - len(k_op.meta))
-    vm = v_op.meta + (query,) * (2 - len(v_op.meta))
+    v_meta, v_meta_words = _meta_words(v_op, query)
+    vm = v_meta + (query,) * (2 - len(v_meta))
     k_tab = k_op.tables[:2] if k_op.fmt == formats.FMT_POLAR_RECURSIVE else (query, query)
     v_tab = v_op.tables[:2] if v_op.fmt == formats.FMT_POLAR_RECURSIVE else (query, query)
     mask_t = mask if mask is not None else query
@@ -688,7 +708,7 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
     args = (
         query, *query.stride()[:3],
         k_data, *k_data.stride()[:3], *km, *k_op.meta[0].stride()[:3],
-        v_data, *v_data.stride()[:3], *vm, *v_op.meta[0].stride()[:3],
+        v_data, *v_data.stride()[:3], *vm, *v_meta[0].stride()[:3],
         mask_t, *mask_strides,
         part_max, part_sum, part_acc,
         k_op.tokens, offset, blocks_per_split, base, total_splits, hkv,
@@ -696,6 +716,7 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
     )
     kwargs = dict(
         D=d, GQA=gqa, TQ=tq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS_CONST=blocks_per_split if _interpreting() else 0,
+        VAL_META_WORDS=v_meta_words,
         KEY_FMT=k_op.fmt, KEY_BITS=k_op.bits, KEY_UB=k_ub, KEY_U=k_u, KEY_NU=k_nu, KEY_WORDS=k_words,
         KEY_GROUP=k_op.group, ANGLE_BITS=k_op.angle_bits, PAIR_HALF=k_op.pair_half,
         VAL_BITS=v_op.bits, VAL_U=v_u, VAL_GROUP=v_op.group,
@@ -792,6 +813,7 @@ if triton is not None:
     from kvpolar.kernels.polar_pairs import pair_channels as _pair_channels
     from kvpolar.kernels.polar_pairs import query_pairs_t as _polar_query_t
     from kvpolar.kernels.polar_pairs import scores_t as _polar_key_scores_t
+    from kvpolar.kernels.polar_pairs import split4 as _split4
     from kvpolar.kernels.polar_pairs import unit_words as _unit_words
     from kvpolar.kernels import polar_recursive_parts as _pr
     from kvpolar.kernels import turbo_parts as _tq
@@ -1121,21 +1143,51 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _key_part_t(s_t, bias, q_t, word, meta_ptr0, meta_ptr1, K: tl.constexpr, U: tl.constexpr,
-                    BITS: tl.constexpr, NU: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr,
+    def _unit_parts(x, U: tl.constexpr):
+        """Columns of ``x`` ``[NU, U]`` (U in 1, 2, 4) as four ``[NU]`` tensors (repeated where U < 4):
+        the code positions of a packed unit, from one contiguous load of a row of metadata."""
+        if U == 4:
+            x0, x1, x2, x3 = _split4(x)
+        elif U == 2:
+            x0, x1 = tl.split(x)
+            x2 = x0
+            x3 = x1
+        else:
+            x0 = tl.reshape(x, [x.shape[0]])
+            x1 = x0
+            x2 = x0
+            x3 = x0
+        return x0, x1, x2, x3
+
+    @triton.jit
+    def _key_part_t(s_t, bias, q_t, word, k_scale, k_min, K: tl.constexpr,
+                    BITS: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr,
                     OFFSET: tl.constexpr, PREC: tl.constexpr):
         """Transposed scores of code ``K`` of every packed byte (channels ``u * U + K``):
         ``s_t [BN, BM] += codes_K [BN, NU] @ (q_K * scale)^T [NU, BM]``, the codes as the register
         (A) operand of the product; ``bias [NU, BM] += q_K * min - OFFSET * q_K * scale`` (summed
-        over the channels once per block by the caller)."""
-        ch = tl.arange(0, NU) * U + K
-        k_scale = tl.load(meta_ptr0 + ch).to(DT)
-        k_min = tl.load(meta_ptr1 + ch).to(tl.float32)
+        over the channels once per block by the caller). ``k_scale`` / ``k_min``: the group's
+        metadata at those channels, ``[NU]``."""
+        k_scale = k_scale.to(DT)
+        k_min = k_min.to(tl.float32)
         q_scaled = q_t * k_scale[:, None]  # (DT x DT: the exact product rounded once, as via float32)
         codes = _byte_codes(word, K, BITS, DT, NATIVE)
         s_t = tl.dot(codes, q_scaled, s_t, input_precision=PREC)
         bias += q_t.to(tl.float32) * k_min[:, None] - OFFSET * q_scaled.to(tl.float32)
         return s_t, bias
+
+    @triton.jit
+    def _word_halves(words, shift, DT: tl.constexpr):
+        """The 16-bit values of ``DT`` (float16 / bfloat16) at bit ``shift`` (0 or 16) of int32 ``words``."""
+        return ((words >> shift) & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
+
+    @triton.jit
+    def _group_units(meta, NU: tl.constexpr):
+        """Per-(group, token) metadata ``[NG, BN]`` as ``[NU, BN]`` per packed unit: the units of a
+        group are consecutive (unit ``u`` of ``NU`` is in group ``u // (NU / NG)``)."""
+        ng: tl.constexpr = meta.shape[0]
+        bn: tl.constexpr = meta.shape[1]
+        return tl.reshape(tl.broadcast_to(meta[:, None, :], [ng, NU // ng, bn]), [NU, bn])
 
     @triton.jit
     def _value_part_t(acc_t, p_t, word_t, v_scale_t, v_min_t, alpha, K: tl.constexpr, BITS: tl.constexpr,
@@ -1163,7 +1215,7 @@ if triton is not None:
         HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr,
         VAL_FMT: tl.constexpr, kcos, ksin, vcos, vsin, PR_KEY_JOIN: tl.constexpr, PR_VALUE_JOIN: tl.constexpr,
-        VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, klut, vbook, vlut,
+        VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, klut, vbook, vlut, VAL_META_WORDS: tl.constexpr,
     ):
         """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
         ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -1261,11 +1313,47 @@ if triton is not None:
             vlv2 = _pr.level_values(vcos, vsin, _pr.ENTRY_L2)
             vlv3 = _pr.level_values(vcos, vsin, _pr.ENTRY_L3)
             vlv4 = _pr.level_values(vcos, vsin, _pr.ENTRY_L4)
-        v_unit_group = ((uv * VAL_U) // VAL_GROUP)[:, None]
+        # Per-token metadata is read one block ahead into registers: loads that do not feed a product, or
+        # gather 16-bit values, are left in the loop by Triton's pipeliner, their latency waited for
+        # in every block (turbo factors; KIVI value scale / min, read as [groups, BN] and broadcast to
+        # the units of each group in registers).
+        KIVI_VALUES: tl.constexpr = VAL_FMT != 3 and VAL_FMT != 6
+        NGV: tl.constexpr = D // VAL_GROUP if KIVI_VALUES else 1  # value groups per token
+        first = start + tl.arange(0, BLOCK_N)
+        if KEY_FMT == 3:
+            k_factor_next = tl.load(km0 + km_base + first * skm_g, mask=first < n_tokens, other=0.0)
+        if VAL_FMT == 3:
+            v_factor_next = tl.load(vm0 + vm_base + first * svm_t, mask=first < n_tokens, other=0.0)
+        if KIVI_VALUES and VAL_META_WORDS:  # int32 words of two groups: copied asynchronously by the pipeliner
+            v_groups = vm_base + (tl.arange(0, NGV) // 2)[:, None]
+            v_half = ((tl.arange(0, NGV) % 2) * 16)[:, None]
+        elif KIVI_VALUES:
+            v_groups = vm_base + tl.arange(0, NGV)[:, None]
+            v_scale_next = tl.load(vm0 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :], other=0.0)
+            v_min_next = tl.load(vm1 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :], other=0.0)
         for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
             n0 = start + i * BLOCK_N
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < n_tokens
+            ahead = offs_n + BLOCK_N  # the next block's tokens (the next split's first, at the end: still valid)
+            if KEY_FMT == 3:
+                k_factor = k_factor_next.to(tl.float32)
+                k_factor_next = tl.load(km0 + km_base + ahead * skm_g, mask=ahead < n_tokens, other=0.0)
+            if VAL_FMT == 3:
+                v_factor = v_factor_next.to(tl.float32)
+                v_factor_next = tl.load(vm0 + vm_base + ahead * svm_t, mask=ahead < n_tokens, other=0.0)
+            if KIVI_VALUES and VAL_META_WORDS:
+                v_scale = _group_units(_word_halves(tl.load(vm0 + v_groups + offs_n[None, :] * svm_t,
+                                                            mask=n_ok[None, :], other=0), v_half, DT), NUV)
+                v_min = _group_units(_word_halves(tl.load(vm1 + v_groups + offs_n[None, :] * svm_t,
+                                                          mask=n_ok[None, :], other=0), v_half, DT), NUV)
+            elif KIVI_VALUES:
+                v_scale = _group_units(v_scale_next.to(DT), NUV)
+                v_min = _group_units(v_min_next.to(DT), NUV)
+                v_scale_next = tl.load(vm0 + v_groups + ahead[None, :] * svm_t, mask=(ahead < n_tokens)[None, :],
+                                       other=0.0)
+                v_min_next = tl.load(vm1 + v_groups + ahead[None, :] * svm_t, mask=(ahead < n_tokens)[None, :],
+                                     other=0.0)
             # ---- transposed scores [BN, BM]
             s_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             if KEY_FMT == 2:  # polar-rope: four parts of NUK pairs, each decoded into (x, y) in registers
@@ -1289,25 +1377,23 @@ if triton is not None:
                                        klv2, klv3, klv4, BLOCK_N, NJ, DT, PREC, NATIVE, PR_KEY_JOIN)
                 s_t = s_t * qk_scale
             elif KEY_FMT == 3:  # turbo: one product per code position, then each token's factor
-                word = _tq.load_units(k_base + offs_n[:, None] * sk_t, n_ok[:, None], uk[None, :], KEY_UB, KEY_WORDS)
+                word = _tq.load_units(k_base + offs_n[:, None] * sk_t, n_ok[:, None], uk[None, :], KEY_UB, KEY_WORDS, NUK)
                 s_t = _tq.key_scores_t(s_t, word, q0, q1, q2, q3, q4, q5, q6, q7, KEY_U, KEY_BITS, k_lut, kbook,
                                        DT, NATIVE, PREC)
-                k_factor = tl.load(km0 + km_base + offs_n * skm_g, mask=n_ok, other=0.0).to(tl.float32)
                 s_t = s_t * (k_factor * qk_scale)[:, None]
             else:  # KIVI: code K of every byte times the group-scaled query, plus q . min
                 word = tl.load(k_base + offs_n[:, None] * sk_t + uk[None, :], mask=n_ok[:, None], other=0)
-                meta = km_base + (n0 // KEY_GROUP) * skm_g
+                meta = km_base + (n0 // KEY_GROUP) * skm_g + (uk * KEY_U)[:, None] + tl.arange(0, KEY_U)[None, :]
+                meta_ok = ((uk * 0 + n0) < n_tokens)[:, None]  # (surplus blocks of a short last split read none)
+                sc0, sc1, sc2, sc3 = _unit_parts(tl.load(km0 + meta, mask=meta_ok, other=0.0), KEY_U)  # one row each,
+                mn0, mn1, mn2, mn3 = _unit_parts(tl.load(km1 + meta, mask=meta_ok, other=0.0), KEY_U)  # then by parts
                 bias = tl.zeros([NUK, BLOCK_M], tl.float32)
-                s_t, bias = _key_part_t(s_t, bias, q0, word, km0 + meta, km1 + meta, 0, KEY_U, KEY_BITS, NUK, DT,
-                                        NATIVE, KEY_OFFSET, PREC)
+                s_t, bias = _key_part_t(s_t, bias, q0, word, sc0, mn0, 0, KEY_BITS, DT, NATIVE, KEY_OFFSET, PREC)
                 if KEY_U >= 2:
-                    s_t, bias = _key_part_t(s_t, bias, q1, word, km0 + meta, km1 + meta, 1, KEY_U, KEY_BITS, NUK, DT,
-                                            NATIVE, KEY_OFFSET, PREC)
+                    s_t, bias = _key_part_t(s_t, bias, q1, word, sc1, mn1, 1, KEY_BITS, DT, NATIVE, KEY_OFFSET, PREC)
                 if KEY_U >= 4:
-                    s_t, bias = _key_part_t(s_t, bias, q2, word, km0 + meta, km1 + meta, 2, KEY_U, KEY_BITS, NUK, DT,
-                                            NATIVE, KEY_OFFSET, PREC)
-                    s_t, bias = _key_part_t(s_t, bias, q3, word, km0 + meta, km1 + meta, 3, KEY_U, KEY_BITS, NUK, DT,
-                                            NATIVE, KEY_OFFSET, PREC)
+                    s_t, bias = _key_part_t(s_t, bias, q2, word, sc2, mn2, 2, KEY_BITS, DT, NATIVE, KEY_OFFSET, PREC)
+                    s_t, bias = _key_part_t(s_t, bias, q3, word, sc3, mn3, 3, KEY_BITS, DT, NATIVE, KEY_OFFSET, PREC)
                 s_t = (s_t + tl.sum(bias, axis=0)[None, :]) * qk_scale
             # ---- online softmax over axis 0 (tokens)
             keep = n_ok[:, None] & row_ok[None, :]
@@ -1336,17 +1422,13 @@ if triton is not None:
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, radius_v, vw1, vb2, vb3, vc4, odd_v, p_t, alpha,
                     vlv2, vlv3, vlv4, BLOCK_N, NJ, DT, PREC, NATIVE, PR_VALUE_JOIN)
             elif VAL_FMT == 3:  # ---- values, turbo: [NUV, BN] units, each token's factor on its probabilities
-                word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS)
-                v_factor = tl.load(vm0 + vm_base + offs_n * svm_t, mask=n_ok, other=0.0).to(tl.float32)
+                word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS, NUV)
                 p_v = (p * v_factor[:, None]).to(DT)
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _tq.value_parts_t(
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, word_t, p_v, alpha, VAL_U, VAL_BITS, v_lut, vbook,
                     DT, NATIVE, PREC)
             else:  # ---- values, KIVI transposed: [NUV, BN] packed units and per-(unit, token) scale / min
-                word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS)
-                vmeta = vm_base + offs_n[None, :] * svm_t + v_unit_group
-                v_scale = tl.load(vm0 + vmeta, mask=n_ok[None, :], other=0.0).to(DT)
-                v_min = tl.load(vm1 + vmeta, mask=n_ok[None, :], other=0.0).to(DT)
+                word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS, NUV)
                 acc0 = _value_part_t(acc0, p_t, word_t, v_scale, v_min, alpha, 0, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
                 if VAL_U >= 2:
                     acc1 = _value_part_t(acc1, p_t, word_t, v_scale, v_min, alpha, 1, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)

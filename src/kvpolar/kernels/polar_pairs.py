@@ -24,29 +24,43 @@ UNIT_PAIR_BITS = (2, 4, 6, 8)
 
 def unit_words(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
     """``(tensor, unit bytes)`` to pass as the kernels' code pointer: for 8-, 6- and 4-bit pairs the
-    byte rows viewed as int32 / int16 words when the layout allows; else the bytes."""
+    byte rows viewed as words when the layout allows (8 bits: int32; 6 bits: int32 where rows are whole
+    words, else int16; 4 bits: int16); else the bytes. Loads of 32-bit elements are what Triton's
+    software pipeliner can turn into asynchronous copies, so int32 words keep the 3-byte units'
+    global-memory latency off the decode kernels' critical path."""
     ub = bits // 2
-    view = {4: torch.int32, 3: torch.int16, 2: torch.int16}.get(ub)
-    if view is not None and codes.shape[-1] % ub == 0:
-        try:
-            return codes.view(view), ub
-        except RuntimeError:  # storage offset or strides not a multiple of the word size
-            pass
+    views = {4: (torch.int32,), 3: (torch.int32, torch.int16), 2: (torch.int16,)}.get(ub, ())
+    for view in views:
+        if codes.shape[-1] % view.itemsize == 0 and codes.shape[-1] % ub == 0:
+            try:
+                return codes.view(view), ub
+            except RuntimeError:  # storage offset or strides not a multiple of the word size
+                pass
     return codes, ub
 
 
 @triton.jit
 def load_unit_words(row_ptrs, row_ok, NU: tl.constexpr, UB: tl.constexpr, WORDS: tl.constexpr):
     """``[BN, NU]`` int32 units of ``UB`` bytes from ``row_ptrs`` ``[BN, 1]`` (:func:`unit_words_at`)."""
-    return unit_words_at(row_ptrs, row_ok, tl.arange(0, NU)[None, :], UB, WORDS)
+    return unit_words_at(row_ptrs, row_ok, tl.arange(0, NU)[None, :], UB, WORDS, NU)
 
 
 @triton.jit
-def unit_words_at(row_ptrs, row_ok, u, UB: tl.constexpr, WORDS: tl.constexpr):
+def unit_words_at(row_ptrs, row_ok, u, UB: tl.constexpr, WORDS: tl.constexpr, NU_ROW: tl.constexpr = 0):
     """int32 units ``u`` of ``UB`` bytes from ``row_ptrs``, any orientation (``u`` broadcast against
-    ``row_ptrs`` / ``row_ok``): with ``WORDS`` (pointers to int32 words for UB=4, int16 for UB=2 or
-    3) one load per unit (UB=3: three per two units), else ``UB`` byte loads combined little-endian."""
-    if WORDS and UB == 3:  # int16 words: unit u = bytes 3u .. 3u+2 = halfwords 3v+p, 3v+1+p >> 8p (v = u // 2, p = u % 2)
+    ``row_ptrs`` / ``row_ok``): with ``WORDS`` (pointers to int32 words for UB=4, int16 for UB=2,
+    int32 or int16 for UB=3) one load per unit (UB=3 int32: one of a pair of words, the one holding
+    its first byte and the next, within the row of ``NU_ROW`` units; the pair keeps the units of a
+    thread apart from the tokens in Triton's layout, so a thread needs few units' metadata), else
+    ``UB`` byte loads combined little-endian. ``u`` and ``row_ptrs`` are 2-D."""
+    if WORDS and UB == 3 and row_ptrs.dtype.element_ty == tl.int32:  # int32 words: bytes 3u .. 3u+2 from the
+        at = ((3 * u) // 4)[:, :, None] + tl.arange(0, 2)[None, None, :]  # word of the first byte and the next
+        in_row = at < (3 * NU_ROW + 3) // 4  # (the row's last unit needs no next word)
+        pair = tl.load(row_ptrs[:, :, None] + at, mask=row_ok[:, :, None] & in_row, other=0)
+        first, second = tl.split(pair.to(tl.uint32, bitcast=True))
+        shift = ((3 * u) % 4 * 8).to(tl.uint32)  # ((second << 8) << (24 - shift): no shift by 32 at shift 0)
+        word = (((first >> shift) | ((second << 8) << (24 - shift))) & 0xFFFFFF).to(tl.int32, bitcast=True)
+    elif WORDS and UB == 3:  # int16 words: unit u = bytes 3u .. 3u+2 = halfwords 3v+p, 3v+1+p >> 8p (v = u // 2, p = u % 2)
         h = (u // 2) * 3 + (u % 2)
         lo = tl.load(row_ptrs + h, mask=row_ok, other=0).to(tl.int32) & 0xFFFF
         hi = tl.load(row_ptrs + h + 1, mask=row_ok, other=0).to(tl.int32)
@@ -107,14 +121,26 @@ def cos_sin(theta, FAST: tl.constexpr):
 
 
 @triton.jit
-def folded_meta(meta_rs, meta_rm, meta_as, meta_am, offs, ok):
-    """Metadata of the pairs at ``offs`` folded for :func:`pair_xy`: ``(128 rs, r_min - 128 rs,
-    128 as, a_min - 128 as)`` float32 ``[1, n]``."""
-    rs = tl.load(meta_rs + offs, mask=ok, other=0.0).to(tl.float32)
-    rm = tl.load(meta_rm + offs, mask=ok, other=0.0).to(tl.float32)
-    a_s = tl.load(meta_as + offs, mask=ok, other=0.0).to(tl.float32)
-    am = tl.load(meta_am + offs, mask=ok, other=0.0).to(tl.float32)
-    return (128.0 * rs)[None, :], (rm - 128.0 * rs)[None, :], (128.0 * a_s)[None, :], (am - 128.0 * a_s)[None, :]
+def split4(x):
+    """Columns 0..3 of ``x`` ``[n, 4]``: four ``[n]`` tensors."""
+    even, odd = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))  # columns (0, 2) and (1, 3)
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def folded_meta(meta_rs, meta_rm, meta_as, meta_am, uk, ok):
+    """Metadata of the pairs of units ``uk`` (``arange(NU)``) folded for :func:`pair_xy`: ``(128 rs,
+    r_min - 128 rs, 128 as, a_min - 128 as)``, float32 ``[NU, 4]`` each (pair ``4 u + K`` at ``[u, K]``).
+    Each field is one contiguous load of ``4 NU`` values (which Triton's pipeliner can copy
+    asynchronously, stages ahead), split into the parts by :func:`split4`; ``ok`` ``[NU]``."""
+    offs = (uk * 4)[:, None] + tl.arange(0, 4)[None, :]
+    rs = tl.load(meta_rs + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    rm = tl.load(meta_rm + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    a_s = tl.load(meta_as + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    am = tl.load(meta_am + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    return 128.0 * rs, rm - 128.0 * rs, 128.0 * a_s, am - 128.0 * a_s
 
 
 @triton.jit
@@ -142,15 +168,12 @@ def query_pairs_t(q_rows, row_ok, uk, K: tl.constexpr, D: tl.constexpr, PAIR_HAL
 
 
 @triton.jit
-def scores_part_t(s_t, word, qx, qy, m_rs, m_rm, m_as, m_am, meta_ok, uk, K: tl.constexpr,
-                  BITS: tl.constexpr, AB: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr,
-                  PREC: tl.constexpr):
+def scores_part_t(s_t, word, qx, qy, r_mul, r_add, a_mul, a_add, K: tl.constexpr, BITS: tl.constexpr,
+                  AB: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
     """``s_t [BN, BM] += X_K [BN, NU] @ qx_K + Y_K @ qy_K`` for pairs ``4 u + K``: the key pair
-    coordinates decoded in registers (:func:`pair_xy`) are the A operands of the products. ``m_*``:
-    pointers to the group's radius scale / min and angle scale / min rows."""
-    offs = uk * 4 + K
-    r_mul, r_add, a_mul, a_add = folded_meta(m_rs, m_rm, m_as, m_am, offs, meta_ok)
-    x, y = pair_xy(word, r_mul, r_add, a_mul, a_add, K, BITS, AB, FAST)
+    coordinates decoded in registers (:func:`pair_xy`) are the A operands of the products.
+    ``r_mul`` .. ``a_add``: part ``K`` of :func:`folded_meta`, ``[NU]``."""
+    x, y = pair_xy(word, r_mul[None, :], r_add[None, :], a_mul[None, :], a_add[None, :], K, BITS, AB, FAST)
     s_t = tl.dot(x.to(DT), qx, s_t, input_precision=PREC)
     return tl.dot(y.to(DT), qy, s_t, input_precision=PREC)
 
@@ -159,8 +182,15 @@ def scores_part_t(s_t, word, qx, qy, m_rs, m_rm, m_as, m_am, meta_ok, uk, K: tl.
 def scores_t(s_t, word, qx0, qy0, qx1, qy1, qx2, qy2, qx3, qy3, m_rs, m_rm, m_as, m_am, meta_ok, uk,
              BITS: tl.constexpr, AB: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
     """``s_t [BN, BM]`` plus the scores of all four parts of ``word`` (:func:`scores_part_t` for parts
-    0..3, the query split by :func:`query_pairs_t`)."""
-    s_t = scores_part_t(s_t, word, qx0, qy0, m_rs, m_rm, m_as, m_am, meta_ok, uk, 0, BITS, AB, DT, FAST, PREC)
-    s_t = scores_part_t(s_t, word, qx1, qy1, m_rs, m_rm, m_as, m_am, meta_ok, uk, 1, BITS, AB, DT, FAST, PREC)
-    s_t = scores_part_t(s_t, word, qx2, qy2, m_rs, m_rm, m_as, m_am, meta_ok, uk, 2, BITS, AB, DT, FAST, PREC)
-    return scores_part_t(s_t, word, qx3, qy3, m_rs, m_rm, m_as, m_am, meta_ok, uk, 3, BITS, AB, DT, FAST, PREC)
+    0..3, the query split by :func:`query_pairs_t`). ``m_*``: pointers to the group's radius scale /
+    min and angle scale / min rows; ``meta_ok`` ``[NU]``: whether the block has tokens (a short last
+    split's surplus blocks read no metadata)."""
+    r_mul, r_add, a_mul, a_add = folded_meta(m_rs, m_rm, m_as, m_am, uk, meta_ok)
+    rm0, rm1, rm2, rm3 = split4(r_mul)
+    ra0, ra1, ra2, ra3 = split4(r_add)
+    am0, am1, am2, am3 = split4(a_mul)
+    aa0, aa1, aa2, aa3 = split4(a_add)
+    s_t = scores_part_t(s_t, word, qx0, qy0, rm0, ra0, am0, aa0, 0, BITS, AB, DT, FAST, PREC)
+    s_t = scores_part_t(s_t, word, qx1, qy1, rm1, ra1, am1, aa1, 1, BITS, AB, DT, FAST, PREC)
+    s_t = scores_part_t(s_t, word, qx2, qy2, rm2, ra2, am2, aa2, 2, BITS, AB, DT, FAST, PREC)
+    return scores_part_t(s_t, word, qx3, qy3, rm3, ra3, am3, aa3, 3, BITS, AB, DT, FAST, PREC)

@@ -1,0 +1,109 @@
+"""Compile the transposed decode-attention kernel exactly as ``fused_decode_attention`` would launch
+it on an H100 for a cache preset, on a machine without a GPU, and report what limits its main loop.
+
+Costs no device time. The packed cache is built on the CPU (``bench_attention.make_preset``), the
+launch plan and arguments come from the library's own code (``_packed_plan``, ``_split_t_arguments``)
+with the GPU's view of the world (132 SMs, compiled kernels, no interpreter), and Triton's own
+argument binder decides the specialization (16-byte alignment, integers equal to 1 or divisible by
+16), so the compiled kernel is the one the GPU would run. Reported per preset:
+
+- registers, spills, shared memory (``cuobjdump``);
+- the main loop's SASS instruction count and mix;
+- the loads inside the loop: how many Triton's software pipeliner turned into asynchronous copies
+  (issued stages ahead, their latency hidden), how many the kernel reads one block ahead itself,
+  and how many are plain loads used where they are issued (each one's global-memory latency is
+  waited for in every iteration).
+
+Usage: ``PYTHONPATH=src python benchmarks/inspect_preset_kernel.py kivi-2 polar-rope-3 turbo-3
+[--batch 32] [--tokens 32768] [--max-registers N] [--stages N] [--dtype bfloat16] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from unittest import mock
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from bench_attention import HQ, D, make_preset
+from inspect_attention_sass import report
+from kvpolar.kernels import decode_attention as mod
+
+H100 = GPUTarget("cuda", 90, 32)
+H100_SMS = 132
+
+
+def loop_loads(ttgir: str) -> tuple[int, int, int]:
+    """(asynchronous copies, plain loads read one iteration ahead, plain loads used in the iteration
+    that issues them) inside the main ``scf.for`` loop of ``ttgir``. A load "read ahead" is one whose
+    result is carried to the next iteration (``scf.yield``): its latency is hidden behind a block."""
+    body = ttgir[ttgir.index("scf.for"):]
+    plain = re.findall(r"(%[\w.]+) = tt\.load ", body)
+    yields = " ".join(re.findall(r"scf\.yield ([^:]*)", body))
+    ahead = sum(re.search(re.escape(name) + r"\b", yields) is not None for name in plain)
+    return body.count("ttg.async_copy_global_to_local"), ahead, len(plain) - ahead
+
+
+def compile_preset(name: str, batch: int, tokens: int, cfg: mod.LaunchConfig | None = None,
+                   dtype: torch.dtype = torch.float16):
+    """(compiled kernel, launch plan) of the packed part of preset ``name`` at ``batch`` x ``tokens``
+    (32 query heads, 8 KV heads, head dim 128, ``dtype``, one query token), as on an H100."""
+    keys, values = make_preset(name, batch, tokens, dtype, "cpu")
+    query = torch.randn(batch, HQ, 1, D, dtype=dtype)
+    scale = D ** -0.5
+    with mock.patch.object(mod, "_interpreting", lambda: False), \
+            mock.patch.object(mod, "_device_sms", lambda device: H100_SMS), \
+            mock.patch.object(mod, "_transposed_residency", lambda *a, **k: None):
+        q = mod._packed_query(query, mod.formats.rotation_matrix(keys))
+        plan = mod._packed_plan(q, keys, values, None, scale, cfg or mod.LaunchConfig())
+        if not plan.transposed:
+            raise SystemExit(f"{name}: the classic kernel takes this cache (this tool inspects the transposed one)")
+        scratch = torch.empty(1, dtype=torch.float32)
+        args, kwargs = mod._split_t_arguments(q, plan.k_op, plan.v_op, None, 0, plan.per_split // plan.block_n, 0,
+                                              plan.splits, scratch, scratch, scratch, scale, HQ // keys.shape[1],
+                                              plan.block_n, plan.config)
+    kernel = mod._split_kernel_t
+    backend = make_backend(H100)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=H100, options=options.__dict__)
+    return compiled, plan
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("presets", nargs="+")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--max-registers", type=int, default=None, help="LaunchConfig.max_registers (default: the policy)")
+    ap.add_argument("--stages", type=int, default=None, help="LaunchConfig.transposed_stages (default: the library's)")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    ap.add_argument("--out", default=None, help="where to keep cubin/SASS/TTGIR (default: a temporary folder)")
+    args = ap.parse_args()
+    out = args.out or tempfile.mkdtemp(prefix="kvpolar-preset-sass-")
+    os.makedirs(out, exist_ok=True)
+    cfg = mod.LaunchConfig(max_registers=args.max_registers)
+    if args.stages is not None:
+        cfg = mod.dataclasses.replace(cfg, transposed_stages=args.stages)
+    for name in args.presets:
+        compiled, plan = compile_preset(name, args.batch, args.tokens, cfg, getattr(torch, args.dtype))
+        with open(os.path.join(out, f"{name}.ttgir"), "w") as f:
+            f.write(compiled.asm["ttgir"])
+        copies, ahead, plain = loop_loads(compiled.asm["ttgir"])
+        cap = plan.config.max_registers
+        print(report(compiled, name, out))
+        print(f"  block_n {plan.block_n}, register cap {cap}, loop loads: {copies} asynchronous copies, "
+              f"{ahead} read one block ahead, {plain} waited for in their block")
+    print(f"(cubin, SASS and TTGIR in {out})")
+
+
+if __name__ == "__main__":
+    main()
