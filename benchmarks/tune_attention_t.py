@@ -62,6 +62,9 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # seventh session: every load of the loop asynchronous or read a block ahead; which register budget now
     "t-s3-r255": LaunchConfig(max_registers=255),  # no cap: programs per SM from the compiled kernel
     "t-s3-r128": LaunchConfig(max_registers=128),  # 16 programs per SM
+    "vm-gather": LaunchConfig(value_metadata="gather"),  # KIVI value metadata gathered per unit where used
+    "vm-gather-r128": LaunchConfig(value_metadata="gather", max_registers=128),
+    "vm-ahead": LaunchConfig(value_metadata="ahead"),
 }
 
 

@@ -142,6 +142,37 @@ def test_kivi_formats(key_fmt, value_fmt):
     check(key_fmt, value_fmt, tk=45, gqa=4)
 
 
+@pytest.mark.parametrize("value_metadata", ["words", "ahead", "gather"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value_fmt", ["kivi-2-16", "kivi-4-64", "kivi-3-8"])
+def test_value_metadata_reads(value_metadata, dtype, value_fmt):
+    """The transposed kernel's three reads of KIVI value scale / min (``LaunchConfig.value_metadata``:
+    int32 words of two groups, 16-bit tiles a block ahead, per-unit gathers) against the oracle, with
+    an even and an odd number of groups per token (odd falls back from words to a block ahead), and a
+    length that leaves a short last split (the blocks read ahead past the cache end are masked)."""
+    check("kivi-2-32", value_fmt, batch=2, gqa=4, tk=83, r=3, dtype=dtype, lengths=[86, 40],
+          config=LaunchConfig(value_metadata=value_metadata))
+
+
+def test_value_metadata_modes():
+    """Which read ``_value_metadata`` picks: words where two 16-bit groups fill an int32 word of the
+    query's dtype, a block ahead otherwise, and what the config asks for."""
+    from kvpolar.kernels import decode_attention as da
+
+    v = torch.randn(1, 1, 5, D)
+    q16 = torch.randn(1, 4, 1, D, dtype=torch.float16)
+    even = da._value_operand(make_values("kivi-2-16", v.half())[1])
+    odd = da._value_operand(make_values(f"kivi-2-{D}", v.half())[1])
+    meta, mode = da._value_metadata(even, q16, LaunchConfig())
+    assert mode == 2 and meta[0].dtype == torch.int32 and meta[0].shape[-1] == D // 32
+    assert da._value_metadata(odd, q16, LaunchConfig())[1] == 1
+    assert da._value_metadata(even, q16, LaunchConfig(value_metadata="ahead"))[1] == 1
+    meta, mode = da._value_metadata(even, q16, LaunchConfig(value_metadata="gather"))
+    assert mode == 0 and meta[0].dtype == torch.float16
+    with pytest.raises(ValueError, match="value_metadata='later'"):
+        LaunchConfig(value_metadata="later")
+
+
 @pytest.mark.parametrize("tk", [1, 16, 33, 70])
 def test_lengths_off_the_block_and_group(tk):
     check("kivi-2-32", "kivi-2-32", tk=tk, gqa=1)

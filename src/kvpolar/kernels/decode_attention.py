@@ -242,6 +242,11 @@ class LaunchConfig:
     transposed_min_rows: caches of fewer packed (sequence, KV head, token) rows take the classic
         kernel, whose shorter per-split latency wins there (H100, 8 KV heads: batch 1 at 4k and 8k
         tokens; see ``_use_transposed``). Turbo keys or values take the transposed kernel at every size.
+    value_metadata: how the transposed kernel reads KIVI values' per-(token, group) scale and minimum:
+        "words" (int32 words of two groups, copied ahead by Triton's pipeliner), "ahead" (16-bit tiles
+        read one block ahead into registers), "gather" (per packed unit where used: the fewest
+        registers, its latency waited for in every block); None = the measured policy of
+        ``transposed_tuning``.
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     """
@@ -260,6 +265,7 @@ class LaunchConfig:
     transposed_stages: int = 3
     max_registers: int | None = None
     transposed_min_rows: int = 1 << 16
+    value_metadata: str | None = None
 
     def __post_init__(self) -> None:
         if not (_pow2(self.block_n) and self.block_n >= 16):
@@ -274,6 +280,8 @@ class LaunchConfig:
             raise ValueError(f"max_registers={self.max_registers} (allowed: None or 24..255)")
         if self.transposed_programs_per_sm is not None and self.transposed_programs_per_sm < 1:
             raise ValueError(f"transposed_programs_per_sm={self.transposed_programs_per_sm} (allowed: None or >= 1)")
+        if self.value_metadata not in (None, "words", "ahead", "gather"):
+            raise ValueError(f"value_metadata={self.value_metadata!r} (allowed: None, 'words', 'ahead', 'gather')")
         if self.transposed_min_rows < 0:
             raise ValueError(f"transposed_min_rows={self.transposed_min_rows} (allowed: >= 0)")
 
@@ -613,23 +621,25 @@ def _code_units(op: _Operand) -> tuple[torch.Tensor, int, int, bool]:
     return op.data, ub, u, False
 
 
-def _meta_words(op: _Operand, query: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
-    """(metadata tensors, as int32 words) of KIVI values for the transposed kernel: two 16-bit
-    per-(token, group) values per int32 word where the layout allows (an even number of groups per
-    token, 16-bit metadata of the query's dtype, float16 under the interpreter, which has no bfloat16
-    bitcasts). Loads of 32-bit elements are what Triton's pipeliner copies asynchronously, stages
-    ahead; 16-bit gathers stay in the loop (then read one block ahead into registers instead)."""
+def _value_metadata(op: _Operand, query: torch.Tensor, cfg: "LaunchConfig") -> tuple[tuple[torch.Tensor, ...], int]:
+    """(metadata tensors, ``VAL_META`` mode) of KIVI values in the transposed kernel
+    (``LaunchConfig.value_metadata``): "words" (2) views them as int32 words of two 16-bit
+    per-(token, group) values, which Triton's pipeliner copies asynchronously, stages ahead, where
+    the layout allows (an even number of groups per token, 16-bit metadata of the query's dtype,
+    float16 under the interpreter, which has no bfloat16 bitcasts), else "ahead" (1): 16-bit tiles
+    read one block ahead into registers; "gather" (0) gathers them per packed unit where used."""
+    mode = cfg.value_metadata or "words"
+    if op.fmt != _FMT_KIVI or mode == "gather":
+        return op.meta, 0
     groups = op.meta[0].shape[-1]
     wanted = query.dtype if not _interpreting() else torch.float16
-    if op.fmt != _FMT_KIVI or groups % 2 or any(m.dtype != wanted for m in op.meta):
-        return op.meta, False
+    if mode == "ahead" or groups % 2 or any(m.dtype != wanted for m in op.meta):
+        return op.meta, 1
     try:
         words = tuple(m.view(torch.int32) for m in op.meta)
     except RuntimeError:  # storage offset or strides not whole words
-        return op.meta, False
-    if words[0].stride() != words[1].stride():
-        return op.meta, False
-    return words, True
+        return op.meta, 1
+    return (words, 2) if words[0].stride() == words[1].stride() else (op.meta, 1)
 
 
 def _turbo_tables(op: _Operand, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -696,7 +706,7 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
     k_book, k_lut = _turbo_tables(k_op, query)
     v_book, v_lut = _turbo_tables(v_op, query)
     km = k_op.meta + (query,) * (4 - len(k_op.meta))
-    v_meta, v_meta_words = _meta_words(v_op, query)
+    v_meta, v_meta_mode = _value_metadata(v_op, query, cfg)
     vm = v_meta + (query,) * (2 - len(v_meta))
     k_tab = k_op.tables[:2] if k_op.fmt == formats.FMT_POLAR_RECURSIVE else (query, query)
     v_tab = v_op.tables[:2] if v_op.fmt == formats.FMT_POLAR_RECURSIVE else (query, query)
@@ -716,7 +726,7 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
     )
     kwargs = dict(
         D=d, GQA=gqa, TQ=tq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS_CONST=blocks_per_split if _interpreting() else 0,
-        VAL_META_WORDS=v_meta_words,
+        VAL_META=v_meta_mode,
         KEY_FMT=k_op.fmt, KEY_BITS=k_op.bits, KEY_UB=k_ub, KEY_U=k_u, KEY_NU=k_nu, KEY_WORDS=k_words,
         KEY_GROUP=k_op.group, ANGLE_BITS=k_op.angle_bits, PAIR_HALF=k_op.pair_half,
         VAL_BITS=v_op.bits, VAL_U=v_u, VAL_GROUP=v_op.group,
@@ -1215,7 +1225,7 @@ if triton is not None:
         HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr,
         VAL_FMT: tl.constexpr, kcos, ksin, vcos, vsin, PR_KEY_JOIN: tl.constexpr, PR_VALUE_JOIN: tl.constexpr,
-        VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, klut, vbook, vlut, VAL_META_WORDS: tl.constexpr,
+        VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, klut, vbook, vlut, VAL_META: tl.constexpr,
     ):
         """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
         ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -1313,10 +1323,12 @@ if triton is not None:
             vlv2 = _pr.level_values(vcos, vsin, _pr.ENTRY_L2)
             vlv3 = _pr.level_values(vcos, vsin, _pr.ENTRY_L3)
             vlv4 = _pr.level_values(vcos, vsin, _pr.ENTRY_L4)
-        # Per-token metadata is read one block ahead into registers: loads that do not feed a product, or
-        # gather 16-bit values, are left in the loop by Triton's pipeliner, their latency waited for
-        # in every block (turbo factors; KIVI value scale / min, read as [groups, BN] and broadcast to
-        # the units of each group in registers).
+        # Per-token metadata: loads that do not feed a product, or gather 16-bit values, are left in the
+        # loop by Triton's pipeliner, their latency waited for in every block. Turbo factors are read
+        # one block ahead into registers; KIVI value scale / min (VAL_META, ``_value_metadata``) as
+        # int32 words of two groups that the pipeliner copies ahead (2), as 16-bit [groups, BN] tiles
+        # read one block ahead (1), both broadcast to the units of each group in registers, or
+        # gathered per unit where used (0: the fewest registers).
         KIVI_VALUES: tl.constexpr = VAL_FMT != 3 and VAL_FMT != 6
         NGV: tl.constexpr = D // VAL_GROUP if KIVI_VALUES else 1  # value groups per token
         first = start + tl.arange(0, BLOCK_N)
@@ -1324,9 +1336,11 @@ if triton is not None:
             k_factor_next = tl.load(km0 + km_base + first * skm_g, mask=first < n_tokens, other=0.0)
         if VAL_FMT == 3:
             v_factor_next = tl.load(vm0 + vm_base + first * svm_t, mask=first < n_tokens, other=0.0)
-        if KIVI_VALUES and VAL_META_WORDS:  # int32 words of two groups: copied asynchronously by the pipeliner
+        if KIVI_VALUES and VAL_META == 2:  # int32 words of two groups: copied asynchronously by the pipeliner
             v_groups = vm_base + (tl.arange(0, NGV) // 2)[:, None]
             v_half = ((tl.arange(0, NGV) % 2) * 16)[:, None]
+        elif KIVI_VALUES and VAL_META == 0:  # gathered per unit where used (fewest registers, latency exposed)
+            v_groups = vm_base + ((uv * VAL_U) // VAL_GROUP)[:, None]
         elif KIVI_VALUES:
             v_groups = vm_base + tl.arange(0, NGV)[:, None]
             v_scale_next = tl.load(vm0 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :], other=0.0)
@@ -1342,7 +1356,10 @@ if triton is not None:
             if VAL_FMT == 3:
                 v_factor = v_factor_next.to(tl.float32)
                 v_factor_next = tl.load(vm0 + vm_base + ahead * svm_t, mask=ahead < n_tokens, other=0.0)
-            if KIVI_VALUES and VAL_META_WORDS:
+            if KIVI_VALUES and VAL_META == 0:
+                v_scale = tl.load(vm0 + v_groups + offs_n[None, :] * svm_t, mask=n_ok[None, :], other=0.0).to(DT)
+                v_min = tl.load(vm1 + v_groups + offs_n[None, :] * svm_t, mask=n_ok[None, :], other=0.0).to(DT)
+            elif KIVI_VALUES and VAL_META == 2:
                 v_scale = _group_units(_word_halves(tl.load(vm0 + v_groups + offs_n[None, :] * svm_t,
                                                             mask=n_ok[None, :], other=0), v_half, DT), NUV)
                 v_min = _group_units(_word_halves(tl.load(vm1 + v_groups + offs_n[None, :] * svm_t,
@@ -1377,7 +1394,7 @@ if triton is not None:
                                        klv2, klv3, klv4, BLOCK_N, NJ, DT, PREC, NATIVE, PR_KEY_JOIN)
                 s_t = s_t * qk_scale
             elif KEY_FMT == 3:  # turbo: one product per code position, then each token's factor
-                word = _tq.load_units(k_base + offs_n[:, None] * sk_t, n_ok[:, None], uk[None, :], KEY_UB, KEY_WORDS, NUK)
+                word = _tq.load_units(k_base + offs_n[:, None] * sk_t, n_ok[:, None], uk[None, :], KEY_UB, KEY_WORDS)
                 s_t = _tq.key_scores_t(s_t, word, q0, q1, q2, q3, q4, q5, q6, q7, KEY_U, KEY_BITS, k_lut, kbook,
                                        DT, NATIVE, PREC)
                 s_t = s_t * (k_factor * qk_scale)[:, None]
@@ -1422,13 +1439,13 @@ if triton is not None:
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, radius_v, vw1, vb2, vb3, vc4, odd_v, p_t, alpha,
                     vlv2, vlv3, vlv4, BLOCK_N, NJ, DT, PREC, NATIVE, PR_VALUE_JOIN)
             elif VAL_FMT == 3:  # ---- values, turbo: [NUV, BN] units, each token's factor on its probabilities
-                word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS, NUV)
+                word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS)
                 p_v = (p * v_factor[:, None]).to(DT)
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _tq.value_parts_t(
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, word_t, p_v, alpha, VAL_U, VAL_BITS, v_lut, vbook,
                     DT, NATIVE, PREC)
             else:  # ---- values, KIVI transposed: [NUV, BN] packed units and per-(unit, token) scale / min
-                word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS, NUV)
+                word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS)
                 acc0 = _value_part_t(acc0, p_t, word_t, v_scale, v_min, alpha, 0, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
                 if VAL_U >= 2:
                     acc1 = _value_part_t(acc1, p_t, word_t, v_scale, v_min, alpha, 1, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)

@@ -24,43 +24,29 @@ UNIT_PAIR_BITS = (2, 4, 6, 8)
 
 def unit_words(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
     """``(tensor, unit bytes)`` to pass as the kernels' code pointer: for 8-, 6- and 4-bit pairs the
-    byte rows viewed as words when the layout allows (8 bits: int32; 6 bits: int32 where rows are whole
-    words, else int16; 4 bits: int16); else the bytes. Loads of 32-bit elements are what Triton's
-    software pipeliner can turn into asynchronous copies, so int32 words keep the 3-byte units'
-    global-memory latency off the decode kernels' critical path."""
+    byte rows viewed as int32 / int16 words when the layout allows; else the bytes."""
     ub = bits // 2
-    views = {4: (torch.int32,), 3: (torch.int32, torch.int16), 2: (torch.int16,)}.get(ub, ())
-    for view in views:
-        if codes.shape[-1] % view.itemsize == 0 and codes.shape[-1] % ub == 0:
-            try:
-                return codes.view(view), ub
-            except RuntimeError:  # storage offset or strides not a multiple of the word size
-                pass
+    view = {4: torch.int32, 3: torch.int16, 2: torch.int16}.get(ub)
+    if view is not None and codes.shape[-1] % ub == 0:
+        try:
+            return codes.view(view), ub
+        except RuntimeError:  # storage offset or strides not a multiple of the word size
+            pass
     return codes, ub
 
 
 @triton.jit
 def load_unit_words(row_ptrs, row_ok, NU: tl.constexpr, UB: tl.constexpr, WORDS: tl.constexpr):
     """``[BN, NU]`` int32 units of ``UB`` bytes from ``row_ptrs`` ``[BN, 1]`` (:func:`unit_words_at`)."""
-    return unit_words_at(row_ptrs, row_ok, tl.arange(0, NU)[None, :], UB, WORDS, NU)
+    return unit_words_at(row_ptrs, row_ok, tl.arange(0, NU)[None, :], UB, WORDS)
 
 
 @triton.jit
-def unit_words_at(row_ptrs, row_ok, u, UB: tl.constexpr, WORDS: tl.constexpr, NU_ROW: tl.constexpr = 0):
+def unit_words_at(row_ptrs, row_ok, u, UB: tl.constexpr, WORDS: tl.constexpr):
     """int32 units ``u`` of ``UB`` bytes from ``row_ptrs``, any orientation (``u`` broadcast against
-    ``row_ptrs`` / ``row_ok``): with ``WORDS`` (pointers to int32 words for UB=4, int16 for UB=2,
-    int32 or int16 for UB=3) one load per unit (UB=3 int32: one of a pair of words, the one holding
-    its first byte and the next, within the row of ``NU_ROW`` units; the pair keeps the units of a
-    thread apart from the tokens in Triton's layout, so a thread needs few units' metadata), else
-    ``UB`` byte loads combined little-endian. ``u`` and ``row_ptrs`` are 2-D."""
-    if WORDS and UB == 3 and row_ptrs.dtype.element_ty == tl.int32:  # int32 words: bytes 3u .. 3u+2 from the
-        at = ((3 * u) // 4)[:, :, None] + tl.arange(0, 2)[None, None, :]  # word of the first byte and the next
-        in_row = at < (3 * NU_ROW + 3) // 4  # (the row's last unit needs no next word)
-        pair = tl.load(row_ptrs[:, :, None] + at, mask=row_ok[:, :, None] & in_row, other=0)
-        first, second = tl.split(pair.to(tl.uint32, bitcast=True))
-        shift = ((3 * u) % 4 * 8).to(tl.uint32)  # ((second << 8) << (24 - shift): no shift by 32 at shift 0)
-        word = (((first >> shift) | ((second << 8) << (24 - shift))) & 0xFFFFFF).to(tl.int32, bitcast=True)
-    elif WORDS and UB == 3:  # int16 words: unit u = bytes 3u .. 3u+2 = halfwords 3v+p, 3v+1+p >> 8p (v = u // 2, p = u % 2)
+    ``row_ptrs`` / ``row_ok``): with ``WORDS`` (pointers to int32 words for UB=4, int16 for UB=2 or
+    3) one load per unit (UB=3: three per two units), else ``UB`` byte loads combined little-endian."""
+    if WORDS and UB == 3:  # int16 words: unit u = bytes 3u .. 3u+2 = halfwords 3v+p, 3v+1+p >> 8p (v = u // 2, p = u % 2)
         h = (u // 2) * 3 + (u % 2)
         lo = tl.load(row_ptrs + h, mask=row_ok, other=0).to(tl.int32) & 0xFFFF
         hi = tl.load(row_ptrs + h + 1, mask=row_ok, other=0).to(tl.int32)

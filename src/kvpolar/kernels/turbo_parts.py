@@ -118,12 +118,11 @@ def load_lut(lut_ptr):
 
 
 @triton.jit
-def load_units(ptrs, ok, u, UB: tl.constexpr, WORDS: tl.constexpr, NU: tl.constexpr):
-    """Units ``u`` (``arange(NU)``, any orientation, broadcast against ``ptrs`` / ``ok``): uint8 bytes
-    for byte units, int32 words of 24 bits for 3-byte units (``WORDS``: ``ptrs`` point to int32 or
-    int16 words, :func:`kvpolar.kernels.polar_pairs.unit_words_at`)."""
+def load_units(ptrs, ok, u, UB: tl.constexpr, WORDS: tl.constexpr):
+    """Units ``u`` (any orientation, broadcast against ``ptrs`` / ``ok``): uint8 bytes for byte units,
+    int32 words of 24 bits for 3-byte units (``WORDS``: ``ptrs`` point to int16 halfwords)."""
     if UB == 3:
-        word = unit_words_at(ptrs, ok, u, 3, WORDS, NU)
+        word = unit_words_at(ptrs, ok, u, 3, WORDS)
     else:
         word = tl.load(ptrs + u, mask=ok, other=0)
     return word
