@@ -274,23 +274,27 @@ def test_launch_policy():
     assert not da._use_transposed(_operand(kivi, small, 2), values2, LaunchConfig(transposed=False))
     wave = 256 * math.ceil(12 * 132 / 64)  # tokens that give 64 pairs a wave of 12 programs per SM
     cap = da._REGISTER_CAP
-    assert da.transposed_tuning(_operand(kivi, wave, 2), values2, 64, cfg) == (12, cap)
-    assert da.transposed_tuning(_operand(kivi, wave - 1, 2), values2, 64, cfg) == (12, None)
-    assert da.transposed_tuning(_operand(kivi, 256 * 13, 2), values2, 64, cfg, sms=66) == (12, cap)
     assert da.transposed_tuning(_operand(kivi, wave, 4), values4, 64, cfg) == (12, cap)
-    assert da.transposed_tuning(_operand(kivi, wave, 2), values4, 64, cfg) == (12, cap)
+    assert da.transposed_tuning(_operand(kivi, wave - 1, 4), values4, 64, cfg) == (12, None)
+    assert da.transposed_tuning(_operand(kivi, 256 * 13, 4), values2, 64, cfg, sms=66) == (12, cap)
+    assert da.transposed_tuning(_operand(kivi, wave, 2), values2, 64, cfg) == (12, None)  # 2-bit keys: no cap
+    assert da.transposed_tuning(_operand(kivi, wave, 2), values4, 64, cfg) == (12, None)
     assert da.transposed_tuning(_operand(kivi, wave, 8), _operand(kivi, 1, 8), 64, cfg) == (12, None)
-    assert da.transposed_tuning(_operand(kivi, wave, 2), _operand(kivi, 1, 8), 64, cfg) == (12, None)
+    assert da.transposed_tuning(_operand(kivi, wave, 4), _operand(kivi, 1, 8), 64, cfg) == (12, None)
     turbo = _operand(da.formats.FMT_TURBO, wave, 4)
     assert da.transposed_tuning(turbo, turbo, 64, cfg) == (12, cap)
-    assert da.transposed_tuning(_operand(kivi, 256 * 198, 2), values2, 8, cfg) == (12, cap)  # B=1, 8 KV heads
-    assert da.transposed_tuning(_operand(kivi, 256 * 197, 2), values2, 8, cfg) == (12, None)
+    assert da.transposed_tuning(_operand(kivi, 256 * 198, 4), values2, 8, cfg) == (12, cap)  # B=1, 8 KV heads
+    assert da.transposed_tuning(_operand(kivi, 256 * 197, 4), values2, 8, cfg) == (12, None)
     recursive = _operand(da.formats.FMT_POLAR_RECURSIVE, wave, 8)
     assert da.transposed_tuning(recursive, recursive, 64, cfg) == (12, None)
     polar = _operand(da._FMT_POLAR, small, 6)
     assert da.transposed_tuning(polar, values2, 64, cfg) == (16, None)
     assert da.transposed_tuning(polar, values2, 8, cfg) == (12, None)
     assert da.transposed_tuning(polar, values4, 64, cfg) == (12, None)
+    assert da.value_metadata_policy(turbo, cfg) == "ahead"
+    assert da.value_metadata_policy(_operand(kivi, wave, 2), cfg) == "words"
+    assert da.value_metadata_policy(polar, cfg) == "words"
+    assert da.value_metadata_policy(turbo, LaunchConfig(value_metadata="gather")) == "gather"
     mine = LaunchConfig(transposed_programs_per_sm=5, max_registers=200)
     assert da.transposed_tuning(_operand(kivi, wave, 2), values2, 64, mine) == (5, 200)
 

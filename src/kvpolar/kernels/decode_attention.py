@@ -237,8 +237,8 @@ class LaunchConfig:
         every measured shape, benchmarks/README.md).
     max_registers: register cap per thread of the transposed kernel (Triton's ``maxnreg``). Fewer
         registers, more programs per SM. None = the measured policy of ``transposed_tuning``
-        (128 for 2-bit KIVI keys and values at >= 64 pairs and >= 2**21 packed rows, else the
-        compiler's choice); 255 = no cap.
+        (168 for 4-bit KIVI keys and for turbo codes where the cache fills a wave of 12 programs
+        per SM, else the compiler's choice); 255 = no cap.
     transposed_min_rows: caches of fewer packed (sequence, KV head, token) rows take the classic
         kernel, whose shorter per-split latency wins there (H100, 8 KV heads: batch 1 at 4k and 8k
         tokens; see ``_use_transposed``). Turbo keys or values take the transposed kernel at every size.
@@ -246,7 +246,7 @@ class LaunchConfig:
         "words" (int32 words of two groups, copied ahead by Triton's pipeliner), "ahead" (16-bit tiles
         read one block ahead into registers), "gather" (per packed unit where used: the fewest
         registers, its latency waited for in every block); None = the measured policy of
-        ``transposed_tuning``.
+        ``value_metadata_policy``.
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     """
@@ -483,7 +483,8 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
     split_cfg, sms = cfg, _device_sms(query.device)
     if transposed:
         pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg, sms)
-        split_cfg = dataclasses.replace(cfg, max_registers=max_registers)
+        split_cfg = dataclasses.replace(cfg, max_registers=max_registers,
+                                        value_metadata=value_metadata_policy(k_op, cfg))
         if cfg.transposed_programs_per_sm is None:  # no more than fit at once: the splits fill one wave
             resident = _transposed_residency(query, k_op, v_op, mask, 0, scale, hq // hkv, block_n, split_cfg)
             pps = min(pps, resident or pps)
@@ -511,7 +512,8 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
     return {"kernel": "transposed" if plan.transposed else "classic", "block_n": plan.block_n,
             "splits": plan.splits, "tokens_per_split": plan.per_split,
             "programs": keys.shape[0] * keys.shape[1] * plan.splits,
-            "programs_per_sm": plan.config.programs_per_sm, "max_registers": plan.config.max_registers}
+            "programs_per_sm": plan.config.programs_per_sm, "max_registers": plan.config.max_registers,
+            "value_metadata": plan.config.value_metadata if plan.transposed else None}
 
 
 #: Largest token block of polar-rope keys in the transposed kernel (H100, B=8/32 at 4k-32k: 32-token
@@ -534,9 +536,13 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
     H100 (on the GPU, ``_packed_plan`` then caps the programs per SM by what the compiled kernel
     fits on an SM, and ``choose_splits`` fills one wave of them):
 
-    - a 168-register cap (12 programs per SM) for KIVI keys of 2 or 4 bits (with KIVI values of at
-      most 4 bits) and for turbo keys or values, where the cache has the tokens to fill a wave of 12
-      programs per SM with splits of ``min_split_tokens`` (``results/registers_h100.json``,
+    - a 168-register cap (12 programs per SM) for 4-bit KIVI keys (with KIVI values of at most 4
+      bits) and for turbo keys or values, where the cache has the tokens to fill a wave of 12
+      programs per SM with splits of ``min_split_tokens``. 2-bit KIVI keys had it too until their
+      value metadata was copied ahead by the pipeliner (seventh session): since then the kernel
+      wants 245 registers and the cap spills (``results/loads_h100.json``, ``loads2_h100.json``:
+      kivi-2 uncapped vs 168, B=32/32k 2.57-2.58x vs 2.43-2.46x, B=1/128k 2.32x vs 2.15x; kivi-4
+      2.06x vs 2.13x and 1.91x vs 1.90x, so it keeps the cap). Sixth session (``results/registers_h100.json``,
       ``registers2_h100.json``, speed-up over fp16 SDPA, uncapped -> 168: kivi-2 B=32/32k 2.19x ->
       2.32x, B=8/32k 1.88x -> 2.24x, B=1/128k 1.86x -> 2.17x; kivi-4 1.69x -> 1.89x, 1.62x -> 1.77x,
       1.62x -> 1.72x; turbo-4 B=32/32k 1.37x -> 1.51x. Caches too short for that wave lose: kivi-4
@@ -550,7 +556,7 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
       ``results/attention_h100.json``, so it keeps 12; both measured before one-wave splits).
     """
     batched = programs >= _BATCH_PROGRAMS
-    capped_format = ((k_op.fmt == _FMT_KIVI and k_op.bits in (2, 4) and v_op.fmt == _FMT_KIVI and v_op.bits <= 4)
+    capped_format = ((k_op.fmt == _FMT_KIVI and k_op.bits == 4 and v_op.fmt == _FMT_KIVI and v_op.bits <= 4)
                      or formats.FMT_TURBO in (k_op.fmt, v_op.fmt))
     fills_wave = k_op.tokens >= cfg.min_split_tokens * math.ceil(12 * sms / programs)
     pps = 16 if batched and k_op.fmt == _FMT_POLAR and v_op.bits == 2 else 12
@@ -560,6 +566,18 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
     if max_registers is None and capped_format and fills_wave:
         max_registers = _REGISTER_CAP
     return pps, max_registers
+
+
+def value_metadata_policy(k_op: _Operand, cfg: LaunchConfig) -> str:
+    """How the transposed kernel reads KIVI value scale / min (``LaunchConfig.value_metadata``): the
+    config's choice where given, else a block ahead into registers with turbo keys and as int32
+    words copied ahead by the pipeliner with any other keys (H100, ``results/loads2_h100.json``,
+    speed-up over fp16 SDPA at B=32/32k and B=1/128k, words / ahead / gather: turbo-3 1.01 / 1.08 /
+    1.05x and 0.95 / 1.00 / 0.99x, turbo-k3v4 1.42 / 1.46 / 1.33x and 1.21 / 1.23 / 1.15x, kivi-2
+    2.43 / 2.34 / 2.28x at the 168-register cap, polar-rope-3 1.34 / 1.30 / 1.34x)."""
+    if cfg.value_metadata is not None:
+        return cfg.value_metadata
+    return "ahead" if k_op.fmt == formats.FMT_TURBO else "words"
 
 
 def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:
@@ -628,7 +646,7 @@ def _value_metadata(op: _Operand, query: torch.Tensor, cfg: "LaunchConfig") -> t
     the layout allows (an even number of groups per token, 16-bit metadata of the query's dtype,
     float16 under the interpreter, which has no bfloat16 bitcasts), else "ahead" (1): 16-bit tiles
     read one block ahead into registers; "gather" (0) gathers them per packed unit where used."""
-    mode = cfg.value_metadata or "words"
+    mode = cfg.value_metadata or "words"  # (``_packed_plan`` resolves None by ``value_metadata_policy``)
     if op.fmt != _FMT_KIVI or mode == "gather":
         return op.meta, 0
     groups = op.meta[0].shape[-1]
