@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import platform
+import re
 import sys
 import time
 
@@ -244,7 +245,14 @@ def check_correctness(dev):
 
 
 # ----- timing ------------------------------------------------------------------------------------------------------------
-L2_DEFEAT_BYTES = 256 << 20  # several times the H100's 50 MB L2
+L2_DEFEAT_BYTES = 256 << 20  # several times the L2 of an H100 (50 MB) or H200 (60 MB)
+
+
+def gpu_tag(device_name: str) -> str:
+    """Short lower-case model of a GPU for file names: ``'NVIDIA H100 80GB HBM3'`` -> ``'h100'``,
+    ``'NVIDIA H200'`` -> ``'h200'``; ``'gpu'`` when the name holds no model number."""
+    found = re.search(r"\b([A-Za-z]{1,2}\d{2,4})\b", device_name)
+    return found.group(1).lower() if found else "gpu"
 
 
 def median_ms(fn):
@@ -421,6 +429,8 @@ def tune(dev, copy_gbs):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default=None,
+                    help="JSON file name under --out (default attention_<gpu>.json, e.g. attention_h200.json)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768, 131072])
     ap.add_argument("--presets", nargs="+", default=[*PRESETS, *BUILT_PRESETS])
@@ -463,7 +473,7 @@ def main() -> None:
     import os
 
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "attention_h100.json")
+    path = os.path.join(args.out, args.name or f"attention_{gpu_tag(props.name)}.json")
     rows = []
     for b, t in [(None, None)] + shapes:  # (written after every shape: a cut-off run keeps what it measured)
         if b is not None:
