@@ -207,6 +207,15 @@ def test_many_splits_and_blocks():
     check("kivi-2-32", "kivi-2-32", gqa=4, tk=70, r=3, config=LaunchConfig(block_n=16, num_splits=3))
 
 
+@pytest.mark.parametrize("key_fmt", ["kivi-2-64", "kivi-4-64", "kivi-8-64"])
+def test_key_group_terms_carried_across_blocks(key_fmt):
+    """16-token blocks in 64-token key groups: the group's scaled query and score bias are computed
+    where a group starts and carried to its other blocks, also into splits that start mid-group
+    (5 splits of 32 tokens: those at 32 and 96 start inside a group) and a short last group."""
+    check(key_fmt, "kivi-2-32", batch=2, gqa=4, tk=150, r=3, lengths=[153, 70],
+          config=LaunchConfig(block_n=16, num_splits=5))
+
+
 @pytest.mark.parametrize("tk", [40, 64])
 def test_several_key_groups_per_block(tk):
     check("kivi-2-16", "kivi-3-32", gqa=4, tq=3, tk=tk, r=2, config=LaunchConfig(block_n=64, num_splits=1))

@@ -1188,21 +1188,15 @@ if triton is not None:
         return x0, x1, x2, x3
 
     @triton.jit
-    def _key_part_t(s_t, bias, q_t, word, k_scale, k_min, K: tl.constexpr,
-                    BITS: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr,
-                    OFFSET: tl.constexpr, PREC: tl.constexpr):
-        """Transposed scores of code ``K`` of every packed byte (channels ``u * U + K``):
-        ``s_t [BN, BM] += codes_K [BN, NU] @ (q_K * scale)^T [NU, BM]``, the codes as the register
-        (A) operand of the product; ``bias [NU, BM] += q_K * min - OFFSET * q_K * scale`` (summed
-        over the channels once per block by the caller). ``k_scale`` / ``k_min``: the group's
-        metadata at those channels, ``[NU]``."""
-        k_scale = k_scale.to(DT)
-        k_min = k_min.to(tl.float32)
-        q_scaled = q_t * k_scale[:, None]  # (DT x DT: the exact product rounded once, as via float32)
-        codes = _byte_codes(word, K, BITS, DT, NATIVE)
-        s_t = tl.dot(codes, q_scaled, s_t, input_precision=PREC)
-        bias += q_t.to(tl.float32) * k_min[:, None] - OFFSET * q_scaled.to(tl.float32)
-        return s_t, bias
+    def _key_group_part(q_t, k_scale, k_min, DT: tl.constexpr, OFFSET: tl.constexpr):
+        """One key group's terms for code position ``K`` of every packed byte (channels ``u * U + K``):
+        the query part scaled by the group's scale, ``(q_K * scale) [NU, BM]`` in ``DT`` (the B operand
+        of ``codes_K [BN, NU] @ (q_K * scale)``, the codes being ``code + OFFSET``), and the per-unit
+        bias ``q_K * min - OFFSET * (q_K * scale)`` ``[NU, BM]`` float32, which the caller sums over
+        the units and adds to every token's score. ``k_scale`` / ``k_min``: ``[NU]``."""
+        q_scaled = q_t * k_scale.to(DT)[:, None]  # (DT x DT: the exact product rounded once, as via float32)
+        bias = q_t.to(tl.float32) * k_min.to(tl.float32)[:, None] - OFFSET * q_scaled.to(tl.float32)
+        return q_scaled, bias
 
     @triton.jit
     def _word_halves(words, shift, DT: tl.constexpr):
@@ -1313,6 +1307,13 @@ if triton is not None:
             if KEY_U >= 4:
                 q2 = tl.load(q_rows[None, :] + (uk * KEY_U + 2)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
                 q3 = tl.load(q_rows[None, :] + (uk * KEY_U + 3)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
+            # The key group's scaled query parts and score bias, carried from block to block and
+            # recomputed only where a group starts (once per KEY_GROUP // BLOCK_N blocks).
+            qs0 = q0
+            qs1 = q1
+            qs2 = q2
+            qs3 = q3
+            k_bias = tl.zeros([BLOCK_M], tl.float32)
 
         k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
         v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
@@ -1420,16 +1421,27 @@ if triton is not None:
                 word = tl.load(k_base + offs_n[:, None] * sk_t + uk[None, :], mask=n_ok[:, None], other=0)
                 meta = km_base + (n0 // KEY_GROUP) * skm_g + (uk * KEY_U)[:, None] + tl.arange(0, KEY_U)[None, :]
                 meta_ok = ((uk * 0 + n0) < n_tokens)[:, None]  # (surplus blocks of a short last split read none)
-                sc0, sc1, sc2, sc3 = _unit_parts(tl.load(km0 + meta, mask=meta_ok, other=0.0), KEY_U)  # one row each,
-                mn0, mn1, mn2, mn3 = _unit_parts(tl.load(km1 + meta, mask=meta_ok, other=0.0), KEY_U)  # then by parts
-                bias = tl.zeros([NUK, BLOCK_M], tl.float32)
-                s_t, bias = _key_part_t(s_t, bias, q0, word, sc0, mn0, 0, KEY_BITS, DT, NATIVE, KEY_OFFSET, PREC)
+                k_scale_row = tl.load(km0 + meta, mask=meta_ok, other=0.0)  # (one contiguous row each)
+                k_min_row = tl.load(km1 + meta, mask=meta_ok, other=0.0)
+                if (i == 0) | (n0 % KEY_GROUP == 0):  # a new key group (or the split's first block)
+                    sc0, sc1, sc2, sc3 = _unit_parts(k_scale_row, KEY_U)
+                    mn0, mn1, mn2, mn3 = _unit_parts(k_min_row, KEY_U)
+                    qs0, bias = _key_group_part(q0, sc0, mn0, DT, KEY_OFFSET)
+                    if KEY_U >= 2:
+                        qs1, bias1 = _key_group_part(q1, sc1, mn1, DT, KEY_OFFSET)
+                        bias += bias1
+                    if KEY_U >= 4:
+                        qs2, bias2 = _key_group_part(q2, sc2, mn2, DT, KEY_OFFSET)
+                        qs3, bias3 = _key_group_part(q3, sc3, mn3, DT, KEY_OFFSET)
+                        bias += bias2 + bias3
+                    k_bias = tl.sum(bias, axis=0)
+                s_t = tl.dot(_byte_codes(word, 0, KEY_BITS, DT, NATIVE), qs0, s_t, input_precision=PREC)
                 if KEY_U >= 2:
-                    s_t, bias = _key_part_t(s_t, bias, q1, word, sc1, mn1, 1, KEY_BITS, DT, NATIVE, KEY_OFFSET, PREC)
+                    s_t = tl.dot(_byte_codes(word, 1, KEY_BITS, DT, NATIVE), qs1, s_t, input_precision=PREC)
                 if KEY_U >= 4:
-                    s_t, bias = _key_part_t(s_t, bias, q2, word, sc2, mn2, 2, KEY_BITS, DT, NATIVE, KEY_OFFSET, PREC)
-                    s_t, bias = _key_part_t(s_t, bias, q3, word, sc3, mn3, 3, KEY_BITS, DT, NATIVE, KEY_OFFSET, PREC)
-                s_t = (s_t + tl.sum(bias, axis=0)[None, :]) * qk_scale
+                    s_t = tl.dot(_byte_codes(word, 2, KEY_BITS, DT, NATIVE), qs2, s_t, input_precision=PREC)
+                    s_t = tl.dot(_byte_codes(word, 3, KEY_BITS, DT, NATIVE), qs3, s_t, input_precision=PREC)
+                s_t = (s_t + k_bias[None, :]) * qk_scale
             # ---- online softmax over axis 0 (tokens)
             keep = n_ok[:, None] & row_ok[None, :]
             if HAS_MASK:
