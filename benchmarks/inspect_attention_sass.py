@@ -96,6 +96,34 @@ def report(compiled, tag: str, out_dir: str) -> str:
     return f"{tag}: {res.group(0) if res else '?'} (Triton shared {compiled.metadata.shared} B)\n  {loop}"
 
 
+def loop_lines(cubin: str, top: int = 16) -> str:
+    """The main loop's instructions by source line (``nvdisasm -g``: Triton compiles with line
+    info), the largest ``top`` first: ``count  file:line  {opcode: count}``. Where an inlined helper's
+    line is named, it is the innermost one."""
+    text = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True).stdout
+    lines = text.splitlines()
+    labels = {ln.rstrip(":"): i for i, ln in enumerate(lines) if re.match(r"^\.L_x_\d+:$", ln)}
+    span = None
+    for i, ln in enumerate(lines):  # the main loop: the backward branch spanning the most lines
+        b = re.search(r"BRA `\((\.L_x_\d+)\)", ln)
+        if b and b.group(1) in labels and labels[b.group(1)] < i and (span is None or i - labels[b.group(1)] > span[1] - span[0]):
+            span = (labels[b.group(1)], i)
+    if span is None:
+        return "  (no loop found)"
+    where, by_line, ops = "?", Counter(), {}
+    for ln in lines[span[0]:span[1] + 1]:
+        f = re.search(r'File "([^"]+)", line (\d+)', ln)
+        if f:
+            where = f"{os.path.basename(f.group(1))}:{f.group(2)}"
+            continue
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", ln)
+        if m:
+            by_line[where] += 1
+            ops.setdefault(where, Counter())[m.group(1)] += 1
+    rows = [f"  {n:5d}  {w:32s} {dict(ops[w].most_common(5))}" for w, n in by_line.most_common(top)]
+    return "\n".join([f"  main loop by source line ({sum(by_line.values())} instructions):", *rows])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, default=2, choices=(2, 4, 8))

@@ -15,7 +15,8 @@ argument binder decides the specialization (16-byte alignment, integers equal to
   waited for in every iteration).
 
 Usage: ``PYTHONPATH=src python benchmarks/inspect_preset_kernel.py kivi-2 polar-rope-3 turbo-3
-[--batch 32] [--tokens 32768] [--max-registers N] [--stages N] [--dtype bfloat16] [--out DIR]``.
+[--batch 32] [--tokens 32768] [--max-registers N] [--stages N] [--dtype bfloat16] [--value-metadata MODE]
+[--lines] [--out DIR]`` (``--lines``: the main loop's instructions by source line).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from bench_attention import HQ, D, make_preset
-from inspect_attention_sass import report
+from inspect_attention_sass import loop_lines, report
 from kvpolar.kernels import decode_attention as mod
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -86,11 +87,14 @@ def main() -> None:
     ap.add_argument("--max-registers", type=int, default=None, help="LaunchConfig.max_registers (default: the policy)")
     ap.add_argument("--stages", type=int, default=None, help="LaunchConfig.transposed_stages (default: the library's)")
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    ap.add_argument("--value-metadata", default=None, choices=("words", "ahead", "gather"),
+                    help="LaunchConfig.value_metadata (default: the policy)")
+    ap.add_argument("--lines", action="store_true", help="also the main loop's instructions by source line")
     ap.add_argument("--out", default=None, help="where to keep cubin/SASS/TTGIR (default: a temporary folder)")
     args = ap.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="kvpolar-preset-sass-")
     os.makedirs(out, exist_ok=True)
-    cfg = mod.LaunchConfig(max_registers=args.max_registers)
+    cfg = mod.LaunchConfig(max_registers=args.max_registers, value_metadata=args.value_metadata)
     if args.stages is not None:
         cfg = mod.dataclasses.replace(cfg, transposed_stages=args.stages)
     for name in args.presets:
@@ -100,6 +104,8 @@ def main() -> None:
         copies, ahead, plain = loop_loads(compiled.asm["ttgir"])
         cap = plan.config.max_registers
         print(report(compiled, name, out))
+        if args.lines:
+            print(loop_lines(os.path.join(out, f"{name}.cubin")))
         print(f"  block_n {plan.block_n}, register cap {cap}, loop loads: {copies} asynchronous copies, "
               f"{ahead} read one block ahead, {plain} waited for in their block")
     print(f"(cubin, SASS and TTGIR in {out})")
