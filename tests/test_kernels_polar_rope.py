@@ -89,13 +89,14 @@ def test_encode_kernel_matches_reference_within_rounding(bits, angle_range, pair
     # bfloat16 under the interpreter: its float32->bfloat16 cast truncates, so more codes sit one level off
     same = 0.8 if dtype == torch.bfloat16 and DEVICE == "cpu" else 0.99
     for kind, c1, c2, levels in (("radius", rc1, rc2, 2 ** bits[0] - 1), ("angle", ac1, ac2, 2 ** bits[1] - 1)):
-        if not (dtype == torch.bfloat16 and DEVICE == "cpu"):  # (the truncating cast: see above)
-            assert ((c1.int() - c2.int()).abs() <= 1).all(), kind  # at most one level apart anywhere
         # a group whose values are all equal (e.g. one token) has a range of 0 and only the floor of
-        # the scale (a few 1e-7): its codes round noise, so exact agreement is asked of the others
+        # the scale (a few 1e-7): its codes round noise (any level, all decoding to the same value),
+        # so the code checks are asked of the other groups; the decoded values are checked below
         scale = getattr(ref, kind + "_scale").float().repeat_interleave(16, -2)[..., :tokens, :]
         lo = getattr(ref, kind + "_min").float().repeat_interleave(16, -2)[..., :tokens, :]
         live = scale * levels > 1e-4 * (lo.abs() + 1)
+        if not (dtype == torch.bfloat16 and DEVICE == "cpu"):  # (the truncating cast: see above)
+            assert ((c1.int() - c2.int()).abs() <= 1)[live].all(), kind  # at most one level apart
         if live.any():
             assert (c1 == c2)[live].float().mean() >= same, kind
     # a one-level difference moves a pair by at most a radius step plus r times an angle step
