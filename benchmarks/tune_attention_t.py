@@ -65,6 +65,9 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     "vm-gather": LaunchConfig(value_metadata="gather"),  # KIVI value metadata gathered per unit where used
     "vm-gather-r128": LaunchConfig(value_metadata="gather", max_registers=128),
     "vm-ahead": LaunchConfig(value_metadata="ahead"),
+    # eighth session (prepared, not yet run): polar-rope 6-bit pairs read as int32 words, three per four
+    # units (sm_90 compile: 1941 instead of 2005 instructions per block, every loop load asynchronous)
+    "ku-words": LaunchConfig(key_units="words"),
 }
 
 

@@ -228,6 +228,37 @@ def test_polar_rope_keys(rb_ab, pairing):
     check(f"polar-{rb}-{ab}-32-{pairing}", "kivi-2-32", gqa=4, tq=3 if rb == 2 else 1, tk=45, r=5)
 
 
+@pytest.mark.parametrize("rb_ab", [(2, 4), (3, 3)])
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_polar_rope_3byte_units_read_as_words(monkeypatch, rb_ab, pairing, dtype):
+    """``LaunchConfig(key_units="words")``: 6-bit pair codes (four per 3-byte unit) read as the rows'
+    int32 words, three per four units, the units assembled in registers: the same attention as the
+    oracle (ragged batch, query tokens 2, a short last split), and the words reading is the one taken."""
+    from kvpolar.kernels import decode_attention as da
+
+    taken = []
+    real = da._int32_rows
+    monkeypatch.setattr(da, "_int32_rows", lambda *a: taken.append(real(*a)[1]) or real(*a))
+    rb, ab = rb_ab
+    check(f"polar-{rb}-{ab}-32-{pairing}", "kivi-2-32", batch=2, gqa=4, tq=2, tk=83, r=3, dtype=dtype,
+          lengths=[86, 40], config=LaunchConfig(key_units="words"))
+    assert taken and all(mode == 2 for mode in taken)
+
+
+def test_polar_rope_words_fall_back_where_rows_are_not_whole_words():
+    """Codes whose storage does not start on a 4-byte boundary keep the halfword reading."""
+    from kvpolar.kernels import decode_attention as da
+
+    aligned = torch.zeros(5, 48, dtype=torch.uint8)
+    data, mode = da._int32_rows(aligned, "halfwords", 1)
+    assert mode == 2 and data.dtype == torch.int32 and data.shape == (5, 12)
+    shifted = torch.zeros(2 + 5 * 48, dtype=torch.uint8)[2:].view(5, 48)
+    assert da._int32_rows(shifted, "halfwords", 1) == ("halfwords", 1)
+    with pytest.raises(ValueError, match="key_units='bytes'"):
+        LaunchConfig(key_units="bytes")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_polar_rope_ragged_bf16(dtype):
     check("polar-2-4-16-half", "kivi-2-32", batch=2, gqa=8, tk=33, r=2, dtype=dtype, lengths=[35, 11])

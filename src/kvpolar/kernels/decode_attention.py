@@ -247,6 +247,12 @@ class LaunchConfig:
         read one block ahead into registers), "gather" (per packed unit where used: the fewest
         registers, its latency waited for in every block); None = the measured policy of
         ``value_metadata_policy``.
+    key_units: how the transposed kernel reads polar-rope keys whose four pair codes fill 3-byte units
+        (6-bit pairs: r2a4, r3a3): "halfwords" (two 16-bit gathers per unit, left in the loop by
+        Triton's pipeliner) or "words" (the rows' int32 words, each read once by an asynchronous copy,
+        the units assembled in registers: in the sm_90 compile all loads of the loop become
+        asynchronous and polar-rope-3 runs 1941 instead of 2005 instructions per block; not yet
+        timed on a GPU, hence not the default).
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     """
@@ -266,6 +272,7 @@ class LaunchConfig:
     max_registers: int | None = None
     transposed_min_rows: int = 1 << 16
     value_metadata: str | None = None
+    key_units: str = "halfwords"
 
     def __post_init__(self) -> None:
         if not (_pow2(self.block_n) and self.block_n >= 16):
@@ -282,6 +289,8 @@ class LaunchConfig:
             raise ValueError(f"transposed_programs_per_sm={self.transposed_programs_per_sm} (allowed: None or >= 1)")
         if self.value_metadata not in (None, "words", "ahead", "gather"):
             raise ValueError(f"value_metadata={self.value_metadata!r} (allowed: None, 'words', 'ahead', 'gather')")
+        if self.key_units not in ("halfwords", "words"):
+            raise ValueError(f"key_units={self.key_units!r} (allowed: 'halfwords', 'words')")
         if self.transposed_min_rows < 0:
             raise ValueError(f"transposed_min_rows={self.transposed_min_rows} (allowed: >= 0)")
 
@@ -702,6 +711,17 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
     )
 
 
+def _int32_rows(codes: torch.Tensor, fallback: torch.Tensor, fallback_words: bool) -> tuple[torch.Tensor, int]:
+    """(codes viewed as int32 words, ``KEY_WORDS`` 2) for ``LaunchConfig.key_units == "words"``, or the
+    halfword reading (``fallback``, ``fallback_words``) where the rows are not whole 4-byte words."""
+    if codes.shape[-1] % 4 == 0:
+        try:
+            return codes.view(torch.int32), 2
+        except RuntimeError:  # storage offset or strides not a multiple of 4 bytes
+            pass
+    return fallback, fallback_words
+
+
 def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, total_splits,
                        part_max, part_sum, part_acc, scale, gqa, block_n, cfg) -> tuple[tuple, dict]:
     """(positional, keyword) arguments of ``_split_kernel_t`` over one packed range of tokens."""
@@ -711,6 +731,8 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
     if k_op.fmt == _FMT_POLAR:  # four pairs per unit of bits/2 bytes, read as one word where possible
         k_data, k_ub = _unit_words(k_op.data, k_op.bits)
         k_u, k_nu, k_words = 4, d // 8, k_data is not k_op.data
+        if k_ub == 3 and cfg.key_units == "words":
+            k_data, k_words = _int32_rows(k_op.data, k_data, k_words)
     elif k_op.fmt == formats.FMT_TURBO:
         k_data, k_ub, k_u, k_words = _code_units(k_op)
         k_nu = d // k_u

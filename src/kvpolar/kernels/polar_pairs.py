@@ -37,8 +37,32 @@ def unit_words(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
 
 @triton.jit
 def load_unit_words(row_ptrs, row_ok, NU: tl.constexpr, UB: tl.constexpr, WORDS: tl.constexpr):
-    """``[BN, NU]`` int32 units of ``UB`` bytes from ``row_ptrs`` ``[BN, 1]`` (:func:`unit_words_at`)."""
-    return unit_words_at(row_ptrs, row_ok, tl.arange(0, NU)[None, :], UB, WORDS)
+    """``[BN, NU]`` int32 units of ``UB`` bytes from ``row_ptrs`` ``[BN, 1]`` (:func:`unit_words_at`;
+    ``WORDS == 2``: 3-byte units from int32 words, :func:`load_units24`)."""
+    if WORDS == 2:
+        out = load_units24(row_ptrs, row_ok, NU)
+    else:
+        out = unit_words_at(row_ptrs, row_ok, tl.arange(0, NU)[None, :], UB, WORDS)
+    return out
+
+
+@triton.jit
+def load_units24(row_ptrs, row_ok, NU: tl.constexpr):
+    """``[BN, NU]`` 24-bit units from rows of int32 words (``row_ptrs`` ``[BN, 1]``, 4-byte aligned):
+    every word is read once, three per four units (unit ``4 v + j`` = bytes ``12 v + 3 j`` ..), and the
+    units are assembled in registers by shifts and ORs."""
+    BN: tl.constexpr = row_ptrs.shape[0]
+    NV: tl.constexpr = NU // 4
+    c = tl.arange(0, NU)[None, :]  # slot k = c % 4 of group v = c // 4 holds word 3 v + k (k < 3)
+    w = tl.load(row_ptrs + (c // 4) * 3 + c % 4, mask=row_ok & (c % 4 < 3), other=0)  # [BN, NU]
+    w_even, w_odd = tl.split(tl.reshape(w, [BN, NV, 2, 2]))  # words (0, 2) and (1, 3) of each 12 bytes
+    w0, w2 = tl.split(w_even)
+    w1, w3 = tl.split(w_odd)
+    u0 = w0 & 0xFFFFFF
+    u1 = ((w0 >> 24) & 0xFF) | ((w1 & 0xFFFF) << 8)
+    u2 = ((w1 >> 16) & 0xFFFF) | ((w2 & 0xFF) << 16)
+    u3 = (w2 >> 8) & 0xFFFFFF
+    return tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BN, NU])  # [.., i, o]: unit 4 v + 2 i + o
 
 
 @triton.jit
