@@ -127,6 +127,19 @@ def test_lengths_gqa_and_query_tokens(tk, gqa, tq, transposed_launches):
           config=small_caches_transposed(None))
     assert transposed_launches == [(3, 3)]
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value", [turbo(3), KIVI2_V], ids=["turbo-3", "kivi-2"])
+def test_turbo3_keys_read_as_words(monkeypatch, dtype, value, transposed_launches):
+    """``LaunchConfig(key_units="words")``: 3-bit turbo keys (eight codes per 3-byte unit) read as the
+    rows' int32 words, three per four units, the units assembled in registers; the words reading is
+    the one taken (the values keep theirs)."""
+    taken = []
+    real = da._int32_rows
+    monkeypatch.setattr(da, "_int32_rows", lambda *a: taken.append(real(*a)[1]) or real(*a))
+    check(turbo(3), value, batch=2, gqa=4, tq=2, tk=45, r=3, dtype=dtype, lengths=[48, 20], d=D,
+          config=small_caches_transposed(da.LaunchConfig(key_units="words")))
+    assert len(transposed_launches) == 1 and transposed_launches[0][0] == 3 and taken == [2]
+
 def test_narrow_heads_take_the_classic_kernel(transposed_launches):
     # head dim 64 with 3-bit codes: 8 units per vector, under the tensor cores' K of 16
     check(turbo(3), turbo(3), gqa=4, tk=40, r=3, d=64, config=small_caches_transposed(None))

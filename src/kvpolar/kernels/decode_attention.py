@@ -247,12 +247,12 @@ class LaunchConfig:
         read one block ahead into registers), "gather" (per packed unit where used: the fewest
         registers, its latency waited for in every block); None = the measured policy of
         ``value_metadata_policy``.
-    key_units: how the transposed kernel reads polar-rope keys whose four pair codes fill 3-byte units
-        (6-bit pairs: r2a4, r3a3): "halfwords" (two 16-bit gathers per unit, left in the loop by
-        Triton's pipeliner) or "words" (the rows' int32 words, each read once by an asynchronous copy,
-        the units assembled in registers: in the sm_90 compile all loads of the loop become
-        asynchronous and polar-rope-3 runs 1941 instead of 2005 instructions per block; not yet
-        timed on a GPU, hence not the default).
+    key_units: how the transposed kernel reads keys packed in 3-byte units (polar-rope 6-bit pairs:
+        r2a4, r3a3; 3-bit turbo codes): "halfwords" (two 16-bit gathers per unit, left in the loop
+        by Triton's pipeliner) or "words" (the rows' int32 words, each read once by an asynchronous
+        copy, the units assembled in registers: in the sm_90 compile every load of polar-rope-3's
+        and turbo-k3v4's loops becomes asynchronous or is read a block ahead, and polar-rope-3 runs
+        1941 instead of 2005 instructions per block; not yet timed on a GPU, hence not the default).
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     """
@@ -736,6 +736,8 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
     elif k_op.fmt == formats.FMT_TURBO:
         k_data, k_ub, k_u, k_words = _code_units(k_op)
         k_nu = d // k_u
+        if k_ub == 3 and cfg.key_units == "words":
+            k_data, k_words = _int32_rows(k_op.data, k_data, k_words)
     else:
         k_data, (k_ub, k_u) = k_op.data, _unit(k_op.bits)
         k_nu, k_words = d // k_u, False

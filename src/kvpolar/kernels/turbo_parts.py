@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvpolar.kernels.polar_pairs import unit_words_at
+from kvpolar.kernels.polar_pairs import load_units24, unit_words_at
 
 #: bits of a turbo code -> (bytes per unit, codes per unit) the transposed kernel reads
 UNITS = {1: (1, 8), 2: (1, 4), 3: (3, 8), 4: (1, 2)}
@@ -120,8 +120,11 @@ def load_lut(lut_ptr):
 @triton.jit
 def load_units(ptrs, ok, u, UB: tl.constexpr, WORDS: tl.constexpr):
     """Units ``u`` (any orientation, broadcast against ``ptrs`` / ``ok``): uint8 bytes for byte units,
-    int32 words of 24 bits for 3-byte units (``WORDS``: ``ptrs`` point to int16 halfwords)."""
-    if UB == 3:
+    int32 words of 24 bits for 3-byte units (``WORDS``: ``ptrs`` point to int16 halfwords; ``WORDS ==
+    2``: to int32 words, ``u`` a row ``[1, NU]`` of all the units, :func:`load_units24`)."""
+    if UB == 3 and WORDS == 2:
+        word = load_units24(ptrs, ok, u.shape[1])
+    elif UB == 3:
         word = unit_words_at(ptrs, ok, u, 3, WORDS)
     else:
         word = tl.load(ptrs + u, mask=ok, other=0)
