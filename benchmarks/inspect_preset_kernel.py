@@ -16,7 +16,7 @@ argument binder decides the specialization (16-byte alignment, integers equal to
 
 Usage: ``PYTHONPATH=src python benchmarks/inspect_preset_kernel.py kivi-2 polar-rope-3 turbo-3
 [--batch 32] [--tokens 32768] [--max-registers N] [--stages N] [--dtype bfloat16] [--value-metadata MODE]
-[--key-units words] [--lines] [--out DIR]`` (``--lines``: the main loop's instructions by source line).
+[--three-byte-units words] [--lines] [--out DIR]`` (``--lines``: the main loop's instructions by source line).
 """
 
 from __future__ import annotations
@@ -89,15 +89,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     ap.add_argument("--value-metadata", default=None, choices=("words", "ahead", "gather"),
                     help="LaunchConfig.value_metadata (default: the policy)")
-    ap.add_argument("--key-units", default="halfwords", choices=("halfwords", "words"),
-                    help="LaunchConfig.key_units (polar-rope keys in 3-byte units)")
+    ap.add_argument("--three-byte-units", default="halfwords", choices=("halfwords", "words"),
+                    help="LaunchConfig.three_byte_units (codes packed in 3-byte units)")
     ap.add_argument("--lines", action="store_true", help="also the main loop's instructions by source line")
     ap.add_argument("--out", default=None, help="where to keep cubin/SASS/TTGIR (default: a temporary folder)")
     args = ap.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="kvpolar-preset-sass-")
     os.makedirs(out, exist_ok=True)
     cfg = mod.LaunchConfig(max_registers=args.max_registers, value_metadata=args.value_metadata,
-                           key_units=args.key_units)
+                           three_byte_units=args.three_byte_units)
     if args.stages is not None:
         cfg = mod.dataclasses.replace(cfg, transposed_stages=args.stages)
     for name in args.presets:

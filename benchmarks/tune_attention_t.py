@@ -67,7 +67,7 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     "vm-ahead": LaunchConfig(value_metadata="ahead"),
     # eighth session (prepared, not yet run): polar-rope 6-bit pairs read as int32 words, three per four
     # units (sm_90 compile: 1941 instead of 2005 instructions per block, every loop load asynchronous)
-    "ku-words": LaunchConfig(key_units="words"),
+    "u3-words": LaunchConfig(three_byte_units="words"),
 }
 
 

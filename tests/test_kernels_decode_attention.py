@@ -232,7 +232,7 @@ def test_polar_rope_keys(rb_ab, pairing):
 @pytest.mark.parametrize("pairing", ["half", "interleaved"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_polar_rope_3byte_units_read_as_words(monkeypatch, rb_ab, pairing, dtype):
-    """``LaunchConfig(key_units="words")``: 6-bit pair codes (four per 3-byte unit) read as the rows'
+    """``LaunchConfig(three_byte_units="words")``: 6-bit pair codes (four per 3-byte unit) read as the rows'
     int32 words, three per four units, the units assembled in registers: the same attention as the
     oracle (ragged batch, query tokens 2, a short last split), and the words reading is the one taken."""
     from kvpolar.kernels import decode_attention as da
@@ -242,7 +242,7 @@ def test_polar_rope_3byte_units_read_as_words(monkeypatch, rb_ab, pairing, dtype
     monkeypatch.setattr(da, "_int32_rows", lambda *a: taken.append(real(*a)[1]) or real(*a))
     rb, ab = rb_ab
     check(f"polar-{rb}-{ab}-32-{pairing}", "kivi-2-32", batch=2, gqa=4, tq=2, tk=83, r=3, dtype=dtype,
-          lengths=[86, 40], config=LaunchConfig(key_units="words"))
+          lengths=[86, 40], config=LaunchConfig(three_byte_units="words"))
     assert taken and all(mode == 2 for mode in taken)
 
 
@@ -255,8 +255,8 @@ def test_polar_rope_words_fall_back_where_rows_are_not_whole_words():
     assert mode == 2 and data.dtype == torch.int32 and data.shape == (5, 12)
     shifted = torch.zeros(2 + 5 * 48, dtype=torch.uint8)[2:].view(5, 48)
     assert da._int32_rows(shifted, "halfwords", 1) == ("halfwords", 1)
-    with pytest.raises(ValueError, match="key_units='bytes'"):
-        LaunchConfig(key_units="bytes")
+    with pytest.raises(ValueError, match="three_byte_units='bytes'"):
+        LaunchConfig(three_byte_units="bytes")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -127,19 +127,6 @@ def test_lengths_gqa_and_query_tokens(tk, gqa, tq, transposed_launches):
           config=small_caches_transposed(None))
     assert transposed_launches == [(3, 3)]
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("value", [turbo(3), KIVI2_V], ids=["turbo-3", "kivi-2"])
-def test_turbo3_keys_read_as_words(monkeypatch, dtype, value, transposed_launches):
-    """``LaunchConfig(key_units="words")``: 3-bit turbo keys (eight codes per 3-byte unit) read as the
-    rows' int32 words, three per four units, the units assembled in registers; the words reading is
-    the one taken (the values keep theirs)."""
-    taken = []
-    real = da._int32_rows
-    monkeypatch.setattr(da, "_int32_rows", lambda *a: taken.append(real(*a)[1]) or real(*a))
-    check(turbo(3), value, batch=2, gqa=4, tq=2, tk=45, r=3, dtype=dtype, lengths=[48, 20], d=D,
-          config=small_caches_transposed(da.LaunchConfig(key_units="words")))
-    assert len(transposed_launches) == 1 and transposed_launches[0][0] == 3 and taken == [2]
-
 def test_narrow_heads_take_the_classic_kernel(transposed_launches):
     # head dim 64 with 3-bit codes: 8 units per vector, under the tensor cores' K of 16
     check(turbo(3), turbo(3), gqa=4, tk=40, r=3, d=64, config=small_caches_transposed(None))
@@ -174,3 +161,20 @@ def test_kivi_3bit_values_in_three_byte_units(key, key_fmt, dtype, transposed_la
     check(key, KIVI3_V, batch=2, gqa=4, tk=50, r=5, dtype=dtype, lengths=[55, 21], d=D,
           config=small_caches_transposed(None))
     assert transposed_launches == [(key_fmt, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("key,value,reads", [(turbo(3), turbo(3), 2), (turbo(3), KIVI2_V, 1), (KIVI2_K, KIVI3_V, 1),
+                                             (turbo(3), KIVI3_V, 2)],
+                         ids=["turbo3-turbo3", "turbo3-kivi2", "kivi2-kivi3", "turbo-3-preset"])
+def test_three_byte_units_read_as_words(monkeypatch, key, value, reads, dtype, transposed_launches):
+    """``LaunchConfig(three_byte_units="words")``: 3-bit turbo keys and values and 3-bit KIVI values
+    (eight codes per 3-byte unit) read as the rows' int32 words, three per four units, the units
+    assembled in registers (keys: a row of units per token, values: a column), against the oracle;
+    the words reading is the one taken, once per operand in 3-byte units."""
+    taken = []
+    real = da._int32_rows
+    monkeypatch.setattr(da, "_int32_rows", lambda *a: taken.append(real(*a)[1]) or real(*a))
+    check(key, value, batch=2, gqa=4, tq=2, tk=45, r=3, dtype=dtype, lengths=[48, 20], d=D,
+          config=small_caches_transposed(da.LaunchConfig(three_byte_units="words")))
+    assert len(transposed_launches) == 1 and taken == [2] * reads

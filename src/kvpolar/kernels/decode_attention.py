@@ -247,12 +247,14 @@ class LaunchConfig:
         read one block ahead into registers), "gather" (per packed unit where used: the fewest
         registers, its latency waited for in every block); None = the measured policy of
         ``value_metadata_policy``.
-    key_units: how the transposed kernel reads keys packed in 3-byte units (polar-rope 6-bit pairs:
-        r2a4, r3a3; 3-bit turbo codes): "halfwords" (two 16-bit gathers per unit, left in the loop
-        by Triton's pipeliner) or "words" (the rows' int32 words, each read once by an asynchronous
-        copy, the units assembled in registers: in the sm_90 compile every load of polar-rope-3's
-        and turbo-k3v4's loops becomes asynchronous or is read a block ahead, and polar-rope-3 runs
-        1941 instead of 2005 instructions per block; not yet timed on a GPU, hence not the default).
+    three_byte_units: how the transposed kernel reads codes packed in 3-byte units (polar-rope keys
+        of 6-bit pairs: r2a4, r3a3; 3-bit turbo keys and values; 3-bit KIVI values): "halfwords"
+        (two 16-bit gathers per unit, left in the loop by Triton's pipeliner) or "words" (the rows'
+        int32 words, each read once by an asynchronous copy, three per four units, the units
+        assembled in registers). In the sm_90 compile "words" leaves no load of polar-rope-3's,
+        turbo-3's or turbo-k3v4's loop waited for, and runs 1941 instead of 2005 instructions per
+        block for polar-rope-3, 2251 instead of 2361 for turbo-3; not yet timed on a GPU, hence not
+        the default.
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     """
@@ -272,7 +274,7 @@ class LaunchConfig:
     max_registers: int | None = None
     transposed_min_rows: int = 1 << 16
     value_metadata: str | None = None
-    key_units: str = "halfwords"
+    three_byte_units: str = "halfwords"
 
     def __post_init__(self) -> None:
         if not (_pow2(self.block_n) and self.block_n >= 16):
@@ -289,8 +291,8 @@ class LaunchConfig:
             raise ValueError(f"transposed_programs_per_sm={self.transposed_programs_per_sm} (allowed: None or >= 1)")
         if self.value_metadata not in (None, "words", "ahead", "gather"):
             raise ValueError(f"value_metadata={self.value_metadata!r} (allowed: None, 'words', 'ahead', 'gather')")
-        if self.key_units not in ("halfwords", "words"):
-            raise ValueError(f"key_units={self.key_units!r} (allowed: 'halfwords', 'words')")
+        if self.three_byte_units not in ("halfwords", "words"):
+            raise ValueError(f"three_byte_units={self.three_byte_units!r} (allowed: 'halfwords', 'words')")
         if self.transposed_min_rows < 0:
             raise ValueError(f"transposed_min_rows={self.transposed_min_rows} (allowed: >= 0)")
 
@@ -712,7 +714,7 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
 
 
 def _int32_rows(codes: torch.Tensor, fallback: torch.Tensor, fallback_words: bool) -> tuple[torch.Tensor, int]:
-    """(codes viewed as int32 words, ``KEY_WORDS`` 2) for ``LaunchConfig.key_units == "words"``, or the
+    """(codes viewed as int32 words, ``KEY_WORDS`` 2) for ``LaunchConfig.three_byte_units == "words"``, or the
     halfword reading (``fallback``, ``fallback_words``) where the rows are not whole 4-byte words."""
     if codes.shape[-1] % 4 == 0:
         try:
@@ -731,18 +733,20 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
     if k_op.fmt == _FMT_POLAR:  # four pairs per unit of bits/2 bytes, read as one word where possible
         k_data, k_ub = _unit_words(k_op.data, k_op.bits)
         k_u, k_nu, k_words = 4, d // 8, k_data is not k_op.data
-        if k_ub == 3 and cfg.key_units == "words":
+        if k_ub == 3 and cfg.three_byte_units == "words":
             k_data, k_words = _int32_rows(k_op.data, k_data, k_words)
     elif k_op.fmt == formats.FMT_TURBO:
         k_data, k_ub, k_u, k_words = _code_units(k_op)
         k_nu = d // k_u
-        if k_ub == 3 and cfg.key_units == "words":
+        if k_ub == 3 and cfg.three_byte_units == "words":
             k_data, k_words = _int32_rows(k_op.data, k_data, k_words)
     else:
         k_data, (k_ub, k_u) = k_op.data, _unit(k_op.bits)
         k_nu, k_words = d // k_u, False
     if v_op.fmt in (formats.FMT_TURBO, _FMT_KIVI):
         v_data, v_ub, v_u, v_words = _code_units(v_op)
+        if v_ub == 3 and cfg.three_byte_units == "words":
+            v_data, v_words = _int32_rows(v_op.data, v_data, v_words)
     else:
         v_data, (v_ub, v_u), v_words = v_op.data, _unit(v_op.bits), False
     k_book, k_lut = _turbo_tables(k_op, query)

@@ -47,15 +47,13 @@ def load_unit_words(row_ptrs, row_ok, NU: tl.constexpr, UB: tl.constexpr, WORDS:
 
 
 @triton.jit
-def load_units24(row_ptrs, row_ok, NU: tl.constexpr):
-    """``[BN, NU]`` 24-bit units from rows of int32 words (``row_ptrs`` ``[BN, 1]``, 4-byte aligned):
-    every word is read once, three per four units (unit ``4 v + j`` = bytes ``12 v + 3 j`` ..), and the
-    units are assembled in registers by shifts and ORs."""
-    BN: tl.constexpr = row_ptrs.shape[0]
-    NV: tl.constexpr = NU // 4
-    c = tl.arange(0, NU)[None, :]  # slot k = c % 4 of group v = c // 4 holds word 3 v + k (k < 3)
-    w = tl.load(row_ptrs + (c // 4) * 3 + c % 4, mask=row_ok & (c % 4 < 3), other=0)  # [BN, NU]
-    w_even, w_odd = tl.split(tl.reshape(w, [BN, NV, 2, 2]))  # words (0, 2) and (1, 3) of each 12 bytes
+def units_from_words(w):
+    """24-bit units ``[BN, NU]`` from int32 words ``[BN, NU]`` laid out four slots per three words
+    (slot ``k`` of group ``v`` holds word ``3 v + k`` of the row, slot 3 unused): unit ``4 v + j``
+    is bytes ``12 v + 3 j`` .. ``12 v + 3 j + 2`` of the row, assembled by shifts and ORs."""
+    BN: tl.constexpr = w.shape[0]
+    NU: tl.constexpr = w.shape[1]
+    w_even, w_odd = tl.split(tl.reshape(w, [BN, NU // 4, 2, 2]))  # words (0, 2) and (1, 3) of each 12 bytes
     w0, w2 = tl.split(w_even)
     w1, w3 = tl.split(w_odd)
     u0 = w0 & 0xFFFFFF
@@ -63,6 +61,23 @@ def load_units24(row_ptrs, row_ok, NU: tl.constexpr):
     u2 = ((w1 >> 16) & 0xFFFF) | ((w2 & 0xFF) << 16)
     u3 = (w2 >> 8) & 0xFFFFFF
     return tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BN, NU])  # [.., i, o]: unit 4 v + 2 i + o
+
+
+@triton.jit
+def load_units24(row_ptrs, row_ok, NU: tl.constexpr):
+    """``[BN, NU]`` 24-bit units from rows of int32 words (``row_ptrs`` ``[BN, 1]``, 4-byte aligned):
+    every word is read once, three per four units (:func:`units_from_words`)."""
+    c = tl.arange(0, NU)[None, :]  # slot k = c % 4 of group v = c // 4 holds word 3 v + k (k < 3)
+    return units_from_words(tl.load(row_ptrs + (c // 4) * 3 + c % 4, mask=row_ok & (c % 4 < 3), other=0))
+
+
+@triton.jit
+def load_units24_t(col_ptrs, col_ok, NU: tl.constexpr):
+    """``[NU, BN]`` 24-bit units from columns of int32 words (``col_ptrs`` ``[1, BN]``): the
+    transposed orientation of :func:`load_units24` (values: units along the rows)."""
+    c = tl.arange(0, NU)[:, None]
+    w = tl.load(col_ptrs + (c // 4) * 3 + c % 4, mask=col_ok & (c % 4 < 3), other=0)  # [NU, BN]
+    return tl.trans(units_from_words(tl.trans(w)))
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvpolar.kernels.polar_pairs import load_units24, unit_words_at
+from kvpolar.kernels.polar_pairs import load_units24, load_units24_t, unit_words_at
 
 #: bits of a turbo code -> (bytes per unit, codes per unit) the transposed kernel reads
 UNITS = {1: (1, 8), 2: (1, 4), 3: (3, 8), 4: (1, 2)}
@@ -121,9 +121,12 @@ def load_lut(lut_ptr):
 def load_units(ptrs, ok, u, UB: tl.constexpr, WORDS: tl.constexpr):
     """Units ``u`` (any orientation, broadcast against ``ptrs`` / ``ok``): uint8 bytes for byte units,
     int32 words of 24 bits for 3-byte units (``WORDS``: ``ptrs`` point to int16 halfwords; ``WORDS ==
-    2``: to int32 words, ``u`` a row ``[1, NU]`` of all the units, :func:`load_units24`)."""
-    if UB == 3 and WORDS == 2:
+    2``: to int32 words, ``u`` all the units as a row ``[1, NU]`` or a column ``[NU, 1]``,
+    :func:`load_units24` / :func:`load_units24_t`)."""
+    if UB == 3 and WORDS == 2 and u.shape[0] == 1:  # a row of units per token
         word = load_units24(ptrs, ok, u.shape[1])
+    elif UB == 3 and WORDS == 2:  # a column of units per token
+        word = load_units24_t(ptrs, ok, u.shape[0])
     elif UB == 3:
         word = unit_words_at(ptrs, ok, u, 3, WORDS)
     else:
