@@ -713,9 +713,10 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
     )
 
 
-def _int32_rows(codes: torch.Tensor, fallback: torch.Tensor, fallback_words: bool) -> tuple[torch.Tensor, int]:
-    """(codes viewed as int32 words, ``KEY_WORDS`` 2) for ``LaunchConfig.three_byte_units == "words"``, or the
-    halfword reading (``fallback``, ``fallback_words``) where the rows are not whole 4-byte words."""
+def _int32_rows(codes: torch.Tensor, fallback: torch.Tensor, fallback_words: bool) -> tuple[torch.Tensor, bool | int]:
+    """(``codes`` ``[..., bytes]`` uint8 viewed as int32 words, ``WORDS`` mode 2) for
+    ``LaunchConfig.three_byte_units == "words"``, or the halfword reading (``fallback``,
+    ``fallback_words``) where the rows are not whole 4-byte words."""
     if codes.shape[-1] % 4 == 0:
         try:
             return codes.view(torch.int32), 2
