@@ -104,22 +104,27 @@ def make_keys(fmt, k):
     return PolarStandIn(), polar_quantize(k, int(rb), int(ab), int(group), pairing)
 
 
-def make_values(fmt, v):
+def make_values(fmt, v, layout="tokens"):
+    """``layout``: KIVI value scale / min as the quantizer stores them (tokens adjacent in memory) or
+    with the groups adjacent ("groups": plain contiguous ``[..., T, G]``)."""
     if fmt == "none":
         qz = kvpolar.quantizer("none")
         return qz, qz.quantize(v)
     bits, group = (int(x) for x in fmt.split("-")[1:])
     qz = kvpolar.quantizer("kivi", bits=bits, group_size=group, axis="token")
-    return qz, qz.quantize(v)
+    p = qz.quantize(v)
+    if layout == "groups":
+        p = dataclasses.replace(p, scale=p.scale.contiguous(), minimum=p.minimum.contiguous())
+    return qz, p
 
 
 def check(key_fmt, value_fmt, *, batch=1, hkv=1, gqa=4, tq=1, tk=37, r=0, dtype=torch.float16,
-          lengths=None, config=None, factor=3.0):
+          lengths=None, config=None, factor=3.0, value_layout="tokens"):
     n = tk + r
     k, v, q = random_inputs((key_fmt, value_fmt, batch, hkv, gqa, tq, tk, r, dtype),
                             batch=batch, hkv=hkv, gqa=gqa, tq=tq, n=n, d=D, dtype=dtype)
     kq, pk = make_keys(key_fmt, k[..., :tk, :]) if tk else (None, None)
-    vq, pv = make_values(value_fmt, v[..., :tk, :]) if tk else (None, None)
+    vq, pv = make_values(value_fmt, v[..., :tk, :], value_layout) if tk else (None, None)
     rk, rv = (k[..., tk:, :], v[..., tk:, :]) if r else (None, None)
     assert supports(pk, pv)
     return compare_with_oracle(oracle, q, pk, pv, kq, vq, rk, rv, left_padding_mask(lengths, tq, n),
@@ -142,35 +147,70 @@ def test_kivi_formats(key_fmt, value_fmt):
     check(key_fmt, value_fmt, tk=45, gqa=4)
 
 
-@pytest.mark.parametrize("value_metadata", ["words", "ahead", "gather"])
+@pytest.mark.parametrize("layout, value_metadata", [("tokens", "tiles"), ("tokens", "ahead"), ("tokens", "gather"),
+                                                    ("groups", "tiles"), ("groups", "words"), ("groups", "ahead"),
+                                                    ("groups", "gather")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("value_fmt", ["kivi-2-16", "kivi-4-64", "kivi-3-8"])
-def test_value_metadata_reads(value_metadata, dtype, value_fmt):
-    """The transposed kernel's three reads of KIVI value scale / min (``LaunchConfig.value_metadata``:
-    int32 words of two groups, 16-bit tiles a block ahead, per-unit gathers) against the oracle, with
-    an even and an odd number of groups per token (odd falls back from words to a block ahead), and a
-    length that leaves a short last split (the blocks read ahead past the cache end are masked)."""
+def test_value_metadata_reads(layout, value_metadata, dtype, value_fmt):
+    """The transposed kernel's reads of KIVI value scale / min (``LaunchConfig.value_metadata``:
+    [groups, block] tiles where used, int32 words of two groups, 16-bit tiles a block ahead,
+    per-unit gathers) against the oracle, for metadata stored with the tokens adjacent (as the
+    quantizer stores it) and with the groups adjacent, with an even and an odd number of groups per
+    token (odd falls back from words to a block ahead), and a length that leaves a short last split
+    (the blocks read ahead past the cache end are masked)."""
     check("kivi-2-32", value_fmt, batch=2, gqa=4, tk=83, r=3, dtype=dtype, lengths=[86, 40],
-          config=LaunchConfig(value_metadata=value_metadata))
+          config=LaunchConfig(value_metadata=value_metadata), value_layout=layout)
+
+
+@pytest.mark.parametrize("layout", ["tokens", "groups"])
+def test_classic_kernel_reads_either_value_metadata_layout(layout):
+    """The classic kernel (by parts and interleaved) addresses KIVI value scale / min through their
+    token and group strides."""
+    for by_parts in (True, False):
+        check("kivi-2-32", "kivi-4-16", batch=2, gqa=4, tk=45, r=2, lengths=[47, 20], value_layout=layout,
+              config=LaunchConfig(transposed=False, by_parts=by_parts, block_n=16))
 
 
 def test_value_metadata_modes():
-    """Which read ``_value_metadata`` picks: words where two 16-bit groups fill an int32 word of the
-    query's dtype, a block ahead otherwise, and what the config asks for."""
+    """Which read ``_value_metadata`` picks: tiles for metadata with its tokens adjacent (as stored
+    by the quantizer), words where two 16-bit groups fill an int32 word of the query's dtype, a block
+    ahead otherwise, and what the config asks for; the policy's choice by layout."""
     from kvpolar.kernels import decode_attention as da
 
     v = torch.randn(1, 1, 5, D)
     q16 = torch.randn(1, 4, 1, D, dtype=torch.float16)
-    even = da._value_operand(make_values("kivi-2-16", v.half())[1])
-    odd = da._value_operand(make_values(f"kivi-2-{D}", v.half())[1])
+    even = da._value_operand(make_values("kivi-2-16", v.half(), "groups")[1])
+    odd = da._value_operand(make_values(f"kivi-2-{D}", v.half(), "groups")[1])
+    adjacent = da._value_operand(make_values("kivi-2-16", v.half())[1])
     meta, mode = da._value_metadata(even, q16, LaunchConfig())
     assert mode == 2 and meta[0].dtype == torch.int32 and meta[0].shape[-1] == D // 32
     assert da._value_metadata(odd, q16, LaunchConfig())[1] == 1
     assert da._value_metadata(even, q16, LaunchConfig(value_metadata="ahead"))[1] == 1
+    assert da._value_metadata(even, q16, LaunchConfig(value_metadata="tiles"))[1] == 3
+    meta, mode = da._value_metadata(adjacent, q16, LaunchConfig(value_metadata="words"))
+    assert mode == 3 and meta[0].stride(-2) == 1 and meta[0].dtype == torch.float16
     meta, mode = da._value_metadata(even, q16, LaunchConfig(value_metadata="gather"))
     assert mode == 0 and meta[0].dtype == torch.float16
+    keys = da._key_operand(make_keys("kivi-2-32", v.half())[1])
+    assert da.value_metadata_policy(keys, adjacent, LaunchConfig()) == "tiles"
+    assert da.value_metadata_policy(keys, even, LaunchConfig()) == "words"
+    assert da.value_metadata_policy(keys, adjacent, LaunchConfig(value_metadata="ahead")) == "ahead"
     with pytest.raises(ValueError, match="value_metadata='later'"):
         LaunchConfig(value_metadata="later")
+
+
+def test_value_metadata_of_mixed_layouts_is_read_through_one_layout():
+    """Scale and minimum stored in different layouts (the kernels address both through one set of
+    strides) are given to the kernel in one: the result still matches the oracle."""
+    from kvpolar.kernels import decode_attention as da
+
+    v = torch.randn(1, 1, 40, D).half()
+    p = make_values("kivi-2-16", v)[1]
+    mixed = dataclasses.replace(p, minimum=p.minimum.contiguous())
+    op = da._value_operand(mixed)
+    assert op.meta[0].stride() == op.meta[1].stride()
+    assert torch.equal(op.meta[0], p.scale) and torch.equal(op.meta[1], p.minimum)
 
 
 @pytest.mark.parametrize("tk", [1, 16, 33, 70])
@@ -331,10 +371,10 @@ def test_launch_policy():
     assert da.transposed_tuning(polar, values2, 64, cfg) == (16, None)
     assert da.transposed_tuning(polar, values2, 8, cfg) == (12, None)
     assert da.transposed_tuning(polar, values4, 64, cfg) == (12, None)
-    assert da.value_metadata_policy(turbo, cfg) == "ahead"
-    assert da.value_metadata_policy(_operand(kivi, wave, 2), cfg) == "words"
-    assert da.value_metadata_policy(polar, cfg) == "words"
-    assert da.value_metadata_policy(turbo, LaunchConfig(value_metadata="gather")) == "gather"
+    assert da.value_metadata_policy(turbo, values2, cfg) == "ahead"  # (stand-ins: no metadata to lay out)
+    assert da.value_metadata_policy(_operand(kivi, wave, 2), values2, cfg) == "words"
+    assert da.value_metadata_policy(polar, values2, cfg) == "words"
+    assert da.value_metadata_policy(turbo, values2, LaunchConfig(value_metadata="gather")) == "gather"
     mine = LaunchConfig(transposed_programs_per_sm=5, max_registers=200)
     assert da.transposed_tuning(_operand(kivi, wave, 2), values2, 64, mine) == (5, 200)
 

@@ -175,6 +175,26 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _row_metadata(t: torch.Tensor) -> torch.Tensor:
+    """Per-(token, group) metadata ``[..., T, G]`` as is where its tokens or its groups are adjacent
+    in memory (both layouts are read through their strides), else a contiguous copy."""
+    return t if 1 in (t.stride(-1), t.stride(-2)) else t.contiguous()
+
+
+def _one_layout(meta: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``meta`` as is where all its tensors have one set of strides (the kernels address them all
+    through the first one's), else contiguous copies."""
+    if all(m.stride() == meta[0].stride() for m in meta):
+        return meta
+    return tuple(m.contiguous() for m in meta)
+
+
+def tokens_adjacent(meta: torch.Tensor) -> bool:
+    """Whether per-(token, group) metadata ``[..., T, G]`` has consecutive tokens adjacent in memory
+    (the layout ``KiviTokenTensor`` stores, ``quantized.tokens_contiguous``)."""
+    return meta.stride(-2) == 1
+
+
 def _key_operand(keys: QuantizedTensor) -> _Operand:
     name = type(keys).__name__
     if name in formats.FORMATS:
@@ -183,10 +203,12 @@ def _key_operand(keys: QuantizedTensor) -> _Operand:
         return _Operand(_FMT_FULL, _last_contiguous(keys.values), ())
     if name == "KiviChannelTensor":
         meta = (keys.scale, keys.minimum)
-        return _Operand(_FMT_KIVI, _last_contiguous(keys.codes), tuple(_last_contiguous(m) for m in meta),
+        return _Operand(_FMT_KIVI, _last_contiguous(keys.codes),
+                        _one_layout(tuple(_last_contiguous(m) for m in meta)),
                         bits=keys.bits, group=keys.group_size)
     meta = (keys.radius_scale, keys.radius_min, keys.angle_scale, keys.angle_min)
-    return _Operand(_FMT_POLAR, _last_contiguous(keys.codes), tuple(_last_contiguous(m) for m in meta),
+    return _Operand(_FMT_POLAR, _last_contiguous(keys.codes),
+                    _one_layout(tuple(_last_contiguous(m) for m in meta)),
                     bits=keys.radius_bits + keys.angle_bits, group=keys.group_size,
                     radius_bits=keys.radius_bits, angle_bits=keys.angle_bits,
                     pair_half=keys.pairing == "half")
@@ -198,7 +220,7 @@ def _value_operand(values: QuantizedTensor) -> _Operand:
     if type(values).__name__ == "FullPrecisionTensor":
         return _Operand(_FMT_FULL, _last_contiguous(values.values), ())
     meta = (values.scale, values.minimum)
-    return _Operand(_FMT_KIVI, _last_contiguous(values.codes), tuple(_last_contiguous(m) for m in meta),
+    return _Operand(_FMT_KIVI, _last_contiguous(values.codes), _one_layout(tuple(_row_metadata(m) for m in meta)),
                     bits=values.bits, group=values.group_size)
 
 
@@ -243,10 +265,12 @@ class LaunchConfig:
         kernel, whose shorter per-split latency wins there (H100, 8 KV heads: batch 1 at 4k and 8k
         tokens; see ``_use_transposed``). Turbo keys or values take the transposed kernel at every size.
     value_metadata: how the transposed kernel reads KIVI values' per-(token, group) scale and minimum:
-        "words" (int32 words of two groups, copied ahead by Triton's pipeliner), "ahead" (16-bit tiles
-        read one block ahead into registers), "gather" (per packed unit where used: the fewest
-        registers, its latency waited for in every block); None = the measured policy of
-        ``value_metadata_policy``.
+        "tiles" (16-bit [groups, block] tiles copied ahead by Triton's pipeliner: one vector per group
+        where the tokens are adjacent in memory, the layout ``KiviTokenTensor`` stores), "words"
+        (int32 words of two groups, copied ahead by Triton's pipeliner; metadata stored with the
+        groups adjacent, else "tiles"), "ahead" (16-bit tiles read one block ahead into registers),
+        "gather" (per packed unit where used: the fewest registers, its latency waited for in every
+        block); None = the policy of ``value_metadata_policy``.
     three_byte_units: how the transposed kernel reads codes packed in 3-byte units (polar-rope keys
         of 6-bit pairs: r2a4, r3a3; 3-bit turbo keys and values; 3-bit KIVI values): "halfwords"
         (two 16-bit gathers per unit, left in the loop by Triton's pipeliner) or "words" (the rows'
@@ -289,8 +313,9 @@ class LaunchConfig:
             raise ValueError(f"max_registers={self.max_registers} (allowed: None or 24..255)")
         if self.transposed_programs_per_sm is not None and self.transposed_programs_per_sm < 1:
             raise ValueError(f"transposed_programs_per_sm={self.transposed_programs_per_sm} (allowed: None or >= 1)")
-        if self.value_metadata not in (None, "words", "ahead", "gather"):
-            raise ValueError(f"value_metadata={self.value_metadata!r} (allowed: None, 'words', 'ahead', 'gather')")
+        if self.value_metadata not in (None, "tiles", "words", "ahead", "gather"):
+            raise ValueError(f"value_metadata={self.value_metadata!r} "
+                             "(allowed: None, 'tiles', 'words', 'ahead', 'gather')")
         if self.three_byte_units not in ("halfwords", "words"):
             raise ValueError(f"three_byte_units={self.three_byte_units!r} (allowed: 'halfwords', 'words')")
         if self.transposed_min_rows < 0:
@@ -495,7 +520,7 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
     if transposed:
         pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg, sms)
         split_cfg = dataclasses.replace(cfg, max_registers=max_registers,
-                                        value_metadata=value_metadata_policy(k_op, cfg))
+                                        value_metadata=value_metadata_policy(k_op, v_op, cfg))
         if cfg.transposed_programs_per_sm is None:  # no more than fit at once: the splits fill one wave
             resident = _transposed_residency(query, k_op, v_op, mask, 0, scale, hq // hkv, block_n, split_cfg)
             pps = min(pps, resident or pps)
@@ -579,15 +604,25 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
     return pps, max_registers
 
 
-def value_metadata_policy(k_op: _Operand, cfg: LaunchConfig) -> str:
+def value_metadata_policy(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> str:
     """How the transposed kernel reads KIVI value scale / min (``LaunchConfig.value_metadata``): the
-    config's choice where given, else a block ahead into registers with turbo keys and as int32
-    words copied ahead by the pipeliner with any other keys (H100, ``results/loads2_h100.json``,
-    speed-up over fp16 SDPA at B=32/32k and B=1/128k, words / ahead / gather: turbo-3 1.01 / 1.08 /
-    1.05x and 0.95 / 1.00 / 0.99x, turbo-k3v4 1.42 / 1.46 / 1.33x and 1.21 / 1.23 / 1.15x, kivi-2
-    2.43 / 2.34 / 2.28x at the 168-register cap, polar-rope-3 1.34 / 1.30 / 1.34x)."""
+    config's choice where given; else, for metadata with its tokens adjacent in memory (as
+    ``KiviTokenTensor`` stores it), "tiles": one vector per group and block, in the pairs of
+    consecutive tokens the products take. In the sm_90 compile (``inspect_preset_kernel.py``,
+    B=32/32k) that takes kivi-2's loop from 1211 to 1056 instructions per block (the 126 byte
+    permutes that paired the scales of consecutive tokens are gone; 231 registers instead of 255),
+    kivi-4 1441 -> 1246, kivi-8 1234 -> 1099, polar-rope-3 2005 -> 1920, polar-rope-4 1844 -> 1709,
+    turbo-3 2361 -> 2270, turbo-k3v4 1754 -> 1792 (its turbo keys at the 168-register cap);
+    not yet timed on a GPU. For metadata stored with its groups adjacent: a block ahead into
+    registers with turbo keys and as int32 words copied ahead by the pipeliner with any other keys
+    (H100, ``results/loads2_h100.json``, speed-up over fp16 SDPA at B=32/32k and B=1/128k, words /
+    ahead / gather: turbo-3 1.01 / 1.08 / 1.05x and 0.95 / 1.00 / 0.99x, turbo-k3v4 1.42 / 1.46 /
+    1.33x and 1.21 / 1.23 / 1.15x, kivi-2 2.43 / 2.34 / 2.28x at the 168-register cap, polar-rope-3
+    1.34 / 1.30 / 1.34x)."""
     if cfg.value_metadata is not None:
         return cfg.value_metadata
+    if v_op.fmt == _FMT_KIVI and v_op.meta and tokens_adjacent(v_op.meta[0]):
+        return "tiles"
     return "ahead" if k_op.fmt == formats.FMT_TURBO else "words"
 
 
@@ -652,14 +687,18 @@ def _code_units(op: _Operand) -> tuple[torch.Tensor, int, int, bool]:
 
 def _value_metadata(op: _Operand, query: torch.Tensor, cfg: "LaunchConfig") -> tuple[tuple[torch.Tensor, ...], int]:
     """(metadata tensors, ``VAL_META`` mode) of KIVI values in the transposed kernel
-    (``LaunchConfig.value_metadata``): "words" (2) views them as int32 words of two 16-bit
-    per-(token, group) values, which Triton's pipeliner copies asynchronously, stages ahead, where
-    the layout allows (an even number of groups per token, 16-bit metadata of the query's dtype,
-    float16 under the interpreter, which has no bfloat16 bitcasts), else "ahead" (1): 16-bit tiles
+    (``LaunchConfig.value_metadata``): "tiles" (3): 16-bit [groups, block] tiles read in the block
+    that uses them (Triton's pipeliner copies them ahead); "words" (2) views them as int32 words of
+    two 16-bit per-(token, group) values, which the pipeliner copies asynchronously, stages ahead,
+    where the layout allows (groups adjacent in memory, an even number of them per token, 16-bit
+    metadata of the query's dtype, float16 under the interpreter, which has no bfloat16 bitcasts),
+    else "tiles" for metadata with its tokens adjacent and "ahead" (1) for any other: 16-bit tiles
     read one block ahead into registers; "gather" (0) gathers them per packed unit where used."""
     mode = cfg.value_metadata or "words"  # (``_packed_plan`` resolves None by ``value_metadata_policy``)
     if op.fmt != _FMT_KIVI or mode == "gather":
         return op.meta, 0
+    if mode == "tiles" or (mode == "words" and op.meta[0].stride(-1) != 1 and tokens_adjacent(op.meta[0])):
+        return op.meta, 3
     groups = op.meta[0].shape[-1]
     wanted = query.dtype if not _interpreting() else torch.float16
     if mode == "ahead" or groups % 2 or any(m.dtype != wanted for m in op.meta):
@@ -687,7 +726,7 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
     km = k_op.meta + (query,) * (4 - len(k_op.meta))  # unused pointer slots get any tensor
     vm = v_op.meta + (query,) * (2 - len(v_op.meta))
     km_strides = k_op.meta[0].stride()[:3] if k_op.meta else (0, 0, 0)
-    vm_strides = v_op.meta[0].stride()[:3] if v_op.meta else (0, 0, 0)
+    vm_strides = _metadata_strides(v_op.meta[0]) if v_op.meta else (0, 0, 0, 0)
     k_unit = _unit(k_op.bits) if k_op.fmt != _FMT_FULL else (1, 1)
     v_unit = _unit(v_op.bits) if v_op.fmt != _FMT_FULL else (1, 1)
     mask_t = mask if mask is not None else query
@@ -711,6 +750,13 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         **{"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **formats.launch_overrides(k_op.fmt, v_op.fmt)},
         **formats.kernel_args(k_op, v_op, query),
     )
+
+
+def _metadata_strides(meta: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch, head, token, group) strides of per-token metadata ``[B, H, T]`` or ``[B, H, T, G]``
+    (group stride 0 where there is no group axis)."""
+    strides = meta.stride()
+    return (*strides[:3], strides[3] if meta.dim() > 3 else 0)
 
 
 def _int32_rows(codes: torch.Tensor, fallback: torch.Tensor, fallback_words: bool) -> tuple[torch.Tensor, bool | int]:
@@ -765,7 +811,7 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
     args = (
         query, *query.stride()[:3],
         k_data, *k_data.stride()[:3], *km, *k_op.meta[0].stride()[:3],
-        v_data, *v_data.stride()[:3], *vm, *v_meta[0].stride()[:3],
+        v_data, *v_data.stride()[:3], *vm, *_metadata_strides(v_meta[0]),
         mask_t, *mask_strides,
         part_max, part_sum, part_acc,
         k_op.tokens, offset, blocks_per_split, base, total_splits, hkv,
@@ -946,7 +992,7 @@ if triton is not None:
     def _split_kernel(
         q_ptr, sq_b, sq_h, sq_t,
         k_ptr, sk_b, sk_h, sk_t, km0, km1, km2, km3, skm_b, skm_h, skm_g,
-        v_ptr, sv_b, sv_h, sv_t, vm0, vm1, svm_b, svm_h, svm_t,
+        v_ptr, sv_b, sv_h, sv_t, vm0, vm1, svm_b, svm_h, svm_t, svm_g,
         mask_ptr, smk_b, smk_h, smk_t, smk_n,
         part_max, part_sum, part_acc,
         n_tokens, mask_offset, blocks_per_split, split_base, total_splits, n_kv_heads,
@@ -1095,7 +1141,7 @@ if triton is not None:
             # ---- p @ values
             if VAL_PARTS:
                 word = _load_units(v_base + offs_n[:, None] * sv_t, n_ok[:, None], NUV, VAL_UB)
-                meta = vm_base + offs_n[:, None] * svm_t + ((tl.arange(0, NUV) * VAL_U) // VAL_GROUP)[None, :]
+                meta = vm_base + offs_n[:, None] * svm_t + ((tl.arange(0, NUV) * VAL_U) // VAL_GROUP)[None, :] * svm_g
                 v_scale = tl.load(vm0 + meta, mask=n_ok[:, None], other=0.0).to(DT)
                 v_min = tl.load(vm1 + meta, mask=n_ok[:, None], other=0.0).to(DT)
                 p16 = p.to(DT)
@@ -1111,7 +1157,8 @@ if triton is not None:
                     v = v.to(DT)
                 elif VAL_FMT == 1:  # KIVI per-token: codes * scale + min, per packed unit (one channel group)
                     NUV2: tl.constexpr = D // VAL_U
-                    meta = vm_base + offs_n[:, None] * svm_t + ((tl.arange(0, NUV2) * VAL_U) // VAL_GROUP)[None, :]
+                    meta = (vm_base + offs_n[:, None] * svm_t
+                            + ((tl.arange(0, NUV2) * VAL_U) // VAL_GROUP)[None, :] * svm_g)
                     v_scale = tl.load(vm0 + meta, mask=n_ok[:, None], other=0.0).to(DT)
                     v_min = tl.load(vm1 + meta, mask=n_ok[:, None], other=0.0).to(DT)
                     v = _unpack(v_base + offs_n[:, None] * sv_t, n_ok[:, None], v_scale, v_min, VAL_BITS, VAL_UB,
@@ -1252,7 +1299,7 @@ if triton is not None:
     def _split_kernel_t(
         q_ptr, sq_b, sq_h, sq_t,
         k_ptr, sk_b, sk_h, sk_t, km0, km1, km2, km3, skm_b, skm_h, skm_g,
-        v_ptr, sv_b, sv_h, sv_t, vm0, vm1, svm_b, svm_h, svm_t,
+        v_ptr, sv_b, sv_h, sv_t, vm0, vm1, svm_b, svm_h, svm_t, svm_g,
         mask_ptr, smk_b, smk_h, smk_t, smk_n,
         part_max, part_sum, part_acc,
         n_tokens, mask_offset, blocks_per_split, split_base, total_splits, n_kv_heads,
@@ -1374,9 +1421,11 @@ if triton is not None:
         # Per-token metadata: loads that do not feed a product, or gather 16-bit values, are left in the
         # loop by Triton's pipeliner, their latency waited for in every block. Turbo factors are read
         # one block ahead into registers; KIVI value scale / min (VAL_META, ``_value_metadata``) as
-        # int32 words of two groups that the pipeliner copies ahead (2), as 16-bit [groups, BN] tiles
-        # read one block ahead (1), both broadcast to the units of each group in registers, or
-        # gathered per unit where used (0: the fewest registers).
+        # 16-bit [groups, BN] tiles read where used, which the pipeliner copies ahead (3: one vector
+        # per group where the tokens are adjacent in memory, already in the token pairs of the
+        # products' operand), as int32 words of two groups that the pipeliner copies ahead (2), as
+        # 16-bit [groups, BN] tiles read one block ahead (1), these three broadcast to the units of
+        # each group in registers, or gathered per unit where used (0: the fewest registers).
         KIVI_VALUES: tl.constexpr = VAL_FMT != 3 and VAL_FMT != 6
         NGV: tl.constexpr = D // VAL_GROUP if KIVI_VALUES else 1  # value groups per token
         first = start + tl.arange(0, BLOCK_N)
@@ -1388,9 +1437,11 @@ if triton is not None:
             v_groups = vm_base + (tl.arange(0, NGV) // 2)[:, None]
             v_half = ((tl.arange(0, NGV) % 2) * 16)[:, None]
         elif KIVI_VALUES and VAL_META == 0:  # gathered per unit where used (fewest registers, latency exposed)
-            v_groups = vm_base + ((uv * VAL_U) // VAL_GROUP)[:, None]
+            v_groups = vm_base + ((uv * VAL_U) // VAL_GROUP)[:, None] * svm_g
+        elif KIVI_VALUES and VAL_META == 3:  # [groups, BN] tiles read where used, copied ahead by the pipeliner
+            v_groups = vm_base + tl.arange(0, NGV)[:, None] * svm_g
         elif KIVI_VALUES:
-            v_groups = vm_base + tl.arange(0, NGV)[:, None]
+            v_groups = vm_base + tl.arange(0, NGV)[:, None] * svm_g
             v_scale_next = tl.load(vm0 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :], other=0.0)
             v_min_next = tl.load(vm1 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :], other=0.0)
         for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
@@ -1407,6 +1458,11 @@ if triton is not None:
             if KIVI_VALUES and VAL_META == 0:
                 v_scale = tl.load(vm0 + v_groups + offs_n[None, :] * svm_t, mask=n_ok[None, :], other=0.0).to(DT)
                 v_min = tl.load(vm1 + v_groups + offs_n[None, :] * svm_t, mask=n_ok[None, :], other=0.0).to(DT)
+            elif KIVI_VALUES and VAL_META == 3:
+                v_scale = _group_units(tl.load(vm0 + v_groups + offs_n[None, :] * svm_t, mask=n_ok[None, :],
+                                               other=0.0).to(DT), NUV)
+                v_min = _group_units(tl.load(vm1 + v_groups + offs_n[None, :] * svm_t, mask=n_ok[None, :],
+                                             other=0.0).to(DT), NUV)
             elif KIVI_VALUES and VAL_META == 2:
                 v_scale = _group_units(_word_halves(tl.load(vm0 + v_groups + offs_n[None, :] * svm_t,
                                                             mask=n_ok[None, :], other=0), v_half, DT), NUV)
