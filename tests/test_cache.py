@@ -172,6 +172,21 @@ def test_padding_stays_out_of_key_statistics(llama, batch):
             torch.testing.assert_close(packed.minimum[b, :, 0] + 3 * packed.scale[b, :, 0], hi, rtol=1e-5, atol=1e-6)
 
 
+def test_packed_value_metadata_keeps_tokens_adjacent(llama, batch):
+    """After the cache's moves into the packed part (quantize, then ``cat``), KIVI value scale /
+    minimum are still laid out with consecutive tokens adjacent in memory (the layout the fused
+    kernel reads as one vector per channel group)."""
+    ids, mask, cont = batch
+    kv = config("kivi-2", residual_length=4, value_params={"bits": 2, "group_size": 8, "axis": "token"})
+    cache = QuantizedKVCache(llama.config, kv)
+    teacher_forced(llama, ids, mask, continuation(len(LENGTHS), 40), cache)
+    for layer in cache.layers:
+        packed = layer.packed_values
+        assert packed.num_tokens >= 64 and packed.scale.shape[-1] == 4  # two moves or more; 4 groups
+        for meta in (packed.scale, packed.minimum):
+            assert meta.stride(-2) == 1 and meta.stride(-1) == packed.num_tokens
+
+
 # ----- bookkeeping ---------------------------------------------------------------------------------
 def test_seq_length_and_memory_report(llama, batch):
     ids, mask, cont = batch

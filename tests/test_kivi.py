@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -137,3 +138,36 @@ def test_to_moves_every_tensor():
     moved = p.to("cpu")
     assert moved.device == torch.device("cpu") and moved.shape == p.shape
     assert math.isclose(moved.bits_per_element, p.bits_per_element)
+
+
+def test_value_metadata_keeps_tokens_adjacent_through_cat_and_to():
+    """Per-token value scale / minimum keep their ``[..., T, G]`` shape but are laid out with
+    consecutive tokens adjacent (stride 1 along T) by the quantizer, by ``cat`` (also of parts built
+    with the groups adjacent) and by ``to``; the values read back are the same."""
+    x = torch.randn(2, 3, 70, 64, dtype=torch.float16)
+    q = kvpolar.quantizer("kivi", bits=2, group_size=16, axis="token")
+    first, second = q.quantize(x[..., :40, :]), q.quantize(x[..., 40:, :])
+    assert first.scale.shape == (2, 3, 40, 4) and first.scale.stride(-2) == 1 and first.minimum.stride(-2) == 1
+    rows = dataclasses.replace(second, scale=second.scale.contiguous(), minimum=second.minimum.contiguous())
+    assert rows.scale.stride(-2) != 1
+    grown = kvpolar.cat([first, rows])
+    assert grown.scale.stride(-2) == 1 and grown.minimum.stride(-2) == 1 and grown.scale.is_contiguous() is False
+    assert torch.equal(q.dequantize(grown), q.dequantize(q.quantize(x)))
+    assert torch.equal(q.dequantize(grown), torch.cat([q.dequantize(first), q.dequantize(second)], dim=-2))
+    moved = grown.to("cpu")
+    assert moved.scale.stride() == grown.scale.stride()
+    assert grown.nbytes == q.quantize(x).nbytes == 2 * 3 * 70 * (64 * 2 // 8 + 2 * 4 * 2)
+
+
+def test_tokens_contiguous_field_declaration():
+    """``stored(tokens_contiguous=True)`` is for ``[..., T, G]`` fields only; the layout helper keeps
+    shape and values."""
+    from kvpolar.quantized import stored, tokens_contiguous
+
+    with pytest.raises(ValueError, match="tokens_contiguous needs token_axis=-2"):
+        stored(token_axis=None, tokens_contiguous=True)
+    t = torch.randn(2, 5, 3)
+    laid = tokens_contiguous(t)
+    assert laid.shape == t.shape and torch.equal(laid, t) and laid.stride() == (15, 1, 5)
+    with pytest.raises(ValueError, match="shape \\(4,\\)"):
+        tokens_contiguous(torch.randn(4))

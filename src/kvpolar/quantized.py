@@ -5,7 +5,10 @@ Each method defines a frozen dataclass subclass whose fields are either
 * stored tensors (``stored(token_axis=...)``): packed codes, scales, minimums, norms, codebooks.
   They count towards ``nbytes`` and ``bits_per_element``. ``token_axis`` (negative, counted from
   the end) is the axis that grows with the token count; ``None`` marks a per-tensor object (e.g. an
-  online codebook) that concatenation requires to be identical across parts;
+  online codebook) that concatenation requires to be identical across parts. A ``[..., T, G]``
+  field declared ``tokens_contiguous`` keeps its shape but is laid out ``[..., G, T]`` in memory
+  (``tokens_contiguous(t)``; ``cat`` keeps that layout), so that a kernel reads one group's values
+  of consecutive tokens as one vector;
 * shared tensors (``shared()``): objects owned by a layer or model (e.g. a rotation matrix). They are
   referenced, reported by ``shared_nbytes`` and never counted per tensor;
 * plain static parameters (bits, group size, ...), which must match for concatenation.
@@ -24,6 +27,7 @@ _T = TypeVar("_T", bound="QuantizedTensor")
 
 _ROLE = "kvpolar_role"
 _TOKEN_AXIS = "kvpolar_token_axis"
+_TOKENS_CONTIGUOUS = "kvpolar_tokens_contiguous"
 
 
 def quantized_tensor_class(cls: type[_T]) -> type[_T]:
@@ -31,11 +35,23 @@ def quantized_tensor_class(cls: type[_T]) -> type[_T]:
     return dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
 
 
-def stored(token_axis: int | None = -2) -> Any:
-    """Declare a stored tensor field; ``token_axis`` is the (negative) axis that grows with T."""
+def stored(token_axis: int | None = -2, tokens_contiguous: bool = False) -> Any:
+    """Declare a stored tensor field; ``token_axis`` is the (negative) axis that grows with T.
+    ``tokens_contiguous``: a ``[..., T, G]`` field stored ``[..., G, T]`` in memory (see
+    :func:`tokens_contiguous`); needs ``token_axis=-2``."""
     if token_axis is not None and token_axis >= 0:
         raise ValueError(f"token_axis={token_axis} must be negative (counted from the end) or None")
-    return dataclasses.field(metadata={_ROLE: "stored", _TOKEN_AXIS: token_axis})
+    if tokens_contiguous and token_axis != -2:
+        raise ValueError(f"tokens_contiguous needs token_axis=-2 (a [..., T, G] field); got token_axis={token_axis}")
+    return dataclasses.field(metadata={_ROLE: "stored", _TOKEN_AXIS: token_axis, _TOKENS_CONTIGUOUS: tokens_contiguous})
+
+
+def tokens_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[..., T, G]`` with the same shape and values, laid out ``[..., G, T]`` in memory
+    (stride 1 along the tokens; a copy unless it already is)."""
+    if t.dim() < 2:
+        raise ValueError(f"tokens_contiguous needs a [..., T, G] tensor; got shape {tuple(t.shape)}")
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def shared() -> Any:
@@ -174,6 +190,8 @@ def cat(parts: Sequence[_T]) -> _T:
                         f"(e.g. an online codebook); re-quantize the parts together instead"
                     )
             merged[f.name] = tensors[0]
+        elif f.metadata.get(_TOKENS_CONTIGUOUS):  # joined as [..., G, T]: the result keeps the layout
+            merged[f.name] = torch.cat([t.transpose(-1, -2) for t in tensors], dim=-1).transpose(-1, -2)
         else:
             merged[f.name] = torch.cat(tensors, dim=axis)
     total_tokens = sum(p.num_tokens for p in parts)

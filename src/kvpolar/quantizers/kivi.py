@@ -6,7 +6,11 @@ own statistics. ``axis="token"``: each token's channels are split into groups of
 sharing a minimum and scale (values); ``group_size`` must divide the head dim.
 
 Stored: codes packed along the head dim (``ceil(D * bits / 8)`` bytes per token), scale and minimum
-in the input dtype: ``bits + 32 / group_size`` bits per element for 16-bit input.
+in the input dtype: ``bits + 32 / group_size`` bits per element for 16-bit input. The values'
+per-token scale and minimum ``[..., T, D/G]`` are laid out with consecutive tokens adjacent
+(``[..., D/G, T]`` in memory, ``quantized.tokens_contiguous``): the fused decode kernel then reads
+a channel group's scales of a block of tokens as one vector, in the pairs of consecutive tokens its
+tensor-core products take.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import math
 import torch
 
 from kvpolar.packing import pack_bits, unpack_bits
-from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, stored
+from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, stored, tokens_contiguous
 from kvpolar.quantizers import uniform
 from kvpolar.quantizers.base import Quantizer
 from kvpolar.registry import register
@@ -55,11 +59,12 @@ class KiviChannelTensor(QuantizedTensor):
 
 @quantized_tensor_class
 class KiviTokenTensor(QuantizedTensor):
-    """KIVI values. codes: uint8 ``[..., T, ceil(D*bits/8)]``; scale, minimum: ``[..., T, D/G]``."""
+    """KIVI values. codes: uint8 ``[..., T, ceil(D*bits/8)]``; scale, minimum: ``[..., T, D/G]``, laid
+    out ``[..., D/G, T]`` in memory by the quantizer and by ``cat`` (any layout is read correctly)."""
 
     codes: torch.Tensor = stored(token_axis=-2)
-    scale: torch.Tensor = stored(token_axis=-2)
-    minimum: torch.Tensor = stored(token_axis=-2)
+    scale: torch.Tensor = stored(token_axis=-2, tokens_contiguous=True)
+    minimum: torch.Tensor = stored(token_axis=-2, tokens_contiguous=True)
     bits: int = 2
     group_size: int = 32
 
@@ -119,7 +124,7 @@ class Kivi(Quantizer):
         codes = uniform.encode(grouped, scale.unsqueeze(-1), minimum.unsqueeze(-1), c.bits)
         return KiviTokenTensor(
             shape=x.shape, dtype=x.dtype, codes=pack_bits(codes.flatten(-2), c.bits),
-            scale=scale, minimum=minimum, bits=c.bits, group_size=c.group_size,
+            scale=tokens_contiguous(scale), minimum=tokens_contiguous(minimum), bits=c.bits, group_size=c.group_size,
         )
 
     def _codes(self, p: KiviChannelTensor | KiviTokenTensor) -> torch.Tensor:
