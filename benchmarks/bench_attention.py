@@ -41,8 +41,8 @@ from triton.testing import do_bench
 import kvpolar
 from kvpolar.decode_attention import reference_decode_attention
 from kvpolar.kernels.decode_attention import LaunchConfig, describe_launch, fused_decode_attention, supports
+from kvpolar.quantized import tokens_contiguous
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
-
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
 
 HQ, HKV, D, RESIDUAL = 32, 8, 128, 128
@@ -69,14 +69,24 @@ def kivi_keys(b, t, bits, dtype, dev):
 
 
 def kivi_values(b, t, bits, dtype, dev):
+    """Random KIVI values, scale / min laid out as the quantizer stores them (tokens adjacent)."""
     levels = (1 << bits) - 1
     return KiviTokenTensor(
         shape=torch.Size((b, HKV, t, D)), dtype=dtype,
         codes=torch.randint(0, 256, (b, HKV, t, D * bits // 8), dtype=torch.uint8, device=dev),
-        scale=((0.5 + torch.rand(b, HKV, t, D // KIVI_GROUP, device=dev)) * 2 / levels).to(dtype),
-        minimum=(torch.randn(b, HKV, t, D // KIVI_GROUP, device=dev) * 0.3 - 1).to(dtype),
+        scale=tokens_contiguous(((0.5 + torch.rand(b, HKV, t, D // KIVI_GROUP, device=dev)) * 2 / levels).to(dtype)),
+        minimum=tokens_contiguous((torch.randn(b, HKV, t, D // KIVI_GROUP, device=dev) * 0.3 - 1).to(dtype)),
         bits=bits, group_size=KIVI_GROUP,
     )
+
+
+def groups_adjacent(values):
+    """``values`` with KIVI scale / min laid out with the groups adjacent (``[..., T, G]``
+    contiguous, as stored before the ninth session), for timing the two layouts side by side; any
+    other values as they are."""
+    if not isinstance(values, KiviTokenTensor):
+        return values
+    return dataclasses.replace(values, scale=values.scale.contiguous(), minimum=values.minimum.contiguous())
 
 
 def polar_keys(b, t, rb, ab, dtype, dev):
@@ -131,7 +141,9 @@ def _repeat_batch(p, b):
     fields = {}
     for fname, tensor in p.stored_tensors().items():
         if tensor.dim() >= 3 and tensor.shape[0] == 1:
-            fields[fname] = tensor.repeat(b, *([1] * (tensor.dim() - 1)))
+            repeated = tensor.repeat(b, *([1] * (tensor.dim() - 1)))
+            tokens_adjacent = tensor.stride(-2) == 1 and tensor.stride(-1) != 1
+            fields[fname] = tokens_contiguous(repeated) if tokens_adjacent else repeated  # (the stored layout)
     return dataclasses.replace(p, shape=torch.Size((b, *p.shape[1:])), **fields)
 
 
@@ -297,11 +309,14 @@ def sdpa_maker(b, t, dev):
     return make_call
 
 
-def fused_maker(name, b, tk, dev, cfg):
+def fused_maker(name, b, tk, dev, cfg, values_layout=None):
     """``make_call`` for ``graph_ms``: ``fused_decode_attention`` of one decode query over its own
-    ``tk`` packed tokens of preset ``name`` plus a ``RESIDUAL``-token fp16 window per copy."""
+    ``tk`` packed tokens of preset ``name`` plus a ``RESIDUAL``-token fp16 window per copy
+    (``values_layout``: a function applied to the packed values first, e.g. ``groups_adjacent``)."""
     def make_call(i):
         pk, pv = make_preset(name, b, tk, torch.float16, dev)
+        if values_layout is not None:
+            pv = values_layout(pv)
         q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.float16)
         rk = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=torch.float16)
         return lambda: fused_decode_attention(q, pk, pv, None, None, rk, torch.randn_like(rk), D**-0.5, None, cfg)

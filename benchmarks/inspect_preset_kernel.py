@@ -16,7 +16,9 @@ argument binder decides the specialization (16-byte alignment, integers equal to
 
 Usage: ``PYTHONPATH=src python benchmarks/inspect_preset_kernel.py kivi-2 polar-rope-3 turbo-3
 [--batch 32] [--tokens 32768] [--max-registers N] [--stages N] [--dtype bfloat16] [--value-metadata MODE]
-[--three-byte-units words] [--lines] [--out DIR]`` (``--lines``: the main loop's instructions by source line).
+[--three-byte-units words] [--value-layout groups] [--lines] [--out DIR]`` (``--lines``: the main loop's
+instructions by source line; ``--value-layout groups``: KIVI value scale / min laid out with the groups
+adjacent, as stored before the ninth session, instead of the quantizer's tokens-adjacent layout).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from bench_attention import HQ, D, make_preset
+from bench_attention import HQ, D, groups_adjacent, make_preset
 from inspect_attention_sass import loop_lines, report
 from kvpolar.kernels import decode_attention as mod
 
@@ -53,10 +55,13 @@ def loop_loads(ttgir: str) -> tuple[int, int, int]:
 
 
 def compile_preset(name: str, batch: int, tokens: int, cfg: mod.LaunchConfig | None = None,
-                   dtype: torch.dtype = torch.float16):
+                   dtype: torch.dtype = torch.float16, values_layout=None):
     """(compiled kernel, launch plan) of the packed part of preset ``name`` at ``batch`` x ``tokens``
-    (32 query heads, 8 KV heads, head dim 128, ``dtype``, one query token), as on an H100."""
+    (32 query heads, 8 KV heads, head dim 128, ``dtype``, one query token), as on an H100
+    (``values_layout``: a function applied to the packed values first, e.g. ``groups_adjacent``)."""
     keys, values = make_preset(name, batch, tokens, dtype, "cpu")
+    if values_layout is not None:
+        values = values_layout(values)
     query = torch.randn(batch, HQ, 1, D, dtype=dtype)
     scale = D ** -0.5
     with mock.patch.object(mod, "_interpreting", lambda: False), \
@@ -87,10 +92,12 @@ def main() -> None:
     ap.add_argument("--max-registers", type=int, default=None, help="LaunchConfig.max_registers (default: the policy)")
     ap.add_argument("--stages", type=int, default=None, help="LaunchConfig.transposed_stages (default: the library's)")
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    ap.add_argument("--value-metadata", default=None, choices=("words", "ahead", "gather"),
+    ap.add_argument("--value-metadata", default=None, choices=("tiles", "words", "ahead", "gather"),
                     help="LaunchConfig.value_metadata (default: the policy)")
     ap.add_argument("--three-byte-units", default="halfwords", choices=("halfwords", "words"),
                     help="LaunchConfig.three_byte_units (codes packed in 3-byte units)")
+    ap.add_argument("--value-layout", default="tokens", choices=("tokens", "groups"),
+                    help="KIVI value scale / min with the tokens (as stored) or the groups adjacent in memory")
     ap.add_argument("--lines", action="store_true", help="also the main loop's instructions by source line")
     ap.add_argument("--out", default=None, help="where to keep cubin/SASS/TTGIR (default: a temporary folder)")
     args = ap.parse_args()
@@ -101,7 +108,8 @@ def main() -> None:
     if args.stages is not None:
         cfg = mod.dataclasses.replace(cfg, transposed_stages=args.stages)
     for name in args.presets:
-        compiled, plan = compile_preset(name, args.batch, args.tokens, cfg, getattr(torch, args.dtype))
+        compiled, plan = compile_preset(name, args.batch, args.tokens, cfg, getattr(torch, args.dtype),
+                                        groups_adjacent if args.value_layout == "groups" else None)
         with open(os.path.join(out, f"{name}.ttgir"), "w") as f:
             f.write(compiled.asm["ttgir"])
         copies, ahead, plain = loop_loads(compiled.asm["ttgir"])

@@ -69,7 +69,15 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # units (sm_90 compile: polar-rope-3 1941 instead of 2005 instructions per block, turbo-3 2251
     # instead of 2361, no load of either loop waited for)
     "u3-words": LaunchConfig(three_byte_units="words"),
+    # ninth session (prepared, not yet run): KIVI value scale / min stored with the tokens adjacent (the
+    # quantizer's layout since then, read as "tiles"; sm_90 compile: kivi-2 1056 instead of 1211
+    # instructions per block, kivi-4 1246 instead of 1441) against the earlier layout, groups adjacent
+    "vm-groups": LaunchConfig(),  # the policy, values re-laid out by VALUE_LAYOUTS below
+    "vm-groups-u3": LaunchConfig(three_byte_units="words"),
+    "u3-tiles": LaunchConfig(three_byte_units="words"),  # both prepared readings together (policy's layout)
 }
+#: Variants that time the packed values in another layout (a function of the stored values).
+VALUE_LAYOUTS = {"vm-groups": ba.groups_adjacent, "vm-groups-u3": ba.groups_adjacent}
 
 
 def check_variants(dev, presets, variants):
@@ -77,7 +85,7 @@ def check_variants(dev, presets, variants):
     for name in presets:
         for dtype, ragged, tq in ((torch.float16, False, 1), (torch.bfloat16, True, 1), (torch.float16, True, 3)):
             b, tk = 3, 2001
-            pk, pv = ba.make_preset(name, b, tk, dtype, dev)
+            pk, stored_pv = ba.make_preset(name, b, tk, dtype, dev)
             q = torch.randn(b, ba.HQ, tq, ba.D, device=dev, dtype=dtype)
             rk = torch.randn(b, ba.HKV, ba.RESIDUAL, ba.D, device=dev, dtype=dtype)
             rv = torch.randn_like(rk)
@@ -86,8 +94,9 @@ def check_variants(dev, presets, variants):
             if ragged:
                 lengths = torch.tensor([n, n - 700, 5], device=dev)
                 mask = (torch.arange(n, device=dev)[None, :] >= n - lengths[:, None])[:, None, None, :]
-            want = ba.reference(name, q, pk, pv, rk, rv, ba.D**-0.5, mask)
+            want = ba.reference(name, q, pk, stored_pv, rk, rv, ba.D**-0.5, mask)
             for vname in variants:
+                pv = VALUE_LAYOUTS.get(vname, lambda p: p)(stored_pv)
                 cfg = VARIANTS[vname]
                 if cfg.transposed:  # these small caches would take the classic kernel (transposed_min_rows)
                     cfg = dataclasses.replace(cfg, transposed_min_rows=0)
@@ -122,7 +131,7 @@ def time_all(dev, shapes, copy_gbs, variants, presets):
             del pk, pv
             for vname in variants:
                 try:
-                    ms = ba.graph_ms(ba.fused_maker(name, b, tk, dev, VARIANTS[vname]), nbytes)
+                    ms = ba.graph_ms(ba.fused_maker(name, b, tk, dev, VARIANTS[vname], VALUE_LAYOUTS.get(vname)), nbytes)
                 except Exception as e:  # noqa: BLE001
                     print(f"time {name} {vname}: {type(e).__name__}: {str(e)[-300:]}")
                     ms = None
