@@ -73,8 +73,7 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # quantizer's layout since then, read as "tiles"; sm_90 compile: kivi-2 1056 instead of 1211
     # instructions per block, kivi-4 1246 instead of 1441) against the earlier layout, groups adjacent
     "vm-groups": LaunchConfig(),  # the policy, values re-laid out by VALUE_LAYOUTS below
-    "vm-groups-u3": LaunchConfig(three_byte_units="words"),
-    "u3-tiles": LaunchConfig(three_byte_units="words"),  # both prepared readings together (policy's layout)
+    "vm-groups-u3": LaunchConfig(three_byte_units="words"),  # (u3-words above: with the stored layout)
 }
 #: Variants that time the packed values in another layout (a function of the stored values).
 VALUE_LAYOUTS = {"vm-groups": ba.groups_adjacent, "vm-groups-u3": ba.groups_adjacent}
