@@ -477,3 +477,27 @@ def test_launch_config_refuses_bad_values():
         LaunchConfig(transposed_programs_per_sm=0)
     with pytest.raises(ValueError, match="transposed_min_rows=-1"):
         LaunchConfig(transposed_min_rows=-1)
+
+
+def test_launch_plan_is_remembered_per_packed_inputs(monkeypatch):
+    """A decode step reuses its layer's launch plan while the packed keys / values objects, the
+    query's shape and specialization and the config stay; new packed values, a mask or another
+    config make a new plan; every result matches the reference."""
+    from kvpolar.decode_attention import reference_decode_attention
+
+    made = []
+    original = da._packed_plan
+    monkeypatch.setattr(da, "_packed_plan", lambda *a: made.append(1) or original(*a))
+    k, v, q = random_inputs(("plan",), batch=2, hkv=1, gqa=4, tq=1, n=40, d=D, dtype=torch.float16)
+    kq, pk = make_keys("kivi-2-32", k)
+    vq, pv = make_values("kivi-2-32", v)
+    _, pv2 = make_values("kivi-2-32", v * 2)
+    mask = left_padding_mask([40, 25], 1, 40)
+    cfg = small_caches_transposed(None)
+    calls = [(q, pv, None, cfg, 1), (q.clone(), pv, None, cfg, 1), (q, pv2, None, cfg, 2), (q, pv2, mask, cfg, 3),
+             (q, pv2, mask, dataclasses.replace(cfg, block_n=16), 4), (q, pv2, mask, cfg, 5)]
+    for query, values, m, config, plans in calls:
+        out = fused_decode_attention(query, pk, values, kq, vq, None, None, D**-0.5, m, config)
+        want = reference_decode_attention(query, pk, values, kq, vq, None, None, D**-0.5, m)
+        assert len(made) == plans
+        torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=0)
