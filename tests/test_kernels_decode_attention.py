@@ -501,3 +501,25 @@ def test_launch_plan_is_remembered_per_packed_inputs(monkeypatch):
         want = reference_decode_attention(query, pk, values, kq, vq, None, None, D**-0.5, m)
         assert len(made) == plans
         torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=0)
+
+
+def test_partial_buffers_start_aligned(monkeypatch):
+    """The per-split partial output, max and sum share one allocation; each view starts 256 bytes
+    after the last (as separate allocations would), also for a row count that is not a multiple of
+    4 (query heads 3), so Triton specializes the kernels alike for every shape."""
+    seen = {}
+    original = da._launch_split
+
+    def record(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits, part_max, part_sum,
+               part_acc, *rest):
+        seen.update(max=part_max, sum=part_sum, acc=part_acc)
+        return original(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits, part_max,
+                        part_sum, part_acc, *rest)
+
+    monkeypatch.setattr(da, "_launch_split", record)
+    k, v, q = random_inputs(("aligned",), batch=1, hkv=1, gqa=3, tq=1, n=9, d=D, dtype=torch.float16)
+    fused_decode_attention(q, None, None, None, None, k, v, D**-0.5)
+    base = seen["acc"].data_ptr()
+    assert seen["max"].numel() % 4 and all((seen[n].data_ptr() - base) % 256 == 0 for n in ("max", "sum"))
+    assert seen["max"].data_ptr() >= base + seen["acc"].numel() * 4
+    assert seen["sum"].data_ptr() >= seen["max"].data_ptr() + seen["max"].numel() * 4

@@ -464,11 +464,15 @@ def fused_decode_attention(
     total_splits = sum(p[3] for p in parts)
 
     dev = query.device
-    rows = bsz * hq * tq * total_splits  # partial (max, sum, output) per split: one allocation, three views
-    partials = torch.empty(rows * (d + 2), device=dev, dtype=torch.float32)
+    # Partial (output, max, sum) per split: one allocation, three views, each starting 256 bytes
+    # aligned as a separate allocation would (Triton specializes pointers on 16-byte alignment).
+    rows = bsz * hq * tq * total_splits
+    at_max = -(-rows * d // 64) * 64
+    at_sum = at_max + -(-rows // 64) * 64
+    partials = torch.empty(at_sum + rows, device=dev, dtype=torch.float32)
     part_acc = partials[: rows * d].view(bsz, hq, tq, total_splits, d)
-    part_max = partials[rows * d: rows * (d + 1)].view(bsz, hq, tq, total_splits)
-    part_sum = partials[rows * (d + 1):].view(bsz, hq, tq, total_splits)
+    part_max = partials[at_max: at_max + rows].view(bsz, hq, tq, total_splits)
+    part_sum = partials[at_sum:].view(bsz, hq, tq, total_splits)
     base = 0
     for k_op, v_op, offset, splits, per_split, block_n, q_part, part_cfg, transposed in parts:
         if transposed:
