@@ -556,8 +556,8 @@ _PLANS: "weakref.WeakKeyDictionary[QuantizedTensor, tuple]" = weakref.WeakKeyDic
 def _remembered_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _PackedPlan:
     """``_packed_plan``, made once per packed keys / values pair and kept while the same inputs
     come back (a decode step reuses its layer's plan until the cache moves tokens into the packed
-    part): about 40 us of Python per call on the CPU machine, more on the GPU, where the plan also
-    asks the compiled kernel's residency. The signature holds what the plan depends on: the
+    part): 80-90 us of Python per call on the CPU machine (``benchmarks/host_cost.py``), more on
+    the GPU, where the plan also asks the compiled kernel's residency. The signature holds what the plan depends on: the
     query's shape, dtype and device, and how Triton specializes the query and mask (alignment,
     strides equal to 1 or divisible by 16), the scale's type and the config."""
     signature = (tuple(query.shape), query.dtype, query.device, tuple(map(_specialization, query.stride())),
