@@ -1,5 +1,6 @@
-"""Compile the transposed decode-attention kernel exactly as ``fused_decode_attention`` would launch
-it on an H100 for a cache preset, on a machine without a GPU, and report what limits its main loop.
+"""Compile the decode-attention kernel exactly as ``fused_decode_attention`` would launch it on an H100
+for a cache preset (the transposed kernel, or the classic one where the plan takes it: small caches),
+on a machine without a GPU, and report what limits its main loop.
 
 Costs no device time. The packed cache is built on the CPU (``bench_attention.make_preset``), the
 launch plan and arguments come from the library's own code (``_packed_plan``, ``_split_t_arguments``)
@@ -57,8 +58,9 @@ def loop_loads(ttgir: str) -> tuple[int, int, int]:
 def compile_preset(name: str, batch: int, tokens: int, cfg: mod.LaunchConfig | None = None,
                    dtype: torch.dtype = torch.float16, values_layout=None):
     """(compiled kernel, launch plan) of the packed part of preset ``name`` at ``batch`` x ``tokens``
-    (32 query heads, 8 KV heads, head dim 128, ``dtype``, one query token), as on an H100
-    (``values_layout``: a function applied to the packed values first, e.g. ``groups_adjacent``)."""
+    (32 query heads, 8 KV heads, head dim 128, ``dtype``, one query token), as on an H100: the
+    transposed kernel, or the classic one where the plan takes it (small caches, ``plan.transposed``
+    False) (``values_layout``: a function applied to the packed values first, e.g. ``groups_adjacent``)."""
     keys, values = make_preset(name, batch, tokens, dtype, "cpu")
     if values_layout is not None:
         values = values_layout(values)
@@ -69,13 +71,25 @@ def compile_preset(name: str, batch: int, tokens: int, cfg: mod.LaunchConfig | N
             mock.patch.object(mod, "_transposed_residency", lambda *a, **k: None):
         q = mod._packed_query(query, mod.formats.rotation_matrix(keys))
         plan = mod._packed_plan(q, keys, values, None, scale, cfg or mod.LaunchConfig())
-        if not plan.transposed:
-            raise SystemExit(f"{name}: the classic kernel takes this cache (this tool inspects the transposed one)")
         scratch = torch.empty(1, dtype=torch.float32)
-        args, kwargs = mod._split_t_arguments(q, plan.k_op, plan.v_op, None, 0, plan.per_split // plan.block_n, 0,
-                                              plan.splits, scratch, scratch, scratch, scale, HQ // keys.shape[1],
-                                              plan.block_n, plan.config)
-    kernel = mod._split_kernel_t
+        gqa = HQ // keys.shape[1]
+        if plan.transposed:
+            args, kwargs = mod._split_t_arguments(q, plan.k_op, plan.v_op, None, 0, plan.per_split // plan.block_n,
+                                                  0, plan.splits, scratch, scratch, scratch, scale, gqa,
+                                                  plan.block_n, plan.config)
+        else:  # the classic kernel: its launch's arguments, caught instead of launched
+            caught = {}
+
+            class _Catch:
+                def __getitem__(self, grid):
+                    return lambda *a, **k: caught.update(args=a, kwargs=k)
+
+            with mock.patch.object(mod, "_split_kernel", _Catch()):
+                mod._launch_split(q, plan.k_op, plan.v_op, None, 0, plan.splits, plan.per_split, 0, plan.splits,
+                                  scratch, scratch, scratch, scale, gqa, max(16, mod._next_pow2(gqa)), plan.block_n,
+                                  plan.config)
+            args, kwargs = caught["args"], dict(caught["kwargs"])
+    kernel = mod._split_kernel_t if plan.transposed else mod._split_kernel
     backend = make_backend(H100)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
@@ -117,7 +131,7 @@ def main() -> None:
         print(report(compiled, name, out))
         if args.lines:
             print(loop_lines(os.path.join(out, f"{name}.cubin")))
-        print(f"  block_n {plan.block_n}, register cap {cap}, loop loads: {copies} asynchronous copies, "
+        print(f"  {'transposed' if plan.transposed else 'classic'} kernel, block_n {plan.block_n}, register cap {cap}, loop loads: {copies} asynchronous copies, "
               f"{ahead} read one block ahead, {plain} waited for in their block")
     print(f"(cubin, SASS and TTGIR in {out})")
 
