@@ -203,14 +203,14 @@ def test_value_metadata_modes():
 def test_value_metadata_of_mixed_layouts_is_read_through_one_layout():
     """Scale and minimum stored in different layouts (the kernels address both through one set of
     strides) are given to the kernel in one: the result still matches the oracle."""
-    from kvpolar.kernels import decode_attention as da
-
-    v = torch.randn(1, 1, 40, D).half()
-    p = make_values("kivi-2-16", v)[1]
+    k, v, q = random_inputs(("mixed",), batch=2, hkv=1, gqa=4, tq=1, n=40, d=D, dtype=torch.float16)
+    kq, pk = make_keys("kivi-2-32", k)
+    vq, p = make_values("kivi-2-16", v)
     mixed = dataclasses.replace(p, minimum=p.minimum.contiguous())
     op = da._value_operand(mixed)
-    assert op.meta[0].stride() == op.meta[1].stride()
+    assert op.meta[0].stride() == op.meta[1].stride() and mixed.scale.stride() != mixed.minimum.stride()
     assert torch.equal(op.meta[0], p.scale) and torch.equal(op.meta[1], p.minimum)
+    compare_with_oracle(oracle, q, pk, mixed, kq, vq, None, None, None, config=small_caches_transposed(None))
 
 
 @pytest.mark.parametrize("tk", [1, 16, 33, 70])

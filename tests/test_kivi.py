@@ -140,10 +140,10 @@ def test_to_moves_every_tensor():
     assert math.isclose(moved.bits_per_element, p.bits_per_element)
 
 
-def test_value_metadata_keeps_tokens_adjacent_through_cat_and_to():
+def test_value_metadata_keeps_tokens_adjacent_through_cat():
     """Per-token value scale / minimum keep their ``[..., T, G]`` shape but are laid out with
-    consecutive tokens adjacent (stride 1 along T) by the quantizer, by ``cat`` (also of parts built
-    with the groups adjacent) and by ``to``; the values read back are the same."""
+    consecutive tokens adjacent (stride 1 along T) by the quantizer and by ``cat`` (also of parts
+    built with the groups adjacent); the values read back are the same."""
     x = torch.randn(2, 3, 70, 64, dtype=torch.float16)
     q = kvpolar.quantizer("kivi", bits=2, group_size=16, axis="token")
     first, second = q.quantize(x[..., :40, :]), q.quantize(x[..., 40:, :])
@@ -154,8 +154,6 @@ def test_value_metadata_keeps_tokens_adjacent_through_cat_and_to():
     assert grown.scale.stride(-2) == 1 and grown.minimum.stride(-2) == 1 and grown.scale.is_contiguous() is False
     assert torch.equal(q.dequantize(grown), q.dequantize(q.quantize(x)))
     assert torch.equal(q.dequantize(grown), torch.cat([q.dequantize(first), q.dequantize(second)], dim=-2))
-    moved = grown.to("cpu")
-    assert moved.scale.stride() == grown.scale.stride()
     assert grown.nbytes == q.quantize(x).nbytes == 2 * 3 * 70 * (64 * 2 // 8 + 2 * 4 * 2)
 
 
