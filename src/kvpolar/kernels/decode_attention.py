@@ -329,6 +329,10 @@ class LaunchConfig:
             raise ValueError(f"transposed_min_rows={self.transposed_min_rows} (allowed: >= 0)")
 
 
+#: The defaults, made once (a decode step would otherwise build and compare a new one per layer).
+_DEFAULT_CONFIG = LaunchConfig()
+
+
 @functools.lru_cache(maxsize=8)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -426,7 +430,7 @@ def fused_decode_attention(
     _refuse_unsupported(keys, values)
     if query.dim() != 4 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"query must be [B, Hq, Tq, D] float16/bfloat16/float32; got {tuple(query.shape)} {query.dtype}")
-    cfg = config or LaunchConfig()
+    cfg = config or _DEFAULT_CONFIG
     bsz, hq, tq, d = query.shape
     hkv = keys.shape[1] if keys is not None else residual_keys.shape[1]
     if hq % hkv:
@@ -584,7 +588,7 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
     if query.dim() != 4 or query.shape[1] % keys.shape[1]:
         raise ValueError(f"query must be [B, Hq, Tq, D] with Hq a multiple of the {keys.shape[1]} KV heads; "
                          f"got {tuple(query.shape)}")
-    cfg = config or LaunchConfig()
+    cfg = config or _DEFAULT_CONFIG
     plan = _packed_plan(_packed_query(query, formats.rotation_matrix(keys)), keys, values, None,
                         query.shape[-1] ** -0.5, cfg)
     return {"kernel": "transposed" if plan.transposed else "classic", "block_n": plan.block_n,
