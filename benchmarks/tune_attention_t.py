@@ -167,6 +167,7 @@ def main():
         rows += time_all(dev, [shape], copy_gbs, args.variants, args.presets)
         meta = {"gpu": props.name, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "variants": {k: dataclasses.asdict(v) for k, v in VARIANTS.items()}, "copy_gb_per_s": copy_gbs,
+                "value_layouts": {k: f.__name__ for k, f in VALUE_LAYOUTS.items()},  # (else: as stored)
                 "elapsed_s": time.time() - t0}
         with open(os.path.join(args.out, args.name), "w") as f:
             json.dump({"meta": meta, "checks": checks, "results": rows}, f, indent=1)
