@@ -131,6 +131,22 @@ def check(key_fmt, value_fmt, *, batch=1, hkv=1, gqa=4, tq=1, tk=37, r=0, dtype=
                                config=small_caches_transposed(config), factor=factor)
 
 
+def record_three_byte_readings(monkeypatch, module) -> list:
+    """The ``WORDS`` modes ``_three_byte_reading`` returns for operands in 3-byte units, one per
+    operand, as the launches ask for them."""
+    taken = []
+    real = module._three_byte_reading
+
+    def reading(codes, data, unit_bytes, words, cfg):
+        out = real(codes, data, unit_bytes, words, cfg)
+        if unit_bytes == 3:
+            taken.append(out[1])
+        return out
+
+    monkeypatch.setattr(module, "_three_byte_reading", reading)
+    return taken
+
+
 def small_caches_transposed(config: LaunchConfig | None) -> LaunchConfig:
     """``config`` with the small test caches let into the transposed kernel (``transposed_min_rows``;
     ``test_launch_policy`` checks the threshold itself)."""
@@ -277,9 +293,7 @@ def test_polar_rope_3byte_units_read_as_words(monkeypatch, rb_ab, pairing, dtype
     oracle (ragged batch, query tokens 2, a short last split), and the words reading is the one taken."""
     from kvpolar.kernels import decode_attention as da
 
-    taken = []
-    real = da._int32_rows
-    monkeypatch.setattr(da, "_int32_rows", lambda *a: taken.append(real(*a)[1]) or real(*a))
+    taken = record_three_byte_readings(monkeypatch, da)
     rb, ab = rb_ab
     check(f"polar-{rb}-{ab}-32-{pairing}", "kivi-2-32", batch=2, gqa=4, tq=2, tk=83, r=3, dtype=dtype,
           lengths=[86, 40], config=LaunchConfig(three_byte_units="words"))
@@ -290,11 +304,12 @@ def test_polar_rope_words_fall_back_where_rows_are_not_whole_words():
     """Codes whose storage does not start on a 4-byte boundary keep the halfword reading."""
     from kvpolar.kernels import decode_attention as da
 
+    words = LaunchConfig(three_byte_units="words")
     aligned = torch.zeros(5, 48, dtype=torch.uint8)
-    data, mode = da._int32_rows(aligned, "halfwords", 1)
+    data, mode = da._three_byte_reading(aligned, "halfwords", 3, 1, words)
     assert mode == 2 and data.dtype == torch.int32 and data.shape == (5, 12)
     shifted = torch.zeros(2 + 5 * 48, dtype=torch.uint8)[2:].view(5, 48)
-    assert da._int32_rows(shifted, "halfwords", 1) == ("halfwords", 1)
+    assert da._three_byte_reading(shifted, "halfwords", 3, 1, words) == ("halfwords", 1)
     with pytest.raises(ValueError, match="three_byte_units='bytes'"):
         LaunchConfig(three_byte_units="bytes")
 

@@ -15,7 +15,7 @@ from kvpolar.kernels import decode_attention as da
 
 pytest.importorskip("triton")
 from kvpolar.kernels import turbo_parts as tp  # noqa: E402
-from test_kernels_decode_attention import small_caches_transposed  # noqa: E402
+from test_kernels_decode_attention import record_three_byte_readings, small_caches_transposed  # noqa: E402
 from test_kernels_decode_formats import check, polar, turbo  # noqa: E402
 from test_kernels_polar_recursive_parts import transposed_launches  # noqa: E402, F401
 
@@ -172,9 +172,7 @@ def test_three_byte_units_read_as_words(monkeypatch, key, value, reads, dtype, t
     (eight codes per 3-byte unit) read as the rows' int32 words, three per four units, the units
     assembled in registers (keys: a row of units per token, values: a column), against the oracle;
     the words reading is the one taken, once per operand in 3-byte units."""
-    taken = []
-    real = da._int32_rows
-    monkeypatch.setattr(da, "_int32_rows", lambda *a: taken.append(real(*a)[1]) or real(*a))
+    taken = record_three_byte_readings(monkeypatch, da)
     check(key, value, batch=2, gqa=4, tq=2, tk=45, r=3, dtype=dtype, lengths=[48, 20], d=D,
           config=small_caches_transposed(da.LaunchConfig(three_byte_units="words")))
     assert len(transposed_launches) == 1 and taken == [2] * reads

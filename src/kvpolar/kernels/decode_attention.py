@@ -561,9 +561,9 @@ def _remembered_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Pa
     """``_packed_plan``, made once per packed keys / values pair and kept while the same inputs
     come back (a decode step reuses its layer's plan until the cache moves tokens into the packed
     part): 80-90 us of Python per call on the CPU machine (``benchmarks/host_cost.py``), more on
-    the GPU, where the plan also asks the compiled kernel's residency. The signature holds what the plan depends on: the
-    query's shape, dtype and device, and how Triton specializes the query and mask (alignment,
-    strides equal to 1 or divisible by 16), the scale's type and the config."""
+    the GPU, where the plan also asks the compiled kernel's residency. The signature holds what the
+    plan depends on: the query's shape, dtype and device, and how Triton specializes the query and
+    mask (alignment, strides equal to 1 or divisible by 16), the scale's type and the config."""
     signature = (tuple(query.shape), query.dtype, query.device, tuple(map(_specialization, query.stride())),
                  _specialization(query), None if mask is None else
                  (_specialization(mask), tuple(map(_specialization, mask.stride()))), type(scale), cfg)
@@ -805,16 +805,18 @@ def _metadata_strides(meta: torch.Tensor) -> tuple[int, int, int, int]:
     return (*strides[:3], strides[3] if meta.dim() > 3 else 0)
 
 
-def _int32_rows(codes: torch.Tensor, fallback: torch.Tensor, fallback_words: bool) -> tuple[torch.Tensor, bool | int]:
-    """(``codes`` ``[..., bytes]`` uint8 viewed as int32 words, ``WORDS`` mode 2) for
-    ``LaunchConfig.three_byte_units == "words"``, or the halfword reading (``fallback``,
-    ``fallback_words``) where the rows are not whole 4-byte words."""
-    if codes.shape[-1] % 4 == 0:
+def _three_byte_reading(codes: torch.Tensor, data: torch.Tensor, unit_bytes: int, words: bool,
+                        cfg: LaunchConfig) -> tuple[torch.Tensor, bool | int]:
+    """(pointer tensor, ``WORDS`` mode) of codes read in units of ``unit_bytes``: for 3-byte units
+    and ``LaunchConfig.three_byte_units == "words"``, ``codes`` ``[..., bytes]`` uint8 viewed as
+    int32 words (mode 2) where the rows are whole 4-byte words; else the reading already chosen
+    (``data``, ``words``: the halfword one for 3-byte units)."""
+    if unit_bytes == 3 and cfg.three_byte_units == "words" and codes.shape[-1] % 4 == 0:
         try:
             return codes.view(torch.int32), 2
         except RuntimeError:  # storage offset or strides not a multiple of 4 bytes
             pass
-    return fallback, fallback_words
+    return data, words
 
 
 def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, total_splits,
@@ -826,20 +828,17 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
     if k_op.fmt == _FMT_POLAR:  # four pairs per unit of bits/2 bytes, read as one word where possible
         k_data, k_ub = _unit_words(k_op.data, k_op.bits)
         k_u, k_nu, k_words = 4, d // 8, k_data is not k_op.data
-        if k_ub == 3 and cfg.three_byte_units == "words":
-            k_data, k_words = _int32_rows(k_op.data, k_data, k_words)
+        k_data, k_words = _three_byte_reading(k_op.data, k_data, k_ub, k_words, cfg)
     elif k_op.fmt == formats.FMT_TURBO:
         k_data, k_ub, k_u, k_words = _code_units(k_op)
         k_nu = d // k_u
-        if k_ub == 3 and cfg.three_byte_units == "words":
-            k_data, k_words = _int32_rows(k_op.data, k_data, k_words)
+        k_data, k_words = _three_byte_reading(k_op.data, k_data, k_ub, k_words, cfg)
     else:
         k_data, (k_ub, k_u) = k_op.data, _unit(k_op.bits)
         k_nu, k_words = d // k_u, False
     if v_op.fmt in (formats.FMT_TURBO, _FMT_KIVI):
         v_data, v_ub, v_u, v_words = _code_units(v_op)
-        if v_ub == 3 and cfg.three_byte_units == "words":
-            v_data, v_words = _int32_rows(v_op.data, v_data, v_words)
+        v_data, v_words = _three_byte_reading(v_op.data, v_data, v_ub, v_words, cfg)
     else:
         v_data, (v_ub, v_u), v_words = v_op.data, _unit(v_op.bits), False
     k_book, k_lut = _turbo_tables(k_op, query)
@@ -1484,12 +1483,13 @@ if triton is not None:
             v_half = ((tl.arange(0, NGV) % 2) * 16)[:, None]
         elif KIVI_VALUES and VAL_META == 0:  # gathered per unit where used (fewest registers, latency exposed)
             v_groups = vm_base + ((uv * VAL_U) // VAL_GROUP)[:, None] * svm_g
-        elif KIVI_VALUES and VAL_META == 3:  # [groups, BN] tiles read where used, copied ahead by the pipeliner
+        elif KIVI_VALUES:  # [groups, BN] tiles: read where used (3, copied ahead by the pipeliner) or a block ahead (1)
             v_groups = vm_base + tl.arange(0, NGV)[:, None] * svm_g
-        elif KIVI_VALUES:
-            v_groups = vm_base + tl.arange(0, NGV)[:, None] * svm_g
-            v_scale_next = tl.load(vm0 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :], other=0.0)
-            v_min_next = tl.load(vm1 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :], other=0.0)
+            if VAL_META == 1:
+                v_scale_next = tl.load(vm0 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :],
+                                       other=0.0)
+                v_min_next = tl.load(vm1 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :],
+                                     other=0.0)
         for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
             n0 = start + i * BLOCK_N
             offs_n = n0 + tl.arange(0, BLOCK_N)
