@@ -108,3 +108,18 @@ def test_scores_transposed_matches_reference(batch, hkv, gqa, tq, tokens, bits, 
     got = polar_rope_scores(q.to(DEVICE), p.to(DEVICE), config).cpu()
     assert got.shape == (batch, hkv * gqa, tq, tokens) and got.dtype == torch.float32
     assert_scores_within_reference_error(got, q, p, gqa)
+
+
+@pytest.mark.parametrize("bits", [(1, 1), (1, 3), (2, 2), (3, 1), (2, 4), (3, 3), (4, 2), (4, 4)])
+def test_scores_transposed_every_code_position(bits):
+    """Every radius / angle split of 2-, 4-, 6- and 8-bit pairs: each code is read at its own mantissa
+    bit (``polar_pairs.scores_part_t``: in place, shifted up or down by a shared amount, or at bit 16)
+    with the metadata folded for that bit; the folding's float32 rounding must stay below the 16-bit
+    reference's error for the coarsest (1-bit) codes as for the finest. Angles over the full circle
+    (``minmax`` on keys spread all round) give the largest angle scales."""
+    g = torch.Generator().manual_seed(7 * bits[0] + bits[1])
+    keys = (torch.randn(1, 2, 36, D, generator=g) * 2.0).half()
+    p = quantize_polar(keys, bits[0], bits[1], 32, "half", "minmax")
+    q = torch.randn(1, 4, 1, D, generator=g).half()
+    got = polar_rope_scores(q.to(DEVICE), p.to(DEVICE), ScoresConfig(block_t=16, blocks=2)).cpu()
+    assert_scores_within_reference_error(got, q, p, 2)

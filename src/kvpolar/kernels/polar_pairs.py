@@ -6,10 +6,11 @@ as int32 words and decode "by parts": part ``K`` of every unit is pair ``4 u + K
 interleaved and each part is the register (A) operand of its own tensor-core product with the query
 at those pairs' channels (``s^T += X_K q_x,K^T + Y_K q_y,K^T``).
 
-Per pair the decode costs two integer ops per code (shift + one LOP3 that masks and ORs the code into
-the mantissa of 1.0: ``1 + code / 128`` as float32, no int->float converter), one FMA each for the
-radius and the angle (the metadata are pre-folded: ``r = f_r * (128 rs) + (r_min - 128 rs)``), and
-``cos.approx`` / ``sin.approx`` on the special-function unit (absolute error ~1e-6).
+Per pair the decode costs one LOP3 per code that masks the code in place and ORs it into the mantissa
+of 1.0 (``1 + code * 2**(at - 23)`` as float32 for a code at bit ``at``, no int->float converter), plus
+a few shifts per unit for the codes not already at a usable bit (:func:`scores_part_t`); one FMA each for the
+radius and the angle (the metadata are pre-folded: ``r = f_r * (2**(23 - at) rs) + (r_min - 2**(23 - at) rs)``),
+and ``cos.approx`` / ``sin.approx`` on the special-function unit (absolute error ~1e-6).
 """
 
 from __future__ import annotations
@@ -120,15 +121,25 @@ def pair_channels(j, P: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def code_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr):
-    """``1 + ((word >> SHIFT) & (2**WIDTH - 1)) / 128`` as float32 (WIDTH <= 7): the code is masked
-    straight into the mantissa of 1.0 (a shift and one AND-OR)."""
-    FIELD: tl.constexpr = ((1 << WIDTH) - 1) << 16
-    if SHIFT <= 16:
-        bits = ((word << (16 - SHIFT)) & FIELD) | 0x3F800000
+def field_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, AT: tl.constexpr):
+    """``1 + ((word >> SHIFT) & (2**WIDTH - 1)) * 2**(AT - 23)`` as float32 (``AT + WIDTH <= 23``): the
+    code moved to bit ``AT`` of the mantissa of 1.0 and masked into it: one AND-OR, plus one shift
+    unless ``AT == SHIFT`` (the compiler shares a shift between codes shifted by the same amount)."""
+    FIELD: tl.constexpr = ((1 << WIDTH) - 1) << AT
+    if SHIFT == AT:
+        bits = (word & FIELD) | 0x3F800000
+    elif SHIFT < AT:
+        bits = ((word << (AT - SHIFT)) & FIELD) | 0x3F800000
     else:
-        bits = ((word >> (SHIFT - 16)) & FIELD) | 0x3F800000
+        bits = ((word >> (SHIFT - AT)) & FIELD) | 0x3F800000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def code_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr):
+    """``1 + ((word >> SHIFT) & (2**WIDTH - 1)) / 128`` as float32 (WIDTH <= 7): the code at bit 16
+    of the mantissa of 1.0 (:func:`field_as_float`)."""
+    return field_as_float(word, SHIFT, WIDTH, 16)
 
 
 @triton.jit
@@ -155,27 +166,29 @@ def split4(x):
 
 
 @triton.jit
-def folded_meta(meta_rs, meta_rm, meta_as, meta_am, uk, ok):
-    """Metadata of the pairs of units ``uk`` (``arange(NU)``) folded for :func:`pair_xy`: ``(128 rs,
-    r_min - 128 rs, 128 as, a_min - 128 as)``, float32 ``[NU, 4]`` each (pair ``4 u + K`` at ``[u, K]``).
-    Each field is one contiguous load of ``4 NU`` values (which Triton's pipeliner can copy
-    asynchronously, stages ahead), split into the parts by :func:`split4`; ``ok`` ``[NU]``."""
+def pair_meta(meta_rs, meta_rm, meta_as, meta_am, uk, ok):
+    """Metadata of the pairs of units ``uk`` (``arange(NU)``): radius scale / min and angle scale /
+    min, float32 ``[NU, 4]`` each (pair ``4 u + K`` at ``[u, K]``). Each field is one contiguous load
+    of ``4 NU`` values (which Triton's pipeliner can copy asynchronously, stages ahead), split into
+    the parts by :func:`split4` and folded per part by :func:`scores_part_t`; ``ok`` ``[NU]``."""
     offs = (uk * 4)[:, None] + tl.arange(0, 4)[None, :]
     rs = tl.load(meta_rs + offs, mask=ok[:, None], other=0.0).to(tl.float32)
     rm = tl.load(meta_rm + offs, mask=ok[:, None], other=0.0).to(tl.float32)
     a_s = tl.load(meta_as + offs, mask=ok[:, None], other=0.0).to(tl.float32)
     am = tl.load(meta_am + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    return 128.0 * rs, rm - 128.0 * rs, 128.0 * a_s, am - 128.0 * a_s
+    return rs, rm, a_s, am
 
 
 @triton.jit
 def pair_xy(word, r_mul, r_add, a_mul, a_add, K: tl.constexpr, BITS: tl.constexpr, AB: tl.constexpr,
-            FAST: tl.constexpr):
+            AT_A: tl.constexpr, AT_R: tl.constexpr, FAST: tl.constexpr):
     """Key coordinates ``(x, y) = r (cos, sin) theta`` float32 of code ``K`` of every unit of ``word``
-    (int32 ``[BN, NU]``): ``r = r_min + rc * r_scale``, ``theta = a_min + ac * a_scale`` with the
-    metadata folded by :func:`folded_meta`."""
-    fa = code_as_float(word, K * BITS, AB)
-    fr = code_as_float(word, K * BITS + AB, BITS - AB)
+    (int32 ``[BN, NU]``): ``r = r_min + rc * r_scale``, ``theta = a_min + ac * a_scale``, the angle
+    and radius codes read at mantissa bits ``AT_A`` / ``AT_R`` (:func:`field_as_float`) and the
+    metadata folded for them (``r_mul = 2**(23 - AT_R) r_scale``, ``r_add = r_min - r_mul``, same for
+    the angle)."""
+    fa = field_as_float(word, K * BITS, AB, AT_A)
+    fr = field_as_float(word, K * BITS + AB, BITS - AB, AT_R)
     c, s = cos_sin(fa * a_mul + a_add, FAST)
     r = fr * r_mul + r_add
     return r * c, r * s
@@ -193,12 +206,31 @@ def query_pairs_t(q_rows, row_ok, uk, K: tl.constexpr, D: tl.constexpr, PAIR_HAL
 
 
 @triton.jit
-def scores_part_t(s_t, word, qx, qy, r_mul, r_add, a_mul, a_add, K: tl.constexpr, BITS: tl.constexpr,
+def scores_part_t(s_t, word, qx, qy, r_scale, r_min, a_scale, a_min, K: tl.constexpr, BITS: tl.constexpr,
                   AB: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
     """``s_t [BN, BM] += X_K [BN, NU] @ qx_K + Y_K @ qy_K`` for pairs ``4 u + K``: the key pair
     coordinates decoded in registers (:func:`pair_xy`) are the A operands of the products.
-    ``r_mul`` .. ``a_add``: part ``K`` of :func:`folded_meta`, ``[NU]``."""
-    x, y = pair_xy(word, r_mul[None, :], r_add[None, :], a_mul[None, :], a_add[None, :], K, BITS, AB, FAST)
+    ``r_scale`` .. ``a_min``: part ``K`` of :func:`pair_meta`, ``[NU]``."""
+    # The mantissa bit each code is read at (``field_as_float``): where it lies, else 12 bits up (one
+    # left shift shared by the low codes), else 9 bits down (one right shift shared by the high
+    # codes), else bit 16 (a shift of its own); never below the lowest bit at which folding
+    # ``2**(23 - at)`` into the metadata keeps the float32 rounding of ``min - 2**(23 - at) scale``,
+    # ``scale * 2**(-1 - at)``, under 2**-14 of the key's scale (angles: scale <= 2 pi / (2**bits - 1);
+    # radii: scale <= r_max / (2**bits - 1)); for r2a4 and r4a4, 3 shifts and 8 AND-ORs per unit of
+    # four pairs instead of 7 and 8.
+    RB: tl.constexpr = BITS - AB
+    LO_A: tl.constexpr = 12 if AB >= 4 else (13 if AB == 3 else (15 if AB == 2 else 16))
+    LO_R: tl.constexpr = 10 if RB >= 4 else (11 if RB == 3 else (12 if RB == 2 else 13))
+    SA: tl.constexpr = K * BITS
+    SR: tl.constexpr = K * BITS + AB
+    AT_A: tl.constexpr = SA if (SA >= LO_A and SA + AB <= 23) else (
+        SA + 12 if (SA + 12 >= LO_A and SA + 12 + AB <= 23) else (SA - 9 if (SA - 9 >= LO_A and SA - 9 + AB <= 23) else 16))
+    AT_R: tl.constexpr = SR if (SR >= LO_R and SR + RB <= 23) else (
+        SR + 12 if (SR + 12 >= LO_R and SR + 12 + RB <= 23) else (SR - 9 if (SR - 9 >= LO_R and SR - 9 + RB <= 23) else 16))
+    a_mul = a_scale * ((1 << (23 - AT_A)) * 1.0)
+    r_mul = r_scale * ((1 << (23 - AT_R)) * 1.0)
+    x, y = pair_xy(word, r_mul[None, :], (r_min - r_mul)[None, :], a_mul[None, :], (a_min - a_mul)[None, :], K, BITS,
+                   AB, AT_A, AT_R, FAST)
     s_t = tl.dot(x.to(DT), qx, s_t, input_precision=PREC)
     return tl.dot(y.to(DT), qy, s_t, input_precision=PREC)
 
@@ -210,12 +242,12 @@ def scores_t(s_t, word, qx0, qy0, qx1, qy1, qx2, qy2, qx3, qy3, m_rs, m_rm, m_as
     0..3, the query split by :func:`query_pairs_t`). ``m_*``: pointers to the group's radius scale /
     min and angle scale / min rows; ``meta_ok`` ``[NU]``: whether the block has tokens (a short last
     split's surplus blocks read no metadata)."""
-    r_mul, r_add, a_mul, a_add = folded_meta(m_rs, m_rm, m_as, m_am, uk, meta_ok)
-    rm0, rm1, rm2, rm3 = split4(r_mul)
-    ra0, ra1, ra2, ra3 = split4(r_add)
-    am0, am1, am2, am3 = split4(a_mul)
-    aa0, aa1, aa2, aa3 = split4(a_add)
-    s_t = scores_part_t(s_t, word, qx0, qy0, rm0, ra0, am0, aa0, 0, BITS, AB, DT, FAST, PREC)
-    s_t = scores_part_t(s_t, word, qx1, qy1, rm1, ra1, am1, aa1, 1, BITS, AB, DT, FAST, PREC)
-    s_t = scores_part_t(s_t, word, qx2, qy2, rm2, ra2, am2, aa2, 2, BITS, AB, DT, FAST, PREC)
-    return scores_part_t(s_t, word, qx3, qy3, rm3, ra3, am3, aa3, 3, BITS, AB, DT, FAST, PREC)
+    r_scale, r_min, a_scale, a_min = pair_meta(m_rs, m_rm, m_as, m_am, uk, meta_ok)
+    rs0, rs1, rs2, rs3 = split4(r_scale)
+    rn0, rn1, rn2, rn3 = split4(r_min)
+    as0, as1, as2, as3 = split4(a_scale)
+    an0, an1, an2, an3 = split4(a_min)
+    s_t = scores_part_t(s_t, word, qx0, qy0, rs0, rn0, as0, an0, 0, BITS, AB, DT, FAST, PREC)
+    s_t = scores_part_t(s_t, word, qx1, qy1, rs1, rn1, as1, an1, 1, BITS, AB, DT, FAST, PREC)
+    s_t = scores_part_t(s_t, word, qx2, qy2, rs2, rn2, as2, an2, 2, BITS, AB, DT, FAST, PREC)
+    return scores_part_t(s_t, word, qx3, qy3, rs3, rn3, as3, an3, 3, BITS, AB, DT, FAST, PREC)
