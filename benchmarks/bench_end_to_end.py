@@ -1,6 +1,7 @@
 """End-to-end decoding with a Llama-3.1-8B-shaped model (random weights, no download) at long context.
 
-For the 16-bit cache (``DynamicCache`` + ``sdpa``) and each kvpolar preset: decode tokens/s and peak
+For the 16-bit caches (``fp16``: ``DynamicCache`` + ``sdpa``, what ``generate()`` uses by default;
+``fp16-static``: ``StaticCache`` + ``sdpa``, preallocated and written in place) and each kvpolar preset: decode tokens/s and peak
 GPU memory at ``--context`` tokens per sequence, for batch sizes up to the largest that fits, and the
 prefill time of one sequence including quantization.
 
@@ -54,14 +55,26 @@ def build_model(layers: int, device: str | None = None):
     return model.eval()
 
 
-def make_cache(model, preset: str):
+#: the 16-bit baselines: ``DynamicCache`` (what ``generate()`` uses by default; it concatenates, i.e.
+#: copies, every layer's whole cache at every step) and ``StaticCache`` (preallocated to the context
+#: plus the decode steps, written in place; attention reads the whole buffer under a mask)
+FP16_BASELINES = ("fp16", "fp16-static")
+
+
+def make_cache(model, preset: str, max_tokens: int | None = None):
+    """The cache of ``preset`` for ``model``: a 16-bit baseline (``FP16_BASELINES``; ``fp16-static``
+    needs ``max_tokens``, the tokens per sequence it must hold) or ``kvpolar.enable(model, preset)``."""
     import transformers
 
     import kvpolar
 
-    if preset == "fp16":
+    if preset in FP16_BASELINES:
         model.set_attn_implementation("sdpa")
-        return transformers.DynamicCache(config=model.config)
+        if preset == "fp16":
+            return transformers.DynamicCache(config=model.config)
+        if max_tokens is None:
+            raise ValueError("fp16-static needs max_tokens: the context plus the decode steps")
+        return transformers.StaticCache(config=model.config, max_cache_len=max_tokens)
     return kvpolar.enable(model, preset)
 
 
@@ -110,7 +123,7 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
     its kernels in the first steps; per-token formats move ``min_chunk`` tokens into the packed
     part every ``min_chunk`` steps, so a long run's median is the steady state)."""
     _reset_memory()
-    cache = make_cache(model, preset)
+    cache = make_cache(model, preset, context + warmup + steps)
     fill_cache(model, cache, preset, batch, context)
     fill_peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
     if DEVICE == "cuda":  # decoding's own peak from here on (the fill's chunk temporaries are gone)
@@ -129,7 +142,7 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
     times = sorted(every[warmup:])
     ms = times[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
-    if preset == "fp16":
+    if preset in FP16_BASELINES:  # (fp16-static: the whole preallocated buffer)
         cache_bytes = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
         bits = 16.0
     else:
@@ -160,8 +173,8 @@ def fill_cache(model, cache, preset: str, batch: int, context: int, kv_heads: in
             n = min(chunk, context - start)
             k = torch.randn(batch, hkv, n, d, device=dev, dtype=dtype, generator=gen)
             v = torch.randn(batch, hkv, n, d, device=dev, dtype=dtype, generator=gen)
-            if preset == "fp16":
-                cache.update(k, v, layer_idx)
+            if preset in FP16_BASELINES:  # (StaticCache versions that take the positions read them here)
+                cache.update(k, v, layer_idx, {"cache_position": torch.arange(start, start + n, device=dev)})
                 continue
             layer = cache.layers[layer_idx]
             layer.update(k, v)
@@ -175,9 +188,9 @@ def fill_cache(model, cache, preset: str, batch: int, context: int, kv_heads: in
 @torch.no_grad()
 def prefill_seconds(model, preset: str, context: int) -> float:
     _reset_memory()
-    cache = make_cache(model, preset)
+    cache = make_cache(model, preset, context)
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=DEVICE)
-    model(input_ids=ids[:, :128], past_key_values=make_cache(model, preset), use_cache=True, logits_to_keep=1)
+    model(input_ids=ids[:, :128], past_key_values=make_cache(model, preset, 128), use_cache=True, logits_to_keep=1)
     _sync()
     start = time.perf_counter()
     model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -250,12 +263,12 @@ def main() -> None:
     for p in points:
         if p.status == "ok" and p.tokens_per_second > best.get(p.preset, (0, 0))[0]:
             best[p.preset] = (p.tokens_per_second, p.batch)
-    base = best.get("fp16", (float("nan"), 0))[0]
+    bases = [name for name in FP16_BASELINES if name in best]
     print(f"\n{_device_name()}, context {args.context}: best throughput per preset")
-    print("| preset | best batch | tokens/s | vs fp16 |")
-    print("|---|---:|---:|---:|")
+    print("| preset | best batch | tokens/s | " + " | ".join(f"vs {name}" for name in bases) + " |")
+    print("|---|---:|---:|" + "---:|" * len(bases))
     for name, (tps, b) in best.items():
-        print(f"| {name} | {b} | {tps:.1f} | {tps / base:.2f}x |")
+        print(f"| {name} | {b} | {tps:.1f} | " + " | ".join(f"{tps / best[base][0]:.2f}x" for base in bases) + " |")
     print("\nPeak memory while decoding, beyond the weights, over the cache's bytes, at the largest batch that fit:")
     for name in best:
         ok = [p for p in points if p.preset == name and p.status == "ok"]
