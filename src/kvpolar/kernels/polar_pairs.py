@@ -123,15 +123,18 @@ def pair_channels(j, P: tl.constexpr, HALF: tl.constexpr):
 @triton.jit
 def field_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, AT: tl.constexpr):
     """``1 + ((word >> SHIFT) & (2**WIDTH - 1)) * 2**(AT - 23)`` as float32 (``AT + WIDTH <= 23``): the
-    code moved to bit ``AT`` of the mantissa of 1.0 and masked into it: one AND-OR, plus one shift
-    unless ``AT == SHIFT`` (the compiler shares a shift between codes shifted by the same amount)."""
-    FIELD: tl.constexpr = ((1 << WIDTH) - 1) << AT
+    word (shifted unless ``AT == SHIFT``) with the exponent of 1.0 ORed in, then one AND keeping the
+    code and that exponent. The compiler shares the shifted-and-ORed word between the codes read
+    from it, and each AND has one constant, which the instruction takes as its immediate (an AND-OR
+    of the code into 1.0 needs two constants: at 255 registers the compiler rematerialized the mask
+    before most of them)."""
+    KEEP: tl.constexpr = (((1 << WIDTH) - 1) << AT) | 0x3F800000
     if SHIFT == AT:
-        bits = (word & FIELD) | 0x3F800000
+        bits = (word | 0x3F800000) & KEEP
     elif SHIFT < AT:
-        bits = ((word << (AT - SHIFT)) & FIELD) | 0x3F800000
+        bits = ((word << (AT - SHIFT)) | 0x3F800000) & KEEP
     else:
-        bits = ((word >> (SHIFT - AT)) & FIELD) | 0x3F800000
+        bits = ((word >> (SHIFT - AT)) | 0x3F800000) & KEEP
     return bits.to(tl.float32, bitcast=True)
 
 
