@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
+import transformers
 from cache_helpers import QuantizedKVCache, config, continuation, left_padded, stock_logits, teacher_forced, tiny_model
 
 import kvpolar
@@ -399,3 +401,51 @@ def test_squat_prompt_subspace_is_counted_once_per_layer(llama, batch):
     expected = sum(s.qs.nbytes + sum(m.nbytes for m in s.block_matrices) for s in first)
     assert len(first[0].block_matrices) == 2
     assert cache.memory_report().metadata_fields["key.subspace"] == expected
+
+
+def test_unpadded_decoding_reads_nothing_on_the_host(llama, monkeypatch):
+    """Without padding (no mask from the model) the window keeps no padding flags and a decode step,
+    chunk moves included, reads no tensor value on the host (on a GPU each read would synchronize):
+    no flag check before quantizing, no range check of codes the quantizer clamped itself. The
+    logits still match the stock cache's (identity quantizers)."""
+    ids = torch.randint(1, 90, (2, 20), generator=torch.Generator().manual_seed(5))
+    steps = continuation(2, 40)
+    stock_cache = transformers.DynamicCache(config=llama.config)
+    llama.set_attn_implementation("sdpa")
+    try:
+        stock = teacher_forced_unpadded(llama, ids, steps, stock_cache)
+    finally:
+        llama.set_attn_implementation("kvpolar")
+    reads = []
+    for preset in ("none", "kivi-2"):
+        cache = QuantizedKVCache(llama.config, config(preset, residual_length=4))
+        got = teacher_forced_unpadded(llama, ids, steps[:, :1], cache)  # prompt and a first step
+        for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *a, _original=original, _name=name, **k):
+                if any("kvpolar" in f.filename and "tests" not in f.filename for f in traceback.extract_stack()[:-1]):
+                    reads.append((preset, _name))
+                return _original(self, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        got = torch.cat([got, teacher_forced_unpadded(llama, None, steps[:, 1:], cache)], dim=1)
+        monkeypatch.undo()
+        layer = cache.layers[0]
+        assert layer.residual_valid is None and layer.packed_keys.num_tokens >= 32  # chunks moved meanwhile
+        if preset == "none":
+            torch.testing.assert_close(got, stock, rtol=0, atol=2e-6)
+    assert reads == []
+
+
+def teacher_forced_unpadded(model, ids, steps, cache) -> torch.Tensor:
+    """Logits ``[B, n, V]``: after the prompt ``ids`` (skipped when None) and after each token of
+    ``steps`` ``[B, S]`` fed one at a time, with no attention mask."""
+    logits = []
+    with torch.no_grad():
+        if ids is not None:
+            logits.append(model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].float())
+        for t in range(steps.shape[1]):
+            out = model(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1].float())
+    return torch.stack(logits, dim=1)

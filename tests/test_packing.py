@@ -40,3 +40,14 @@ def test_bad_input():
         pack_bits(torch.zeros(4), 2)
     with pytest.raises(ValueError, match="expected 2 bytes"):
         unpack_bits(torch.zeros(3, dtype=torch.uint8), 4, 4)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
+def test_unchecked_packing_packs_the_same(bits):
+    """``check_range=False`` (quantizers whose codes are in range by construction: no host read of
+    their min / max) packs exactly what the checked call does; the default still checks."""
+    codes = torch.randint(0, 1 << bits, (3, 37), generator=torch.Generator().manual_seed(bits))
+    assert torch.equal(pack_bits(codes, bits, check_range=False), pack_bits(codes, bits))
+    if bits < 8:
+        with pytest.raises(ValueError, match=r"must lie in"):
+            pack_bits(codes + (1 << bits), bits)

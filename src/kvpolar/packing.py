@@ -21,13 +21,16 @@ def packed_length(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
-def pack_bits(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+def pack_bits(codes: torch.Tensor, bits: int, dim: int = -1, *, check_range: bool = True) -> torch.Tensor:
     """Pack integer codes densely along ``dim``.
 
     Args:
         codes: integer tensor, any shape, values in ``[0, 2**bits)``; ``n = codes.shape[dim]``.
         bits: code width, 1..8.
         dim: axis along which codes are packed.
+        check_range: raise if a code lies outside ``[0, 2**bits)``. The check reads the codes' min
+            and max on the host (on a GPU, a synchronization); quantizers whose codes are in range
+            by construction (clamped, or indices into a codebook of ``2**bits`` entries) skip it.
 
     Returns:
         uint8 tensor of the same shape except ``shape[dim] = ceil(n * bits / 8)``.
@@ -35,7 +38,7 @@ def pack_bits(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     _check_bits(bits)
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise TypeError(f"codes must be an integer tensor; got dtype {codes.dtype}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+    if check_range and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
         raise ValueError(
             f"codes must lie in [0, {1 << bits}) for bits={bits}; "
             f"got values in [{int(codes.min())}, {int(codes.max())}]"

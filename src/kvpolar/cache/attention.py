@@ -54,7 +54,8 @@ def kvpolar_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _check_module(module, layer)
     mask = _bool_mask(attention_mask, query, layer.seen)
-    new_valid = None if mask is None else mask[:, 0, :, -query.shape[-2]:].any(dim=-2)
+    # which new tokens are real (None: all; without a mask from the model there is no padding)
+    new_valid = None if attention_mask is None else mask[:, 0, :, -query.shape[-2]:].any(dim=-2)
     if layer.seen == query.shape[-2] or layer.packed_keys is None:
         out, _ = sdpa_attention_forward(
             module, query, layer.keys, layer.values, attention_mask, dropout=dropout, scaling=scaling, **kwargs

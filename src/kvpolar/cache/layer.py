@@ -109,7 +109,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.packed_keys: QuantizedTensor | None = None
         self.packed_values: QuantizedTensor | None = None
         self.keys = self.values = None  # the residual window (transformers' names)
-        self.residual_valid: torch.Tensor | None = None  # bool [B, R]: False = padding
+        self.residual_valid: torch.Tensor | None = None  # bool [B, R]: False = padding; None: no padding
         self.key_context: dict[str, Any] | None = None  # SQuat: prompt queries or their subspace
         self.seen = 0
         self.awaiting_attention = False
@@ -180,16 +180,19 @@ class QuantizedLayer(CacheLayerMixin):
         return 0 if self.keys is None else self.keys.shape[-2]
 
     def after_attention(self, new_valid: torch.Tensor | None, query: torch.Tensor) -> None:
-        """Record which new tokens are real (``new_valid`` bool ``[B, T_new]``), keep SQuat's prompt
-        queries, then move whole chunks beyond the residual window into the packed part."""
+        """Record which new tokens are real (``new_valid`` bool ``[B, T_new]``; None: all of them),
+        keep SQuat's prompt queries, then move whole chunks beyond the residual window into the
+        packed part. Until a batch brings padding the window's flags stay None: no per-step
+        allocation, and no check of the flags on the host when a chunk moves."""
         self.awaiting_attention = False
         t_new = query.shape[-2]
-        if new_valid is None:
-            new_valid = torch.ones(self.batch_size, t_new, dtype=torch.bool, device=self.device)
-        old = self.residual_valid
-        if old is None or old.shape[-1] != self.residual_tokens - t_new:
-            old = torch.ones(self.batch_size, self.residual_tokens - t_new, dtype=torch.bool, device=self.device)
-        self.residual_valid = torch.cat([old, new_valid.to(self.device)], dim=-1)
+        if new_valid is not None or self.residual_valid is not None:
+            if new_valid is None:
+                new_valid = torch.ones(self.batch_size, t_new, dtype=torch.bool, device=self.device)
+            old = self.residual_valid
+            if old is None or old.shape[-1] != self.residual_tokens - t_new:
+                old = torch.ones(self.batch_size, self.residual_tokens - t_new, dtype=torch.bool, device=self.device)
+            self.residual_valid = torch.cat([old, new_valid.to(self.device)], dim=-1)
         if self.key_context is None and "queries" in self.key_quantizer.context_keys:
             self.key_context = self._prompt_context(_fill_padding(query, new_valid, axis=-2))
         move = (self.residual_tokens - self.residual_length) // self.chunk * self.chunk
@@ -197,7 +200,7 @@ class QuantizedLayer(CacheLayerMixin):
             self._compress(move)
 
     def _compress(self, move: int) -> None:
-        valid = self.residual_valid[:, :move]
+        valid = None if self.residual_valid is None else self.residual_valid[:, :move]
         keys = _fill_padding(self.keys[..., :move, :], valid, axis=-2)
         values = _fill_padding(self.values[..., :move, :], valid, axis=-2)
         pk = self.key_quantizer.quantize(keys, **(self.key_context or {}))
@@ -207,7 +210,8 @@ class QuantizedLayer(CacheLayerMixin):
         # copies, not views: a view would keep the whole 16-bit prompt buffer alive
         self.keys = self.keys[..., move:, :].clone()
         self.values = self.values[..., move:, :].clone()
-        self.residual_valid = self.residual_valid[:, move:]
+        if self.residual_valid is not None:
+            self.residual_valid = self.residual_valid[:, move:]
 
     def _prompt_context(self, queries: torch.Tensor) -> dict[str, Any]:
         """What the key quantizer keeps from the prompt's queries ``[B, Hq, Tq, D]`` (GQA-stacked):

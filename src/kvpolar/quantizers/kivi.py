@@ -78,7 +78,7 @@ def quantize_per_channel(x: torch.Tensor, bits: int, group_size: int) -> KiviCha
     codes = uniform.encode(grouped, scale.unsqueeze(-2), minimum.unsqueeze(-2), bits)
     codes = codes.reshape(*x.shape[:-2], -1, x.shape[-1])[..., :tokens, :]
     return KiviChannelTensor(
-        shape=x.shape, dtype=x.dtype, codes=pack_bits(codes, bits), scale=scale,
+        shape=x.shape, dtype=x.dtype, codes=pack_bits(codes, bits, check_range=False), scale=scale,  # (clamped)
         minimum=minimum, bits=bits, group_size=group_size,
     )
 
@@ -123,7 +123,7 @@ class Kivi(Quantizer):
         scale, minimum = uniform.minmax_scale(grouped.amin(-1), grouped.amax(-1), c.bits, x.dtype)
         codes = uniform.encode(grouped, scale.unsqueeze(-1), minimum.unsqueeze(-1), c.bits)
         return KiviTokenTensor(
-            shape=x.shape, dtype=x.dtype, codes=pack_bits(codes.flatten(-2), c.bits),
+            shape=x.shape, dtype=x.dtype, codes=pack_bits(codes.flatten(-2), c.bits, check_range=False),  # (clamped)
             scale=tokens_contiguous(scale), minimum=tokens_contiguous(minimum), bits=c.bits, group_size=c.group_size,
         )
 

@@ -247,7 +247,7 @@ def pack_levels(level_codes: list[torch.Tensor], bits: tuple[int, ...]) -> torch
     for codes, b in zip(level_codes, bits):
         shifts = torch.arange(b, device=codes.device)
         streams.append(((codes.unsqueeze(-1) >> shifts) & 1).flatten(-2))
-    return pack_bits(torch.cat(streams, dim=-1), 1)
+    return pack_bits(torch.cat(streams, dim=-1), 1, check_range=False)  # (single bits)
 
 
 def unpack_levels(packed: torch.Tensor, bits: tuple[int, ...], head_dim: int) -> list[torch.Tensor]:
@@ -270,7 +270,8 @@ def _encode_log_radii(radii: torch.Tensor, bits: int, dtype: torch.dtype) -> dic
     log_r = torch.log(torch.maximum(radii, floor))
     scale, minimum = uniform.minmax_scale(log_r.amin(-1, keepdim=True), log_r.amax(-1, keepdim=True), bits, dtype)
     codes = uniform.encode(log_r, scale, minimum, bits)
-    return {"radii": radii.new_empty(*radii.shape[:-1], 0).to(dtype), "radius_codes": pack_bits(codes, bits),
+    return {"radii": radii.new_empty(*radii.shape[:-1], 0).to(dtype),
+            "radius_codes": pack_bits(codes, bits, check_range=False),  # (clamped by encode)
             "radius_scale": scale, "radius_min": minimum}
 
 

@@ -167,7 +167,8 @@ def quantize_polar(
     ac = uniform.encode(unwrapped, a_scale.unsqueeze(-2), a_min.unsqueeze(-2), angle_bits).int()
     code = ((rc << angle_bits) | ac).flatten(-3, -2)[..., :tokens, :]
     return PolarRopeTensor(
-        shape=x.shape, dtype=x.dtype, codes=pack_bits(code, radius_bits + angle_bits),
+        shape=x.shape, dtype=x.dtype,
+        codes=pack_bits(code, radius_bits + angle_bits, check_range=False),  # (both fields clamped)
         radius_scale=r_scale, radius_min=r_min, angle_scale=a_scale, angle_min=a_min,
         radius_bits=radius_bits, angle_bits=angle_bits, group_size=group_size, pairing=pairing,
         angle_range=angle_range,

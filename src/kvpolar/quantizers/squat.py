@@ -210,7 +210,7 @@ def quantize_keys(
             work[..., end:] += err @ m.unsqueeze(-3).transpose(-1, -2)
     all_codes = torch.cat(codes, dim=-1).reshape(*keys.shape[:-2], -1, d)[..., :tokens, :]
     return KiviChannelTensor(
-        shape=keys.shape, dtype=keys.dtype, codes=pack_bits(all_codes, bits),
+        shape=keys.shape, dtype=keys.dtype, codes=pack_bits(all_codes, bits, check_range=False),  # (clamped by encode)
         scale=torch.cat(scales, dim=-1), minimum=torch.cat(minimums, dim=-1),
         bits=bits, group_size=group_size,
     )

@@ -119,7 +119,8 @@ class Turbo(Quantizer):
                 f"the float16 range ({FP16_MAX:.0f}) turbo stores its factors in; rescale the input"
             )
         return TurboTensor(
-            shape=x.shape, dtype=x.dtype, codes=pack_bits(codes, c.bits), norms=scale.to(torch.float16),
+            shape=x.shape, dtype=x.dtype, codes=pack_bits(codes, c.bits, check_range=False),  # (codebook indices)
+            norms=scale.to(torch.float16),
             rotation=rot.stored, codebook=codebook,
             bits=c.bits, rotation_kind=c.rotation, seed=c.seed, norm_correction=c.norm_correction,
         )
