@@ -6,11 +6,12 @@ as int32 words and decode "by parts": part ``K`` of every unit is pair ``4 u + K
 interleaved and each part is the register (A) operand of its own tensor-core product with the query
 at those pairs' channels (``s^T += X_K q_x,K^T + Y_K q_y,K^T``).
 
-Per pair the decode costs one LOP3 per code that masks the code in place and ORs it into the mantissa
-of 1.0 (``1 + code * 2**(at - 23)`` as float32 for a code at bit ``at``, no int->float converter), plus
-a few shifts per unit for the codes not already at a usable bit (:func:`scores_part_t`); one FMA each for the
-radius and the angle (the metadata are pre-folded: ``r = f_r * (2**(23 - at) rs) + (r_min - 2**(23 - at) rs)``),
-and ``cos.approx`` / ``sin.approx`` on the special-function unit (absolute error ~1e-6).
+Per pair the decode costs one AND per code on its unit word with the exponent of 1.0 ORed in (the
+code then reads as ``1 + code * 2**(at - 23)`` in float32 for a code at mantissa bit ``at``; no
+int->float converter), that word being shared by the codes read from it unshifted or after one of a
+few shifts (:func:`scores_part_t`); one FMA each for the radius and the angle (the metadata are
+pre-folded: ``r = f_r * (2**(23 - at) rs) + (r_min - 2**(23 - at) rs)``), and ``cos.approx`` /
+``sin.approx`` on the special-function unit (absolute error ~1e-6).
 """
 
 from __future__ import annotations
@@ -219,17 +220,18 @@ def scores_part_t(s_t, word, qx, qy, r_scale, r_min, a_scale, a_min, K: tl.const
     # codes), else bit 16 (a shift of its own); never below the lowest bit at which folding
     # ``2**(23 - at)`` into the metadata keeps the float32 rounding of ``min - 2**(23 - at) scale``,
     # ``scale * 2**(-1 - at)``, under 2**-14 of the key's scale (angles: scale <= 2 pi / (2**bits - 1);
-    # radii: scale <= r_max / (2**bits - 1)); for r2a4 and r4a4, 3 shifts and 8 AND-ORs per unit of
-    # four pairs instead of 7 and 8.
+    # radii: scale <= r_max / (2**bits - 1)). For r2a4 and r4a4 a unit takes 3 shifts instead of 7.
     RB: tl.constexpr = BITS - AB
     LO_A: tl.constexpr = 12 if AB >= 4 else (13 if AB == 3 else (15 if AB == 2 else 16))
     LO_R: tl.constexpr = 10 if RB >= 4 else (11 if RB == 3 else (12 if RB == 2 else 13))
     SA: tl.constexpr = K * BITS
     SR: tl.constexpr = K * BITS + AB
     AT_A: tl.constexpr = SA if (SA >= LO_A and SA + AB <= 23) else (
-        SA + 12 if (SA + 12 >= LO_A and SA + 12 + AB <= 23) else (SA - 9 if (SA - 9 >= LO_A and SA - 9 + AB <= 23) else 16))
+        SA + 12 if (SA + 12 >= LO_A and SA + 12 + AB <= 23) else (
+            SA - 9 if (SA - 9 >= LO_A and SA - 9 + AB <= 23) else 16))
     AT_R: tl.constexpr = SR if (SR >= LO_R and SR + RB <= 23) else (
-        SR + 12 if (SR + 12 >= LO_R and SR + 12 + RB <= 23) else (SR - 9 if (SR - 9 >= LO_R and SR - 9 + RB <= 23) else 16))
+        SR + 12 if (SR + 12 >= LO_R and SR + 12 + RB <= 23) else (
+            SR - 9 if (SR - 9 >= LO_R and SR - 9 + RB <= 23) else 16))
     a_mul = a_scale * ((1 << (23 - AT_A)) * 1.0)
     r_mul = r_scale * ((1 << (23 - AT_R)) * 1.0)
     x, y = pair_xy(word, r_mul[None, :], (r_min - r_mul)[None, :], a_mul[None, :], (a_min - a_mul)[None, :], K, BITS,
