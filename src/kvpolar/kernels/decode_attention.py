@@ -1309,15 +1309,22 @@ if triton is not None:
         return x0, x1, x2, x3
 
     @triton.jit
-    def _key_group_part(q_t, k_scale, k_min, DT: tl.constexpr, OFFSET: tl.constexpr):
+    def _key_group_part(k_bias, q_t, k_scale, k_min, BN: tl.constexpr, DT: tl.constexpr, OFFSET: tl.constexpr,
+                        PREC: tl.constexpr):
         """One key group's terms for code position ``K`` of every packed byte (channels ``u * U + K``):
         the query part scaled by the group's scale, ``(q_K * scale) [NU, BM]`` in ``DT`` (the B operand
-        of ``codes_K [BN, NU] @ (q_K * scale)``, the codes being ``code + OFFSET``), and the per-unit
-        bias ``q_K * min - OFFSET * (q_K * scale)`` ``[NU, BM]`` float32, which the caller sums over
-        the units and adds to every token's score. ``k_scale`` / ``k_min``: ``[NU]``."""
+        of ``codes_K [BN, NU] @ (q_K * scale)``, the codes being ``code + OFFSET``), and ``k_bias``
+        ``[BN, BM]`` float32 plus the part's score bias ``q_K . min - OFFSET * sum(q_K * scale)``,
+        the same in every token row, on the tensor cores: the minimum repeated over the block's rows
+        times the query, and a constant ``-OFFSET`` tile times the scaled query (every product exact,
+        float32 sums; computed elementwise in float32 and reduced across threads, the bias took about
+        twice the instructions). ``k_scale`` / ``k_min``: ``[NU]``."""
         q_scaled = q_t * k_scale.to(DT)[:, None]  # (DT x DT: the exact product rounded once, as via float32)
-        bias = q_t.to(tl.float32) * k_min.to(tl.float32)[:, None] - OFFSET * q_scaled.to(tl.float32)
-        return q_scaled, bias
+        nu: tl.constexpr = q_t.shape[0]
+        k_bias = tl.dot(tl.broadcast_to(k_min.to(DT)[None, :], [BN, nu]), q_t, k_bias, input_precision=PREC)
+        if OFFSET != 0:
+            k_bias = tl.dot(tl.full([BN, nu], -OFFSET, DT), q_scaled, k_bias, input_precision=PREC)
+        return q_scaled, k_bias
 
     @triton.jit
     def _word_halves(words, shift, DT: tl.constexpr):
@@ -1434,7 +1441,7 @@ if triton is not None:
             qs1 = q1
             qs2 = q2
             qs3 = q3
-            k_bias = tl.zeros([BLOCK_M], tl.float32)
+            k_bias = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
 
         k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
         v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
@@ -1557,22 +1564,20 @@ if triton is not None:
                 if (i == 0) | (n0 % KEY_GROUP == 0):  # a new key group (or the split's first block)
                     sc0, sc1, sc2, sc3 = _unit_parts(k_scale_row, KEY_U)
                     mn0, mn1, mn2, mn3 = _unit_parts(k_min_row, KEY_U)
-                    qs0, bias = _key_group_part(q0, sc0, mn0, DT, KEY_OFFSET)
+                    k_bias = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                    qs0, k_bias = _key_group_part(k_bias, q0, sc0, mn0, BLOCK_N, DT, KEY_OFFSET, PREC)
                     if KEY_U >= 2:
-                        qs1, bias1 = _key_group_part(q1, sc1, mn1, DT, KEY_OFFSET)
-                        bias += bias1
+                        qs1, k_bias = _key_group_part(k_bias, q1, sc1, mn1, BLOCK_N, DT, KEY_OFFSET, PREC)
                     if KEY_U >= 4:
-                        qs2, bias2 = _key_group_part(q2, sc2, mn2, DT, KEY_OFFSET)
-                        qs3, bias3 = _key_group_part(q3, sc3, mn3, DT, KEY_OFFSET)
-                        bias += bias2 + bias3
-                    k_bias = tl.sum(bias, axis=0)
+                        qs2, k_bias = _key_group_part(k_bias, q2, sc2, mn2, BLOCK_N, DT, KEY_OFFSET, PREC)
+                        qs3, k_bias = _key_group_part(k_bias, q3, sc3, mn3, BLOCK_N, DT, KEY_OFFSET, PREC)
                 s_t = tl.dot(_byte_codes(word, 0, KEY_BITS, DT, NATIVE), qs0, s_t, input_precision=PREC)
                 if KEY_U >= 2:
                     s_t = tl.dot(_byte_codes(word, 1, KEY_BITS, DT, NATIVE), qs1, s_t, input_precision=PREC)
                 if KEY_U >= 4:
                     s_t = tl.dot(_byte_codes(word, 2, KEY_BITS, DT, NATIVE), qs2, s_t, input_precision=PREC)
                     s_t = tl.dot(_byte_codes(word, 3, KEY_BITS, DT, NATIVE), qs3, s_t, input_precision=PREC)
-                s_t = (s_t + k_bias[None, :]) * qk_scale
+                s_t = (s_t + k_bias) * qk_scale
             # ---- online softmax over axis 0 (tokens)
             keep = n_ok[:, None] & row_ok[None, :]
             if HAS_MASK:
