@@ -72,10 +72,25 @@ def lut_words(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _BYTES_TO_SELECTOR = (
     "shr.u32 t, $2, $3; and.b32 t, t, {mask}; prmt.b32 t, t, 0, 0x3120; shr.u32 s, t, 12; or.b32 s, s, t; "
 )
-_WORDS_TO_SELECTOR = (
-    "bfe.u32 t, $2, $6, 3; bfe.u32 c, $3, $6, 3; bfi.b32 s, c, t, 4, 4; bfe.u32 c, $4, $6, 3; "
-    "bfi.b32 s, c, s, 8, 4; bfe.u32 c, $5, $6, 3; bfi.b32 s, c, s, 12, 4; "
-)
+def _words_to_selector(shift: int) -> str:
+    """Selector nibbles ``k`` = the 3-bit code at bit ``shift`` of word ``$2 + k`` (24-bit units): each
+    word shifted by a constant so its code lands in nibble ``k``, masked and ORed in (a shift and one
+    AND-OR each; ``bfe`` / ``bfi``, which sm_90 emulates with several instructions, took about twice
+    as many)."""
+    parts = []
+    for k in range(4):
+        move = shift - 4 * k  # right shift that puts the code at bit 4 k
+        word = f"${2 + k}"
+        if move > 0:
+            parts.append(f"shr.u32 t, {word}, {move}; ")
+        elif move < 0:
+            parts.append(f"shl.b32 t, {word}, {-move}; ")
+        else:
+            parts.append(f"mov.b32 t, {word}; ")
+        parts.append(f"and.b32 t, t, {7 << (4 * k):#x}; " + ("mov.b32 s, t; " if k == 0 else "or.b32 s, s, t; "))
+    return "".join(parts)
+
+
 _LOOKUP8 = (
     "prmt.b32 lo, ${l0}, ${l1}, s; prmt.b32 hi, ${h0}, ${h1}, s; "
     "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; "
@@ -103,7 +118,10 @@ def _asm(selector: str, lookup: str, first_table: int, mask: str = "") -> str:
 ASM_BYTES_1 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP8, 7, "0x01010101"))
 ASM_BYTES_2 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP8, 7, "0x03030303"))
 ASM_BYTES_4 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP16, 7, "0x0F0F0F0F"))
-ASM_WORDS_3 = tl.constexpr(_asm(_WORDS_TO_SELECTOR, _LOOKUP8, 10))
+# 3-bit codes, one string per code position K (the shifts are immediates): code K is at bit 3 K
+ASM_WORDS_3 = tuple(tl.constexpr(_asm(_words_to_selector(3 * k), _LOOKUP8, 10)) for k in range(8))
+(ASM_WORDS_3_0, ASM_WORDS_3_1, ASM_WORDS_3_2, ASM_WORDS_3_3,
+ ASM_WORDS_3_4, ASM_WORDS_3_5, ASM_WORDS_3_6, ASM_WORDS_3_7) = ASM_WORDS_3
 # constraints: 4 uint8 codes pack into one register, every int32 operand takes 4
 _C_BYTES8 = tl.constexpr("=r,=r" + ",r" * (1 + 4 * 5))
 _C_BYTES16 = tl.constexpr("=r,=r" + ",r" * (1 + 4 * 9))
@@ -141,7 +159,23 @@ def part_values(word, K: tl.constexpr, BITS: tl.constexpr, lut, book_ptr, DT: tl
         shift = tl.full(word.shape, K * BITS, tl.int32)
         l0, l1, h0, h1, l2, l3, h2, h3 = lut
         if BITS == 3:
-            out = tl.inline_asm_elementwise(ASM_WORDS_3, _C_WORDS8, [word, shift, l0, l1, h0, h1], dtype=DT.value,
+            if K == 0:
+                asm: tl.constexpr = ASM_WORDS_3_0
+            elif K == 1:
+                asm: tl.constexpr = ASM_WORDS_3_1
+            elif K == 2:
+                asm: tl.constexpr = ASM_WORDS_3_2
+            elif K == 3:
+                asm: tl.constexpr = ASM_WORDS_3_3
+            elif K == 4:
+                asm: tl.constexpr = ASM_WORDS_3_4
+            elif K == 5:
+                asm: tl.constexpr = ASM_WORDS_3_5
+            elif K == 6:
+                asm: tl.constexpr = ASM_WORDS_3_6
+            else:
+                asm: tl.constexpr = ASM_WORDS_3_7
+            out = tl.inline_asm_elementwise(asm, _C_WORDS8, [word, shift, l0, l1, h0, h1], dtype=DT.value,
                                             is_pure=True, pack=4)
         elif BITS == 4:
             out = tl.inline_asm_elementwise(ASM_BYTES_4, _C_BYTES16, [word, shift, l0, l1, h0, h1, l2, l3, h2, h3],
