@@ -1149,7 +1149,7 @@ if triton is not None:
                 k, k_tok = formats.format_tile(
                     k_base + offs_n * sk_t, n_ok, km0 + km_base + offs_n * skm_g, ktab0, ktab1, ktab2,
                     (b * n_kv_heads + hkv) * k_book_stride, KEY_FMT, KEY_BITS, KEY_NB, KEY_LEVELS,
-                    D, BLOCK_N)
+                    D, BLOCK_N, NATIVE)
                 s = tl.dot(q, tl.trans(k.to(DT)), input_precision=PREC) * k_tok[None, :]
             else:  # polar-rope: (x, y) = r (cos, sin) theta per pair, then q_x . x + q_y . y
                 meta = km_base + (n0 // KEY_GROUP) * skm_g + tl.arange(0, HALF)
@@ -1208,16 +1208,16 @@ if triton is not None:
                     v_min = tl.load(vm1 + meta, mask=n_ok[:, None], other=0.0).to(DT)
                     v = _unpack(v_base + offs_n[:, None] * sv_t, n_ok[:, None], v_scale, v_min, VAL_BITS, VAL_UB,
                                 VAL_U, D, DT, NATIVE, True, False, VAL_OFFSET)
-                elif VAL_FMT >= 3:  # turbo / fp8 / polar-recursive: the per-token factor on the tile
+                elif VAL_FMT >= 3:  # turbo / fp8 / polar-recursive: the tile, and a per-token factor
                     v, v_tok = formats.format_tile(
                         v_base + offs_n * sv_t, n_ok, vm0 + vm_base + offs_n * svm_t, vtab0, vtab1, vtab2,
                         (b * n_kv_heads + hkv) * v_book_stride, VAL_FMT, VAL_BITS, VAL_NB, VAL_LEVELS,
-                        D, BLOCK_N)
-                    if VAL_FMT == 6:
-                        v = v.to(DT)
-                    else:
-                        v = (v.to(tl.float32) * v_tok[:, None]).to(DT)
-                acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PREC)
+                        D, BLOCK_N, NATIVE)
+                    v = v.to(DT)
+                if VAL_FMT >= 3 and VAL_FMT != 6:  # the factor on the probabilities: [BM, BN], not [BN, D]
+                    acc = tl.dot((p * v_tok[None, :]).to(DT), v, acc * alpha[:, None], input_precision=PREC)
+                else:
+                    acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PREC)
 
         slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
         tl.store(part_max + slot, m_i, mask=row_ok)
