@@ -159,22 +159,9 @@ def part_values(word, K: tl.constexpr, BITS: tl.constexpr, lut, book_ptr, DT: tl
         shift = tl.full(word.shape, K * BITS, tl.int32)
         l0, l1, h0, h1, l2, l3, h2, h3 = lut
         if BITS == 3:
-            if K == 0:
-                asm: tl.constexpr = ASM_WORDS_3_0
-            elif K == 1:
-                asm: tl.constexpr = ASM_WORDS_3_1
-            elif K == 2:
-                asm: tl.constexpr = ASM_WORDS_3_2
-            elif K == 3:
-                asm: tl.constexpr = ASM_WORDS_3_3
-            elif K == 4:
-                asm: tl.constexpr = ASM_WORDS_3_4
-            elif K == 5:
-                asm: tl.constexpr = ASM_WORDS_3_5
-            elif K == 6:
-                asm: tl.constexpr = ASM_WORDS_3_6
-            else:
-                asm: tl.constexpr = ASM_WORDS_3_7
+            asm: tl.constexpr = (ASM_WORDS_3_0 if K == 0 else ASM_WORDS_3_1 if K == 1 else ASM_WORDS_3_2 if K == 2
+                                 else ASM_WORDS_3_3 if K == 3 else ASM_WORDS_3_4 if K == 4 else ASM_WORDS_3_5 if K == 5
+                                 else ASM_WORDS_3_6 if K == 6 else ASM_WORDS_3_7)
             out = tl.inline_asm_elementwise(asm, _C_WORDS8, [word, shift, l0, l1, h0, h1], dtype=DT.value,
                                             is_pure=True, pack=4)
         elif BITS == 4:
