@@ -60,7 +60,7 @@ def compile_pair(key: str, value: str, dtype, block_n: int, warps: int):
                 KEY_UB=_unit(kb)[0], KEY_U=_unit(kb)[1], KEY_GROUP=32 if kf == 1 else 1, ANGLE_BITS=0,
                 PAIR_HALF=True, VAL_FMT=vf, VAL_BITS=vb, VAL_UB=_unit(vb)[0], VAL_U=_unit(vb)[1],
                 VAL_GROUP=32 if vf == 1 else 1, HAS_MASK=False, NATIVE=True, DOT_DTYPE=dtype,
-                KEY_OFFSET=offset, VAL_OFFSET=offset, PARTS=True,
+                KEY_OFFSET=offset, VAL_OFFSET=offset, PARTS=True, FP8_CONVERT=True,
                 KEY_NB=_row_bytes(kf, kb), KEY_LEVELS=4 if kf == fm.FMT_POLAR_RECURSIVE else 0,
                 VAL_NB=_row_bytes(vf, vb), VAL_LEVELS=4 if vf == fm.FMT_POLAR_RECURSIVE else 0)
     sig = {n: "constexpr" if n in cons else ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}

@@ -68,6 +68,7 @@ def compile_preset(name: str, batch: int, tokens: int, cfg: mod.LaunchConfig | N
     scale = D ** -0.5
     with mock.patch.object(mod, "_interpreting", lambda: False), \
             mock.patch.object(mod, "_device_sms", lambda device: H100_SMS), \
+            mock.patch.object(mod, "_fp8_conversion", lambda device: True), \
             mock.patch.object(mod, "_transposed_residency", lambda *a, **k: None):
         q = mod._packed_query(query, mod.formats.rotation_matrix(keys))
         plan = mod._packed_plan(q, keys, values, None, scale, cfg or mod.LaunchConfig())

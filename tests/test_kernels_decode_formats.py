@@ -207,6 +207,21 @@ def test_fp8_bits_to_float16_over_all_codes(fmt):
     assert torch.equal(got[finite], want[finite])
 
 
+def test_fp8_hardware_conversion_only_where_the_gpu_has_it(monkeypatch):
+    """The classic kernel converts e4m3 with the GPU's float8 conversion only when compiled for
+    compute capability 8.9+ (Ada, Hopper); older GPUs (whose compile would fail on it) and the
+    interpreter keep the bit moving checked above."""
+    from kvpolar.kernels import decode_attention as da
+
+    monkeypatch.setattr(da, "_interpreting", lambda: False)
+    assert not da._fp8_conversion(torch.device("cpu"))
+    for capability, expected in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(da, "_capability", lambda index, c=capability: c)
+        assert da._fp8_conversion(torch.device("cuda", 0)) is expected
+    monkeypatch.setattr(da, "_interpreting", lambda: True)
+    assert not da._fp8_conversion(torch.device("cuda", 0))
+
+
 # ----- what the kernel claims to read -----------------------------------------------------------------------
 def _stored(name, params, x):
     qz = kvpolar.quantizer(name, **params)

@@ -338,6 +338,20 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=8)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _fp8_conversion(device: torch.device) -> bool:
+    """Whether the compiled classic kernel on ``device`` converts float8 e4m3 in hardware (compute
+    capability 8.9 or newer: Ada, Hopper); older GPUs and the interpreter move the bits instead
+    (``decode_formats.fp8_to_f16``)."""
+    if _interpreting() or device.type != "cuda":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
+
+
 def _device_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -792,7 +806,7 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         HAS_MASK=mask is not None, NATIVE=not _interpreting(),
         DOT_DTYPE=_dot_dtype(query.dtype),
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
-        PARTS=cfg.by_parts,
+        PARTS=cfg.by_parts, FP8_CONVERT=_fp8_conversion(query.device),
         **{"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **formats.launch_overrides(k_op.fmt, v_op.fmt)},
         **formats.kernel_args(k_op, v_op, query),
     )
@@ -1049,13 +1063,14 @@ if triton is not None:
         VAL_FMT: tl.constexpr, VAL_BITS: tl.constexpr, VAL_UB: tl.constexpr, VAL_U: tl.constexpr,
         VAL_GROUP: tl.constexpr,
         HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr, PARTS: tl.constexpr,
+        KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr, PARTS: tl.constexpr, FP8_CONVERT: tl.constexpr,
         ktab0, ktab1, ktab2, k_book_stride, vtab0, vtab1, vtab2, v_book_stride,
         KEY_NB: tl.constexpr, KEY_LEVELS: tl.constexpr,
         VAL_NB: tl.constexpr, VAL_LEVELS: tl.constexpr,
     ):
         """The split step (see the module docstring); ``ktab*`` / ``vtab*``, ``*_book_stride``,
-        ``*_NB``, ``*_LEVELS``: the formats of ``decode_formats`` (``kernel_args``)."""
+        ``*_NB``, ``*_LEVELS``: the formats of ``decode_formats`` (``kernel_args``); ``FP8_CONVERT``:
+        e4m3 by the GPU's conversion (``_fp8_conversion``)."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // n_kv_heads
@@ -1149,7 +1164,7 @@ if triton is not None:
                 k, k_tok = formats.format_tile(
                     k_base + offs_n * sk_t, n_ok, km0 + km_base + offs_n * skm_g, ktab0, ktab1, ktab2,
                     (b * n_kv_heads + hkv) * k_book_stride, KEY_FMT, KEY_BITS, KEY_NB, KEY_LEVELS,
-                    D, BLOCK_N, NATIVE)
+                    D, BLOCK_N, FP8_CONVERT)
                 s = tl.dot(q, tl.trans(k.to(DT)), input_precision=PREC) * k_tok[None, :]
             else:  # polar-rope: (x, y) = r (cos, sin) theta per pair, then q_x . x + q_y . y
                 meta = km_base + (n0 // KEY_GROUP) * skm_g + tl.arange(0, HALF)
@@ -1212,7 +1227,7 @@ if triton is not None:
                     v, v_tok = formats.format_tile(
                         v_base + offs_n * sv_t, n_ok, vm0 + vm_base + offs_n * svm_t, vtab0, vtab1, vtab2,
                         (b * n_kv_heads + hkv) * v_book_stride, VAL_FMT, VAL_BITS, VAL_NB, VAL_LEVELS,
-                        D, BLOCK_N, NATIVE)
+                        D, BLOCK_N, FP8_CONVERT)
                     v = v.to(DT)
                 if VAL_FMT >= 3 and VAL_FMT != 6:  # the factor on the probabilities: [BM, BN], not [BN, D]
                     acc = tl.dot((p * v_tok[None, :]).to(DT), v, acc * alpha[:, None], input_precision=PREC)

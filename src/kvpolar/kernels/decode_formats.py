@@ -11,7 +11,8 @@ formats here plug into its classic split kernel (``_split_kernel``) through one 
 * ``fp8`` (``Fp8Tensor``): the float8 bytes turned into float16 by moving bits (no fp8 dtype needed:
   e5m2 ``b << 8``; e4m3 ``sign << 8 | rest << 7`` is the value / 256, subnormals included);
   factor = the chunk's fp32 scale (times 256 for e4m3). Compiled, e4m3 takes the GPU's float8
-  conversion instead (two bytes per instruction) and the kernel divides the factor by 256.
+  conversion instead (two bytes per instruction; compute capability 8.9+) and the kernel divides the
+  factor by 256.
 
 The kernel applies a value tile's factor to the probabilities (``[rows, block]``), not to the tile.
 * ``polar-recursive`` (``PolarRecursiveTensor``, radii in the input dtype): the stored radii split
@@ -211,16 +212,17 @@ if triton is not None:
     @triton.jit
     def format_tile(rows, row_ok, meta_tok, tab0, tab1, tab2, book,
                     FMT: tl.constexpr, BITS: tl.constexpr, NB: tl.constexpr, LEVELS: tl.constexpr,
-                    D: tl.constexpr, BLOCK_N: tl.constexpr, NATIVE: tl.constexpr = False):
+                    D: tl.constexpr, BLOCK_N: tl.constexpr, FP8_CONVERT: tl.constexpr = False):
         """A block of stored vectors: ``(tile [BLOCK_N, D], factor [BLOCK_N] float32)`` with
         ``x_hat = tile * factor`` per token (rotated domain for turbo / polar-recursive).
 
         rows: ``[BLOCK_N]`` pointers to the tokens' packed bytes; row_ok ``[BLOCK_N]``; meta_tok
         ``[BLOCK_N]`` pointers to each token's metadata row (norm, scale or radii); tab0..2 and
         ``book`` (element offset of this KV head's tables): see ``operand_fields``. Masked rows
-        give finite values. ``NATIVE`` (compiled, not interpreted): e4m3 bytes converted by the
-        GPU's float8 conversion (two per instruction; the bit moving took about four instructions
-        per byte), the tile then holding the values themselves and the factor divided by 256.
+        give finite values. ``FP8_CONVERT`` (compiled for compute capability 8.9+): e4m3 bytes
+        converted by the GPU's float8 conversion (two per instruction; the bit moving took about
+        four instructions per byte), the tile then holding the values themselves and the factor
+        divided by 256.
         """
         dcol = tl.arange(0, D)
         if FMT == 3:  # turbo: codebook value per coordinate; norm (/ ||codewords||) per token
@@ -231,7 +233,7 @@ if triton is not None:
                 codes = _read_code(rows[:, None], row_ok[:, None], dcol * BITS, BITS, NB)
             tile = tl.load(tab0 + codes)
             factor = tl.load(meta_tok, mask=row_ok, other=0.0).to(tl.float32)
-        elif FMT == 4 and NATIVE:  # fp8 e4m3, the hardware conversion: exact values
+        elif FMT == 4 and FP8_CONVERT:  # fp8 e4m3, the hardware conversion: exact values
             byte = tl.load(rows[:, None] + dcol[None, :], mask=row_ok[:, None], other=0)
             tile = byte.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
             factor = tl.load(meta_tok, mask=row_ok, other=0.0) * _E4M3_UNSHIFT
