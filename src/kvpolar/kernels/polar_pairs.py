@@ -9,7 +9,7 @@ at those pairs' channels (``s^T += X_K q_x,K^T + Y_K q_y,K^T``).
 Per pair the decode costs one AND per code on its unit word with the exponent of 1.0 ORed in (the
 code then reads as ``1 + code * 2**(at - 23)`` in float32 for a code at mantissa bit ``at``; no
 int->float converter), that word being shared by the codes read from it unshifted or after one of a
-few shifts (:func:`scores_part_t`); one FMA each for the radius and the angle (the metadata are
+few shifts (:func:`read_code`); one FMA each for the radius and the angle (the metadata are
 pre-folded: ``r = f_r * (2**(23 - at) rs) + (r_min - 2**(23 - at) rs)``), and ``cos.approx`` /
 ``sin.approx`` on the special-function unit (absolute error ~1e-6).
 """
@@ -140,10 +140,20 @@ def field_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, AT: tl.conste
 
 
 @triton.jit
-def code_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr):
-    """``1 + ((word >> SHIFT) & (2**WIDTH - 1)) / 128`` as float32 (WIDTH <= 7): the code at bit 16
-    of the mantissa of 1.0 (:func:`field_as_float`)."""
-    return field_as_float(word, SHIFT, WIDTH, 16)
+def read_code(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, LO: tl.constexpr):
+    """The ``WIDTH``-bit code at bit ``SHIFT`` of ``word`` as ``(f, unit)``: ``f`` float32 ``1 + code /
+    unit`` (:func:`field_as_float`) and ``unit`` = ``2**(23 - at)`` (a float32 constant), so a grid
+    ``min + code * scale`` is the one FMA ``f * (scale * unit) + (min - scale * unit)``. The
+    mantissa bit ``at`` the code is read at: where it lies, else 12 bits up (one left shift that the
+    compiler shares between the word's low codes), else 9 bits down (one right shift shared by the
+    high codes), else bit 16 (a shift of its own); never below ``LO``: folding ``unit`` into the
+    grid rounds ``min - scale * unit`` in float32 within ``scale * 2**(-1 - at)``, which the caller
+    keeps below its tolerance (:func:`pair_xy`). For four 6- or 8-bit pairs a unit word takes 3
+    shifts instead of 7."""
+    AT: tl.constexpr = SHIFT if (SHIFT >= LO and SHIFT + WIDTH <= 23) else (
+        SHIFT + 12 if (SHIFT + 12 >= LO and SHIFT + 12 + WIDTH <= 23) else (
+            SHIFT - 9 if (SHIFT - 9 >= LO and SHIFT - 9 + WIDTH <= 23) else 16))
+    return field_as_float(word, SHIFT, WIDTH, AT), tl.full((), (1 << (23 - AT)) * 1.0, tl.float32)
 
 
 @triton.jit
@@ -174,7 +184,7 @@ def pair_meta(meta_rs, meta_rm, meta_as, meta_am, uk, ok):
     """Metadata of the pairs of units ``uk`` (``arange(NU)``): radius scale / min and angle scale /
     min, float32 ``[NU, 4]`` each (pair ``4 u + K`` at ``[u, K]``). Each field is one contiguous load
     of ``4 NU`` values (which Triton's pipeliner can copy asynchronously, stages ahead), split into
-    the parts by :func:`split4` and folded per part by :func:`scores_part_t`; ``ok`` ``[NU]``."""
+    the parts by :func:`split4` and folded per part by :func:`pair_xy`; ``ok`` ``[NU]``."""
     offs = (uk * 4)[:, None] + tl.arange(0, 4)[None, :]
     rs = tl.load(meta_rs + offs, mask=ok[:, None], other=0.0).to(tl.float32)
     rm = tl.load(meta_rm + offs, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -184,17 +194,22 @@ def pair_meta(meta_rs, meta_rm, meta_as, meta_am, uk, ok):
 
 
 @triton.jit
-def pair_xy(word, r_mul, r_add, a_mul, a_add, K: tl.constexpr, BITS: tl.constexpr, AB: tl.constexpr,
-            AT_A: tl.constexpr, AT_R: tl.constexpr, FAST: tl.constexpr):
+def pair_xy(word, r_scale, r_min, a_scale, a_min, K: tl.constexpr, BITS: tl.constexpr, AB: tl.constexpr,
+            FAST: tl.constexpr):
     """Key coordinates ``(x, y) = r (cos, sin) theta`` float32 of code ``K`` of every unit of ``word``
-    (int32 ``[BN, NU]``): ``r = r_min + rc * r_scale``, ``theta = a_min + ac * a_scale``, the angle
-    and radius codes read at mantissa bits ``AT_A`` / ``AT_R`` (:func:`field_as_float`) and the
-    metadata folded for them (``r_mul = 2**(23 - AT_R) r_scale``, ``r_add = r_min - r_mul``, same for
-    the angle)."""
-    fa = field_as_float(word, K * BITS, AB, AT_A)
-    fr = field_as_float(word, K * BITS + AB, BITS - AB, AT_R)
-    c, s = cos_sin(fa * a_mul + a_add, FAST)
-    r = fr * r_mul + r_add
+    (int32 ``[BN, NU]``): ``r = r_min + rc * r_scale``, ``theta = a_min + ac * a_scale`` (metadata
+    ``[1, NU]``), each code read by :func:`read_code` and the metadata folded for it on ``[1, NU]``.
+    The lowest bit a code is read at keeps the folding's rounding under 2**-14 of the key's scale:
+    angles step at most 2 pi / (2**bits - 1), radii r_max / (2**bits - 1)."""
+    RB: tl.constexpr = BITS - AB
+    LO_A: tl.constexpr = 12 if AB >= 4 else (13 if AB == 3 else (15 if AB == 2 else 16))
+    LO_R: tl.constexpr = 10 if RB >= 4 else (11 if RB == 3 else (12 if RB == 2 else 13))
+    fa, a_unit = read_code(word, K * BITS, AB, LO_A)
+    fr, r_unit = read_code(word, K * BITS + AB, RB, LO_R)
+    a_mul = a_scale * a_unit
+    r_mul = r_scale * r_unit
+    c, s = cos_sin(fa * a_mul + (a_min - a_mul), FAST)
+    r = fr * r_mul + (r_min - r_mul)
     return r * c, r * s
 
 
@@ -215,27 +230,7 @@ def scores_part_t(s_t, word, qx, qy, r_scale, r_min, a_scale, a_min, K: tl.const
     """``s_t [BN, BM] += X_K [BN, NU] @ qx_K + Y_K @ qy_K`` for pairs ``4 u + K``: the key pair
     coordinates decoded in registers (:func:`pair_xy`) are the A operands of the products.
     ``r_scale`` .. ``a_min``: part ``K`` of :func:`pair_meta`, ``[NU]``."""
-    # The mantissa bit each code is read at (``field_as_float``): where it lies, else 12 bits up (one
-    # left shift shared by the low codes), else 9 bits down (one right shift shared by the high
-    # codes), else bit 16 (a shift of its own); never below the lowest bit at which folding
-    # ``2**(23 - at)`` into the metadata keeps the float32 rounding of ``min - 2**(23 - at) scale``,
-    # ``scale * 2**(-1 - at)``, under 2**-14 of the key's scale (angles: scale <= 2 pi / (2**bits - 1);
-    # radii: scale <= r_max / (2**bits - 1)). For r2a4 and r4a4 a unit takes 3 shifts instead of 7.
-    RB: tl.constexpr = BITS - AB
-    LO_A: tl.constexpr = 12 if AB >= 4 else (13 if AB == 3 else (15 if AB == 2 else 16))
-    LO_R: tl.constexpr = 10 if RB >= 4 else (11 if RB == 3 else (12 if RB == 2 else 13))
-    SA: tl.constexpr = K * BITS
-    SR: tl.constexpr = K * BITS + AB
-    AT_A: tl.constexpr = SA if (SA >= LO_A and SA + AB <= 23) else (
-        SA + 12 if (SA + 12 >= LO_A and SA + 12 + AB <= 23) else (
-            SA - 9 if (SA - 9 >= LO_A and SA - 9 + AB <= 23) else 16))
-    AT_R: tl.constexpr = SR if (SR >= LO_R and SR + RB <= 23) else (
-        SR + 12 if (SR + 12 >= LO_R and SR + 12 + RB <= 23) else (
-            SR - 9 if (SR - 9 >= LO_R and SR - 9 + RB <= 23) else 16))
-    a_mul = a_scale * ((1 << (23 - AT_A)) * 1.0)
-    r_mul = r_scale * ((1 << (23 - AT_R)) * 1.0)
-    x, y = pair_xy(word, r_mul[None, :], (r_min - r_mul)[None, :], a_mul[None, :], (a_min - a_mul)[None, :], K, BITS,
-                   AB, AT_A, AT_R, FAST)
+    x, y = pair_xy(word, r_scale[None, :], r_min[None, :], a_scale[None, :], a_min[None, :], K, BITS, AB, FAST)
     s_t = tl.dot(x.to(DT), qx, s_t, input_precision=PREC)
     return tl.dot(y.to(DT), qy, s_t, input_precision=PREC)
 

@@ -34,15 +34,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kvpolar.kernels.polar_pairs import code_as_float, cos_sin
+from kvpolar.kernels.polar_pairs import cos_sin, read_code
 
 #: first codebook entry of levels 2..4 in the cos / sin tables (level 1: entries 0-15)
 ENTRY_L2, ENTRY_L3, ENTRY_L4 = (tl.constexpr(e) for e in (16, 20, 24))
-#: level-1 angle of code c: (c + 1/2) * 2 pi / 16, as ``(1 + c / 128) * LEVEL1_MUL + LEVEL1_ADD``
-#: (``code_as_float`` reads the code into the mantissa of 1.0)
+#: level-1 angle of code c: (c + 1/2) * 2 pi / 16, as ``f * (STEP * unit) + (STEP / 2 - STEP * unit)``
+#: with ``(f, unit)`` from ``polar_pairs.read_code`` (the code read into the mantissa of 1.0 at a bit
+#: no lower than 12: the folding's rounding stays under 2**-14 rad)
 _STEP = 2 * math.pi / 16
-LEVEL1_MUL = tl.constexpr(128 * _STEP)
-LEVEL1_ADD = tl.constexpr(_STEP / 2 - 128 * _STEP)
+LEVEL1_STEP = tl.constexpr(_STEP)
+LEVEL1_HALF_STEP = tl.constexpr(_STEP / 2)
 HALF_PI = tl.constexpr(math.pi / 2)
 #: How the parts are built: from ``[tokens, NJ]`` tiles with each part's cos / sin halves joined
 #: (True), or from ``[tokens, 2 NJ]`` tiles, each subtree read twice and one SFU op per coordinate
@@ -125,7 +126,8 @@ def leaf_pair(r2, word1, P: tl.constexpr, FAST: tl.constexpr):
     analytic codebook is the uniform grid ``(c + 1/2) 2 pi / 16`` (Lloyd-Max on the uniform
     density; the tests check the stored table with ``uniform_level1``): the angle is one FMA on
     the code read into a float's mantissa, its cos / sin one SFU op each when ``FAST``."""
-    theta = code_as_float(word1, 4 * P, 4) * LEVEL1_MUL + LEVEL1_ADD
+    f, unit = read_code(word1, 4 * P, 4, 12)
+    theta = f * (LEVEL1_STEP * unit) + (LEVEL1_HALF_STEP - LEVEL1_STEP * unit)
     c, s = cos_sin(theta, FAST)
     return r2 * c, r2 * s
 
@@ -135,7 +137,8 @@ def leaf_tile(r2, word1, odd, P: tl.constexpr, FAST: tl.constexpr):
     """Coordinates ``r2 f(psi1, b1)`` of path ``P`` on tiles whose columns (keys) or rows (values)
     are ``k = 2 j + b1`` (``odd`` = ``b1`` as float32): ``sin psi = cos(psi - pi/2)``, so one SFU op
     per coordinate and no ``join`` of cos / sin halves."""
-    theta = code_as_float(word1, 4 * P, 4) * LEVEL1_MUL + (LEVEL1_ADD - odd * HALF_PI)
+    f, unit = read_code(word1, 4 * P, 4, 12)
+    theta = f * (LEVEL1_STEP * unit) + ((LEVEL1_HALF_STEP - LEVEL1_STEP * unit) - odd * HALF_PI)
     c, s = cos_sin(theta, FAST)
     return r2 * c
 
