@@ -13,14 +13,14 @@ formats here plug into its classic split kernel (``_split_kernel``) through one 
   factor = the chunk's fp32 scale (times 256 for e4m3). Compiled, e4m3 takes the GPU's float8
   conversion instead (two bytes per instruction; compute capability 8.9+) and the kernel divides the
   factor by 256.
-
-The kernel applies a value tile's factor to the probabilities (``[rows, block]``), not to the tile.
 * ``polar-recursive`` (``PolarRecursiveTensor``, radii in the input dtype): the stored radii split
   level by level into ``(r cos psi, r sin psi)`` with the kernel helpers of
   :mod:`kvpolar.kernels.polar_recursive_scores` (cos/sin of every codebook entry looked up by code);
   factor = 1. The tile lives in the rotated domain ``R x``. (The paper's setting, 4 levels with bits
   4/2/2/2 and analytic codebooks, takes the transposed kernel by parts instead:
   :mod:`kvpolar.kernels.polar_recursive_parts`.)
+
+The kernel applies a value tile's factor to the probabilities (``[rows, block]``), not to the tile.
 
 Rotated-domain formats never un-rotate a token: the wrapper rotates the query once (keys) and the
 combined output once (values), see :func:`rotation_matrix`.

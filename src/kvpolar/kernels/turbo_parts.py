@@ -72,6 +72,8 @@ def lut_words(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _BYTES_TO_SELECTOR = (
     "shr.u32 t, $2, $3; and.b32 t, t, {mask}; prmt.b32 t, t, 0, 0x3120; shr.u32 s, t, 12; or.b32 s, s, t; "
 )
+
+
 def _words_to_selector(shift: int) -> str:
     """Selector nibbles ``k`` = the 3-bit code at bit ``shift`` of word ``$2 + k`` (24-bit units): each
     word shifted by a constant so its code lands in nibble ``k``, masked and ORed in (a shift and one
@@ -114,7 +116,8 @@ def _asm(selector: str, lookup: str, first_table: int, mask: str = "") -> str:
     return _REGS + selector.format(mask=mask) + lookup.format(**regs) + "}"
 
 
-# operands: $0, $1 out; byte units: $2 bytes, $3-$6 shift, tables from $7; 3-bit: $2-$5 words, $6-$9 shift, tables from $10
+# operands: $0, $1 out; byte units: $2 bytes, $3-$6 shift, tables from $7; 3-bit: $2-$5 words, $6-$9 shift
+# (unread: those strings shift by constants), tables from $10
 ASM_BYTES_1 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP8, 7, "0x01010101"))
 ASM_BYTES_2 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP8, 7, "0x03030303"))
 ASM_BYTES_4 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP16, 7, "0x0F0F0F0F"))
