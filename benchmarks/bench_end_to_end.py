@@ -1,9 +1,9 @@
 """End-to-end decoding with a Llama-3.1-8B-shaped model (random weights, no download) at long context.
 
 For the 16-bit caches (``fp16``: ``DynamicCache`` + ``sdpa``, what ``generate()`` uses by default;
-``fp16-static``: ``StaticCache`` + ``sdpa``, preallocated and written in place) and each kvpolar preset: decode tokens/s and peak
-GPU memory at ``--context`` tokens per sequence, for batch sizes up to the largest that fits, and the
-prefill time of one sequence including quantization.
+``fp16-static``: ``StaticCache`` + ``sdpa``, preallocated and written in place) and each kvpolar
+preset: decode tokens/s and peak GPU memory at ``--context`` tokens per sequence, for batch sizes up
+to the largest that fits, and the prefill time of one sequence including quantization.
 
 The caches are filled layer by layer with random keys/values in chunks (quantized through the same
 cache code path decoding uses) instead of running a ``context``-token prefill for every sequence of
