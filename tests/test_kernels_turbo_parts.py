@@ -50,6 +50,7 @@ OPS = {
     "or.b32": lambda a, b: a | b,
     "xor.b32": lambda a, b: a ^ b,
     "mov.b32": lambda a: a,
+    "sub.u32": lambda a, b: (a - b) & MASK32,
     "prmt.b32": _prmt,
     "bfe.u32": _bfe,
     "bfi.b32": _bfi,
@@ -96,6 +97,45 @@ def test_prmt_lookups_give_the_rounded_codebook(bits, dtype):
             got = [*_halves(out0), *_halves(out1)]
             want = [int(expected[(w >> shift) & (2**bits - 1)]) for w in units]
             assert got == want, (bits, k, units)
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_antisymmetric_4bit_lookup_gives_the_rounded_codebook(dtype):
+    """4-bit codes of an antisymmetric codebook: the 8-entry lookup with a sign flip for codes >= 8
+    gives every entry, for both code positions of a byte."""
+    half = torch.sort(torch.rand(8, generator=torch.Generator().manual_seed(3)) * -2.0)[0]
+    book = torch.cat([half, -half.flip(0)])
+    assert tp.antisymmetric(book, dtype)
+    lut = [int(w) & MASK32 for w in tp.lut_words(book, dtype)]
+    expected = book.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(128):
+        units = torch.randint(0, 256, (4,), generator=gen).tolist()
+        for shift in (0, 4):
+            operands = [units[0] | units[1] << 8 | units[2] << 16 | units[3] << 24] + [shift] * 4
+            for t in range(4):
+                operands += [lut[t]] * 4
+            out0, out1 = run_ptx(tp.ASM_BYTES_4_SYMMETRIC.value, operands)
+            assert [*_halves(out0), *_halves(out1)] == [int(expected[(u >> shift) & 15]) for u in units]
+
+
+def test_antisymmetry_decides_the_lookup(monkeypatch):
+    """The kernel takes the 8-entry lookup only for 4-bit codebooks that are antisymmetric once
+    rounded to the query's dtype (the sphere's are); any other codebook keeps the 16-entry one, and
+    the interpreter gathers from memory."""
+    sphere = kvpolar.quantizers.turbo.sphere_codebook(D, 4)
+    assert tp.antisymmetric(sphere, torch.float16) and tp.antisymmetric(sphere, torch.bfloat16)
+    skewed = sphere.clone()
+    skewed[3] += 0.01
+    assert not tp.antisymmetric(skewed, torch.float16)
+    monkeypatch.setattr(da, "_interpreting", lambda: False)
+    q = torch.zeros(1, 4, 1, D, dtype=torch.float16)
+    op = lambda book, bits: da._Operand(fmt=da.formats.FMT_TURBO, data=q, meta=(), bits=bits, tables=(book,))  # noqa: E731
+    assert da._turbo_tables(op(sphere, 4), q)[2] == 2
+    assert da._turbo_tables(op(skewed, 4), q)[2] == 1
+    assert da._turbo_tables(op(kvpolar.quantizers.turbo.sphere_codebook(D, 3), 3), q)[2] == 1
+    monkeypatch.setattr(da, "_interpreting", lambda: True)
+    assert da._turbo_tables(op(sphere, 4), q)[2] == 0
+
 
 def test_lut_words_layout():
     book = torch.tensor([-1.5, -0.25, 0.25, 1.5])

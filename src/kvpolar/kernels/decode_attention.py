@@ -770,12 +770,19 @@ def _value_metadata(op: _Operand, query: torch.Tensor, cfg: "LaunchConfig") -> t
     return (words, 2) if words[0].stride() == words[1].stride() else (op.meta, 1)
 
 
-def _turbo_tables(op: _Operand, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 codebook, ``turbo_parts.lut_words`` of it in the query's dtype) of turbo codes; any
-    tensors for other formats (pointer slots the kernel does not read)."""
+def _turbo_tables(op: _Operand, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(float32 codebook, ``turbo_parts.lut_words`` of it in the query's dtype, lookup mode) of turbo
+    codes; any tensors for other formats (pointer slots the kernel does not read). The mode
+    (``turbo_parts.part_values``' ``LOOKUP``): 0 under the interpreter, 2 for 4-bit codes of an
+    antisymmetric codebook, else 1."""
     if op.fmt != formats.FMT_TURBO:
-        return query, query
-    return op.tables[0], _tq.lut_words(op.tables[0], query.dtype)
+        return query, query, 0
+    book = op.tables[0]
+    if _interpreting():
+        mode = 0
+    else:
+        mode = 2 if op.bits == 4 and _tq.antisymmetric(book, query.dtype) else 1
+    return book, _tq.lut_words(book, query.dtype), mode
 
 
 def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
@@ -855,8 +862,8 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         v_data, v_words = _three_byte_reading(v_op.data, v_data, v_ub, v_words, cfg)
     else:
         v_data, (v_ub, v_u), v_words = v_op.data, _unit(v_op.bits), False
-    k_book, k_lut = _turbo_tables(k_op, query)
-    v_book, v_lut = _turbo_tables(v_op, query)
+    k_book, k_lut, k_lookup = _turbo_tables(k_op, query)
+    v_book, v_lut, v_lookup = _turbo_tables(v_op, query)
     km = k_op.meta + (query,) * (4 - len(k_op.meta))
     v_meta, v_meta_mode = _value_metadata(v_op, query, cfg)
     vm = v_meta + (query,) * (2 - len(v_meta))
@@ -887,6 +894,7 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
         VAL_FMT=v_op.fmt, kcos=k_tab[0], ksin=k_tab[1], vcos=v_tab[0], vsin=v_tab[1], PR_KEY_JOIN=_pr.KEY_JOIN, PR_VALUE_JOIN=_pr.VALUE_JOIN,
         VAL_UB=v_ub, VAL_WORDS=v_words, kbook=k_book, klut=k_lut, vbook=v_book, vlut=v_lut,
+        KEY_LOOKUP=k_lookup, VAL_LOOKUP=v_lookup,
         num_warps=cfg.transposed_warps, num_stages=cfg.transposed_stages, **extra,
     )
     return args, kwargs
@@ -1381,6 +1389,7 @@ if triton is not None:
         KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr,
         VAL_FMT: tl.constexpr, kcos, ksin, vcos, vsin, PR_KEY_JOIN: tl.constexpr, PR_VALUE_JOIN: tl.constexpr,
         VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, klut, vbook, vlut, VAL_META: tl.constexpr,
+        KEY_LOOKUP: tl.constexpr, VAL_LOOKUP: tl.constexpr,
     ):
         """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
         ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -1568,7 +1577,7 @@ if triton is not None:
             elif KEY_FMT == 3:  # turbo: one product per code position, then each token's factor
                 word = _tq.load_units(k_base + offs_n[:, None] * sk_t, n_ok[:, None], uk[None, :], KEY_UB, KEY_WORDS)
                 s_t = _tq.key_scores_t(s_t, word, q0, q1, q2, q3, q4, q5, q6, q7, KEY_U, KEY_BITS, k_lut, kbook,
-                                       DT, NATIVE, PREC)
+                                       DT, KEY_LOOKUP, PREC)
                 s_t = s_t * (k_factor * qk_scale)[:, None]
             else:  # KIVI: code K of every byte times the group-scaled query, plus q . min
                 word = tl.load(k_base + offs_n[:, None] * sk_t + uk[None, :], mask=n_ok[:, None], other=0)
@@ -1624,7 +1633,7 @@ if triton is not None:
                 p_v = (p * v_factor[:, None]).to(DT)
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _tq.value_parts_t(
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, word_t, p_v, alpha, VAL_U, VAL_BITS, v_lut, vbook,
-                    DT, NATIVE, PREC)
+                    DT, VAL_LOOKUP, PREC)
             else:  # ---- values, KIVI transposed: [NUV, BN] packed units and per-(unit, token) scale / min
                 word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS)
                 acc0 = _value_part_t(acc0, p_t, word_t, v_scale, v_min, alpha, 0, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)

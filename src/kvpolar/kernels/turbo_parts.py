@@ -9,12 +9,13 @@ register operand of one tensor-core product: against the rotated query gathered 
 coordinates (keys), or into an accumulator of its own (values, with the factor folded into the
 probabilities). No tile is interleaved across parts.
 
-The lookup, compiled for a GPU in float16 / bfloat16 (``NATIVE``): the codebook's 16-bit patterns as
-byte tables in registers (:func:`lut_words`, eight int32 words per codebook), and per four codes one
-``prmt`` for the low bytes, one for the high bytes and two to interleave them into two packed pairs;
-codes of 4 bits take a second pair of tables and a per-byte select on the code's top bit. Elsewhere
-(the interpreter, float32) the codebook is gathered from memory. Both give the codebook rounded to
-the product dtype.
+The lookup, compiled for a GPU in float16 / bfloat16 (``LOOKUP`` > 0): the codebook's 16-bit patterns
+as byte tables in registers (:func:`lut_words`, eight int32 words per codebook), and per four codes
+one ``prmt`` for the low bytes, one for the high bytes and two to interleave them into two packed
+pairs; codes of 4 bits take a second pair of tables and a per-byte select on the code's top bit, or,
+for an antisymmetric codebook (:func:`antisymmetric`: the sphere's), the first 8 entries and a sign
+flip (``LOOKUP`` 2). Elsewhere (the interpreter, float32) the codebook is gathered from memory. All
+give the codebook rounded to the product dtype.
 """
 
 from __future__ import annotations
@@ -64,6 +65,22 @@ def lut_words(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return entry[2][dtype]
 
 
+def antisymmetric(codebook: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the codebook rounded to ``dtype`` (as :func:`lut_words`) has entry ``K - 1 - i`` equal to
+    minus entry ``i`` bit for bit: the sphere's Lloyd-Max codebooks do, and their 4-bit lookups then
+    read an 8-entry table and flip the sign (``ASM_BYTES_4_SYMMETRIC``). Computed once per codebook
+    tensor and dtype (one host read), kept with its table words."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        dtype = torch.float16
+    lut_words(codebook, dtype)  # (makes the cache entry)
+    cache = _LUTS[id(codebook)][2]
+    if ("antisymmetric", dtype) not in cache:
+        entries = codebook.to(dtype)
+        cache["antisymmetric", dtype] = bool(torch.equal(entries.view(torch.int16) ^ -0x8000,
+                                                         entries.flip(0).view(torch.int16)))
+    return cache["antisymmetric", dtype]
+
+
 # ``prmt`` lookups (PTX). The asm takes 4 codes: one register of 4 bytes (byte units, code K at bit
 # ``$shift`` of each byte) or 4 registers of one 24-bit unit each (3-bit codes), and the shift and the
 # table words broadcast (4 copies each, the first one read). Selector nibble k = code k, so
@@ -108,6 +125,15 @@ _LOOKUP16 = (
     "xor.b32 c, c, hi; and.b32 c, c, m; xor.b32 hi, hi, c; "
     "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; "
 )
+# 4-bit codes of an antisymmetric codebook (entry 15 - i = -entry i, as the sphere's Lloyd-Max ones):
+# code c >= 8 reads entry 15 - c = (c ^ 7) & 7 of the 8-entry table and flips the sign bit of the result
+_SYMMETRIC_LOOKUP16 = (
+    "and.b32 c, t, 0x08080808; shr.u32 m, c, 3; sub.u32 m, c, m; xor.b32 t, t, m; and.b32 t, t, 0x07070707; "
+    "prmt.b32 t, t, 0, 0x3120; shr.u32 s, t, 12; or.b32 s, s, t; "
+    "prmt.b32 lo, ${l0}, ${l1}, s; prmt.b32 hi, ${h0}, ${h1}, s; "
+    "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; "
+    "shl.b32 c, c, 4; prmt.b32 m, c, 0, 0x1404; xor.b32 $0, $0, m; prmt.b32 m, c, 0, 0x3424; xor.b32 $1, $1, m; "
+)
 _REGS = "{ .reg .b32 t, s, c, m, lo, hi; "
 
 
@@ -121,6 +147,7 @@ def _asm(selector: str, lookup: str, first_table: int, mask: str = "") -> str:
 ASM_BYTES_1 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP8, 7, "0x01010101"))
 ASM_BYTES_2 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP8, 7, "0x03030303"))
 ASM_BYTES_4 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP16, 7, "0x0F0F0F0F"))
+ASM_BYTES_4_SYMMETRIC = tl.constexpr(_asm("shr.u32 t, $2, $3; and.b32 t, t, 0x0F0F0F0F; ", _SYMMETRIC_LOOKUP16, 7))
 # 3-bit codes, one string per code position K (the shifts are immediates): code K is at bit 3 K
 ASM_WORDS_3 = tuple(tl.constexpr(_asm(_words_to_selector(3 * k), _LOOKUP8, 10)) for k in range(8))
 (ASM_WORDS_3_0, ASM_WORDS_3_1, ASM_WORDS_3_2, ASM_WORDS_3_3,
@@ -156,9 +183,12 @@ def load_units(ptrs, ok, u, UB: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
-def part_values(word, K: tl.constexpr, BITS: tl.constexpr, lut, book_ptr, DT: tl.constexpr, NATIVE: tl.constexpr):
-    """Codebook value of code ``K`` of every unit of ``word`` (:func:`load_units`), in ``DT``."""
-    if NATIVE and (DT == tl.float16 or DT == tl.bfloat16):
+def part_values(word, K: tl.constexpr, BITS: tl.constexpr, lut, book_ptr, DT: tl.constexpr, LOOKUP: tl.constexpr):
+    """Codebook value of code ``K`` of every unit of ``word`` (:func:`load_units`), in ``DT``.
+    ``LOOKUP``: 0 gathers from the codebook in memory (the interpreter), 1 looks up the table words
+    with ``prmt`` (compiled, float16 / bfloat16), 2 the same with 4-bit codes of an antisymmetric
+    codebook (:func:`antisymmetric`) read from its first 8 entries."""
+    if LOOKUP > 0 and (DT == tl.float16 or DT == tl.bfloat16):
         shift = tl.full(word.shape, K * BITS, tl.int32)
         l0, l1, h0, h1, l2, l3, h2, h3 = lut
         if BITS == 3:
@@ -167,6 +197,9 @@ def part_values(word, K: tl.constexpr, BITS: tl.constexpr, lut, book_ptr, DT: tl
                                  else ASM_WORDS_3_6 if K == 6 else ASM_WORDS_3_7)
             out = tl.inline_asm_elementwise(asm, _C_WORDS8, [word, shift, l0, l1, h0, h1], dtype=DT.value,
                                             is_pure=True, pack=4)
+        elif BITS == 4 and LOOKUP == 2:
+            out = tl.inline_asm_elementwise(ASM_BYTES_4_SYMMETRIC, _C_BYTES8, [word, shift, l0, l1, h0, h1],
+                                            dtype=DT.value, is_pure=True, pack=4)
         elif BITS == 4:
             out = tl.inline_asm_elementwise(ASM_BYTES_4, _C_BYTES16, [word, shift, l0, l1, h0, h1, l2, l3, h2, h3],
                                             dtype=DT.value, is_pure=True, pack=4)
@@ -184,18 +217,18 @@ def part_values(word, K: tl.constexpr, BITS: tl.constexpr, lut, book_ptr, DT: tl
 
 @triton.jit
 def key_part_t(s_t, word, q_t, K: tl.constexpr, BITS: tl.constexpr, lut, book_ptr, DT: tl.constexpr,
-               NATIVE: tl.constexpr, PREC: tl.constexpr):
+               LOOKUP: tl.constexpr, PREC: tl.constexpr):
     """``s_t [BN, BM] += codebook[codes_K] [BN, NU] @ q_K [NU, BM]`` (``q_K``: the rotated query at
     coordinates ``u * U + K``, in ``DT``)."""
-    return tl.dot(part_values(word, K, BITS, lut, book_ptr, DT, NATIVE), q_t, s_t, input_precision=PREC)
+    return tl.dot(part_values(word, K, BITS, lut, book_ptr, DT, LOOKUP), q_t, s_t, input_precision=PREC)
 
 
 @triton.jit
 def value_part_t(acc_t, word_t, p_t, alpha, K: tl.constexpr, BITS: tl.constexpr, lut, book_ptr,
-                 DT: tl.constexpr, NATIVE: tl.constexpr, PREC: tl.constexpr):
+                 DT: tl.constexpr, LOOKUP: tl.constexpr, PREC: tl.constexpr):
     """``acc_K^T [NU, BM] = acc_K^T * alpha + codebook[codes_K]^T [NU, BN] @ p_t [BN, BM]`` (``p_t``:
     the probabilities times each token's factor)."""
-    v = part_values(word_t, K, BITS, lut, book_ptr, DT, NATIVE)
+    v = part_values(word_t, K, BITS, lut, book_ptr, DT, LOOKUP)
     return tl.dot(v, p_t, acc_t * alpha[None, :], input_precision=PREC)
 
 
@@ -208,35 +241,35 @@ def query_part_t(q_rows, row_ok, uk, K: tl.constexpr, U: tl.constexpr, DT: tl.co
 
 @triton.jit
 def key_scores_t(s_t, word, q0, q1, q2, q3, q4, q5, q6, q7, U: tl.constexpr, BITS: tl.constexpr, lut, book_ptr,
-                 DT: tl.constexpr, NATIVE: tl.constexpr, PREC: tl.constexpr):
+                 DT: tl.constexpr, LOOKUP: tl.constexpr, PREC: tl.constexpr):
     """``s_t [BN, BM]`` plus the products of all ``U`` parts of ``word`` (:func:`key_part_t`)."""
-    s_t = key_part_t(s_t, word, q0, 0, BITS, lut, book_ptr, DT, NATIVE, PREC)
+    s_t = key_part_t(s_t, word, q0, 0, BITS, lut, book_ptr, DT, LOOKUP, PREC)
     if U >= 2:
-        s_t = key_part_t(s_t, word, q1, 1, BITS, lut, book_ptr, DT, NATIVE, PREC)
+        s_t = key_part_t(s_t, word, q1, 1, BITS, lut, book_ptr, DT, LOOKUP, PREC)
     if U >= 4:
-        s_t = key_part_t(s_t, word, q2, 2, BITS, lut, book_ptr, DT, NATIVE, PREC)
-        s_t = key_part_t(s_t, word, q3, 3, BITS, lut, book_ptr, DT, NATIVE, PREC)
+        s_t = key_part_t(s_t, word, q2, 2, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        s_t = key_part_t(s_t, word, q3, 3, BITS, lut, book_ptr, DT, LOOKUP, PREC)
     if U >= 8:
-        s_t = key_part_t(s_t, word, q4, 4, BITS, lut, book_ptr, DT, NATIVE, PREC)
-        s_t = key_part_t(s_t, word, q5, 5, BITS, lut, book_ptr, DT, NATIVE, PREC)
-        s_t = key_part_t(s_t, word, q6, 6, BITS, lut, book_ptr, DT, NATIVE, PREC)
-        s_t = key_part_t(s_t, word, q7, 7, BITS, lut, book_ptr, DT, NATIVE, PREC)
+        s_t = key_part_t(s_t, word, q4, 4, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        s_t = key_part_t(s_t, word, q5, 5, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        s_t = key_part_t(s_t, word, q6, 6, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        s_t = key_part_t(s_t, word, q7, 7, BITS, lut, book_ptr, DT, LOOKUP, PREC)
     return s_t
 
 
 @triton.jit
 def value_parts_t(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, word_t, p_t, alpha, U: tl.constexpr,
-                  BITS: tl.constexpr, lut, book_ptr, DT: tl.constexpr, NATIVE: tl.constexpr, PREC: tl.constexpr):
+                  BITS: tl.constexpr, lut, book_ptr, DT: tl.constexpr, LOOKUP: tl.constexpr, PREC: tl.constexpr):
     """The ``U`` accumulators (:func:`value_part_t`); the others are returned unchanged."""
-    acc0 = value_part_t(acc0, word_t, p_t, alpha, 0, BITS, lut, book_ptr, DT, NATIVE, PREC)
+    acc0 = value_part_t(acc0, word_t, p_t, alpha, 0, BITS, lut, book_ptr, DT, LOOKUP, PREC)
     if U >= 2:
-        acc1 = value_part_t(acc1, word_t, p_t, alpha, 1, BITS, lut, book_ptr, DT, NATIVE, PREC)
+        acc1 = value_part_t(acc1, word_t, p_t, alpha, 1, BITS, lut, book_ptr, DT, LOOKUP, PREC)
     if U >= 4:
-        acc2 = value_part_t(acc2, word_t, p_t, alpha, 2, BITS, lut, book_ptr, DT, NATIVE, PREC)
-        acc3 = value_part_t(acc3, word_t, p_t, alpha, 3, BITS, lut, book_ptr, DT, NATIVE, PREC)
+        acc2 = value_part_t(acc2, word_t, p_t, alpha, 2, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        acc3 = value_part_t(acc3, word_t, p_t, alpha, 3, BITS, lut, book_ptr, DT, LOOKUP, PREC)
     if U >= 8:
-        acc4 = value_part_t(acc4, word_t, p_t, alpha, 4, BITS, lut, book_ptr, DT, NATIVE, PREC)
-        acc5 = value_part_t(acc5, word_t, p_t, alpha, 5, BITS, lut, book_ptr, DT, NATIVE, PREC)
-        acc6 = value_part_t(acc6, word_t, p_t, alpha, 6, BITS, lut, book_ptr, DT, NATIVE, PREC)
-        acc7 = value_part_t(acc7, word_t, p_t, alpha, 7, BITS, lut, book_ptr, DT, NATIVE, PREC)
+        acc4 = value_part_t(acc4, word_t, p_t, alpha, 4, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        acc5 = value_part_t(acc5, word_t, p_t, alpha, 5, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        acc6 = value_part_t(acc6, word_t, p_t, alpha, 6, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        acc7 = value_part_t(acc7, word_t, p_t, alpha, 7, BITS, lut, book_ptr, DT, LOOKUP, PREC)
     return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
