@@ -47,14 +47,19 @@ def _lut_on_device(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
+def _table_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the tables are rounded to: float16 or bfloat16 as asked, float16 for any other (only the
+    float16 / bfloat16 lookup reads them)."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
 def lut_words(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int32 ``[8]`` on the codebook's device: the codebook (``2**bits <= 16`` entries) rounded to
     ``dtype`` (float16 or bfloat16; other dtypes: float16) as ``prmt`` byte tables: words 0-1 the low
     bytes of entries 0-7 (entry ``i`` at byte ``i``), 2-3 their high bytes, 4-7 the same for entries
     8-15 (zero past the codebook). Built with device ops (no host copy: CUDA-graph safe) and kept per
     codebook tensor while it lives and is unchanged."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        dtype = torch.float16  # (only read by the float16 / bfloat16 lookup)
+    dtype = _table_dtype(dtype)
     key = id(codebook)
     entry = _LUTS.get(key)
     if entry is None or entry[0]() is not codebook or entry[1] != codebook._version:
@@ -70,8 +75,7 @@ def antisymmetric(codebook: torch.Tensor, dtype: torch.dtype) -> bool:
     minus entry ``i`` bit for bit: the sphere's Lloyd-Max codebooks do, and their 4-bit lookups then
     read an 8-entry table and flip the sign (``ASM_BYTES_4_SYMMETRIC``). Computed once per codebook
     tensor and dtype (one host read), kept with its table words."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        dtype = torch.float16
+    dtype = _table_dtype(dtype)
     lut_words(codebook, dtype)  # (makes the cache entry)
     cache = _LUTS[id(codebook)][2]
     if ("antisymmetric", dtype) not in cache:
@@ -86,9 +90,9 @@ def antisymmetric(codebook: torch.Tensor, dtype: torch.dtype) -> bool:
 # table words broadcast (4 copies each, the first one read). Selector nibble k = code k, so
 # ``prmt lo, LO0, LO1, sel`` gathers the low bytes of the 4 entries; two more ``prmt`` interleave low and
 # high bytes into the pairs (codes 0, 1) and (2, 3).
-_BYTES_TO_SELECTOR = (
-    "shr.u32 t, $2, $3; and.b32 t, t, {mask}; prmt.b32 t, t, 0, 0x3120; shr.u32 s, t, 12; or.b32 s, s, t; "
-)
+_BYTE_CODES = "shr.u32 t, $2, $3; and.b32 t, t, {mask}; "  # the 4 codes, one per byte of t
+_PACK_SELECTOR = "prmt.b32 t, t, 0, 0x3120; shr.u32 s, t, 12; or.b32 s, s, t; "  # byte k of t -> nibble k of s
+_BYTES_TO_SELECTOR = _BYTE_CODES + _PACK_SELECTOR
 
 
 def _words_to_selector(shift: int) -> str:
@@ -126,14 +130,10 @@ _LOOKUP16 = (
     "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; "
 )
 # 4-bit codes of an antisymmetric codebook (entry 15 - i = -entry i, as the sphere's Lloyd-Max ones):
-# code c >= 8 reads entry 15 - c = (c ^ 7) & 7 of the 8-entry table and flips the sign bit of the result
-_SYMMETRIC_LOOKUP16 = (
-    "and.b32 c, t, 0x08080808; shr.u32 m, c, 3; sub.u32 m, c, m; xor.b32 t, t, m; and.b32 t, t, 0x07070707; "
-    "prmt.b32 t, t, 0, 0x3120; shr.u32 s, t, 12; or.b32 s, s, t; "
-    "prmt.b32 lo, ${l0}, ${l1}, s; prmt.b32 hi, ${h0}, ${h1}, s; "
-    "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; "
-    "shl.b32 c, c, 4; prmt.b32 m, c, 0, 0x1404; xor.b32 $0, $0, m; prmt.b32 m, c, 0, 0x3424; xor.b32 $1, $1, m; "
-)
+# code c >= 8 reads entry 15 - c = (c ^ 7) & 7 of the 8-entry table (_FOLD_HALF, before the selector
+# is packed) and the sign bit of its result is flipped (_FLIP_SIGNS, after the 8-entry lookup)
+_FOLD_HALF = "and.b32 c, t, 0x08080808; shr.u32 m, c, 3; sub.u32 m, c, m; xor.b32 t, t, m; and.b32 t, t, 0x07070707; "
+_FLIP_SIGNS = "shl.b32 c, c, 4; prmt.b32 m, c, 0, 0x1404; xor.b32 $0, $0, m; prmt.b32 m, c, 0, 0x3424; xor.b32 $1, $1, m; "
 _REGS = "{ .reg .b32 t, s, c, m, lo, hi; "
 
 
@@ -147,7 +147,8 @@ def _asm(selector: str, lookup: str, first_table: int, mask: str = "") -> str:
 ASM_BYTES_1 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP8, 7, "0x01010101"))
 ASM_BYTES_2 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP8, 7, "0x03030303"))
 ASM_BYTES_4 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP16, 7, "0x0F0F0F0F"))
-ASM_BYTES_4_SYMMETRIC = tl.constexpr(_asm("shr.u32 t, $2, $3; and.b32 t, t, 0x0F0F0F0F; ", _SYMMETRIC_LOOKUP16, 7))
+ASM_BYTES_4_SYMMETRIC = tl.constexpr(_asm(_BYTE_CODES + _FOLD_HALF + _PACK_SELECTOR, _LOOKUP8 + _FLIP_SIGNS, 7,
+                                          "0x0F0F0F0F"))
 # 3-bit codes, one string per code position K (the shifts are immediates): code K is at bit 3 K
 ASM_WORDS_3 = tuple(tl.constexpr(_asm(_words_to_selector(3 * k), _LOOKUP8, 10)) for k in range(8))
 (ASM_WORDS_3_0, ASM_WORDS_3_1, ASM_WORDS_3_2, ASM_WORDS_3_3,
