@@ -113,7 +113,7 @@ def test_scores_transposed_matches_reference(batch, hkv, gqa, tq, tokens, bits, 
 @pytest.mark.parametrize("bits", [(1, 1), (1, 3), (2, 2), (3, 1), (2, 4), (3, 3), (4, 2), (4, 4)])
 def test_scores_transposed_every_code_position(bits):
     """Every radius / angle split of 2-, 4-, 6- and 8-bit pairs: each code is read at its own mantissa
-    bit (``polar_pairs.scores_part_t``: in place, shifted up or down by a shared amount, or at bit 16)
+    bit (``polar_pairs.read_code``: in place, shifted up or down by a shared amount, or at bit 16)
     with the metadata folded for that bit; the folding's float32 rounding must stay below the 16-bit
     reference's error for the coarsest (1-bit) codes as for the finest. Angles over the full circle
     (``minmax`` on keys spread all round) give the largest angle scales."""

@@ -36,13 +36,6 @@ def _prmt(a: int, b: int, c: int) -> int:
         out |= byte << (8 * k)
     return out
 
-def _bfe(a: int, pos: int, length: int) -> int:
-    return (a >> pos) & ((1 << length) - 1) if pos < 32 else 0
-
-def _bfi(f: int, b: int, pos: int, length: int) -> int:
-    m = ((1 << length) - 1) << pos
-    return (b & ~m & MASK32) | ((f << pos) & m)
-
 OPS = {
     "shr.u32": lambda a, b: (a & MASK32) >> b,
     "shl.b32": lambda a, b: (a << b) & MASK32,
@@ -52,8 +45,6 @@ OPS = {
     "mov.b32": lambda a: a,
     "sub.u32": lambda a, b: (a - b) & MASK32,
     "prmt.b32": _prmt,
-    "bfe.u32": _bfe,
-    "bfi.b32": _bfi,
 }
 
 def run_ptx(asm: str, operands: list[int]) -> tuple[int, int]:
@@ -73,6 +64,16 @@ def run_ptx(asm: str, operands: list[int]) -> tuple[int, int]:
 def _halves(word: int) -> tuple[int, int]:
     return word & 0xFFFF, word >> 16
 
+def _lookup(asm: str, units: list[int], unit_bytes: int, shift: int, tables: list[int]) -> list[int]:
+    """The four 16-bit results of one lookup string on 4 units (``unit_bytes`` 3: a register each; 1:
+    one register of 4 bytes), the shift and the table words each broadcast 4 times."""
+    operands = list(units) if unit_bytes == 3 else [units[0] | units[1] << 8 | units[2] << 16 | units[3] << 24]
+    operands += [shift] * 4
+    for word in tables:
+        operands += [word] * 4
+    out0, out1 = run_ptx(asm, operands)
+    return [*_halves(out0), *_halves(out1)]
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_prmt_lookups_give_the_rounded_codebook(bits, dtype):
@@ -87,14 +88,7 @@ def test_prmt_lookups_give_the_rounded_codebook(bits, dtype):
         units = torch.randint(0, 1 << (8 * ub), (4,), generator=gen).tolist()  # 4 units of random codes
         for k in range(u):
             shift = k * bits
-            if ub == 3:
-                operands = units + [shift] * 4
-            else:
-                operands = [units[0] | units[1] << 8 | units[2] << 16 | units[3] << 24] + [shift] * 4
-            for t in range(n_tables):
-                operands += [lut[t]] * 4
-            out0, out1 = run_ptx(tp.ASM_WORDS_3[k].value if bits == 3 else asm.value, operands)
-            got = [*_halves(out0), *_halves(out1)]
+            got = _lookup(tp.ASM_WORDS_3[k].value if bits == 3 else asm.value, units, ub, shift, lut[:n_tables])
             want = [int(expected[(w >> shift) & (2**bits - 1)]) for w in units]
             assert got == want, (bits, k, units)
 
@@ -111,11 +105,8 @@ def test_antisymmetric_4bit_lookup_gives_the_rounded_codebook(dtype):
     for _ in range(128):
         units = torch.randint(0, 256, (4,), generator=gen).tolist()
         for shift in (0, 4):
-            operands = [units[0] | units[1] << 8 | units[2] << 16 | units[3] << 24] + [shift] * 4
-            for t in range(4):
-                operands += [lut[t]] * 4
-            out0, out1 = run_ptx(tp.ASM_BYTES_4_SYMMETRIC.value, operands)
-            assert [*_halves(out0), *_halves(out1)] == [int(expected[(u >> shift) & 15]) for u in units]
+            got = _lookup(tp.ASM_BYTES_4_SYMMETRIC.value, units, 1, shift, lut[:4])
+            assert got == [int(expected[(u >> shift) & 15]) for u in units]
 
 
 def test_antisymmetry_decides_the_lookup(monkeypatch):
