@@ -17,7 +17,7 @@ argument binder decides the specialization (16-byte alignment, integers equal to
 
 Usage: ``PYTHONPATH=src python benchmarks/inspect_preset_kernel.py kivi-2 polar-rope-3 turbo-3
 [--batch 32] [--tokens 32768] [--max-registers N] [--stages N] [--dtype bfloat16] [--value-metadata MODE]
-[--three-byte-units words] [--value-layout groups] [--lines] [--out DIR]`` (``--lines``: the main loop's
+[--three-byte-units halfwords] [--value-layout groups] [--lines] [--out DIR]`` (``--lines``: the main loop's
 instructions by source line; ``--value-layout groups``: KIVI value scale / min laid out with the groups
 adjacent, as stored before the ninth session, instead of the quantizer's tokens-adjacent layout).
 """
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     ap.add_argument("--value-metadata", default=None, choices=("tiles", "words", "ahead", "gather"),
                     help="LaunchConfig.value_metadata (default: the policy)")
-    ap.add_argument("--three-byte-units", default="halfwords", choices=("halfwords", "words"),
+    ap.add_argument("--three-byte-units", default="words", choices=("halfwords", "words"),
                     help="LaunchConfig.three_byte_units (codes packed in 3-byte units)")
     ap.add_argument("--value-layout", default="tokens", choices=("tokens", "groups"),
                     help="KIVI value scale / min with the tokens (as stored) or the groups adjacent in memory")

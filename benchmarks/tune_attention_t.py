@@ -74,6 +74,9 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # instructions per block, kivi-4 1246 instead of 1441) against the earlier layout, groups adjacent
     "vm-groups": LaunchConfig(),  # the policy, values re-laid out by VALUE_LAYOUTS below
     "vm-groups-u3": LaunchConfig(three_byte_units="words"),  # (u3-words above: with the stored layout)
+    # eleventh session: "words" became the default reading of 3-byte units; the earlier one, and the
+    # register caps again for the kernels that now compile below 255 registers (kivi-2: 231)
+    "u3-halfwords": LaunchConfig(three_byte_units="halfwords"),
 }
 #: Variants that time the packed values in another layout (a function of the stored values).
 VALUE_LAYOUTS = {"vm-groups": ba.groups_adjacent, "vm-groups-u3": ba.groups_adjacent}

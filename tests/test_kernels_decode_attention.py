@@ -287,17 +287,20 @@ def test_polar_rope_keys(rb_ab, pairing):
 @pytest.mark.parametrize("rb_ab", [(2, 4), (3, 3)])
 @pytest.mark.parametrize("pairing", ["half", "interleaved"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_polar_rope_3byte_units_read_as_words(monkeypatch, rb_ab, pairing, dtype):
-    """``LaunchConfig(three_byte_units="words")``: 6-bit pair codes (four per 3-byte unit) read as the rows'
-    int32 words, three per four units, the units assembled in registers: the same attention as the
-    oracle (ragged batch, query tokens 2, a short last split), and the words reading is the one taken."""
+@pytest.mark.parametrize("reading,mode", [(None, 2), ("words", 2), ("halfwords", 1)])
+def test_polar_rope_3byte_units_both_readings(monkeypatch, rb_ab, pairing, dtype, reading, mode):
+    """6-bit pair codes (four per 3-byte unit) read as the rows' int32 words (``WORDS`` mode 2, three
+    words per four units, the units assembled in registers; the default) or by two 16-bit gathers per
+    unit (``three_byte_units="halfwords"``, mode 1): the same attention as the oracle (ragged batch,
+    query tokens 2, a short last split), and the reading asked for is the one taken."""
     from kvpolar.kernels import decode_attention as da
 
     taken = record_three_byte_readings(monkeypatch, da)
     rb, ab = rb_ab
+    config = LaunchConfig() if reading is None else LaunchConfig(three_byte_units=reading)
     check(f"polar-{rb}-{ab}-32-{pairing}", "kivi-2-32", batch=2, gqa=4, tq=2, tk=83, r=3, dtype=dtype,
-          lengths=[86, 40], config=LaunchConfig(three_byte_units="words"))
-    assert taken and all(mode == 2 for mode in taken)
+          lengths=[86, 40], config=config)
+    assert taken and all(m == mode for m in taken)
 
 
 def test_polar_rope_words_fall_back_where_rows_are_not_whole_words():

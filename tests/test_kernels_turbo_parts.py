@@ -199,12 +199,14 @@ def test_kivi_3bit_values_in_three_byte_units(key, key_fmt, dtype, transposed_la
 @pytest.mark.parametrize("key,value,reads", [(turbo(3), turbo(3), 2), (turbo(3), KIVI2_V, 1), (KIVI2_K, KIVI3_V, 1),
                                              (turbo(3), KIVI3_V, 2)],
                          ids=["turbo3-turbo3", "turbo3-kivi2", "kivi2-kivi3", "turbo-3-preset"])
-def test_three_byte_units_read_as_words(monkeypatch, key, value, reads, dtype, transposed_launches):
-    """``LaunchConfig(three_byte_units="words")``: 3-bit turbo keys and values and 3-bit KIVI values
-    (eight codes per 3-byte unit) read as the rows' int32 words, three per four units, the units
-    assembled in registers (keys: a row of units per token, values: a column), against the oracle;
-    the words reading is the one taken, once per operand in 3-byte units."""
+@pytest.mark.parametrize("reading,mode", [("words", 2), ("halfwords", 1)])
+def test_three_byte_units_both_readings(monkeypatch, key, value, reads, dtype, reading, mode, transposed_launches):
+    """3-bit turbo keys and values and 3-bit KIVI values (eight codes per 3-byte unit) read as the rows'
+    int32 words (``three_byte_units="words"``, the default: three words per four units, the units
+    assembled in registers; keys: a row of units per token, values: a column) or by 16-bit gathers
+    ("halfwords"), against the oracle; the reading asked for is the one taken, once per operand in
+    3-byte units."""
     taken = record_three_byte_readings(monkeypatch, da)
     check(key, value, batch=2, gqa=4, tq=2, tk=45, r=3, dtype=dtype, lengths=[48, 20], d=D,
-          config=small_caches_transposed(da.LaunchConfig(three_byte_units="words")))
-    assert len(transposed_launches) == 1 and taken == [2] * reads
+          config=small_caches_transposed(da.LaunchConfig(three_byte_units=reading)))
+    assert len(transposed_launches) == 1 and taken == [mode] * reads

@@ -279,13 +279,14 @@ class LaunchConfig:
         "gather" (per packed unit where used: the fewest registers, its latency waited for in every
         block); None = the policy of ``value_metadata_policy``.
     three_byte_units: how the transposed kernel reads codes packed in 3-byte units (polar-rope keys
-        of 6-bit pairs: r2a4, r3a3; 3-bit turbo keys and values; 3-bit KIVI values): "halfwords"
-        (two 16-bit gathers per unit, left in the loop by Triton's pipeliner) or "words" (the rows'
-        int32 words, each read once by an asynchronous copy, three per four units, the units
-        assembled in registers). In the sm_90 compile "words" leaves no load of polar-rope-3's,
-        turbo-3's or turbo-k3v4's loop waited for, and runs 1941 instead of 2005 instructions per
-        block for polar-rope-3, 2251 instead of 2361 for turbo-3; not yet timed on a GPU, hence not
-        the default.
+        of 6-bit pairs: r2a4, r3a3; 3-bit turbo keys and values; 3-bit KIVI values): "words" (the
+        rows' int32 words, each read once by an asynchronous copy, three per four units, the units
+        assembled in registers; rows not made of whole words fall back to halfwords) or "halfwords"
+        (two 16-bit gathers per unit, left in the loop by Triton's pipeliner, the decoded tiles then
+        moved through shared memory). Measured on the H200 at B=32 / 32k tokens (eleventh session,
+        ``benchmarks/results/layouts_h200.json``), halfwords -> words: polar-rope-3 0.989 -> 0.686 ms
+        (0.95x -> 1.37x fp16 SDPA), turbo-k3v4 0.848 -> 0.808 ms, turbo-3 1.268 -> 1.274 ms (B=1 /
+        128k: 0.191 -> 0.196 ms), hence the default.
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     """
@@ -305,7 +306,7 @@ class LaunchConfig:
     max_registers: int | None = None
     transposed_min_rows: int = 1 << 16
     value_metadata: str | None = None
-    three_byte_units: str = "halfwords"
+    three_byte_units: str = "words"
 
     def __post_init__(self) -> None:
         if not (_pow2(self.block_n) and self.block_n >= 16):
