@@ -77,6 +77,10 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # eleventh session: "words" became the default reading of 3-byte units; the earlier one, and the
     # register caps again for the kernels that now compile below 255 registers (kivi-2: 231)
     "u3-halfwords": LaunchConfig(three_byte_units="halfwords"),
+    # the kernels wait more than they issue (8 one-warp programs per SM at 231-255 registers): a fourth
+    # stage of loads in flight (kivi-2: 238 registers, shared 11 KB), with and without the cap
+    "t-s4": LaunchConfig(transposed_stages=4),
+    "t-s4-r168": LaunchConfig(transposed_stages=4, max_registers=168),
 }
 #: Variants that time the packed values in another layout (a function of the stored values).
 VALUE_LAYOUTS = {"vm-groups": ba.groups_adjacent, "vm-groups-u3": ba.groups_adjacent}
