@@ -375,8 +375,9 @@ def test_launch_policy():
     assert da.transposed_tuning(_operand(kivi, wave, 4), values4, 64, cfg) == (12, cap)
     assert da.transposed_tuning(_operand(kivi, wave - 1, 4), values4, 64, cfg) == (12, None)
     assert da.transposed_tuning(_operand(kivi, 256 * 13, 4), values2, 64, cfg, sms=66) == (12, cap)
-    assert da.transposed_tuning(_operand(kivi, wave, 2), values2, 64, cfg) == (12, None)  # 2-bit keys: no cap
-    assert da.transposed_tuning(_operand(kivi, wave, 2), values4, 64, cfg) == (12, None)
+    assert da.transposed_tuning(_operand(kivi, wave, 2), values2, 64, cfg) == (12, cap)  # kivi-2
+    assert da.transposed_tuning(_operand(kivi, wave - 1, 2), values2, 64, cfg) == (12, None)
+    assert da.transposed_tuning(_operand(kivi, wave, 2), values4, 64, cfg) == (12, None)  # not measured: no cap
     assert da.transposed_tuning(_operand(kivi, wave, 8), _operand(kivi, 1, 8), 64, cfg) == (12, None)
     assert da.transposed_tuning(_operand(kivi, wave, 4), _operand(kivi, 1, 8), 64, cfg) == (12, None)
     turbo = _operand(da.formats.FMT_TURBO, wave, 4)

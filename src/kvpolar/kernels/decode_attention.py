@@ -266,8 +266,8 @@ class LaunchConfig:
         every measured shape, benchmarks/README.md).
     max_registers: register cap per thread of the transposed kernel (Triton's ``maxnreg``). Fewer
         registers, more programs per SM. None = the measured policy of ``transposed_tuning``
-        (168 for 4-bit KIVI keys and for turbo codes where the cache fills a wave of 12 programs
-        per SM, else the compiler's choice); 255 = no cap.
+        (168 for 4-bit KIVI keys, for 2-bit KIVI keys and values and for turbo codes where the cache
+        fills a wave of 12 programs per SM, else the compiler's choice); 255 = no cap.
     transposed_min_rows: caches of fewer packed (sequence, KV head, token) rows take the classic
         kernel, whose shorter per-split latency wins there (H100, 8 KV heads: batch 1 at 4k and 8k
         tokens; see ``_use_transposed``). Turbo keys or values take the transposed kernel at every size.
@@ -634,12 +634,17 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
     fits on an SM, and ``choose_splits`` fills one wave of them):
 
     - a 168-register cap (12 programs per SM) for 4-bit KIVI keys (with KIVI values of at most 4
-      bits) and for turbo keys or values, where the cache has the tokens to fill a wave of 12
-      programs per SM with splits of ``min_split_tokens``. 2-bit KIVI keys had it too until their
-      value metadata was copied ahead by the pipeliner (seventh session): since then the kernel
-      wants 245 registers and the cap spills (``results/loads_h100.json``, ``loads2_h100.json``:
-      kivi-2 uncapped vs 168, B=32/32k 2.57-2.58x vs 2.43-2.46x, B=1/128k 2.32x vs 2.15x; kivi-4
-      2.06x vs 2.13x and 1.91x vs 1.90x, so it keeps the cap). Sixth session (``results/registers_h100.json``,
+      bits), for 2-bit KIVI keys with 2-bit KIVI values (kivi-2, squat-2) and for turbo keys or
+      values, where the cache has the tokens to fill a wave of 12 programs per SM with splits of
+      ``min_split_tokens``. 2-bit KIVI keys lost the cap in the seventh session, when their value
+      metadata was copied ahead by the pipeliner and the kernel wanted 245 registers (the cap
+      spilled; ``results/loads_h100.json``, ``loads2_h100.json``: kivi-2 uncapped vs 168, B=32/32k
+      2.57-2.58x vs 2.43-2.46x, B=1/128k 2.32x vs 2.15x; kivi-4 2.06x vs 2.13x and 1.91x vs 1.90x,
+      so it kept the cap), and got it back in the eleventh: with its value metadata stored
+      tokens-adjacent the kernel wants 231 and the cap costs 44 instructions per block, 24 of them
+      local-memory reloads, for 12 instead of 8 programs per SM (H200, ``results/caps_h200.json``,
+      uncapped -> 168: B=32/32k 0.544 -> 0.512 ms, B=1/128k 0.0819 -> 0.0803 ms; 128 registers:
+      0.652 ms; every other preset there gained nothing from 168 or 128). Sixth session (``results/registers_h100.json``,
       ``registers2_h100.json``, speed-up over fp16 SDPA, uncapped -> 168: kivi-2 B=32/32k 2.19x ->
       2.32x, B=8/32k 1.88x -> 2.24x, B=1/128k 1.86x -> 2.17x; kivi-4 1.69x -> 1.89x, 1.62x -> 1.77x,
       1.62x -> 1.72x; turbo-4 B=32/32k 1.37x -> 1.51x. Caches too short for that wave lose: kivi-4
@@ -653,7 +658,8 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
       ``results/attention_h100.json``, so it keeps 12; both measured before one-wave splits).
     """
     batched = programs >= _BATCH_PROGRAMS
-    capped_format = ((k_op.fmt == _FMT_KIVI and k_op.bits == 4 and v_op.fmt == _FMT_KIVI and v_op.bits <= 4)
+    kivi_pair = k_op.fmt == _FMT_KIVI and v_op.fmt == _FMT_KIVI
+    capped_format = ((kivi_pair and k_op.bits == 4 and v_op.bits <= 4) or (kivi_pair and k_op.bits == v_op.bits == 2)
                      or formats.FMT_TURBO in (k_op.fmt, v_op.fmt))
     fills_wave = k_op.tokens >= cfg.min_split_tokens * math.ceil(12 * sms / programs)
     pps = 16 if batched and k_op.fmt == _FMT_POLAR and v_op.bits == 2 else 12
