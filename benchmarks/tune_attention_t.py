@@ -74,11 +74,11 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # instructions per block, kivi-4 1246 instead of 1441) against the earlier layout, groups adjacent
     "vm-groups": LaunchConfig(),  # the policy, values re-laid out by VALUE_LAYOUTS below
     "vm-groups-u3": LaunchConfig(three_byte_units="words"),  # (u3-words above: with the stored layout)
-    # eleventh session: "words" became the default reading of 3-byte units; the earlier one, and the
-    # register caps again for the kernels that now compile below 255 registers (kivi-2: 231)
+    # eleventh session: "words" became the default reading of 3-byte units; this is the earlier one
     "u3-halfwords": LaunchConfig(three_byte_units="halfwords"),
     # the kernels wait more than they issue (8 one-warp programs per SM at 231-255 registers): a fourth
-    # stage of loads in flight (kivi-2: 238 registers, shared 11 KB), with and without the cap
+    # stage of loads in flight (kivi-2: 238 registers, shared 11 KB), with and without the cap (timed with
+    # t-s3-r168 / t-s3-r128 in results/caps_h200.json: only kivi-2 gained, from the cap)
     "t-s4": LaunchConfig(transposed_stages=4),
     "t-s4-r168": LaunchConfig(transposed_stages=4, max_registers=168),
 }

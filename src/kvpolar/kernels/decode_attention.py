@@ -633,24 +633,24 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
     H100 (on the GPU, ``_packed_plan`` then caps the programs per SM by what the compiled kernel
     fits on an SM, and ``choose_splits`` fills one wave of them):
 
-    - a 168-register cap (12 programs per SM) for 4-bit KIVI keys (with KIVI values of at most 4
-      bits), for 2-bit KIVI keys with 2-bit KIVI values (kivi-2, squat-2) and for turbo keys or
-      values, where the cache has the tokens to fill a wave of 12 programs per SM with splits of
-      ``min_split_tokens``. 2-bit KIVI keys lost the cap in the seventh session, when their value
-      metadata was copied ahead by the pipeliner and the kernel wanted 245 registers (the cap
-      spilled; ``results/loads_h100.json``, ``loads2_h100.json``: kivi-2 uncapped vs 168, B=32/32k
-      2.57-2.58x vs 2.43-2.46x, B=1/128k 2.32x vs 2.15x; kivi-4 2.06x vs 2.13x and 1.91x vs 1.90x,
-      so it kept the cap), and got it back in the eleventh: with its value metadata stored
-      tokens-adjacent the kernel wants 231 and the cap costs 44 instructions per block, 24 of them
-      local-memory reloads, for 12 instead of 8 programs per SM (H200, ``results/caps_h200.json``,
-      uncapped -> 168: B=32/32k 0.544 -> 0.512 ms, B=1/128k 0.0819 -> 0.0803 ms; 128 registers:
-      0.652 ms; every other preset there gained nothing from 168 or 128). Sixth session (``results/registers_h100.json``,
-      ``registers2_h100.json``, speed-up over fp16 SDPA, uncapped -> 168: kivi-2 B=32/32k 2.19x ->
-      2.32x, B=8/32k 1.88x -> 2.24x, B=1/128k 1.86x -> 2.17x; kivi-4 1.69x -> 1.89x, 1.62x -> 1.77x,
-      1.62x -> 1.72x; turbo-4 B=32/32k 1.37x -> 1.51x. Caches too short for that wave lose: kivi-4
-      B=8/4k 1.38x -> 1.28x, B=1/16k 1.01x -> 0.94x. 8-bit KIVI loses everywhere, 0.98x -> 0.77x at
-      B=32/32k; polar-recursive is unchanged). It replaces the earlier 128-register cap of 2-bit
-      KIVI (16 programs per SM, with spills: B=32/32k 2.17x, B=1/128k 1.41x);
+    - a 168-register cap (12 programs per SM) for 4-bit KIVI keys (with KIVI values of at most 4 bits),
+      for 2-bit KIVI keys with 2-bit KIVI values (kivi-2, squat-2) and for turbo keys or values, where
+      the cache has the tokens to fill a wave of 12 programs per SM with splits of ``min_split_tokens``.
+      2-bit KIVI keys lost the cap in the seventh session, when their value metadata was copied ahead by
+      the pipeliner and the kernel wanted 245 registers (the cap spilled; ``results/loads_h100.json``,
+      ``loads2_h100.json``: kivi-2 uncapped vs 168, B=32/32k 2.57-2.58x vs 2.43-2.46x, B=1/128k 2.32x vs
+      2.15x; kivi-4 2.06x vs 2.13x and 1.91x vs 1.90x, so it kept the cap), and got it back in the
+      eleventh: with its value metadata stored tokens-adjacent the kernel wants 231 and the cap costs 44
+      instructions per block, 24 of them local-memory reloads (sm_90 compile), for 12 instead of 8
+      programs per SM (H200, ``results/caps_h200.json``, uncapped -> 168: B=32/32k 0.544 -> 0.512 ms,
+      B=1/128k 0.0819 -> 0.0803 ms; 128 registers: 0.652 ms; every other preset there gained nothing
+      from 168 or 128). Sixth session (``results/registers_h100.json``, ``registers2_h100.json``,
+      speed-up over fp16 SDPA, uncapped -> 168: kivi-2 B=32/32k 2.19x -> 2.32x, B=8/32k 1.88x -> 2.24x,
+      B=1/128k 1.86x -> 2.17x; kivi-4 1.69x -> 1.89x, 1.62x -> 1.77x, 1.62x -> 1.72x; turbo-4 B=32/32k
+      1.37x -> 1.51x. Caches too short for that wave lose: kivi-4 B=8/4k 1.38x -> 1.28x, B=1/16k 1.01x
+      -> 0.94x. 8-bit KIVI loses everywhere, 0.98x -> 0.77x at B=32/32k; polar-recursive is unchanged).
+      It replaces the earlier 128-register cap of 2-bit KIVI (16 programs per SM, with spills: B=32/32k
+      2.17x, B=1/128k 1.41x);
     - polar-rope keys with 2-bit values (polar-rope-3), 16 programs per SM from 64 pairs on: B=8/32k
       1.14x -> 1.39x, B=32/4k 1.10x -> 1.32x, B=32/32k 1.13x -> 1.40x, B=32/128k 1.14x -> 1.43x (B=1:
       1.13x -> 1.08x at 128k, so single sequences keep 12; with 4-bit values, polar-rope-4, 16 gave
@@ -659,8 +659,8 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
     """
     batched = programs >= _BATCH_PROGRAMS
     kivi_pair = k_op.fmt == _FMT_KIVI and v_op.fmt == _FMT_KIVI
-    capped_format = ((kivi_pair and k_op.bits == 4 and v_op.bits <= 4) or (kivi_pair and k_op.bits == v_op.bits == 2)
-                     or formats.FMT_TURBO in (k_op.fmt, v_op.fmt))
+    capped_kivi = kivi_pair and ((k_op.bits == 4 and v_op.bits <= 4) or k_op.bits == v_op.bits == 2)
+    capped_format = capped_kivi or formats.FMT_TURBO in (k_op.fmt, v_op.fmt)
     fills_wave = k_op.tokens >= cfg.min_split_tokens * math.ceil(12 * sms / programs)
     pps = 16 if batched and k_op.fmt == _FMT_POLAR and v_op.bits == 2 else 12
     if cfg.transposed_programs_per_sm is not None:
