@@ -32,7 +32,8 @@ from kvpolar.kernels.polar_pairs import load_units24, load_units24_t, unit_words
 UNITS = {1: (1, 8), 2: (1, 4), 3: (3, 8), 4: (1, 2)}
 
 
-#: id(codebook) -> (weak reference, codebook version, {dtype: table words}); entries leave with their codebook
+#: id(codebook) -> (weak reference, codebook version, {dtype: table words, ("antisymmetric", dtype): bool});
+#: entries leave with their codebook
 _LUTS: dict[int, tuple[weakref.ref, int, dict]] = {}
 
 
@@ -53,6 +54,17 @@ def _table_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
+def _codebook_cache(codebook: torch.Tensor) -> dict:
+    """What is kept for ``codebook`` (:data:`_LUTS`): a fresh dict when the tensor is new or has changed
+    since, else the one kept."""
+    key = id(codebook)
+    entry = _LUTS.get(key)
+    if entry is None or entry[0]() is not codebook or entry[1] != codebook._version:
+        ref = weakref.ref(codebook, lambda _, k=key: _LUTS.pop(k, None))
+        entry = _LUTS[key] = (ref, codebook._version, {})
+    return entry[2]
+
+
 def lut_words(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int32 ``[8]`` on the codebook's device: the codebook (``2**bits <= 16`` entries) rounded to
     ``dtype`` (float16 or bfloat16; other dtypes: float16) as ``prmt`` byte tables: words 0-1 the low
@@ -60,14 +72,10 @@ def lut_words(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     8-15 (zero past the codebook). Built with device ops (no host copy: CUDA-graph safe) and kept per
     codebook tensor while it lives and is unchanged."""
     dtype = _table_dtype(dtype)
-    key = id(codebook)
-    entry = _LUTS.get(key)
-    if entry is None or entry[0]() is not codebook or entry[1] != codebook._version:
-        ref = weakref.ref(codebook, lambda _, k=key: _LUTS.pop(k, None))
-        entry = _LUTS[key] = (ref, codebook._version, {})
-    if dtype not in entry[2]:
-        entry[2][dtype] = _lut_on_device(codebook, dtype)
-    return entry[2][dtype]
+    cache = _codebook_cache(codebook)
+    if dtype not in cache:
+        cache[dtype] = _lut_on_device(codebook, dtype)
+    return cache[dtype]
 
 
 def antisymmetric(codebook: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -76,8 +84,7 @@ def antisymmetric(codebook: torch.Tensor, dtype: torch.dtype) -> bool:
     read an 8-entry table and flip the sign (``ASM_BYTES_4_SYMMETRIC``). Computed once per codebook
     tensor and dtype (one host read), kept with its table words."""
     dtype = _table_dtype(dtype)
-    lut_words(codebook, dtype)  # (makes the cache entry)
-    cache = _LUTS[id(codebook)][2]
+    cache = _codebook_cache(codebook)
     if ("antisymmetric", dtype) not in cache:
         entries = codebook.to(dtype)
         cache["antisymmetric", dtype] = bool(torch.equal(entries.view(torch.int16) ^ -0x8000,
