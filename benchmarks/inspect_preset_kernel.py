@@ -17,7 +17,7 @@ argument binder decides the specialization (16-byte alignment, integers equal to
 
 Usage: ``PYTHONPATH=src python benchmarks/inspect_preset_kernel.py kivi-2 polar-rope-3 turbo-3
 [--batch 32] [--tokens 32768] [--max-registers N] [--stages N] [--dtype bfloat16] [--value-metadata MODE]
-[--three-byte-units halfwords] [--value-layout groups] [--lines] [--out DIR]`` (``--lines``: the main loop's
+[--three-byte-units halfwords] [--kivi-code-units bytes] [--lazy-rescale] [--value-layout groups] [--lines] [--out DIR]`` (``--lines``: the main loop's
 instructions by source line; ``--value-layout groups``: KIVI value scale / min laid out with the groups
 adjacent, as stored before the ninth session, instead of the quantizer's tokens-adjacent layout).
 """
@@ -111,6 +111,9 @@ def main() -> None:
                     help="LaunchConfig.value_metadata (default: the policy)")
     ap.add_argument("--three-byte-units", default="words", choices=("halfwords", "words"),
                     help="LaunchConfig.three_byte_units (codes packed in 3-byte units)")
+    ap.add_argument("--kivi-code-units", default=mod.LaunchConfig.kivi_code_units, choices=("bytes", "halfwords"),
+                    help="LaunchConfig.kivi_code_units (2- and 4-bit KIVI codes)")
+    ap.add_argument("--lazy-rescale", action="store_true", help="LaunchConfig.lazy_rescale")
     ap.add_argument("--value-layout", default="tokens", choices=("tokens", "groups"),
                     help="KIVI value scale / min with the tokens (as stored) or the groups adjacent in memory")
     ap.add_argument("--lines", action="store_true", help="also the main loop's instructions by source line")
@@ -119,7 +122,8 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="kvpolar-preset-sass-")
     os.makedirs(out, exist_ok=True)
     cfg = mod.LaunchConfig(max_registers=args.max_registers, value_metadata=args.value_metadata,
-                           three_byte_units=args.three_byte_units)
+                           three_byte_units=args.three_byte_units, kivi_code_units=args.kivi_code_units,
+                           lazy_rescale=args.lazy_rescale)
     if args.stages is not None:
         cfg = mod.dataclasses.replace(cfg, transposed_stages=args.stages)
     for name in args.presets:

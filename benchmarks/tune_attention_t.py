@@ -81,6 +81,16 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # t-s3-r168 / t-s3-r128 in results/caps_h200.json: only kivi-2 gained, from the cap)
     "t-s4": LaunchConfig(transposed_stages=4),
     "t-s4-r168": LaunchConfig(transposed_stages=4, max_registers=168),
+    # twelfth session: 2- and 4-bit KIVI codes read as 16-bit units, one AND per two codes (sm_90 compile,
+    # B=32/32k: kivi-2 1085 -> 765 instructions per block at the 168-register cap)
+    # (results/halfwords_h200.json; "halfwords" then became the default, "kivi-bytes" is the earlier reading)
+    "kivi-halfwords": LaunchConfig(kivi_code_units="halfwords"),
+    "kivi-halfwords-r255": LaunchConfig(kivi_code_units="halfwords", max_registers=255),
+    "kivi-halfwords-r128": LaunchConfig(kivi_code_units="halfwords", max_registers=128),
+    "kivi-bytes": LaunchConfig(kivi_code_units="bytes"),
+    # the running output sums rescaled only in blocks where a row's maximum grew (sm_90 compile, kivi-2:
+    # the 40 multiplies of every block's rescaling move into a branch)
+    "lazy-rescale": LaunchConfig(lazy_rescale=True),
 }
 #: Variants that time the packed values in another layout (a function of the stored values).
 VALUE_LAYOUTS = {"vm-groups": ba.groups_adjacent, "vm-groups-u3": ba.groups_adjacent}

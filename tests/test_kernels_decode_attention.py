@@ -8,6 +8,7 @@ float64); the kernel may be at most a small multiple of the reference's error.
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,6 +251,16 @@ def test_fully_masked_row_gives_zeros():
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+@pytest.mark.parametrize("key_fmt, value_fmt", [("kivi-2-32", "kivi-2-32"), ("polar-2-4-16-half", "kivi-4-32"),
+                                                ("kivi-4-32", "kivi-3-32")])
+def test_lazy_rescale_gives_the_same_attention(key_fmt, value_fmt):
+    """``lazy_rescale`` (running sums rescaled only where a row's maximum grew): the oracle's
+    attention over one split of several blocks, a ragged batch and a fully masked row."""
+    out = check(key_fmt, value_fmt, batch=3, gqa=4, tq=2, tk=150, r=3, lengths=[153, 40, 0],
+                config=LaunchConfig(lazy_rescale=True, num_splits=1))
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_full_precision_path(dtype):
     check("none", "none", gqa=4, tq=3, tk=29, r=4, dtype=dtype)
@@ -317,6 +328,101 @@ def test_polar_rope_words_fall_back_where_rows_are_not_whole_words():
         LaunchConfig(three_byte_units="bytes")
 
 
+def record_kivi_code_units(monkeypatch, module) -> list:
+    """(bits, bytes per unit) of the KIVI operands ``_kivi_code_units`` reads, as the launches ask."""
+    taken = []
+    real = module._kivi_code_units
+
+    def reading(op, cfg):
+        out = real(op, cfg)
+        taken.append((op.bits, out[1]))
+        return out
+
+    monkeypatch.setattr(module, "_kivi_code_units", reading)
+    return taken
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reading", ["bytes", "halfwords"])
+@pytest.mark.parametrize("key_fmt, value_fmt", [("kivi-2-32", "kivi-2-32"), ("kivi-4-32", "kivi-4-16"),
+                                                ("kivi-2-32", "kivi-4-16"), ("kivi-4-32", "kivi-2-32")])
+def test_kivi_code_units_both_readings(monkeypatch, key_fmt, value_fmt, reading, dtype):
+    """2- and 4-bit KIVI keys and values in the transposed kernel read from bytes or from 16-bit
+    units (``kivi_code_units``; a step per code position in the halfword reading): the same attention as
+    the oracle (ragged batch, two query tokens, a short last split), and the reading asked for is
+    the one taken for both operands."""
+    from kvpolar.kernels import decode_attention as da
+
+    taken = record_kivi_code_units(monkeypatch, da)
+    check(key_fmt, value_fmt, batch=2, gqa=4, tq=2, tk=83, r=3, dtype=dtype, lengths=[86, 40],
+          config=LaunchConfig(kivi_code_units=reading))
+    unit_bytes = 2 if reading == "halfwords" else 1
+    assert sorted(taken) == sorted([(int(key_fmt.split("-")[1]), unit_bytes),
+                                    (int(value_fmt.split("-")[1]), unit_bytes)])
+
+
+def run_ptx(asm: str, word: np.ndarray, smem_size: int = 49152) -> np.ndarray:
+    """The result ``$0`` of the straight-line PTX ``asm`` (``mov`` / ``shr`` / ``or`` / ``and`` on
+    32-bit registers) with ``$1`` = ``word`` (uint32 array)."""
+    regs = {"$1": word.astype(np.uint32), "%dynamic_smem_size": np.uint32(smem_size)}
+
+    def value(x):
+        return regs[x] if x in regs else np.uint32(int(x, 0))
+
+    for ins in asm.strip("{} ").split(";"):
+        parts = ins.replace(",", " ").split()
+        if not parts or parts[0] == ".reg":
+            continue
+        op, dst, *src = parts
+        a = value(src[0])
+        if op == "mov.u32":
+            regs[dst] = a
+        elif op == "shr.u32":
+            regs[dst] = a >> np.uint32(int(src[1]))
+        elif op == "or.b32":
+            regs[dst] = a | value(src[1])
+        elif op == "and.b32":
+            regs[dst] = a & value(src[1])
+        else:
+            raise AssertionError(f"unexpected instruction {ins!r}")
+    return regs["$0"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_half_code_instructions_give_offset_plus_code_times_step(dtype, bits):
+    """The compiled reading of 16-bit units (``_half_code_asm``: two units per 32-bit register), run
+    on the host for every unit value: each half is, in ``dtype``, the offset of the byte reading
+    (1024 float16, 128 bfloat16) plus code ``k`` times ``_unit_code_step``, which the kernel divides out."""
+    tl_dtype = da.tl.float16 if dtype == torch.float16 else da.tl.bfloat16
+    units = np.arange(1 << 16, dtype=np.uint32)
+    words = units | (units[::-1] << 16)  # low half u, high half 65535 - u
+    offset = 1024.0 if dtype == torch.float16 else 128.0
+    for k in range(16 // bits):
+        out = run_ptx(da._half_code_asm(k, bits, tl_dtype), words)
+        halves = torch.from_numpy(out.view(np.int16).copy()).view(dtype).float().view(-1, 2)
+        step = da._unit_code_step(k, bits, 2, tl_dtype)
+        for half, u in ((halves[:, 0], units), (halves[:, 1], units[::-1].copy())):
+            code = torch.from_numpy(((u >> (k * bits)) & ((1 << bits) - 1)).astype(np.float32))
+            assert torch.equal(half, offset + code * step), (k, bits, dtype)
+
+
+def test_kivi_halfwords_fall_back_where_rows_are_not_whole_halfwords():
+    """Codes whose storage does not start on a 2-byte boundary keep the byte reading; the option is checked."""
+    from kvpolar.kernels import decode_attention as da
+
+    halfwords = LaunchConfig(kivi_code_units="halfwords")
+    op = da._key_operand(kvpolar.quantizer("kivi", bits=2, group_size=32, axis="channel")
+                         .quantize(torch.randn(1, 1, 32, D)))
+    data, unit_bytes, per_unit = da._kivi_code_units(op, halfwords)
+    assert data.dtype == torch.int16 and (unit_bytes, per_unit) == (2, 8)
+    shifted = dataclasses.replace(op, data=torch.zeros(1 + op.data.numel(), dtype=torch.uint8)[1:].view(op.data.shape))
+    data, unit_bytes, per_unit = da._kivi_code_units(shifted, halfwords)
+    assert data.dtype == torch.uint8 and (unit_bytes, per_unit) == (1, 4)
+    with pytest.raises(ValueError, match="kivi_code_units='words'"):
+        LaunchConfig(kivi_code_units="words")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_polar_rope_ragged_bf16(dtype):
     check("polar-2-4-16-half", "kivi-2-32", batch=2, gqa=8, tk=33, r=2, dtype=dtype, lengths=[35, 11])
@@ -372,9 +478,11 @@ def test_launch_policy():
     assert not da._use_transposed(_operand(kivi, small, 2), values2, LaunchConfig(transposed=False))
     wave = 256 * math.ceil(12 * 132 / 64)  # tokens that give 64 pairs a wave of 12 programs per SM
     cap = da._REGISTER_CAP
-    assert da.transposed_tuning(_operand(kivi, wave, 4), values4, 64, cfg) == (12, cap)
-    assert da.transposed_tuning(_operand(kivi, wave - 1, 4), values4, 64, cfg) == (12, None)
-    assert da.transposed_tuning(_operand(kivi, 256 * 13, 4), values2, 64, cfg, sms=66) == (12, cap)
+    assert da.transposed_tuning(_operand(kivi, wave, 4), values4, 64, cfg) == (12, None)  # 16-bit units: no cap
+    in_bytes = LaunchConfig(kivi_code_units="bytes")
+    assert da.transposed_tuning(_operand(kivi, wave, 4), values4, 64, in_bytes) == (12, cap)
+    assert da.transposed_tuning(_operand(kivi, wave - 1, 4), values4, 64, in_bytes) == (12, None)
+    assert da.transposed_tuning(_operand(kivi, 256 * 13, 4), values2, 64, in_bytes, sms=66) == (12, cap)
     assert da.transposed_tuning(_operand(kivi, wave, 2), values2, 64, cfg) == (12, cap)  # kivi-2
     assert da.transposed_tuning(_operand(kivi, wave - 1, 2), values2, 64, cfg) == (12, None)
     assert da.transposed_tuning(_operand(kivi, wave, 2), values4, 64, cfg) == (12, None)  # not measured: no cap
@@ -382,8 +490,9 @@ def test_launch_policy():
     assert da.transposed_tuning(_operand(kivi, wave, 4), _operand(kivi, 1, 8), 64, cfg) == (12, None)
     turbo = _operand(da.formats.FMT_TURBO, wave, 4)
     assert da.transposed_tuning(turbo, turbo, 64, cfg) == (12, cap)
-    assert da.transposed_tuning(_operand(kivi, 256 * 198, 4), values2, 8, cfg) == (12, cap)  # B=1, 8 KV heads
-    assert da.transposed_tuning(_operand(kivi, 256 * 197, 4), values2, 8, cfg) == (12, None)
+    assert da.transposed_tuning(_operand(kivi, 256 * 198, 4), values2, 8, in_bytes) == (12, cap)  # B=1, 8 KV heads
+    assert da.transposed_tuning(_operand(kivi, 256 * 197, 4), values2, 8, in_bytes) == (12, None)
+    assert da.transposed_tuning(_operand(kivi, 256 * 198, 2), values2, 8, cfg) == (12, cap)
     recursive = _operand(da.formats.FMT_POLAR_RECURSIVE, wave, 8)
     assert da.transposed_tuning(recursive, recursive, 64, cfg) == (12, None)
     polar = _operand(da._FMT_POLAR, small, 6)

@@ -153,6 +153,15 @@ def test_turbo_mixed_with_other_formats(pair, transposed_launches):
     check(*pair, gqa=4, tk=45, r=3, d=D, config=small_caches_transposed(None))
     assert len(transposed_launches) == 1
 
+def test_lazy_rescale_turbo_and_polar_recursive(transposed_launches):
+    """``lazy_rescale`` with turbo keys and polar-recursive values (their own value products):
+    the oracle's attention over one split of several blocks, with a fully masked row."""
+    out = check(turbo(3), polar(), batch=2, gqa=4, tk=130, r=3, lengths=[133, 0], d=D,
+                config=small_caches_transposed(da.LaunchConfig(lazy_rescale=True, num_splits=1)))
+    assert len(transposed_launches) == 1
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
 @pytest.mark.parametrize("tk,gqa,tq", [(1, 1, 1), (33, 8, 1), (70, 4, 3)])
 def test_lengths_gqa_and_query_tokens(tk, gqa, tq, transposed_launches):
     check(turbo(3), turbo(3), hkv=1 if gqa == 8 else 2, gqa=gqa, tq=tq, tk=tk, r=0 if tk == 1 else 3, d=D,

@@ -287,6 +287,17 @@ class LaunchConfig:
         ``benchmarks/results/layouts_h200.json``), halfwords -> words: polar-rope-3 0.989 -> 0.686 ms
         (0.95x -> 1.37x fp16 SDPA), turbo-k3v4 0.848 -> 0.808 ms, turbo-3 1.268 -> 1.274 ms (B=1 /
         128k: 0.191 -> 0.196 ms), hence the default.
+    kivi_code_units: how the transposed kernel reads KIVI codes of 2 and 4 bits (keys and values):
+        "bytes" (each code spread from its byte to a 16-bit lane by byte permutes: about one
+        instruction per code) or "halfwords" (16-bit units of 8 / 4 codes, two units per register:
+        one AND per two codes, into the mantissa of 1024 / 128; a shift and an OR per further window
+        of the mantissa's width). Rows not made of whole halfwords read bytes. Measured on the H200
+        (twelfth session, ``benchmarks/results/halfwords_h200.json``, bytes -> halfwords, speed-up over
+        fp16 SDPA at B=32 / 32k tokens): kivi-2 and squat-2 1.86x -> 2.43x, kivi-4 1.72x -> 2.15x,
+        polar-rope-3 (its 2-bit values) 1.39x -> 1.49x, polar-rope-4 1.39x -> 1.53x; hence the default.
+    lazy_rescale: the transposed kernel rescales its running output sums only in blocks where some
+        query row's running maximum grew (exact: the probabilities are taken against the running
+        maximum either way), instead of in every block.
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     """
@@ -307,6 +318,8 @@ class LaunchConfig:
     transposed_min_rows: int = 1 << 16
     value_metadata: str | None = None
     three_byte_units: str = "words"
+    kivi_code_units: str = "halfwords"
+    lazy_rescale: bool = False
 
     def __post_init__(self) -> None:
         if not (_pow2(self.block_n) and self.block_n >= 16):
@@ -326,6 +339,8 @@ class LaunchConfig:
                              "(allowed: None, 'tiles', 'words', 'ahead', 'gather')")
         if self.three_byte_units not in ("halfwords", "words"):
             raise ValueError(f"three_byte_units={self.three_byte_units!r} (allowed: 'halfwords', 'words')")
+        if self.kivi_code_units not in ("bytes", "halfwords"):
+            raise ValueError(f"kivi_code_units={self.kivi_code_units!r} (allowed: 'bytes', 'halfwords')")
         if self.transposed_min_rows < 0:
             raise ValueError(f"transposed_min_rows={self.transposed_min_rows} (allowed: >= 0)")
 
@@ -633,9 +648,13 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
     H100 (on the GPU, ``_packed_plan`` then caps the programs per SM by what the compiled kernel
     fits on an SM, and ``choose_splits`` fills one wave of them):
 
-    - a 168-register cap (12 programs per SM) for 4-bit KIVI keys (with KIVI values of at most 4 bits),
-      for 2-bit KIVI keys with 2-bit KIVI values (kivi-2, squat-2) and for turbo keys or values, where
-      the cache has the tokens to fill a wave of 12 programs per SM with splits of ``min_split_tokens``.
+    - a 168-register cap (12 programs per SM) for 2-bit KIVI keys with 2-bit KIVI values (kivi-2,
+      squat-2), for 4-bit KIVI keys (with KIVI values of at most 4 bits) read from bytes
+      (``kivi_code_units="bytes"``) and for turbo keys or values, where the cache has the tokens to
+      fill a wave of 12 programs per SM with splits of ``min_split_tokens``. Read as 16-bit units (the
+      default since the twelfth session), kivi-4 is faster uncapped (H200, ``results/halfwords_h200.json``,
+      168 -> no cap: B=32/32k 0.470 -> 0.445 ms, B=1/128k 0.0788 -> 0.0725 ms) and kivi-2 keeps the cap
+      (0.393 uncapped 0.417 ms; 128 registers: 0.480 ms).
       2-bit KIVI keys lost the cap in the seventh session, when their value metadata was copied ahead by
       the pipeliner and the kernel wanted 245 registers (the cap spilled; ``results/loads_h100.json``,
       ``loads2_h100.json``: kivi-2 uncapped vs 168, B=32/32k 2.57-2.58x vs 2.43-2.46x, B=1/128k 2.32x vs
@@ -659,7 +678,8 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
     """
     batched = programs >= _BATCH_PROGRAMS
     kivi_pair = k_op.fmt == _FMT_KIVI and v_op.fmt == _FMT_KIVI
-    capped_kivi = kivi_pair and ((k_op.bits == 4 and v_op.bits <= 4) or k_op.bits == v_op.bits == 2)
+    bytes_4bit = k_op.bits == 4 and v_op.bits <= 4 and cfg.kivi_code_units == "bytes"
+    capped_kivi = kivi_pair and (bytes_4bit or k_op.bits == v_op.bits == 2)
     capped_format = capped_kivi or formats.FMT_TURBO in (k_op.fmt, v_op.fmt)
     fills_wave = k_op.tokens >= cfg.min_split_tokens * math.ceil(12 * sms / programs)
     pps = 16 if batched and k_op.fmt == _FMT_POLAR and v_op.bits == 2 else 12
@@ -750,6 +770,26 @@ def _code_units(op: _Operand) -> tuple[torch.Tensor, int, int, bool]:
         data, _ = _unit_words(op.data, 6)  # 24-bit units, as polar-rope's 6-bit pairs
         return data, ub, u, data is not op.data
     return op.data, ub, u, False
+
+
+#: The 16 bits ``_half_codes`` ORs into each 16-bit code (1024 in float16, 128 in bfloat16:
+#: ``_code_offset``), a kernel argument so that the compiler keeps it in one register and gives each
+#: code's AND mask the instruction's immediate (a constant exponent took the immediate, and at the
+#: register cap every mask was then rematerialized before its use: one more instruction per two codes).
+_HALF_CODE_EXPONENT = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
+
+
+def _kivi_code_units(op: _Operand, cfg: LaunchConfig) -> tuple[torch.Tensor, int, int]:
+    """(code tensor, bytes per unit, codes per unit) of KIVI codes in whole bytes in the transposed
+    kernel: 16-bit units (the bytes viewed as int16) for 2- and 4-bit codes with
+    ``kivi_code_units="halfwords"`` where the rows are whole halfwords, else bytes."""
+    ub, u = _unit(op.bits)
+    if cfg.kivi_code_units == "halfwords" and op.bits in (2, 4):
+        try:
+            return op.data.view(torch.int16), 2, 16 // op.bits
+        except RuntimeError:  # an odd number of bytes per row, or an odd offset / stride
+            pass
+    return op.data, ub, u
 
 
 def _value_metadata(op: _Operand, query: torch.Tensor, cfg: "LaunchConfig") -> tuple[tuple[torch.Tensor, ...], int]:
@@ -862,9 +902,11 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         k_nu = d // k_u
         k_data, k_words = _three_byte_reading(k_op.data, k_data, k_ub, k_words, cfg)
     else:
-        k_data, (k_ub, k_u) = k_op.data, _unit(k_op.bits)
+        k_data, k_ub, k_u = _kivi_code_units(k_op, cfg)
         k_nu, k_words = d // k_u, False
-    if v_op.fmt in (formats.FMT_TURBO, _FMT_KIVI):
+    if v_op.fmt == _FMT_KIVI and v_op.bits in (2, 4):
+        (v_data, v_ub, v_u), v_words = _kivi_code_units(v_op, cfg), False
+    elif v_op.fmt in (formats.FMT_TURBO, _FMT_KIVI):
         v_data, v_ub, v_u, v_words = _code_units(v_op)
         v_data, v_words = _three_byte_reading(v_op.data, v_data, v_ub, v_words, cfg)
     else:
@@ -888,7 +930,7 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         mask_t, *mask_strides,
         part_max, part_sum, part_acc,
         k_op.tokens, offset, blocks_per_split, base, total_splits, hkv,
-        scale * _LOG2E,
+        scale * _LOG2E, _HALF_CODE_EXPONENT.get(query.dtype, 0),
     )
     kwargs = dict(
         D=d, GQA=gqa, TQ=tq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS_CONST=blocks_per_split if _interpreting() else 0,
@@ -901,7 +943,7 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
         VAL_FMT=v_op.fmt, kcos=k_tab[0], ksin=k_tab[1], vcos=v_tab[0], vsin=v_tab[1], PR_KEY_JOIN=_pr.KEY_JOIN, PR_VALUE_JOIN=_pr.VALUE_JOIN,
         VAL_UB=v_ub, VAL_WORDS=v_words, kbook=k_book, klut=k_lut, vbook=v_book, vlut=v_lut,
-        KEY_LOOKUP=k_lookup, VAL_LOOKUP=v_lookup,
+        KEY_LOOKUP=k_lookup, VAL_LOOKUP=v_lookup, LAZY_RESCALE=cfg.lazy_rescale,
         num_warps=cfg.transposed_warps, num_stages=cfg.transposed_stages, **extra,
     )
     return args, kwargs
@@ -1321,11 +1363,70 @@ if triton is not None:
             out = _codes_to((word8.to(tl.int32) >> (K * BITS)) & ((1 << BITS) - 1), DT, BITS, NATIVE)
         return out
 
+    @triton.constexpr_function
+    def _half_code_place(k, bits, dt):
+        """(shift, bit) of code ``k`` of a 16-bit unit (codes of ``bits`` bits, code ``k`` at bit
+        ``k * bits``) in ``_half_codes``: the unit shifted right by ``shift``, the code then lies at
+        ``bit``, inside the mantissa of ``dt`` (10 bits float16, 7 bfloat16). The codes of one
+        window of the mantissa's width share a shift (2-bit codes in float16: codes 0-4 unshifted,
+        5-7 shifted by 10)."""
+        per = (10 if dt == tl.float16 else 7) // bits
+        return (k // per) * per * bits, (k % per) * bits
+
+    @triton.constexpr_function
+    def _half_code_asm(k, bits, dt):
+        """The PTX of code ``k`` in ``_half_codes`` (two 16-bit units per register): the unit word,
+        shifted where the code lies beyond the mantissa's first window, ORed with the exponent bits
+        of ``_code_offset`` (once per window: the compiler shares it among the window's codes), then
+        one AND keeping the code and the exponent, its one constant the instruction's immediate.
+        The exponent comes from a register the compiler cannot prove constant (the dynamic shared
+        memory size shifted out, zero): with it constant, the compiler folded the OR into the AND
+        and, short of registers for the second constant, reloaded it before every code."""
+        shift, at = _half_code_place(k, bits, dt)
+        exponent = 0x6400 if dt == tl.float16 else 0x4300
+        keep = ((((1 << bits) - 1) << at) | exponent) * 0x10001
+        word = f"shr.u32 t, $1, {shift}; or.b32 t, t, e;" if shift else "or.b32 t, $1, e;"
+        return ("{ .reg .b32 t, e; mov.u32 e, %dynamic_smem_size; shr.u32 e, e, 31; "
+                + f"or.b32 e, e, {exponent * 0x10001:#x}; {word} and.b32 $0, t, {keep:#x}; }}")
+
+    @triton.constexpr_function
+    def _unit_code_step(k, bits, unit_bytes, dt):
+        """What one step of code ``k`` of a unit weighs in ``_unit_codes``' result: 1 for byte
+        units, the power of two at the code's bit in its mantissa window for 16-bit units (``_half_codes``)."""
+        return float(1 << _half_code_place(k, bits, dt)[1]) if unit_bytes == 2 else 1.0
+
+    @triton.jit
+    def _half_codes(units, K: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr,
+                    OFFSET: tl.constexpr, exponent):
+        """Code ``K`` of every 16-bit unit of ``units`` (int16, any shape; code ``K`` at bit ``K * BITS``)
+        as ``DT`` ``OFFSET + code * step`` (``OFFSET``: ``_code_offset``; ``step``: ``_unit_code_step``).
+        Compiled fp16 / bf16: two units per register, the code masked in place in the mantissa of
+        ``OFFSET`` (1024 / 128: a mantissa unit of 1), so step = 2**bit: one AND-OR per two codes,
+        and a shift per further window of the mantissa's width (shared by that window's codes);
+        bytes (``_byte_codes``) take about one instruction per code, spreading them to 16-bit lanes.
+        ``exponent``: int32, ``OFFSET``'s 16 bits (``_HALF_CODE_EXPONENT``)."""
+        STEP: tl.constexpr = _unit_code_step(K, BITS, 2, DT)
+        if NATIVE and (DT == tl.float16 or DT == tl.bfloat16):
+            if DT == tl.float16:
+                out = tl.inline_asm_elementwise(_half_code_asm(K, BITS, DT), "=r,r", [units],
+                                                dtype=tl.float16, is_pure=True, pack=2)
+            else:
+                out = tl.inline_asm_elementwise(_half_code_asm(K, BITS, DT), "=r,r", [units],
+                                                dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            code = ((units.to(tl.int32) & 0xFFFF) >> (K * BITS)) & ((1 << BITS) - 1)
+            out = (code.to(tl.float32) * STEP + OFFSET).to(DT)
+        return out
+
     @triton.jit
     def _unit_parts(x, U: tl.constexpr):
-        """Columns of ``x`` ``[NU, U]`` (U in 1, 2, 4) as four ``[NU]`` tensors (repeated where U < 4):
-        the code positions of a packed unit, from one contiguous load of a row of metadata."""
-        if U == 4:
+        """Columns of ``x`` ``[NU, U]`` (U in 1, 2, 4, 8) as eight ``[NU]`` tensors (repeated where
+        U < 8): the code positions of a packed unit, from one contiguous load of a row of metadata."""
+        if U == 8:
+            even, odd = tl.split(tl.reshape(x, [x.shape[0], 4, 2]))  # columns 0, 2, 4, 6 and 1, 3, 5, 7
+            x0, x2, x4, x6 = _split4(even)
+            x1, x3, x5, x7 = _split4(odd)
+        elif U == 4:
             x0, x1, x2, x3 = _split4(x)
         elif U == 2:
             x0, x1 = tl.split(x)
@@ -1336,20 +1437,39 @@ if triton is not None:
             x1 = x0
             x2 = x0
             x3 = x0
-        return x0, x1, x2, x3
+        if U < 8:
+            x4 = x0
+            x5 = x1
+            x6 = x2
+            x7 = x3
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _unit_codes(word, K: tl.constexpr, BITS: tl.constexpr, UB: tl.constexpr, DT: tl.constexpr,
+                    NATIVE: tl.constexpr, OFFSET: tl.constexpr, exponent):
+        """Code ``K`` of every packed unit of ``word`` as ``DT`` ``OFFSET + code * _unit_code_step(K, ..)``:
+        int16 units of 16 bits (``_half_codes``), uint8 bytes or 3-byte units in int32 (``_byte_codes``)."""
+        if UB == 2:
+            out = _half_codes(word, K, BITS, DT, NATIVE, OFFSET, exponent)
+        else:
+            out = _byte_codes(word, K, BITS, DT, NATIVE)
+        return out
 
     @triton.jit
     def _key_group_part(k_bias, q_t, k_scale, k_min, BN: tl.constexpr, DT: tl.constexpr, OFFSET: tl.constexpr,
-                        PREC: tl.constexpr):
-        """One key group's terms for code position ``K`` of every packed byte (channels ``u * U + K``):
+                        PREC: tl.constexpr, STEP: tl.constexpr):
+        """One key group's terms for code position ``K`` of every packed unit (channels ``u * U + K``):
         the query part scaled by the group's scale, ``(q_K * scale) [NU, BM]`` in ``DT`` (the B operand
         of ``codes_K [BN, NU] @ (q_K * scale)``, the codes being ``code + OFFSET``), and ``k_bias``
         ``[BN, BM]`` float32 plus the part's score bias ``q_K . min - OFFSET * sum(q_K * scale)``,
         the same in every token row, on the tensor cores: the minimum repeated over the block's rows
         times the query, and a constant ``-OFFSET`` tile times the scaled query (every product exact,
         float32 sums; computed elementwise in float32 and reduced across threads, the bias took about
-        twice the instructions). ``k_scale`` / ``k_min``: ``[NU]``."""
+        twice the instructions). ``k_scale`` / ``k_min``: ``[NU]``. ``STEP``: what a code step weighs
+        in the codes (``_unit_code_step``): the scaled query carries its inverse, a power of two."""
         q_scaled = q_t * k_scale.to(DT)[:, None]  # (DT x DT: the exact product rounded once, as via float32)
+        if STEP != 1:
+            q_scaled = q_scaled * (1.0 / STEP)
         nu: tl.constexpr = q_t.shape[0]
         k_bias = tl.dot(tl.broadcast_to(k_min.to(DT)[None, :], [BN, nu]), q_t, k_bias, input_precision=PREC)
         if OFFSET != 0:
@@ -1371,10 +1491,17 @@ if triton is not None:
 
     @triton.jit
     def _value_part_t(acc_t, p_t, word_t, v_scale_t, v_min_t, alpha, K: tl.constexpr, BITS: tl.constexpr,
-                      DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr, PREC: tl.constexpr):
-        """``acc_K^T [NU, BM] = acc_K^T * alpha + v_K^T [NU, BN] @ p^T [BN, BM]`` (values as the A operand)."""
-        v = _byte_codes(word_t, K, BITS, DT, NATIVE)
-        v = ((v - OFFSET) * v_scale_t + v_min_t).to(DT)
+                      UB: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr,
+                      PREC: tl.constexpr, exponent):
+        """``acc_K^T [NU, BM] = acc_K^T * alpha + v_K^T [NU, BN] @ p^T [BN, BM]`` (values as the A operand;
+        codes read by ``_unit_codes``)."""
+        v = _unit_codes(word_t, K, BITS, UB, DT, NATIVE, OFFSET, exponent)
+        STEP: tl.constexpr = _unit_code_step(K, BITS, UB, DT)
+        if STEP != 1:  # (v - OFFSET) / STEP, exactly: one multiply-add by powers of two
+            v = (v * (1.0 / STEP) - OFFSET / STEP) * v_scale_t + v_min_t
+        else:
+            v = (v - OFFSET) * v_scale_t + v_min_t
+        v = v.to(DT)
         return tl.dot(v, p_t, acc_t * alpha[None, :], input_precision=PREC)
 
     @triton.jit(do_not_specialize=["blocks_per_split", "total_splits"])  # (``_transposed_residency``)
@@ -1385,7 +1512,7 @@ if triton is not None:
         mask_ptr, smk_b, smk_h, smk_t, smk_n,
         part_max, part_sum, part_acc,
         n_tokens, mask_offset, blocks_per_split, split_base, total_splits, n_kv_heads,
-        qk_scale,
+        qk_scale, code_exponent,
         D: tl.constexpr, GQA: tl.constexpr, TQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCKS_CONST: tl.constexpr,
         KEY_FMT: tl.constexpr, KEY_BITS: tl.constexpr, KEY_UB: tl.constexpr, KEY_U: tl.constexpr,
@@ -1396,7 +1523,7 @@ if triton is not None:
         KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr,
         VAL_FMT: tl.constexpr, kcos, ksin, vcos, vsin, PR_KEY_JOIN: tl.constexpr, PR_VALUE_JOIN: tl.constexpr,
         VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, klut, vbook, vlut, VAL_META: tl.constexpr,
-        KEY_LOOKUP: tl.constexpr, VAL_LOOKUP: tl.constexpr,
+        KEY_LOOKUP: tl.constexpr, VAL_LOOKUP: tl.constexpr, LAZY_RESCALE: tl.constexpr,
     ):
         """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
         ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -1466,12 +1593,25 @@ if triton is not None:
             if KEY_U >= 4:
                 q2 = tl.load(q_rows[None, :] + (uk * KEY_U + 2)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
                 q3 = tl.load(q_rows[None, :] + (uk * KEY_U + 3)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
+            q4 = q0
+            q5 = q1
+            q6 = q2
+            q7 = q3
+            if KEY_U >= 8:  # (2-bit codes in 16-bit units)
+                q4 = tl.load(q_rows[None, :] + (uk * KEY_U + 4)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
+                q5 = tl.load(q_rows[None, :] + (uk * KEY_U + 5)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
+                q6 = tl.load(q_rows[None, :] + (uk * KEY_U + 6)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
+                q7 = tl.load(q_rows[None, :] + (uk * KEY_U + 7)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
             # The key group's scaled query parts and score bias, carried from block to block and
             # recomputed only where a group starts (once per KEY_GROUP // BLOCK_N blocks).
             qs0 = q0
             qs1 = q1
             qs2 = q2
             qs3 = q3
+            qs4 = q4
+            qs5 = q5
+            qs6 = q6
+            qs7 = q7
             k_bias = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
 
         k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
@@ -1530,6 +1670,10 @@ if triton is not None:
                                      other=0.0)
         for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
             n0 = start + i * BLOCK_N
+            # The 16-bit codes' exponent (``_half_codes``), made in the loop from a value the compiler
+            # cannot prove zero (n0 >= 0): hoisted out of it, its broadcast kept a layout of its own,
+            # and the codes then reached the products through shared memory.
+            block_exponent = code_exponent | (n0 >> 31)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < n_tokens
             ahead = offs_n + BLOCK_N  # the next block's tokens (the next split's first, at the end: still valid)
@@ -1593,21 +1737,47 @@ if triton is not None:
                 k_scale_row = tl.load(km0 + meta, mask=meta_ok, other=0.0)  # (one contiguous row each)
                 k_min_row = tl.load(km1 + meta, mask=meta_ok, other=0.0)
                 if (i == 0) | (n0 % KEY_GROUP == 0):  # a new key group (or the split's first block)
-                    sc0, sc1, sc2, sc3 = _unit_parts(k_scale_row, KEY_U)
-                    mn0, mn1, mn2, mn3 = _unit_parts(k_min_row, KEY_U)
+                    sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7 = _unit_parts(k_scale_row, KEY_U)
+                    mn0, mn1, mn2, mn3, mn4, mn5, mn6, mn7 = _unit_parts(k_min_row, KEY_U)
                     k_bias = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-                    qs0, k_bias = _key_group_part(k_bias, q0, sc0, mn0, BLOCK_N, DT, KEY_OFFSET, PREC)
+                    qs0, k_bias = _key_group_part(k_bias, q0, sc0, mn0, BLOCK_N, DT,
+                                                  KEY_OFFSET, PREC,
+                                                      _unit_code_step(0, KEY_BITS, KEY_UB, DT))
                     if KEY_U >= 2:
-                        qs1, k_bias = _key_group_part(k_bias, q1, sc1, mn1, BLOCK_N, DT, KEY_OFFSET, PREC)
+                        qs1, k_bias = _key_group_part(k_bias, q1, sc1, mn1, BLOCK_N, DT,
+                                                      KEY_OFFSET, PREC,
+                                                      _unit_code_step(1, KEY_BITS, KEY_UB, DT))
                     if KEY_U >= 4:
-                        qs2, k_bias = _key_group_part(k_bias, q2, sc2, mn2, BLOCK_N, DT, KEY_OFFSET, PREC)
-                        qs3, k_bias = _key_group_part(k_bias, q3, sc3, mn3, BLOCK_N, DT, KEY_OFFSET, PREC)
-                s_t = tl.dot(_byte_codes(word, 0, KEY_BITS, DT, NATIVE), qs0, s_t, input_precision=PREC)
+                        qs2, k_bias = _key_group_part(k_bias, q2, sc2, mn2, BLOCK_N, DT,
+                                                      KEY_OFFSET, PREC,
+                                                      _unit_code_step(2, KEY_BITS, KEY_UB, DT))
+                        qs3, k_bias = _key_group_part(k_bias, q3, sc3, mn3, BLOCK_N, DT,
+                                                      KEY_OFFSET, PREC,
+                                                      _unit_code_step(3, KEY_BITS, KEY_UB, DT))
+                    if KEY_U >= 8:
+                        qs4, k_bias = _key_group_part(k_bias, q4, sc4, mn4, BLOCK_N, DT,
+                                                      KEY_OFFSET, PREC,
+                                                      _unit_code_step(4, KEY_BITS, KEY_UB, DT))
+                        qs5, k_bias = _key_group_part(k_bias, q5, sc5, mn5, BLOCK_N, DT,
+                                                      KEY_OFFSET, PREC,
+                                                      _unit_code_step(5, KEY_BITS, KEY_UB, DT))
+                        qs6, k_bias = _key_group_part(k_bias, q6, sc6, mn6, BLOCK_N, DT,
+                                                      KEY_OFFSET, PREC,
+                                                      _unit_code_step(6, KEY_BITS, KEY_UB, DT))
+                        qs7, k_bias = _key_group_part(k_bias, q7, sc7, mn7, BLOCK_N, DT,
+                                                      KEY_OFFSET, PREC,
+                                                      _unit_code_step(7, KEY_BITS, KEY_UB, DT))
+                s_t = tl.dot(_unit_codes(word, 0, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs0, s_t, input_precision=PREC)
                 if KEY_U >= 2:
-                    s_t = tl.dot(_byte_codes(word, 1, KEY_BITS, DT, NATIVE), qs1, s_t, input_precision=PREC)
+                    s_t = tl.dot(_unit_codes(word, 1, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs1, s_t, input_precision=PREC)
                 if KEY_U >= 4:
-                    s_t = tl.dot(_byte_codes(word, 2, KEY_BITS, DT, NATIVE), qs2, s_t, input_precision=PREC)
-                    s_t = tl.dot(_byte_codes(word, 3, KEY_BITS, DT, NATIVE), qs3, s_t, input_precision=PREC)
+                    s_t = tl.dot(_unit_codes(word, 2, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs2, s_t, input_precision=PREC)
+                    s_t = tl.dot(_unit_codes(word, 3, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs3, s_t, input_precision=PREC)
+                if KEY_U >= 8:
+                    s_t = tl.dot(_unit_codes(word, 4, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs4, s_t, input_precision=PREC)
+                    s_t = tl.dot(_unit_codes(word, 5, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs5, s_t, input_precision=PREC)
+                    s_t = tl.dot(_unit_codes(word, 6, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs6, s_t, input_precision=PREC)
+                    s_t = tl.dot(_unit_codes(word, 7, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs7, s_t, input_precision=PREC)
                 s_t = (s_t + k_bias) * qk_scale
             # ---- online softmax over axis 0 (tokens)
             keep = n_ok[:, None] & row_ok[None, :]
@@ -1616,11 +1786,30 @@ if triton is not None:
                 keep = keep & (allowed != 0)
             s_t = tl.where(keep, s_t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s_t, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s_t - m_safe[None, :])
-            l_t = l_t * alpha[None, :] + p  # summed over tokens once, after the loop
-            m_i = m_new
+            if LAZY_RESCALE:  # the running sums rescaled only in blocks where some row's maximum grew
+                if tl.max((m_new > m_i).to(tl.int32), axis=0) > 0:
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m_i - m_safe)
+                    l_t = l_t * alpha[None, :]
+                    acc0 = acc0 * alpha[None, :]
+                    acc1 = acc1 * alpha[None, :]
+                    acc2 = acc2 * alpha[None, :]
+                    acc3 = acc3 * alpha[None, :]
+                    acc4 = acc4 * alpha[None, :]
+                    acc5 = acc5 * alpha[None, :]
+                    acc6 = acc6 * alpha[None, :]
+                    acc7 = acc7 * alpha[None, :]
+                    m_i = m_new
+                alpha = tl.full([BLOCK_M], 1.0, tl.float32)  # (the products' rescaling folds away)
+                m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+                p = tl.exp2(s_t - m_safe[None, :])
+                l_t = l_t + p
+            else:
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s_t - m_safe[None, :])
+                l_t = l_t * alpha[None, :] + p  # summed over tokens once, after the loop
+                m_i = m_new
             p_t = p.to(DT)
             if VAL_FMT == 6:  # ---- values, polar-recursive: [NJ, BN] subtree tiles, eight parts
                 ok_v = n_ok[None, :]
@@ -1643,17 +1832,25 @@ if triton is not None:
                     DT, VAL_LOOKUP, PREC)
             else:  # ---- values, KIVI transposed: [NUV, BN] packed units and per-(unit, token) scale / min
                 word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS)
-                acc0 = _value_part_t(acc0, p_t, word_t, v_scale, v_min, alpha, 0, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                acc0 = _value_part_t(acc0, p_t, word_t, v_scale, v_min, alpha, 0, VAL_BITS, VAL_UB, DT, NATIVE,
+                                     VAL_OFFSET, PREC, block_exponent)
                 if VAL_U >= 2:
-                    acc1 = _value_part_t(acc1, p_t, word_t, v_scale, v_min, alpha, 1, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                    acc1 = _value_part_t(acc1, p_t, word_t, v_scale, v_min, alpha, 1, VAL_BITS, VAL_UB, DT, NATIVE,
+                                         VAL_OFFSET, PREC, block_exponent)
                 if VAL_U >= 4:
-                    acc2 = _value_part_t(acc2, p_t, word_t, v_scale, v_min, alpha, 2, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
-                    acc3 = _value_part_t(acc3, p_t, word_t, v_scale, v_min, alpha, 3, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                    acc2 = _value_part_t(acc2, p_t, word_t, v_scale, v_min, alpha, 2, VAL_BITS, VAL_UB, DT, NATIVE,
+                                         VAL_OFFSET, PREC, block_exponent)
+                    acc3 = _value_part_t(acc3, p_t, word_t, v_scale, v_min, alpha, 3, VAL_BITS, VAL_UB, DT, NATIVE,
+                                         VAL_OFFSET, PREC, block_exponent)
                 if VAL_U >= 8:  # (3-bit codes: eight per 3-byte unit)
-                    acc4 = _value_part_t(acc4, p_t, word_t, v_scale, v_min, alpha, 4, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
-                    acc5 = _value_part_t(acc5, p_t, word_t, v_scale, v_min, alpha, 5, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
-                    acc6 = _value_part_t(acc6, p_t, word_t, v_scale, v_min, alpha, 6, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
-                    acc7 = _value_part_t(acc7, p_t, word_t, v_scale, v_min, alpha, 7, VAL_BITS, DT, NATIVE, VAL_OFFSET, PREC)
+                    acc4 = _value_part_t(acc4, p_t, word_t, v_scale, v_min, alpha, 4, VAL_BITS, VAL_UB, DT, NATIVE,
+                                         VAL_OFFSET, PREC, block_exponent)
+                    acc5 = _value_part_t(acc5, p_t, word_t, v_scale, v_min, alpha, 5, VAL_BITS, VAL_UB, DT, NATIVE,
+                                         VAL_OFFSET, PREC, block_exponent)
+                    acc6 = _value_part_t(acc6, p_t, word_t, v_scale, v_min, alpha, 6, VAL_BITS, VAL_UB, DT, NATIVE,
+                                         VAL_OFFSET, PREC, block_exponent)
+                    acc7 = _value_part_t(acc7, p_t, word_t, v_scale, v_min, alpha, 7, VAL_BITS, VAL_UB, DT, NATIVE,
+                                         VAL_OFFSET, PREC, block_exponent)
 
         slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
         tl.store(part_max + slot, m_i, mask=row_ok)
