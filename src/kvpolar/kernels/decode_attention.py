@@ -1456,8 +1456,8 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _key_group_part(k_bias, q_t, k_scale, k_min, BN: tl.constexpr, DT: tl.constexpr, OFFSET: tl.constexpr,
-                        PREC: tl.constexpr, STEP: tl.constexpr):
+    def _key_group_part(k_bias, q_t, k_scale, k_min, K: tl.constexpr, BITS: tl.constexpr, UB: tl.constexpr,
+                        BN: tl.constexpr, DT: tl.constexpr, OFFSET: tl.constexpr, PREC: tl.constexpr):
         """One key group's terms for code position ``K`` of every packed unit (channels ``u * U + K``):
         the query part scaled by the group's scale, ``(q_K * scale) [NU, BM]`` in ``DT`` (the B operand
         of ``codes_K [BN, NU] @ (q_K * scale)``, the codes being ``code + OFFSET``), and ``k_bias``
@@ -1465,8 +1465,9 @@ if triton is not None:
         the same in every token row, on the tensor cores: the minimum repeated over the block's rows
         times the query, and a constant ``-OFFSET`` tile times the scaled query (every product exact,
         float32 sums; computed elementwise in float32 and reduced across threads, the bias took about
-        twice the instructions). ``k_scale`` / ``k_min``: ``[NU]``. ``STEP``: what a code step weighs
-        in the codes (``_unit_code_step``): the scaled query carries its inverse, a power of two."""
+        twice the instructions). ``k_scale`` / ``k_min``: ``[NU]``. Where a code step weighs more than 1
+        in the codes (``_unit_code_step``: 16-bit units), the scaled query carries its inverse, a power of two."""
+        STEP: tl.constexpr = _unit_code_step(K, BITS, UB, DT)
         q_scaled = q_t * k_scale.to(DT)[:, None]  # (DT x DT: the exact product rounded once, as via float32)
         if STEP != 1:
             q_scaled = q_scaled * (1.0 / STEP)
@@ -1475,6 +1476,26 @@ if triton is not None:
         if OFFSET != 0:
             k_bias = tl.dot(tl.full([BN, nu], -OFFSET, DT), q_scaled, k_bias, input_precision=PREC)
         return q_scaled, k_bias
+
+    @triton.jit
+    def _kivi_scores_t(k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, U: tl.constexpr, BITS: tl.constexpr,
+                       UB: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr, exponent,
+                       PREC: tl.constexpr):
+        """KIVI keys' transposed scores ``[BN, BM]`` float32 of one block: ``k_bias`` (the group's score
+        bias, the first product's accumulator) plus code ``K`` of every unit of ``word`` times the
+        group-scaled query part ``qs_K``, for the ``U`` code positions of a unit (``_unit_codes``)."""
+        s_t = tl.dot(_unit_codes(word, 0, BITS, UB, DT, NATIVE, OFFSET, exponent), qs0, k_bias, input_precision=PREC)
+        if U >= 2:
+            s_t = tl.dot(_unit_codes(word, 1, BITS, UB, DT, NATIVE, OFFSET, exponent), qs1, s_t, input_precision=PREC)
+        if U >= 4:
+            s_t = tl.dot(_unit_codes(word, 2, BITS, UB, DT, NATIVE, OFFSET, exponent), qs2, s_t, input_precision=PREC)
+            s_t = tl.dot(_unit_codes(word, 3, BITS, UB, DT, NATIVE, OFFSET, exponent), qs3, s_t, input_precision=PREC)
+        if U >= 8:
+            s_t = tl.dot(_unit_codes(word, 4, BITS, UB, DT, NATIVE, OFFSET, exponent), qs4, s_t, input_precision=PREC)
+            s_t = tl.dot(_unit_codes(word, 5, BITS, UB, DT, NATIVE, OFFSET, exponent), qs5, s_t, input_precision=PREC)
+            s_t = tl.dot(_unit_codes(word, 6, BITS, UB, DT, NATIVE, OFFSET, exponent), qs6, s_t, input_precision=PREC)
+            s_t = tl.dot(_unit_codes(word, 7, BITS, UB, DT, NATIVE, OFFSET, exponent), qs7, s_t, input_precision=PREC)
+        return s_t
 
     @triton.jit
     def _word_halves(words, shift, DT: tl.constexpr):
@@ -1740,45 +1761,28 @@ if triton is not None:
                     sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7 = _unit_parts(k_scale_row, KEY_U)
                     mn0, mn1, mn2, mn3, mn4, mn5, mn6, mn7 = _unit_parts(k_min_row, KEY_U)
                     k_bias = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-                    qs0, k_bias = _key_group_part(k_bias, q0, sc0, mn0, BLOCK_N, DT,
-                                                  KEY_OFFSET, PREC,
-                                                      _unit_code_step(0, KEY_BITS, KEY_UB, DT))
+                    qs0, k_bias = _key_group_part(k_bias, q0, sc0, mn0, 0, KEY_BITS, KEY_UB, BLOCK_N,
+                                                  DT, KEY_OFFSET, PREC)
                     if KEY_U >= 2:
-                        qs1, k_bias = _key_group_part(k_bias, q1, sc1, mn1, BLOCK_N, DT,
-                                                      KEY_OFFSET, PREC,
-                                                      _unit_code_step(1, KEY_BITS, KEY_UB, DT))
+                        qs1, k_bias = _key_group_part(k_bias, q1, sc1, mn1, 1, KEY_BITS, KEY_UB, BLOCK_N,
+                                                      DT, KEY_OFFSET, PREC)
                     if KEY_U >= 4:
-                        qs2, k_bias = _key_group_part(k_bias, q2, sc2, mn2, BLOCK_N, DT,
-                                                      KEY_OFFSET, PREC,
-                                                      _unit_code_step(2, KEY_BITS, KEY_UB, DT))
-                        qs3, k_bias = _key_group_part(k_bias, q3, sc3, mn3, BLOCK_N, DT,
-                                                      KEY_OFFSET, PREC,
-                                                      _unit_code_step(3, KEY_BITS, KEY_UB, DT))
+                        qs2, k_bias = _key_group_part(k_bias, q2, sc2, mn2, 2, KEY_BITS, KEY_UB, BLOCK_N,
+                                                      DT, KEY_OFFSET, PREC)
+                        qs3, k_bias = _key_group_part(k_bias, q3, sc3, mn3, 3, KEY_BITS, KEY_UB, BLOCK_N,
+                                                      DT, KEY_OFFSET, PREC)
                     if KEY_U >= 8:
-                        qs4, k_bias = _key_group_part(k_bias, q4, sc4, mn4, BLOCK_N, DT,
-                                                      KEY_OFFSET, PREC,
-                                                      _unit_code_step(4, KEY_BITS, KEY_UB, DT))
-                        qs5, k_bias = _key_group_part(k_bias, q5, sc5, mn5, BLOCK_N, DT,
-                                                      KEY_OFFSET, PREC,
-                                                      _unit_code_step(5, KEY_BITS, KEY_UB, DT))
-                        qs6, k_bias = _key_group_part(k_bias, q6, sc6, mn6, BLOCK_N, DT,
-                                                      KEY_OFFSET, PREC,
-                                                      _unit_code_step(6, KEY_BITS, KEY_UB, DT))
-                        qs7, k_bias = _key_group_part(k_bias, q7, sc7, mn7, BLOCK_N, DT,
-                                                      KEY_OFFSET, PREC,
-                                                      _unit_code_step(7, KEY_BITS, KEY_UB, DT))
-                s_t = tl.dot(_unit_codes(word, 0, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs0, s_t, input_precision=PREC)
-                if KEY_U >= 2:
-                    s_t = tl.dot(_unit_codes(word, 1, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs1, s_t, input_precision=PREC)
-                if KEY_U >= 4:
-                    s_t = tl.dot(_unit_codes(word, 2, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs2, s_t, input_precision=PREC)
-                    s_t = tl.dot(_unit_codes(word, 3, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs3, s_t, input_precision=PREC)
-                if KEY_U >= 8:
-                    s_t = tl.dot(_unit_codes(word, 4, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs4, s_t, input_precision=PREC)
-                    s_t = tl.dot(_unit_codes(word, 5, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs5, s_t, input_precision=PREC)
-                    s_t = tl.dot(_unit_codes(word, 6, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs6, s_t, input_precision=PREC)
-                    s_t = tl.dot(_unit_codes(word, 7, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, block_exponent), qs7, s_t, input_precision=PREC)
-                s_t = (s_t + k_bias) * qk_scale
+                        qs4, k_bias = _key_group_part(k_bias, q4, sc4, mn4, 4, KEY_BITS, KEY_UB, BLOCK_N,
+                                                      DT, KEY_OFFSET, PREC)
+                        qs5, k_bias = _key_group_part(k_bias, q5, sc5, mn5, 5, KEY_BITS, KEY_UB, BLOCK_N,
+                                                      DT, KEY_OFFSET, PREC)
+                        qs6, k_bias = _key_group_part(k_bias, q6, sc6, mn6, 6, KEY_BITS, KEY_UB, BLOCK_N,
+                                                      DT, KEY_OFFSET, PREC)
+                        qs7, k_bias = _key_group_part(k_bias, q7, sc7, mn7, 7, KEY_BITS, KEY_UB, BLOCK_N,
+                                                      DT, KEY_OFFSET, PREC)
+                s_t = _kivi_scores_t(k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, KEY_U, KEY_BITS, KEY_UB, DT,
+                                     NATIVE, KEY_OFFSET, block_exponent, PREC)
+                s_t = s_t * qk_scale
             # ---- online softmax over axis 0 (tokens)
             keep = n_ok[:, None] & row_ok[None, :]
             if HAS_MASK:
