@@ -558,6 +558,9 @@ def test_describe_launch_caps_programs_per_sm_at_what_fits(monkeypatch):
     cfg = LaunchConfig(transposed_min_rows=0, min_split_tokens=32)
     plain = da.describe_launch(q, keys, values, cfg)
     assert plain["kernel"] == "transposed" and plain["programs_per_sm"] == 12
+    assert plain["kivi_code_units"] == "halfwords" and classic["kivi_code_units"] is None
+    in_bytes = dataclasses.replace(cfg, kivi_code_units="bytes")
+    assert da.describe_launch(q, keys, values, in_bytes)["kivi_code_units"] == "bytes"
     monkeypatch.setattr(da, "_transposed_residency", lambda *a, **k: 5)
     capped = da.describe_launch(q, keys, values, cfg)
     assert capped["programs_per_sm"] == 5

@@ -611,7 +611,9 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
     on CUDA the kernel may be compiled): ``kernel`` ("transposed" or "classic"), ``block_n``,
     ``splits``, ``tokens_per_split``, ``programs`` (``batch * kv_heads * splits``),
     ``programs_per_sm`` (the one-wave target: the measured policy, capped by how many compiled
-    programs fit on an SM), ``max_registers``. ``query``: ``[B, Hq, Tq, D]``."""
+    programs fit on an SM), ``max_registers``, ``value_metadata`` and ``kivi_code_units`` (how the
+    transposed kernel reads KIVI value metadata and 2- / 4-bit KIVI codes: "halfwords" or "bytes",
+    as taken for these tensors; None where neither operand has such codes). ``query``: ``[B, Hq, Tq, D]``."""
     if keys is None or values is None:
         raise ValueError("describe_launch needs packed keys and values (the residual window alone is not launched this way)")
     _refuse_unsupported(keys, values)
@@ -625,7 +627,18 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
             "splits": plan.splits, "tokens_per_split": plan.per_split,
             "programs": keys.shape[0] * keys.shape[1] * plan.splits,
             "programs_per_sm": plan.config.programs_per_sm, "max_registers": plan.config.max_registers,
-            "value_metadata": plan.config.value_metadata if plan.transposed else None}
+            "value_metadata": plan.config.value_metadata if plan.transposed else None,
+            "kivi_code_units": _kivi_reading(plan) if plan.transposed else None}
+
+
+def _kivi_reading(plan: _PackedPlan) -> str | None:
+    """How the transposed kernel reads the plan's 2- / 4-bit KIVI codes ("halfwords" where either
+    operand is read as 16-bit units), None where it has none."""
+    units = [_kivi_code_units(op, plan.config)[1] for op in (plan.k_op, plan.v_op)
+             if op.fmt == _FMT_KIVI and op.bits in (2, 4)]
+    if not units:
+        return None
+    return "halfwords" if 2 in units else "bytes"
 
 
 #: Largest token block of polar-rope keys in the transposed kernel (H100, B=8/32 at 4k-32k: 32-token
