@@ -120,10 +120,10 @@ def make_values(fmt, v, layout="tokens"):
 
 
 def check(key_fmt, value_fmt, *, batch=1, hkv=1, gqa=4, tq=1, tk=37, r=0, dtype=torch.float16,
-          lengths=None, config=None, factor=3.0, value_layout="tokens"):
+          lengths=None, config=None, factor=3.0, value_layout="tokens", d=D):
     n = tk + r
     k, v, q = random_inputs((key_fmt, value_fmt, batch, hkv, gqa, tq, tk, r, dtype),
-                            batch=batch, hkv=hkv, gqa=gqa, tq=tq, n=n, d=D, dtype=dtype)
+                            batch=batch, hkv=hkv, gqa=gqa, tq=tq, n=n, d=d, dtype=dtype)
     kq, pk = make_keys(key_fmt, k[..., :tk, :]) if tk else (None, None)
     vq, pv = make_values(value_fmt, v[..., :tk, :], value_layout) if tk else (None, None)
     rk, rv = (k[..., tk:, :], v[..., tk:, :]) if r else (None, None)
@@ -355,7 +355,7 @@ def test_kivi_code_units_both_readings(monkeypatch, key_fmt, value_fmt, reading,
 
     taken = record_kivi_code_units(monkeypatch, da)
     check(key_fmt, value_fmt, batch=2, gqa=4, tq=2, tk=83, r=3, dtype=dtype, lengths=[86, 40],
-          config=LaunchConfig(kivi_code_units=reading))
+          config=LaunchConfig(kivi_code_units=reading), d=128)  # (2-bit codes: 16 halfwords from head dim 128)
     unit_bytes = 2 if reading == "halfwords" else 1
     assert sorted(taken) == sorted([(int(key_fmt.split("-")[1]), unit_bytes),
                                     (int(value_fmt.split("-")[1]), unit_bytes)])
@@ -408,17 +408,22 @@ def test_half_code_instructions_give_offset_plus_code_times_step(dtype, bits):
 
 
 def test_kivi_halfwords_fall_back_where_rows_are_not_whole_halfwords():
-    """Codes whose storage does not start on a 2-byte boundary keep the byte reading; the option is checked."""
+    """Codes whose storage does not start on a 2-byte boundary, or whose rows hold fewer than 16 halfwords
+    (too few units per code position for the tensor cores), keep the byte reading; the option is checked."""
     from kvpolar.kernels import decode_attention as da
 
     halfwords = LaunchConfig(kivi_code_units="halfwords")
     op = da._key_operand(kvpolar.quantizer("kivi", bits=2, group_size=32, axis="channel")
-                         .quantize(torch.randn(1, 1, 32, D)))
+                         .quantize(torch.randn(1, 1, 32, 128)))
     data, unit_bytes, per_unit = da._kivi_code_units(op, halfwords)
     assert data.dtype == torch.int16 and (unit_bytes, per_unit) == (2, 8)
     shifted = dataclasses.replace(op, data=torch.zeros(1 + op.data.numel(), dtype=torch.uint8)[1:].view(op.data.shape))
     data, unit_bytes, per_unit = da._kivi_code_units(shifted, halfwords)
     assert data.dtype == torch.uint8 and (unit_bytes, per_unit) == (1, 4)
+    for bits, head_dim, wanted in ((2, 64, 1), (4, 64, 2), (4, 32, 1)):  # 16 units per code position at least
+        small = da._key_operand(kvpolar.quantizer("kivi", bits=bits, group_size=32, axis="channel")
+                                .quantize(torch.randn(1, 1, 32, head_dim)))
+        assert da._kivi_code_units(small, halfwords)[1] == wanted, (bits, head_dim)
     with pytest.raises(ValueError, match="kivi_code_units='words'"):
         LaunchConfig(kivi_code_units="words")
 

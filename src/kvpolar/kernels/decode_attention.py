@@ -291,7 +291,8 @@ class LaunchConfig:
         "bytes" (each code spread from its byte to a 16-bit lane by byte permutes: about one
         instruction per code) or "halfwords" (16-bit units of 8 / 4 codes, two units per register:
         one AND per two codes, into the mantissa of 1024 / 128; a shift and an OR per further window
-        of the mantissa's width). Rows not made of whole halfwords read bytes. Measured on the H200
+        of the mantissa's width). Rows not made of whole halfwords, or of fewer than 16 (head dim
+        below 128 for 2-bit codes, below 64 for 4-bit), read bytes. Measured on the H200
         (twelfth session, ``benchmarks/results/halfwords_h200.json``, bytes -> halfwords, speed-up over
         fp16 SDPA at B=32 / 32k tokens): kivi-2 and squat-2 1.86x -> 2.43x, kivi-4 1.72x -> 2.15x,
         polar-rope-3 (its 2-bit values) 1.39x -> 1.49x, polar-rope-4 1.39x -> 1.53x; hence the default.
@@ -795,9 +796,11 @@ _HALF_CODE_EXPONENT = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
 def _kivi_code_units(op: _Operand, cfg: LaunchConfig) -> tuple[torch.Tensor, int, int]:
     """(code tensor, bytes per unit, codes per unit) of KIVI codes in whole bytes in the transposed
     kernel: 16-bit units (the bytes viewed as int16) for 2- and 4-bit codes with
-    ``kivi_code_units="halfwords"`` where the rows are whole halfwords, else bytes."""
+    ``kivi_code_units="halfwords"`` where the rows are whole halfwords, at least 16 of them (each
+    code position's units fill the tensor-core dimension of 16: head dim >= 128 for 2-bit codes,
+    >= 64 for 4-bit), else bytes."""
     ub, u = _unit(op.bits)
-    if cfg.kivi_code_units == "halfwords" and op.bits in (2, 4):
+    if cfg.kivi_code_units == "halfwords" and op.bits in (2, 4) and op.data.shape[-1] >= 32:
         try:
             return op.data.view(torch.int16), 2, 16 // op.bits
         except RuntimeError:  # an odd number of bytes per row, or an odd offset / stride
