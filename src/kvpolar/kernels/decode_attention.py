@@ -786,13 +786,6 @@ def _code_units(op: _Operand) -> tuple[torch.Tensor, int, int, bool]:
     return op.data, ub, u, False
 
 
-#: The 16 bits ``_half_codes`` ORs into each 16-bit code (1024 in float16, 128 in bfloat16:
-#: ``_code_offset``), a kernel argument so that the compiler keeps it in one register and gives each
-#: code's AND mask the instruction's immediate (a constant exponent took the immediate, and at the
-#: register cap every mask was then rematerialized before its use: one more instruction per two codes).
-_HALF_CODE_EXPONENT = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
-
-
 def _kivi_code_units(op: _Operand, cfg: LaunchConfig) -> tuple[torch.Tensor, int, int]:
     """(code tensor, bytes per unit, codes per unit) of KIVI codes in whole bytes in the transposed
     kernel: 16-bit units (the bytes viewed as int16) for 2- and 4-bit codes with
@@ -946,7 +939,7 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         mask_t, *mask_strides,
         part_max, part_sum, part_acc,
         k_op.tokens, offset, blocks_per_split, base, total_splits, hkv,
-        scale * _LOG2E, _HALF_CODE_EXPONENT.get(query.dtype, 0),
+        scale * _LOG2E,
     )
     kwargs = dict(
         D=d, GQA=gqa, TQ=tq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS_CONST=blocks_per_split if _interpreting() else 0,
@@ -1413,14 +1406,17 @@ if triton is not None:
 
     @triton.jit
     def _half_codes(units, K: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr,
-                    OFFSET: tl.constexpr, exponent):
+                    OFFSET: tl.constexpr):
         """Code ``K`` of every 16-bit unit of ``units`` (int16, any shape; code ``K`` at bit ``K * BITS``)
         as ``DT`` ``OFFSET + code * step`` (``OFFSET``: ``_code_offset``; ``step``: ``_unit_code_step``).
-        Compiled fp16 / bf16: two units per register, the code masked in place in the mantissa of
-        ``OFFSET`` (1024 / 128: a mantissa unit of 1), so step = 2**bit: one AND-OR per two codes,
-        and a shift per further window of the mantissa's width (shared by that window's codes);
-        bytes (``_byte_codes``) take about one instruction per code, spreading them to 16-bit lanes.
-        ``exponent``: int32, ``OFFSET``'s 16 bits (``_HALF_CODE_EXPONENT``)."""
+        Compiled fp16 / bf16 (``_half_code_asm``): two units per register, the code kept in place in
+        the mantissa of ``OFFSET`` (1024 / 128: a mantissa unit of 1), so step = 2**bit: one AND per
+        two codes, plus an OR (and a shift beyond the first) per window of the mantissa's width, shared
+        by that window's codes; bytes (``_byte_codes``) take about one instruction per code, spreading
+        them to 16-bit lanes.  The interpreter computes the same values with integer arithmetic.
+        (Tried and dropped: the exponent as a broadcast kernel argument, one register for every code:
+        Triton then gave the codes a layout of their own and moved them to the products through
+        shared memory.)"""
         STEP: tl.constexpr = _unit_code_step(K, BITS, 2, DT)
         if NATIVE and (DT == tl.float16 or DT == tl.bfloat16):
             if DT == tl.float16:
@@ -1462,11 +1458,11 @@ if triton is not None:
 
     @triton.jit
     def _unit_codes(word, K: tl.constexpr, BITS: tl.constexpr, UB: tl.constexpr, DT: tl.constexpr,
-                    NATIVE: tl.constexpr, OFFSET: tl.constexpr, exponent):
+                    NATIVE: tl.constexpr, OFFSET: tl.constexpr):
         """Code ``K`` of every packed unit of ``word`` as ``DT`` ``OFFSET + code * _unit_code_step(K, ..)``:
         int16 units of 16 bits (``_half_codes``), uint8 bytes or 3-byte units in int32 (``_byte_codes``)."""
         if UB == 2:
-            out = _half_codes(word, K, BITS, DT, NATIVE, OFFSET, exponent)
+            out = _half_codes(word, K, BITS, DT, NATIVE, OFFSET)
         else:
             out = _byte_codes(word, K, BITS, DT, NATIVE)
         return out
@@ -1495,22 +1491,22 @@ if triton is not None:
 
     @triton.jit
     def _kivi_scores_t(k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, U: tl.constexpr, BITS: tl.constexpr,
-                       UB: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr, exponent,
+                       UB: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr,
                        PREC: tl.constexpr):
         """KIVI keys' transposed scores ``[BN, BM]`` float32 of one block: ``k_bias`` (the group's score
         bias, the first product's accumulator) plus code ``K`` of every unit of ``word`` times the
         group-scaled query part ``qs_K``, for the ``U`` code positions of a unit (``_unit_codes``)."""
-        s_t = tl.dot(_unit_codes(word, 0, BITS, UB, DT, NATIVE, OFFSET, exponent), qs0, k_bias, input_precision=PREC)
+        s_t = tl.dot(_unit_codes(word, 0, BITS, UB, DT, NATIVE, OFFSET), qs0, k_bias, input_precision=PREC)
         if U >= 2:
-            s_t = tl.dot(_unit_codes(word, 1, BITS, UB, DT, NATIVE, OFFSET, exponent), qs1, s_t, input_precision=PREC)
+            s_t = tl.dot(_unit_codes(word, 1, BITS, UB, DT, NATIVE, OFFSET), qs1, s_t, input_precision=PREC)
         if U >= 4:
-            s_t = tl.dot(_unit_codes(word, 2, BITS, UB, DT, NATIVE, OFFSET, exponent), qs2, s_t, input_precision=PREC)
-            s_t = tl.dot(_unit_codes(word, 3, BITS, UB, DT, NATIVE, OFFSET, exponent), qs3, s_t, input_precision=PREC)
+            s_t = tl.dot(_unit_codes(word, 2, BITS, UB, DT, NATIVE, OFFSET), qs2, s_t, input_precision=PREC)
+            s_t = tl.dot(_unit_codes(word, 3, BITS, UB, DT, NATIVE, OFFSET), qs3, s_t, input_precision=PREC)
         if U >= 8:
-            s_t = tl.dot(_unit_codes(word, 4, BITS, UB, DT, NATIVE, OFFSET, exponent), qs4, s_t, input_precision=PREC)
-            s_t = tl.dot(_unit_codes(word, 5, BITS, UB, DT, NATIVE, OFFSET, exponent), qs5, s_t, input_precision=PREC)
-            s_t = tl.dot(_unit_codes(word, 6, BITS, UB, DT, NATIVE, OFFSET, exponent), qs6, s_t, input_precision=PREC)
-            s_t = tl.dot(_unit_codes(word, 7, BITS, UB, DT, NATIVE, OFFSET, exponent), qs7, s_t, input_precision=PREC)
+            s_t = tl.dot(_unit_codes(word, 4, BITS, UB, DT, NATIVE, OFFSET), qs4, s_t, input_precision=PREC)
+            s_t = tl.dot(_unit_codes(word, 5, BITS, UB, DT, NATIVE, OFFSET), qs5, s_t, input_precision=PREC)
+            s_t = tl.dot(_unit_codes(word, 6, BITS, UB, DT, NATIVE, OFFSET), qs6, s_t, input_precision=PREC)
+            s_t = tl.dot(_unit_codes(word, 7, BITS, UB, DT, NATIVE, OFFSET), qs7, s_t, input_precision=PREC)
         return s_t
 
     @triton.jit
@@ -1529,10 +1525,10 @@ if triton is not None:
     @triton.jit
     def _value_part_t(acc_t, p_t, word_t, v_scale_t, v_min_t, alpha, K: tl.constexpr, BITS: tl.constexpr,
                       UB: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr,
-                      PREC: tl.constexpr, exponent):
+                      PREC: tl.constexpr):
         """``acc_K^T [NU, BM] = acc_K^T * alpha + v_K^T [NU, BN] @ p^T [BN, BM]`` (values as the A operand;
         codes read by ``_unit_codes``)."""
-        v = _unit_codes(word_t, K, BITS, UB, DT, NATIVE, OFFSET, exponent)
+        v = _unit_codes(word_t, K, BITS, UB, DT, NATIVE, OFFSET)
         STEP: tl.constexpr = _unit_code_step(K, BITS, UB, DT)
         if STEP != 1:  # (v - OFFSET) / STEP, exactly: one multiply-add by powers of two
             v = (v * (1.0 / STEP) - OFFSET / STEP) * v_scale_t + v_min_t
@@ -1549,7 +1545,7 @@ if triton is not None:
         mask_ptr, smk_b, smk_h, smk_t, smk_n,
         part_max, part_sum, part_acc,
         n_tokens, mask_offset, blocks_per_split, split_base, total_splits, n_kv_heads,
-        qk_scale, code_exponent,
+        qk_scale,
         D: tl.constexpr, GQA: tl.constexpr, TQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCKS_CONST: tl.constexpr,
         KEY_FMT: tl.constexpr, KEY_BITS: tl.constexpr, KEY_UB: tl.constexpr, KEY_U: tl.constexpr,
@@ -1707,10 +1703,6 @@ if triton is not None:
                                      other=0.0)
         for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
             n0 = start + i * BLOCK_N
-            # The 16-bit codes' exponent (``_half_codes``), made in the loop from a value the compiler
-            # cannot prove zero (n0 >= 0): hoisted out of it, its broadcast kept a layout of its own,
-            # and the codes then reached the products through shared memory.
-            block_exponent = code_exponent | (n0 >> 31)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < n_tokens
             ahead = offs_n + BLOCK_N  # the next block's tokens (the next split's first, at the end: still valid)
@@ -1797,7 +1789,7 @@ if triton is not None:
                         qs7, k_bias = _key_group_part(k_bias, q7, sc7, mn7, 7, KEY_BITS, KEY_UB, BLOCK_N,
                                                       DT, KEY_OFFSET, PREC)
                 s_t = _kivi_scores_t(k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, KEY_U, KEY_BITS, KEY_UB, DT,
-                                     NATIVE, KEY_OFFSET, block_exponent, PREC)
+                                     NATIVE, KEY_OFFSET, PREC)
                 s_t = s_t * qk_scale
             # ---- online softmax over axis 0 (tokens)
             keep = n_ok[:, None] & row_ok[None, :]
@@ -1853,24 +1845,24 @@ if triton is not None:
             else:  # ---- values, KIVI transposed: [NUV, BN] packed units and per-(unit, token) scale / min
                 word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS)
                 acc0 = _value_part_t(acc0, p_t, word_t, v_scale, v_min, alpha, 0, VAL_BITS, VAL_UB, DT, NATIVE,
-                                     VAL_OFFSET, PREC, block_exponent)
+                                     VAL_OFFSET, PREC)
                 if VAL_U >= 2:
                     acc1 = _value_part_t(acc1, p_t, word_t, v_scale, v_min, alpha, 1, VAL_BITS, VAL_UB, DT, NATIVE,
-                                         VAL_OFFSET, PREC, block_exponent)
+                                         VAL_OFFSET, PREC)
                 if VAL_U >= 4:
                     acc2 = _value_part_t(acc2, p_t, word_t, v_scale, v_min, alpha, 2, VAL_BITS, VAL_UB, DT, NATIVE,
-                                         VAL_OFFSET, PREC, block_exponent)
+                                         VAL_OFFSET, PREC)
                     acc3 = _value_part_t(acc3, p_t, word_t, v_scale, v_min, alpha, 3, VAL_BITS, VAL_UB, DT, NATIVE,
-                                         VAL_OFFSET, PREC, block_exponent)
+                                         VAL_OFFSET, PREC)
                 if VAL_U >= 8:  # (3-bit codes: eight per 3-byte unit)
                     acc4 = _value_part_t(acc4, p_t, word_t, v_scale, v_min, alpha, 4, VAL_BITS, VAL_UB, DT, NATIVE,
-                                         VAL_OFFSET, PREC, block_exponent)
+                                         VAL_OFFSET, PREC)
                     acc5 = _value_part_t(acc5, p_t, word_t, v_scale, v_min, alpha, 5, VAL_BITS, VAL_UB, DT, NATIVE,
-                                         VAL_OFFSET, PREC, block_exponent)
+                                         VAL_OFFSET, PREC)
                     acc6 = _value_part_t(acc6, p_t, word_t, v_scale, v_min, alpha, 6, VAL_BITS, VAL_UB, DT, NATIVE,
-                                         VAL_OFFSET, PREC, block_exponent)
+                                         VAL_OFFSET, PREC)
                     acc7 = _value_part_t(acc7, p_t, word_t, v_scale, v_min, alpha, 7, VAL_BITS, VAL_UB, DT, NATIVE,
-                                         VAL_OFFSET, PREC, block_exponent)
+                                         VAL_OFFSET, PREC)
 
         slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
         tl.store(part_max + slot, m_i, mask=row_ok)
