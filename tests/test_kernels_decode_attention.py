@@ -351,8 +351,6 @@ def test_kivi_code_units_both_readings(monkeypatch, key_fmt, value_fmt, reading,
     units (``kivi_code_units``; a step per code position in the halfword reading): the same attention as
     the oracle (ragged batch, two query tokens, a short last split), and the reading asked for is
     the one taken for both operands."""
-    from kvpolar.kernels import decode_attention as da
-
     taken = record_kivi_code_units(monkeypatch, da)
     check(key_fmt, value_fmt, batch=2, gqa=4, tq=2, tk=83, r=3, dtype=dtype, lengths=[86, 40],
           config=LaunchConfig(kivi_code_units=reading), d=128)  # (2-bit codes: 16 halfwords from head dim 128)
@@ -410,8 +408,6 @@ def test_half_code_instructions_give_offset_plus_code_times_step(dtype, bits):
 def test_kivi_halfwords_fall_back_where_rows_are_not_whole_halfwords():
     """Codes whose storage does not start on a 2-byte boundary, or whose rows hold fewer than 16 halfwords
     (too few units per code position for the tensor cores), keep the byte reading; the option is checked."""
-    from kvpolar.kernels import decode_attention as da
-
     halfwords = LaunchConfig(kivi_code_units="halfwords")
     op = da._key_operand(kvpolar.quantizer("kivi", bits=2, group_size=32, axis="channel")
                          .quantize(torch.randn(1, 1, 32, 128)))
