@@ -776,9 +776,12 @@ def _kivi3_parts(op: _Operand) -> bool:
     return op.bits == 3 and head_dim // 8 >= 16
 
 
-def _code_units(op: _Operand) -> tuple[torch.Tensor, int, int, bool]:
+def _code_units(op: _Operand, cfg: LaunchConfig) -> tuple[torch.Tensor, int, int, bool]:
     """(code pointer tensor, bytes per unit, codes per unit, int16 words) of turbo codes, and of
-    KIVI codes in the transposed kernel (whole bytes, or 3-byte units of 3-bit codes)."""
+    KIVI codes in the transposed kernel (16-bit units or whole bytes, ``_kivi_code_units``; 3-byte
+    units of 3-bit codes)."""
+    if op.fmt == _FMT_KIVI and 8 % op.bits == 0:
+        return (*_kivi_code_units(op, cfg), False)
     ub, u = _tq.UNITS[op.bits] if op.fmt == formats.FMT_TURBO else _unit(op.bits)
     if ub == 3:
         data, _ = _unit_words(op.data, 6)  # 24-bit units, as polar-rope's 6-bit pairs
@@ -906,17 +909,15 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         k_data, k_ub = _unit_words(k_op.data, k_op.bits)
         k_u, k_nu, k_words = 4, d // 8, k_data is not k_op.data
         k_data, k_words = _three_byte_reading(k_op.data, k_data, k_ub, k_words, cfg)
-    elif k_op.fmt == formats.FMT_TURBO:
-        k_data, k_ub, k_u, k_words = _code_units(k_op)
+    elif k_op.fmt in (formats.FMT_TURBO, _FMT_KIVI):
+        k_data, k_ub, k_u, k_words = _code_units(k_op, cfg)
         k_nu = d // k_u
         k_data, k_words = _three_byte_reading(k_op.data, k_data, k_ub, k_words, cfg)
-    else:
-        k_data, k_ub, k_u = _kivi_code_units(k_op, cfg)
+    else:  # polar-recursive by parts: bytes
+        k_data, (k_ub, k_u) = k_op.data, _unit(k_op.bits)
         k_nu, k_words = d // k_u, False
-    if v_op.fmt == _FMT_KIVI and v_op.bits in (2, 4):
-        (v_data, v_ub, v_u), v_words = _kivi_code_units(v_op, cfg), False
-    elif v_op.fmt in (formats.FMT_TURBO, _FMT_KIVI):
-        v_data, v_ub, v_u, v_words = _code_units(v_op)
+    if v_op.fmt in (formats.FMT_TURBO, _FMT_KIVI):
+        v_data, v_ub, v_u, v_words = _code_units(v_op, cfg)
         v_data, v_words = _three_byte_reading(v_op.data, v_data, v_ub, v_words, cfg)
     else:
         v_data, (v_ub, v_u), v_words = v_op.data, _unit(v_op.bits), False
