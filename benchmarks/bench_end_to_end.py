@@ -78,6 +78,14 @@ def make_cache(model, preset: str, max_tokens: int | None = None):
     return kvpolar.enable(model, preset)
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``{keyword: cache}`` with the keyword this transformers' models take (``kvpolar.cache_kwargs``);
+    callers build it once per cache, outside the timed steps."""
+    import kvpolar
+
+    return kvpolar.cache_kwargs(model, cache)
+
+
 def _sync() -> None:
     """Wait for the device: decode steps are timed by wall clock around a full model forward."""
     if DEVICE == "cuda":
@@ -130,11 +138,12 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
         torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE)
     pos = torch.full((batch, 1), context, device=DEVICE, dtype=torch.long)
+    kw = cache_kwargs(model, cache)
     every = []
     for _ in range(steps + warmup):
         _sync()
         start = time.perf_counter()
-        out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
         ids = out.logits[:, -1:].argmax(-1)
         _sync()
         every.append(1000 * (time.perf_counter() - start))
@@ -190,10 +199,12 @@ def prefill_seconds(model, preset: str, context: int) -> float:
     _reset_memory()
     cache = make_cache(model, preset, context)
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=DEVICE)
-    model(input_ids=ids[:, :128], past_key_values=make_cache(model, preset, 128), use_cache=True, logits_to_keep=1)
+    warm = make_cache(model, preset, 128)
+    model(input_ids=ids[:, :128], use_cache=True, logits_to_keep=1, **cache_kwargs(model, warm))
+    kw = cache_kwargs(model, cache)
     _sync()
     start = time.perf_counter()
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
     _sync()
     return time.perf_counter() - start
 

@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_end_to_end import CONFIG_8B, SMOKE_CONFIG, build_model, fill_cache, make_cache  # noqa: E402
+from bench_end_to_end import CONFIG_8B, SMOKE_CONFIG, build_model, cache_kwargs, fill_cache, make_cache  # noqa: E402
 
 DEFAULT_PRESETS = "fp16,kivi-2,kivi-4,polar-rope-3,turbo-4"
 
@@ -78,10 +78,11 @@ def agreement_logits(model, preset: str, prompt: int, steps: int) -> torch.Tenso
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt + steps), generator=gen).to(dev)
     cache = make_cache(model, preset)
-    model(input_ids=ids[:, :prompt], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    kw = cache_kwargs(model, cache)
+    model(input_ids=ids[:, :prompt], use_cache=True, logits_to_keep=1, **kw)
     rows = []
     for i in range(prompt, prompt + steps):
-        out = model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, i:i + 1], use_cache=True, **kw)
         rows.append(out.logits[0, -1].float().cpu())
     return torch.stack(rows)
 
@@ -98,11 +99,12 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, local
     gen = torch.Generator().manual_seed(2)  # the same ids on every rank
     ids = torch.randint(0, model.config.vocab_size, (steps + 2, batch, 1), generator=gen).to(dev)
     pos = torch.full((batch, 1), context, device=dev, dtype=torch.long)
+    kw = cache_kwargs(model, cache)
     times = []
     for step in range(steps + 2):
         _sync(dev)
         start = time.perf_counter()
-        model(input_ids=ids[step], position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids[step], position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
         _sync(dev)
         if step >= 2:
             times.append(1000 * (time.perf_counter() - start))

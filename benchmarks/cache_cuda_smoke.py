@@ -35,12 +35,12 @@ def main(out_dir: str | None) -> None:
     @torch.no_grad()
     def teacher_forced(cache):
         m = mask.clone()
-        out = model(input_ids=ids, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0), past_key_values=cache)
+        kw = kvpolar.cache_kwargs(model, cache)
+        out = model(input_ids=ids, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0), **kw)
         logits = [out.logits[:, -1].float()]
         for t in range(cont.shape[1]):
             m = torch.cat([m, torch.ones_like(m[:, :1])], -1)
-            out = model(input_ids=cont[:, t:t + 1], attention_mask=m, position_ids=m.sum(-1, keepdim=True) - 1,
-                        past_key_values=cache)
+            out = model(input_ids=cont[:, t:t + 1], attention_mask=m, position_ids=m.sum(-1, keepdim=True) - 1, **kw)
             logits.append(out.logits[:, -1].float())
         return torch.stack(logits, 1)
 
@@ -56,7 +56,7 @@ def main(out_dir: str | None) -> None:
                 cache = kvpolar.enable(model, preset)
                 err = (teacher_forced(cache) - ref).abs().max().item()
                 cache = QuantizedKVCache(model.config, preset)
-                seq = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=16,
+                seq = model.generate(ids, attention_mask=mask, **kvpolar.cache_kwargs(model, cache), max_new_tokens=16,
                                      do_sample=False, pad_token_id=0)
             except Exception as exc:  # record and go on: one broken method must not hide the others
                 rows.append({"preset": preset, "error": f"{type(exc).__name__}: {exc}"})

@@ -60,11 +60,11 @@ def main() -> None:
                 e2e.fill_cache(model, cache, preset, args.batch, args.context)
                 ids = torch.randint(0, model.config.vocab_size, (args.batch, 1))
                 pos = torch.full((args.batch, 1), args.context)
-                model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                kw = e2e.cache_kwargs(model, cache)
+                model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
                 counting[0] = True
                 for step in range(args.steps):
-                    model(input_ids=ids, position_ids=pos + 1 + step, past_key_values=cache, use_cache=True,
-                          logits_to_keep=1)
+                    model(input_ids=ids, position_ids=pos + 1 + step, use_cache=True, logits_to_keep=1, **kw)
                 counting[0] = False
             print(f"{preset}: {sum(counts.values()) / args.steps:.2f} host reads per decode step "
                   f"({args.steps} steps, 2 layers)")

@@ -56,9 +56,9 @@ def variants(preset: str, steps: int) -> dict:
             setattr(da, n, Recorder(k, n, seen))
         da._interpreting = lambda: False  # the launch parameters of a GPU run
         ids = torch.randint(0, 256, (2, 300))
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **kvpolar.cache_kwargs(model, cache), use_cache=True)
         for _ in range(steps):
-            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :1], **kvpolar.cache_kwargs(model, cache), use_cache=True)
             layer = cache.layers[0]
             if layer.packed_keys is not None:
                 q = torch.randn(2, 4, 1, 128)

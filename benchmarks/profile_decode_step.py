@@ -35,10 +35,11 @@ def main() -> None:
         e2e.fill_cache(model, cache, preset, args.batch, args.context)
         ids = torch.randint(0, model.config.vocab_size, (args.batch, 1), device="cuda")
         pos = torch.full((args.batch, 1), args.context, device="cuda", dtype=torch.long)
+        kw = e2e.cache_kwargs(model, cache)
 
-        def step(cache=cache):
+        def step():
             nonlocal ids, pos
-            out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
             ids = out.logits[:, -1:].argmax(-1)
             pos = pos + 1
 

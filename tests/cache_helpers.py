@@ -61,13 +61,13 @@ def teacher_forced(model, ids, mask, continuation, cache) -> torch.Tensor:
     """Logits ``[B, 1 + steps, V]`` (float32): after the prompt, then after each fed continuation
     token; position ids follow the attention mask (left padding)."""
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    kw = kvpolar.cache_kwargs(model, cache)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
     logits = [out.logits[:, -1].float()]
     for t in range(continuation.shape[1]):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         pos = mask.sum(-1, keepdim=True) - 1
-        out = model(input_ids=continuation[:, t:t + 1], attention_mask=mask, position_ids=pos,
-                    past_key_values=cache, use_cache=True)
+        out = model(input_ids=continuation[:, t:t + 1], attention_mask=mask, position_ids=pos, use_cache=True, **kw)
         logits.append(out.logits[:, -1].float())
     return torch.stack(logits, dim=1)
 

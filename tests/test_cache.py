@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import subprocess
 import sys
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -243,11 +245,33 @@ def test_half_precision_generate(dtype):
     model = tiny_model("llama", layers=2, dtype=dtype)
     ids, mask = left_padded([40, 20])
     cache = kvpolar.enable(model, config("kivi-2", residual_length=4))
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10, do_sample=False,
-                         pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the cache under the name this transformers wants
+        out = model.generate(ids, attention_mask=mask, **kvpolar.cache_kwargs(model, cache), max_new_tokens=10,
+                             do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     assert out.sequences.shape == (2, 50) and cache.get_seq_length() == 49
     assert cache.layers[0].packed_keys.dtype == dtype
     assert all(torch.isfinite(s).all() for s in out.scores)
+
+
+def test_cache_keyword_follows_the_model_signature(llama):
+    """``cache`` where forward takes it (transformers >= 5.24), else ``past_key_values``; the
+    installed version's model gets the keyword its forward names."""
+    assert kvpolar.cache_keyword(llama) in inspect.signature(llama.forward).parameters
+
+    class OldModel:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            pass
+
+    class NewModel:
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            pass
+
+    cache = kvpolar.QuantizedKVCache(llama.config, "kivi-2")
+    assert kvpolar.cache_kwargs(OldModel(), cache) == {"past_key_values": cache}
+    assert kvpolar.cache_kwargs(NewModel(), cache) == {"cache": cache}
+    with pytest.raises(TypeError, match="model: expected a transformers model"):
+        kvpolar.cache_keyword(object())
 
 
 # ----- methods that need the prompt's queries (SQuat) ----------------------------------------------
@@ -339,7 +363,7 @@ def test_multi_token_step_after_prefill(llama, batch, preset):
     full = torch.cat([mask, torch.ones_like(cont)], dim=-1)
     pos = (full.cumsum(-1) - 1)[:, -cont.shape[1]:]
     with torch.no_grad():
-        out = llama(input_ids=cont, attention_mask=full, position_ids=pos, past_key_values=cache)
+        out = llama(input_ids=cont, attention_mask=full, position_ids=pos, **kvpolar.cache_kwargs(llama, cache))
     assert cache.layers[0].packed_keys is not None and cache.get_seq_length() == full.shape[1]
     # 45 + 12 tokens, window 4: both runs hold the same 32 packed tokens (no group completes meanwhile)
     torch.testing.assert_close(out.logits[:, :-1].float(), one_by_one[:, 1:cont.shape[1]], rtol=0, atol=2e-6)
@@ -395,7 +419,7 @@ def test_squat_prompt_subspace_is_counted_once_per_layer(llama, batch):
         m = torch.cat([mask, torch.ones(len(LENGTHS), 1 + t + 1, dtype=mask.dtype)], dim=-1)
         with torch.no_grad():
             llama(input_ids=more[:, t:t + 1], attention_mask=m, position_ids=m.sum(-1, keepdim=True) - 1,
-                  past_key_values=cache)
+                  **kvpolar.cache_kwargs(llama, cache))
     assert cache.layers[0].packed_keys.num_tokens > packed_before  # later key groups were quantized
     assert all(layer.key_context["subspace"] is s for layer, s in zip(cache.layers, first))
     expected = sum(s.qs.nbytes + sum(m.nbytes for m in s.block_matrices) for s in first)
@@ -441,11 +465,12 @@ def test_unpadded_decoding_reads_nothing_on_the_host(llama, monkeypatch):
 def teacher_forced_unpadded(model, ids, steps, cache) -> torch.Tensor:
     """Logits ``[B, n, V]``: after the prompt ``ids`` (skipped when None) and after each token of
     ``steps`` ``[B, S]`` fed one at a time, with no attention mask."""
+    kw = kvpolar.cache_kwargs(model, cache)
     logits = []
     with torch.no_grad():
         if ids is not None:
-            logits.append(model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].float())
+            logits.append(model(input_ids=ids, use_cache=True, **kw).logits[:, -1].float())
         for t in range(steps.shape[1]):
-            out = model(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=steps[:, t:t + 1], use_cache=True, **kw)
             logits.append(out.logits[:, -1].float())
     return torch.stack(logits, dim=1)

@@ -48,8 +48,8 @@ def _generate(model, preset):
     if PRESETS[preset].full_precision_layers:  # boundary-2 would cover both layers of the tiny model
         changes["full_precision_layers"] = (0,)
     cache = QuantizedKVCache(model.config, config(preset, **changes))
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False,
-                         pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    out = model.generate(ids, attention_mask=mask, **kvpolar.cache_kwargs(model, cache), max_new_tokens=6,
+                         do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     assert out.sequences.shape == (2, 142) and cache.get_seq_length() == 141
     assert all(torch.isfinite(s).all() for s in out.scores)
     quantized = [layer for layer in cache.layers if not layer.plan.full_precision]

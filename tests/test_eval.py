@@ -117,7 +117,7 @@ def test_capture_matches_the_cache_keys_and_values(loaded, windows):
     caps = fidelity.capture_qkv(model, windows)
     cache = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=windows, past_key_values=cache, use_cache=True)
+        model(input_ids=windows, **kvpolar.cache_kwargs(model, cache), use_cache=True)
     assert sorted(caps) == list(range(model.config.num_hidden_layers))
     for i, cap in caps.items():
         torch.testing.assert_close(cap.key, cache.layers[i].keys, rtol=0, atol=0)

@@ -9,7 +9,10 @@ from kvpolar.registry import available_quantizers, quantizer, register
 __version__ = "0.1.0"
 
 # The transformers integration loads on first use, so `import kvpolar` works without transformers.
-_CACHE_NAMES = {"KVCacheConfig": "kvpolar.cache.config", "QuantizedKVCache": "kvpolar.cache.cache", "enable": "kvpolar.cache.cache"}
+_CACHE_NAMES = {
+    "KVCacheConfig": "kvpolar.cache.config",
+    **dict.fromkeys(("QuantizedKVCache", "enable", "cache_kwargs", "cache_keyword"), "kvpolar.cache.cache"),
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -26,6 +29,8 @@ __all__ = [
     "Quantizer",
     "QuantizedTensor",
     "available_quantizers",
+    "cache_keyword",
+    "cache_kwargs",
     "cat",
     "enable",
     "quantizer",

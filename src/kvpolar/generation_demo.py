@@ -91,7 +91,7 @@ def run_generation_demo(
             cache = kvpolar.enable(model, preset)
         start = time.perf_counter()
         out = model.generate(
-            ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            ids, **kvpolar.cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
             do_sample=False, pad_token_id=tokenizer.eos_token_id,
         )
         if device.startswith("cuda"):

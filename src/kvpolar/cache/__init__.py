@@ -11,6 +11,8 @@ _LAZY = {
     "QuantizedKVCache": "kvpolar.cache.cache",
     "MemoryReport": "kvpolar.cache.cache",
     "enable": "kvpolar.cache.cache",
+    "cache_keyword": "kvpolar.cache.cache",
+    "cache_kwargs": "kvpolar.cache.cache",
     "register_attention": "kvpolar.cache.attention",
 }
 
@@ -23,4 +25,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'kvpolar.cache' has no attribute {name!r}")
 
 
-__all__ = ["KVCacheConfig", "MemoryReport", "PRESETS", "QuantizedKVCache", "enable", "register_attention"]
+__all__ = [
+    "KVCacheConfig", "MemoryReport", "PRESETS", "QuantizedKVCache", "cache_keyword", "cache_kwargs", "enable",
+    "register_attention",
+]

@@ -7,6 +7,7 @@ which computes decode attention from the packed cache without dequantizing it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ class MemoryReport:
 
 
 class QuantizedKVCache(Cache):
-    """A KV cache for ``model.generate(ids, past_key_values=cache)`` with quantized keys/values.
+    """A KV cache for ``model.generate(ids, **cache_kwargs(model, cache))`` with quantized keys/values.
 
     Args:
         model_config: the model's ``PretrainedConfig`` (Llama, Mistral, Qwen2, Qwen3 families).
@@ -150,7 +151,9 @@ class QuantizedKVCache(Cache):
 def enable(model: Any, cache_config: KVCacheConfig | str = "kivi-2", **changes: Any) -> QuantizedKVCache:
     """Switch ``model`` to kvpolar attention and return a fresh cache for one ``generate`` call.
 
-    ``cache = kvpolar.enable(model, "polar-rope-3"); model.generate(ids, past_key_values=cache)``.
+    ``cache = kvpolar.enable(model, "polar-rope-3"); model.generate(ids, **kvpolar.cache_kwargs(model, cache))``
+    (or name the keyword yourself: ``cache=cache`` from transformers 5.24 on, ``past_key_values=cache``
+    before).
     ``changes`` replace fields of the config, e.g. ``enable(model, "kivi-2", residual_length=32)``.
     The model keeps ``attn_implementation="kvpolar"`` (which behaves as ``sdpa`` without a kvpolar
     cache); for the next batch build ``kvpolar.QuantizedKVCache(model.config, ...)`` or reuse the
@@ -163,6 +166,26 @@ def enable(model: Any, cache_config: KVCacheConfig | str = "kivi-2", **changes: 
     cache = QuantizedKVCache(model.config, cache_config)
     model.set_attn_implementation("kvpolar")
     return cache
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword under which ``model``'s ``forward`` / ``generate`` take a cache: ``"cache"`` from
+    transformers 5.24 on (which deprecates ``"past_key_values"``), ``"past_key_values"`` before."""
+    forward = getattr(model, "forward", None)
+    if forward is None:
+        raise TypeError(f"model: expected a transformers model with a forward method, got {type(model).__name__}")
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # no introspectable signature: the name every 5.x release accepts
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_kwargs(model: Any, cache: Cache) -> dict[str, Cache]:
+    """``{keyword: cache}`` for ``model(..., **cache_kwargs(model, cache))`` and ``model.generate``,
+    with the keyword the installed transformers expects (:func:`cache_keyword`), so no deprecation
+    warning and no break when the old name is removed."""
+    return {cache_keyword(model): cache}
 
 
 register_attention()  # attn_implementation='kvpolar' exists once the cache is importable

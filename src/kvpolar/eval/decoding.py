@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from kvpolar.cache.cache import cache_kwargs
 from kvpolar.eval.presets import EvalPreset
 
 
@@ -40,11 +41,12 @@ def forward_chunks(
         raise ValueError(f"prefill={prefill}; it must be in [1, {input_ids.shape[1]}] (the sequence length)")
     if chunk < 1:
         raise ValueError(f"chunk={chunk}; it must be >= 1")
-    model(input_ids=input_ids[:, :prefill], past_key_values=cache, use_cache=True)
+    kw = cache_kwargs(model, cache)
+    model(input_ids=input_ids[:, :prefill], use_cache=True, **kw)
     pos = prefill
     while pos < input_ids.shape[1]:
         end = min(pos + chunk, input_ids.shape[1])
-        logits = model(input_ids=input_ids[:, pos:end], past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=input_ids[:, pos:end], use_cache=True, **kw).logits
         on_logits(pos, logits.float())
         if on_step is not None:
             on_step()
@@ -58,17 +60,18 @@ def greedy_continue(model: Any, cache: Any, context: torch.Tensor, feed: torch.T
     Every generated token comes from a forward call that read the cache (none from the prefill's
     full-precision attention). Returns the ``new_tokens`` generated ids.
     """
-    model(input_ids=context, past_key_values=cache, use_cache=True)
+    kw = cache_kwargs(model, cache)
+    model(input_ids=context, use_cache=True, **kw)
     logits = None
     for i in range(feed.shape[1]):
-        logits = model(input_ids=feed[:, i : i + 1], past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=feed[:, i : i + 1], use_cache=True, **kw).logits
     if logits is None:
         raise ValueError("feed must hold at least one token (the answer must be decoded from the cache)")
     out: list[int] = []
     for _ in range(new_tokens):
         nxt = int(logits[0, -1].argmax())
         out.append(nxt)
-        logits = model(input_ids=torch.tensor([[nxt]], device=context.device), past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=torch.tensor([[nxt]], device=context.device), use_cache=True, **kw).logits
     return out
 
 
