@@ -66,11 +66,24 @@ def test_eval_fidelity_writes_json_markdown_and_plot(tmp_path, capsys):
 def test_bench_writes_a_report(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--presets", "kivi-2", "--max-length", "200", "--new-tokens", "4", "--device", "cpu",
-                 "--dtype", "float16", "--out", str(out)]) == 0
+                 "--out", str(out)]) == 0  # float16 by default, on the CPU too
     data = json.loads((out / "bench.json").read_text())
+    assert data["setup"]["dtype"] == "float16"
     assert [r["preset"] for r in data["rows"]] == ["16-bit", "kivi-2"]
+    assert data["rows"][0]["bits_per_element"] == 16.0 and data["rows"][0]["compression"] == 1.0
     # 196 tokens: 64 packed beyond the 128-token 16-bit window
     assert data["rows"][1]["bits_per_element"] < 16 and (out / "bench.png").stat().st_size > 0
+
+
+def test_bench_float32_names_and_counts_the_stock_cache_as_32_bit(tmp_path, capsys):
+    """A float32 model's stock cache holds 32 bits per element: its row says so (not "16-bit")."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--presets", "kivi-2", "--max-length", "200", "--new-tokens", "4", "--device", "cpu",
+                 "--dtype", "float32", "--out", str(out)]) == 0
+    stock, kivi = json.loads((out / "bench.json").read_text())["rows"]
+    assert stock["preset"] == "32-bit" and stock["bits_per_element"] == 32.0 and stock["compression"] == 0.5
+    assert kivi["cache_bytes"] < stock["cache_bytes"]
+    assert "agreement with 32-bit" in (out / "bench.md").read_text()
 
 
 def test_a_context_longer_than_the_model_supports(tmp_path, capsys):

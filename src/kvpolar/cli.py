@@ -79,7 +79,7 @@ def _demo(args: argparse.Namespace) -> int:
         f"{setup['new_tokens']} tokens after a {setup['prompt_tokens']}-token held-out prompt\n"
     )
     print(format_generation_table(rows))
-    print(f"\n16-bit continuation: {rows[0].text[:200]!r}")
+    print(f"\n{rows[0].preset} continuation: {rows[0].text[:200]!r}")
     return 0
 
 
@@ -134,15 +134,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common_options(parser: argparse.ArgumentParser, max_length: int) -> None:
+def _common_options(parser: argparse.ArgumentParser, max_length: int, dtype: str | None = None) -> None:
+    """``dtype``: the ``--dtype`` default (None: float16 on CUDA, float32 on CPU)."""
     parser.add_argument("--model", default=None, help="local Hugging Face checkpoint (default: the built-in model)")
     parser.add_argument("--presets", default=None, help="comma-separated presets (default: all)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--max-length", type=_positive_int, default=max_length,
                         help=f"context length in tokens (default {max_length})")
     parser.add_argument("--out", default="kvpolar-results", help="output directory (default: kvpolar-results)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                        help="model and cache dtype (default: float16 on CUDA, float32 on CPU)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=dtype,
+                        help="model and cache dtype (default: " + (f"{dtype}, on the CPU too)" if dtype else
+                                                                   "float16 on CUDA, float32 on CPU)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub_metric.set_defaults(handler=_eval)
 
     bench = sub.add_parser("bench", help="decode speed and cache memory per preset on a model")
-    _common_options(bench, max_length=1024)
+    _common_options(bench, max_length=1024, dtype="float16")  # as demo: bits/element of a 16-bit deployment
     bench.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens to decode (default 64)")
     bench.set_defaults(handler=_bench)
     return parser

@@ -1,8 +1,10 @@
-"""``kvpolar demo``: greedy generation on a real model with the 16-bit cache and every preset.
+"""``kvpolar demo``: greedy generation on a real model with the stock cache and every preset.
 
 For each preset: bits/element and bytes of the cache (from ``QuantizedKVCache.memory_report``),
-compression against the 16-bit cache, agreement of the generated tokens with the 16-bit run, and
-decode speed. Runs on the built-in model (``kvpolar.assets.tiny_model_path()``) by default.
+compression against a 16-bit cache, agreement of the generated tokens with the stock cache's run, and
+decode speed. Runs on the built-in model (``kvpolar.assets.tiny_model_path()``) by default. The
+stock cache's row is named by its width: ``"16-bit"`` for float16 / bfloat16 models, ``"32-bit"``
+for float32 (whose bytes are then twice a 16-bit cache's: compression 0.50x).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from typing import Any
 
 import torch
 
-BASELINE = "16-bit"
 DEFAULT_PROMPT_TOKENS = 768
 DEFAULT_NEW_TOKENS = 48
 
@@ -25,10 +26,15 @@ class GenerationRow:
     bits_per_element: float
     cache_bytes: int
     compression: float
-    agreement: float  # fraction of generated positions equal to the 16-bit run's tokens
+    agreement: float  # fraction of generated positions equal to the stock cache run's tokens
     first_divergence: int | None  # index of the first generated token that differs, None if none
     tokens_per_second: float
     text: str
+
+
+def baseline_name(dtype: torch.dtype) -> str:
+    """The stock cache's row: ``"16-bit"`` (float16, bfloat16) or ``"32-bit"`` (float32)."""
+    return f"{8 * dtype.itemsize}-bit"
 
 
 def demo_prompt(tokenizer: Any, tokens: int) -> torch.Tensor:
@@ -81,10 +87,11 @@ def run_generation_demo(
     }
     rows: list[GenerationRow] = []
     baseline: torch.Tensor | None = None
-    runs = tqdm([BASELINE, *presets], desc="kvpolar demo", unit="run", disable=not progress)
+    stock = baseline_name(model.dtype)
+    runs = tqdm([stock, *presets], desc="kvpolar demo", unit="run", disable=not progress)
     for preset in runs:
         runs.set_postfix_str(preset)
-        if preset == BASELINE:
+        if preset == stock:
             model.set_attn_implementation("sdpa")
             cache: Any = transformers.DynamicCache(config=model.config)
         else:
@@ -100,25 +107,23 @@ def run_generation_demo(
         generated = out[0, ids.shape[1]:].cpu()
         if baseline is None:
             baseline = generated
-        rows.append(_row(preset, cache, generated, baseline, elapsed, tokenizer))
+        rows.append(_row(preset, cache, model, generated, baseline, elapsed, tokenizer))
     return rows, setup
 
 
-def _row(preset: str, cache: Any, generated: torch.Tensor, baseline: torch.Tensor, elapsed: float, tokenizer: Any) -> GenerationRow:
-    if preset == BASELINE:
-        nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-        bits, ratio = 16.0, 1.0
-    else:
-        report = cache.memory_report()
-        nbytes, bits, ratio = report.total, report.bits_per_element, report.compression_ratio
+def _row(preset: str, cache: Any, model: Any, generated: torch.Tensor, baseline: torch.Tensor, elapsed: float,
+         tokenizer: Any) -> GenerationRow:
+    from kvpolar.eval.decoding import cache_memory  # (the stock cache counted by its tensors' bytes)
+
+    memory = cache_memory(cache, model)
     n = min(len(generated), len(baseline))
     same = generated[:n] == baseline[:n]
     diverged = (~same).nonzero()
     return GenerationRow(
         preset=preset,
-        bits_per_element=bits,
-        cache_bytes=int(nbytes),
-        compression=ratio,
+        bits_per_element=memory["bits_per_element"],
+        cache_bytes=int(memory["cache_bytes"]),
+        compression=memory["compression"],
         agreement=float(same.float().mean()) if n else 1.0,
         first_divergence=int(diverged[0]) if len(diverged) else None,
         tokens_per_second=len(generated) / elapsed,
@@ -127,8 +132,10 @@ def _row(preset: str, cache: Any, generated: torch.Tensor, baseline: torch.Tenso
 
 
 def format_generation_table(rows: Sequence[GenerationRow]) -> str:
+    """Markdown table of ``rows``; the first row is the stock cache the agreement is measured against."""
     lines = [
-        "| preset | bits/elem | cache bytes | compression | agreement with 16-bit | first divergence | tokens/s |",
+        f"| preset | bits/elem | cache bytes | compression | agreement with {rows[0].preset} | first divergence "
+        "| tokens/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
