@@ -241,6 +241,13 @@ def test_gqa_and_query_tokens_with_residual(gqa, tq):
     check("kivi-2-32", "kivi-2-32", hkv=2 if gqa == 1 else 1, gqa=gqa, tq=tq, tk=40, r=7)
 
 
+@pytest.mark.parametrize("key_fmt", ["kivi-2-32", "polar-2-4-32-half"])
+def test_draft_verification_step(key_fmt):
+    """Assisted decoding verifies a draft in one step: 9 query tokens x GQA 4 = 36 rows (64-row
+    tiles), the residual window holding the draft, a ragged batch."""
+    check(key_fmt, "kivi-2-32", batch=2, gqa=4, tq=9, tk=40, r=12, lengths=[52, 30])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_ragged_batch_left_padding(dtype):
     check("kivi-2-32", "kivi-2-32", batch=3, gqa=4, tk=50, r=5, dtype=dtype, lengths=[55, 20, 3])

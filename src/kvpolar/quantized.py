@@ -144,6 +144,37 @@ class QuantizedTensor:
         """Concatenate along the token axis (``self`` first). See :func:`cat`."""
         return cat([self, *others])
 
+    def select_batch(self: _T, index: torch.Tensor) -> _T:
+        """A copy holding rows ``index`` (int64 ``[N]``, repeats allowed) of the leading axis: the
+        batch of a cache's ``[B, H, T, D]`` tensors (beam search reorders it, generation modes that
+        expand or drop sequences repeat or select rows). Stored tensors that carry the axis before
+        their token axis are indexed (tokens-contiguous fields keep their layout); tensors without
+        it (per-chunk token counts, an analytic codebook's placeholder) and broadcast ones (size 1:
+        one scale for the whole tensor) are kept, shared tensors referenced.
+
+        Raises:
+            ValueError: the tensor has no leading axis, or ``index`` is not a 1-D integer tensor (rows
+                out of range fail in ``index_select``; they are not checked here, which would read
+                the index on the host every decode step).
+        """
+        if len(self.shape) <= 2:
+            raise ValueError(f"select_batch needs leading dims before [T, D]; this tensor has shape {tuple(self.shape)}")
+        if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"index: expected a 1-D integer tensor of rows, got {index.dtype} of shape {tuple(index.shape)}")
+        rows = int(self.shape[0])
+        picked: dict[str, torch.Tensor] = {}
+        for f in self._fields_with_role("stored"):
+            t = getattr(self, f.name)
+            axis = f.metadata[_TOKEN_AXIS]
+            leading = t.dim() + axis if axis is not None else t.dim() - 1  # axes before the token (or entry) axis
+            if leading < 1 or t.shape[0] == 1 and rows != 1:
+                continue
+            if t.shape[0] != rows:
+                raise ValueError(f"'{f.name}' has {t.shape[0]} rows on its leading axis; the tensor has {rows}")
+            t = t.index_select(0, index.to(t.device))
+            picked[f.name] = tokens_contiguous(t) if f.metadata.get(_TOKENS_CONTIGUOUS) else t
+        return dataclasses.replace(self, shape=torch.Size((index.numel(), *self.shape[1:])), **picked)
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._static_params().items())
         return (

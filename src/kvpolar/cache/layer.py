@@ -77,7 +77,7 @@ class QuantizedLayer(CacheLayerMixin):
     """Cache of one attention layer. Shapes: keys/values ``[batch, kv_heads, tokens, head_dim]``."""
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True  # the newest tokens sit in the 16-bit window (see crop)
     is_sliding = False
     supports_early_init = False
 
@@ -157,16 +157,48 @@ class QuantizedLayer(CacheLayerMixin):
         self._clear()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._refuse("beam search (reorder_cache)")
+        """Beam search: row ``b`` becomes old row ``beam_idx[b]`` (int64 ``[B]``)."""
+        self._select_rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._refuse("batch_repeat_interleave")
+        """Each sequence repeated ``repeats`` times in place (``[a, b]`` -> ``[a, a, b, b]``)."""
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats={repeats!r}; expected a positive integer")
+        if self.is_initialized:
+            self._select_rows(torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._refuse("batch_select_indices")
+        """Keep sequences ``indices`` (int64 ``[N]``), in that order."""
+        self._select_rows(indices)
 
     def crop(self, tokens_to_remove: int) -> None:
-        self._refuse("crop (assisted decoding)")
+        """Drop the newest tokens: ``crop(-n)`` removes ``n`` (how assisted / speculative decoding
+        rolls back rejected draft tokens), ``crop(n)`` with ``n > 0`` keeps the first ``n`` tokens
+        (transformers' older form). Quantized layers can only drop tokens still in the 16-bit window:
+        the window keeps at least ``residual_length`` tokens after every step, so drafts of up to
+        ``residual_length - 1`` tokens (plus the verified one) always roll back.
+
+        Raises:
+            ValueError: the tokens to drop reach into the packed part.
+        """
+        drop = max(self.seen - tokens_to_remove, 0) if tokens_to_remove > 0 else -tokens_to_remove
+        if drop == 0 or not self.is_initialized or self.seen == 0:
+            return
+        drop = min(drop, self.seen)
+        if drop > self.residual_tokens:
+            raise ValueError(
+                f"layer {self.layer_idx}: cannot remove the newest {drop} tokens: only {self.residual_tokens} are "
+                f"still in the 16-bit window, the rest are quantized. Use residual_length >= the draft length "
+                f"(it is {self.residual_length}) for assisted or speculative decoding"
+            )
+        if drop == self.seen:  # nothing packed: as if no token had been seen (SQuat's prompt subspace too)
+            self._clear()
+            return
+        keep = self.residual_tokens - drop
+        self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
+        if self.residual_valid is not None:
+            self.residual_valid = self.residual_valid[:, :keep]
+        self.seen -= drop
 
     def offload(self) -> None:
         self._refuse("offloading")
@@ -237,6 +269,25 @@ class QuantizedLayer(CacheLayerMixin):
                     "A cache serves one model and one batch: call cache.reset() or build a new one"
                 )
 
+    def _select_rows(self, index: torch.Tensor) -> None:
+        """Every per-sequence tensor of the layer (window, flags, packed parts, the key quantizer's
+        prompt context) restricted to rows ``index`` of the batch, in that order."""
+        if not self.is_initialized:
+            return
+        if index.dim() != 1:
+            raise ValueError(f"index: expected a 1-D tensor of batch rows, got shape {tuple(index.shape)}")
+        index = index.to(self.device)
+        if self.keys is not None:
+            self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        if self.residual_valid is not None:
+            self.residual_valid = self.residual_valid.index_select(0, index)
+        if self.packed_keys is not None:
+            self.packed_keys = self.packed_keys.select_batch(index)
+            self.packed_values = self.packed_values.select_batch(index)
+        if self.key_context is not None:
+            self.key_context = {name: _rows_of(v, index, self.batch_size) for name, v in self.key_context.items()}
+        self.batch_size = int(index.numel())
+
     def _refuse(self, what: str) -> None:
         if self.seen:
             raise NotImplementedError(f"kvpolar's QuantizedKVCache does not support {what}")
@@ -251,6 +302,19 @@ def _nbytes(obj: Any) -> int:
     if dataclasses.is_dataclass(obj):
         return sum(_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     return 0
+
+
+def _rows_of(obj: Any, index: torch.Tensor, batch: int) -> Any:
+    """``obj`` (a tensor, a sequence or a dataclass of them, e.g. SQuat's prompt subspace) with every
+    tensor whose leading axis is the batch (``batch`` rows) restricted to rows ``index``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.index_select(0, index.to(obj.device)) if obj.dim() and obj.shape[0] == batch else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rows_of(v, index, batch) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _rows_of(getattr(obj, f.name), index, batch)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
 
 
 def _fill_padding(x: torch.Tensor, valid: torch.Tensor | None, axis: int) -> torch.Tensor:

@@ -1,0 +1,179 @@
+"""Generation modes that change the cache's batch or length: beam search (reorder_cache), modes that
+repeat or select sequences, and assisted / speculative decoding (crop after a multi-token step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from cache_helpers import VOCAB, QuantizedKVCache, config, left_padded, tiny_model
+
+import kvpolar
+
+# (method, params, context): every stored form, including the ones whose fields lack the batch axis
+# (fp8's per-chunk token counts, one scale for the whole tensor) or add one (online codebooks)
+FORMATS = [
+    ("none", {}, False),
+    ("kivi", {"bits": 2, "axis": "channel"}, False),
+    ("kivi", {"bits": 4, "axis": "token"}, False),  # tokens-contiguous scale / minimum
+    ("polar-rope", {"radius_bits": 2, "angle_bits": 4}, False),
+    ("polar-recursive", {}, False),
+    ("polar-recursive", {"codebook": "online"}, False),
+    ("squat", {"bits": 2, "block_size": 16}, True),
+    ("turbo", {"bits": 3}, False),
+    ("fp8", {"scale": "head"}, False),
+    ("fp8", {"scale": "tensor"}, False),
+]
+
+
+@pytest.mark.parametrize("name,params,needs_queries", FORMATS, ids=lambda v: str(v))
+def test_select_batch_picks_the_rows_of_every_stored_form(name, params, needs_queries):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 64, 32, generator=gen)
+    q = kvpolar.quantizer(name, **params)
+    context = {"queries": torch.randn(3, 2, 8, 32, generator=gen)} if needs_queries else {}
+    packed = q.quantize(x, **context)
+    index = torch.tensor([2, 0, 0, 1])
+    picked = packed.select_batch(index)
+    assert picked.shape == (4, 2, 64, 32) and type(picked) is type(packed)
+    if name == "fp8" and params["scale"] == "tensor":  # one scale for all rows: kept, not indexed
+        assert picked.scale.shape[0] == 1
+    torch.testing.assert_close(q.dequantize(picked), q.dequantize(packed)[index], rtol=0, atol=0)
+    for field, tensor in picked.stored_tensors().items():  # tokens-contiguous fields keep their layout
+        old = getattr(packed, field)
+        if tensor.dim() >= 2 and min(tensor.shape[-2:]) > 1:
+            assert (tensor.stride(-2) < tensor.stride(-1)) == (old.stride(-2) < old.stride(-1)), field
+    with pytest.raises(ValueError, match="index: expected a 1-D integer tensor"):
+        packed.select_batch(torch.tensor([[0]]))
+
+
+def _feed(model, cache, ids, mask):
+    """Logits ``[B, T, V]`` of ``ids`` after what ``cache`` holds; ``mask`` covers both."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kvpolar.cache_kwargs(model, cache))
+    return out.logits.float()
+
+
+def _steps(model, cache, tokens, mask):
+    """Feed ``tokens`` ``[B, S]`` one at a time; returns (logits ``[B, S, V]``, the grown mask)."""
+    logits = []
+    for t in range(tokens.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        logits.append(_feed(model, cache, tokens[:, t:t + 1], mask)[:, -1])
+    return torch.stack(logits, dim=1), mask
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", layers=2)
+
+
+@pytest.mark.parametrize("preset", ["kivi-2", "squat-2", "polar-rope-3", "polar-recursive"])
+def test_reorder_mid_decoding_equals_decoding_the_reordered_batch(llama, preset):
+    """Reordering after some steps (with a packed part, padding flags and SQuat's prompt subspace)
+    continues exactly as a cache that held the reordered sequences from the start."""
+    ids, mask = left_padded([150, 132, 141])  # polar-rope-3 packs in groups of 128
+    gen = torch.Generator().manual_seed(4)
+    first, second = torch.randint(1, VOCAB, (3, 5), generator=gen), torch.randint(1, VOCAB, (4, 6), generator=gen)
+    index = torch.tensor([2, 0, 0, 1])
+    changes = {"residual_length": 8, "min_chunk": 1}
+    if preset == "squat-2":
+        changes["key_params"] = {"bits": 2, "group_size": 32, "block_size": 16}
+
+    cache = QuantizedKVCache(llama.config, config(preset, **changes))
+    with torch.no_grad():
+        _feed(llama, cache, ids, mask)
+        _, grown = _steps(llama, cache, first, mask)
+        assert cache.layers[0].packed_keys is not None and cache.layers[0].residual_valid is not None
+        cache.reorder_cache(index)
+        got, _ = _steps(llama, cache, second, grown[index])
+
+        fresh = QuantizedKVCache(llama.config, config(preset, **changes))
+        _feed(llama, fresh, ids[index], mask[index])
+        _steps(llama, fresh, first[index], mask[index])
+        want, _ = _steps(llama, fresh, second, grown[index])
+    assert cache.layers[0].batch_size == 4 and cache.get_seq_length() == fresh.get_seq_length()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_repeat_and_select_rows(llama):
+    ids, mask = left_padded([40, 33])
+    cache = QuantizedKVCache(llama.config, config("kivi-2", residual_length=4, min_chunk=1))
+    with torch.no_grad():
+        _feed(llama, cache, ids, mask)
+        layer = cache.layers[1]
+        keys = layer.packed_keys
+        cache.batch_repeat_interleave(2)
+        assert layer.batch_size == 4 and layer.keys.shape[0] == 4
+        torch.testing.assert_close(layer.packed_keys.codes, keys.codes[[0, 0, 1, 1]], rtol=0, atol=0)
+        cache.batch_select_indices(torch.tensor([3]))
+        torch.testing.assert_close(layer.packed_keys.codes, keys.codes[[1]], rtol=0, atol=0)
+        _steps(llama, cache, torch.tensor([[5, 6]]), mask[1:])  # decodes on as a batch of one
+    with pytest.raises(ValueError, match="repeats=0"):
+        cache.batch_repeat_interleave(0)
+
+
+def test_beam_search_with_identity_quantizers_equals_the_stock_cache(llama):
+    """Beam search through the packed path (identity quantizers): the same beams as DynamicCache."""
+    ids, mask = left_padded([30, 22])
+    args = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    cache = QuantizedKVCache(llama.config, config("none", residual_length=4, min_chunk=1))
+    got = llama.generate(ids, **kvpolar.cache_kwargs(llama, cache), **args)
+    assert cache.layers[0].packed_keys.shape[0] == 6  # batch x beams
+    llama.set_attn_implementation("sdpa")
+    try:
+        want = llama.generate(ids, **kvpolar.cache_kwargs(llama, transformers.DynamicCache(config=llama.config)), **args)
+    finally:
+        llama.set_attn_implementation("kvpolar")
+    assert torch.equal(got, want)
+
+
+def test_beam_search_with_a_quantized_cache(llama):
+    ids, mask = left_padded([40, 31])
+    cache = kvpolar.enable(llama, "kivi-2", residual_length=4)
+    out = llama.generate(ids, attention_mask=mask, **kvpolar.cache_kwargs(llama, cache), max_new_tokens=6,
+                         num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (4, 46) and cache.get_seq_length() == 45
+    assert cache.layers[0].packed_keys.num_tokens == 32
+
+
+def test_crop_rolls_back_draft_tokens(llama):
+    """Five draft tokens verified in one step, three rejected: the cache continues exactly as one
+    that only ever saw the two accepted ones."""
+    ids, mask = left_padded([40])
+    draft = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
+    nxt = torch.tensor([[7]])
+    with torch.no_grad():
+        cache = QuantizedKVCache(llama.config, config("kivi-2", residual_length=8))
+        _feed(llama, cache, ids, mask)
+        assert cache.layers[0].packed_keys.num_tokens == 32 and cache.is_croppable
+        _feed(llama, cache, draft, torch.ones(1, 45, dtype=torch.long))
+        cache.crop(-3)
+        assert cache.get_seq_length() == 42 and cache.layers[0].residual_tokens == 10
+        got = _feed(llama, cache, nxt, torch.ones(1, 43, dtype=torch.long))
+
+        fresh = QuantizedKVCache(llama.config, config("kivi-2", residual_length=8))
+        _feed(llama, fresh, ids, mask)
+        _feed(llama, fresh, draft[:, :2], torch.ones(1, 42, dtype=torch.long))
+        want = _feed(llama, fresh, nxt, torch.ones(1, 43, dtype=torch.long))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    cache.crop(40)  # the older form: the length to keep
+    assert cache.get_seq_length() == 40
+    with pytest.raises(ValueError, match="cannot remove the newest 9 tokens: only 8 are still in the 16-bit window"):
+        cache.crop(-9)
+
+
+def test_assisted_generation_matches_plain_greedy_decoding(llama):
+    """Assisted decoding (a draft model proposes, the cache rolls back what the model rejects)
+    gives plain greedy decoding's tokens; 64 of the prompt's tokens are packed (kivi-2)."""
+    ids = torch.randint(1, VOCAB, (1, 200), generator=torch.Generator().manual_seed(6))
+    draft = tiny_model("llama", layers=1, seed=1)
+    draft.set_attn_implementation("sdpa")
+    plain_cache = kvpolar.enable(llama, "kivi-2")
+    plain = llama.generate(ids, **kvpolar.cache_kwargs(llama, plain_cache), max_new_tokens=12, do_sample=False,
+                           pad_token_id=0)
+    cache = kvpolar.enable(llama, "kivi-2")
+    assisted = llama.generate(ids, **kvpolar.cache_kwargs(llama, cache), assistant_model=draft, max_new_tokens=12,
+                              do_sample=False, pad_token_id=0)
+    assert cache.layers[0].packed_keys.num_tokens == 64
+    assert torch.equal(assisted, plain) and cache.get_seq_length() == 211
