@@ -50,7 +50,8 @@ def test_select_batch_picks_the_rows_of_every_stored_form(name, params, needs_qu
 def _feed(model, cache, ids, mask):
     """Logits ``[B, T, V]`` of ``ids`` after what ``cache`` holds; ``mask`` covers both."""
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kvpolar.cache_kwargs(model, cache))
+    kw = kvpolar.cache_kwargs(model, cache)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
     return out.logits.float()
 
 
@@ -122,7 +123,8 @@ def test_beam_search_with_identity_quantizers_equals_the_stock_cache(llama):
     assert cache.layers[0].packed_keys.shape[0] == 6  # batch x beams
     llama.set_attn_implementation("sdpa")
     try:
-        want = llama.generate(ids, **kvpolar.cache_kwargs(llama, transformers.DynamicCache(config=llama.config)), **args)
+        stock = transformers.DynamicCache(config=llama.config)
+        want = llama.generate(ids, **kvpolar.cache_kwargs(llama, stock), **args)
     finally:
         llama.set_attn_implementation("kvpolar")
     assert torch.equal(got, want)

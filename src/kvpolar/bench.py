@@ -40,8 +40,8 @@ def run_bench(
         f"# kvpolar bench\n\n{setup['model']} on {_device_name(device)} ({setup['dtype']}): greedy decoding of "
         f"{setup['new_tokens']} tokens after a {setup['prompt_tokens']}-token held-out prompt. Cache bytes and "
         "bits/element come from `QuantizedKVCache.memory_report()` at the end of generation (the residual "
-        "window, in the model's dtype, included); compression is against a 16-bit cache; tokens/s is wall-clock over the whole `generate` call, prefill "
-        "included.\n\n" + format_generation_table(rows) + "\n"
+        "window, in the model's dtype, included); compression is against a 16-bit cache; tokens/s is "
+        "wall-clock over the whole `generate` call, prefill included.\n\n" + format_generation_table(rows) + "\n"
     )
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

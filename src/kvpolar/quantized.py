@@ -160,7 +160,9 @@ class QuantizedTensor:
         if len(self.shape) <= 2:
             raise ValueError(f"select_batch needs leading dims before [T, D]; this tensor has shape {tuple(self.shape)}")
         if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"index: expected a 1-D integer tensor of rows, got {index.dtype} of shape {tuple(index.shape)}")
+            raise ValueError(
+                f"index: expected a 1-D integer tensor of rows, got {index.dtype} of shape {tuple(index.shape)}"
+            )
         rows = int(self.shape[0])
         picked: dict[str, torch.Tensor] = {}
         for f in self._fields_with_role("stored"):
