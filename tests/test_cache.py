@@ -254,6 +254,24 @@ def test_half_precision_generate(dtype):
     assert all(torch.isfinite(s).all() for s in out.scores)
 
 
+def test_decoding_over_a_foreign_cache_warns_once(llama, monkeypatch):
+    """generate() without the kvpolar cache keeps 16-bit keys and values: said once, not silently;
+    a kvpolar cache's full-precision layers (and forwards with no cache) say nothing."""
+    from kvpolar.cache import attention
+
+    ids = torch.randint(1, 90, (1, 20), generator=torch.Generator().manual_seed(8))
+    monkeypatch.setattr(attention, "_WARNED_FOREIGN_CACHE", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llama(input_ids=ids, use_cache=False)
+        cache = QuantizedKVCache(llama.config, config("kivi-2", full_precision_layers=(0,), residual_length=4))
+        llama.generate(ids, **kvpolar.cache_kwargs(llama, cache), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert not [w for w in caught if "kvpolar" in str(w.message)]
+    with pytest.warns(RuntimeWarning, match="not a kvpolar QuantizedKVCache") as record:
+        llama.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert len([w for w in record if "QuantizedKVCache" in str(w.message)]) == 1
+
+
 def test_cache_keyword_follows_the_model_signature(llama):
     """``cache`` where forward takes it (transformers >= 5.24), else ``past_key_values``; the
     installed version's model gets the keyword its forward names."""

@@ -5,7 +5,9 @@ causal without padding), registered through ``AttentionMaskInterface``; columns 
 tokens in order (packed part, then residual window, then the new tokens).
 
 Dispatch per call:
-* not a kvpolar quantized layer (no cache, a ``DynamicCache``, a full-precision layer): ``sdpa``;
+* not a kvpolar quantized layer (no cache, a ``DynamicCache``, a full-precision layer): ``sdpa``; a
+  step that reads cached tokens from a cache that is not kvpolar's warns once (``generate`` without
+  the cache ``kvpolar.enable`` returned keeps every key and value in 16 bits);
 * first forward of a layer (the prompt): ``sdpa`` on the unquantized prompt;
 * nothing packed yet: ``sdpa`` over the 16-bit residual window;
 * otherwise: decode attention over packed + residual, never dequantizing the packed part: on CUDA
@@ -27,6 +29,7 @@ from kvpolar.decode_attention import reference_decode_attention
 
 ATTENTION_NAME = "kvpolar"
 _FUSED: dict[str, Any] = {}
+_WARNED_FOREIGN_CACHE = False
 
 
 def register_attention() -> None:
@@ -50,7 +53,9 @@ def kvpolar_attention(
 ) -> tuple[torch.Tensor, None]:
     """``query`` ``[B, Hq, Tq, D]``; returns ``([B, Tq, Hq, D], None)`` like ``sdpa_attention_forward``."""
     layer = take_pending(key)
-    if layer is None:
+    if layer is None or layer.plan.full_precision:
+        if layer is None and key.shape[-2] > query.shape[-2]:
+            _warn_foreign_cache()
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _check_module(module, layer)
     mask = _bool_mask(attention_mask, query, layer.seen)
@@ -69,6 +74,19 @@ def kvpolar_attention(
         ).transpose(1, 2).contiguous()
     layer.after_attention(new_valid, query)
     return out, None
+
+
+def _warn_foreign_cache() -> None:
+    global _WARNED_FOREIGN_CACHE
+    if not _WARNED_FOREIGN_CACHE:
+        _WARNED_FOREIGN_CACHE = True
+        warnings.warn(
+            "kvpolar: a model with attn_implementation='kvpolar' is decoding over a cache that is not a "
+            "kvpolar QuantizedKVCache (e.g. generate() without the cache kvpolar.enable returned), so its keys "
+            "and values stay in 16 bits; pass model.generate(ids, **kvpolar.cache_kwargs(model, cache))",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _check_module(module: torch.nn.Module, layer: Any) -> None:

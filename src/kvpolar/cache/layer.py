@@ -138,7 +138,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.keys = key_states if first else torch.cat([self.keys, key_states], dim=-2)
         self.values = value_states if first else torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
-        if self.plan.full_precision:
+        if self.plan.full_precision:  # (pending too: the attention then knows the cache is kvpolar's)
+            _PENDING.value = (self, self.keys)
             return self.keys, self.values
         self.awaiting_attention = True
         _PENDING.value = (self, key_states)
