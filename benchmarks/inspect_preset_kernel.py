@@ -56,15 +56,16 @@ def loop_loads(ttgir: str) -> tuple[int, int, int]:
 
 
 def compile_preset(name: str, batch: int, tokens: int, cfg: mod.LaunchConfig | None = None,
-                   dtype: torch.dtype = torch.float16, values_layout=None):
+                   dtype: torch.dtype = torch.float16, values_layout=None, query_tokens: int = 1):
     """(compiled kernel, launch plan) of the packed part of preset ``name`` at ``batch`` x ``tokens``
-    (32 query heads, 8 KV heads, head dim 128, ``dtype``, one query token), as on an H100: the
+    (32 query heads, 8 KV heads, head dim 128, ``dtype``, ``query_tokens`` query tokens: more than one
+    for a speculative / assisted decoding verify step), as on an H100: the
     transposed kernel, or the classic one where the plan takes it (small caches, ``plan.transposed``
     False) (``values_layout``: a function applied to the packed values first, e.g. ``groups_adjacent``)."""
     keys, values = make_preset(name, batch, tokens, dtype, "cpu")
     if values_layout is not None:
         values = values_layout(values)
-    query = torch.randn(batch, HQ, 1, D, dtype=dtype)
+    query = torch.randn(batch, HQ, query_tokens, D, dtype=dtype)
     scale = D ** -0.5
     with mock.patch.object(mod, "_interpreting", lambda: False), \
             mock.patch.object(mod, "_device_sms", lambda device: H100_SMS), \
@@ -87,7 +88,8 @@ def compile_preset(name: str, batch: int, tokens: int, cfg: mod.LaunchConfig | N
 
             with mock.patch.object(mod, "_split_kernel", _Catch()):
                 mod._launch_split(q, plan.k_op, plan.v_op, None, 0, plan.splits, plan.per_split, 0, plan.splits,
-                                  scratch, scratch, scratch, scale, gqa, max(16, mod._next_pow2(gqa)), plan.block_n,
+                                  scratch, scratch, scratch, scale, gqa, max(16, mod._next_pow2(gqa * query_tokens)),
+                                  plan.block_n,
                                   plan.config)
             args, kwargs = caught["args"], dict(caught["kwargs"])
     kernel = mod._split_kernel_t if plan.transposed else mod._split_kernel
@@ -116,6 +118,8 @@ def main() -> None:
     ap.add_argument("--lazy-rescale", action="store_true", help="LaunchConfig.lazy_rescale")
     ap.add_argument("--value-layout", default="tokens", choices=("tokens", "groups"),
                     help="KIVI value scale / min with the tokens (as stored) or the groups adjacent in memory")
+    ap.add_argument("--query-tokens", type=int, default=1,
+                    help="query tokens per sequence (a draft verify step: e.g. 21 for 20 draft tokens)")
     ap.add_argument("--lines", action="store_true", help="also the main loop's instructions by source line")
     ap.add_argument("--out", default=None, help="where to keep cubin/SASS/TTGIR (default: a temporary folder)")
     args = ap.parse_args()
@@ -128,7 +132,7 @@ def main() -> None:
         cfg = mod.dataclasses.replace(cfg, transposed_stages=args.stages)
     for name in args.presets:
         compiled, plan = compile_preset(name, args.batch, args.tokens, cfg, getattr(torch, args.dtype),
-                                        groups_adjacent if args.value_layout == "groups" else None)
+                                        groups_adjacent if args.value_layout == "groups" else None, args.query_tokens)
         with open(os.path.join(out, f"{name}.ttgir"), "w") as f:
             f.write(compiled.asm["ttgir"])
         copies, ahead, plain = loop_loads(compiled.asm["ttgir"])

@@ -242,10 +242,13 @@ def test_gqa_and_query_tokens_with_residual(gqa, tq):
 
 
 @pytest.mark.parametrize("key_fmt", ["kivi-2-32", "polar-2-4-32-half"])
-def test_draft_verification_step(key_fmt):
+@pytest.mark.parametrize("max_rows", [16, 64])
+def test_draft_verification_step(key_fmt, max_rows):
     """Assisted decoding verifies a draft in one step: 9 query tokens x GQA 4 = 36 rows (64-row
-    tiles), the residual window holding the draft, a ragged batch."""
-    check(key_fmt, "kivi-2-32", batch=2, gqa=4, tq=9, tk=40, r=12, lengths=[52, 30])
+    tiles), the residual window holding the draft, a ragged batch; by the policy the classic kernel
+    (over ``transposed_max_rows``), and the transposed one where allowed."""
+    config = LaunchConfig(transposed_min_rows=0, transposed_max_rows=max_rows)
+    check(key_fmt, "kivi-2-32", batch=2, gqa=4, tq=9, tk=40, r=12, lengths=[52, 30], config=config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -484,6 +487,11 @@ def test_launch_policy():
     assert not da._use_transposed(_operand(kivi, small - 1, 2), values2, cfg)
     assert da._use_transposed(_operand(kivi, small, 2), values2, cfg)
     assert not da._use_transposed(_operand(kivi, small, 2), values2, LaunchConfig(transposed=False))
+    # a draft verification step of more query rows than one warp holds well takes the classic kernel
+    assert da._use_transposed(_operand(kivi, small, 2), values2, cfg, query_rows=cfg.transposed_max_rows)
+    assert not da._use_transposed(_operand(kivi, small, 2), values2, cfg, query_rows=cfg.transposed_max_rows + 1)
+    with pytest.raises(ValueError, match="transposed_max_rows=0"):
+        LaunchConfig(transposed_max_rows=0)
     wave = 256 * math.ceil(12 * 132 / 64)  # tokens that give 64 pairs a wave of 12 programs per SM
     cap = da._REGISTER_CAP
     assert da.transposed_tuning(_operand(kivi, wave, 4), values4, 64, cfg) == (12, None)  # 16-bit units: no cap
@@ -492,6 +500,8 @@ def test_launch_policy():
     assert da.transposed_tuning(_operand(kivi, wave - 1, 4), values4, 64, in_bytes) == (12, None)
     assert da.transposed_tuning(_operand(kivi, 256 * 13, 4), values2, 64, in_bytes, sms=66) == (12, cap)
     assert da.transposed_tuning(_operand(kivi, wave, 2), values2, 64, cfg) == (12, cap)  # kivi-2
+    assert da.transposed_tuning(_operand(kivi, wave, 2), values2, 64, cfg, query_rows=8) == (12, cap)
+    assert da.transposed_tuning(_operand(kivi, wave, 2), values2, 64, cfg, query_rows=16) == (12, None)  # 4 tokens
     assert da.transposed_tuning(_operand(kivi, wave - 1, 2), values2, 64, cfg) == (12, None)
     assert da.transposed_tuning(_operand(kivi, wave, 2), values4, 64, cfg) == (12, None)  # not measured: no cap
     assert da.transposed_tuning(_operand(kivi, wave, 8), _operand(kivi, 1, 8), 64, cfg) == (12, None)

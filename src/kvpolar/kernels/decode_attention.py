@@ -301,6 +301,13 @@ class LaunchConfig:
         maximum either way), instead of in every block.
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
+    transposed_max_rows: at most this many query rows per KV head (GQA group x query tokens) take the
+        transposed kernel; more (a draft verification step of speculative or assisted decoding)
+        take the classic kernel, whose warps share the rows. The transposed kernel's single warp
+        holds every row's running output: in the sm_90 compile (``benchmarks/inspect_preset_kernel.py
+        --query-tokens``, GQA 4) 16 rows spill at most 0.2 KB per thread, 20 rows up to 0.9 KB and 84
+        rows (20 draft tokens) 4-11 KB, against at most 0.2 KB for the classic kernel at 84 rows
+        (turbo-3: 1 KB). Not yet timed on a GPU.
     """
 
     block_n: int = 64
@@ -313,6 +320,7 @@ class LaunchConfig:
     transposed: bool = True
     transposed_warps: int = 1
     transposed_rows: int = 8
+    transposed_max_rows: int = 16
     transposed_programs_per_sm: int | None = None
     transposed_stages: int = 3
     max_registers: int | None = None
@@ -344,6 +352,8 @@ class LaunchConfig:
             raise ValueError(f"kivi_code_units={self.kivi_code_units!r} (allowed: 'bytes', 'halfwords')")
         if self.transposed_min_rows < 0:
             raise ValueError(f"transposed_min_rows={self.transposed_min_rows} (allowed: >= 0)")
+        if self.transposed_max_rows < 1:
+            raise ValueError(f"transposed_max_rows={self.transposed_max_rows} (allowed: >= 1)")
 
 
 #: The defaults, made once (a decode step would otherwise build and compare a new one per layer).
@@ -559,7 +569,7 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
     bsz, hq = query.shape[:2]
     hkv = keys.shape[1]
     k_op, v_op = _key_operand(keys), _value_operand(values)
-    transposed = _use_transposed(k_op, v_op, cfg)
+    transposed = _use_transposed(k_op, v_op, cfg, (hq // hkv) * query.shape[2])
     block_n = cfg.block_n
     grouped = k_op.fmt in (_FMT_POLAR, _FMT_KIVI)
     if grouped and (k_op.fmt == _FMT_POLAR or block_n % k_op.group or transposed):
@@ -571,7 +581,7 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
         block_n = min(block_n, _TURBO_T_BLOCK_N)
     split_cfg, sms = cfg, _device_sms(query.device)
     if transposed:
-        pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg, sms)
+        pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg, sms, (hq // hkv) * query.shape[2])
         split_cfg = dataclasses.replace(cfg, max_registers=max_registers,
                                         value_metadata=value_metadata_policy(k_op, v_op, cfg))
         if cfg.transposed_programs_per_sm is None:  # no more than fit at once: the splits fill one wave
@@ -656,7 +666,7 @@ _REGISTER_CAP = 168
 
 
 def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: LaunchConfig,
-                      sms: int = 132) -> tuple[int, int | None]:
+                      sms: int = 132, query_rows: int = 1) -> tuple[int, int | None]:
     """(programs per SM, register cap or None) of the transposed kernel for ``programs`` (sequence,
     KV head) pairs on ``sms`` SMs: the config's values where given, else the policy measured on the
     H100 (on the GPU, ``_packed_plan`` then caps the programs per SM by what the compiled kernel
@@ -689,6 +699,10 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
       1.13x -> 1.08x at 128k, so single sequences keep 12; with 4-bit values, polar-rope-4, 16 gave
       0.95-1.03x the speed of 12, ``results/attention_policy_v1_h100.json`` against
       ``results/attention_h100.json``, so it keeps 12; both measured before one-wave splits).
+
+    The caps were measured with one query token (GQA 4: row tiles of ``cfg.transposed_rows`` = 8);
+    more ``query_rows`` (GQA group x query tokens: speculative decoding) take none. In the sm_90
+    compile kivi-2 at 16 rows spills 528 bytes per thread under the 168 cap, 136 without it.
     """
     batched = programs >= _BATCH_PROGRAMS
     kivi_pair = k_op.fmt == _FMT_KIVI and v_op.fmt == _FMT_KIVI
@@ -700,7 +714,7 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
     if cfg.transposed_programs_per_sm is not None:
         pps = cfg.transposed_programs_per_sm
     max_registers = cfg.max_registers
-    if max_registers is None and capped_format and fills_wave:
+    if max_registers is None and capped_format and fills_wave and query_rows <= cfg.transposed_rows:
         max_registers = _REGISTER_CAP
     return pps, max_registers
 
@@ -727,13 +741,14 @@ def value_metadata_policy(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> 
     return "ahead" if k_op.fmt == formats.FMT_TURBO else "words"
 
 
-def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:
+def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig, query_rows: int = 1) -> bool:
     """KIVI values in whole bytes (or 3-bit codes in 3-byte units, head dim >= 128) or polar-recursive
     values in the paper's setting (``parts``), with
     KIVI keys in whole bytes, polar-rope keys of 2, 4, 6 or 8 bits per pair (four pairs per unit of
     whole bytes; head dim >= 128 so each of the four parts fills the tensor-core K of 16) or
     polar-recursive keys (``parts``), take the transposed kernel, from ``cfg.transposed_min_rows``
-    packed (sequence, KV head, token) rows on. Below it the classic kernel's shorter latency wins
+    packed (sequence, KV head, token) rows on and for at most ``cfg.transposed_max_rows`` query rows
+    (``query_rows``: GQA group x query tokens). Below it the classic kernel's shorter latency wins
     (H100, B=1, 8 KV heads, classic vs transposed: KIVI-2 at 4k 0.020 ms vs 0.028 ms, at 8k (64.5k
     rows) 0.025 vs 0.029, at 16k (130k rows) 0.034 vs 0.030; polar-rope-3 at 4k 0.025 vs 0.043).
     Turbo keys and values of any bits take it too (``turbo_parts``) when each code position fills the
@@ -744,6 +759,8 @@ def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> bool:
     kivi_values = v_op.fmt == _FMT_KIVI and (8 % v_op.bits == 0 or _kivi3_parts(v_op))
     parts_values = v_op.fmt == formats.FMT_POLAR_RECURSIVE and v_op.parts
     if not (cfg.transposed and cfg.by_parts and (kivi_values or parts_values or _turbo_parts(v_op))):
+        return False
+    if query_rows > cfg.transposed_max_rows:  # (``query_rows``: GQA group x query tokens)
         return False
     rows = math.prod(k_op.data.shape[:-1])
     turbo = formats.FMT_TURBO in (k_op.fmt, v_op.fmt)
