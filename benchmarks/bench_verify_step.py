@@ -17,6 +17,7 @@ block of the new tokens, fp16 and bf16).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -101,7 +102,7 @@ def main() -> None:
             cases = [(torch.float16, 21), (torch.bfloat16, 8)] if not args.smoke else [(torch.float16, 9)]
             for dtype, tq in cases:
                 row = check(name, dev, dtype, 2, 40 if args.smoke else 2000, tq,
-                            LaunchConfig(**{**cfg.__dict__, "transposed_min_rows": 0}))
+                            dataclasses.replace(cfg, transposed_min_rows=0))
                 checks.append({**row, "variant": vname})
                 print(f"check {name:12s} {vname:10s} Tq={tq:2d} {row['dtype']:14s} {row['kernel']:10s} "
                       f"rel err {row['max_rel_error']:.2e} {'ok' if row['ok'] else 'FAIL'}", flush=True)

@@ -569,7 +569,8 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
     bsz, hq = query.shape[:2]
     hkv = keys.shape[1]
     k_op, v_op = _key_operand(keys), _value_operand(values)
-    transposed = _use_transposed(k_op, v_op, cfg, (hq // hkv) * query.shape[2])
+    query_rows = (hq // hkv) * query.shape[2]  # per KV head: GQA group x query tokens
+    transposed = _use_transposed(k_op, v_op, cfg, query_rows)
     block_n = cfg.block_n
     grouped = k_op.fmt in (_FMT_POLAR, _FMT_KIVI)
     if grouped and (k_op.fmt == _FMT_POLAR or block_n % k_op.group or transposed):
@@ -581,7 +582,7 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
         block_n = min(block_n, _TURBO_T_BLOCK_N)
     split_cfg, sms = cfg, _device_sms(query.device)
     if transposed:
-        pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg, sms, (hq // hkv) * query.shape[2])
+        pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg, sms, query_rows)
         split_cfg = dataclasses.replace(cfg, max_registers=max_registers,
                                         value_metadata=value_metadata_policy(k_op, v_op, cfg))
         if cfg.transposed_programs_per_sm is None:  # no more than fit at once: the splits fill one wave
@@ -1437,7 +1438,7 @@ if triton is not None:
         shared memory.)"""
         STEP: tl.constexpr = _unit_code_step(K, BITS, 2, DT)
         if NATIVE and (DT == tl.float16 or DT == tl.bfloat16):
-            if DT == tl.float16:
+            if DT == tl.float16:  # (one call per dtype: the compiler rejects ``dtype=DT`` here)
                 out = tl.inline_asm_elementwise(_half_code_asm(K, BITS, DT), "=r,r", [units],
                                                 dtype=tl.float16, is_pure=True, pack=2)
             else:
