@@ -89,6 +89,15 @@ def groups_adjacent(values):
     return dataclasses.replace(values, scale=values.scale.contiguous(), minimum=values.minimum.contiguous())
 
 
+def rows_per_token(p):
+    """``p`` with polar-recursive codes and radii laid out one row per token (as stored before the
+    fourteenth session; the quantizer now lays the kernel's setting out with the tokens adjacent),
+    for timing the two layouts side by side; any other tensor as it is."""
+    if type(p).__name__ != "PolarRecursiveTensor":
+        return p
+    return dataclasses.replace(p, codes=p.codes.contiguous(), radii=p.radii.contiguous())
+
+
 def polar_keys(b, t, rb, ab, dtype, dev):
     ng = math.ceil(t / POLAR_GROUP)
     shape = (b, HKV, ng, D // 2)
@@ -309,14 +318,14 @@ def sdpa_maker(b, t, dev):
     return make_call
 
 
-def fused_maker(name, b, tk, dev, cfg, values_layout=None):
+def fused_maker(name, b, tk, dev, cfg, layout=None):
     """``make_call`` for ``graph_ms``: ``fused_decode_attention`` of one decode query over its own
     ``tk`` packed tokens of preset ``name`` plus a ``RESIDUAL``-token fp16 window per copy
-    (``values_layout``: a function applied to the packed values first, e.g. ``groups_adjacent``)."""
+    (``layout``: a function applied to the packed keys and values first, e.g. ``groups_adjacent``)."""
     def make_call(i):
         pk, pv = make_preset(name, b, tk, torch.float16, dev)
-        if values_layout is not None:
-            pv = values_layout(pv)
+        if layout is not None:
+            pk, pv = layout(pk), layout(pv)
         q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.float16)
         rk = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=torch.float16)
         return lambda: fused_decode_attention(q, pk, pv, None, None, rk, torch.randn_like(rk), D**-0.5, None, cfg)

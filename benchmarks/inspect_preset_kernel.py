@@ -17,7 +17,7 @@ argument binder decides the specialization (16-byte alignment, integers equal to
 
 Usage: ``PYTHONPATH=src python benchmarks/inspect_preset_kernel.py kivi-2 polar-rope-3 turbo-3
 [--batch 32] [--tokens 32768] [--max-registers N] [--stages N] [--dtype bfloat16] [--value-metadata MODE]
-[--three-byte-units halfwords] [--kivi-code-units bytes] [--lazy-rescale] [--value-layout groups] [--lines] [--out DIR]`` (``--lines``: the main loop's
+[--three-byte-units halfwords] [--kivi-code-units bytes] [--lazy-rescale] [--value-layout groups] [--pr-rows] [--lines] [--out DIR]`` (``--lines``: the main loop's
 instructions by source line; ``--value-layout groups``: KIVI value scale / min laid out with the groups
 adjacent, as stored before the ninth session, instead of the quantizer's tokens-adjacent layout).
 """
@@ -36,7 +36,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from bench_attention import HQ, D, groups_adjacent, make_preset
+from bench_attention import HQ, D, groups_adjacent, make_preset, rows_per_token
 from inspect_attention_sass import loop_lines, report
 from kvpolar.kernels import decode_attention as mod
 
@@ -56,15 +56,15 @@ def loop_loads(ttgir: str) -> tuple[int, int, int]:
 
 
 def compile_preset(name: str, batch: int, tokens: int, cfg: mod.LaunchConfig | None = None,
-                   dtype: torch.dtype = torch.float16, values_layout=None, query_tokens: int = 1):
+                   dtype: torch.dtype = torch.float16, layout=None, query_tokens: int = 1):
     """(compiled kernel, launch plan) of the packed part of preset ``name`` at ``batch`` x ``tokens``
     (32 query heads, 8 KV heads, head dim 128, ``dtype``, ``query_tokens`` query tokens: more than one
     for a speculative / assisted decoding verify step), as on an H100: the
     transposed kernel, or the classic one where the plan takes it (small caches, ``plan.transposed``
-    False) (``values_layout``: a function applied to the packed values first, e.g. ``groups_adjacent``)."""
+    False) (``layout``: a function applied to the packed keys and values first, e.g. ``groups_adjacent``)."""
     keys, values = make_preset(name, batch, tokens, dtype, "cpu")
-    if values_layout is not None:
-        values = values_layout(values)
+    if layout is not None:
+        keys, values = layout(keys), layout(values)
     query = torch.randn(batch, HQ, query_tokens, D, dtype=dtype)
     scale = D ** -0.5
     with mock.patch.object(mod, "_interpreting", lambda: False), \
@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--lazy-rescale", action="store_true", help="LaunchConfig.lazy_rescale")
     ap.add_argument("--value-layout", default="tokens", choices=("tokens", "groups"),
                     help="KIVI value scale / min with the tokens (as stored) or the groups adjacent in memory")
+    ap.add_argument("--pr-rows", action="store_true",
+                    help="polar-recursive codes and radii one row per token (as stored before the fourteenth "
+                         "session) instead of the quantizer's tokens-adjacent layout")
     ap.add_argument("--query-tokens", type=int, default=1,
                     help="query tokens per sequence (a draft verify step: e.g. 21 for 20 draft tokens)")
     ap.add_argument("--lines", action="store_true", help="also the main loop's instructions by source line")
@@ -130,9 +133,16 @@ def main() -> None:
                            lazy_rescale=args.lazy_rescale)
     if args.stages is not None:
         cfg = mod.dataclasses.replace(cfg, transposed_stages=args.stages)
+    layouts = [f for f, on in ((groups_adjacent, args.value_layout == "groups"), (rows_per_token, args.pr_rows)) if on]
+
+    def layout(p):
+        for f in layouts:
+            p = f(p)
+        return p
+
     for name in args.presets:
         compiled, plan = compile_preset(name, args.batch, args.tokens, cfg, getattr(torch, args.dtype),
-                                        groups_adjacent if args.value_layout == "groups" else None, args.query_tokens)
+                                        layout if layouts else None, args.query_tokens)
         with open(os.path.join(out, f"{name}.ttgir"), "w") as f:
             f.write(compiled.asm["ttgir"])
         copies, ahead, plain = loop_loads(compiled.asm["ttgir"])

@@ -72,7 +72,7 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # ninth session (prepared, not yet run): KIVI value scale / min stored with the tokens adjacent (the
     # quantizer's layout since then, read as "tiles"; sm_90 compile: kivi-2 1056 instead of 1211
     # instructions per block, kivi-4 1246 instead of 1441) against the earlier layout, groups adjacent
-    "vm-groups": LaunchConfig(),  # the policy, values re-laid out by VALUE_LAYOUTS below
+    "vm-groups": LaunchConfig(),  # the policy, values re-laid out by LAYOUTS below
     "vm-groups-u3": LaunchConfig(three_byte_units="words"),  # (u3-words above: with the stored layout)
     # eleventh session: "words" became the default reading of 3-byte units; this is the earlier one
     "u3-halfwords": LaunchConfig(three_byte_units="halfwords"),
@@ -91,9 +91,14 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # the running output sums rescaled only in blocks where a row's maximum grew (sm_90 compile, kivi-2:
     # the 40 multiplies of every block's rescaling move into a branch)
     "lazy-rescale": LaunchConfig(lazy_rescale=True),
+    # fourteenth session: polar-recursive codes and radii stored with the tokens adjacent (every loop load
+    # an asynchronous copy; sm_90 compile: 5748 -> 4448 instructions per block); "pr-rows" re-lays them
+    # out a row per token, as stored before
+    "pr-rows": LaunchConfig(),
 }
-#: Variants that time the packed values in another layout (a function of the stored values).
-VALUE_LAYOUTS = {"vm-groups": ba.groups_adjacent, "vm-groups-u3": ba.groups_adjacent}
+#: Variants that time the stored tensors in another layout (a function applied to the packed keys and
+#: values before the variant runs); the others read them as stored.
+LAYOUTS = {"vm-groups": ba.groups_adjacent, "vm-groups-u3": ba.groups_adjacent, "pr-rows": ba.rows_per_token}
 
 
 def check_variants(dev, presets, variants):
@@ -101,7 +106,7 @@ def check_variants(dev, presets, variants):
     for name in presets:
         for dtype, ragged, tq in ((torch.float16, False, 1), (torch.bfloat16, True, 1), (torch.float16, True, 3)):
             b, tk = 3, 2001
-            pk, stored_pv = ba.make_preset(name, b, tk, dtype, dev)
+            stored_pk, stored_pv = ba.make_preset(name, b, tk, dtype, dev)
             q = torch.randn(b, ba.HQ, tq, ba.D, device=dev, dtype=dtype)
             rk = torch.randn(b, ba.HKV, ba.RESIDUAL, ba.D, device=dev, dtype=dtype)
             rv = torch.randn_like(rk)
@@ -110,9 +115,10 @@ def check_variants(dev, presets, variants):
             if ragged:
                 lengths = torch.tensor([n, n - 700, 5], device=dev)
                 mask = (torch.arange(n, device=dev)[None, :] >= n - lengths[:, None])[:, None, None, :]
-            want = ba.reference(name, q, pk, stored_pv, rk, rv, ba.D**-0.5, mask)
+            want = ba.reference(name, q, stored_pk, stored_pv, rk, rv, ba.D**-0.5, mask)
             for vname in variants:
-                pv = VALUE_LAYOUTS.get(vname, lambda p: p)(stored_pv)
+                layout = LAYOUTS.get(vname, lambda p: p)
+                pk, pv = layout(stored_pk), layout(stored_pv)
                 cfg = VARIANTS[vname]
                 if cfg.transposed:  # these small caches would take the classic kernel (transposed_min_rows)
                     cfg = dataclasses.replace(cfg, transposed_min_rows=0)
@@ -147,7 +153,7 @@ def time_all(dev, shapes, copy_gbs, variants, presets):
             del pk, pv
             for vname in variants:
                 try:
-                    ms = ba.graph_ms(ba.fused_maker(name, b, tk, dev, VARIANTS[vname], VALUE_LAYOUTS.get(vname)), nbytes)
+                    ms = ba.graph_ms(ba.fused_maker(name, b, tk, dev, VARIANTS[vname], LAYOUTS.get(vname)), nbytes)
                 except Exception as e:  # noqa: BLE001
                     print(f"time {name} {vname}: {type(e).__name__}: {str(e)[-300:]}")
                     ms = None
@@ -184,7 +190,7 @@ def main():
         rows += time_all(dev, [shape], copy_gbs, args.variants, args.presets)
         meta = {"gpu": props.name, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "variants": {k: dataclasses.asdict(v) for k, v in VARIANTS.items()}, "copy_gb_per_s": copy_gbs,
-                "value_layouts": {k: f.__name__ for k, f in VALUE_LAYOUTS.items()},  # (else: as stored)
+                "layouts": {k: f.__name__ for k, f in LAYOUTS.items()},  # (else: as stored)
                 "elapsed_s": time.time() - t0}
         with open(os.path.join(args.out, args.name), "w") as f:
             json.dump({"meta": meta, "checks": checks, "results": rows}, f, indent=1)

@@ -5,6 +5,8 @@ Head dim 128 (each part is the tensor cores' K of 16); the transposed kernel is 
 small caches (``small_caches_transposed``) and a spy checks it is the kernel that ran.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -50,6 +52,32 @@ def test_lengths_gqa_and_query_tokens(tk, gqa, tq, transposed_launches):
     check(*PAIRS["polar-polar"], hkv=1 if gqa == 8 else 2, gqa=gqa, tq=tq, tk=tk, r=0 if tk == 1 else 3, d=D,
           config=small_caches_transposed(None))
     assert transposed_launches == [(6, 6)]
+
+
+def _rows(p):
+    """``p`` with codes and radii one row per token (the layout before tokens-contiguous storage)."""
+    if type(p).__name__ != "PolarRecursiveTensor":
+        return p
+    return dataclasses.replace(p, codes=p.codes.contiguous(), radii=p.radii.contiguous())
+
+
+@pytest.mark.parametrize("layout", ["tokens", "rows"])
+def test_both_layouts_in_the_transposed_kernel(layout, transposed_launches):
+    """Codes and radii stored tokens-contiguous (the quantizer's layout) or a row per token (e.g. a
+    cache whose first part held one token) are read through their strides alike."""
+    hook = _rows if layout == "rows" else lambda p: p
+    check(*PAIRS["polar-polar"], batch=2, gqa=4, tk=45, r=4, lengths=[49, 30], d=D,
+          config=small_caches_transposed(None), stored_hook=hook)
+    assert transposed_launches == [(6, 6)]
+
+
+def test_tokens_contiguous_layout_in_the_classic_kernel(transposed_launches):
+    """A small cache of the kernel's setting takes the classic kernel, which reads rows: the launch
+    copies the tokens-contiguous codes and radii into rows, and the result matches the oracle."""
+    keys = kvpolar.quantizer("polar-recursive").quantize(torch.randn(1, 2, 40, D, dtype=torch.float16))
+    assert keys.codes.stride(-2) == 1
+    check(*PAIRS["polar-polar"], gqa=4, tk=40, r=3, d=D)
+    assert transposed_launches == []
 
 
 @pytest.mark.parametrize("pair", [(polar(codebook="online"), polar()), (polar(), polar(levels=3, bits=(4, 2, 2))),

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -254,3 +255,38 @@ def test_levels_default_bits_follow_the_paper_pattern():
 def test_head_dim_errors(params, d, match):
     with pytest.raises(ValueError, match=match):
         make(**params).quantize(torch.randn(1, 4, d))
+
+
+def test_kernel_setting_lays_codes_and_radii_out_with_tokens_adjacent():
+    """The setting the fused kernel reads by parts (paper bits, analytic, head dim >= 128) stores codes
+    and radii tokens-contiguous; ``cat`` and ``select_batch`` keep the first part's layout (also after
+    a part one row per token), every other setting stays a row per token; values read back alike."""
+    q = kvpolar.quantizer("polar-recursive")
+    x = torch.randn(2, 3, 70, 128, dtype=torch.float16)
+    first, second = q.quantize(x[..., :64, :]), q.quantize(x[..., 64:, :])
+    for p in (first, second):
+        assert p.codes.shape[-2:] == (p.num_tokens, 46) and p.codes.stride(-2) == 1 and p.radii.stride(-2) == 1
+    rows = dataclasses.replace(second, codes=second.codes.contiguous(), radii=second.radii.contiguous())
+    grown = kvpolar.cat([first, rows])
+    assert grown.codes.stride(-2) == 1 and grown.radii.stride(-2) == 1
+    assert torch.equal(q.dequantize(grown), q.dequantize(q.quantize(x)))
+    picked = grown.select_batch(torch.tensor([1, 1, 0]))
+    assert picked.codes.stride(-2) == 1 and picked.radii.stride(-2) == 1
+    assert torch.equal(q.dequantize(picked), q.dequantize(grown)[[1, 1, 0]])
+    as_rows = kvpolar.cat([rows, first])  # a row-per-token first part: the result keeps its layout
+    assert as_rows.codes.is_contiguous() and as_rows.radii.is_contiguous()
+    assert grown.nbytes == as_rows.nbytes == q.quantize(x).nbytes
+    for other in (kvpolar.quantizer("polar-recursive", codebook="online"), kvpolar.quantizer("polar-recursive", levels=3)):
+        p = other.quantize(x[..., :64, :])
+        assert p.codes.is_contiguous() and p.radii.is_contiguous()
+    small = q.quantize(torch.randn(1, 2, 40, 64))  # head dim 64: the classic kernel's rows
+    assert small.codes.is_contiguous()
+
+
+def test_kept_layout_declaration_is_checked():
+    from kvpolar.quantized import KEPT, stored
+
+    with pytest.raises(ValueError, match="tokens_contiguous='sometimes'"):
+        stored(token_axis=-2, tokens_contiguous="sometimes")
+    with pytest.raises(ValueError, match="tokens_contiguous needs token_axis=-2"):
+        stored(token_axis=None, tokens_contiguous=KEPT)

@@ -8,7 +8,8 @@ Each method defines a frozen dataclass subclass whose fields are either
   online codebook) that concatenation requires to be identical across parts. A ``[..., T, G]``
   field declared ``tokens_contiguous`` keeps its shape but is laid out ``[..., G, T]`` in memory
   (``tokens_contiguous(t)``; ``cat`` keeps that layout), so that a kernel reads one group's values
-  of consecutive tokens as one vector;
+  of consecutive tokens as one vector; one declared ``tokens_contiguous=KEPT`` may be stored either
+  way, and ``cat`` / ``select_batch`` keep the layout of the (first) tensor they are given;
 * shared tensors (``shared()``): objects owned by a layer or model (e.g. a rotation matrix). They are
   referenced, reported by ``shared_nbytes`` and never counted per tensor;
 * plain static parameters (bits, group size, ...), which must match for concatenation.
@@ -28,6 +29,8 @@ _T = TypeVar("_T", bound="QuantizedTensor")
 _ROLE = "kvpolar_role"
 _TOKEN_AXIS = "kvpolar_token_axis"
 _TOKENS_CONTIGUOUS = "kvpolar_tokens_contiguous"
+#: ``stored(tokens_contiguous=KEPT)``: the quantizer chooses the layout, concatenation keeps it
+KEPT = "kept"
 
 
 def quantized_tensor_class(cls: type[_T]) -> type[_T]:
@@ -35,12 +38,16 @@ def quantized_tensor_class(cls: type[_T]) -> type[_T]:
     return dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
 
 
-def stored(token_axis: int | None = -2, tokens_contiguous: bool = False) -> Any:
+def stored(token_axis: int | None = -2, tokens_contiguous: bool | str = False) -> Any:
     """Declare a stored tensor field; ``token_axis`` is the (negative) axis that grows with T.
-    ``tokens_contiguous``: a ``[..., T, G]`` field stored ``[..., G, T]`` in memory (see
-    :func:`tokens_contiguous`); needs ``token_axis=-2``."""
+    ``tokens_contiguous``: True, a ``[..., T, G]`` field always stored ``[..., G, T]`` in memory (see
+    :func:`tokens_contiguous`); :data:`KEPT`, stored as the quantizer lays it out, either way, and
+    kept so by ``cat`` and ``select_batch`` (:func:`laid_out_tokens_contiguous` of the first part);
+    both need ``token_axis=-2``."""
     if token_axis is not None and token_axis >= 0:
         raise ValueError(f"token_axis={token_axis} must be negative (counted from the end) or None")
+    if tokens_contiguous not in (False, True, KEPT):
+        raise ValueError(f"tokens_contiguous={tokens_contiguous!r}; expected False, True or {KEPT!r}")
     if tokens_contiguous and token_axis != -2:
         raise ValueError(f"tokens_contiguous needs token_axis=-2 (a [..., T, G] field); got token_axis={token_axis}")
     return dataclasses.field(metadata={_ROLE: "stored", _TOKEN_AXIS: token_axis, _TOKENS_CONTIGUOUS: tokens_contiguous})
@@ -52,6 +59,19 @@ def tokens_contiguous(t: torch.Tensor) -> torch.Tensor:
     if t.dim() < 2:
         raise ValueError(f"tokens_contiguous needs a [..., T, G] tensor; got shape {tuple(t.shape)}")
     return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def laid_out_tokens_contiguous(t: torch.Tensor) -> bool:
+    """Whether ``t`` ``[..., T, G]`` (more than one token and one column) has consecutive tokens
+    adjacent in memory, as :func:`tokens_contiguous` lays it out."""
+    return t.dim() >= 2 and t.shape[-2] > 1 and t.shape[-1] > 1 and t.stride(-2) == 1
+
+
+def _keeps_tokens_contiguous(field: dataclasses.Field, first: torch.Tensor) -> bool:
+    """Whether a concatenation or selection of ``field`` lays its result out tokens-contiguous
+    (``first``: the tensor of its first part)."""
+    how = field.metadata.get(_TOKENS_CONTIGUOUS)
+    return how is True or (how == KEPT and laid_out_tokens_contiguous(first))
 
 
 def shared() -> Any:
@@ -173,8 +193,9 @@ class QuantizedTensor:
                 continue
             if t.shape[0] != rows:
                 raise ValueError(f"'{f.name}' has {t.shape[0]} rows on its leading axis; the tensor has {rows}")
+            keep = _keeps_tokens_contiguous(f, t)
             t = t.index_select(0, index.to(t.device))
-            picked[f.name] = tokens_contiguous(t) if f.metadata.get(_TOKENS_CONTIGUOUS) else t
+            picked[f.name] = tokens_contiguous(t) if keep else t
         return dataclasses.replace(self, shape=torch.Size((index.numel(), *self.shape[1:])), **picked)
 
     def __repr__(self) -> str:
@@ -223,7 +244,7 @@ def cat(parts: Sequence[_T]) -> _T:
                         f"(e.g. an online codebook); re-quantize the parts together instead"
                     )
             merged[f.name] = tensors[0]
-        elif f.metadata.get(_TOKENS_CONTIGUOUS):  # joined as [..., G, T]: the result keeps the layout
+        elif _keeps_tokens_contiguous(f, tensors[0]):  # joined as [..., G, T]: the result keeps the layout
             merged[f.name] = torch.cat([t.transpose(-1, -2) for t in tensors], dim=-1).transpose(-1, -2)
         else:
             merged[f.name] = torch.cat(tensors, dim=axis)

@@ -865,6 +865,7 @@ def _turbo_tables(op: _Operand, query: torch.Tensor) -> tuple[torch.Tensor, torc
 def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
                   part_max, part_sum, part_acc, scale, gqa, block_m, block_n, cfg):
     """Launch ``_split_kernel`` (the classic form) over one packed range of tokens, or the residual window."""
+    k_op, v_op = _row_major(k_op), _row_major(v_op)
     bsz, hq, tq, d = query.shape
     hkv = hq // gqa
     km = k_op.meta + (query,) * (4 - len(k_op.meta))  # unused pointer slots get any tensor
@@ -894,6 +895,29 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         **{"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **formats.launch_overrides(k_op.fmt, v_op.fmt)},
         **formats.kernel_args(k_op, v_op, query),
     )
+
+
+def _row_major(op: _Operand) -> _Operand:
+    """``op`` with one row per token, as the classic kernel reads codes and metadata: polar-recursive
+    tensors laid out with consecutive tokens adjacent (the transposed kernel's layout) are copied,
+    per call, where the launch policy sends them to the classic kernel (small caches, many query
+    rows); every other operand as it is."""
+    if op.fmt != formats.FMT_POLAR_RECURSIVE or (op.data.stride(-1) == 1 and op.meta[0].stride(-1) == 1):
+        return op
+    return dataclasses.replace(op, data=op.data.contiguous(), meta=tuple(m.contiguous() for m in op.meta))
+
+
+def _byte_stride(op: _Operand) -> int:
+    """Stride between the code bytes of one token: 1 (a row per token), or the token count's for
+    polar-recursive codes laid out with consecutive tokens adjacent (the transposed kernel reads
+    both; every other format's codes are rows)."""
+    return op.data.stride(-1) if op.fmt == formats.FMT_POLAR_RECURSIVE else 1
+
+
+def _column_stride(op: _Operand) -> int:
+    """Stride between the per-token metadata columns of one token (polar-recursive radii: 1, or the
+    token count's where consecutive tokens are adjacent); 1 for every other format's key metadata."""
+    return op.meta[0].stride(-1) if op.fmt == formats.FMT_POLAR_RECURSIVE else 1
 
 
 def _metadata_strides(meta: torch.Tensor) -> tuple[int, int, int, int]:
@@ -953,8 +977,8 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         extra["maxnreg"] = cfg.max_registers
     args = (
         query, *query.stride()[:3],
-        k_data, *k_data.stride()[:3], *km, *k_op.meta[0].stride()[:3],
-        v_data, *v_data.stride()[:3], *vm, *_metadata_strides(v_meta[0]),
+        k_data, *k_data.stride()[:3], _byte_stride(k_op), *km, *k_op.meta[0].stride()[:3], _column_stride(k_op),
+        v_data, *v_data.stride()[:3], _byte_stride(v_op), *vm, *_metadata_strides(v_meta[0]),
         mask_t, *mask_strides,
         part_max, part_sum, part_acc,
         k_op.tokens, offset, blocks_per_split, base, total_splits, hkv,
@@ -1559,8 +1583,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["blocks_per_split", "total_splits"])  # (``_transposed_residency``)
     def _split_kernel_t(
         q_ptr, sq_b, sq_h, sq_t,
-        k_ptr, sk_b, sk_h, sk_t, km0, km1, km2, km3, skm_b, skm_h, skm_g,
-        v_ptr, sv_b, sv_h, sv_t, vm0, vm1, svm_b, svm_h, svm_t, svm_g,
+        k_ptr, sk_b, sk_h, sk_t, sk_c, km0, km1, km2, km3, skm_b, skm_h, skm_g, skm_c,
+        v_ptr, sv_b, sv_h, sv_t, sv_c, vm0, vm1, svm_b, svm_h, svm_t, svm_g,
         mask_ptr, smk_b, smk_h, smk_t, smk_n,
         part_max, part_sum, part_acc,
         n_tokens, mask_offset, blocks_per_split, split_base, total_splits, n_kv_heads,
@@ -1768,8 +1792,9 @@ if triton is not None:
                 else:  # [BN, 2 NJ] tiles: column k = 2 j + b1 (each subtree read twice)
                     jk = (tl.arange(0, 2 * NJ) // 2)[None, :]
                     odd_k = (tl.arange(0, 2 * NJ) % 2).to(tl.float32)[None, :]
-                radius = tl.load(km0 + km_base + offs_n[:, None] * skm_g + jk, mask=ok_k, other=0.0).to(tl.float32)
-                w1, b2, b3, c4 = _pr.subtree_codes(k_base + offs_n[:, None] * sk_t, ok_k, jk, D)
+                radius = tl.load(km0 + km_base + offs_n[:, None] * skm_g + jk * skm_c, mask=ok_k,
+                                 other=0.0).to(tl.float32)
+                w1, b2, b3, c4 = _pr.subtree_codes(k_base + offs_n[:, None] * sk_t, ok_k, jk, D, sk_c)
                 s_t = _pr.key_scores_t(s_t, radius, w1, b2, b3, c4, odd_k, qp0, qp1, qp2, qp3, qp4, qp5, qp6, qp7,
                                        klv2, klv3, klv4, BLOCK_N, NJ, DT, PREC, NATIVE, PR_KEY_JOIN)
                 s_t = s_t * qk_scale
@@ -1850,8 +1875,9 @@ if triton is not None:
                 else:
                     jv = (tl.arange(0, 2 * NJ) // 2)[:, None]
                     odd_v = (tl.arange(0, 2 * NJ) % 2).to(tl.float32)[:, None]
-                radius_v = tl.load(vm0 + vm_base + offs_n[None, :] * svm_t + jv, mask=ok_v, other=0.0).to(tl.float32)
-                vw1, vb2, vb3, vc4 = _pr.subtree_codes(v_base + offs_n[None, :] * sv_t, ok_v, jv, D)
+                radius_v = tl.load(vm0 + vm_base + offs_n[None, :] * svm_t + jv * svm_g, mask=ok_v,
+                                   other=0.0).to(tl.float32)
+                vw1, vb2, vb3, vc4 = _pr.subtree_codes(v_base + offs_n[None, :] * sv_t, ok_v, jv, D, sv_c)
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _pr.value_parts_t(
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, radius_v, vw1, vb2, vb3, vc4, odd_v, p_t, alpha,
                     vlv2, vlv3, vlv4, BLOCK_N, NJ, DT, PREC, NATIVE, PR_VALUE_JOIN)

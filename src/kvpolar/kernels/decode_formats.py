@@ -48,6 +48,16 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 #: The paper's polar-recursive setting, which the transposed kernel reads by parts
 #: (``polar_recursive_parts``; head dim >= 128); any other levels / bits take the classic kernel.
 PARTS_LEVELS, PARTS_BITS = 4, (4, 2, 2, 2)
+
+
+def reads_by_parts(levels: int, bits: tuple[int, ...], head_dim: int, codebook: str) -> bool:
+    """Whether the transposed kernel reads a polar-recursive tensor of this setting by parts (the
+    paper's setting with analytic codebooks, head dim >= 128). The quantizer stores such tensors'
+    codes and radii with consecutive tokens adjacent (``quantized.tokens_contiguous``), which the
+    kernel's pipeliner copies ahead in whole words; every other setting keeps one row per token."""
+    return levels == PARTS_LEVELS and tuple(bits) == PARTS_BITS and head_dim >= 128 and codebook == "analytic"
+
+
 # format ids of the split kernel's KEY_FMT / VAL_FMT (0-2: full precision, KIVI, polar-rope)
 FMT_TURBO, FMT_FP8_E4M3, FMT_FP8_E5M2, FMT_POLAR_RECURSIVE = 3, 4, 5, 6
 #: class name -> what the kernel reads of it (the format's own limits are checked by ``reason``).
@@ -134,6 +144,12 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _row_or_tokens_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[..., T, G]`` as is where its last axis or its tokens are adjacent in memory, else a
+    contiguous copy."""
+    return t if 1 in (t.stride(-1), t.stride(-2)) else t.contiguous()
+
+
 @functools.lru_cache(maxsize=32)
 def _level_table(head_dim: int, bits: tuple[int, ...], device: str) -> torch.Tensor:
     """int32 ``[levels, 3]``: bit offset of the level in a token's stream, bits, codebook offset
@@ -154,7 +170,7 @@ def operand_fields(p: QuantizedTensor) -> dict:
     stride of per-head tables (online codebooks), 0 when shared.
     """
     name = type(p).__name__
-    codes = _last_contiguous(p.codes)
+    codes = p.codes if name == "PolarRecursiveTensor" else _last_contiguous(p.codes)
     if name == "TurboTensor":
         return dict(fmt=FMT_TURBO, data=codes, meta=(_last_contiguous(p.norms),), bits=p.bits,
                     tables=(p.codebook.float().contiguous(),), row_bytes=codes.shape[-1])
@@ -173,10 +189,13 @@ def operand_fields(p: QuantizedTensor) -> dict:
         book_stride = books.shape[-1]
     else:
         books, book_stride = p.analytic_codebooks.float(), 0
+    parts = reads_by_parts(p.levels, p.bits, p.head_dim, p.codebook)
+    if parts:  # either layout as stored (the transposed kernel addresses both through their strides)
+        codes, radii = _row_or_tokens_contiguous(p.codes), _row_or_tokens_contiguous(p.radii)
+    else:
+        codes, radii = _last_contiguous(p.codes), _last_contiguous(p.radii)
     table = _level_table(p.head_dim, tuple(p.bits), str(codes.device))
-    parts = (p.levels == PARTS_LEVELS and tuple(p.bits) == PARTS_BITS and p.head_dim >= 128
-             and p.codebook == "analytic")
-    return dict(fmt=FMT_POLAR_RECURSIVE, data=codes, meta=(_last_contiguous(p.radii),), bits=8,
+    return dict(fmt=FMT_POLAR_RECURSIVE, data=codes, meta=(radii,), bits=8,
                 tables=(books.cos().contiguous(), books.sin().contiguous(), table), book_stride=book_stride,
                 levels=p.levels, row_bytes=codes.shape[-1], parts=parts)
 

@@ -62,21 +62,23 @@ def uniform_level1(codebook: torch.Tensor, tol: float = 1e-5) -> bool:
 
 
 @triton.jit
-def subtree_codes(rows, ok, jj, D: tl.constexpr):
+def subtree_codes(rows, ok, jj, D: tl.constexpr, byte_stride):
     """The codes of every subtree, as int32 tiles: (level-1 word: nibble ``P`` = code of path ``P``;
     level-2 byte: field ``Q = 2 b4 + b3``; level-3 byte shifted so field ``b4`` is its path's;
-    level-4 code). ``rows`` point at each token's code bytes, ``ok`` masks absent tokens (codes 0)."""
-    w_lo = tl.load(rows + 4 * jj, mask=ok, other=0).to(tl.int32)
-    w_1 = tl.load(rows + 4 * jj + 1, mask=ok, other=0).to(tl.int32)
-    w_2 = tl.load(rows + 4 * jj + 2, mask=ok, other=0).to(tl.int32)
-    w_3 = tl.load(rows + 4 * jj + 3, mask=ok, other=0).to(tl.int32)
+    level-4 code). ``rows`` point at each token's first code byte, ``byte_stride`` apart from one
+    byte of the token to the next (1: a row per token; the token count where consecutive tokens are
+    adjacent, which makes every load a vector over tokens); ``ok`` masks absent tokens (codes 0)."""
+    w_lo = tl.load(rows + (4 * jj) * byte_stride, mask=ok, other=0).to(tl.int32)
+    w_1 = tl.load(rows + (4 * jj + 1) * byte_stride, mask=ok, other=0).to(tl.int32)
+    w_2 = tl.load(rows + (4 * jj + 2) * byte_stride, mask=ok, other=0).to(tl.int32)
+    w_3 = tl.load(rows + (4 * jj + 3) * byte_stride, mask=ok, other=0).to(tl.int32)
     word1 = w_lo | (w_1 << 8) | (w_2 << 16) | (w_3 << 24)
     base2: tl.constexpr = D // 4
     base3: tl.constexpr = base2 + D // 16
     base4: tl.constexpr = base3 + D // 32
-    byte2 = tl.load(rows + base2 + jj, mask=ok, other=0).to(tl.int32)
-    byte3 = tl.load(rows + base3 + jj // 2, mask=ok, other=0).to(tl.int32) >> (4 * (jj % 2))
-    code4 = (tl.load(rows + base4 + jj // 4, mask=ok, other=0).to(tl.int32) >> (2 * (jj % 4))) & 3
+    byte2 = tl.load(rows + (base2 + jj) * byte_stride, mask=ok, other=0).to(tl.int32)
+    byte3 = tl.load(rows + (base3 + jj // 2) * byte_stride, mask=ok, other=0).to(tl.int32) >> (4 * (jj % 2))
+    code4 = (tl.load(rows + (base4 + jj // 4) * byte_stride, mask=ok, other=0).to(tl.int32) >> (2 * (jj % 4))) & 3
     return word1, byte2, byte3, code4
 
 

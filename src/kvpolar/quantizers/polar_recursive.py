@@ -42,7 +42,7 @@ import torch
 
 from kvpolar.kernels import triton_available
 from kvpolar.packing import pack_bits, unpack_bits
-from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, shared, stored
+from kvpolar.quantized import KEPT, QuantizedTensor, quantized_tensor_class, shared, stored, tokens_contiguous
 from kvpolar.quantizers import uniform
 from kvpolar.quantizers.base import Quantizer
 from kvpolar.quantizers.codebooks import boundaries_of, kmeans_1d, lloyd_max, nearest, polar_angle_density
@@ -98,6 +98,8 @@ class PolarRecursiveTensor(QuantizedTensor):
 
     codes: uint8 ``[..., T, ceil(sum_l D/2^l * bits[l-1] / 8)]``, one bit stream over all levels.
     radii: ``[..., T, m]`` input dtype (``[..., T, 0]`` when ``radius_bits`` is set).
+    (codes and radii of the setting the fused kernel reads by parts, ``decode_formats.reads_by_parts``,
+    are laid out with consecutive tokens adjacent, ``[..., bytes, T]`` / ``[..., m, T]`` in memory.)
     radius_codes: uint8 ``[..., T, ceil(m * radius_bits / 8)]`` (``[..., T, 0]`` otherwise).
     radius_scale, radius_min: ``[..., T, 1]`` input dtype, log-radius grid (``[..., T, 0]`` otherwise).
     codebooks: float32 ``[..., sum_l 2^bits[l-1]]`` online codebooks per leading index (``[0]`` when
@@ -105,8 +107,8 @@ class PolarRecursiveTensor(QuantizedTensor):
     analytic_codebooks: float32 ``[sum_l 2^bits[l-1]]`` shared constants (``[0]`` when online).
     """
 
-    codes: torch.Tensor = stored(token_axis=-2)
-    radii: torch.Tensor = stored(token_axis=-2)
+    codes: torch.Tensor = stored(token_axis=-2, tokens_contiguous=KEPT)
+    radii: torch.Tensor = stored(token_axis=-2, tokens_contiguous=KEPT)
     radius_codes: torch.Tensor = stored(token_axis=-2)
     radius_scale: torch.Tensor = stored(token_axis=-2)
     radius_min: torch.Tensor = stored(token_axis=-2)
@@ -209,8 +211,15 @@ class PolarRecursive(Quantizer):
         if c.radius_bits is not None:
             radius_fields = _encode_log_radii(radii, c.radius_bits, x.dtype)
         online = torch.cat(books, dim=-1) if c.codebook == "online" else torch.empty(0, device=x.device)
+        codes = pack_levels(level_codes, c.bits)
+        from kvpolar.kernels.decode_formats import reads_by_parts
+
+        if c.radius_bits is None and reads_by_parts(c.levels, c.bits, d, c.codebook):
+            # one vector per code byte / radius over consecutive tokens: whole words the decode
+            # kernel's pipeliner copies ahead (row-major rows of 46 bytes allow only byte loads)
+            codes, radius_fields["radii"] = tokens_contiguous(codes), tokens_contiguous(radius_fields["radii"])
         return PolarRecursiveTensor(
-            shape=x.shape, dtype=x.dtype, codes=pack_levels(level_codes, c.bits), **radius_fields,
+            shape=x.shape, dtype=x.dtype, codes=codes, **radius_fields,
             codebooks=online, rotation=rot.stored,
             analytic_codebooks=torch.cat(fixed) if c.codebook == "analytic" else torch.empty(0, device=x.device),
             levels=c.levels, bits=c.bits, codebook=c.codebook, preconditioner=c.preconditioner,
