@@ -165,6 +165,36 @@ def test_crop_rolls_back_draft_tokens(llama):
         cache.crop(-9)
 
 
+def test_a_draft_longer_than_the_window_rolls_back(llama):
+    """A 40-token verify step with residual_length 8 and 32-token chunks would have packed 32 of its
+    tokens; they stay 16-bit until the next step instead, so 30 rejected ones crop, and the cache
+    continues exactly as one that saw only the 10 accepted ones (which then packs as usual)."""
+    ids, mask = left_padded([40])
+    draft = torch.randint(1, VOCAB, (1, 40), generator=torch.Generator().manual_seed(8))
+    nxt = torch.tensor([[7]])
+    with torch.no_grad():
+        cache = QuantizedKVCache(llama.config, config("kivi-2", residual_length=8))
+        _feed(llama, cache, ids, mask)
+        _feed(llama, cache, draft, torch.ones(1, 80, dtype=torch.long))
+        assert cache.layers[0].packed_keys.num_tokens == 32 and cache.layers[0].residual_tokens == 48
+        cache.crop(-30)
+        got = _feed(llama, cache, nxt, torch.ones(1, 51, dtype=torch.long))
+        assert cache.layers[0].packed_keys.num_tokens == 32 and cache.layers[0].residual_tokens == 19
+
+        fresh = QuantizedKVCache(llama.config, config("kivi-2", residual_length=8))
+        _feed(llama, fresh, ids, mask)
+        _feed(llama, fresh, draft[:, :10], torch.ones(1, 50, dtype=torch.long))
+        want = _feed(llama, fresh, nxt, torch.ones(1, 51, dtype=torch.long))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    with torch.no_grad():  # a step that fills a chunk beyond the window packs it, as any step does
+        _feed(llama, cache, torch.randint(1, VOCAB, (1, 30), generator=torch.Generator().manual_seed(9)),
+              torch.ones(1, 81, dtype=torch.long))
+    assert cache.layers[0].packed_keys.num_tokens == 32 and cache.layers[0].residual_tokens == 49
+    with torch.no_grad():
+        _feed(llama, cache, nxt, torch.ones(1, 82, dtype=torch.long))
+    assert cache.layers[0].packed_keys.num_tokens == 64 and cache.layers[0].residual_tokens == 18
+
+
 def test_assisted_generation_matches_plain_greedy_decoding(llama):
     """Assisted decoding (a draft model proposes, the cache rolls back what the model rejects)
     gives plain greedy decoding's tokens; 64 of the prompt's tokens are packed (kivi-2)."""
@@ -179,3 +209,21 @@ def test_assisted_generation_matches_plain_greedy_decoding(llama):
                               do_sample=False, pad_token_id=0)
     assert cache.layers[0].packed_keys.num_tokens == 64
     assert torch.equal(assisted, plain) and cache.get_seq_length() == 211
+
+
+def test_assisted_generation_with_drafts_longer_than_the_window(llama):
+    """Drafts of 24 tokens against a window of 4 (residual_length) still give plain greedy decoding's
+    tokens: each verify step's tokens stay croppable until the next step."""
+    ids = torch.randint(1, VOCAB, (1, 70), generator=torch.Generator().manual_seed(10))
+    draft = tiny_model("llama", layers=1, seed=1)
+    draft.set_attn_implementation("sdpa")
+    draft.generation_config.num_assistant_tokens = 24
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    draft.generation_config.assistant_confidence_threshold = 0.0
+    plain_cache = kvpolar.enable(llama, "kivi-2", residual_length=4)
+    plain = llama.generate(ids, **kvpolar.cache_kwargs(llama, plain_cache), max_new_tokens=40, do_sample=False,
+                           pad_token_id=0)
+    cache = kvpolar.enable(llama, "kivi-2", residual_length=4)
+    assisted = llama.generate(ids, **kvpolar.cache_kwargs(llama, cache), assistant_model=draft, max_new_tokens=40,
+                              do_sample=False, pad_token_id=0)
+    assert torch.equal(assisted, plain) and cache.get_seq_length() == 109

@@ -9,7 +9,9 @@ Residual policy: ``update`` appends new keys/values to the residual window; afte
 multiple of the key and value quantizers' token groups, e.g. KIVI's G = 32, and at least
 ``min_chunk`` tokens, ``KVCacheConfig.min_chunk``: per-token formats such as turbo would otherwise
 re-quantize and re-concatenate every step). So the newest ``residual_length`` tokens are always 16-bit and at most ``chunk - 1``
-more wait for their chunk to fill; prefill quantizes all complete chunks at once. Values move in the same chunks as keys (KIVI's
+more wait for their chunk to fill; prefill quantizes all complete chunks at once. A multi-token step
+after the prompt (assisted / speculative decoding's verify step) keeps all its tokens 16-bit until the
+next step, so rejected draft tokens can be cropped whatever the draft length. Values move in the same chunks as keys (KIVI's
 code moves values token by token; one boundary for both keeps one attention layout).
 
 Padding: tokens no query may attend to (left padding) are replaced, before quantizing, by the next
@@ -176,8 +178,9 @@ class QuantizedLayer(CacheLayerMixin):
         """Drop the newest tokens: ``crop(-n)`` removes ``n`` (how assisted / speculative decoding
         rolls back rejected draft tokens), ``crop(n)`` with ``n > 0`` keeps the first ``n`` tokens
         (transformers' older form). Quantized layers can only drop tokens still in the 16-bit window:
-        the window keeps at least ``residual_length`` tokens after every step, so drafts of up to
-        ``residual_length - 1`` tokens (plus the verified one) always roll back.
+        the window keeps at least ``residual_length`` tokens after every step, and after a
+        multi-token step following the prompt (a draft's verify step) all of that step's tokens
+        until the next one, so a rejected draft of any length rolls back.
 
         Raises:
             ValueError: the tokens to drop reach into the packed part.
@@ -189,8 +192,8 @@ class QuantizedLayer(CacheLayerMixin):
         if drop > self.residual_tokens:
             raise ValueError(
                 f"layer {self.layer_idx}: cannot remove the newest {drop} tokens: only {self.residual_tokens} are "
-                f"still in the 16-bit window, the rest are quantized. Use residual_length >= the draft length "
-                f"(it is {self.residual_length}) for assisted or speculative decoding"
+                f"still in the 16-bit window, the rest are quantized (the window holds the last "
+                f"{self.residual_length} tokens, residual_length, or the whole latest step if longer)"
             )
         if drop == self.seen:  # nothing packed: as if no token had been seen (SQuat's prompt subspace too)
             self._clear()
@@ -228,7 +231,10 @@ class QuantizedLayer(CacheLayerMixin):
             self.residual_valid = torch.cat([old, new_valid.to(self.device)], dim=-1)
         if self.key_context is None and "queries" in self.key_quantizer.context_keys:
             self.key_context = self._prompt_context(_fill_padding(query, new_valid, axis=-2))
-        move = (self.residual_tokens - self.residual_length) // self.chunk * self.chunk
+        keep = self.residual_length
+        if 1 < t_new < self.seen:  # a multi-token step after the prompt (a draft's verify step): its
+            keep = max(keep, t_new)  # tokens stay 16-bit until the next step, so crop can drop any of them
+        move = (self.residual_tokens - keep) // self.chunk * self.chunk
         if move > 0:
             self._compress(move)
 
