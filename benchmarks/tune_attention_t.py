@@ -95,6 +95,9 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # an asynchronous copy; sm_90 compile: 5748 -> 4448 instructions per block); "pr-rows" re-lays them
     # out a row per token, as stored before
     "pr-rows": LaunchConfig(),
+    # the levels above the leaves once per subtree in key parts (sm_90 compile: 4448 -> 3695 instructions
+    # per block); never run on a GPU before: keep it in --check-variants
+    "pr-subtrees": LaunchConfig(polar_recursive_keys="subtrees"),
 }
 #: Variants that time the stored tensors in another layout (a function applied to the packed keys and
 #: values before the variant runs); the others read them as stored.

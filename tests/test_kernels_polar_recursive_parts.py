@@ -71,6 +71,26 @@ def test_both_layouts_in_the_transposed_kernel(layout, transposed_launches):
     assert transposed_launches == [(6, 6)]
 
 
+@pytest.mark.parametrize("layout", ["tokens", "rows"])
+@pytest.mark.parametrize("tk,gqa,tq", [(1, 1, 1), (45, 4, 1), (70, 8, 2)])
+def test_subtree_key_tiles(layout, tk, gqa, tq, transposed_launches):
+    """``LaunchConfig.polar_recursive_keys="subtrees"`` (levels above the leaves once per subtree,
+    ``[BN, NJ, 2]`` leaves reshaped into each part) against the oracle, ragged, both layouts."""
+    hook = _rows if layout == "rows" else lambda p: p
+    cfg = dataclasses.replace(small_caches_transposed(None), polar_recursive_keys="subtrees")
+    batch, lengths = (2, [tk + 3, max(tk - 10, 1)]) if tk > 1 else (1, None)
+    check(*PAIRS["polar-polar"], batch=batch, hkv=1 if gqa == 8 else 2, gqa=gqa, tq=tq, tk=tk, r=3, d=D,
+          lengths=lengths, config=cfg, stored_hook=hook)
+    check(*PAIRS["polar-kivi"], gqa=gqa, hkv=1 if gqa == 8 else 2, tq=tq, tk=tk, r=3, d=D, config=cfg,
+          stored_hook=hook)
+    assert transposed_launches == [(6, 6), (6, 1)]
+
+
+def test_polar_recursive_keys_setting_is_checked():
+    with pytest.raises(ValueError, match="polar_recursive_keys='joined'"):
+        da.LaunchConfig(polar_recursive_keys="joined")
+
+
 def test_tokens_contiguous_layout_in_the_classic_kernel(transposed_launches):
     """A small cache of the kernel's setting takes the classic kernel, which reads rows: the launch
     copies the tokens-contiguous codes and radii into rows, and the result matches the oracle."""

@@ -299,6 +299,14 @@ class LaunchConfig:
     lazy_rescale: the transposed kernel rescales its running output sums only in blocks where some
         query row's running maximum grew (exact: the probabilities are taken against the running
         maximum either way), instead of in every block.
+    polar_recursive_keys: how the transposed kernel builds polar-recursive key parts (the paper's
+        setting, ``polar_recursive_parts``): "columns" (``[block, 2 D/16]`` tiles, column ``2 j + b1``:
+        the levels above the leaves computed once per column, so twice per subtree; checked on the
+        H100) or "subtrees" (``[block, D/16, 1]`` tiles for the levels above the leaves, once per
+        subtree, the leaves ``[block, D/16, 2]`` reshaped into the part: sm_90 compile 4448 -> 3695
+        instructions per block, B=32 / 32k). "subtrees" passes the interpreter's tests but has not
+        run on a GPU, where Triton 3.6 miscompiled the joined form of these tiles
+        (``benchmarks/polar_recursive_parts_check.py``), hence not the default.
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     transposed_max_rows: at most this many query rows per KV head (GQA group x query tokens) take the
@@ -329,6 +337,7 @@ class LaunchConfig:
     three_byte_units: str = "words"
     kivi_code_units: str = "halfwords"
     lazy_rescale: bool = False
+    polar_recursive_keys: str = "columns"
 
     def __post_init__(self) -> None:
         if not (_pow2(self.block_n) and self.block_n >= 16):
@@ -350,6 +359,8 @@ class LaunchConfig:
             raise ValueError(f"three_byte_units={self.three_byte_units!r} (allowed: 'halfwords', 'words')")
         if self.kivi_code_units not in ("bytes", "halfwords"):
             raise ValueError(f"kivi_code_units={self.kivi_code_units!r} (allowed: 'bytes', 'halfwords')")
+        if self.polar_recursive_keys not in ("columns", "subtrees"):
+            raise ValueError(f"polar_recursive_keys={self.polar_recursive_keys!r} (allowed: 'columns', 'subtrees')")
         if self.transposed_min_rows < 0:
             raise ValueError(f"transposed_min_rows={self.transposed_min_rows} (allowed: >= 0)")
         if self.transposed_max_rows < 1:
@@ -993,7 +1004,8 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         HAS_MASK=mask is not None, NATIVE=not _interpreting(),
         DOT_DTYPE=_dot_dtype(query.dtype),
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
-        VAL_FMT=v_op.fmt, kcos=k_tab[0], ksin=k_tab[1], vcos=v_tab[0], vsin=v_tab[1], PR_KEY_JOIN=_pr.KEY_JOIN, PR_VALUE_JOIN=_pr.VALUE_JOIN,
+        VAL_FMT=v_op.fmt, kcos=k_tab[0], ksin=k_tab[1], vcos=v_tab[0], vsin=v_tab[1], PR_KEY_JOIN=2 if cfg.polar_recursive_keys == "subtrees" else _pr.KEY_JOIN,
+        PR_VALUE_JOIN=_pr.VALUE_JOIN,
         VAL_UB=v_ub, VAL_WORDS=v_words, kbook=k_book, klut=k_lut, vbook=v_book, vlut=v_lut,
         KEY_LOOKUP=k_lookup, VAL_LOOKUP=v_lookup, LAZY_RESCALE=cfg.lazy_rescale,
         num_warps=cfg.transposed_warps, num_stages=cfg.transposed_stages, **extra,
@@ -1785,16 +1797,24 @@ if triton is not None:
                                           km2 + mo, km3 + mo, meta_ok, uk, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
                 s_t = s_t * qk_scale
             elif KEY_FMT == 6:  # polar-recursive: eight parts rebuilt level by level from the radii
-                ok_k = n_ok[:, None]
-                if PR_KEY_JOIN:  # [BN, NJ] subtree tiles, each part's cos / sin halves joined (wrong on sm_90)
-                    jk = tl.arange(0, NJ)[None, :]
-                    odd_k = 0.0
-                else:  # [BN, 2 NJ] tiles: column k = 2 j + b1 (each subtree read twice)
-                    jk = (tl.arange(0, 2 * NJ) // 2)[None, :]
-                    odd_k = (tl.arange(0, 2 * NJ) % 2).to(tl.float32)[None, :]
-                radius = tl.load(km0 + km_base + offs_n[:, None] * skm_g + jk * skm_c, mask=ok_k,
-                                 other=0.0).to(tl.float32)
-                w1, b2, b3, c4 = _pr.subtree_codes(k_base + offs_n[:, None] * sk_t, ok_k, jk, D, sk_c)
+                if PR_KEY_JOIN == 2:  # [BN, NJ, 1] subtree tiles, leaves [BN, NJ, 2] reshaped
+                    ok_k = n_ok[:, None, None]
+                    k_rows = k_base + offs_n[:, None, None] * sk_t
+                    r_rows = km0 + km_base + offs_n[:, None, None] * skm_g
+                    jk = tl.arange(0, NJ)[None, :, None]
+                    odd_k = tl.arange(0, 2).to(tl.float32)[None, None, :]
+                else:
+                    ok_k = n_ok[:, None]
+                    k_rows = k_base + offs_n[:, None] * sk_t
+                    r_rows = km0 + km_base + offs_n[:, None] * skm_g
+                    if PR_KEY_JOIN:  # [BN, NJ] subtree tiles, each part's cos / sin halves joined (wrong on sm_90)
+                        jk = tl.arange(0, NJ)[None, :]
+                        odd_k = 0.0
+                    else:  # [BN, 2 NJ] tiles: column k = 2 j + b1 (each subtree read twice)
+                        jk = (tl.arange(0, 2 * NJ) // 2)[None, :]
+                        odd_k = (tl.arange(0, 2 * NJ) % 2).to(tl.float32)[None, :]
+                radius = tl.load(r_rows + jk * skm_c, mask=ok_k, other=0.0).to(tl.float32)
+                w1, b2, b3, c4 = _pr.subtree_codes(k_rows, ok_k, jk, D, sk_c)
                 s_t = _pr.key_scores_t(s_t, radius, w1, b2, b3, c4, odd_k, qp0, qp1, qp2, qp3, qp4, qp5, qp6, qp7,
                                        klv2, klv3, klv4, BLOCK_N, NJ, DT, PREC, NATIVE, PR_KEY_JOIN)
                 s_t = s_t * qk_scale

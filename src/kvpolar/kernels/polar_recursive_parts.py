@@ -49,7 +49,8 @@ HALF_PI = tl.constexpr(math.pi / 2)
 #: (True), or from ``[tokens, 2 NJ]`` tiles, each subtree read twice and one SFU op per coordinate
 #: (False). Joined key parts are WRONG when compiled for the H100 (Triton 3.6; relative error 1.4,
 #: the interpreter is right), joined value parts are right: benchmarks/polar_recursive_parts_check.py,
-#: results/polar_recursive_parts_check_h100.json. Re-check on a GPU before changing them.
+#: results/polar_recursive_parts_check_h100.json. Re-check on a GPU before changing them. (A third
+#: form for keys, ``LaunchConfig.polar_recursive_keys="subtrees"``, is chosen per launch.)
 KEY_JOIN = False
 VALUE_JOIN = True
 
@@ -149,8 +150,12 @@ def leaf_tile(r2, word1, odd, P: tl.constexpr, FAST: tl.constexpr):
 def key_part_t(s_t, r2, word1, odd, q_part, P: tl.constexpr, BN: tl.constexpr, NJ: tl.constexpr,
                DT: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr, JOIN: tl.constexpr):
     """``s_t [BN, BM] += X_P [BN, 2 NJ] @ q_P [2 NJ, BM]``: from ``[BN, NJ]`` tiles ``r2``, ``word1``
-    joined (``JOIN``), or from ``[BN, 2 NJ]`` tiles (column ``k`` = subtree ``k // 2``)."""
-    if JOIN:
+    joined (``JOIN`` 1), from ``[BN, NJ, 1]`` tiles whose ``[BN, NJ, 2]`` leaves (``odd`` ``[1, 1, 2]``)
+    are reshaped (``JOIN`` 2, ``LaunchConfig.polar_recursive_keys="subtrees"``), or from ``[BN, 2 NJ]``
+    tiles (column ``k`` = subtree ``k // 2``; ``JOIN`` 0)."""
+    if JOIN == 2:  # [BN, NJ, 1] subtree tiles, the leaf [BN, NJ, 2] (b1 last), one reshape
+        tile = tl.reshape(leaf_tile(r2, word1, odd, P, FAST), [BN, 2 * NJ]).to(DT)
+    elif JOIN:
         x, y = leaf_pair(r2, word1, P, FAST)
         tile = tl.reshape(tl.join(x, y), [BN, 2 * NJ]).to(DT)
     else:
