@@ -73,6 +73,8 @@ def test_bench_writes_a_report(tmp_path, capsys):
     assert data["rows"][0]["bits_per_element"] == 16.0 and data["rows"][0]["compression"] == 1.0
     # 196 tokens: 64 packed beyond the 128-token 16-bit window
     assert data["rows"][1]["bits_per_element"] < 16 and (out / "bench.png").stat().st_size > 0
+    err = capsys.readouterr().err  # the progress bar names the command that runs
+    assert "kvpolar bench" in err and "kvpolar demo" not in err
 
 
 def test_bench_float32_names_and_counts_the_stock_cache_as_32_bit(tmp_path, capsys):

@@ -34,7 +34,7 @@ def run_bench(
         raise ValueError(f"new_tokens={new_tokens} must be smaller than max_length={max_length}")
     rows, setup = run_generation_demo(
         presets, model_path=model_path, device=device, prompt_tokens=max_length - new_tokens,
-        new_tokens=new_tokens, progress=progress, dtype=dtype,
+        new_tokens=new_tokens, progress=progress, dtype=dtype, label="kvpolar bench",
     )
     markdown = (
         f"# kvpolar bench\n\n{setup['model']} on {_device_name(device)} ({setup['dtype']}): greedy decoding of "

@@ -56,11 +56,12 @@ def run_generation_demo(
     new_tokens: int = DEFAULT_NEW_TOKENS,
     progress: bool = False,
     dtype: str | None = "float16",
+    label: str = "kvpolar demo",
 ) -> tuple[list[GenerationRow], dict[str, Any]]:
     """Generate ``new_tokens`` greedily after a held-out prompt with the 16-bit cache, then each preset.
 
     The first row, ``"16-bit"``, is the stock ``DynamicCache`` with ``sdpa``: the reference for token
-    agreement. ``progress`` shows a tqdm bar on stderr. ``dtype`` is the model's (and so the cache's)
+    agreement. ``progress`` shows a tqdm bar on stderr, named ``label``. ``dtype`` is the model's (and so the cache's)
     dtype: float16 by default, on the CPU too, so bits/element are those of a 16-bit deployment
     (None: float16 on CUDA, float32 on CPU).
     """
@@ -88,7 +89,7 @@ def run_generation_demo(
     rows: list[GenerationRow] = []
     baseline: torch.Tensor | None = None
     stock = baseline_name(model.dtype)
-    runs = tqdm([stock, *presets], desc="kvpolar demo", unit="run", disable=not progress)
+    runs = tqdm([stock, *presets], desc=label, unit="run", disable=not progress)
     for preset in runs:
         runs.set_postfix_str(preset)
         if preset == stock:
