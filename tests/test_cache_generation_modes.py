@@ -139,6 +139,17 @@ def test_beam_search_with_a_quantized_cache(llama):
     assert cache.layers[0].packed_keys.num_tokens == 32
 
 
+@torch.no_grad()
+def _after_accepted(llama, ids, mask, accepted, nxt):
+    """The logits of ``nxt`` from a kivi-2 cache (window 8) that saw the prompt ``ids`` and then only
+    the ``accepted`` draft tokens: what a cropped cache must reproduce."""
+    fresh = QuantizedKVCache(llama.config, config("kivi-2", residual_length=8))
+    _feed(llama, fresh, ids, mask)
+    n = ids.shape[1] + accepted.shape[1]
+    _feed(llama, fresh, accepted, torch.ones(1, n, dtype=torch.long))
+    return _feed(llama, fresh, nxt, torch.ones(1, n + 1, dtype=torch.long))
+
+
 def test_crop_rolls_back_draft_tokens(llama):
     """Five draft tokens verified in one step, three rejected: the cache continues exactly as one
     that only ever saw the two accepted ones."""
@@ -153,12 +164,7 @@ def test_crop_rolls_back_draft_tokens(llama):
         cache.crop(-3)
         assert cache.get_seq_length() == 42 and cache.layers[0].residual_tokens == 10
         got = _feed(llama, cache, nxt, torch.ones(1, 43, dtype=torch.long))
-
-        fresh = QuantizedKVCache(llama.config, config("kivi-2", residual_length=8))
-        _feed(llama, fresh, ids, mask)
-        _feed(llama, fresh, draft[:, :2], torch.ones(1, 42, dtype=torch.long))
-        want = _feed(llama, fresh, nxt, torch.ones(1, 43, dtype=torch.long))
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, _after_accepted(llama, ids, mask, draft[:, :2], nxt), rtol=0, atol=1e-5)
     cache.crop(40)  # the older form: the length to keep
     assert cache.get_seq_length() == 40
     with pytest.raises(ValueError, match="cannot remove the newest 9 tokens: only 8 are still in the 16-bit window"):
@@ -180,12 +186,7 @@ def test_a_draft_longer_than_the_window_rolls_back(llama):
         cache.crop(-30)
         got = _feed(llama, cache, nxt, torch.ones(1, 51, dtype=torch.long))
         assert cache.layers[0].packed_keys.num_tokens == 32 and cache.layers[0].residual_tokens == 19
-
-        fresh = QuantizedKVCache(llama.config, config("kivi-2", residual_length=8))
-        _feed(llama, fresh, ids, mask)
-        _feed(llama, fresh, draft[:, :10], torch.ones(1, 50, dtype=torch.long))
-        want = _feed(llama, fresh, nxt, torch.ones(1, 51, dtype=torch.long))
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, _after_accepted(llama, ids, mask, draft[:, :10], nxt), rtol=0, atol=1e-5)
     with torch.no_grad():  # a step that fills a chunk beyond the window packs it, as any step does
         _feed(llama, cache, torch.randint(1, VOCAB, (1, 30), generator=torch.Generator().manual_seed(9)),
               torch.ones(1, 81, dtype=torch.long))
