@@ -140,6 +140,19 @@ def test_beam_search_with_a_quantized_cache(llama):
 
 
 @torch.no_grad()
+def _prompt_then_draft(llama, draft_tokens: int, seed: int):
+    """A kivi-2 cache (window 8, 32-token chunks) after a 40-token prompt (32 tokens packed) and one
+    verify step of ``draft_tokens`` random tokens: (cache, prompt ids, its mask, draft, next token)."""
+    ids, mask = left_padded([40])
+    draft = torch.randint(1, VOCAB, (1, draft_tokens), generator=torch.Generator().manual_seed(seed))
+    cache = QuantizedKVCache(llama.config, config("kivi-2", residual_length=8))
+    _feed(llama, cache, ids, mask)
+    assert cache.layers[0].packed_keys.num_tokens == 32
+    _feed(llama, cache, draft, torch.ones(1, 40 + draft_tokens, dtype=torch.long))
+    return cache, ids, mask, draft, torch.tensor([[7]])
+
+
+@torch.no_grad()
 def _after_accepted(llama, ids, mask, accepted, nxt):
     """The logits of ``nxt`` from a kivi-2 cache (window 8) that saw the prompt ``ids`` and then only
     the ``accepted`` draft tokens: what a cropped cache must reproduce."""
@@ -153,14 +166,9 @@ def _after_accepted(llama, ids, mask, accepted, nxt):
 def test_crop_rolls_back_draft_tokens(llama):
     """Five draft tokens verified in one step, three rejected: the cache continues exactly as one
     that only ever saw the two accepted ones."""
-    ids, mask = left_padded([40])
-    draft = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
-    nxt = torch.tensor([[7]])
+    cache, ids, mask, draft, nxt = _prompt_then_draft(llama, 5, seed=5)
+    assert cache.is_croppable
     with torch.no_grad():
-        cache = QuantizedKVCache(llama.config, config("kivi-2", residual_length=8))
-        _feed(llama, cache, ids, mask)
-        assert cache.layers[0].packed_keys.num_tokens == 32 and cache.is_croppable
-        _feed(llama, cache, draft, torch.ones(1, 45, dtype=torch.long))
         cache.crop(-3)
         assert cache.get_seq_length() == 42 and cache.layers[0].residual_tokens == 10
         got = _feed(llama, cache, nxt, torch.ones(1, 43, dtype=torch.long))
@@ -175,19 +183,14 @@ def test_a_draft_longer_than_the_window_rolls_back(llama):
     """A 40-token verify step with residual_length 8 and 32-token chunks would have packed 32 of its
     tokens; they stay 16-bit until the next step instead, so 30 rejected ones crop, and the cache
     continues exactly as one that saw only the 10 accepted ones (which then packs as usual)."""
-    ids, mask = left_padded([40])
-    draft = torch.randint(1, VOCAB, (1, 40), generator=torch.Generator().manual_seed(8))
-    nxt = torch.tensor([[7]])
+    cache, ids, mask, draft, nxt = _prompt_then_draft(llama, 40, seed=8)
+    assert cache.layers[0].packed_keys.num_tokens == 32 and cache.layers[0].residual_tokens == 48
     with torch.no_grad():
-        cache = QuantizedKVCache(llama.config, config("kivi-2", residual_length=8))
-        _feed(llama, cache, ids, mask)
-        _feed(llama, cache, draft, torch.ones(1, 80, dtype=torch.long))
-        assert cache.layers[0].packed_keys.num_tokens == 32 and cache.layers[0].residual_tokens == 48
         cache.crop(-30)
         got = _feed(llama, cache, nxt, torch.ones(1, 51, dtype=torch.long))
         assert cache.layers[0].packed_keys.num_tokens == 32 and cache.layers[0].residual_tokens == 19
     torch.testing.assert_close(got, _after_accepted(llama, ids, mask, draft[:, :10], nxt), rtol=0, atol=1e-5)
-    with torch.no_grad():  # a step that fills a chunk beyond the window packs it, as any step does
+    with torch.no_grad():  # a later 30-token step keeps its own tokens 16-bit too; the next one packs a chunk
         _feed(llama, cache, torch.randint(1, VOCAB, (1, 30), generator=torch.Generator().manual_seed(9)),
               torch.ones(1, 81, dtype=torch.long))
     assert cache.layers[0].packed_keys.num_tokens == 32 and cache.layers[0].residual_tokens == 49
