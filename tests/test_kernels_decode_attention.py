@@ -399,17 +399,19 @@ def run_ptx(asm: str, word: np.ndarray, smem_size: int = 49152) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_half_code_instructions_give_offset_plus_code_times_step(dtype, bits):
-    """The compiled reading of 16-bit units (``_half_code_asm``: two units per 32-bit register), run
-    on the host for every unit value: each half is, in ``dtype``, the offset of the byte reading
-    (1024 float16, 128 bfloat16) plus code ``k`` times ``_unit_code_step``, which the kernel divides out."""
+    """The compiled reading of 16-bit units (``kivi_parts.half_code_asm``: two units per 32-bit register),
+    run on the host for every unit value: each half is, in ``dtype``, the offset of the byte reading
+    (1024 float16, 128 bfloat16) plus code ``k`` times ``unit_code_step``, which the kernel divides out."""
+    from kvpolar.kernels import kivi_parts
+
     tl_dtype = da.tl.float16 if dtype == torch.float16 else da.tl.bfloat16
     units = np.arange(1 << 16, dtype=np.uint32)
     words = units | (units[::-1] << 16)  # low half u, high half 65535 - u
     offset = 1024.0 if dtype == torch.float16 else 128.0
     for k in range(16 // bits):
-        out = run_ptx(da._half_code_asm(k, bits, tl_dtype), words)
+        out = run_ptx(kivi_parts.half_code_asm(k, bits, tl_dtype), words)
         halves = torch.from_numpy(out.view(np.int16).copy()).view(dtype).float().view(-1, 2)
-        step = da._unit_code_step(k, bits, 2, tl_dtype)
+        step = kivi_parts.unit_code_step(k, bits, 2, tl_dtype)
         for half, u in ((halves[:, 0], units), (halves[:, 1], units[::-1].copy())):
             code = torch.from_numpy(((u >> (k * bits)) & ((1 << bits) - 1)).astype(np.float32))
             assert torch.equal(half, offset + code * step), (k, bits, dtype)

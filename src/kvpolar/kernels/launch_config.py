@@ -1,0 +1,140 @@
+"""``LaunchConfig``: how the fused decode attention launches its kernels (blocks, warps, splits, the
+transposed kernel's tuning and readings). The policy that fills in what a config leaves open, and
+the launches themselves: :mod:`kvpolar.kernels.decode_attention`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvpolar.quantizers.rotations import is_power_of_two
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Tuning knobs (defaults tuned on an H100; see benchmarks/bench_attention.py).
+
+    block_n: tokens per inner step (capped by the key group size, which it must divide).
+    num_splits: splits of the packed tokens per (sequence, KV head); None = from the SM count.
+    programs_per_sm: target of the automatic split count.
+    min_split_tokens: no split gets fewer tokens than this (automatic split count).
+    by_parts: KIVI codes with at most 4 per packed unit are never interleaved: code position K of
+        every unit is one operand of its own product (the query gathered at channels u*U + K for
+        keys, one accumulator per K for values).
+    transposed: KIVI keys (2, 4, 8 bits) or polar-rope keys (2, 4, 6, 8 bits per pair, head dim >= 128,
+        large caches) with KIVI values in whole bytes (or 3-bit, head dim >= 128), polar-recursive
+        keys / values in the paper's setting (``polar_recursive_parts``) and turbo keys / values
+        (``turbo_parts``), run ``_split_kernel_t``: every
+        product transposed (``s^T = K q^T``, ``o^T = V^T p^T``) so the dequantized cache tiles are
+        the register operand of the tensor-core products; blocks then hold one key group at most.
+    transposed_warps: warps per program of the transposed kernel (its tiles are 32 rows: 1 or 2
+        warps of 16-row MMA tiles; more warps would repeat work).
+    transposed_programs_per_sm: ``programs_per_sm`` of the transposed kernel (it is latency-bound:
+        more, shorter splits keep more loads in flight); None = the measured policy of
+        ``transposed_tuning`` (12, or 16 for polar-rope keys with 2-bit values at batch sizes with
+        >= 64 (sequence, KV head) pairs), capped on the GPU by the programs of the compiled kernel
+        that fit on one SM (``programs_per_sm_of``): a launch of more than one wave waits a whole
+        split's time for its last few programs (H100, ``results/sweep_splits_h100.json``).
+    transposed_stages: software-pipelining stages of the transposed kernel's loads (the second
+        sweep on the H100: 3 stages with 12 programs per SM beat 2 with 8 for kivi-2 and kivi-4 at
+        every measured shape, benchmarks/README.md).
+    max_registers: register cap per thread of the transposed kernel (Triton's ``maxnreg``). Fewer
+        registers, more programs per SM. None = the measured policy of ``transposed_tuning``
+        (168 for 4-bit KIVI keys, for 2-bit KIVI keys and values and for turbo codes where the cache
+        fills a wave of 12 programs per SM, else the compiler's choice); 255 = no cap.
+    transposed_min_rows: caches of fewer packed (sequence, KV head, token) rows take the classic
+        kernel, whose shorter per-split latency wins there (H100, 8 KV heads: batch 1 at 4k and 8k
+        tokens; see ``_use_transposed``). Turbo keys or values take the transposed kernel at every size.
+    value_metadata: how the transposed kernel reads KIVI values' per-(token, group) scale and minimum:
+        "tiles" (16-bit [groups, block] tiles copied ahead by Triton's pipeliner: one vector per group
+        where the tokens are adjacent in memory, the layout ``KiviTokenTensor`` stores), "words"
+        (int32 words of two groups, copied ahead by Triton's pipeliner; metadata stored with the
+        groups adjacent, else "tiles"), "ahead" (16-bit tiles read one block ahead into registers),
+        "gather" (per packed unit where used: the fewest registers, its latency waited for in every
+        block); None = the policy of ``value_metadata_policy``.
+    three_byte_units: how the transposed kernel reads codes packed in 3-byte units (polar-rope keys
+        of 6-bit pairs: r2a4, r3a3; 3-bit turbo keys and values; 3-bit KIVI values): "words" (the
+        rows' int32 words, each read once by an asynchronous copy, three per four units, the units
+        assembled in registers; rows not made of whole words fall back to halfwords) or "halfwords"
+        (two 16-bit gathers per unit, left in the loop by Triton's pipeliner, the decoded tiles then
+        moved through shared memory). Measured on the H200 at B=32 / 32k tokens (eleventh session,
+        ``benchmarks/results/layouts_h200.json``), halfwords -> words: polar-rope-3 0.989 -> 0.686 ms
+        (0.95x -> 1.37x fp16 SDPA), turbo-k3v4 0.848 -> 0.808 ms, turbo-3 1.268 -> 1.274 ms (B=1 /
+        128k: 0.191 -> 0.196 ms), hence the default.
+    kivi_code_units: how the transposed kernel reads KIVI codes of 2 and 4 bits (keys and values):
+        "bytes" (each code spread from its byte to a 16-bit lane by byte permutes: about one
+        instruction per code) or "halfwords" (16-bit units of 8 / 4 codes, two units per register:
+        one AND per two codes, into the mantissa of 1024 / 128; a shift and an OR per further window
+        of the mantissa's width). Rows not made of whole halfwords, or of fewer than 16 (head dim
+        below 128 for 2-bit codes, below 64 for 4-bit), read bytes. Measured on the H200
+        (twelfth session, ``benchmarks/results/halfwords_h200.json``, bytes -> halfwords, speed-up over
+        fp16 SDPA at B=32 / 32k tokens): kivi-2 and squat-2 1.86x -> 2.43x, kivi-4 1.72x -> 2.15x,
+        polar-rope-3 (its 2-bit values) 1.39x -> 1.49x, polar-rope-4 1.39x -> 1.53x; hence the default.
+    lazy_rescale: the transposed kernel rescales its running output sums only in blocks where some
+        query row's running maximum grew (exact: the probabilities are taken against the running
+        maximum either way), instead of in every block.
+    polar_recursive_keys: how the transposed kernel builds polar-recursive key parts (the paper's
+        setting, ``polar_recursive_parts``): "columns" (``[block, 2 D/16]`` tiles, column ``2 j + b1``:
+        the levels above the leaves computed once per column, so twice per subtree; checked on the
+        H100) or "subtrees" (``[block, D/16, 1]`` tiles for the levels above the leaves, once per
+        subtree, the leaves ``[block, D/16, 2]`` reshaped into the part: sm_90 compile 4448 -> 3695
+        instructions per block, B=32 / 32k). "subtrees" passes the interpreter's tests but has not
+        run on a GPU, where Triton 3.6 miscompiled the joined form of these tiles
+        (``benchmarks/polar_recursive_parts_check.py``), hence not the default.
+    transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
+        two) in the transposed kernel's products (the MMA's N dimension is 8).
+    transposed_max_rows: at most this many query rows per KV head (GQA group x query tokens) take the
+        transposed kernel; more (a draft verification step of speculative or assisted decoding)
+        take the classic kernel, whose warps share the rows. The transposed kernel's single warp
+        holds every row's running output: in the sm_90 compile (``benchmarks/inspect_preset_kernel.py
+        --query-tokens``, GQA 4) 16 rows spill at most 0.2 KB per thread, 20 rows up to 0.9 KB and 84
+        rows (20 draft tokens) 4-11 KB, against at most 0.2 KB for the classic kernel at 84 rows
+        (turbo-3: 1 KB). Not yet timed on a GPU.
+    """
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_splits: int | None = None
+    programs_per_sm: int = 4
+    min_split_tokens: int = 256
+    by_parts: bool = True
+    transposed: bool = True
+    transposed_warps: int = 1
+    transposed_rows: int = 8
+    transposed_max_rows: int = 16
+    transposed_programs_per_sm: int | None = None
+    transposed_stages: int = 3
+    max_registers: int | None = None
+    transposed_min_rows: int = 1 << 16
+    value_metadata: str | None = None
+    three_byte_units: str = "words"
+    kivi_code_units: str = "halfwords"
+    lazy_rescale: bool = False
+    polar_recursive_keys: str = "columns"
+
+    def __post_init__(self) -> None:
+        if not (is_power_of_two(self.block_n) and self.block_n >= 16):
+            raise ValueError(f"block_n={self.block_n} (allowed: powers of two >= 16)")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} (allowed: 1, 2, 4, 8, 16)")
+        if self.transposed_warps not in (1, 2, 4):
+            raise ValueError(f"transposed_warps={self.transposed_warps} (allowed: 1, 2, 4)")
+        if not 1 <= self.transposed_stages <= 6:
+            raise ValueError(f"transposed_stages={self.transposed_stages} (allowed: 1..6)")
+        if self.max_registers is not None and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"max_registers={self.max_registers} (allowed: None or 24..255)")
+        if self.transposed_programs_per_sm is not None and self.transposed_programs_per_sm < 1:
+            raise ValueError(f"transposed_programs_per_sm={self.transposed_programs_per_sm} (allowed: None or >= 1)")
+        if self.value_metadata not in (None, "tiles", "words", "ahead", "gather"):
+            raise ValueError(f"value_metadata={self.value_metadata!r} "
+                             "(allowed: None, 'tiles', 'words', 'ahead', 'gather')")
+        if self.three_byte_units not in ("halfwords", "words"):
+            raise ValueError(f"three_byte_units={self.three_byte_units!r} (allowed: 'halfwords', 'words')")
+        if self.kivi_code_units not in ("bytes", "halfwords"):
+            raise ValueError(f"kivi_code_units={self.kivi_code_units!r} (allowed: 'bytes', 'halfwords')")
+        if self.polar_recursive_keys not in ("columns", "subtrees"):
+            raise ValueError(f"polar_recursive_keys={self.polar_recursive_keys!r} (allowed: 'columns', 'subtrees')")
+        if self.transposed_min_rows < 0:
+            raise ValueError(f"transposed_min_rows={self.transposed_min_rows} (allowed: >= 0)")
+        if self.transposed_max_rows < 1:
+            raise ValueError(f"transposed_max_rows={self.transposed_max_rows} (allowed: >= 1)")
