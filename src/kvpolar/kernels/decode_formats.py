@@ -48,16 +48,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 #: The paper's polar-recursive setting, which the transposed kernel reads by parts
 #: (``polar_recursive_parts``; head dim >= 128); any other levels / bits take the classic kernel.
 PARTS_LEVELS, PARTS_BITS = 4, (4, 2, 2, 2)
-
-
-def reads_by_parts(levels: int, bits: tuple[int, ...], head_dim: int, codebook: str) -> bool:
-    """Whether the transposed kernel reads a polar-recursive tensor of this setting by parts (the
-    paper's setting with analytic codebooks, head dim >= 128). The quantizer stores such tensors'
-    codes and radii with consecutive tokens adjacent (``quantized.tokens_contiguous``), which the
-    kernel's pipeliner copies ahead in whole words; every other setting keeps one row per token."""
-    return levels == PARTS_LEVELS and tuple(bits) == PARTS_BITS and head_dim >= 128 and codebook == "analytic"
-
-
 # format ids of the split kernel's KEY_FMT / VAL_FMT (0-2: full precision, KIVI, polar-rope)
 FMT_TURBO, FMT_FP8_E4M3, FMT_FP8_E5M2, FMT_POLAR_RECURSIVE = 3, 4, 5, 6
 #: class name -> what the kernel reads of it (the format's own limits are checked by ``reason``).
@@ -140,6 +130,14 @@ def _matrix(kind: str, dim: int, seed: int, device: str) -> torch.Tensor:
 
 
 # ----- operands: what the kernel takes of each format ------------------------------------------------
+def reads_by_parts(levels: int, bits: tuple[int, ...], head_dim: int, codebook: str) -> bool:
+    """Whether the transposed kernel reads a polar-recursive tensor of this setting by parts (the
+    paper's setting with analytic codebooks, head dim >= 128). The quantizer stores such tensors'
+    codes and radii with consecutive tokens adjacent (``quantized.tokens_contiguous``), which the
+    kernel's pipeliner copies ahead in whole words; every other setting keeps one row per token."""
+    return levels == PARTS_LEVELS and tuple(bits) == PARTS_BITS and head_dim >= 128 and codebook == "analytic"
+
+
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 

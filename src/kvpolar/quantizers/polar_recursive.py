@@ -212,7 +212,7 @@ class PolarRecursive(Quantizer):
             radius_fields = _encode_log_radii(radii, c.radius_bits, x.dtype)
         online = torch.cat(books, dim=-1) if c.codebook == "online" else torch.empty(0, device=x.device)
         codes = pack_levels(level_codes, c.bits)
-        from kvpolar.kernels.decode_formats import reads_by_parts
+        from kvpolar.kernels.decode_formats import reads_by_parts  # (here: it imports the quantizers' rotations)
 
         if c.radius_bits is None and reads_by_parts(c.levels, c.bits, d, c.codebook):
             # one vector per code byte / radius over consecutive tokens: whole words the decode
