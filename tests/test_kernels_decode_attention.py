@@ -197,9 +197,9 @@ def test_value_metadata_modes():
 
     v = torch.randn(1, 1, 5, D)
     q16 = torch.randn(1, 4, 1, D, dtype=torch.float16)
-    even = da._value_operand(make_values("kivi-2-16", v.half(), "groups")[1])
-    odd = da._value_operand(make_values(f"kivi-2-{D}", v.half(), "groups")[1])
-    adjacent = da._value_operand(make_values("kivi-2-16", v.half())[1])
+    even = da.value_operand(make_values("kivi-2-16", v.half(), "groups")[1])
+    odd = da.value_operand(make_values(f"kivi-2-{D}", v.half(), "groups")[1])
+    adjacent = da.value_operand(make_values("kivi-2-16", v.half())[1])
     meta, mode = da._value_metadata(even, q16, LaunchConfig())
     assert mode == 2 and meta[0].dtype == torch.int32 and meta[0].shape[-1] == D // 32
     assert da._value_metadata(odd, q16, LaunchConfig())[1] == 1
@@ -209,7 +209,7 @@ def test_value_metadata_modes():
     assert mode == 3 and meta[0].stride(-2) == 1 and meta[0].dtype == torch.float16
     meta, mode = da._value_metadata(even, q16, LaunchConfig(value_metadata="gather"))
     assert mode == 0 and meta[0].dtype == torch.float16
-    keys = da._key_operand(make_keys("kivi-2-32", v.half())[1])
+    keys = da.key_operand(make_keys("kivi-2-32", v.half())[1])
     assert da.value_metadata_policy(keys, adjacent, LaunchConfig()) == "tiles"
     assert da.value_metadata_policy(keys, even, LaunchConfig()) == "words"
     assert da.value_metadata_policy(keys, adjacent, LaunchConfig(value_metadata="ahead")) == "ahead"
@@ -224,7 +224,7 @@ def test_value_metadata_of_mixed_layouts_is_read_through_one_layout():
     kq, pk = make_keys("kivi-2-32", k)
     vq, p = make_values("kivi-2-16", v)
     mixed = dataclasses.replace(p, minimum=p.minimum.contiguous())
-    op = da._value_operand(mixed)
+    op = da.value_operand(mixed)
     assert op.meta[0].stride() == op.meta[1].stride() and mixed.scale.stride() != mixed.minimum.stride()
     assert torch.equal(op.meta[0], p.scale) and torch.equal(op.meta[1], p.minimum)
     compare_with_oracle(oracle, q, pk, mixed, kq, vq, None, None, None, config=small_caches_transposed(None))
@@ -421,7 +421,7 @@ def test_kivi_halfwords_fall_back_where_rows_are_not_whole_halfwords():
     """Codes whose storage does not start on a 2-byte boundary, or whose rows hold fewer than 16 halfwords
     (too few units per code position for the tensor cores), keep the byte reading; the option is checked."""
     halfwords = LaunchConfig(kivi_code_units="halfwords")
-    op = da._key_operand(kvpolar.quantizer("kivi", bits=2, group_size=32, axis="channel")
+    op = da.key_operand(kvpolar.quantizer("kivi", bits=2, group_size=32, axis="channel")
                          .quantize(torch.randn(1, 1, 32, 128)))
     data, unit_bytes, per_unit = da._kivi_code_units(op, halfwords)
     assert data.dtype == torch.int16 and (unit_bytes, per_unit) == (2, 8)
@@ -429,7 +429,7 @@ def test_kivi_halfwords_fall_back_where_rows_are_not_whole_halfwords():
     data, unit_bytes, per_unit = da._kivi_code_units(shifted, halfwords)
     assert data.dtype == torch.uint8 and (unit_bytes, per_unit) == (1, 4)
     for bits, head_dim, wanted in ((2, 64, 1), (4, 64, 2), (4, 32, 1)):  # 16 units per code position at least
-        small = da._key_operand(kvpolar.quantizer("kivi", bits=bits, group_size=32, axis="channel")
+        small = da.key_operand(kvpolar.quantizer("kivi", bits=bits, group_size=32, axis="channel")
                                 .quantize(torch.randn(1, 1, 32, head_dim)))
         assert da._kivi_code_units(small, halfwords)[1] == wanted, (bits, head_dim)
     with pytest.raises(ValueError, match="kivi_code_units='words'"):
@@ -475,14 +475,14 @@ def test_transposed_small_blocks_and_register_cap():
 
 def _operand(fmt, rows, bits):
     """A stand-in operand of ``rows`` packed rows (head dim 128) for the launch-policy checks."""
-    return da._Operand(fmt, torch.zeros(1, 1, rows, 128 * bits // 8 // (2 if fmt == da._FMT_POLAR else 1),
+    return da.Operand(fmt, torch.zeros(1, 1, rows, 128 * bits // 8 // (2 if fmt == da.FMT_POLAR else 1),
                                         dtype=torch.uint8), (), bits=bits)
 
 
 def test_launch_policy():
     """Small caches take the classic kernel; batched launches get the measured programs-per-SM and
     register-cap policy (``transposed_tuning``); explicit config values win."""
-    kivi = da._FMT_KIVI
+    kivi = da.FMT_KIVI
     values2, values4 = _operand(kivi, 1, 2), _operand(kivi, 1, 4)
     cfg = LaunchConfig()
     small = cfg.transposed_min_rows
@@ -515,7 +515,7 @@ def test_launch_policy():
     assert da.transposed_tuning(_operand(kivi, 256 * 198, 2), values2, 8, cfg) == (12, cap)
     recursive = _operand(da.formats.FMT_POLAR_RECURSIVE, wave, 8)
     assert da.transposed_tuning(recursive, recursive, 64, cfg) == (12, None)
-    polar = _operand(da._FMT_POLAR, small, 6)
+    polar = _operand(da.FMT_POLAR, small, 6)
     assert da.transposed_tuning(polar, values2, 64, cfg) == (16, None)
     assert da.transposed_tuning(polar, values2, 8, cfg) == (12, None)
     assert da.transposed_tuning(polar, values4, 64, cfg) == (12, None)
@@ -606,7 +606,7 @@ def test_residency_key_follows_triton_specialization():
 
     def key(tokens):
         x = torch.randn(2, 2, tokens, 128, dtype=torch.float16)
-        k_op, v_op = da._key_operand(kivi_k.quantize(x)), da._value_operand(kivi_v.quantize(x))
+        k_op, v_op = da.key_operand(kivi_k.quantize(x)), da.value_operand(kivi_v.quantize(x))
         args, kwargs = da._split_t_arguments(q, k_op, v_op, None, 0, 2, 0, 2, scratch, scratch, scratch, 0.1, 4,
                                              32, LaunchConfig())
         return da._resident_key(args, kwargs, q.device)

@@ -51,14 +51,14 @@ def check(rb, ab, pairing, value_fmt="kivi-2-32", *, batch=1, hkv=1, gqa=4, tq=1
 def test_polar_keys_transposed(rb_ab, pairing, transposed_calls):
     """Both unit layouts (3-byte units, int32 words), both pairings, a query tile of 2 x 4 rows."""
     check(*rb_ab, pairing, "kivi-2-32" if rb_ab[0] == 2 else "kivi-4-32", gqa=4, tq=2, tk=45, r=3)
-    assert transposed_calls == [da._FMT_POLAR]
+    assert transposed_calls == [da.FMT_POLAR]
 
 
 @pytest.mark.parametrize("gqa", [1, 8])
 def test_gqa_ratios_and_odd_lengths(gqa, transposed_calls):
     """GQA 1 and 8, 77 packed tokens (off the 32-token group and 16-token block), length-1 residual."""
     check(2, 4, "half", gqa=gqa, tk=77, r=1, config=LaunchConfig(block_n=16, num_splits=3))
-    assert transposed_calls == [da._FMT_POLAR]
+    assert transposed_calls == [da.FMT_POLAR]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -66,15 +66,15 @@ def test_ragged_batch_and_residual(dtype, transposed_calls):
     """Left-padded batch of 3 (one sequence shorter than the residual window), 2 KV heads, bf16 too."""
     check(2, 4, "interleaved", "kivi-4-16", batch=3, hkv=2, gqa=4, tk=70, r=6, dtype=dtype,
           lengths=[76, 40, 3], config=LaunchConfig(num_splits=2))
-    assert transposed_calls == [da._FMT_POLAR]
+    assert transposed_calls == [da.FMT_POLAR]
 
 
 def test_small_caches_stay_on_the_classic_kernel():
     """Below ``transposed_min_rows`` packed rows (and for 3-bit pairs) polar keys take the classic kernel."""
     def op(rows, bits):
-        return da._Operand(da._FMT_POLAR, torch.zeros(1, 1, rows, 64 * bits // 8, dtype=torch.uint8), (), bits=bits)
+        return da.Operand(da.FMT_POLAR, torch.zeros(1, 1, rows, 64 * bits // 8, dtype=torch.uint8), (), bits=bits)
 
-    values = da._Operand(da._FMT_KIVI, torch.zeros(1), (), bits=2)
+    values = da.Operand(da.FMT_KIVI, torch.zeros(1), (), bits=2)
     cfg = LaunchConfig()
     rows = cfg.transposed_min_rows
     assert not da._use_transposed(op(rows - 1, 6), values, cfg)
@@ -87,7 +87,7 @@ def test_length_one_and_classic_switch(transposed_calls):
     """One packed token; ``transposed=False`` keeps polar keys on the classic kernel."""
     check(4, 4, "half", "kivi-8-32", tk=1, r=2)
     check(4, 4, "half", "kivi-8-32", tk=1, r=2, config=LaunchConfig(transposed=False))
-    assert transposed_calls == [da._FMT_POLAR]
+    assert transposed_calls == [da.FMT_POLAR]
 
 
 # ----- the standalone scores kernel, mode="transposed" ----------------------------------------------------------

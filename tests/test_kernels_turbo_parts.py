@@ -120,7 +120,7 @@ def test_antisymmetry_decides_the_lookup(monkeypatch):
     assert not tp.antisymmetric(skewed, torch.float16)
     monkeypatch.setattr(da, "_interpreting", lambda: False)
     q = torch.zeros(1, 4, 1, D, dtype=torch.float16)
-    op = lambda book, bits: da._Operand(fmt=da.formats.FMT_TURBO, data=q, meta=(), bits=bits, tables=(book,))  # noqa: E731
+    op = lambda book, bits: da.Operand(fmt=da.formats.FMT_TURBO, data=q, meta=(), bits=bits, tables=(book,))  # noqa: E731
     assert da._turbo_tables(op(sphere, 4), q)[2] == 2
     assert da._turbo_tables(op(skewed, 4), q)[2] == 1
     assert da._turbo_tables(op(kvpolar.quantizers.turbo.sphere_codebook(D, 3), 3), q)[2] == 1

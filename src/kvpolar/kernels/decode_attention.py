@@ -54,9 +54,13 @@ import weakref
 import torch
 
 from kvpolar.kernels import decode_formats as formats
+from kvpolar.kernels.decode_operands import (  # noqa: F401  (KEY_FORMATS .. supports: this module's API too)
+    FMT_FULL, FMT_KIVI, FMT_POLAR, KEY_FORMATS, POLAR_PAIR_BITS, VALUE_FORMATS, Operand, byte_stride,
+    column_stride, full_operand, key_operand, metadata_strides, packed_unit, refuse_unsupported, row_major,
+    supports, tokens_adjacent, value_operand,
+)
 from kvpolar.kernels.launch_config import LaunchConfig
 from kvpolar.quantized import QuantizedTensor
-from kvpolar.quantizers.rotations import is_power_of_two
 
 try:  # Triton is optional: the PyTorch reference works without it.
     import triton
@@ -64,174 +68,14 @@ try:  # Triton is optional: the PyTorch reference works without it.
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
-#: Stored formats (by class name) of keys and values this kernel reads, with the bit widths (KIVI) or
-#: what is read of them (decode_formats).
-KEY_FORMATS = {"FullPrecisionTensor": None, "KiviChannelTensor": (2, 3, 4, 8), "PolarRopeTensor": None,
-               **formats.FORMATS}
-VALUE_FORMATS = {"FullPrecisionTensor": None, "KiviTokenTensor": (2, 3, 4, 8), **formats.FORMATS}
-POLAR_PAIR_BITS = (2, 3, 4, 6, 8)  # radius_bits + angle_bits that unpack in whole 1- or 3-byte units
-
-_FMT_FULL, _FMT_KIVI, _FMT_POLAR = 0, 1, 2
 _LOG2E = 1.4426950408889634
 
 
-# ----- which inputs the kernel handles ----------------------------------------------------------------
+# ----- helpers ----------------------------------------------------------------------------------------------
 def _next_pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (>= 1): ``triton.next_power_of_2`` without its call
     overhead (several microseconds in Triton 3.9, four calls per decode attention)."""
     return 1 << max(0, n - 1).bit_length()
-
-
-def _unit(bits: int) -> tuple[int, int]:
-    """(bytes, codes) of the smallest whole unit of the packed bit stream: 1 byte or 3 bytes."""
-    if 8 % bits == 0:
-        return 1, 8 // bits
-    return 3, 24 // bits
-
-
-def _common_reason(p: QuantizedTensor, role: str, table: dict) -> str | None:
-    """The checks every stored format shares (known format, head dim), then those of the formats of
-    ``decode_formats``; None when these pass."""
-    name = type(p).__name__
-    if name not in table:
-        return f"{role} format {name} (supported: {sorted(table)})"
-    if not (is_power_of_two(p.head_dim) and p.head_dim >= 32):
-        return f"head dim {p.head_dim} (supported: powers of two >= 32)"
-    if name in formats.FORMATS:
-        return formats.reason(p, role)
-    return None
-
-
-def _key_reason(keys: QuantizedTensor | None) -> str | None:
-    """Why the kernel cannot read these keys, or None when it can."""
-    if keys is None:
-        return None
-    common = _common_reason(keys, "key", KEY_FORMATS)
-    if common is not None:
-        return common
-    name = type(keys).__name__
-    if name == "KiviChannelTensor":
-        if keys.bits not in KEY_FORMATS[name]:
-            return f"KIVI key bits={keys.bits} (supported: {KEY_FORMATS[name]})"
-        if keys.group_size % 16:
-            return f"KIVI key group_size={keys.group_size} (supported: multiples of 16)"
-    if name == "PolarRopeTensor":
-        bits = keys.radius_bits + keys.angle_bits
-        if bits not in POLAR_PAIR_BITS:
-            return f"polar-rope radius_bits+angle_bits={bits} (supported: {POLAR_PAIR_BITS})"
-        if keys.group_size % 16:
-            return f"polar-rope group_size={keys.group_size} (supported: multiples of 16)"
-        if keys.pairing not in ("half", "interleaved"):
-            return f"polar-rope pairing={keys.pairing!r} (supported: 'half', 'interleaved')"
-    return None
-
-
-def _value_reason(values: QuantizedTensor | None) -> str | None:
-    """Why the kernel cannot read these values, or None when it can."""
-    if values is None:
-        return None
-    common = _common_reason(values, "value", VALUE_FORMATS)
-    if common is not None:
-        return common
-    if type(values).__name__ == "KiviTokenTensor":
-        if values.bits not in VALUE_FORMATS["KiviTokenTensor"]:
-            return f"KIVI value bits={values.bits} (supported: {VALUE_FORMATS['KiviTokenTensor']})"
-        if not (is_power_of_two(values.group_size) and values.group_size >= 8):
-            return f"KIVI value group_size={values.group_size} (supported: powers of two >= 8)"
-    return None
-
-
-def _refuse_unsupported(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> None:
-    """ValueError naming the stored format the kernel cannot read (``supports`` says it as a bool)."""
-    for reason in (_key_reason(keys), _value_reason(values)):
-        if reason is not None:
-            raise ValueError(f"fused_decode_attention does not support {reason}; check supports() first")
-
-
-def supports(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> bool:
-    """True when :func:`fused_decode_attention` can read this pair of stored formats."""
-    return triton is not None and _key_reason(keys) is None and _value_reason(values) is None
-
-
-# ----- operands: a format's tensors and static parameters, as the kernel takes them -------------------
-@dataclasses.dataclass
-class _Operand:
-    fmt: int
-    data: torch.Tensor  # codes (uint8) or full-precision vectors, last dim contiguous
-    meta: tuple[torch.Tensor, ...]  # metadata tensors sharing one layout; () for full precision
-    bits: int = 16
-    group: int = 1
-    radius_bits: int = 0
-    angle_bits: int = 0
-    pair_half: bool = True
-    # decode_formats (turbo, fp8, polar-recursive): lookup tables, their per-KV-head stride, levels,
-    # packed bytes per token
-    tables: tuple[torch.Tensor, ...] = ()
-    book_stride: int = 0
-    levels: int = 0
-    row_bytes: int = 0
-    parts: bool = False  # polar-recursive in the paper's setting: the transposed kernel reads it by parts
-
-    @property
-    def tokens(self) -> int:
-        return self.data.shape[-2]
-
-
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _row_metadata(t: torch.Tensor) -> torch.Tensor:
-    """Per-(token, group) metadata ``[..., T, G]`` as is where its tokens or its groups are adjacent
-    in memory (both layouts are read through their strides), else a contiguous copy."""
-    return t if 1 in (t.stride(-1), t.stride(-2)) else t.contiguous()
-
-
-def _one_layout(meta: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """``meta`` as is where all its tensors have one set of strides (the kernels address them all
-    through the first one's), else contiguous copies."""
-    if all(m.stride() == meta[0].stride() for m in meta):
-        return meta
-    return tuple(m.contiguous() for m in meta)
-
-
-def tokens_adjacent(meta: torch.Tensor) -> bool:
-    """Whether per-(token, group) metadata ``[..., T, G]`` has consecutive tokens adjacent in memory
-    (the layout ``KiviTokenTensor`` stores, ``quantized.tokens_contiguous``)."""
-    return meta.stride(-2) == 1
-
-
-def _key_operand(keys: QuantizedTensor) -> _Operand:
-    name = type(keys).__name__
-    if name in formats.FORMATS:
-        return _Operand(**formats.operand_fields(keys))
-    if name == "FullPrecisionTensor":
-        return _Operand(_FMT_FULL, _last_contiguous(keys.values), ())
-    if name == "KiviChannelTensor":
-        meta = (keys.scale, keys.minimum)
-        return _Operand(_FMT_KIVI, _last_contiguous(keys.codes),
-                        _one_layout(tuple(_last_contiguous(m) for m in meta)),
-                        bits=keys.bits, group=keys.group_size)
-    meta = (keys.radius_scale, keys.radius_min, keys.angle_scale, keys.angle_min)
-    return _Operand(_FMT_POLAR, _last_contiguous(keys.codes),
-                    _one_layout(tuple(_last_contiguous(m) for m in meta)),
-                    bits=keys.radius_bits + keys.angle_bits, group=keys.group_size,
-                    radius_bits=keys.radius_bits, angle_bits=keys.angle_bits,
-                    pair_half=keys.pairing == "half")
-
-
-def _value_operand(values: QuantizedTensor) -> _Operand:
-    if type(values).__name__ in formats.FORMATS:
-        return _Operand(**formats.operand_fields(values))
-    if type(values).__name__ == "FullPrecisionTensor":
-        return _Operand(_FMT_FULL, _last_contiguous(values.values), ())
-    meta = (values.scale, values.minimum)
-    return _Operand(_FMT_KIVI, _last_contiguous(values.codes), _one_layout(tuple(_row_metadata(m) for m in meta)),
-                    bits=values.bits, group=values.group_size)
-
-
-def _full_operand(x: torch.Tensor) -> _Operand:
-    return _Operand(_FMT_FULL, _last_contiguous(x), ())
 
 
 #: The defaults, made once (a decode step would otherwise build and compare a new one per layer).
@@ -346,7 +190,7 @@ def fused_decode_attention(
         raise ValueError("attention needs keys: both the packed part and the residual window are empty")
     if (residual_keys is None) != (residual_values is None):
         raise ValueError("residual_keys and residual_values must be both given or both None")
-    _refuse_unsupported(keys, values)
+    refuse_unsupported(keys, values)
     if query.dim() != 4 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"query must be [B, Hq, Tq, D] float16/bfloat16/float32; got {tuple(query.shape)} {query.dtype}")
     cfg = config or _DEFAULT_CONFIG
@@ -382,7 +226,7 @@ def fused_decode_attention(
     if r:
         block_n = min(cfg.block_n, max(16, _next_pow2(r)))
         splits, per_split = choose_splits(r, bsz * hkv, sms, block_n, _residual_config(cfg))
-        parts.append((_full_operand(residual_keys), _full_operand(residual_values), tk, splits, per_split, block_n,
+        parts.append((full_operand(residual_keys), full_operand(residual_values), tk, splits, per_split, block_n,
                       query, cfg, False))
     total_splits = sum(p[3] for p in parts)
 
@@ -433,8 +277,8 @@ def _packed_query(query: torch.Tensor, k_rot: torch.Tensor | None) -> torch.Tens
 class _PackedPlan:
     """How the packed tokens are launched: operands, kernel form, block, splits, tuned config."""
 
-    k_op: _Operand
-    v_op: _Operand
+    k_op: Operand
+    v_op: Operand
     transposed: bool
     block_n: int
     splits: int
@@ -446,15 +290,15 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
     """The launch of the packed tokens (``query``: as the kernel reads it, rotated for rotated formats)."""
     bsz, hq = query.shape[:2]
     hkv = keys.shape[1]
-    k_op, v_op = _key_operand(keys), _value_operand(values)
+    k_op, v_op = key_operand(keys), value_operand(values)
     query_rows = (hq // hkv) * query.shape[2]  # per KV head: GQA group x query tokens
     transposed = _use_transposed(k_op, v_op, cfg, query_rows)
     block_n = cfg.block_n
-    grouped = k_op.fmt in (_FMT_POLAR, _FMT_KIVI)
-    if grouped and (k_op.fmt == _FMT_POLAR or block_n % k_op.group or transposed):
+    grouped = k_op.fmt in (FMT_POLAR, FMT_KIVI)
+    if grouped and (k_op.fmt == FMT_POLAR or block_n % k_op.group or transposed):
         block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
     block_n = min(block_n, formats.block_n_cap(k_op.fmt, v_op.fmt) or block_n)
-    if k_op.fmt == _FMT_POLAR and transposed:
+    if k_op.fmt == FMT_POLAR and transposed:
         block_n = min(block_n, _POLAR_T_BLOCK_N)
     if formats.FMT_TURBO in (k_op.fmt, v_op.fmt) and transposed:
         block_n = min(block_n, _TURBO_T_BLOCK_N)
@@ -506,7 +350,7 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
     as taken for these tensors; None where neither operand has such codes). ``query``: ``[B, Hq, Tq, D]``."""
     if keys is None or values is None:
         raise ValueError("describe_launch needs packed keys and values (the residual window alone is not launched this way)")
-    _refuse_unsupported(keys, values)
+    refuse_unsupported(keys, values)
     if query.dim() != 4 or query.shape[1] % keys.shape[1]:
         raise ValueError(f"query must be [B, Hq, Tq, D] with Hq a multiple of the {keys.shape[1]} KV heads; "
                          f"got {tuple(query.shape)}")
@@ -525,7 +369,7 @@ def _kivi_reading(plan: _PackedPlan) -> str | None:
     """How the transposed kernel reads the plan's 2- / 4-bit KIVI codes ("halfwords" where either
     operand is read as 16-bit units), None where it has none."""
     units = [_kivi_code_units(op, plan.config)[1] for op in (plan.k_op, plan.v_op)
-             if op.fmt == _FMT_KIVI and op.bits in (2, 4)]
+             if op.fmt == FMT_KIVI and op.bits in (2, 4)]
     if not units:
         return None
     return "halfwords" if 2 in units else "bytes"
@@ -544,7 +388,7 @@ _BATCH_PROGRAMS = 64
 _REGISTER_CAP = 168
 
 
-def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: LaunchConfig,
+def transposed_tuning(k_op: Operand, v_op: Operand, programs: int, cfg: LaunchConfig,
                       sms: int = 132, query_rows: int = 1) -> tuple[int, int | None]:
     """(programs per SM, register cap or None) of the transposed kernel for ``programs`` (sequence,
     KV head) pairs on ``sms`` SMs: the config's values where given, else the policy measured on the
@@ -584,12 +428,12 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
     compile kivi-2 at 16 rows spills 528 bytes per thread under the 168 cap, 136 without it.
     """
     batched = programs >= _BATCH_PROGRAMS
-    kivi_pair = k_op.fmt == _FMT_KIVI and v_op.fmt == _FMT_KIVI
+    kivi_pair = k_op.fmt == FMT_KIVI and v_op.fmt == FMT_KIVI
     bytes_4bit = k_op.bits == 4 and v_op.bits <= 4 and cfg.kivi_code_units == "bytes"
     capped_kivi = kivi_pair and (bytes_4bit or k_op.bits == v_op.bits == 2)
     capped_format = capped_kivi or formats.FMT_TURBO in (k_op.fmt, v_op.fmt)
     fills_wave = k_op.tokens >= cfg.min_split_tokens * math.ceil(12 * sms / programs)
-    pps = 16 if batched and k_op.fmt == _FMT_POLAR and v_op.bits == 2 else 12
+    pps = 16 if batched and k_op.fmt == FMT_POLAR and v_op.bits == 2 else 12
     if cfg.transposed_programs_per_sm is not None:
         pps = cfg.transposed_programs_per_sm
     max_registers = cfg.max_registers
@@ -598,7 +442,7 @@ def transposed_tuning(k_op: _Operand, v_op: _Operand, programs: int, cfg: Launch
     return pps, max_registers
 
 
-def value_metadata_policy(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> str:
+def value_metadata_policy(k_op: Operand, v_op: Operand, cfg: LaunchConfig) -> str:
     """How the transposed kernel reads KIVI value scale / min (``LaunchConfig.value_metadata``): the
     config's choice where given; else, for metadata with its tokens adjacent in memory (as
     ``KiviTokenTensor`` stores it), "tiles": one vector per group and block, in the pairs of
@@ -615,12 +459,12 @@ def value_metadata_policy(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig) -> 
     1.34 / 1.30 / 1.34x)."""
     if cfg.value_metadata is not None:
         return cfg.value_metadata
-    if v_op.fmt == _FMT_KIVI and v_op.meta and tokens_adjacent(v_op.meta[0]):
+    if v_op.fmt == FMT_KIVI and v_op.meta and tokens_adjacent(v_op.meta[0]):
         return "tiles"
     return "ahead" if k_op.fmt == formats.FMT_TURBO else "words"
 
 
-def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig, query_rows: int = 1) -> bool:
+def _use_transposed(k_op: Operand, v_op: Operand, cfg: LaunchConfig, query_rows: int = 1) -> bool:
     """KIVI values in whole bytes (or 3-bit codes in 3-byte units, head dim >= 128) or polar-recursive
     values in the paper's setting (``parts``), with
     KIVI keys in whole bytes, polar-rope keys of 2, 4, 6 or 8 bits per pair (four pairs per unit of
@@ -635,7 +479,7 @@ def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig, query_row
     codebook gathers lose even where its latency should win (H100, B=1, ms, classic vs transposed,
     ``results/turbo_parts_small_h100.json``: turbo-3 at 4k 0.073 vs 0.060, turbo-4 0.075 vs 0.054,
     KIVI-2 keys with turbo-4 values 0.043 vs 0.036; at 8k turbo-3 0.103 vs 0.060)."""
-    kivi_values = v_op.fmt == _FMT_KIVI and (8 % v_op.bits == 0 or _kivi3_parts(v_op))
+    kivi_values = v_op.fmt == FMT_KIVI and (8 % v_op.bits == 0 or _kivi3_parts(v_op))
     parts_values = v_op.fmt == formats.FMT_POLAR_RECURSIVE and v_op.parts
     if not (cfg.transposed and cfg.by_parts and (kivi_values or parts_values or _turbo_parts(v_op))):
         return False
@@ -649,15 +493,15 @@ def _use_transposed(k_op: _Operand, v_op: _Operand, cfg: LaunchConfig, query_row
         return k_op.parts
     if k_op.fmt == formats.FMT_TURBO:
         return _turbo_parts(k_op)
-    if k_op.fmt == _FMT_KIVI:
+    if k_op.fmt == FMT_KIVI:
         return 8 % k_op.bits == 0
-    if k_op.fmt == _FMT_POLAR and k_op.bits in _POLAR_UNIT_BITS:
+    if k_op.fmt == FMT_POLAR and k_op.bits in _POLAR_UNIT_BITS:
         head_dim = k_op.data.shape[-1] * 16 // k_op.bits
         return head_dim >= 128 or _interpreting()
     return False
 
 
-def _turbo_parts(op: _Operand) -> bool:
+def _turbo_parts(op: Operand) -> bool:
     """Turbo codes the transposed kernel reads by parts: at least 16 units per head vector."""
     if op.fmt != formats.FMT_TURBO:
         return False
@@ -665,33 +509,33 @@ def _turbo_parts(op: _Operand) -> bool:
     return head_dim // _tq.UNITS[op.bits][1] >= 16
 
 
-def _kivi3_parts(op: _Operand) -> bool:
+def _kivi3_parts(op: Operand) -> bool:
     """3-bit KIVI values the transposed kernel reads by parts (units of 3 bytes, 8 codes): at least 16
     units per head vector."""
     head_dim = op.data.shape[-1] * 8 // 3
     return op.bits == 3 and head_dim // 8 >= 16
 
 
-def _code_units(op: _Operand, cfg: LaunchConfig) -> tuple[torch.Tensor, int, int, bool]:
+def _code_units(op: Operand, cfg: LaunchConfig) -> tuple[torch.Tensor, int, int, bool]:
     """(code pointer tensor, bytes per unit, codes per unit, int16 words) of turbo codes, and of
     KIVI codes in the transposed kernel (16-bit units or whole bytes, ``_kivi_code_units``; 3-byte
     units of 3-bit codes)."""
-    if op.fmt == _FMT_KIVI and 8 % op.bits == 0:
+    if op.fmt == FMT_KIVI and 8 % op.bits == 0:
         return (*_kivi_code_units(op, cfg), False)
-    ub, u = _tq.UNITS[op.bits] if op.fmt == formats.FMT_TURBO else _unit(op.bits)
+    ub, u = _tq.UNITS[op.bits] if op.fmt == formats.FMT_TURBO else packed_unit(op.bits)
     if ub == 3:
         data, _ = _unit_words(op.data, 6)  # 24-bit units, as polar-rope's 6-bit pairs
         return data, ub, u, data is not op.data
     return op.data, ub, u, False
 
 
-def _kivi_code_units(op: _Operand, cfg: LaunchConfig) -> tuple[torch.Tensor, int, int]:
+def _kivi_code_units(op: Operand, cfg: LaunchConfig) -> tuple[torch.Tensor, int, int]:
     """(code tensor, bytes per unit, codes per unit) of KIVI codes in whole bytes in the transposed
     kernel: 16-bit units (the bytes viewed as int16) for 2- and 4-bit codes with
     ``kivi_code_units="halfwords"`` where the rows are whole halfwords, at least 16 of them (each
     code position's units fill the tensor-core dimension of 16: head dim >= 128 for 2-bit codes,
     >= 64 for 4-bit), else bytes."""
-    ub, u = _unit(op.bits)
+    ub, u = packed_unit(op.bits)
     if cfg.kivi_code_units == "halfwords" and op.bits in (2, 4) and op.data.shape[-1] >= 32:
         try:
             return op.data.view(torch.int16), 2, 16 // op.bits
@@ -700,7 +544,7 @@ def _kivi_code_units(op: _Operand, cfg: LaunchConfig) -> tuple[torch.Tensor, int
     return op.data, ub, u
 
 
-def _value_metadata(op: _Operand, query: torch.Tensor, cfg: "LaunchConfig") -> tuple[tuple[torch.Tensor, ...], int]:
+def _value_metadata(op: Operand, query: torch.Tensor, cfg: "LaunchConfig") -> tuple[tuple[torch.Tensor, ...], int]:
     """(metadata tensors, ``VAL_META`` mode) of KIVI values in the transposed kernel
     (``LaunchConfig.value_metadata``): "tiles" (3): 16-bit [groups, block] tiles read in the block
     that uses them (Triton's pipeliner copies them ahead); "words" (2) views them as int32 words of
@@ -710,7 +554,7 @@ def _value_metadata(op: _Operand, query: torch.Tensor, cfg: "LaunchConfig") -> t
     else "tiles" for metadata with its tokens adjacent and "ahead" (1) for any other: 16-bit tiles
     read one block ahead into registers; "gather" (0) gathers them per packed unit where used."""
     mode = cfg.value_metadata or "words"  # (``_packed_plan`` resolves None by ``value_metadata_policy``)
-    if op.fmt != _FMT_KIVI or mode == "gather":
+    if op.fmt != FMT_KIVI or mode == "gather":
         return op.meta, 0
     if mode == "tiles" or (mode == "words" and op.meta[0].stride(-1) != 1 and tokens_adjacent(op.meta[0])):
         return op.meta, 3
@@ -725,7 +569,7 @@ def _value_metadata(op: _Operand, query: torch.Tensor, cfg: "LaunchConfig") -> t
     return (words, 2) if words[0].stride() == words[1].stride() else (op.meta, 1)
 
 
-def _turbo_tables(op: _Operand, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _turbo_tables(op: Operand, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(float32 codebook, ``turbo_parts.lut_words`` of it in the query's dtype, lookup mode) of turbo
     codes; any tensors for other formats (pointer slots the kernel does not read). The mode
     (``turbo_parts.part_values``' ``LOOKUP``): 0 under the interpreter, 2 for 4-bit codes of an
@@ -743,15 +587,15 @@ def _turbo_tables(op: _Operand, query: torch.Tensor) -> tuple[torch.Tensor, torc
 def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
                   part_max, part_sum, part_acc, scale, gqa, block_m, block_n, cfg):
     """Launch ``_split_kernel`` (the classic form) over one packed range of tokens, or the residual window."""
-    k_op, v_op = _row_major(k_op), _row_major(v_op)
+    k_op, v_op = row_major(k_op), row_major(v_op)
     bsz, hq, tq, d = query.shape
     hkv = hq // gqa
     km = k_op.meta + (query,) * (4 - len(k_op.meta))  # unused pointer slots get any tensor
     vm = v_op.meta + (query,) * (2 - len(v_op.meta))
     km_strides = k_op.meta[0].stride()[:3] if k_op.meta else (0, 0, 0)
-    vm_strides = _metadata_strides(v_op.meta[0]) if v_op.meta else (0, 0, 0, 0)
-    k_unit = _unit(k_op.bits) if k_op.fmt != _FMT_FULL else (1, 1)
-    v_unit = _unit(v_op.bits) if v_op.fmt != _FMT_FULL else (1, 1)
+    vm_strides = metadata_strides(v_op.meta[0]) if v_op.meta else (0, 0, 0, 0)
+    k_unit = packed_unit(k_op.bits) if k_op.fmt != FMT_FULL else (1, 1)
+    v_unit = packed_unit(v_op.bits) if v_op.fmt != FMT_FULL else (1, 1)
     mask_t = mask if mask is not None else query
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     _split_kernel[(bsz * hkv, splits)](
@@ -775,36 +619,6 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
     )
 
 
-def _row_major(op: _Operand) -> _Operand:
-    """``op`` with one row per token, as the classic kernel reads codes and metadata: polar-recursive
-    tensors laid out with consecutive tokens adjacent (the transposed kernel's layout) are copied,
-    per call, where the launch policy sends them to the classic kernel (small caches, many query
-    rows); every other operand as it is."""
-    if op.fmt != formats.FMT_POLAR_RECURSIVE or (op.data.stride(-1) == 1 and op.meta[0].stride(-1) == 1):
-        return op
-    return dataclasses.replace(op, data=op.data.contiguous(), meta=tuple(m.contiguous() for m in op.meta))
-
-
-def _byte_stride(op: _Operand) -> int:
-    """Stride between the code bytes of one token: 1 (a row per token), or the token count's for
-    polar-recursive codes laid out with consecutive tokens adjacent (the transposed kernel reads
-    both; every other format's codes are rows)."""
-    return op.data.stride(-1) if op.fmt == formats.FMT_POLAR_RECURSIVE else 1
-
-
-def _column_stride(op: _Operand) -> int:
-    """Stride between the per-token metadata columns of one token (polar-recursive radii: 1, or the
-    token count's where consecutive tokens are adjacent); 1 for every other format's key metadata."""
-    return op.meta[0].stride(-1) if op.fmt == formats.FMT_POLAR_RECURSIVE else 1
-
-
-def _metadata_strides(meta: torch.Tensor) -> tuple[int, int, int, int]:
-    """(batch, head, token, group) strides of per-token metadata ``[B, H, T]`` or ``[B, H, T, G]``
-    (group stride 0 where there is no group axis)."""
-    strides = meta.stride()
-    return (*strides[:3], strides[3] if meta.dim() > 3 else 0)
-
-
 def _three_byte_reading(codes: torch.Tensor, data: torch.Tensor, unit_bytes: int, words: bool,
                         cfg: LaunchConfig) -> tuple[torch.Tensor, bool | int]:
     """(pointer tensor, ``WORDS`` mode) of codes read in units of ``unit_bytes``: for 3-byte units
@@ -825,22 +639,22 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
     bsz, hq, tq, d = query.shape
     hkv = hq // gqa
     block_m = max(cfg.transposed_rows, _next_pow2(gqa * tq))
-    if k_op.fmt == _FMT_POLAR:  # four pairs per unit of bits/2 bytes, read as one word where possible
+    if k_op.fmt == FMT_POLAR:  # four pairs per unit of bits/2 bytes, read as one word where possible
         k_data, k_ub = _unit_words(k_op.data, k_op.bits)
         k_u, k_nu, k_words = 4, d // 8, k_data is not k_op.data
         k_data, k_words = _three_byte_reading(k_op.data, k_data, k_ub, k_words, cfg)
-    elif k_op.fmt in (formats.FMT_TURBO, _FMT_KIVI):
+    elif k_op.fmt in (formats.FMT_TURBO, FMT_KIVI):
         k_data, k_ub, k_u, k_words = _code_units(k_op, cfg)
         k_nu = d // k_u
         k_data, k_words = _three_byte_reading(k_op.data, k_data, k_ub, k_words, cfg)
     else:  # polar-recursive by parts: bytes
-        k_data, (k_ub, k_u) = k_op.data, _unit(k_op.bits)
+        k_data, (k_ub, k_u) = k_op.data, packed_unit(k_op.bits)
         k_nu, k_words = d // k_u, False
-    if v_op.fmt in (formats.FMT_TURBO, _FMT_KIVI):
+    if v_op.fmt in (formats.FMT_TURBO, FMT_KIVI):
         v_data, v_ub, v_u, v_words = _code_units(v_op, cfg)
         v_data, v_words = _three_byte_reading(v_op.data, v_data, v_ub, v_words, cfg)
     else:
-        v_data, (v_ub, v_u), v_words = v_op.data, _unit(v_op.bits), False
+        v_data, (v_ub, v_u), v_words = v_op.data, packed_unit(v_op.bits), False
     k_book, k_lut, k_lookup = _turbo_tables(k_op, query)
     v_book, v_lut, v_lookup = _turbo_tables(v_op, query)
     km = k_op.meta + (query,) * (4 - len(k_op.meta))
@@ -855,8 +669,8 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         extra["maxnreg"] = cfg.max_registers
     args = (
         query, *query.stride()[:3],
-        k_data, *k_data.stride()[:3], _byte_stride(k_op), *km, *k_op.meta[0].stride()[:3], _column_stride(k_op),
-        v_data, *v_data.stride()[:3], _byte_stride(v_op), *vm, *_metadata_strides(v_meta[0]),
+        k_data, *k_data.stride()[:3], byte_stride(k_op), *km, *k_op.meta[0].stride()[:3], column_stride(k_op),
+        v_data, *v_data.stride()[:3], byte_stride(v_op), *vm, *metadata_strides(v_meta[0]),
         mask_t, *mask_strides,
         part_max, part_sum, part_acc,
         k_op.tokens, offset, blocks_per_split, base, total_splits, hkv,

@@ -161,7 +161,7 @@ def _level_table(head_dim: int, bits: tuple[int, ...], device: str) -> torch.Ten
 
 
 def operand_fields(p: QuantizedTensor) -> dict:
-    """Keyword arguments of ``decode_attention._Operand`` for a format of :data:`FORMATS`.
+    """Keyword arguments of ``decode_operands.Operand`` for a format of :data:`FORMATS`.
 
     ``meta[0]`` holds one row per token (``[B, H, T, ...]``, strides read by the launcher);
     ``tables`` are up to three small lookup tables; ``book_stride`` the per-(sequence, KV head)
