@@ -41,7 +41,7 @@ from triton.testing import do_bench
 import kvpolar
 from kvpolar.decode_attention import reference_decode_attention
 from kvpolar.kernels.decode_attention import LaunchConfig, describe_launch, fused_decode_attention, supports
-from kvpolar.quantized import tokens_contiguous
+from kvpolar.quantized import laid_out_tokens_contiguous, tokens_contiguous
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
 
@@ -151,8 +151,7 @@ def _repeat_batch(p, b):
     for fname, tensor in p.stored_tensors().items():
         if tensor.dim() >= 3 and tensor.shape[0] == 1:
             repeated = tensor.repeat(b, *([1] * (tensor.dim() - 1)))
-            tokens_adjacent = tensor.stride(-2) == 1 and tensor.stride(-1) != 1
-            fields[fname] = tokens_contiguous(repeated) if tokens_adjacent else repeated  # (the stored layout)
+            fields[fname] = tokens_contiguous(repeated) if laid_out_tokens_contiguous(tensor) else repeated  # (as stored)
     return dataclasses.replace(p, shape=torch.Size((b, *p.shape[1:])), **fields)
 
 

@@ -138,13 +138,14 @@ def reads_by_parts(levels: int, bits: tuple[int, ...], head_dim: int, codebook: 
     return levels == PARTS_LEVELS and tuple(bits) == PARTS_BITS and head_dim >= 128 and codebook == "analytic"
 
 
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+def last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as is where its last axis is contiguous (a row per token), else a contiguous copy."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _row_or_tokens_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """``t`` ``[..., T, G]`` as is where its last axis or its tokens are adjacent in memory, else a
-    contiguous copy."""
+def rows_or_tokens_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[..., T, G]`` as is where its last axis or its tokens are adjacent in memory (the
+    kernels read both layouts through their strides), else a contiguous copy."""
     return t if 1 in (t.stride(-1), t.stride(-2)) else t.contiguous()
 
 
@@ -168,11 +169,12 @@ def operand_fields(p: QuantizedTensor) -> dict:
     stride of per-head tables (online codebooks), 0 when shared.
     """
     name = type(p).__name__
-    codes = p.codes if name == "PolarRecursiveTensor" else _last_contiguous(p.codes)
     if name == "TurboTensor":
-        return dict(fmt=FMT_TURBO, data=codes, meta=(_last_contiguous(p.norms),), bits=p.bits,
+        codes = last_contiguous(p.codes)
+        return dict(fmt=FMT_TURBO, data=codes, meta=(last_contiguous(p.norms),), bits=p.bits,
                     tables=(p.codebook.float().contiguous(),), row_bytes=codes.shape[-1])
     if name == "Fp8Tensor":
+        codes = last_contiguous(p.codes)
         # the chunk scales expanded to one fp32 scale per token (4 bytes/token next to D bytes of
         # codes): the kernel reads a token's scale like any per-token metadata
         scale = p.token_scales().float()
@@ -189,9 +191,9 @@ def operand_fields(p: QuantizedTensor) -> dict:
         books, book_stride = p.analytic_codebooks.float(), 0
     parts = reads_by_parts(p.levels, p.bits, p.head_dim, p.codebook)
     if parts:  # either layout as stored (the transposed kernel addresses both through their strides)
-        codes, radii = _row_or_tokens_contiguous(p.codes), _row_or_tokens_contiguous(p.radii)
+        codes, radii = rows_or_tokens_contiguous(p.codes), rows_or_tokens_contiguous(p.radii)
     else:
-        codes, radii = _last_contiguous(p.codes), _last_contiguous(p.radii)
+        codes, radii = last_contiguous(p.codes), last_contiguous(p.radii)
     table = _level_table(p.head_dim, tuple(p.bits), str(codes.device))
     return dict(fmt=FMT_POLAR_RECURSIVE, data=codes, meta=(radii,), bits=8,
                 tables=(books.cos().contiguous(), books.sin().contiguous(), table), book_stride=book_stride,

@@ -10,6 +10,7 @@ import dataclasses
 import torch
 
 from kvpolar.kernels import decode_formats as formats
+from kvpolar.kernels.decode_formats import last_contiguous, rows_or_tokens_contiguous
 from kvpolar.kernels import triton_available
 from kvpolar.quantized import QuantizedTensor
 from kvpolar.quantizers.rotations import is_power_of_two
@@ -120,16 +121,6 @@ class Operand:
         return self.data.shape[-2]
 
 
-def last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def row_metadata(t: torch.Tensor) -> torch.Tensor:
-    """Per-(token, group) metadata ``[..., T, G]`` as is where its tokens or its groups are adjacent
-    in memory (both layouts are read through their strides), else a contiguous copy."""
-    return t if 1 in (t.stride(-1), t.stride(-2)) else t.contiguous()
-
-
 def one_layout(meta: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """``meta`` as is where all its tensors have one set of strides (the kernels address them all
     through the first one's), else contiguous copies."""
@@ -169,7 +160,7 @@ def value_operand(values: QuantizedTensor) -> Operand:
     if type(values).__name__ == "FullPrecisionTensor":
         return Operand(FMT_FULL, last_contiguous(values.values), ())
     meta = (values.scale, values.minimum)
-    return Operand(FMT_KIVI, last_contiguous(values.codes), one_layout(tuple(row_metadata(m) for m in meta)),
+    return Operand(FMT_KIVI, last_contiguous(values.codes), one_layout(tuple(rows_or_tokens_contiguous(m) for m in meta)),
                     bits=values.bits, group=values.group_size)
 
 

@@ -225,7 +225,7 @@ def _split_kernel_t(
                                       km2 + mo, km3 + mo, meta_ok, uk, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
             s_t = s_t * qk_scale
         elif KEY_FMT == 6:  # polar-recursive: eight parts rebuilt level by level from the radii
-            if PR_KEY_JOIN == 2:  # [BN, NJ, 1] subtree tiles, leaves [BN, NJ, 2] reshaped
+            if PR_KEY_JOIN == _pr.KEY_SUBTREES:  # [BN, NJ, 1] subtree tiles, leaves [BN, NJ, 2] reshaped
                 ok_k = n_ok[:, None, None]
                 k_rows = k_base + offs_n[:, None, None] * sk_t
                 r_rows = km0 + km_base + offs_n[:, None, None] * skm_g

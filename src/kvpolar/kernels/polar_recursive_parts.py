@@ -53,6 +53,8 @@ HALF_PI = tl.constexpr(math.pi / 2)
 #: form for keys, ``LaunchConfig.polar_recursive_keys="subtrees"``, is chosen per launch.)
 KEY_JOIN = False
 VALUE_JOIN = True
+#: The key parts' third form, ``JOIN`` of :func:`key_part_t` (``LaunchConfig.polar_recursive_keys="subtrees"``)
+KEY_SUBTREES = tl.constexpr(2)
 
 
 def uniform_level1(codebook: torch.Tensor, tol: float = 1e-5) -> bool:
@@ -153,7 +155,7 @@ def key_part_t(s_t, r2, word1, odd, q_part, P: tl.constexpr, BN: tl.constexpr, N
     joined (``JOIN`` 1), from ``[BN, NJ, 1]`` tiles whose ``[BN, NJ, 2]`` leaves (``odd`` ``[1, 1, 2]``)
     are reshaped (``JOIN`` 2, ``LaunchConfig.polar_recursive_keys="subtrees"``), or from ``[BN, 2 NJ]``
     tiles (column ``k`` = subtree ``k // 2``; ``JOIN`` 0)."""
-    if JOIN == 2:  # [BN, NJ, 1] subtree tiles, the leaf [BN, NJ, 2] (b1 last), one reshape
+    if JOIN == KEY_SUBTREES:  # [BN, NJ, 1] subtree tiles, the leaf [BN, NJ, 2] (b1 last), one reshape
         tile = tl.reshape(leaf_tile(r2, word1, odd, P, FAST), [BN, 2 * NJ]).to(DT)
     elif JOIN:
         x, y = leaf_pair(r2, word1, P, FAST)
