@@ -57,6 +57,20 @@ def test_scores_kernel_gqa_rows_through_quantizer_layout():
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("tokens", [1, 29])
+def test_scores_kernel_reads_tokens_adjacent_codes_in_place(tokens):
+    """At head dim 128 the quantizer stores codes and radii with consecutive tokens adjacent (the
+    decode kernel's layout); the scores kernel reads them through their strides."""
+    p = kvpolar.quantizer("polar-recursive").quantize(torch.randn(2, 2, tokens, 128, device=DEVICE, dtype=torch.float16))
+    if tokens > 1:
+        assert p.codes.stride(-2) == 1 and p.radii.stride(-2) == 1
+    assert prs._rows(p.codes, 4, tokens).data_ptr() == p.codes.data_ptr()  # a view, not a copy
+    queries = torch.randn(2, 2, 3, 128, device=DEVICE, dtype=torch.float16)
+    exact, ref_err = reference_error(queries, p)
+    got = prs.polar_recursive_scores(queries, p, block_t=16)
+    assert (got.double() - exact).abs().max() <= 4 * ref_err + 1e-6 * exact.abs().max()
+
+
 def test_scores_kernel_refuses_non_power_of_two():
     q_ = kvpolar.quantizer("polar-recursive", preconditioner="orthogonal", levels=2, bits=(3, 2))
     p = q_.quantize(torch.randn(1, 4, 48))

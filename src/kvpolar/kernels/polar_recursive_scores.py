@@ -59,7 +59,7 @@ def polar_recursive_scores(
 
     q_rot = _rotation_of(p).apply(q).reshape(-1, tq, d).contiguous()
     bh = q_rot.shape[0]
-    codes = p.codes.reshape(bh, tokens, -1).contiguous()
+    codes = _rows(p.codes, bh, tokens)
     if p.codebook == "online":
         books, book_stride = p.codebooks.reshape(bh, -1).float(), p.codebooks.shape[-1]
     else:
@@ -67,40 +67,48 @@ def polar_recursive_scores(
     cos_table, sin_table = books.cos().contiguous(), books.sin().contiguous()
     rb = p.radius_bits or 0
     if rb:
-        radii = p.radius_codes.reshape(bh, tokens, -1).contiguous()
+        radii = _rows(p.radius_codes, bh, tokens)
         scale = p.radius_scale.reshape(bh, tokens).contiguous()
         minimum = p.radius_min.reshape(bh, tokens).contiguous()
     else:
-        radii = p.radii.reshape(bh, tokens, -1).contiguous()
+        radii = _rows(p.radii, bh, tokens)
         scale = minimum = radii  # unused
     out = torch.empty(bh, tq, tokens, dtype=torch.float32, device=q.device)
     grid = (bh, triton.cdiv(tokens, block_t), triton.cdiv(tq, block_q))
     _scores_kernel[grid](
         q_rot, codes, radii, scale, minimum, cos_table, sin_table, level_table(p, q.device), out,
-        tokens, tq, codes.shape[-1], radii.shape[-1], book_stride,
+        tokens, tq, codes.shape[-1], radii.shape[-1], *codes.stride(), *radii.stride(), book_stride,
         D=d, LEVELS=p.levels, RADIUS_BITS=rb, BLOCK_T=block_t, BLOCK_Q=block_q,
     )
     return out.reshape(*p.shape[:-2], tq, tokens)
 
 
+def _rows(field: torch.Tensor, bh: int, tokens: int) -> torch.Tensor:
+    """``field`` ``[..., T, n]`` as ``[bh, T, n]``: a view in either stored layout (one row per token,
+    or consecutive tokens adjacent, as the quantizer stores the codes the decode kernel reads by
+    parts; the kernel takes the strides), a copy only where the leading dimensions do not merge."""
+    return field.reshape(bh, tokens, field.shape[-1])
+
+
 @triton.jit
-def _read_code(base, row_mask, bit, width, nbytes):
-    """``width``-bit codes at bit offsets ``bit`` ``[D]`` of the rows at ``base`` ``[BLOCK_T, 1]``."""
+def _read_code(base, row_mask, bit, width, nbytes, s_byte):
+    """``width``-bit codes at bit offsets ``bit`` ``[D]`` of the rows at ``base`` ``[BLOCK_T, 1]``
+    (``s_byte``: elements between consecutive bytes of a row)."""
     byte = bit >> 3
-    lo = tl.load(base + byte[None, :], mask=row_mask, other=0).to(tl.int32)
-    hi = tl.load(base + byte[None, :] + 1, mask=row_mask & (byte[None, :] + 1 < nbytes), other=0).to(tl.int32)
+    lo = tl.load(base + byte[None, :] * s_byte, mask=row_mask, other=0).to(tl.int32)
+    hi = tl.load(base + (byte[None, :] + 1) * s_byte, mask=row_mask & (byte[None, :] + 1 < nbytes), other=0).to(tl.int32)
     return ((lo | (hi << 8)) >> (bit & 7)[None, :]) & ((1 << width) - 1)
 
 
 @triton.jit
-def _split_level(y, code_base, t_mask, level_ptr, cos_ptr, sin_ptr, NB,
+def _split_level(y, code_base, t_mask, level_ptr, cos_ptr, sin_ptr, NB, s_cn,
                  LEVEL: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
     """Radii ``[BLOCK_T, n]`` of 0-based level ``LEVEL`` -> ``[BLOCK_T, 2n]`` children ``(r cos, r sin)``."""
     N: tl.constexpr = D >> (LEVEL + 1)
     offset = tl.load(level_ptr + 3 * LEVEL)
     width = tl.load(level_ptr + 3 * LEVEL + 1)
     entry = tl.load(level_ptr + 3 * LEVEL + 2)
-    code = _read_code(code_base, t_mask, offset + tl.arange(0, N) * width, width, NB)
+    code = _read_code(code_base, t_mask, offset + tl.arange(0, N) * width, width, NB, s_cn)
     cos = tl.load(cos_ptr + entry + code)
     sin = tl.load(sin_ptr + entry + code)
     return tl.reshape(tl.join(y * cos, y * sin), [BLOCK_T, 2 * N])
@@ -109,7 +117,7 @@ def _split_level(y, code_base, t_mask, level_ptr, cos_ptr, sin_ptr, NB,
 @triton.jit
 def _scores_kernel(
     q_ptr, codes_ptr, radii_ptr, scale_ptr, min_ptr, cos_ptr, sin_ptr, level_ptr, out_ptr,
-    T, TQ, NB, NR, book_stride,
+    T, TQ, NB, NR, s_cb, s_ct, s_cn, s_rb, s_rt, s_rn, book_stride,
     D: tl.constexpr, LEVELS: tl.constexpr, RADIUS_BITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
@@ -122,18 +130,18 @@ def _scores_kernel(
     m: tl.constexpr = D >> LEVELS
     j = tl.arange(0, m)
     if RADIUS_BITS == 0:
-        y = tl.load(radii_ptr + (bh * T + t)[:, None] * NR + j[None, :], mask=t_mask, other=0.0).to(tl.float32)
+        y = tl.load(radii_ptr + bh * s_rb + t[:, None] * s_rt + j[None, :] * s_rn, mask=t_mask, other=0.0).to(tl.float32)
     else:
-        code = _read_code(radii_ptr + (bh * T + t)[:, None] * NR, t_mask, j * RADIUS_BITS, RADIUS_BITS, NR)
+        code = _read_code(radii_ptr + bh * s_rb + t[:, None] * s_rt, t_mask, j * RADIUS_BITS, RADIUS_BITS, NR, s_rn)
         scale = tl.load(scale_ptr + bh * T + t, mask=t < T, other=0.0).to(tl.float32)
         minimum = tl.load(min_ptr + bh * T + t, mask=t < T, other=0.0).to(tl.float32)
         y = tl.exp(code.to(tl.float32) * scale[:, None] + minimum[:, None])
 
     # top-down inverse transform: each radius splits into (r cos, r sin) by its level's angle
-    code_base = codes_ptr + (bh * T + t)[:, None] * NB
+    code_base = codes_ptr + bh * s_cb + t[:, None] * s_ct
     book = bh * book_stride
     for level in tl.static_range(LEVELS - 1, -1, -1):  # 0-based; the paper's level is level + 1
-        y = _split_level(y, code_base, t_mask, level_ptr, cos_ptr + book, sin_ptr + book, NB, level, D, BLOCK_T)
+        y = _split_level(y, code_base, t_mask, level_ptr, cos_ptr + book, sin_ptr + book, NB, s_cn, level, D, BLOCK_T)
 
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (bh * TQ + rows)[:, None] * D + d[None, :], mask=(rows < TQ)[:, None], other=0.0)
