@@ -249,7 +249,7 @@ if triton is not None:
                 byte = tl.load(rows[:, None] + (dcol // (8 // BITS))[None, :], mask=row_ok[:, None], other=0)
                 codes = (byte.to(tl.int32) >> ((dcol % (8 // BITS)) * BITS)[None, :]) & ((1 << BITS) - 1)
             else:
-                codes = _read_code(rows[:, None], row_ok[:, None], dcol * BITS, BITS, NB)
+                codes = _read_code(rows[:, None], row_ok[:, None], dcol * BITS, BITS, NB, 1)
             tile = tl.load(tab0 + codes)
             factor = tl.load(meta_tok, mask=row_ok, other=0.0).to(tl.float32)
         elif FMT == 4 and FP8_CONVERT:  # fp8 e4m3, the hardware conversion: exact values
@@ -265,7 +265,7 @@ if triton is not None:
             tile = tl.load(meta_tok[:, None] + tl.arange(0, M)[None, :], mask=row_ok[:, None],
                            other=0.0).to(tl.float32)
             for level in tl.static_range(LEVELS - 1, -1, -1):
-                tile = _split_level(tile, rows[:, None], row_ok[:, None], tab2, tab0 + book, tab1 + book, NB,
+                tile = _split_level(tile, rows[:, None], row_ok[:, None], tab2, tab0 + book, tab1 + book, NB, 1,
                                     level, D, BLOCK_N)
             factor = tl.full([BLOCK_N], 1.0, tl.float32)
         return tile, factor
