@@ -458,6 +458,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768, 131072])
     ap.add_argument("--presets", nargs="+", default=[*PRESETS, *BUILT_PRESETS])
     ap.add_argument("--quick", action="store_true", help="checks plus one small shape")
+    ap.add_argument("--no-checks", action="store_true",
+                    help="time only (the JSON records no checks): for a rerun of shapes on code already checked there")
     ap.add_argument("--tune", action="store_true", help="sweep launch parameters first")
     ap.add_argument("--tune-only", action="store_true", help="checks and the sweep, no timing table")
     ap.add_argument("--block-n", type=int, default=None)
@@ -475,7 +477,7 @@ def main() -> None:
             "triton": triton.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
             "launch_config": dataclasses.asdict(config), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     t0 = time.time()
-    checks = check_correctness(dev)
+    checks = [] if args.no_checks else check_correctness(dev)
     copy_gbs = copy_bandwidth(dev)
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     tuning = tune(dev, copy_gbs) if args.tune or args.tune_only else []

@@ -98,10 +98,12 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # the levels above the leaves once per subtree in key parts (sm_90 compile: 4448 -> 3695 instructions
     # per block); never run on a GPU before: keep it in --check-variants
     "pr-subtrees": LaunchConfig(polar_recursive_keys="subtrees"),
+    "pr-rows-subtrees": LaunchConfig(polar_recursive_keys="subtrees"),  # the subtrees form on the row layout
 }
 #: Variants that time the stored tensors in another layout (a function applied to the packed keys and
 #: values before the variant runs); the others read them as stored.
-LAYOUTS = {"vm-groups": ba.groups_adjacent, "vm-groups-u3": ba.groups_adjacent, "pr-rows": ba.rows_per_token}
+LAYOUTS = {"vm-groups": ba.groups_adjacent, "vm-groups-u3": ba.groups_adjacent, "pr-rows": ba.rows_per_token,
+           "pr-rows-subtrees": ba.rows_per_token}
 
 
 def check_variants(dev, presets, variants):
