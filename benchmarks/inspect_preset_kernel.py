@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--lazy-rescale", action="store_true", help="LaunchConfig.lazy_rescale")
     ap.add_argument("--value-layout", default="tokens", choices=("tokens", "groups"),
                     help="KIVI value scale / min with the tokens (as stored) or the groups adjacent in memory")
-    ap.add_argument("--polar-recursive-keys", default="columns", choices=("columns", "subtrees"),
+    ap.add_argument("--polar-recursive-keys", default="subtrees", choices=("columns", "subtrees"),
                     help="LaunchConfig.polar_recursive_keys")
     ap.add_argument("--pr-rows", action="store_true",
                     help="polar-recursive codes and radii one row per token (as stored before the fourteenth "

@@ -71,13 +71,16 @@ def test_both_layouts_in_the_transposed_kernel(layout, transposed_launches):
     assert transposed_launches == [(6, 6)]
 
 
-@pytest.mark.parametrize("layout", ["tokens", "rows"])
-@pytest.mark.parametrize("tk,gqa,tq", [(1, 1, 1), (45, 4, 1), (70, 8, 2)])
-def test_subtree_key_tiles(layout, tk, gqa, tq, transposed_launches):
-    """``LaunchConfig.polar_recursive_keys="subtrees"`` (levels above the leaves once per subtree,
-    ``[BN, NJ, 2]`` leaves reshaped into each part) against the oracle, ragged, both layouts."""
+@pytest.mark.parametrize("keys,layout,tk,gqa,tq", [
+    *[("subtrees", layout, *shape) for layout in ("tokens", "rows") for shape in ((1, 1, 1), (45, 4, 1), (70, 8, 2))],
+    ("columns", "tokens", 45, 4, 1), ("columns", "rows", 70, 8, 2),
+])
+def test_key_part_forms(keys, layout, tk, gqa, tq, transposed_launches):
+    """Both forms of ``LaunchConfig.polar_recursive_keys``: "subtrees" (the default: levels above the
+    leaves once per subtree, ``[BN, NJ, 2]`` leaves reshaped into each part) and "columns" (``[BN,
+    2 NJ]`` tiles) against the oracle, ragged, both layouts."""
     hook = _rows if layout == "rows" else lambda p: p
-    cfg = dataclasses.replace(small_caches_transposed(None), polar_recursive_keys="subtrees")
+    cfg = dataclasses.replace(small_caches_transposed(None), polar_recursive_keys=keys)
     batch, lengths = (2, [tk + 3, max(tk - 10, 1)]) if tk > 1 else (1, None)
     check(*PAIRS["polar-polar"], batch=batch, hkv=1 if gqa == 8 else 2, gqa=gqa, tq=tq, tk=tk, r=3, d=D,
           lengths=lengths, config=cfg, stored_hook=hook)

@@ -73,13 +73,14 @@ class LaunchConfig:
         query row's running maximum grew (exact: the probabilities are taken against the running
         maximum either way), instead of in every block.
     polar_recursive_keys: how the transposed kernel builds polar-recursive key parts (the paper's
-        setting, ``polar_recursive_parts``): "columns" (``[block, 2 D/16]`` tiles, column ``2 j + b1``:
-        the levels above the leaves computed once per column, so twice per subtree; checked on the
-        H100) or "subtrees" (``[block, D/16, 1]`` tiles for the levels above the leaves, once per
-        subtree, the leaves ``[block, D/16, 2]`` reshaped into the part: sm_90 compile 4448 -> 3695
-        instructions per block, B=32 / 32k). "subtrees" passes the interpreter's tests but has not
-        run on a GPU, where Triton 3.6 miscompiled the joined form of these tiles
-        (``benchmarks/polar_recursive_parts_check.py``), hence not the default.
+        setting, ``polar_recursive_parts``): "subtrees" (``[block, D/16, 1]`` tiles for the levels
+        above the leaves, once per subtree, the leaves ``[block, D/16, 2]`` reshaped into the part:
+        sm_90 compile 4448 -> 3695 instructions per block, B=32 / 32k) or "columns" (``[block,
+        2 D/16]`` tiles, column ``2 j + b1``: the levels above the leaves computed once per column,
+        so twice per subtree). Both checked on the H100 (fifteenth session,
+        ``benchmarks/results/pr_layout_h100.json``: fp16, bf16 ragged, 3 query tokens), where
+        "subtrees" took 2.49 ms against 2.91 ms for "columns" at B=32 / 32k (0.56x / 0.48x fp16
+        SDPA), hence the default.
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     transposed_max_rows: at most this many query rows per KV head (GQA group x query tokens) take the
@@ -110,7 +111,7 @@ class LaunchConfig:
     three_byte_units: str = "words"
     kivi_code_units: str = "halfwords"
     lazy_rescale: bool = False
-    polar_recursive_keys: str = "columns"
+    polar_recursive_keys: str = "subtrees"
 
     def __post_init__(self) -> None:
         if not (is_power_of_two(self.block_n) and self.block_n >= 16):

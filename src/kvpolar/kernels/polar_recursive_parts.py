@@ -50,7 +50,7 @@ HALF_PI = tl.constexpr(math.pi / 2)
 #: (False). Joined key parts are WRONG when compiled for the H100 (Triton 3.6; relative error 1.4,
 #: the interpreter is right), joined value parts are right: benchmarks/polar_recursive_parts_check.py,
 #: results/polar_recursive_parts_check_h100.json. Re-check on a GPU before changing them. (A third
-#: form for keys, ``LaunchConfig.polar_recursive_keys="subtrees"``, is chosen per launch.)
+#: form for keys, ``LaunchConfig.polar_recursive_keys="subtrees"``, the default, is chosen per launch.)
 KEY_JOIN = False
 VALUE_JOIN = True
 #: The key parts' third form, ``JOIN`` of :func:`key_part_t` (``LaunchConfig.polar_recursive_keys="subtrees"``)
