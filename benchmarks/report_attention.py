@@ -1,9 +1,10 @@
 """Plot and tabulate benchmarks/results/attention_h100.json (written by bench_attention.py) or
 attention_transposed_h100.json (tune_attention_t.py: method names ``<preset>:<launch variant>``).
 
-Usage: ``python benchmarks/report_attention.py [results.json] [plot.png]``: writes the plot (speed-up
-over fp16 SDPA vs context length, one panel per batch size) and prints the markdown table that
-benchmarks/README.md carries.
+Usage: ``python benchmarks/report_attention.py [results.json ...] [plot.png]``: writes the plot
+(speed-up over fp16 SDPA vs context length, one panel per batch size) and prints the markdown table
+that benchmarks/README.md carries. Several JSON files (runs of one GPU, e.g. batch sizes timed in
+separate device calls) are shown together; each row's speed-up is against the fp16 SDPA of its own run.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main() -> None:
-    src = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/attention_h100.json"
-    png = sys.argv[2] if len(sys.argv) > 2 else "benchmarks/attention_speedup_h100.png"
-    data = json.load(open(src))
+    sources = [a for a in sys.argv[1:] if a.endswith(".json")] or ["benchmarks/results/attention_h100.json"]
+    png = next((a for a in sys.argv[1:] if a.endswith(".png")), "benchmarks/attention_speedup_h100.png")
+    runs = [json.load(open(src)) for src in sources]
+    gpus = {run["meta"]["gpu"] for run in runs}
+    if len(gpus) > 1:
+        raise SystemExit(f"results of different GPUs ({', '.join(sorted(gpus))}): plot them separately")
+    data = {"meta": runs[0]["meta"], "results": [r for run in runs for r in run["results"]]}
     rows = [r for r in data["results"] if r["median_ms"]]
     batches = sorted({r["batch"] for r in rows})
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "sdpa-fp16"]

@@ -421,7 +421,7 @@ def transposed_tuning(k_op: Operand, v_op: Operand, programs: int, cfg: LaunchCo
       1.14x -> 1.39x, B=32/4k 1.10x -> 1.32x, B=32/32k 1.13x -> 1.40x, B=32/128k 1.14x -> 1.43x (B=1:
       1.13x -> 1.08x at 128k, so single sequences keep 12; with 4-bit values, polar-rope-4, 16 gave
       0.95-1.03x the speed of 12, ``results/attention_policy_v1_h100.json`` against
-      ``results/attention_h100.json``, so it keeps 12; both measured before one-wave splits).
+      ``results/attention_h100_sixth_session.json``, so it keeps 12; both measured before one-wave splits).
 
     The caps were measured with one query token (GQA 4: row tiles of ``cfg.transposed_rows`` = 8);
     more ``query_rows`` (GQA group x query tokens: speculative decoding) take none. In the sm_90
