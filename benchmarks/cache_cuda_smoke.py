@@ -1,6 +1,9 @@
 """CUDA check of the transformers cache: a tiny random Llama in float16 generates with every registered preset.
 
-Usage: python benchmarks/cache_cuda_smoke.py [OUT_DIR]. Prints a table; writes cache_cuda_smoke.json.
+Usage: python benchmarks/cache_cuda_smoke.py [OUT_DIR] [--presets kivi-2 polar-rope-3 ...]. Prints each
+preset's row as it finishes, then a table; writes cache_cuda_smoke.json after every preset (a run cut
+off keeps the presets it finished). On a fresh GPU machine most of the time is Triton compiling each
+preset's kernels (decode, beam search, 21-token verify steps): minutes for all presets.
 Proves the CUDA path runs (fused kernel if installed, else the reference with a warning) and reports
 teacher-forced logit error against the stock DynamicCache. Per preset also: beam search (2 beams,
 the packed parts reordered every step) and assisted decoding with a one-layer draft model proposing
@@ -10,9 +13,9 @@ rejected tokens cropped from the 16-bit window), whose tokens should match plain
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
-import sys
 import warnings
 
 import torch
@@ -23,7 +26,7 @@ from kvpolar.cache.cache import QuantizedKVCache
 from kvpolar.cache.config import PRESETS
 
 
-def main(out_dir: str | None) -> None:
+def main(out_dir: str | None, only: list[str] | None = None) -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
                                    num_attention_heads=8, num_key_value_heads=2, head_dim=64)
@@ -36,6 +39,13 @@ def main(out_dir: str | None) -> None:
     mask = torch.ones_like(ids)
     mask[1, :37] = 0  # left padding on row 1
     cont = torch.randint(1, 256, (2, 16), generator=gen).to(dev)
+
+    def result_of(rows, caught) -> dict:
+        notes = sorted({str(w.message) for w in caught if "kvpolar" in str(w.message)})
+        return {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version(), "command": "python benchmarks/cache_cuda_smoke.py",
+                "reference_logit_scale": ref.abs().max().item(), "warnings": notes, "rows": rows}
 
     @torch.no_grad()
     def teacher_forced(cache):
@@ -51,6 +61,11 @@ def main(out_dir: str | None) -> None:
 
     presets = [name for name, c in PRESETS.items()
                if {c.key_quantizer, c.value_quantizer} <= set(kvpolar.available_quantizers())]
+    if only:
+        unknown = sorted(set(only) - set(presets))
+        if unknown:
+            raise SystemExit(f"--presets {' '.join(unknown)}: not a preset here (allowed: {', '.join(presets)})")
+        presets = [p for p in presets if p in only]
     model.set_attn_implementation("sdpa")
     ref = teacher_forced(transformers.DynamicCache(config=model.config))
     rows = []
@@ -76,6 +91,7 @@ def main(out_dir: str | None) -> None:
                                                   do_sample=False, pad_token_id=0, **extra)[0, ids.shape[1]:]
             except Exception as exc:  # record and go on: one broken method must not hide the others
                 rows.append({"preset": preset, "error": f"{type(exc).__name__}: {exc}"})
+                print(f"done {preset}: {rows[-1]}", flush=True)
                 continue
             n = min(len(greedy["plain"]), len(greedy["assisted"]))
             rows.append({"preset": preset, "max_logit_err": err, "tokens": rep.tokens,
@@ -83,13 +99,13 @@ def main(out_dir: str | None) -> None:
                          "compression": rep.compression_ratio, "packed_dtype": str(packed[0].dtype) if packed else None,
                          "beam_generated": int(beams.shape[1] - ids.shape[1]),
                          "assisted_agreement": float((greedy["plain"][:n] == greedy["assisted"][:n]).float().mean())})
-    notes = sorted({str(w.message) for w in caught if "kvpolar" in str(w.message)})
-    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
-              "python": platform.python_version(), "command": "python benchmarks/cache_cuda_smoke.py",
-              "reference_logit_scale": ref.abs().max().item(), "warnings": notes, "rows": rows}
+            print(f"done {preset}: {rows[-1]}", flush=True)
+            if out_dir:
+                write(out_dir, result_of(rows, caught))
+    result = result_of(rows, caught)
     if out_dir:
-        with open(f"{out_dir}/cache_cuda_smoke.json", "w") as f:
-            json.dump(result, f, indent=2)
+        write(out_dir, result)
+    notes = result["warnings"]
     print(*notes, sep="\n")
     print(f"{result['device']}  torch {torch.__version__}  transformers {transformers.__version__}  logit scale {result['reference_logit_scale']:.3f}")
     print(f"{'preset':8} {'max|dlogit|':>12} {'tokens':>7} {'gen':>4} {'bits/el':>8} {'compr':>6} {'beam':>5} "
@@ -103,5 +119,14 @@ def main(out_dir: str | None) -> None:
               f"{100 * r['assisted_agreement']:15.0f}%")
 
 
+def write(out_dir: str, result: dict) -> None:
+    with open(f"{out_dir}/cache_cuda_smoke.json", "w") as f:
+        json.dump(result, f, indent=2)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir", nargs="?", default=None, help="where to write cache_cuda_smoke.json")
+    ap.add_argument("--presets", nargs="+", default=None, help="these presets only (default: every registered one)")
+    args = ap.parse_args()
+    main(args.out_dir, args.presets)
