@@ -93,11 +93,13 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     "lazy-rescale": LaunchConfig(lazy_rescale=True),
     # fourteenth session: polar-recursive codes and radii stored with the tokens adjacent (every loop load
     # an asynchronous copy; sm_90 compile: 5748 -> 4448 instructions per block); "pr-rows" re-lays them
-    # out a row per token, as stored before
-    "pr-rows": LaunchConfig(),
+    # out a row per token, as stored before, with the key tiles of then ("columns")
+    "pr-rows": LaunchConfig(polar_recursive_keys="columns"),
     # the levels above the leaves once per subtree in key parts (sm_90 compile: 4448 -> 3695 instructions
-    # per block); never run on a GPU before: keep it in --check-variants
+    # per block); checked and timed on the H100 in the fifteenth session (results/pr_layout_h100.json,
+    # pr_rows_subtrees_h100.json), the default since; "pr-columns" is the form it replaced
     "pr-subtrees": LaunchConfig(polar_recursive_keys="subtrees"),
+    "pr-columns": LaunchConfig(polar_recursive_keys="columns"),
     "pr-rows-subtrees": LaunchConfig(polar_recursive_keys="subtrees"),  # the subtrees form on the row layout
 }
 #: Variants that time the stored tensors in another layout (a function applied to the packed keys and
