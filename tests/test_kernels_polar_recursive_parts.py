@@ -94,12 +94,24 @@ def test_polar_recursive_keys_setting_is_checked():
         da.LaunchConfig(polar_recursive_keys="joined")
 
 
-def test_tokens_contiguous_layout_in_the_classic_kernel(transposed_launches):
-    """A small cache of the kernel's setting takes the classic kernel, which reads rows: the launch
-    copies the tokens-contiguous codes and radii into rows, and the result matches the oracle."""
+def test_small_caches_take_the_transposed_kernel(transposed_launches):
+    """Like turbo, the paper's setting takes the transposed kernel however few tokens are packed (the
+    classic kernel gathers its cos / sin tables per element), keys or values alike."""
+    check(*PAIRS["polar-polar"], gqa=4, tk=40, r=3, d=D)
+    check(*PAIRS["polar-kivi"], gqa=4, tk=40, r=3, d=D)
+    check(*PAIRS["kivi-polar"], gqa=4, tk=40, r=3, d=D)
+    assert transposed_launches == [(6, 6), (6, 1), (1, 6)]
+
+
+@pytest.mark.parametrize("config", [da.LaunchConfig(transposed=False), da.LaunchConfig(transposed_max_rows=2)],
+                         ids=["switched-off", "many-query-rows"])
+def test_tokens_contiguous_layout_in_the_classic_kernel(config, transposed_launches):
+    """Where the classic kernel runs (the transposed one switched off, or more query rows than
+    ``transposed_max_rows``), it reads rows: the launch copies the tokens-contiguous codes and radii
+    into rows, and the result matches the oracle."""
     keys = kvpolar.quantizer("polar-recursive").quantize(torch.randn(1, 2, 40, D, dtype=torch.float16))
     assert keys.codes.stride(-2) == 1
-    check(*PAIRS["polar-polar"], gqa=4, tk=40, r=3, d=D)
+    check(*PAIRS["polar-polar"], gqa=4, tk=40, r=3, d=D, config=config)
     assert transposed_launches == []
 
 

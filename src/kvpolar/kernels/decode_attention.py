@@ -478,7 +478,11 @@ def _use_transposed(k_op: Operand, v_op: Operand, cfg: LaunchConfig, query_rows:
     tensor-core K of 16 (head dim >= 16 x codes per unit), at every cache size: the classic kernel's
     codebook gathers lose even where its latency should win (H100, B=1, ms, classic vs transposed,
     ``results/turbo_parts_small_h100.json``: turbo-3 at 4k 0.073 vs 0.060, turbo-4 0.075 vs 0.054,
-    KIVI-2 keys with turbo-4 values 0.043 vs 0.036; at 8k turbo-3 0.103 vs 0.060)."""
+    KIVI-2 keys with turbo-4 values 0.043 vs 0.036; at 8k turbo-3 0.103 vs 0.060). So do polar-recursive
+    keys or values read by parts (``parts``), whose classic kernel gathers cos / sin tables per element
+    and needs row copies of the tokens-adjacent codes: in one H100 grid (``results/attention_h100_b1.json``,
+    fifteenth session) the classic kernel took 0.162 ms at B=1 / 4k tokens, the transposed one 0.110 ms
+    at 16k and 0.134 ms at 32k (the 4k transposed launch itself is queued for timing)."""
     kivi_values = v_op.fmt == FMT_KIVI and (8 % v_op.bits == 0 or _kivi3_parts(v_op))
     parts_values = v_op.fmt == formats.FMT_POLAR_RECURSIVE and v_op.parts
     if not (cfg.transposed and cfg.by_parts and (kivi_values or parts_values or _turbo_parts(v_op))):
@@ -486,8 +490,9 @@ def _use_transposed(k_op: Operand, v_op: Operand, cfg: LaunchConfig, query_rows:
     if query_rows > cfg.transposed_max_rows:  # (``query_rows``: GQA group x query tokens)
         return False
     rows = math.prod(k_op.data.shape[:-1])
-    turbo = formats.FMT_TURBO in (k_op.fmt, v_op.fmt)
-    if rows < cfg.transposed_min_rows and not turbo:
+    table_gathers = formats.FMT_TURBO in (k_op.fmt, v_op.fmt) or any(
+        op.fmt == formats.FMT_POLAR_RECURSIVE and op.parts for op in (k_op, v_op))
+    if rows < cfg.transposed_min_rows and not table_gathers:
         return False
     if k_op.fmt == formats.FMT_POLAR_RECURSIVE:
         return k_op.parts

@@ -43,7 +43,8 @@ class LaunchConfig:
         fills a wave of 12 programs per SM, else the compiler's choice); 255 = no cap.
     transposed_min_rows: caches of fewer packed (sequence, KV head, token) rows take the classic
         kernel, whose shorter per-split latency wins there (H100, 8 KV heads: batch 1 at 4k and 8k
-        tokens; see ``_use_transposed``). Turbo keys or values take the transposed kernel at every size.
+        tokens; see ``_use_transposed``). Turbo keys or values and polar-recursive ones read by parts take
+        the transposed kernel at every size (the classic kernel reads their codebooks per element).
     value_metadata: how the transposed kernel reads KIVI values' per-(token, group) scale and minimum:
         "tiles" (16-bit [groups, block] tiles copied ahead by Triton's pipeliner: one vector per group
         where the tokens are adjacent in memory, the layout ``KiviTokenTensor`` stores), "words"
