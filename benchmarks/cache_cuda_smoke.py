@@ -91,19 +91,19 @@ def main(out_dir: str | None, only: list[str] | None = None) -> None:
                                                   do_sample=False, pad_token_id=0, **extra)[0, ids.shape[1]:]
             except Exception as exc:  # record and go on: one broken method must not hide the others
                 rows.append({"preset": preset, "error": f"{type(exc).__name__}: {exc}"})
-                print(f"done {preset}: {rows[-1]}", flush=True)
-                continue
-            n = min(len(greedy["plain"]), len(greedy["assisted"]))
-            rows.append({"preset": preset, "max_logit_err": err, "tokens": rep.tokens,
-                         "generated": int(seq.shape[1] - ids.shape[1]), "bits_per_element": rep.bits_per_element,
-                         "compression": rep.compression_ratio, "packed_dtype": str(packed[0].dtype) if packed else None,
-                         "beam_generated": int(beams.shape[1] - ids.shape[1]),
-                         "assisted_agreement": float((greedy["plain"][:n] == greedy["assisted"][:n]).float().mean())})
+            else:
+                n = min(len(greedy["plain"]), len(greedy["assisted"]))
+                rows.append({"preset": preset, "max_logit_err": err, "tokens": rep.tokens,
+                             "generated": int(seq.shape[1] - ids.shape[1]), "bits_per_element": rep.bits_per_element,
+                             "compression": rep.compression_ratio,
+                             "packed_dtype": str(packed[0].dtype) if packed else None,
+                             "beam_generated": int(beams.shape[1] - ids.shape[1]),
+                             "assisted_agreement": float((greedy["plain"][:n] == greedy["assisted"][:n]).float().mean())})
             print(f"done {preset}: {rows[-1]}", flush=True)
-            if out_dir:
+            if out_dir:  # after every preset, failed ones too: a run cut off keeps what it finished
                 write(out_dir, result_of(rows, caught))
     result = result_of(rows, caught)
-    if out_dir:
+    if out_dir and not rows:
         write(out_dir, result)
     notes = result["warnings"]
     print(*notes, sep="\n")
