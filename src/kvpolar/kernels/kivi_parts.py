@@ -176,11 +176,17 @@ def key_group_part(k_bias, q_t, k_scale, k_min, K: tl.constexpr, BITS: tl.conste
     times the query, and a constant ``-OFFSET`` tile times the scaled query (every product exact,
     float32 sums; computed elementwise in float32 and reduced across threads, the bias took about
     twice the instructions). ``k_scale`` / ``k_min``: ``[NU]``. Where a code step weighs more than 1
-    in the codes (``unit_code_step``: 16-bit units), the scaled query carries its inverse, a power of two."""
+    in the codes (``unit_code_step``: 16-bit units), the scaled query carries its inverse, a power of two,
+    applied to the query before the scale: ``q_K / step`` does not change from block to block, so the
+    compiler computes it once, outside the loop (sm_90: kivi-2 737 -> 709 instructions per block, its
+    16-byte stack gone). The product is the same ``(q_K * scale) / step`` rounded once, except where
+    ``q_K / step`` falls below float16's normal range (``|q| < 2**-14 * step``): there ``q_K`` loses
+    bits under ``2**-25 * step``, the float16 rounding of a query entry of ``2**-14 * step``."""
     STEP: tl.constexpr = unit_code_step(K, BITS, UB, DT)
-    q_scaled = q_t * k_scale.to(DT)[:, None]  # (DT x DT: the exact product rounded once, as via float32)
     if STEP != 1:
-        q_scaled = q_scaled * (1.0 / STEP)
+        q_scaled = (q_t * (1.0 / STEP)) * k_scale.to(DT)[:, None]  # (DT x DT: exact product rounded once)
+    else:
+        q_scaled = q_t * k_scale.to(DT)[:, None]
     nu: tl.constexpr = q_t.shape[0]
     k_bias = tl.dot(tl.broadcast_to(k_min.to(DT)[None, :], [BN, nu]), q_t, k_bias, input_precision=PREC)
     if OFFSET != 0:
