@@ -272,6 +272,17 @@ def test_lazy_rescale_gives_the_same_attention(key_fmt, value_fmt):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("key_fmt, value_fmt", [("kivi-2-32", "kivi-2-32"), ("kivi-4-64", "kivi-4-16"),
+                                                ("kivi-8-32", "kivi-3-32")])
+def test_kivi_key_bias_after_the_key_products(key_fmt, value_fmt, dtype):
+    """``kivi_key_bias="last"`` (the key group's score bias added after the key products, not their
+    first accumulator): the oracle's attention with 16-bit and byte units, key groups of one and two
+    blocks, a ragged batch, two query tokens and several splits."""
+    check(key_fmt, value_fmt, batch=2, gqa=4, tq=2, tk=150, r=3, dtype=dtype, lengths=[153, 61],
+          config=LaunchConfig(kivi_key_bias="last", num_splits=2), d=128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_full_precision_path(dtype):
     check("none", "none", gqa=4, tq=3, tk=29, r=4, dtype=dtype)
 
@@ -628,6 +639,8 @@ def test_launch_config_refuses_bad_values():
         LaunchConfig(transposed_programs_per_sm=0)
     with pytest.raises(ValueError, match="transposed_min_rows=-1"):
         LaunchConfig(transposed_min_rows=-1)
+    with pytest.raises(ValueError, match="kivi_key_bias='middle'.*'first', 'last'"):
+        LaunchConfig(kivi_key_bias="middle")
 
 
 def test_launch_plan_is_remembered_per_packed_inputs(monkeypatch):

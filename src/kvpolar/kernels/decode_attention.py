@@ -694,6 +694,7 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         PR_VALUE_JOIN=_pr.VALUE_JOIN,
         VAL_UB=v_ub, VAL_WORDS=v_words, kbook=k_book, klut=k_lut, vbook=v_book, vlut=v_lut,
         KEY_LOOKUP=k_lookup, VAL_LOOKUP=v_lookup, LAZY_RESCALE=cfg.lazy_rescale,
+        KIVI_BIAS_LAST=cfg.kivi_key_bias == "last",
         num_warps=cfg.transposed_warps, num_stages=cfg.transposed_stages, **extra,
     )
     return args, kwargs

@@ -40,6 +40,7 @@ def _split_kernel_t(
     VAL_FMT: tl.constexpr, kcos, ksin, vcos, vsin, PR_KEY_JOIN: tl.constexpr, PR_VALUE_JOIN: tl.constexpr,
     VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, klut, vbook, vlut, VAL_META: tl.constexpr,
     KEY_LOOKUP: tl.constexpr, VAL_LOOKUP: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+    KIVI_BIAS_LAST: tl.constexpr,
 ):
     """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
     ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -280,8 +281,12 @@ def _split_kernel_t(
                                                   DT, KEY_OFFSET, PREC)
                     qs7, k_bias = _kp.key_group_part(k_bias, q7, sc7, mn7, 7, KEY_BITS, KEY_UB, BLOCK_N,
                                                   DT, KEY_OFFSET, PREC)
-            s_t = _kp.kivi_scores_t(k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, KEY_U, KEY_BITS, KEY_UB, DT,
-                                 NATIVE, KEY_OFFSET, PREC)
+            if KIVI_BIAS_LAST:  # the key products' chain independent of the bias chain, summed after
+                s_t = k_bias + _kp.kivi_scores_t(s_t, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, KEY_U, KEY_BITS,
+                                                 KEY_UB, DT, NATIVE, KEY_OFFSET, PREC)
+            else:  # the bias is the first key product's accumulator
+                s_t = _kp.kivi_scores_t(k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, KEY_U, KEY_BITS, KEY_UB,
+                                        DT, NATIVE, KEY_OFFSET, PREC)
             s_t = s_t * qk_scale
         # ---- online softmax over axis 0 (tokens)
         keep = n_ok[:, None] & row_ok[None, :]

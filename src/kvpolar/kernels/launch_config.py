@@ -73,6 +73,11 @@ class LaunchConfig:
     lazy_rescale: the transposed kernel rescales its running output sums only in blocks where some
         query row's running maximum grew (exact: the probabilities are taken against the running
         maximum either way), instead of in every block.
+    kivi_key_bias: where the transposed kernel adds a KIVI key group's score bias (``q . min`` and the
+        codes' offset, 16 chained products per 32-token block): "first" (the first key product's
+        accumulator, so the 8 key products wait for the bias chain; sm_90 compile, kivi-2: 709
+        instructions per block) or "last" (added after the key products, the two chains side by side;
+        721). Not yet timed on a GPU against each other (``benchmarks/README.md``, sixteenth session).
     polar_recursive_keys: how the transposed kernel builds polar-recursive key parts (the paper's
         setting, ``polar_recursive_parts``): "subtrees" (``[block, D/16, 1]`` tiles for the levels
         above the leaves, once per subtree, the leaves ``[block, D/16, 2]`` reshaped into the part:
@@ -112,6 +117,7 @@ class LaunchConfig:
     three_byte_units: str = "words"
     kivi_code_units: str = "halfwords"
     lazy_rescale: bool = False
+    kivi_key_bias: str = "first"
     polar_recursive_keys: str = "subtrees"
 
     def __post_init__(self) -> None:
@@ -134,6 +140,8 @@ class LaunchConfig:
             raise ValueError(f"three_byte_units={self.three_byte_units!r} (allowed: 'halfwords', 'words')")
         if self.kivi_code_units not in ("bytes", "halfwords"):
             raise ValueError(f"kivi_code_units={self.kivi_code_units!r} (allowed: 'bytes', 'halfwords')")
+        if self.kivi_key_bias not in ("first", "last"):
+            raise ValueError(f"kivi_key_bias={self.kivi_key_bias!r} (allowed: 'first', 'last')")
         if self.polar_recursive_keys not in ("columns", "subtrees"):
             raise ValueError(f"polar_recursive_keys={self.polar_recursive_keys!r} (allowed: 'columns', 'subtrees')")
         if self.transposed_min_rows < 0:
