@@ -68,8 +68,9 @@ def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages
     # polar-recursive's tokens-adjacent layout passes them (Triton specializes 1 as a constant)
     cons.update(sk_c=1, skm_c=1, sv_c=1)
     # the launch policy's readings since this script was written (KIVI value metadata as tiles with the
-    # tokens adjacent, the quantizer's layout; no lazy rescale; turbo codebooks looked up from registers)
-    cons = {"VAL_META": 3, "LAZY_RESCALE": False, "KIVI_BIAS_LAST": False, "KEY_LOOKUP": 1, "VAL_LOOKUP": 1, **cons}
+    # tokens adjacent, the quantizer's layout; no lazy rescale; KIVI key bias after the key products;
+    # turbo codebooks looked up from registers)
+    cons = {"VAL_META": 3, "LAZY_RESCALE": False, "KIVI_BIAS_LAST": True, "KEY_LOOKUP": 1, "VAL_LOOKUP": 1, **cons}
     cons = {k: v for k, v in cons.items() if k in names}
     sig = {n: "constexpr" if n in cons else ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)

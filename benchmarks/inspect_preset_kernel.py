@@ -17,7 +17,7 @@ argument binder decides the specialization (16-byte alignment, integers equal to
 
 Usage: ``PYTHONPATH=src python benchmarks/inspect_preset_kernel.py kivi-2 polar-rope-3 turbo-3
 [--batch 32] [--tokens 32768] [--max-registers N] [--stages N] [--dtype bfloat16] [--value-metadata MODE]
-[--three-byte-units halfwords] [--kivi-code-units bytes] [--lazy-rescale] [--kivi-key-bias last] [--value-layout groups] [--pr-rows] [--polar-recursive-keys subtrees] [--lines] [--out DIR]`` (``--lines``: the main loop's
+[--three-byte-units halfwords] [--kivi-code-units bytes] [--lazy-rescale] [--kivi-key-bias first] [--value-layout groups] [--pr-rows] [--polar-recursive-keys subtrees] [--lines] [--out DIR]`` (``--lines``: the main loop's
 instructions by source line; ``--value-layout groups``: KIVI value scale / min laid out with the groups
 adjacent, as stored before the ninth session, instead of the quantizer's tokens-adjacent layout).
 """
@@ -116,7 +116,8 @@ def main() -> None:
     ap.add_argument("--kivi-code-units", default=mod.LaunchConfig.kivi_code_units, choices=("bytes", "halfwords"),
                     help="LaunchConfig.kivi_code_units (2- and 4-bit KIVI codes)")
     ap.add_argument("--lazy-rescale", action="store_true", help="LaunchConfig.lazy_rescale")
-    ap.add_argument("--kivi-key-bias", default="first", choices=("first", "last"), help="LaunchConfig.kivi_key_bias")
+    ap.add_argument("--kivi-key-bias", default=mod.LaunchConfig.kivi_key_bias, choices=("first", "last"),
+                    help="LaunchConfig.kivi_key_bias")
     ap.add_argument("--value-layout", default="tokens", choices=("tokens", "groups"),
                     help="KIVI value scale / min with the tokens (as stored) or the groups adjacent in memory")
     ap.add_argument("--polar-recursive-keys", default="subtrees", choices=("columns", "subtrees"),

@@ -92,8 +92,11 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # the 40 multiplies of every block's rescaling move into a branch)
     "lazy-rescale": LaunchConfig(lazy_rescale=True),
     # sixteenth session: KIVI keys' score bias added after the key products instead of being their first
-    # accumulator (sm_90 compile, kivi-2: 709 -> 721 instructions per block, a shorter dependency chain)
+    # accumulator (sm_90 compile, kivi-2: 709 -> 721 instructions per block, a shorter dependency chain);
+    # 2-4% faster on the H200 (results/kivi_step_h200_r*.json, when "policy" was "first"), the default
+    # since; "kivi-bias-first" is the form it replaced
     "kivi-bias-last": LaunchConfig(kivi_key_bias="last"),
+    "kivi-bias-first": LaunchConfig(kivi_key_bias="first"),
     # fourteenth session: polar-recursive codes and radii stored with the tokens adjacent (every loop load
     # an asynchronous copy; sm_90 compile: 5748 -> 4448 instructions per block); "pr-rows" re-lays them
     # out a row per token, as stored before, with the key tiles of then ("columns")

@@ -274,12 +274,13 @@ def test_lazy_rescale_gives_the_same_attention(key_fmt, value_fmt):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("key_fmt, value_fmt", [("kivi-2-32", "kivi-2-32"), ("kivi-4-64", "kivi-4-16"),
                                                 ("kivi-8-32", "kivi-3-32")])
-def test_kivi_key_bias_after_the_key_products(key_fmt, value_fmt, dtype):
-    """``kivi_key_bias="last"`` (the key group's score bias added after the key products, not their
-    first accumulator): the oracle's attention with 16-bit and byte units, key groups of one and two
-    blocks, a ragged batch, two query tokens and several splits."""
+@pytest.mark.parametrize("bias", ["first", "last"])
+def test_kivi_key_bias_before_or_after_the_key_products(key_fmt, value_fmt, dtype, bias):
+    """``kivi_key_bias`` "last" (the default: the key group's score bias added after the key products)
+    and "first" (their first accumulator): the oracle's attention with 16-bit and byte units, key
+    groups of one and two blocks, a ragged batch, two query tokens and several splits."""
     check(key_fmt, value_fmt, batch=2, gqa=4, tq=2, tk=150, r=3, dtype=dtype, lengths=[153, 61],
-          config=LaunchConfig(kivi_key_bias="last", num_splits=2), d=128)
+          config=LaunchConfig(kivi_key_bias=bias, num_splits=2), d=128)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

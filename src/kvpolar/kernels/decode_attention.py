@@ -482,7 +482,9 @@ def _use_transposed(k_op: Operand, v_op: Operand, cfg: LaunchConfig, query_rows:
     keys or values read by parts (``parts``), whose classic kernel gathers cos / sin tables per element
     and needs row copies of the tokens-adjacent codes: in one H100 grid (``results/attention_h100_b1.json``,
     fifteenth session) the classic kernel took 0.162 ms at B=1 / 4k tokens, the transposed one 0.110 ms
-    at 16k and 0.134 ms at 32k (the 4k transposed launch itself is queued for timing)."""
+    at 16k and 0.134 ms at 32k. Timed directly on the H200 (sixteenth session,
+    ``results/pr_small_h200.json``, transposed vs classic, ms): B=1 / 4k 0.088 vs 0.157, B=1 / 8k
+    0.095 vs 0.268, B=2 / 4k 0.097 vs 0.269."""
     kivi_values = v_op.fmt == FMT_KIVI and (8 % v_op.bits == 0 or _kivi3_parts(v_op))
     parts_values = v_op.fmt == formats.FMT_POLAR_RECURSIVE and v_op.parts
     if not (cfg.transposed and cfg.by_parts and (kivi_values or parts_values or _turbo_parts(v_op))):

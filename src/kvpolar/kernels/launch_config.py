@@ -74,10 +74,14 @@ class LaunchConfig:
         query row's running maximum grew (exact: the probabilities are taken against the running
         maximum either way), instead of in every block.
     kivi_key_bias: where the transposed kernel adds a KIVI key group's score bias (``q . min`` and the
-        codes' offset, 16 chained products per 32-token block): "first" (the first key product's
-        accumulator, so the 8 key products wait for the bias chain; sm_90 compile, kivi-2: 709
-        instructions per block) or "last" (added after the key products, the two chains side by side;
-        721). Not yet timed on a GPU against each other (``benchmarks/README.md``, sixteenth session).
+        codes' offset, 16 chained products per 32-token block, each waiting for the scaled query's trip
+        through shared memory): "last" (added after the key products, the two chains side by side;
+        sm_90 compile, kivi-2: 721 instructions per block) or "first" (the first key product's
+        accumulator, so the 8 key products wait for the whole bias chain; 709). Measured on the H200
+        (sixteenth session, ``benchmarks/results/kivi_step_h200_r*.json``, three runs), first -> last at
+        B=32 / 32k tokens: kivi-2 0.391-0.396 -> 0.382-0.387 ms, squat-2 0.393-0.394 -> 0.383-0.384,
+        kivi-4 0.439-0.442 -> 0.435; B=8 / 32k: kivi-2 0.115 -> 0.112; kivi-8 unchanged (0.634 /
+        0.636); hence the default.
     polar_recursive_keys: how the transposed kernel builds polar-recursive key parts (the paper's
         setting, ``polar_recursive_parts``): "subtrees" (``[block, D/16, 1]`` tiles for the levels
         above the leaves, once per subtree, the leaves ``[block, D/16, 2]`` reshaped into the part:
@@ -95,7 +99,10 @@ class LaunchConfig:
         holds every row's running output: in the sm_90 compile (``benchmarks/inspect_preset_kernel.py
         --query-tokens``, GQA 4) 16 rows spill at most 0.2 KB per thread, 20 rows up to 0.9 KB and 84
         rows (20 draft tokens) 4-11 KB, against at most 0.2 KB for the classic kernel at 84 rows
-        (turbo-3: 1 KB). Not yet timed on a GPU.
+        (turbo-3: 1 KB). Timed on the H200 (sixteenth session, ``benchmarks/bench_verify_step.py``,
+        ``benchmarks/results/verify_step_h200.json``, B=8, 32k tokens, us, transposed vs classic):
+        4 query tokens (16 rows) kivi-2 222 vs 293, polar-rope-3 248 vs 481; 8 tokens (32 rows) 690 vs
+        654 and 908 vs 818; 21 tokens (84 rows) 16182 vs 781 and 23107 vs 986. Hence 16.
     """
 
     block_n: int = 64
@@ -117,7 +124,7 @@ class LaunchConfig:
     three_byte_units: str = "words"
     kivi_code_units: str = "halfwords"
     lazy_rescale: bool = False
-    kivi_key_bias: str = "first"
+    kivi_key_bias: str = "last"
     polar_recursive_keys: str = "subtrees"
 
     def __post_init__(self) -> None:
