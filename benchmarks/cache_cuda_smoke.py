@@ -45,7 +45,8 @@ def main(out_dir: str | None, only: list[str] | None = None) -> None:
         notes = sorted({str(w.message) for w in caught if "kvpolar" in str(w.message)})
         return {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
                 "torch": torch.__version__, "transformers": transformers.__version__,
-                "python": platform.python_version(), "command": " ".join(["python", "benchmarks/cache_cuda_smoke.py", *sys.argv[1:]]),
+                "python": platform.python_version(),
+                "command": " ".join(["python", "benchmarks/cache_cuda_smoke.py", *sys.argv[1:]]),
                 "reference_logit_scale": ref.abs().max().item(), "warnings": notes, "rows": rows}
 
     @torch.no_grad()

@@ -74,7 +74,7 @@ class LaunchConfig:
         query row's running maximum grew (exact: the probabilities are taken against the running
         maximum either way), instead of in every block.
     kivi_key_bias: where the transposed kernel adds a KIVI key group's score bias (``q . min`` and the
-        codes' offset, 16 chained products per 32-token block, each waiting for the scaled query's trip
+        codes' offset, two chained products per code position, 16 for 2-bit codes, each waiting for the scaled query's trip
         through shared memory): "last" (added after the key products, the two chains side by side;
         sm_90 compile, kivi-2: 721 instructions per block) or "first" (the first key product's
         accumulator, so the 8 key products wait for the whole bias chain; 709). Measured on the H200
