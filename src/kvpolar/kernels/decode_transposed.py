@@ -281,12 +281,12 @@ def _split_kernel_t(
                                                   DT, KEY_OFFSET, PREC)
                     qs7, k_bias = _kp.key_group_part(k_bias, q7, sc7, mn7, 7, KEY_BITS, KEY_UB, BLOCK_N,
                                                   DT, KEY_OFFSET, PREC)
-            if KIVI_BIAS_LAST:  # the key products' chain independent of the bias chain, summed after
-                s_t = k_bias + _kp.kivi_scores_t(s_t, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, KEY_U, KEY_BITS,
-                                                 KEY_UB, DT, NATIVE, KEY_OFFSET, PREC)
-            else:  # the bias is the first key product's accumulator
-                s_t = _kp.kivi_scores_t(k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, KEY_U, KEY_BITS, KEY_UB,
-                                        DT, NATIVE, KEY_OFFSET, PREC)
+            # the key products start from zero, their chain independent of the bias chain, the bias summed
+            # after (KIVI_BIAS_LAST), or start from the bias
+            s_t = _kp.kivi_scores_t(s_t if KIVI_BIAS_LAST else k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7,
+                                    KEY_U, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, PREC)
+            if KIVI_BIAS_LAST:
+                s_t = s_t + k_bias
             s_t = s_t * qk_scale
         # ---- online softmax over axis 0 (tokens)
         keep = n_ok[:, None] & row_ok[None, :]
