@@ -39,20 +39,20 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
     header, rows = read_rows(args.csv)
-    reasons = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
+    reasons = {h: i for i, h in enumerate(header) if h.startswith("stall_") and "Not Issued" not in h}
     totals = collections.Counter()
     for r in rows:
-        for h in reasons:
-            totals[h] += number(r[header.index(h)])
+        for h, i in reasons.items():
+            totals[h] += number(r[i])
     n = sum(totals.values())
     print(f"{int(n)} warp-state samples over {len(rows)} instructions")
     for reason, count in totals.most_common():
         if count:
             print(f"  {reason:26s} {100 * count / n:5.1f}%")
     col = header.index("Warp Stall Sampling (All Samples)")
-    print(f"\nmost-sampled instructions (samples, instruction, main reason):")
+    print("\nmost-sampled instructions (samples, instruction, main reason):")
     for r in sorted(rows, key=lambda r: -number(r[col]))[:args.top]:
-        by = {h: number(r[header.index(h)]) for h in reasons}
+        by = {h: number(r[i]) for h, i in reasons.items()}
         main_reason = max(by, key=by.get)
         print(f"  {int(number(r[col])):6d}  {r[1].strip()[:48]:48s} {main_reason} ({int(by[main_reason])})")
 
