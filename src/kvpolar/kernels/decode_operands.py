@@ -33,9 +33,12 @@ def packed_unit(bits: int) -> tuple[int, int]:
     return 3, 24 // bits
 
 
-def _common_reason(p: QuantizedTensor, role: str, table: dict) -> str | None:
-    """The checks every stored format shares (known format, head dim), then those of the formats of
-    ``decode_formats``; None when these pass."""
+def _reason(p: QuantizedTensor | None, role: str, table: dict, own_checks) -> str | None:
+    """Why the kernel cannot read ``p`` as ``role``, or None when it can (or ``p`` is None): the checks
+    every stored format shares (known format, head dim), then those of the formats of
+    ``decode_formats``, or else ``own_checks(p)`` (the KIVI / polar-rope settings)."""
+    if p is None:
+        return None
     name = type(p).__name__
     if name not in table:
         return f"{role} format {name} (supported: {sorted(table)})"
@@ -43,16 +46,16 @@ def _common_reason(p: QuantizedTensor, role: str, table: dict) -> str | None:
         return f"head dim {p.head_dim} (supported: powers of two >= 32)"
     if name in formats.FORMATS:
         return formats.reason(p, role)
-    return None
+    return own_checks(p)
 
 
 def key_reason(keys: QuantizedTensor | None) -> str | None:
     """Why the kernel cannot read these keys, or None when it can."""
-    if keys is None:
-        return None
-    common = _common_reason(keys, "key", KEY_FORMATS)
-    if common is not None:
-        return common
+    return _reason(keys, "key", KEY_FORMATS, _key_format_reason)
+
+
+def _key_format_reason(keys: QuantizedTensor) -> str | None:
+    """The KIVI and polar-rope key settings the kernel reads (after ``_reason``'s shared checks)."""
     name = type(keys).__name__
     if name == "KiviChannelTensor":
         if keys.bits not in KEY_FORMATS[name]:
@@ -72,11 +75,11 @@ def key_reason(keys: QuantizedTensor | None) -> str | None:
 
 def value_reason(values: QuantizedTensor | None) -> str | None:
     """Why the kernel cannot read these values, or None when it can."""
-    if values is None:
-        return None
-    common = _common_reason(values, "value", VALUE_FORMATS)
-    if common is not None:
-        return common
+    return _reason(values, "value", VALUE_FORMATS, _value_format_reason)
+
+
+def _value_format_reason(values: QuantizedTensor) -> str | None:
+    """The KIVI value settings the kernel reads (after ``_reason``'s shared checks)."""
     if type(values).__name__ == "KiviTokenTensor":
         if values.bits not in VALUE_FORMATS["KiviTokenTensor"]:
             return f"KIVI value bits={values.bits} (supported: {VALUE_FORMATS['KiviTokenTensor']})"
