@@ -258,29 +258,18 @@ def _split_kernel_t(
             meta_ok = ((uk * 0 + n0) < n_tokens)[:, None]  # (surplus blocks of a short last split read none)
             k_scale_row = tl.load(km0 + meta, mask=meta_ok, other=0.0)  # (one contiguous row each)
             k_min_row = tl.load(km1 + meta, mask=meta_ok, other=0.0)
-            if (i == 0) | (n0 % KEY_GROUP == 0):  # a new key group (or the split's first block)
-                sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7 = _kp.unit_parts(k_scale_row, KEY_U)
-                mn0, mn1, mn2, mn3, mn4, mn5, mn6, mn7 = _kp.unit_parts(k_min_row, KEY_U)
-                k_bias = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-                qs0, k_bias = _kp.key_group_part(k_bias, q0, sc0, mn0, 0, KEY_BITS, KEY_UB, BLOCK_N,
-                                              DT, KEY_OFFSET, PREC)
-                if KEY_U >= 2:
-                    qs1, k_bias = _kp.key_group_part(k_bias, q1, sc1, mn1, 1, KEY_BITS, KEY_UB, BLOCK_N,
-                                                  DT, KEY_OFFSET, PREC)
-                if KEY_U >= 4:
-                    qs2, k_bias = _kp.key_group_part(k_bias, q2, sc2, mn2, 2, KEY_BITS, KEY_UB, BLOCK_N,
-                                                  DT, KEY_OFFSET, PREC)
-                    qs3, k_bias = _kp.key_group_part(k_bias, q3, sc3, mn3, 3, KEY_BITS, KEY_UB, BLOCK_N,
-                                                  DT, KEY_OFFSET, PREC)
-                if KEY_U >= 8:
-                    qs4, k_bias = _kp.key_group_part(k_bias, q4, sc4, mn4, 4, KEY_BITS, KEY_UB, BLOCK_N,
-                                                  DT, KEY_OFFSET, PREC)
-                    qs5, k_bias = _kp.key_group_part(k_bias, q5, sc5, mn5, 5, KEY_BITS, KEY_UB, BLOCK_N,
-                                                  DT, KEY_OFFSET, PREC)
-                    qs6, k_bias = _kp.key_group_part(k_bias, q6, sc6, mn6, 6, KEY_BITS, KEY_UB, BLOCK_N,
-                                                  DT, KEY_OFFSET, PREC)
-                    qs7, k_bias = _kp.key_group_part(k_bias, q7, sc7, mn7, 7, KEY_BITS, KEY_UB, BLOCK_N,
-                                                  DT, KEY_OFFSET, PREC)
+            if (KEY_GROUP == BLOCK_N) & (KEY_U >= 2):  # every block starts a key group: its scaled
+                # query computed in place, not carried from block to block (the carried copy took a
+                # second trip through shared memory into the products' operand layout; sm_90 kivi-2
+                # 721 -> 701 instructions per block). Not with one code per unit (8-bit codes): there
+                # the scale row's [NU, 1] load, 2 bytes per thread, would no longer be an asynchronous copy.
+                qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, k_bias = _kp.key_group_terms(
+                    q0, q1, q2, q3, q4, q5, q6, q7, k_scale_row, k_min_row, KEY_U, KEY_BITS, KEY_UB,
+                    BLOCK_N, BLOCK_M, DT, KEY_OFFSET, PREC)
+            elif (i == 0) | (n0 % KEY_GROUP == 0):  # a new key group (or the split's first block)
+                qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, k_bias = _kp.key_group_terms(
+                    q0, q1, q2, q3, q4, q5, q6, q7, k_scale_row, k_min_row, KEY_U, KEY_BITS, KEY_UB,
+                    BLOCK_N, BLOCK_M, DT, KEY_OFFSET, PREC)
             # the key products start from zero, their chain independent of the bias chain, the bias summed
             # after (KIVI_BIAS_LAST), or start from the bias
             s_t = _kp.kivi_scores_t(s_t if KIVI_BIAS_LAST else k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7,

@@ -194,6 +194,37 @@ def key_group_part(k_bias, q_t, k_scale, k_min, K: tl.constexpr, BITS: tl.conste
     return q_scaled, k_bias
 
 @triton.jit
+def key_group_terms(q0, q1, q2, q3, q4, q5, q6, q7, k_scale_row, k_min_row, U: tl.constexpr,
+                    BITS: tl.constexpr, UB: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+                    DT: tl.constexpr, OFFSET: tl.constexpr, PREC: tl.constexpr):
+    """A key group's eight scaled query parts ``qs_K [NU, BM]`` in ``DT`` and its score bias
+    ``[BN, BM]`` float32 (``key_group_part`` for the ``U`` code positions of a unit; the parts past
+    ``U`` repeat the query). ``q_K``: ``[NU, BM]`` query parts; ``k_scale_row`` / ``k_min_row``:
+    ``[NU, U]`` the group's scale and minimum of every channel ``u * U + K``."""
+    sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7 = unit_parts(k_scale_row, U)
+    mn0, mn1, mn2, mn3, mn4, mn5, mn6, mn7 = unit_parts(k_min_row, U)
+    k_bias = tl.zeros([BN, BM], tl.float32)
+    qs0, k_bias = key_group_part(k_bias, q0, sc0, mn0, 0, BITS, UB, BN, DT, OFFSET, PREC)
+    qs1 = q1
+    qs2 = q2
+    qs3 = q3
+    qs4 = q4
+    qs5 = q5
+    qs6 = q6
+    qs7 = q7
+    if U >= 2:
+        qs1, k_bias = key_group_part(k_bias, q1, sc1, mn1, 1, BITS, UB, BN, DT, OFFSET, PREC)
+    if U >= 4:
+        qs2, k_bias = key_group_part(k_bias, q2, sc2, mn2, 2, BITS, UB, BN, DT, OFFSET, PREC)
+        qs3, k_bias = key_group_part(k_bias, q3, sc3, mn3, 3, BITS, UB, BN, DT, OFFSET, PREC)
+    if U >= 8:
+        qs4, k_bias = key_group_part(k_bias, q4, sc4, mn4, 4, BITS, UB, BN, DT, OFFSET, PREC)
+        qs5, k_bias = key_group_part(k_bias, q5, sc5, mn5, 5, BITS, UB, BN, DT, OFFSET, PREC)
+        qs6, k_bias = key_group_part(k_bias, q6, sc6, mn6, 6, BITS, UB, BN, DT, OFFSET, PREC)
+        qs7, k_bias = key_group_part(k_bias, q7, sc7, mn7, 7, BITS, UB, BN, DT, OFFSET, PREC)
+    return qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, k_bias
+
+@triton.jit
 def kivi_scores_t(k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, U: tl.constexpr, BITS: tl.constexpr,
                    UB: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr,
                    PREC: tl.constexpr):
