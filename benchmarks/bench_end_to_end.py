@@ -167,9 +167,18 @@ def fill_cache(model, cache, preset: str, batch: int, context: int, kv_heads: in
     """Put ``context`` random tokens per sequence into every layer, as a prefill would leave them,
     through the cache's own path (update, then the post-attention compression of whole groups).
 
+    The tokens go in 4096-token chunks and the last one alone: the cache keeps a multi-token step
+    after the first (an assisted-decoding verify step) in 16 bits until the next step, so a layer
+    filled by chunks only would hold its last chunk in 16 bits, which a one-shot prefill compresses
+    (at batch 12 and 32k tokens, 6 GiB over the 32 layers; the seventeenth session's first end-to-end run
+    measured it as decode memory and ran out of memory at batch 64). The final one-token step moves
+    it into the packed part, as the first decode step would.
+
     ``kv_heads``: KV heads this process caches (a tensor-parallel rank's local heads); None: all.
     Tensors go to the model's device and dtype.
     """
+    from kvpolar.cache.layer import take_pending
+
     cfg = model.config
     param = next(model.parameters())
     dev, dtype, d = param.device, param.dtype, cfg.head_dim
@@ -177,9 +186,9 @@ def fill_cache(model, cache, preset: str, batch: int, context: int, kv_heads: in
     hq = hkv * (cfg.num_attention_heads // cfg.num_key_value_heads)
     gen = torch.Generator(device=dev).manual_seed(1)
     chunk = 4096
+    steps = [(start, min(chunk, context - 1 - start)) for start in range(0, context - 1, chunk)] + [(context - 1, 1)]
     for layer_idx in range(cfg.num_hidden_layers):
-        for start in range(0, context, chunk):
-            n = min(chunk, context - start)
+        for start, n in steps:
             k = torch.randn(batch, hkv, n, d, device=dev, dtype=dtype, generator=gen)
             v = torch.randn(batch, hkv, n, d, device=dev, dtype=dtype, generator=gen)
             if preset in FP16_BASELINES:  # (StaticCache versions that take the positions read them here)
@@ -187,6 +196,7 @@ def fill_cache(model, cache, preset: str, batch: int, context: int, kv_heads: in
                 continue
             layer = cache.layers[layer_idx]
             layer.update(k, v)
+            take_pending(k)  # (what the attention call would consume: else it keeps the layer alive)
             # a query of n tokens for the layer's bookkeeping; SQuat's subspace comes from its values
             q = torch.randn(batch, hq, 1, d, device=dev, dtype=dtype, generator=gen).expand(batch, hq, n, d)
             if not layer.plan.full_precision:  # (16-bit layers keep everything, as DynamicCache)
