@@ -258,15 +258,7 @@ def _split_kernel_t(
             meta_ok = ((uk * 0 + n0) < n_tokens)[:, None]  # (surplus blocks of a short last split read none)
             k_scale_row = tl.load(km0 + meta, mask=meta_ok, other=0.0)  # (one contiguous row each)
             k_min_row = tl.load(km1 + meta, mask=meta_ok, other=0.0)
-            if (KEY_GROUP == BLOCK_N) & (KEY_U >= 2):  # every block starts a key group: its scaled
-                # query computed in place, not carried from block to block (the carried copy took a
-                # second trip through shared memory into the products' operand layout; sm_90 kivi-2
-                # 721 -> 701 instructions per block). Not with one code per unit (8-bit codes): there
-                # the scale row's [NU, 1] load, 2 bytes per thread, would no longer be an asynchronous copy.
-                qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, k_bias = _kp.key_group_terms(
-                    q0, q1, q2, q3, q4, q5, q6, q7, k_scale_row, k_min_row, KEY_U, KEY_BITS, KEY_UB,
-                    BLOCK_N, BLOCK_M, DT, KEY_OFFSET, PREC)
-            elif (i == 0) | (n0 % KEY_GROUP == 0):  # a new key group (or the split's first block)
+            if (i == 0) | (n0 % KEY_GROUP == 0):  # a new key group (or the split's first block)
                 qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, k_bias = _kp.key_group_terms(
                     q0, q1, q2, q3, q4, q5, q6, q7, k_scale_row, k_min_row, KEY_U, KEY_BITS, KEY_UB,
                     BLOCK_N, BLOCK_M, DT, KEY_OFFSET, PREC)
