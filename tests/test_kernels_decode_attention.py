@@ -14,11 +14,12 @@ import torch
 
 import kvpolar
 from kvpolar.kernels import decode_attention as da
+from kvpolar.decode_attention import reference_decode_attention
 from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention, supports
 from kvpolar.packing import unpack_bits
 from kvpolar.quantizers.base import Quantizer
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
-from kernel_checks import compare_with_oracle, left_padding_mask, oracle_with, random_inputs  # noqa: E402
+from kernel_checks import DEVICE, ULP, compare_with_oracle, left_padding_mask, oracle_with, random_inputs  # noqa: E402
 
 D = 64
 
@@ -281,6 +282,43 @@ def test_kivi_key_bias_before_or_after_the_key_products(key_fmt, value_fmt, dtyp
     groups of one and two blocks, a ragged batch, two query tokens and several splits."""
     check(key_fmt, value_fmt, batch=2, gqa=4, tq=2, tk=150, r=3, dtype=dtype, lengths=[153, 61],
           config=LaunchConfig(kivi_key_bias=bias, num_splits=2), d=128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("key_fmt, value_fmt, units", [("kivi-2-32", "kivi-2-32", "halfwords"),
+                                                       ("kivi-4-64", "kivi-4-16", "halfwords"),
+                                                       ("kivi-2-32", "kivi-2-32", "bytes"),
+                                                       ("polar-2-4-32-half", "kivi-3-32", "halfwords"),
+                                                       ("kivi-2-32", "kivi-8-32", "halfwords")])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_kivi_value_min_as_a_product(key_fmt, value_fmt, units, dtype, lazy):
+    """``kivi_value_min="product"`` (the values' minimum as its own product, each code by one fused
+    multiply-add, each code position's sums rescaled after the loop): the oracle's attention over
+    16-bit and byte units, 3-bit values in 3-byte units, 8-bit values (which keep the elementwise
+    form), a ragged batch, two query tokens, several splits, with and without lazy rescaling."""
+    check(key_fmt, value_fmt, batch=2, gqa=4, tq=2, tk=150, r=3, dtype=dtype, lengths=[153, 61], d=128,
+          config=LaunchConfig(kivi_value_min="product", kivi_code_units=units, lazy_rescale=lazy,
+                              num_splits=2))
+
+
+@pytest.mark.parametrize("magnitude", [1e-2, 1e-4])
+def test_kivi_value_min_product_small_values(magnitude):
+    """float16 values so small that ``F * scale`` (``kivi_parts.value_fma_factor``) is subnormal (1e-4)
+    or near it (1e-2): the "product" form stays within the documented bound, each value off by at
+    most ``code * 2**-20`` on top of the usual rounding, and so does the output (a convex combination)."""
+    k, v, q = random_inputs(("small values", magnitude), batch=2, hkv=1, gqa=4, tq=1, n=160, d=128,
+                            dtype=torch.float16)
+    v = (v.float() * magnitude).half()
+    kq, pk = make_keys("kivi-2-32", k)
+    vq, pv = make_values("kivi-2-32", v, "tokens")
+    scale = 128 ** -0.5
+    want = oracle(q, pk, pv, None, None, scale, None)
+    ref = reference_decode_attention(q, pk, pv, kq, vq, None, None, scale, None)
+    floor = max((ref.double() - want).abs().max().item(), ULP[torch.float16] * want.abs().max().item())
+    cfg = LaunchConfig(kivi_value_min="product", transposed_min_rows=0)
+    out = fused_decode_attention(q.to(DEVICE), pk.to(DEVICE), pv.to(DEVICE), kq, vq, None, None, scale, None, cfg)
+    out = out.cpu().double()
+    assert (out - want).abs().max().item() <= 3 * floor + 3 * 2.0 ** -20
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -648,7 +686,6 @@ def test_launch_plan_is_remembered_per_packed_inputs(monkeypatch):
     """A decode step reuses its layer's launch plan while the packed keys / values objects, the
     query's shape and specialization and the config stay; new packed values, a mask or another
     config make a new plan; every result matches the reference."""
-    from kvpolar.decode_attention import reference_decode_attention
 
     made = []
     original = da._packed_plan

@@ -40,7 +40,7 @@ def _split_kernel_t(
     VAL_FMT: tl.constexpr, kcos, ksin, vcos, vsin, PR_KEY_JOIN: tl.constexpr, PR_VALUE_JOIN: tl.constexpr,
     VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, klut, vbook, vlut, VAL_META: tl.constexpr,
     KEY_LOOKUP: tl.constexpr, VAL_LOOKUP: tl.constexpr, LAZY_RESCALE: tl.constexpr,
-    KIVI_BIAS_LAST: tl.constexpr,
+    KIVI_BIAS_LAST: tl.constexpr, VAL_MIN_PRODUCT: tl.constexpr,
 ):
     """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
     ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -148,6 +148,7 @@ def _split_kernel_t(
     acc5 = tl.zeros([NACC, BLOCK_M], tl.float32)
     acc6 = tl.zeros([NACC, BLOCK_M], tl.float32)
     acc7 = tl.zeros([NACC, BLOCK_M], tl.float32)
+    acc_min = tl.zeros([NACC, BLOCK_M], tl.float32)  # (KIVI values, kivi_value_min="product": min @ p)
     if KEY_FMT == 6:  # cos / sin of the 2-bit levels' codebooks (the tables are shared: analytic)
         klv2 = _pr.level_values(kcos, ksin, _pr.ENTRY_L2)
         klv3 = _pr.level_values(kcos, ksin, _pr.ENTRY_L3)
@@ -289,6 +290,8 @@ def _split_kernel_t(
                 acc5 = acc5 * alpha[None, :]
                 acc6 = acc6 * alpha[None, :]
                 acc7 = acc7 * alpha[None, :]
+                if VAL_MIN_PRODUCT:
+                    acc_min = acc_min * alpha[None, :]
                 m_i = m_new
             alpha = tl.full([BLOCK_M], 1.0, tl.float32)  # (the products' rescaling folds away)
             m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -323,25 +326,29 @@ def _split_kernel_t(
                 DT, VAL_LOOKUP, PREC)
         else:  # ---- values, KIVI transposed: [NUV, BN] packed units and per-(unit, token) scale / min
             word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS)
+            if VAL_MIN_PRODUCT:  # the minimum as its own product; each code then one fused multiply-add
+                acc_min = tl.dot(v_min, p_t, acc_min * alpha[None, :], input_precision=PREC)
+                v_scale = v_scale * _kp.value_fma_factor(DT)
+                v_min = v_scale * (-VAL_OFFSET)
             acc0 = _kp.value_part_t(acc0, p_t, word_t, v_scale, v_min, alpha, 0, VAL_BITS, VAL_UB, DT, NATIVE,
-                                 VAL_OFFSET, PREC)
+                                 VAL_OFFSET, PREC, VAL_MIN_PRODUCT)
             if VAL_U >= 2:
                 acc1 = _kp.value_part_t(acc1, p_t, word_t, v_scale, v_min, alpha, 1, VAL_BITS, VAL_UB, DT, NATIVE,
-                                     VAL_OFFSET, PREC)
+                                     VAL_OFFSET, PREC, VAL_MIN_PRODUCT)
             if VAL_U >= 4:
                 acc2 = _kp.value_part_t(acc2, p_t, word_t, v_scale, v_min, alpha, 2, VAL_BITS, VAL_UB, DT, NATIVE,
-                                     VAL_OFFSET, PREC)
+                                     VAL_OFFSET, PREC, VAL_MIN_PRODUCT)
                 acc3 = _kp.value_part_t(acc3, p_t, word_t, v_scale, v_min, alpha, 3, VAL_BITS, VAL_UB, DT, NATIVE,
-                                     VAL_OFFSET, PREC)
+                                     VAL_OFFSET, PREC, VAL_MIN_PRODUCT)
             if VAL_U >= 8:  # (3-bit codes: eight per 3-byte unit)
                 acc4 = _kp.value_part_t(acc4, p_t, word_t, v_scale, v_min, alpha, 4, VAL_BITS, VAL_UB, DT, NATIVE,
-                                     VAL_OFFSET, PREC)
+                                     VAL_OFFSET, PREC, VAL_MIN_PRODUCT)
                 acc5 = _kp.value_part_t(acc5, p_t, word_t, v_scale, v_min, alpha, 5, VAL_BITS, VAL_UB, DT, NATIVE,
-                                     VAL_OFFSET, PREC)
+                                     VAL_OFFSET, PREC, VAL_MIN_PRODUCT)
                 acc6 = _kp.value_part_t(acc6, p_t, word_t, v_scale, v_min, alpha, 6, VAL_BITS, VAL_UB, DT, NATIVE,
-                                     VAL_OFFSET, PREC)
+                                     VAL_OFFSET, PREC, VAL_MIN_PRODUCT)
                 acc7 = _kp.value_part_t(acc7, p_t, word_t, v_scale, v_min, alpha, 7, VAL_BITS, VAL_UB, DT, NATIVE,
-                                     VAL_OFFSET, PREC)
+                                     VAL_OFFSET, PREC, VAL_MIN_PRODUCT)
 
     slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
     tl.store(part_max + slot, m_i, mask=row_ok)
@@ -358,6 +365,14 @@ def _split_kernel_t(
         tl.store(acc_cols + _pr.part_channels(7, NJ)[:, None], acc7, mask=row_ok[None, :])
     else:
         ch = (uv * VAL_U)[:, None]
+        acc0 = _kp.value_sums(acc0, acc_min, 0, VAL_BITS, VAL_UB, DT, VAL_MIN_PRODUCT)
+        acc1 = _kp.value_sums(acc1, acc_min, 1, VAL_BITS, VAL_UB, DT, VAL_MIN_PRODUCT)
+        acc2 = _kp.value_sums(acc2, acc_min, 2, VAL_BITS, VAL_UB, DT, VAL_MIN_PRODUCT)
+        acc3 = _kp.value_sums(acc3, acc_min, 3, VAL_BITS, VAL_UB, DT, VAL_MIN_PRODUCT)
+        acc4 = _kp.value_sums(acc4, acc_min, 4, VAL_BITS, VAL_UB, DT, VAL_MIN_PRODUCT)
+        acc5 = _kp.value_sums(acc5, acc_min, 5, VAL_BITS, VAL_UB, DT, VAL_MIN_PRODUCT)
+        acc6 = _kp.value_sums(acc6, acc_min, 6, VAL_BITS, VAL_UB, DT, VAL_MIN_PRODUCT)
+        acc7 = _kp.value_sums(acc7, acc_min, 7, VAL_BITS, VAL_UB, DT, VAL_MIN_PRODUCT)
         tl.store(acc_cols + ch, acc0, mask=row_ok[None, :])
         if VAL_U >= 2:
             tl.store(acc_cols + ch + 1, acc1, mask=row_ok[None, :])

@@ -257,17 +257,43 @@ def group_units(meta, NU: tl.constexpr):
     bn: tl.constexpr = meta.shape[1]
     return tl.reshape(tl.broadcast_to(meta[:, None, :], [ng, NU // ng, bn]), [NU, bn])
 
+@triton.constexpr_function
+def value_fma_factor(dt):
+    """The power of two ``F`` that ``kivi_value_min="product"`` folds into a KIVI value group's scale:
+    the fused multiply-add computes ``(OFFSET + code * step) * (F * scale) - OFFSET * F * scale``.
+    float16 (``OFFSET`` 1024): ``2**-5``, so that ``OFFSET * F * scale`` overflows only for scales above
+    2047 and ``F * scale`` is subnormal (each value then off by at most ``code * 2**-20``) only below
+    ``2**-9``; bfloat16 (``OFFSET`` 128, float32's range): 1."""
+    return 2.0 ** -5 if dt == tl.float16 else 1.0
+
 @triton.jit
 def value_part_t(acc_t, p_t, word_t, v_scale_t, v_min_t, alpha, K: tl.constexpr, BITS: tl.constexpr,
                   UB: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, MIN_APART: tl.constexpr):
     """``acc_K^T [NU, BM] = acc_K^T * alpha + v_K^T [NU, BN] @ p^T [BN, BM]`` (values as the A operand;
-    codes read by ``unit_codes``)."""
+    codes read by ``unit_codes``). ``MIN_APART`` (``LaunchConfig.kivi_value_min="product"``):
+    ``v_scale_t`` holds ``F * scale`` and ``v_min_t`` ``-OFFSET * F * scale`` (``value_fma_factor``), and
+    the part is ``code * step * F * scale`` by one fused multiply-add of the code value
+    ``OFFSET + code * step`` (exact product and sum, rounded once); the minimum and ``1 / (step * F)``
+    are applied elsewhere (``value_sums``)."""
     v = unit_codes(word_t, K, BITS, UB, DT, NATIVE, OFFSET)
     STEP: tl.constexpr = unit_code_step(K, BITS, UB, DT)
-    if STEP != 1:  # (v - OFFSET) / STEP, exactly: one multiply-add by powers of two
+    if MIN_APART:
+        v = tl.fma(v, v_scale_t, v_min_t)
+    elif STEP != 1:  # (v - OFFSET) / STEP, exactly: one multiply-add by powers of two
         v = (v * (1.0 / STEP) - OFFSET / STEP) * v_scale_t + v_min_t
     else:
         v = (v - OFFSET) * v_scale_t + v_min_t
     v = v.to(DT)
     return tl.dot(v, p_t, acc_t * alpha[None, :], input_precision=PREC)
+
+@triton.jit
+def value_sums(acc_t, acc_min, K: tl.constexpr, BITS: tl.constexpr, UB: tl.constexpr, DT: tl.constexpr,
+               MIN_APART: tl.constexpr):
+    """Code position ``K``'s output sums ``[NU, BM]`` float32 after the loop: as accumulated, or
+    (``MIN_APART``) times ``1 / (step * F)`` (a power of two: exact) plus the minimum's sums."""
+    if MIN_APART:
+        STEP: tl.constexpr = unit_code_step(K, BITS, UB, DT)
+        F: tl.constexpr = value_fma_factor(DT)
+        acc_t = acc_t * (1.0 / (STEP * F)) + acc_min
+    return acc_t

@@ -82,6 +82,18 @@ class LaunchConfig:
         B=32 / 32k tokens: kivi-2 0.391-0.396 -> 0.382-0.387 ms, squat-2 0.393-0.394 -> 0.383-0.384,
         kivi-4 0.439-0.442 -> 0.435; B=8 / 32k: kivi-2 0.115 -> 0.112; kivi-8 unchanged (0.634 /
         0.636); hence the default.
+    kivi_value_min: how the transposed kernel applies KIVI values' per-token minimum (values of at
+        most 4 bits; 8-bit values always take "elementwise"): "elementwise" (each code pair
+        dequantized as ``(code - offset) * scale + min`` by two half-precision operations before its
+        product) or "product" (the minimum as one more tensor-core product per block, ``min [units,
+        block] @ p``, into its own accumulator; each code pair then takes one fused multiply-add,
+        ``fma(offset + code * step, F * scale, -offset * F * scale)`` = ``code * step * F * scale``
+        rounded once, and each code position's sums are multiplied by ``1 / (step * F)`` after the
+        loop; ``kivi_parts.value_fma_factor``). sm_90 compile at B=32 / 32k, instructions per block:
+        kivi-2 721 -> 683, kivi-4 818 -> 798, polar-rope-3 (2-bit KIVI values) 1599 -> 1550. In
+        float16, ``F`` = ``2**-5``: a group whose scale exceeds 2047 (a 2-bit group spanning more
+        than 6141) overflows to inf, and below a scale of ``2**-9`` each value is off by at most
+        ``code * 2**-20``. Not yet timed on a GPU, hence not the default.
     polar_recursive_keys: how the transposed kernel builds polar-recursive key parts (the paper's
         setting, ``polar_recursive_parts``): "subtrees" (``[block, D/16, 1]`` tiles for the levels
         above the leaves, once per subtree, the leaves ``[block, D/16, 2]`` reshaped into the part:
@@ -125,6 +137,7 @@ class LaunchConfig:
     kivi_code_units: str = "halfwords"
     lazy_rescale: bool = False
     kivi_key_bias: str = "last"
+    kivi_value_min: str = "elementwise"
     polar_recursive_keys: str = "subtrees"
 
     def __post_init__(self) -> None:
@@ -149,6 +162,8 @@ class LaunchConfig:
             raise ValueError(f"kivi_code_units={self.kivi_code_units!r} (allowed: 'bytes', 'halfwords')")
         if self.kivi_key_bias not in ("first", "last"):
             raise ValueError(f"kivi_key_bias={self.kivi_key_bias!r} (allowed: 'first', 'last')")
+        if self.kivi_value_min not in ("elementwise", "product"):
+            raise ValueError(f"kivi_value_min={self.kivi_value_min!r} (allowed: 'elementwise', 'product')")
         if self.polar_recursive_keys not in ("columns", "subtrees"):
             raise ValueError(f"polar_recursive_keys={self.polar_recursive_keys!r} (allowed: 'columns', 'subtrees')")
         if self.transposed_min_rows < 0:
