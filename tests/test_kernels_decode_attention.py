@@ -680,6 +680,8 @@ def test_launch_config_refuses_bad_values():
         LaunchConfig(transposed_min_rows=-1)
     with pytest.raises(ValueError, match="kivi_key_bias='middle'.*'first', 'last'"):
         LaunchConfig(kivi_key_bias="middle")
+    with pytest.raises(ValueError, match="kivi_value_min='fused'.*'elementwise', 'product'"):
+        LaunchConfig(kivi_value_min="fused")
 
 
 def test_launch_plan_is_remembered_per_packed_inputs(monkeypatch):
