@@ -205,13 +205,7 @@ def key_group_terms(q0, q1, q2, q3, q4, q5, q6, q7, k_scale_row, k_min_row, U: t
     mn0, mn1, mn2, mn3, mn4, mn5, mn6, mn7 = unit_parts(k_min_row, U)
     k_bias = tl.zeros([BN, BM], tl.float32)
     qs0, k_bias = key_group_part(k_bias, q0, sc0, mn0, 0, BITS, UB, BN, DT, OFFSET, PREC)
-    qs1 = q1
-    qs2 = q2
-    qs3 = q3
-    qs4 = q4
-    qs5 = q5
-    qs6 = q6
-    qs7 = q7
+    qs1, qs2, qs3, qs4, qs5, qs6, qs7 = q1, q2, q3, q4, q5, q6, q7  # (the parts a unit has replace them)
     if U >= 2:
         qs1, k_bias = key_group_part(k_bias, q1, sc1, mn1, 1, BITS, UB, BN, DT, OFFSET, PREC)
     if U >= 4:
