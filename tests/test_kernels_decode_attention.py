@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import kvpolar
-from kvpolar.kernels import decode_attention as da
 from kvpolar.decode_attention import reference_decode_attention
+from kvpolar.kernels import decode_attention as da
 from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention, supports
 from kvpolar.packing import unpack_bits
 from kvpolar.quantizers.base import Quantizer
