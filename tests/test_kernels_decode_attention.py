@@ -19,7 +19,7 @@ from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attentio
 from kvpolar.packing import unpack_bits
 from kvpolar.quantizers.base import Quantizer
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
-from kernel_checks import DEVICE, ULP, compare_with_oracle, left_padding_mask, oracle_with, random_inputs  # noqa: E402
+from kernel_checks import compare_with_oracle, left_padding_mask, oracle_with, random_inputs  # noqa: E402
 
 D = 64
 
@@ -311,14 +311,8 @@ def test_kivi_value_min_product_small_values(magnitude):
     v = (v.float() * magnitude).half()
     kq, pk = make_keys("kivi-2-32", k)
     vq, pv = make_values("kivi-2-32", v, "tokens")
-    scale = 128 ** -0.5
-    want = oracle(q, pk, pv, None, None, scale, None)
-    ref = reference_decode_attention(q, pk, pv, kq, vq, None, None, scale, None)
-    floor = max((ref.double() - want).abs().max().item(), ULP[torch.float16] * want.abs().max().item())
-    cfg = LaunchConfig(kivi_value_min="product", transposed_min_rows=0)
-    out = fused_decode_attention(q.to(DEVICE), pk.to(DEVICE), pv.to(DEVICE), kq, vq, None, None, scale, None, cfg)
-    out = out.cpu().double()
-    assert (out - want).abs().max().item() <= 3 * floor + 3 * 2.0 ** -20
+    compare_with_oracle(oracle, q, pk, pv, kq, vq, None, None, None, absolute=3 * 2.0 ** -20,
+                        config=LaunchConfig(kivi_value_min="product", transposed_min_rows=0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
