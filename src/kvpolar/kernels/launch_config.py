@@ -93,7 +93,11 @@ class LaunchConfig:
         kivi-2 721 -> 683, kivi-4 818 -> 798, polar-rope-3 (2-bit KIVI values) 1599 -> 1550. In
         float16, ``F`` = ``2**-5``: a group whose scale exceeds 2047 (a 2-bit group spanning more
         than 6141) overflows to inf, and below a scale of ``2**-9`` each value is off by at most
-        ``code * 2**-20``. Not yet timed on a GPU, hence not the default.
+        ``code * 2**-20``. Timed on the H100 (eighteenth session, two runs,
+        ``benchmarks/results/kivi_value_min_h100_r*.json``), elementwise -> product at B=32 / 32k:
+        kivi-2 0.388 / 0.382 -> 0.384 / 0.384 ms, squat-2 0.390 / 0.391 -> 0.385 / 0.386, kivi-4
+        unchanged (0.512), polar-rope-3 0.644 / 0.640 -> 0.624 / 0.630; B=1 / 128k: 1% faster.
+        At most 3% for the float16 range and small-value precision it gives up, hence not the default.
     polar_recursive_keys: how the transposed kernel builds polar-recursive key parts (the paper's
         setting, ``polar_recursive_parts``): "subtrees" (``[block, D/16, 1]`` tiles for the levels
         above the leaves, once per subtree, the leaves ``[block, D/16, 2]`` reshaped into the part:
