@@ -57,6 +57,9 @@ def test_presets_and_bad_names():
         KVCacheConfig(residual_length=-1)
     with pytest.raises(ValueError, match="min_chunk=0.*integer >= 1"):
         KVCacheConfig(min_chunk=0)
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match=rf"max_rollback_tokens={bad}.*None \(a whole step\) or an integer >= 0"):
+            KVCacheConfig(max_rollback_tokens=bad)
     with pytest.raises(ValueError, match="full_precision_layers='boundary-3'"):
         KVCacheConfig(full_precision_layers="boundary-3")
     with pytest.raises(ValueError, match=r"layer_overrides\[1\]"):

@@ -199,6 +199,73 @@ def test_a_draft_longer_than_the_window_rolls_back(llama):
     assert cache.layers[0].packed_keys.num_tokens == 64 and cache.layers[0].residual_tokens == 18
 
 
+def test_max_rollback_tokens_caps_what_a_long_step_keeps_in_16_bits(llama):
+    """With max_rollback_tokens=16 a 40-token verify step keeps 16 of its tokens 16-bit (not all 40):
+    16 crop, 17 do not, and the error names the cap."""
+    gen = torch.Generator().manual_seed(8)
+    ids, mask = torch.randint(1, VOCAB, (1, 40), generator=gen), torch.ones(1, 40, dtype=torch.long)
+    cache = QuantizedKVCache(llama.config, config("kivi-2", residual_length=8, max_rollback_tokens=16))
+    with torch.no_grad():
+        _feed(llama, cache, ids, mask)
+        _feed(llama, cache, torch.randint(1, VOCAB, (1, 40), generator=gen), torch.ones(1, 80, dtype=torch.long))
+    assert cache.layers[0].packed_keys.num_tokens == 64 and cache.layers[0].residual_tokens == 16
+    with pytest.raises(ValueError, match="only 16 are still in the 16-bit window.*at most max_rollback_tokens=16"):
+        cache.crop(-17)
+    cache.crop(-16)
+    assert cache.get_seq_length() == 64 and cache.layers[0].residual_tokens == 0
+
+
+@pytest.mark.parametrize("cap", [None, 0])
+def test_prefill_in_chunks(llama, cap):
+    """transformers' chunked prefill (``prefill_chunk_size``): with identity quantizers it gives the
+    one-shot prefill's tokens; with kivi-2 the last chunk stays 16-bit until the first decode step
+    unless ``max_rollback_tokens`` caps it (0: only the residual window and an unfilled chunk)."""
+    ids = torch.randint(1, VOCAB, (2, 300), generator=torch.Generator().manual_seed(11))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    whole = kvpolar.enable(llama, "none", max_rollback_tokens=cap)
+    chunked = kvpolar.enable(llama, "none", max_rollback_tokens=cap)
+    one_shot = llama.generate(ids, **kvpolar.cache_kwargs(llama, whole), **kw)
+    in_chunks = llama.generate(ids, **kvpolar.cache_kwargs(llama, chunked), prefill_chunk_size=64, **kw)
+    assert torch.equal(in_chunks, one_shot) and chunked.get_seq_length() == 305
+    cache = QuantizedKVCache(llama.config, config("kivi-2", residual_length=8, max_rollback_tokens=cap))
+    gen = torch.Generator().manual_seed(12)
+    with torch.no_grad():  # 256 prompt tokens in four 64-token chunks
+        for n in range(64, 257, 64):
+            _feed(llama, cache, torch.randint(1, VOCAB, (1, 64), generator=gen), torch.ones(1, n, dtype=torch.long))
+    layer = cache.layers[0]
+    assert layer.residual_tokens == (64 if cap is None else 8 + 24)  # 8 kept, 24 waiting for their chunk
+    assert layer.packed_keys.num_tokens == 256 - layer.residual_tokens
+
+
+@pytest.mark.parametrize("preset", ["kivi-2", "polar-rope-3", "polar-recursive"])
+def test_a_long_step_attends_over_the_dequantized_layer(llama, preset, monkeypatch):
+    """A 130-token step after a left-padded prompt (260 query rows per KV head, GQA 2: over
+    MAX_FUSED_QUERY_ROWS) runs SDPA over the dequantized layer, not the per-row reference (nor, on CUDA,
+    the fused kernel's one register tile), and gives the reference's logits."""
+    from kvpolar.cache import attention
+
+    ids, mask = left_padded([150, 131], seed=13)
+    step = torch.randint(1, VOCAB, (2, 130), generator=torch.Generator().manual_seed(14))
+    step_mask = torch.cat([mask, torch.ones(2, 130, dtype=torch.long)], dim=-1)
+    calls = []
+    reference = attention.reference_decode_attention
+    monkeypatch.setattr(attention, "reference_decode_attention", lambda *a: calls.append(1) or reference(*a))
+
+    def logits_of_the_step():
+        cache = QuantizedKVCache(llama.config, config(preset, residual_length=8))
+        with torch.no_grad():
+            _feed(llama, cache, ids, mask)
+            assert cache.layers[0].packed_keys is not None
+            return _feed(llama, cache, step, step_mask)
+
+    long_step = logits_of_the_step()
+    assert not calls
+    monkeypatch.setattr(attention, "MAX_FUSED_QUERY_ROWS", 260)
+    per_row = logits_of_the_step()
+    assert len(calls) == llama.config.num_hidden_layers
+    torch.testing.assert_close(long_step, per_row, rtol=0, atol=1e-4)
+
+
 def test_assisted_generation_matches_plain_greedy_decoding(llama):
     """Assisted decoding (a draft model proposes, the cache rolls back what the model rejects)
     gives plain greedy decoding's tokens; 64 of the prompt's tokens are packed (kivi-2)."""

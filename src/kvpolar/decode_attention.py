@@ -14,6 +14,14 @@ import torch
 from kvpolar.quantized import QuantizedTensor
 from kvpolar.quantizers.base import Quantizer
 
+#: Most query rows per KV head (GQA group x query tokens) a step may bring to the fused kernel, which
+#: holds them in one tile: 64 tokens at GQA 4, enough for decoding and speculative verify steps. On an
+#: H100 every preset was checked at 256 rows; a 512-token step (2048 rows) asked for 685 KB of shared
+#: memory (the limit: 227 KB) and failed. Longer steps (a prefill in chunks, the next turn of a
+#: conversation appended to the cache) are compute-bound; the cache's attention dequantizes the layer
+#: for them and calls SDPA (``kvpolar.cache.attention``; benchmarks/README.md, eighteenth session).
+MAX_FUSED_QUERY_ROWS = 256
+
 
 def reference_decode_attention(
     query: torch.Tensor,

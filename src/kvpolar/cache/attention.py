@@ -10,6 +10,10 @@ Dispatch per call:
   the cache ``kvpolar.enable`` returned keeps every key and value in 16 bits);
 * first forward of a layer (the prompt): ``sdpa`` on the unquantized prompt;
 * nothing packed yet: ``sdpa`` over the 16-bit residual window;
+* a long step after the first, more than ``MAX_FUSED_QUERY_ROWS`` (256) query rows per KV head (GQA
+  group x new tokens: a prefill in chunks, the next turn of a conversation): ``sdpa`` over the layer
+  dequantized (``QuantizedLayer.dequantized``, a transient 16-bit copy of the layer). Such steps are
+  compute-bound, and the fused kernel holds all rows in one tile;
 * otherwise: decode attention over packed + residual, never dequantizing the packed part: on CUDA
   ``kvpolar.kernels.decode_attention.fused_decode_attention`` if it is installed, else (and on CPU)
   ``kvpolar.decode_attention.reference_decode_attention``.
@@ -25,7 +29,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpolar.cache.layer import take_pending
-from kvpolar.decode_attention import reference_decode_attention
+from kvpolar.decode_attention import MAX_FUSED_QUERY_ROWS, reference_decode_attention
 
 ATTENTION_NAME = "kvpolar"
 _FUSED: dict[str, Any] = {}
@@ -65,6 +69,12 @@ def kvpolar_attention(
         out, _ = sdpa_attention_forward(
             module, query, layer.keys, layer.values, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    elif query.shape[1] // key.shape[1] * query.shape[-2] > MAX_FUSED_QUERY_ROWS:
+        keys, values = layer.dequantized()
+        out, _ = sdpa_attention_forward(
+            module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        del keys, values
     else:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         residual = layer.residual_tokens > 0

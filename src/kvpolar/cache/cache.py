@@ -81,7 +81,7 @@ class QuantizedKVCache(Cache):
         self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
         layers = [
             QuantizedLayer(cache_config.plan(i, self.num_layers), i, self.head_dim, cache_config.residual_length,
-                           cache_config.min_chunk)
+                           cache_config.min_chunk, cache_config.max_rollback_tokens)
             for i in range(self.num_layers)
         ]
         for layer in layers:

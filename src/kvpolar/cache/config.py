@@ -43,6 +43,13 @@ class KVCacheConfig:
         min_chunk: fewest tokens moved into the packed part at a time (default 32: per-token formats
             such as turbo would otherwise re-quantize, re-concatenate and change the packed tensors'
             strides every step). 1 moves them token by token.
+        max_rollback_tokens: how many tokens of a multi-token step after the first (a draft's verify
+            step in assisted decoding, or a chunk of a chunked prefill) stay 16-bit until the next
+            step beyond ``residual_length``, so that ``crop`` can remove them. None (default): the
+            whole step, so a rejected draft of any length rolls back. An int caps it: a prefill in
+            chunks (e.g. transformers' ``prefill_chunk_size``) otherwise holds its last chunk in 16
+            bits, in every layer, until the first decode step; with 0 only the newest
+            ``residual_length`` tokens can be cropped.
         full_precision_layers: layer indices kept entirely in 16 bits (negative counts from the end),
             or ``"boundary-2"``: the first and last two layers.
         layer_overrides: ``{layer index: {"key_quantizer"|"key_params"|"value_quantizer"|
@@ -55,6 +62,7 @@ class KVCacheConfig:
     value_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     residual_length: int = 128
     min_chunk: int = 32
+    max_rollback_tokens: int | None = None
     full_precision_layers: tuple[int, ...] | str = ()
     layer_overrides: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -68,6 +76,9 @@ class KVCacheConfig:
         c = self.min_chunk
         if not isinstance(c, int) or isinstance(c, bool) or c < 1:
             raise allowed("min_chunk", c, "an integer >= 1")
+        m = self.max_rollback_tokens
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 0):
+            raise allowed("max_rollback_tokens", m, "None (a whole step) or an integer >= 0")
         fpl = self.full_precision_layers
         if isinstance(fpl, str):
             if fpl not in LAYER_SHORTHANDS:

@@ -11,7 +11,8 @@ multiple of the key and value quantizers' token groups, e.g. KIVI's G = 32, and 
 re-quantize and re-concatenate every step). So the newest ``residual_length`` tokens are always 16-bit and at most ``chunk - 1``
 more wait for their chunk to fill; prefill quantizes all complete chunks at once. A multi-token step
 after the prompt (assisted / speculative decoding's verify step) keeps all its tokens 16-bit until the
-next step, so rejected draft tokens can be cropped whatever the draft length. Values move in the same chunks as keys (KIVI's
+next step, so rejected draft tokens can be cropped whatever the draft length
+(``KVCacheConfig.max_rollback_tokens`` caps this, e.g. for a prefill in chunks). Values move in the same chunks as keys (KIVI's
 code moves values token by token; one boundary for both keeps one attention layout).
 
 Padding: tokens no query may attend to (left padding) are replaced, before quantizing, by the next
@@ -84,16 +85,18 @@ class QuantizedLayer(CacheLayerMixin):
     supports_early_init = False
 
     def __init__(self, plan: LayerPlan, layer_idx: int, head_dim: int, residual_length: int,
-                 min_chunk: int = 32) -> None:
+                 min_chunk: int = 32, max_rollback_tokens: int | None = None) -> None:
         """``min_chunk``: fewest tokens per move into the packed part (``KVCacheConfig.min_chunk``). Each
         move quantizes the chunk and concatenates it to every stored tensor of the layer (a copy of its
         packed cache) and changes the packed tensors' strides, which the fused kernel is compiled for:
         moving one token per step made turbo and polar-recursive copy the whole cache every step and
         recompile (about 2 s) in several of the first steps on an H100 (benchmarks/README.md, "The
-        other presets")."""
+        other presets"). ``max_rollback_tokens``: most tokens of a multi-token step after the first kept
+        16-bit until the next step (``KVCacheConfig.max_rollback_tokens``; None: all of them)."""
         super().__init__()
         self.plan, self.layer_idx, self.head_dim = plan, layer_idx, head_dim
         self.residual_length = residual_length
+        self.max_rollback_tokens = max_rollback_tokens
         self.key_quantizer = self.value_quantizer = None
         self.chunk = 1
         check_registered("key", plan.key_quantizer)  # also for full-precision layers: a typo is an error
@@ -180,7 +183,8 @@ class QuantizedLayer(CacheLayerMixin):
         (transformers' older form). Quantized layers can only drop tokens still in the 16-bit window:
         the window keeps at least ``residual_length`` tokens after every step, and after a
         multi-token step following the prompt (a draft's verify step) all of that step's tokens
-        until the next one, so a rejected draft of any length rolls back.
+        until the next one (at most ``max_rollback_tokens`` of them, if set), so a rejected draft of
+        any length rolls back.
 
         Raises:
             ValueError: the tokens to drop reach into the packed part.
@@ -190,10 +194,13 @@ class QuantizedLayer(CacheLayerMixin):
             return
         drop = min(drop, self.seen)
         if drop > self.residual_tokens:
+            cap = self.max_rollback_tokens
+            rollback = "all of it: max_rollback_tokens=None" if cap is None else f"at most max_rollback_tokens={cap}"
             raise ValueError(
                 f"layer {self.layer_idx}: cannot remove the newest {drop} tokens: only {self.residual_tokens} are "
                 f"still in the 16-bit window, the rest are quantized (the window holds the last "
-                f"{self.residual_length} tokens, residual_length, or the whole latest step if longer)"
+                f"{self.residual_length} tokens, residual_length, or the latest step if longer, "
+                f"{rollback})"
             )
         if drop == self.seen:  # nothing packed: as if no token had been seen (SQuat's prompt subspace too)
             self._clear()
@@ -215,6 +222,18 @@ class QuantizedLayer(CacheLayerMixin):
     def residual_tokens(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
 
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every cached token, ``[B, Hkv, seen, D]`` in the cache's dtype: the
+        packed part dequantized, then the 16-bit window. A transient 16-bit copy of the layer, for
+        steps too long for the fused kernel (``kvpolar.cache.attention``)."""
+        if self.packed_keys is None:
+            return self.keys, self.values
+        keys = self.key_quantizer.dequantize(self.packed_keys).to(self.dtype)
+        values = self.value_quantizer.dequantize(self.packed_values).to(self.dtype)
+        if self.keys is None:
+            return keys, values
+        return torch.cat([keys, self.keys], dim=-2), torch.cat([values, self.values], dim=-2)
+
     def after_attention(self, new_valid: torch.Tensor | None, query: torch.Tensor) -> None:
         """Record which new tokens are real (``new_valid`` bool ``[B, T_new]``; None: all of them),
         keep SQuat's prompt queries, then move whole chunks beyond the residual window into the
@@ -233,7 +252,9 @@ class QuantizedLayer(CacheLayerMixin):
             self.key_context = self._prompt_context(_fill_padding(query, new_valid, axis=-2))
         keep = self.residual_length
         if 1 < t_new < self.seen:  # a multi-token step after the prompt (a draft's verify step): its
-            keep = max(keep, t_new)  # tokens stay 16-bit until the next step, so crop can drop any of them
+            # tokens stay 16-bit until the next step (at most max_rollback_tokens), so crop can drop them
+            cap = self.max_rollback_tokens
+            keep = max(keep, t_new if cap is None else min(t_new, cap))
         move = (self.residual_tokens - keep) // self.chunk * self.chunk
         if move > 0:
             self._compress(move)

@@ -53,6 +53,7 @@ import weakref
 
 import torch
 
+from kvpolar.decode_attention import MAX_FUSED_QUERY_ROWS
 from kvpolar.kernels import decode_formats as formats
 from kvpolar.kernels.decode_operands import (  # noqa: F401  (KEY_FORMATS .. supports: this module's API too)
     FMT_FULL, FMT_KIVI, FMT_POLAR, KEY_FORMATS, POLAR_PAIR_BITS, VALUE_FORMATS, Operand, byte_stride,
@@ -171,7 +172,8 @@ def fused_decode_attention(
     (the quantizers are accepted for that symmetry; the stored tensors carry what the kernel needs):
 
     Args:
-        query: ``[B, Hq, Tq, D]`` float16/bfloat16/float32 (Tq small: decoding, speculative steps).
+        query: ``[B, Hq, Tq, D]`` float16/bfloat16/float32 (Tq small: decoding, speculative steps;
+            at most ``MAX_FUSED_QUERY_ROWS`` = 256 rows ``Hq / Hkv * Tq`` per KV head).
         keys, values: packed ``[B, Hkv, Tk, D]`` (both or neither); formats: see ``supports``.
         residual_keys, residual_values: ``[B, Hkv, R, D]`` full precision, or None.
         scale: softmax scale.
@@ -198,6 +200,12 @@ def fused_decode_attention(
     hkv = keys.shape[1] if keys is not None else residual_keys.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of KV heads {hkv}")
+    if (hq // hkv) * tq > MAX_FUSED_QUERY_ROWS:
+        raise ValueError(
+            f"query rows per KV head (GQA group {hq // hkv} x {tq} query tokens) = {(hq // hkv) * tq}; allowed: at "
+            f"most {MAX_FUSED_QUERY_ROWS} (one tile). For longer steps dequantize and call SDPA, "
+            "as the cache's attention does"
+        )
     tk = keys.num_tokens if keys is not None else 0
     r = residual_keys.shape[-2] if residual_keys is not None else 0
     if keys is not None and (tuple(keys.shape[:2]) != (bsz, hkv) or keys.head_dim != d or values.num_tokens != tk):
