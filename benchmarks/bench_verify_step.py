@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--query-tokens", type=int, nargs="+", default=[1, 4, 8, 21])
+    ap.add_argument("--check-query-tokens", type=int, nargs="+", default=None,
+                    help="query tokens of the checks, each in float16 and bfloat16 (default: 21 in float16, 8 in bfloat16)")
     ap.add_argument("--smoke", action="store_true", help="checks only, at small sizes (CPU with TRITON_INTERPRET=1)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,6 +102,8 @@ def main() -> None:
     for name in args.presets:
         for vname, cfg in VARIANTS.items():
             cases = [(torch.float16, 21), (torch.bfloat16, 8)] if not args.smoke else [(torch.float16, 9)]
+            if args.check_query_tokens:
+                cases = [(dtype, tq) for tq in args.check_query_tokens for dtype in (torch.float16, torch.bfloat16)]
             for dtype, tq in cases:
                 row = check(name, dev, dtype, 2, 40 if args.smoke else 2000, tq,
                             dataclasses.replace(cfg, transposed_min_rows=0))
