@@ -241,7 +241,7 @@ def test_prefill_in_chunks(llama, cap):
 def test_a_long_step_attends_over_the_dequantized_layer(llama, preset, monkeypatch):
     """A 130-token step after a left-padded prompt (260 query rows per KV head, GQA 2: over
     MAX_FUSED_QUERY_ROWS) runs SDPA over the dequantized layer, not the per-row reference (nor, on CUDA,
-    the fused kernel's one register tile), and gives the reference's logits."""
+    the fused kernel's one tile), and gives the reference's logits, also one sequence at a time."""
     from kvpolar.cache import attention
 
     ids, mask = left_padded([150, 131], seed=13)
@@ -259,6 +259,9 @@ def test_a_long_step_attends_over_the_dequantized_layer(llama, preset, monkeypat
             return _feed(llama, cache, step, step_mask)
 
     long_step = logits_of_the_step()
+    assert not calls
+    monkeypatch.setattr(attention, "LONG_STEP_BYTES", 1)  # one sequence at a time
+    torch.testing.assert_close(logits_of_the_step(), long_step, rtol=0, atol=1e-5)
     assert not calls
     monkeypatch.setattr(attention, "MAX_FUSED_QUERY_ROWS", 260)
     per_row = logits_of_the_step()

@@ -12,8 +12,9 @@ Dispatch per call:
 * nothing packed yet: ``sdpa`` over the 16-bit residual window;
 * a long step after the first, more than ``MAX_FUSED_QUERY_ROWS`` (256) query rows per KV head (GQA
   group x new tokens: a prefill in chunks, the next turn of a conversation): ``sdpa`` over the layer
-  dequantized (``QuantizedLayer.dequantized``, a transient 16-bit copy of the layer). Such steps are
-  compute-bound, and the fused kernel holds all rows in one tile;
+  dequantized (``QuantizedLayer.dequantized``, a transient 16-bit copy of a few sequences at a time,
+  at most ``LONG_STEP_BYTES``). Such steps are compute-bound, and the fused kernel holds all rows in
+  one tile;
 * otherwise: decode attention over packed + residual, never dequantizing the packed part: on CUDA
   ``kvpolar.kernels.decode_attention.fused_decode_attention`` if it is installed, else (and on CPU)
   ``kvpolar.decode_attention.reference_decode_attention``.
@@ -32,6 +33,9 @@ from kvpolar.cache.layer import take_pending
 from kvpolar.decode_attention import MAX_FUSED_QUERY_ROWS, reference_decode_attention
 
 ATTENTION_NAME = "kvpolar"
+#: most bytes of the transient 16-bit keys and values a long step dequantizes at once (whole sequences;
+#: at least one): 32k tokens of 8 KV heads of 128 channels take 128 MiB per sequence
+LONG_STEP_BYTES = 1 << 30
 _FUSED: dict[str, Any] = {}
 _WARNED_FOREIGN_CACHE = False
 
@@ -70,11 +74,7 @@ def kvpolar_attention(
             module, query, layer.keys, layer.values, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     elif query.shape[1] // key.shape[1] * query.shape[-2] > MAX_FUSED_QUERY_ROWS:
-        keys, values = layer.dequantized()
-        out, _ = sdpa_attention_forward(
-            module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-        del keys, values
+        out = _attend_dequantized(module, query, layer, attention_mask, dropout, scaling, **kwargs)
     else:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         residual = layer.residual_tokens > 0
@@ -84,6 +84,24 @@ def kvpolar_attention(
         ).transpose(1, 2).contiguous()
     layer.after_attention(new_valid, query)
     return out, None
+
+
+def _attend_dequantized(module: torch.nn.Module, query: torch.Tensor, layer: Any, attention_mask: torch.Tensor | None,
+                        dropout: float, scaling: float | None, **kwargs: Any) -> torch.Tensor:
+    """SDPA over the layer dequantized, a few sequences at a time so that the transient 16-bit copy
+    stays within ``LONG_STEP_BYTES`` (at least one sequence); returns ``[B, Tq, Hq, D]``."""
+    per_sequence = 2 * layer.num_heads * layer.seen * layer.head_dim * query.element_size()
+    step = max(1, LONG_STEP_BYTES // per_sequence)
+    outs = []
+    for start in range(0, query.shape[0], step):
+        rows = slice(start, start + step)
+        keys, values = layer.dequantized(rows)
+        mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[rows]
+        out, _ = sdpa_attention_forward(module, query[rows], keys, values, mask, dropout=dropout, scaling=scaling,
+                                        **kwargs)
+        outs.append(out)
+        del keys, values
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _warn_foreign_cache() -> None:

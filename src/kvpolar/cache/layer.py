@@ -222,17 +222,22 @@ class QuantizedLayer(CacheLayerMixin):
     def residual_tokens(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
 
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of every cached token, ``[B, Hkv, seen, D]`` in the cache's dtype: the
-        packed part dequantized, then the 16-bit window. A transient 16-bit copy of the layer, for
-        steps too long for the fused kernel (``kvpolar.cache.attention``)."""
+    def dequantized(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every cached token of sequences ``rows``, ``[rows, Hkv, seen, D]`` in the
+        cache's dtype: the packed part dequantized, then the 16-bit window. A transient 16-bit copy,
+        for steps too long for the fused kernel (``kvpolar.cache.attention``)."""
+        window = (None, None) if self.keys is None else (self.keys[rows], self.values[rows])
         if self.packed_keys is None:
-            return self.keys, self.values
-        keys = self.key_quantizer.dequantize(self.packed_keys).to(self.dtype)
-        values = self.value_quantizer.dequantize(self.packed_values).to(self.dtype)
-        if self.keys is None:
+            return window
+        packed_keys, packed_values = self.packed_keys, self.packed_values
+        if rows != slice(None):
+            index = torch.arange(self.batch_size, device=self.device)[rows]
+            packed_keys, packed_values = packed_keys.select_batch(index), packed_values.select_batch(index)
+        keys = self.key_quantizer.dequantize(packed_keys).to(self.dtype)
+        values = self.value_quantizer.dequantize(packed_values).to(self.dtype)
+        if window[0] is None:
             return keys, values
-        return torch.cat([keys, self.keys], dim=-2), torch.cat([values, self.values], dim=-2)
+        return torch.cat([keys, window[0]], dim=-2), torch.cat([values, window[1]], dim=-2)
 
     def after_attention(self, new_valid: torch.Tensor | None, query: torch.Tensor) -> None:
         """Record which new tokens are real (``new_valid`` bool ``[B, T_new]``; None: all of them),
