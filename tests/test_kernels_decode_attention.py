@@ -496,13 +496,14 @@ def test_supports_refuses_what_it_cannot_read():
 
 def test_too_many_query_rows_per_kv_head_is_an_error():
     """GQA 4 x 65 query tokens = 260 rows per KV head exceed the one tile; 64 tokens (256 rows) are
-    allowed (the kernel then runs, checked against the reference)."""
+    allowed (the kernel then runs, checked against the reference for KIVI and polar-rope keys)."""
     kq = kvpolar.quantizer("kivi", bits=2, group_size=32, axis="channel")
     vq = kvpolar.quantizer("kivi", bits=2, group_size=32, axis="token")
     x = torch.randn(1, 1, 32, D)
     with pytest.raises(ValueError, match=r"query rows per KV head \(GQA group 4 x 65 query tokens\) = 260; allowed: at most 256"):
         fused_decode_attention(torch.randn(1, 4, 65, D), kq.quantize(x), vq.quantize(x), kq, vq, None, None, 1.0)
     check("kivi-2-32", "kivi-2-32", gqa=4, tq=64, tk=32, r=1)
+    check("polar-2-4-32-half", "kivi-2-32", gqa=4, tq=64, tk=70, r=2, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("key_fmt", ["kivi-2-32", "polar-2-4-32-half"])
