@@ -1,5 +1,6 @@
 """Generation modes that change the cache's batch or length: beam search (reorder_cache), modes that
-repeat or select sequences, and assisted / speculative decoding (crop after a multi-token step)."""
+repeat or select sequences, assisted / speculative decoding (crop after a multi-token step), and long
+steps after the first (a prefill in chunks, the next turn of a conversation)."""
 
 from __future__ import annotations
 
