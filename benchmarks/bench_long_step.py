@@ -113,10 +113,7 @@ def chunked_prefill(model, preset: str, context: int, chunk: int, cap: int | Non
         model(input_ids=ids[:, at:at + chunk], position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
     e2e._sync()
     seconds = time.perf_counter() - start
-    if preset in e2e.FP16_BASELINES:
-        sixteen_bit = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
-    else:
-        sixteen_bit = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if l.keys is not None)
+    sixteen_bit = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if l.keys is not None)
     peak = torch.cuda.max_memory_allocated() if e2e.DEVICE == "cuda" else 0
     row = {"preset": preset, "max_rollback_tokens": cap, "context": context, "chunk": chunk, "seconds": seconds,
            "peak_gib": peak / 2**30, "sixteen_bit_gib": sixteen_bit / 2**30}

@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--lazy-rescale", action="store_true", help="LaunchConfig.lazy_rescale")
     ap.add_argument("--kivi-key-bias", default=mod.LaunchConfig.kivi_key_bias, choices=("first", "last"),
                     help="LaunchConfig.kivi_key_bias")
-    ap.add_argument("--kivi-value-min", default="elementwise", choices=("elementwise", "product"),
+    ap.add_argument("--kivi-value-min", default=mod.LaunchConfig.kivi_value_min, choices=("elementwise", "product"),
                     help="LaunchConfig.kivi_value_min")
     ap.add_argument("--value-layout", default="tokens", choices=("tokens", "groups"),
                     help="KIVI value scale / min with the tokens (as stored) or the groups adjacent in memory")

@@ -97,7 +97,8 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # since; "kivi-bias-first" is the form it replaced
     "kivi-bias-last": LaunchConfig(kivi_key_bias="last"),
     "kivi-bias-first": LaunchConfig(kivi_key_bias="first"),
-    # seventeenth session (CPU compile only): KIVI values' minimum as its own product, each code pair one fma
+    # seventeenth session: KIVI values' minimum as its own product, each code pair one fma; 0-3% faster on the
+    # H100 in the eighteenth (results/kivi_value_min_h100_r*.json), not the default (float16's range)
     "kivi-value-min-product": LaunchConfig(kivi_value_min="product"),
     # fourteenth session: polar-recursive codes and radii stored with the tokens adjacent (every loop load
     # an asynchronous copy; sm_90 compile: 5748 -> 4448 instructions per block); "pr-rows" re-lays them

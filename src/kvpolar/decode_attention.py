@@ -23,6 +23,12 @@ from kvpolar.quantizers.base import Quantizer
 MAX_FUSED_QUERY_ROWS = 256
 
 
+def query_rows_per_kv_head(query: torch.Tensor, kv_heads: int) -> int:
+    """The rows of one KV head's query tile, GQA group x query tokens (``query`` ``[B, Hq, Tq, D]``),
+    the count ``MAX_FUSED_QUERY_ROWS`` bounds."""
+    return query.shape[1] // kv_heads * query.shape[2]
+
+
 def reference_decode_attention(
     query: torch.Tensor,
     keys: QuantizedTensor | None,

@@ -30,7 +30,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpolar.cache.layer import take_pending
-from kvpolar.decode_attention import MAX_FUSED_QUERY_ROWS, reference_decode_attention
+from kvpolar.decode_attention import MAX_FUSED_QUERY_ROWS, query_rows_per_kv_head, reference_decode_attention
 
 ATTENTION_NAME = "kvpolar"
 #: most bytes of the transient 16-bit keys and values a long step dequantizes at once (whole sequences;
@@ -73,7 +73,7 @@ def kvpolar_attention(
         out, _ = sdpa_attention_forward(
             module, query, layer.keys, layer.values, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    elif query.shape[1] // key.shape[1] * query.shape[-2] > MAX_FUSED_QUERY_ROWS:
+    elif query_rows_per_kv_head(query, key.shape[1]) > MAX_FUSED_QUERY_ROWS:
         out = _attend_dequantized(module, query, layer, attention_mask, dropout, scaling, **kwargs)
     else:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5

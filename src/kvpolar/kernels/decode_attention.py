@@ -53,7 +53,7 @@ import weakref
 
 import torch
 
-from kvpolar.decode_attention import MAX_FUSED_QUERY_ROWS
+from kvpolar.decode_attention import MAX_FUSED_QUERY_ROWS, query_rows_per_kv_head
 from kvpolar.kernels import decode_formats as formats
 from kvpolar.kernels.decode_operands import (  # noqa: F401  (KEY_FORMATS .. supports: this module's API too)
     FMT_FULL, FMT_KIVI, FMT_POLAR, KEY_FORMATS, POLAR_PAIR_BITS, VALUE_FORMATS, Operand, byte_stride,
@@ -200,9 +200,10 @@ def fused_decode_attention(
     hkv = keys.shape[1] if keys is not None else residual_keys.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of KV heads {hkv}")
-    if (hq // hkv) * tq > MAX_FUSED_QUERY_ROWS:
+    gqa = hq // hkv
+    if query_rows_per_kv_head(query, hkv) > MAX_FUSED_QUERY_ROWS:
         raise ValueError(
-            f"query rows per KV head (GQA group {hq // hkv} x {tq} query tokens) = {(hq // hkv) * tq}; allowed: at "
+            f"query rows per KV head (GQA group {gqa} x {tq} query tokens) = {gqa * tq}; allowed: at "
             f"most {MAX_FUSED_QUERY_ROWS} (one tile). For longer steps dequantize and call SDPA, "
             "as the cache's attention does"
         )
@@ -220,7 +221,6 @@ def fused_decode_attention(
             raise ValueError(f"attention_mask must be bool (True = attend); got {attention_mask.dtype}")
         mask = attention_mask.expand(bsz, hq, tq, n_total).view(torch.uint8)
 
-    gqa = hq // hkv
     block_m = max(16, _next_pow2(gqa * tq))
     sms = _device_sms(query.device)
     k_rot, v_rot = formats.rotation_matrix(keys), formats.rotation_matrix(values)  # rotated-domain formats
@@ -299,7 +299,7 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
     bsz, hq = query.shape[:2]
     hkv = keys.shape[1]
     k_op, v_op = key_operand(keys), value_operand(values)
-    query_rows = (hq // hkv) * query.shape[2]  # per KV head: GQA group x query tokens
+    query_rows = query_rows_per_kv_head(query, hkv)
     transposed = _use_transposed(k_op, v_op, cfg, query_rows)
     block_n = cfg.block_n
     grouped = k_op.fmt in (FMT_POLAR, FMT_KIVI)
