@@ -4,7 +4,15 @@ Importing this package needs no Triton; kernel modules import it lazily so the l
 machines without it (the PyTorch references run there).
 """
 
+from __future__ import annotations
+
 import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvpolar.quantized import QuantizedTensor
 
 
 @functools.cache
@@ -15,3 +23,13 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def cuda_dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
+    """On CUDA with Triton, :func:`kvpolar.kernels.dequantize.dequantize_into` (imported on first
+    use); True when a kernel wrote ``p`` into ``out``, False (``out`` untouched) otherwise."""
+    if not (out.is_cuda and triton_available()):
+        return False
+    from kvpolar.kernels.dequantize import dequantize_into
+
+    return dequantize_into(p, out)

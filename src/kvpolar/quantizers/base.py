@@ -65,6 +65,24 @@ class Quantizer(abc.ABC):
         self._check_stored(p)
         return self._dequantize(p)
 
+    def dequantize_into(self, p: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the reconstruction of ``p`` into ``out`` and return ``out``.
+
+        ``out``: ``[..., T, D]`` with ``p``'s shape and device, any floating dtype and strides (e.g.
+        the first ``T`` tokens of a larger buffer). On CUDA, methods with a Triton kernel
+        (``kvpolar.kernels.dequantize``: KIVI, SQuat, polar-rope) write it directly, rounding once
+        from float32; the others (and every method on the CPU) copy :meth:`dequantize`'s result.
+        """
+        self._check_stored(p)
+        if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+            raise TypeError(f"out must be a floating-point tensor; got {getattr(out, 'dtype', type(out))}")
+        if tuple(out.shape) != tuple(p.shape):
+            raise ValueError(f"out has shape {tuple(out.shape)}; the quantized tensor has {tuple(p.shape)}")
+        if out.device != p.device:
+            raise ValueError(f"out is on {out.device}; the quantized tensor is on {p.device}")
+        self._dequantize_into(p, out)
+        return out
+
     def scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
         """Query-key scores ``q @ dequantize(p)^T`` as float32, ``[..., Tq, T]``.
 
@@ -117,6 +135,10 @@ class Quantizer(abc.ABC):
 
     @abc.abstractmethod
     def _dequantize(self, p: QuantizedTensor) -> torch.Tensor: ...
+
+    def _dequantize_into(self, p: QuantizedTensor, out: torch.Tensor) -> None:
+        """Generic fallback: dequantize, then copy (methods with a kernel override this)."""
+        out.copy_(self._dequantize(p))
 
     def _scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
         """Generic fallback: dequantize, then one matmul in float32."""

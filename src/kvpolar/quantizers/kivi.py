@@ -19,6 +19,7 @@ import dataclasses
 import math
 import torch
 
+from kvpolar.kernels import cuda_dequantize_into
 from kvpolar.packing import pack_bits, unpack_bits
 from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, stored, tokens_contiguous
 from kvpolar.quantizers import uniform
@@ -140,6 +141,10 @@ class Kivi(Quantizer):
         grouped = codes.reshape(*codes.shape[:-1], -1, p.group_size)
         out = uniform.decode(grouped, p.scale.unsqueeze(-1), p.minimum.unsqueeze(-1))
         return out.flatten(-2).to(p.dtype)
+
+    def _dequantize_into(self, p: QuantizedTensor, out: torch.Tensor) -> None:
+        if not cuda_dequantize_into(p, out):
+            out.copy_(self._dequantize(p))
 
     def _scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
         if isinstance(p, KiviChannelTensor):

@@ -349,6 +349,9 @@ class SquatQuantizer(Quantizer):
     def _dequantize(self, p: QuantizedTensor) -> torch.Tensor:
         return self._kivi._dequantize(p)
 
+    def _dequantize_into(self, p: QuantizedTensor, out: torch.Tensor) -> None:
+        self._kivi._dequantize_into(p, out)
+
     def _scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
         return self._kivi._scores(q, p)
 

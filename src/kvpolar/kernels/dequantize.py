@@ -1,0 +1,189 @@
+"""Triton kernels: dequantize packed keys and values into a 16-bit buffer on the GPU.
+
+For steps too long for the fused decode kernel (a prefill in chunks, the next turn of a
+conversation: ``kvpolar.cache.attention``), the cache rebuilds its 16-bit keys and values and
+attends through SDPA. The PyTorch references (each quantizer's ``dequantize``) unpack the codes into
+integer tensors, expand the metadata per token and compute in float32, several passes over tensors
+twice the size of the 16-bit result; these kernels read each packed byte and metadata entry once
+and write the result once, into a caller's buffer (so the 16-bit window can follow it in place).
+
+Formats (by stored class): ``KiviChannelTensor`` (KIVI and SQuat keys), ``KiviTokenTensor`` (KIVI
+values), ``PolarRopeTensor`` (polar-rope keys), every bit width the quantizers store (codes that
+straddle bytes included). :func:`dequantize_into` returns False for any other format; the caller
+then runs the quantizer's PyTorch ``dequantize``.
+
+Agreement with the references: KIVI computes ``code * scale + minimum`` in float32 and rounds once
+to the output dtype, as the reference does (launched without multiply-add fusion, so bit for bit);
+polar-rope computes ``r * cos(theta)``, ``r * sin(theta)`` in float32 with Triton's ``cos`` /
+``sin``, which on the GPU may be the fast approximations (absolute error about 1e-6, far below the
+16-bit output's rounding), so its results agree within one rounding of the output dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvpolar.quantized import QuantizedTensor
+from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
+from kvpolar.quantizers.polar_rope import PolarRopeTensor, dequantize_polar
+
+#: tokens per program (KIVI: the whole head dim per token; polar-rope: every pair)
+BLOCK_TOKENS = 32
+
+
+def supports(p: QuantizedTensor) -> bool:
+    """Whether :func:`dequantize_into` has a kernel for ``p``'s stored format."""
+    if isinstance(p, PolarRopeTensor):
+        return p.pairing in ("half", "interleaved") and p.head_dim % 2 == 0
+    return isinstance(p, (KiviChannelTensor, KiviTokenTensor))
+
+
+def reference(p: QuantizedTensor) -> torch.Tensor:
+    """The PyTorch reference of :func:`dequantize_into` for a supported ``p`` (``[..., T, D]``,
+    ``p.dtype``)."""
+    from kvpolar.quantizers.kivi import Kivi
+
+    if isinstance(p, PolarRopeTensor):
+        return dequantize_polar(p).to(p.dtype)
+    axis = "channel" if isinstance(p, KiviChannelTensor) else "token"
+    return Kivi(bits=p.bits, group_size=p.group_size, axis=axis).dequantize(p)
+
+
+def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
+    """Write ``p`` dequantized into ``out`` and return True, or return False (``out`` untouched) when
+    no kernel reads ``p``'s format (:func:`supports`).
+
+    Args:
+        p: stored keys or values ``[..., T, D]`` on the device that runs Triton (CUDA, or the CPU
+            under ``TRITON_INTERPRET=1``).
+        out: float16 / bfloat16 / float32 ``[..., T, D]`` with ``p``'s shape and device, last
+            dimension contiguous, its leading dimensions mergeable into one (e.g. the first ``T``
+            tokens of a larger ``[B, H, N, D]`` buffer).
+    """
+    if not supports(p):
+        return False
+    if tuple(out.shape) != tuple(p.shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}; the stored tensor has {tuple(p.shape)}")
+    if out.device != p.codes.device:
+        raise ValueError(f"out is on {out.device}; the stored tensor on {p.codes.device}")
+    if out.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"out has dtype {out.dtype} (allowed: float16, bfloat16, float32)")
+    if out.stride(-1) != 1:
+        raise ValueError(f"out's last dimension must be contiguous; its strides are {out.stride()}")
+    tokens, dim = p.num_tokens, p.head_dim
+    n = out.numel() // max(1, tokens * dim)
+    if n == 0 or tokens == 0:
+        return True
+    target = out.view(n, tokens, dim)  # raises if the leading dimensions do not merge
+    codes = _rows(p.codes, n)
+    grid = (n, triton.cdiv(tokens, BLOCK_TOKENS))
+    if isinstance(p, PolarRopeTensor):
+        metas = [_rows(m, n) for m in (p.radius_scale, p.radius_min, p.angle_scale, p.angle_min)]
+        if len({m.stride() for m in metas}) != 1:
+            metas = [m.contiguous() for m in metas]
+        pairs = dim // 2
+        _polar_rope_kernel[grid](
+            codes, *metas, target, tokens,
+            codes.stride(0), codes.stride(1), metas[0].stride(0), metas[0].stride(1), metas[0].stride(2),
+            target.stride(0), target.stride(1),
+            P=pairs, P_PAD=triton.next_power_of_2(pairs), RB=p.radius_bits, AB=p.angle_bits,
+            NBYTES=codes.shape[-1], G=p.group_size, HALF=p.pairing == "half", BLOCK_T=BLOCK_TOKENS,
+        )
+        return True
+    scale, minimum = _rows(p.scale, n), _rows(p.minimum, n)
+    if scale.stride() != minimum.stride():
+        scale, minimum = scale.contiguous(), minimum.contiguous()
+    by_channel = isinstance(p, KiviChannelTensor)
+    _uniform_kernel[grid](
+        codes, scale, minimum, target, tokens,
+        codes.stride(0), codes.stride(1), scale.stride(0), scale.stride(1), scale.stride(2),
+        target.stride(0), target.stride(1),
+        D=dim, D_PAD=triton.next_power_of_2(dim), BITS=p.bits, NBYTES=codes.shape[-1],
+        TOKEN_GROUP=p.group_size if by_channel else 1, CHANNEL_GROUP=1 if by_channel else p.group_size,
+        BLOCK_T=BLOCK_TOKENS, enable_fp_fusion=False,
+    )
+    return True
+
+
+def dequantize(p: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """``p`` dequantized into a new ``[..., T, D]`` tensor (``dtype``, default ``p.dtype``), or None
+    when no kernel reads its format."""
+    if not supports(p):
+        return None
+    out = torch.empty(tuple(p.shape), dtype=dtype or p.dtype, device=p.codes.device)
+    dequantize_into(p, out)
+    return out
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """A stored ``[..., rows, cols]`` tensor as ``[n, rows, cols]`` (a view where the strides allow)."""
+    return t.reshape(n, t.shape[-2], t.shape[-1])
+
+
+@triton.jit
+def _codes_at(row_ptr, row_ok, index, BITS: tl.constexpr, NBYTES: tl.constexpr):
+    """int32 codes ``index`` of ``BITS`` bits from the packed bytes at ``row_ptr`` (little-endian bit
+    stream, :mod:`kvpolar.packing`); a code that straddles two bytes reads both."""
+    bit = index * BITS
+    byte = bit // 8
+    word = tl.load(row_ptr + byte, mask=row_ok, other=0).to(tl.int32)
+    if 8 % BITS != 0:
+        word = word | (tl.load(row_ptr + byte + 1, mask=row_ok & (byte + 1 < NBYTES), other=0).to(tl.int32) << 8)
+    return (word >> (bit % 8)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _uniform_kernel(
+    codes_ptr, scale_ptr, min_ptr, out_ptr, T,
+    s_cn, s_ct, s_mn, s_mt, s_md, s_on, s_ot,
+    D: tl.constexpr, D_PAD: tl.constexpr, BITS: tl.constexpr, NBYTES: tl.constexpr,
+    TOKEN_GROUP: tl.constexpr, CHANNEL_GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """KIVI codes ``[n, T, NBYTES]`` -> ``code * scale + minimum`` ``[n, T, D]``; metadata ``[n, T /
+    TOKEN_GROUP, D / CHANNEL_GROUP]`` (keys: groups of tokens per channel; values: groups of
+    channels per token). Program (row n, block of ``BLOCK_T`` tokens)."""
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+    d = tl.arange(0, D_PAD)[None, :]
+    ok = (t < T) & (d < D)
+    code = _codes_at(codes_ptr + row * s_cn + t * s_ct, ok, d, BITS, NBYTES)
+    meta = row * s_mn + (t // TOKEN_GROUP) * s_mt + (d // CHANNEL_GROUP) * s_md
+    scale = tl.load(scale_ptr + meta, mask=ok, other=0).to(tl.float32)
+    minimum = tl.load(min_ptr + meta, mask=ok, other=0).to(tl.float32)
+    value = code.to(tl.float32) * scale + minimum
+    tl.store(out_ptr + row * s_on + t * s_ot + d, value.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _polar_rope_kernel(
+    codes_ptr, rs_ptr, rm_ptr, as_ptr, am_ptr, out_ptr, T,
+    s_cn, s_ct, s_mn, s_mt, s_mp, s_on, s_ot,
+    P: tl.constexpr, P_PAD: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr, NBYTES: tl.constexpr,
+    G: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """polar-rope codes ``[n, T, NBYTES]`` (``(radius << AB) | angle`` per pair) -> keys ``[n, T, 2P]``:
+    ``r = r_min + rc * r_scale``, ``theta = a_min + ac * a_scale`` (metadata ``[n, T / G, P]``),
+    ``(r cos theta, r sin theta)`` at the pair's channels (rotate-half or interleaved)."""
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+    j = tl.arange(0, P_PAD)[None, :]
+    ok = (t < T) & (j < P)
+    code = _codes_at(codes_ptr + row * s_cn + t * s_ct, ok, j, RB + AB, NBYTES)
+    meta = row * s_mn + (t // G) * s_mt + j * s_mp
+    r_scale = tl.load(rs_ptr + meta, mask=ok, other=0).to(tl.float32)
+    r_min = tl.load(rm_ptr + meta, mask=ok, other=0).to(tl.float32)
+    a_scale = tl.load(as_ptr + meta, mask=ok, other=0).to(tl.float32)
+    a_min = tl.load(am_ptr + meta, mask=ok, other=0).to(tl.float32)
+    r = r_min + (code >> AB).to(tl.float32) * r_scale
+    theta = a_min + (code & ((1 << AB) - 1)).to(tl.float32) * a_scale
+    if HALF:
+        cx = j
+        cy = j + P
+    else:
+        cx = 2 * j
+        cy = 2 * j + 1
+    out_row = out_ptr + row * s_on + t * s_ot
+    tl.store(out_row + cx, (r * tl.cos(theta)).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_row + cy, (r * tl.sin(theta)).to(out_ptr.dtype.element_ty), mask=ok)

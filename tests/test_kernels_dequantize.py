@@ -1,0 +1,125 @@
+"""The dequantization kernels (long steps' 16-bit rebuild) against the quantizers' PyTorch
+``dequantize`` (TRITON_INTERPRET=1 without a GPU)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import kvpolar  # noqa: E402
+from kvpolar.kernels import dequantize as kernel  # noqa: E402
+from kvpolar.quantized import cat  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fresh(shape, dtype):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    x = torch.randn(shape, generator=gen) * torch.rand(shape[-1], generator=gen) * 4
+    return x.to(dtype).to(DEVICE)
+
+
+def assert_matches_reference(got: torch.Tensor, ref: torch.Tensor, exact: bool) -> None:
+    """Bit for bit where ``exact`` (KIVI in float16 / float32), else within one rounding of the output
+    dtype: polar-rope's cos / sin differ in the last float32 bit, and the CPU interpreter rounds
+    float32 ties to bfloat16 away from even."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    if exact and not (INTERPRETED and got.dtype == torch.bfloat16):
+        assert torch.equal(got, ref), (got.float() - ref.float()).abs().max()
+        return
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-22}[got.dtype]
+    torch.testing.assert_close(got.float(), ref.float(), rtol=ulp, atol=1e-6)
+
+
+CASES = [  # (quantizer, params, shape [B, H, T, D], dtype)
+    ("kivi", dict(bits=2, group_size=32, axis="channel"), (2, 3, 45, 64), torch.float16),
+    ("kivi", dict(bits=3, group_size=16, axis="channel"), (1, 2, 37, 32), torch.bfloat16),  # codes straddle bytes
+    ("kivi", dict(bits=4, group_size=32, axis="channel"), (2, 1, 1, 128), torch.float16),  # one token
+    ("kivi", dict(bits=8, group_size=128, axis="channel"), (1, 2, 70, 64), torch.float32),  # group > tokens
+    ("kivi", dict(bits=2, group_size=32, axis="token"), (2, 2, 19, 128), torch.bfloat16),
+    ("kivi", dict(bits=3, group_size=32, axis="token"), (1, 3, 20, 64), torch.float16),
+    ("kivi", dict(bits=4, group_size=16, axis="token"), (1, 2, 33, 64), torch.float32),
+    ("kivi", dict(bits=8, group_size=32, axis="token"), (2, 1, 9, 32), torch.float16),
+    ("squat", dict(bits=2, subspace_dim=4, block_size=16), (1, 2, 40, 32), torch.float16),
+    ("polar-rope", dict(radius_bits=2, angle_bits=4, group_size=16), (2, 2, 41, 64), torch.float16),
+    ("polar-rope", dict(radius_bits=3, angle_bits=3, group_size=32, pairing="interleaved"), (1, 2, 33, 32),
+     torch.bfloat16),
+    ("polar-rope", dict(radius_bits=4, angle_bits=4, group_size=128), (1, 1, 70, 128), torch.float16),
+    ("polar-rope", dict(radius_bits=1, angle_bits=2, group_size=16), (2, 1, 20, 32), torch.float32),  # 3-bit pairs
+]
+
+
+def quantize(name, params, x):
+    q = kvpolar.quantizer(name, **params)
+    context = {"queries": fresh((*x.shape[:2], 8, x.shape[-1]), x.dtype)} if "queries" in q.context_keys else {}
+    return q, q.quantize(x, **context)
+
+
+@pytest.mark.parametrize("name,params,shape,dtype", CASES)
+def test_dequantize_matches_the_quantizer(name, params, shape, dtype):
+    q, p = quantize(name, params, fresh(shape, dtype))
+    assert kernel.supports(p)
+    got = kernel.dequantize(p)
+    assert_matches_reference(got, q.dequantize(p), exact=name != "polar-rope")
+    assert_matches_reference(got, kernel.reference(p), exact=name != "polar-rope")
+
+
+@pytest.mark.parametrize("name,params", [
+    ("kivi", dict(bits=2, group_size=32, axis="channel")),
+    ("kivi", dict(bits=2, group_size=32, axis="token")),  # tokens-contiguous metadata, regrown by cat
+    ("polar-rope", dict(radius_bits=2, angle_bits=4, group_size=32)),
+])
+def test_dequantize_into_a_slice_of_a_larger_buffer(name, params):
+    """A grown cache (parts joined by ``cat``, one sequence selected) written into the first tokens of
+    a buffer whose remaining tokens stay as they were."""
+    x = fresh((3, 2, 50, 64), torch.float16)
+    q, first = quantize(name, params, x[..., :32, :])
+    _, second = quantize(name, params, x[..., 32:, :])
+    p = cat([first, second]).select_batch(torch.tensor([2, 0], device=DEVICE))
+    buffer = torch.full((2, 2, 57, 64), float("nan"), dtype=torch.float16, device=DEVICE)
+    assert kernel.dequantize_into(p, buffer[..., :50, :])
+    assert_matches_reference(buffer[..., :50, :], q.dequantize(p), exact=name != "polar-rope")
+    assert buffer[..., 50:, :].isnan().all()
+
+
+def test_formats_without_a_kernel_are_left_to_the_caller():
+    x = fresh((1, 2, 20, 64), torch.float16)
+    for name in ("turbo", "fp8", "polar-recursive"):
+        _, p = quantize(name, {}, x)
+        out = torch.zeros(tuple(p.shape), dtype=torch.float16, device=DEVICE)
+        assert not kernel.supports(p)
+        assert not kernel.dequantize_into(p, out)
+        assert kernel.dequantize(p) is None
+        assert not out.any()
+
+
+def test_bad_outputs_are_refused_with_the_reason():
+    q, p = quantize("kivi", dict(bits=2, group_size=32), fresh((1, 2, 20, 64), torch.float16))
+    with pytest.raises(ValueError, match=r"out has shape \(1, 2, 19, 64\); the stored tensor has \(1, 2, 20, 64\)"):
+        kernel.dequantize_into(p, torch.empty(1, 2, 19, 64, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="out has dtype torch.int32"):
+        kernel.dequantize_into(p, torch.empty(1, 2, 20, 64, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="last dimension must be contiguous"):
+        kernel.dequantize_into(p, torch.empty(1, 2, 64, 20, dtype=torch.float16, device=DEVICE).transpose(-1, -2))
+    # the quantizer's public method checks what every method shares (on the CPU it copies dequantize)
+    with pytest.raises(ValueError, match=r"out has shape \(1, 2, 21, 64\); the quantized tensor has"):
+        q.dequantize_into(p, torch.empty(1, 2, 21, 64, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(TypeError, match="out must be a floating-point tensor"):
+        q.dequantize_into(p, torch.empty(1, 2, 20, 64, dtype=torch.int64, device=DEVICE))
+
+
+@pytest.mark.parametrize("name", ["kivi", "turbo"])
+def test_quantizer_dequantize_into_equals_dequantize(name):
+    """Every method has ``dequantize_into`` (the generic one copies ``dequantize``), into any dtype and
+    strides."""
+    q, p = quantize(name, {}, fresh((2, 2, 24, 64), torch.bfloat16))
+    out = torch.empty(2, 2, 64, 24, dtype=torch.float32, device=DEVICE).transpose(-1, -2)
+    assert q.dequantize_into(p, out) is out
+    assert torch.equal(out, q.dequantize(p).float())
