@@ -270,6 +270,37 @@ def test_a_long_step_attends_over_the_dequantized_layer(llama, preset, monkeypat
     torch.testing.assert_close(long_step, per_row, rtol=0, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:squat. block_size=32 covers the whole head dim")
+@pytest.mark.parametrize("preset", ["kivi-2", "polar-rope-3", "squat-2"])
+def test_the_dequantized_layer_through_the_kernels(llama, preset, monkeypatch):
+    """``QuantizedLayer.dequantized`` through the Triton kernels (what CUDA runs; here under the CPU
+    interpreter): the packed part written into the buffer's first tokens, the 16-bit window after it,
+    as the PyTorch path gives them, with keys and values of every layer taken by a kernel."""
+    pytest.importorskip("triton")
+    from kvpolar.kernels import dequantize
+    from kvpolar.quantizers import kivi, polar_rope
+
+    ids, mask = left_padded([150, 131], seed=15)
+    cache = QuantizedKVCache(llama.config, config(preset, residual_length=8))
+    with torch.no_grad():
+        _feed(llama, cache, ids, mask)
+    plain = [layer.dequantized(slice(1, 2)) for layer in cache.layers]
+    calls = []
+
+    def kernel(p, out):
+        calls.append(type(p).__name__)
+        return dequantize.dequantize_into(p, out)
+
+    for module in (kivi, polar_rope):
+        monkeypatch.setattr(module, "cuda_dequantize_into", kernel)
+    for layer, (keys, values) in zip(cache.layers, plain):
+        assert layer.packed_keys.num_tokens == 128 and keys.shape == (1, 2, 150, 32)
+        got_keys, got_values = layer.dequantized(slice(1, 2))
+        torch.testing.assert_close(got_keys, keys, rtol=2**-20, atol=1e-6)
+        torch.testing.assert_close(got_values, values, rtol=0, atol=0)
+    assert len(calls) == 2 * len(cache.layers)
+
+
 def test_assisted_generation_matches_plain_greedy_decoding(llama):
     """Assisted decoding (a draft model proposes, the cache rolls back what the model rejects)
     gives plain greedy decoding's tokens; 64 of the prompt's tokens are packed (kivi-2)."""

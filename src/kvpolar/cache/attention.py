@@ -13,8 +13,8 @@ Dispatch per call:
 * a long step after the first, more than ``MAX_FUSED_QUERY_ROWS`` (256) query rows per KV head (GQA
   group x new tokens: a prefill in chunks, the next turn of a conversation): ``sdpa`` over the layer
   dequantized (``QuantizedLayer.dequantized``, a transient 16-bit copy of a few sequences at a time,
-  at most ``LONG_STEP_BYTES``). Such steps are compute-bound, and the fused kernel holds all rows in
-  one tile;
+  at most ``LONG_STEP_BYTES``; on CUDA written by ``kvpolar.kernels.dequantize`` where it reads the
+  format). Such steps are compute-bound, and the fused kernel holds all rows in one tile;
 * otherwise: decode attention over packed + residual, never dequantizing the packed part: on CUDA
   ``kvpolar.kernels.decode_attention.fused_decode_attention`` if it is installed, else (and on CPU)
   ``kvpolar.decode_attention.reference_decode_attention``.

@@ -224,8 +224,9 @@ class QuantizedLayer(CacheLayerMixin):
 
     def dequantized(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every cached token of sequences ``rows``, ``[rows, Hkv, seen, D]`` in the
-        cache's dtype: the packed part dequantized, then the 16-bit window. A transient 16-bit copy,
-        for steps too long for the fused kernel (``kvpolar.cache.attention``)."""
+        cache's dtype: the packed part dequantized (``Quantizer.dequantize_into``: on CUDA a Triton
+        kernel where one reads the format), then the 16-bit window, in one buffer. A transient 16-bit
+        copy, for steps too long for the fused kernel (``kvpolar.cache.attention``)."""
         window = (None, None) if self.keys is None else (self.keys[rows], self.values[rows])
         if self.packed_keys is None:
             return window
@@ -233,11 +234,17 @@ class QuantizedLayer(CacheLayerMixin):
         if rows != slice(None):
             index = torch.arange(self.batch_size, device=self.device)[rows]
             packed_keys, packed_values = packed_keys.select_batch(index), packed_values.select_batch(index)
-        keys = self.key_quantizer.dequantize(packed_keys).to(self.dtype)
-        values = self.value_quantizer.dequantize(packed_values).to(self.dtype)
-        if window[0] is None:
-            return keys, values
-        return torch.cat([keys, window[0]], dim=-2), torch.cat([values, window[1]], dim=-2)
+        packed = packed_keys.num_tokens
+        shape = (packed_keys.shape[0], self.num_heads, self.seen, self.head_dim)
+        out = []
+        for quantizer, stored, recent in ((self.key_quantizer, packed_keys, window[0]),
+                                          (self.value_quantizer, packed_values, window[1])):
+            full = torch.empty(shape, dtype=self.dtype, device=self.device)
+            quantizer.dequantize_into(stored, full[..., :packed, :])  # a Triton kernel on CUDA where one reads it
+            if recent is not None:
+                full[..., packed:, :] = recent
+            out.append(full)
+        return out[0], out[1]
 
     def after_attention(self, new_valid: torch.Tensor | None, query: torch.Tensor) -> None:
         """Record which new tokens are real (``new_valid`` bool ``[B, T_new]``; None: all of them),
