@@ -271,14 +271,16 @@ def test_a_long_step_attends_over_the_dequantized_layer(llama, preset, monkeypat
 
 
 @pytest.mark.filterwarnings("ignore:squat. block_size=32 covers the whole head dim")
-@pytest.mark.parametrize("preset", ["kivi-2", "polar-rope-3", "squat-2"])
-def test_the_dequantized_layer_through_the_kernels(llama, preset, monkeypatch):
+@pytest.mark.parametrize("preset,kernels", [("kivi-2", 2), ("polar-rope-3", 2), ("squat-2", 2), ("turbo-4", 2),
+                                            ("polar-recursive", 0), ("fp8", 0)])
+def test_the_dequantized_layer_through_the_kernels(llama, preset, kernels, monkeypatch):
     """``QuantizedLayer.dequantized`` through the Triton kernels (what CUDA runs; here under the CPU
     interpreter): the packed part written into the buffer's first tokens, the 16-bit window after it,
-    as the PyTorch path gives them, with keys and values of every layer taken by a kernel."""
+    as the PyTorch path gives them, with keys and values taken by a kernel in every layer where the
+    method has one (``dequantize_kernel``), and never where it has none."""
     pytest.importorskip("triton")
     from kvpolar.kernels import dequantize
-    from kvpolar.quantizers import kivi, polar_rope
+    from kvpolar.quantizers import base
 
     ids, mask = left_padded([150, 131], seed=15)
     cache = QuantizedKVCache(llama.config, config(preset, residual_length=8))
@@ -291,14 +293,13 @@ def test_the_dequantized_layer_through_the_kernels(llama, preset, monkeypatch):
         calls.append(type(p).__name__)
         return dequantize.dequantize_into(p, out)
 
-    for module in (kivi, polar_rope):
-        monkeypatch.setattr(module, "cuda_dequantize_into", kernel)
+    monkeypatch.setattr(base, "cuda_dequantize_into", kernel)
     for layer, (keys, values) in zip(cache.layers, plain):
         assert layer.packed_keys.num_tokens == 128 and keys.shape == (1, 2, 150, 32)
         got_keys, got_values = layer.dequantized(slice(1, 2))
         torch.testing.assert_close(got_keys, keys, rtol=2**-20, atol=1e-6)
         torch.testing.assert_close(got_values, values, rtol=0, atol=0)
-    assert len(calls) == 2 * len(cache.layers)
+    assert len(calls) == kernels * len(cache.layers)
 
 
 def test_assisted_generation_matches_plain_greedy_decoding(llama):

@@ -9,14 +9,16 @@ and write the result once, into a caller's buffer (so the 16-bit window can foll
 
 Formats (by stored class): ``KiviChannelTensor`` (KIVI and SQuat keys), ``KiviTokenTensor`` (KIVI
 values), ``PolarRopeTensor`` (polar-rope keys), every bit width the quantizers store (codes that
-straddle bytes included). :func:`dequantize_into` returns False for any other format; the caller
-then runs the quantizer's PyTorch ``dequantize``.
+straddle bytes included), and ``TurboTensor`` (head dims that are powers of two >= 16: codebook
+entries times the token's factor, un-rotated by one float32 product with the dense ``D x D``
+rotation). :func:`dequantize_into` returns False for any other format (fp8, polar-recursive); the
+caller then runs the quantizer's PyTorch ``dequantize``.
 
 Agreement with the references: KIVI computes ``code * scale + minimum`` in float32 and rounds once
 to the output dtype, as the reference does (launched without multiply-add fusion, so bit for bit);
 polar-rope computes ``r * cos(theta)``, ``r * sin(theta)`` in float32 with Triton's ``cos`` /
-``sin``, which on the GPU may be the fast approximations (absolute error about 1e-6, far below the
-16-bit output's rounding), so its results agree within one rounding of the output dtype.
+``sin``, and turbo sums the un-rotation's products in another order than the reference's
+Walsh-Hadamard passes, so their results agree within one rounding of the output dtype.
 """
 
 from __future__ import annotations
@@ -28,25 +30,40 @@ import triton.language as tl
 from kvpolar.quantized import QuantizedTensor
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
 from kvpolar.quantizers.polar_rope import PolarRopeTensor, dequantize_polar
+from kvpolar.quantizers.rotations import Rotation, is_power_of_two
+from kvpolar.quantizers.turbo import TurboTensor
 
 #: tokens per program (KIVI: the whole head dim per token; polar-rope: every pair)
 BLOCK_TOKENS = 32
+#: ``tl.dot`` precision of turbo's un-rotation (float32 operands): "tf32x3" (three tensor-core
+#: products of split operands, about float32's accuracy) or "ieee" (float32 multiply-adds)
+TURBO_DOT = "tf32x3"
+#: turbo: tokens per un-rotation product, and programs per SM (each loads R ``[D, D]`` once and
+#: loops over its share of a row's token blocks)
+TURBO_BLOCK_TOKENS = 64
+TURBO_PROGRAMS_PER_SM = 4
 
 
 def supports(p: QuantizedTensor) -> bool:
     """Whether :func:`dequantize_into` has a kernel for ``p``'s stored format."""
     if isinstance(p, PolarRopeTensor):
         return p.pairing in ("half", "interleaved") and p.head_dim % 2 == 0
+    if isinstance(p, TurboTensor):
+        return is_power_of_two(p.head_dim) and p.head_dim >= 16
     return isinstance(p, (KiviChannelTensor, KiviTokenTensor))
 
 
 def reference(p: QuantizedTensor) -> torch.Tensor:
     """The PyTorch reference of :func:`dequantize_into` for a supported ``p`` (``[..., T, D]``,
     ``p.dtype``)."""
+    import kvpolar
     from kvpolar.quantizers.kivi import Kivi
 
     if isinstance(p, PolarRopeTensor):
         return dequantize_polar(p).to(p.dtype)
+    if isinstance(p, TurboTensor):
+        return kvpolar.quantizer("turbo", bits=p.bits, rotation=p.rotation_kind, seed=p.seed,
+                                 norm_correction=p.norm_correction).dequantize(p)
     axis = "channel" if isinstance(p, KiviChannelTensor) else "token"
     return Kivi(bits=p.bits, group_size=p.group_size, axis=axis).dequantize(p)
 
@@ -90,6 +107,21 @@ def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
             target.stride(0), target.stride(1),
             P=pairs, P_PAD=triton.next_power_of_2(pairs), RB=p.radius_bits, AB=p.angle_bits,
             NBYTES=codes.shape[-1], G=p.group_size, HALF=p.pairing == "half", BLOCK_T=BLOCK_TOKENS,
+        )
+        return True
+    if isinstance(p, TurboTensor):
+        norms = _rows(p.norms, n)
+        unrotate = Rotation(kind=p.rotation_kind, dim=dim, seed=p.seed, stored=p.rotation).matrix()  # x = y @ R
+        blocks = triton.cdiv(tokens, TURBO_BLOCK_TOKENS)
+        # each program un-rotates several blocks with one load of R: about TURBO_PROGRAMS_PER_SM per SM in all
+        sms = torch.cuda.get_device_properties(out.device).multi_processor_count if out.is_cuda else 4
+        per_row = max(1, min(blocks, triton.cdiv(TURBO_PROGRAMS_PER_SM * sms, n)))
+        _turbo_kernel[(n, per_row)](
+            codes, norms, p.codebook.to(codes.device, torch.float32).contiguous(), unrotate.contiguous(), target,
+            tokens, codes.stride(0), codes.stride(1), norms.stride(0), norms.stride(1),
+            target.stride(0), target.stride(1),
+            D=dim, BITS=p.bits, NBYTES=codes.shape[-1], BLOCK_T=TURBO_BLOCK_TOKENS, DOT=TURBO_DOT,
+            num_stages=1,  # no software pipelining of the loop: R and the tile already fill shared memory
         )
         return True
     scale, minimum = _rows(p.scale, n), _rows(p.minimum, n)
@@ -187,3 +219,26 @@ def _polar_rope_kernel(
     out_row = out_ptr + row * s_on + t * s_ot
     tl.store(out_row + cx, (r * tl.cos(theta)).to(out_ptr.dtype.element_ty), mask=ok)
     tl.store(out_row + cy, (r * tl.sin(theta)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _turbo_kernel(
+    codes_ptr, norms_ptr, codebook_ptr, unrotate_ptr, out_ptr, T,
+    s_cn, s_ct, s_nn, s_nt, s_on, s_ot,
+    D: tl.constexpr, BITS: tl.constexpr, NBYTES: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
+):
+    """turbo codes ``[n, T, NBYTES]`` (codebook indices) and factors ``[n, T, 1]`` -> keys ``[n, T, D]``:
+    ``(codebook[code] * factor) @ R``, the rotated-domain reconstruction un-rotated by the dense
+    float32 ``R`` ``[D, D]`` (``Rotation.matrix``; ``DOT`` precision). Program (row n, every
+    ``num_programs(1)``-th block of ``BLOCK_T`` tokens from block ``program_id(1)``)."""
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, D)[None, :]
+    unrotate = tl.load(unrotate_ptr + tl.arange(0, D)[:, None] * D + d)
+    for block in range(tl.program_id(1), tl.cdiv(T, BLOCK_T), tl.num_programs(1)):
+        t = block * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+        ok = t < T
+        code = _codes_at(codes_ptr + row * s_cn + t * s_ct, ok, d, BITS, NBYTES)
+        factor = tl.load(norms_ptr + row * s_nn + t * s_nt, mask=ok, other=0).to(tl.float32)
+        rotated = tl.load(codebook_ptr + code) * factor
+        value = tl.dot(rotated, unrotate, input_precision=DOT)
+        tl.store(out_ptr + row * s_on + t * s_ot + d, value.to(out_ptr.dtype.element_ty), mask=ok)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvpolar.kernels import cuda_dequantize_into
 from kvpolar.quantized import QuantizedTensor
 from kvpolar.validation import check_float_tensor
 
@@ -30,6 +31,9 @@ class Quantizer(abc.ABC):
     #: Config field -> attribute of the stored form that must equal it for this quantizer to read
     #: the tensor (e.g. ``{"bits": "bits"}``); checked by ``dequantize``/``scores``/``weighted_sum``.
     stored_params: ClassVar[dict[str, str]] = {}
+    #: Whether ``kvpolar.kernels.dequantize`` rebuilds this method's stored form as ``dequantize``
+    #: does; ``dequantize_into`` then runs that kernel on CUDA.
+    dequantize_kernel: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         known = {f.name for f in dataclasses.fields(self.Config)}
@@ -70,8 +74,9 @@ class Quantizer(abc.ABC):
 
         ``out``: ``[..., T, D]`` with ``p``'s shape and device, any floating dtype and strides (e.g.
         the first ``T`` tokens of a larger buffer). On CUDA, methods with a Triton kernel
-        (``kvpolar.kernels.dequantize``: KIVI, SQuat, polar-rope) write it directly, rounding once
-        from float32; the others (and every method on the CPU) copy :meth:`dequantize`'s result.
+        (``dequantize_kernel``, ``kvpolar.kernels.dequantize``: KIVI, SQuat, polar-rope, turbo) write
+        it directly, rounding once from float32; the others (and every method on the CPU) copy
+        :meth:`dequantize`'s result.
         """
         self._check_stored(p)
         if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
@@ -137,8 +142,9 @@ class Quantizer(abc.ABC):
     def _dequantize(self, p: QuantizedTensor) -> torch.Tensor: ...
 
     def _dequantize_into(self, p: QuantizedTensor, out: torch.Tensor) -> None:
-        """Generic fallback: dequantize, then copy (methods with a kernel override this)."""
-        out.copy_(self._dequantize(p))
+        """The kernel on CUDA (``dequantize_kernel``), else dequantize and copy."""
+        if not (self.dequantize_kernel and cuda_dequantize_into(p, out)):
+            out.copy_(self._dequantize(p))
 
     def _scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
         """Generic fallback: dequantize, then one matmul in float32."""

@@ -19,7 +19,6 @@ import dataclasses
 import math
 import torch
 
-from kvpolar.kernels import cuda_dequantize_into
 from kvpolar.packing import pack_bits, unpack_bits
 from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, stored, tokens_contiguous
 from kvpolar.quantizers import uniform
@@ -94,6 +93,7 @@ class Kivi(Quantizer):
     Config = KiviConfig
     stored_type = QuantizedTensor  # narrowed per axis in _check_stored
     stored_params = {"bits": "bits", "group_size": "group_size"}
+    dequantize_kernel = True
 
     config: KiviConfig
 
@@ -141,10 +141,6 @@ class Kivi(Quantizer):
         grouped = codes.reshape(*codes.shape[:-1], -1, p.group_size)
         out = uniform.decode(grouped, p.scale.unsqueeze(-1), p.minimum.unsqueeze(-1))
         return out.flatten(-2).to(p.dtype)
-
-    def _dequantize_into(self, p: QuantizedTensor, out: torch.Tensor) -> None:
-        if not cuda_dequantize_into(p, out):
-            out.copy_(self._dequantize(p))
 
     def _scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
         if isinstance(p, KiviChannelTensor):

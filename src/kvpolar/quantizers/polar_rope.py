@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from kvpolar.kernels import cuda_dequantize_into, triton_available
+from kvpolar.kernels import triton_available
 from kvpolar.packing import MAX_BITS, pack_bits, unpack_bits
 from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, stored
 from kvpolar.quantizers import uniform
@@ -246,6 +246,7 @@ class PolarRope(Quantizer):
     Config = PolarRopeConfig
     stored_type = PolarRopeTensor
     stored_params = {name: name for name in ("radius_bits", "angle_bits", "group_size", "pairing")}
+    dequantize_kernel = True
 
     config: PolarRopeConfig
 
@@ -266,10 +267,6 @@ class PolarRope(Quantizer):
     def _dequantize(self, p: QuantizedTensor) -> torch.Tensor:
         assert isinstance(p, PolarRopeTensor)
         return dequantize_polar(p).to(p.dtype)
-
-    def _dequantize_into(self, p: QuantizedTensor, out: torch.Tensor) -> None:
-        if not cuda_dequantize_into(p, out):
-            out.copy_(self._dequantize(p))
 
     def _scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
         assert isinstance(p, PolarRopeTensor)

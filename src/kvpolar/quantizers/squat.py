@@ -224,6 +224,7 @@ class SquatQuantizer(Quantizer):
     Config = SquatConfig
     stored_type = KiviChannelTensor
     context_keys = frozenset({"queries", "subspace"})
+    dequantize_kernel = True  # KIVI's stored form and reconstruction
 
     config: SquatConfig
 
@@ -348,9 +349,6 @@ class SquatQuantizer(Quantizer):
 
     def _dequantize(self, p: QuantizedTensor) -> torch.Tensor:
         return self._kivi._dequantize(p)
-
-    def _dequantize_into(self, p: QuantizedTensor, out: torch.Tensor) -> None:
-        self._kivi._dequantize_into(p, out)
 
     def _scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
         return self._kivi._scores(q, p)

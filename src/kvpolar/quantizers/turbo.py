@@ -84,6 +84,7 @@ class Turbo(Quantizer):
     Config = TurboConfig
     stored_type = TurboTensor
     stored_params = {"bits": "bits", "rotation": "rotation_kind", "seed": "seed", "norm_correction": "norm_correction"}
+    dequantize_kernel = True
 
     config: TurboConfig
 
