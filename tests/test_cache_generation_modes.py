@@ -272,7 +272,7 @@ def test_a_long_step_attends_over_the_dequantized_layer(llama, preset, monkeypat
 
 @pytest.mark.filterwarnings("ignore:squat. block_size=32 covers the whole head dim")
 @pytest.mark.parametrize("preset,kernels", [("kivi-2", 2), ("polar-rope-3", 2), ("squat-2", 2), ("turbo-4", 2),
-                                            ("polar-recursive", 0), ("fp8", 0)])
+                                            ("polar-recursive", 2), ("fp8", 2), ("none", 0)])
 def test_the_dequantized_layer_through_the_kernels(llama, preset, kernels, monkeypatch):
     """``QuantizedLayer.dequantized`` through the Triton kernels (what CUDA runs; here under the CPU
     interpreter): the packed part written into the buffer's first tokens, the 16-bit window after it,
@@ -297,8 +297,8 @@ def test_the_dequantized_layer_through_the_kernels(llama, preset, kernels, monke
     for layer, (keys, values) in zip(cache.layers, plain):
         assert layer.packed_keys.num_tokens == 128 and keys.shape == (1, 2, 150, 32)
         got_keys, got_values = layer.dequantized(slice(1, 2))
-        torch.testing.assert_close(got_keys, keys, rtol=2**-20, atol=1e-6)
-        torch.testing.assert_close(got_values, values, rtol=0, atol=0)
+        for got, want in ((got_keys, keys), (got_values, values)):  # float32: the un-rotations sum in another order
+            torch.testing.assert_close(got, want, rtol=2**-20, atol=1e-6)
     assert len(calls) == kernels * len(cache.layers)
 
 

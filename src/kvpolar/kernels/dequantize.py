@@ -9,63 +9,59 @@ and write the result once, into a caller's buffer (so the 16-bit window can foll
 
 Formats (by stored class): ``KiviChannelTensor`` (KIVI and SQuat keys), ``KiviTokenTensor`` (KIVI
 values), ``PolarRopeTensor`` (polar-rope keys), every bit width the quantizers store (codes that
-straddle bytes included), and ``TurboTensor`` (head dims that are powers of two >= 16: codebook
-entries times the token's factor, un-rotated by one float32 product with the dense ``D x D``
-rotation). :func:`dequantize_into` returns False for any other format (fp8, polar-recursive); the
-caller then runs the quantizer's PyTorch ``dequantize``.
+straddle bytes included), and the formats the classic decode kernel rebuilds by
+``decode_formats.format_tile`` (``TurboTensor``, ``Fp8Tensor``, ``PolarRecursiveTensor`` with radii
+in the input dtype; head dims that are powers of two >= 16): the tile times its per-token factor,
+and for the rotated-domain formats (turbo, polar-recursive) one product with the dense ``D x D``
+un-rotation, loaded once per program. :func:`dequantize_into` returns False for any other format
+(e.g. polar-recursive with quantized radii); the caller then runs the quantizer's PyTorch
+``dequantize``.
 
-Agreement with the references: KIVI computes ``code * scale + minimum`` in float32 and rounds once
-to the output dtype, as the reference does (launched without multiply-add fusion, so bit for bit);
-polar-rope computes ``r * cos(theta)``, ``r * sin(theta)`` in float32 with Triton's ``cos`` /
-``sin``, and turbo sums the un-rotation's products in another order than the reference's
-Walsh-Hadamard passes, so their results agree within one rounding of the output dtype.
+Agreement with the references: KIVI and fp8 compute the reference's float32 products and round once
+to the output dtype (KIVI launched without multiply-add fusion), so bit for bit; polar-rope computes
+``r * cos(theta)``, ``r * sin(theta)`` in float32 with Triton's ``cos`` / ``sin``, and turbo and
+polar-recursive sum the un-rotation's products (``TENSOR_CORE_DOT``) in another order than the
+reference's Walsh-Hadamard passes, so their results agree within one rounding of the output dtype
+(plus float32's error on the vector's largest entry).
+
+Reference: each quantizer's ``dequantize`` (tests: ``tests/test_kernels_dequantize.py``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from kvpolar.kernels import decode_formats as formats
 from kvpolar.quantized import QuantizedTensor
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
 from kvpolar.quantizers.polar_rope import PolarRopeTensor, dequantize_polar
-from kvpolar.quantizers.rotations import Rotation, is_power_of_two
-from kvpolar.quantizers.turbo import TurboTensor
+from kvpolar.quantizers.rotations import is_power_of_two
 
 #: tokens per program (KIVI: the whole head dim per token; polar-rope: every pair)
 BLOCK_TOKENS = 32
-#: ``tl.dot`` precision of turbo's un-rotation (float32 operands): "tf32x3" (three tensor-core
-#: products of split operands, about float32's accuracy) or "ieee" (float32 multiply-adds)
-TURBO_DOT = "tf32x3"
-#: turbo: tokens per un-rotation product, and programs per SM (each loads R ``[D, D]`` once and
-#: loops over its share of a row's token blocks)
-TURBO_BLOCK_TOKENS = 64
-TURBO_PROGRAMS_PER_SM = 4
+#: ``tl.dot`` precision of the un-rotation (float32 operands): "tf32x3" (three tensor-core products
+#: of split operands, about float32's accuracy) or "ieee" (float32 multiply-adds; on the H100 11x
+#: slower for turbo keys, benchmarks/README.md)
+TENSOR_CORE_DOT = "tf32x3"
+#: ``format_tile`` formats: tokens per block and warps per program (polar-recursive: the classic
+#: kernel's, ``decode_formats.POLAR_RECURSIVE_BLOCK_N`` / ``_WARPS``, checked on the H100), and
+#: programs per SM (each loads R ``[D, D]`` once and loops over its share of a row's token blocks)
+FORMAT_BLOCK_TOKENS = 64
+FORMAT_WARPS = 4
+FORMAT_PROGRAMS_PER_SM = 4
 
 
 def supports(p: QuantizedTensor) -> bool:
     """Whether :func:`dequantize_into` has a kernel for ``p``'s stored format."""
     if isinstance(p, PolarRopeTensor):
         return p.pairing in ("half", "interleaved") and p.head_dim % 2 == 0
-    if isinstance(p, TurboTensor):
-        return is_power_of_two(p.head_dim) and p.head_dim >= 16
+    if type(p).__name__ in formats.FORMATS:
+        return formats.reason(p, "key") is None and is_power_of_two(p.head_dim) and p.head_dim >= 16
     return isinstance(p, (KiviChannelTensor, KiviTokenTensor))
-
-
-def reference(p: QuantizedTensor) -> torch.Tensor:
-    """The PyTorch reference of :func:`dequantize_into` for a supported ``p`` (``[..., T, D]``,
-    ``p.dtype``)."""
-    import kvpolar
-    from kvpolar.quantizers.kivi import Kivi
-
-    if isinstance(p, PolarRopeTensor):
-        return dequantize_polar(p).to(p.dtype)
-    if isinstance(p, TurboTensor):
-        return kvpolar.quantizer("turbo", bits=p.bits, rotation=p.rotation_kind, seed=p.seed,
-                                 norm_correction=p.norm_correction).dequantize(p)
-    axis = "channel" if isinstance(p, KiviChannelTensor) else "token"
-    return Kivi(bits=p.bits, group_size=p.group_size, axis=axis).dequantize(p)
 
 
 def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
@@ -94,6 +90,9 @@ def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
     if n == 0 or tokens == 0:
         return True
     target = out.view(n, tokens, dim)  # raises if the leading dimensions do not merge
+    if type(p).__name__ in formats.FORMATS:
+        _launch_format_kernel(p, target, n)
+        return True
     codes = _rows(p.codes, n)
     grid = (n, triton.cdiv(tokens, BLOCK_TOKENS))
     if isinstance(p, PolarRopeTensor):
@@ -107,21 +106,6 @@ def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
             target.stride(0), target.stride(1),
             P=pairs, P_PAD=triton.next_power_of_2(pairs), RB=p.radius_bits, AB=p.angle_bits,
             NBYTES=codes.shape[-1], G=p.group_size, HALF=p.pairing == "half", BLOCK_T=BLOCK_TOKENS,
-        )
-        return True
-    if isinstance(p, TurboTensor):
-        norms = _rows(p.norms, n)
-        unrotate = Rotation(kind=p.rotation_kind, dim=dim, seed=p.seed, stored=p.rotation).matrix()  # x = y @ R
-        blocks = triton.cdiv(tokens, TURBO_BLOCK_TOKENS)
-        # each program un-rotates several blocks with one load of R: about TURBO_PROGRAMS_PER_SM per SM in all
-        sms = torch.cuda.get_device_properties(out.device).multi_processor_count if out.is_cuda else 4
-        per_row = max(1, min(blocks, triton.cdiv(TURBO_PROGRAMS_PER_SM * sms, n)))
-        _turbo_kernel[(n, per_row)](
-            codes, norms, p.codebook.to(codes.device, torch.float32).contiguous(), unrotate.contiguous(), target,
-            tokens, codes.stride(0), codes.stride(1), norms.stride(0), norms.stride(1),
-            target.stride(0), target.stride(1),
-            D=dim, BITS=p.bits, NBYTES=codes.shape[-1], BLOCK_T=TURBO_BLOCK_TOKENS, DOT=TURBO_DOT,
-            num_stages=1,  # no software pipelining of the loop: R and the tile already fill shared memory
         )
         return True
     scale, minimum = _rows(p.scale, n), _rows(p.minimum, n)
@@ -139,6 +123,32 @@ def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
     return True
 
 
+def _launch_format_kernel(p: QuantizedTensor, target: torch.Tensor, n: int) -> None:
+    """turbo / fp8 / polar-recursive ``p`` into ``target`` ``[n, T, D]`` through ``format_tile``."""
+    fields = formats.operand_fields(p)
+    data, meta = _rows(fields["data"], n), fields["meta"][0]
+    meta = meta.reshape(n, meta.shape[-1]) if meta.dim() == p.codes.dim() - 1 else _rows(meta, n)  # fp8: [.., T]
+    # format_tile reads each token's bytes (and radii) as one row: tokens-contiguous layouts are copied
+    data = data if data.stride(-1) == 1 else data.contiguous()
+    meta = meta if meta.dim() == 2 or meta.stride(-1) == 1 else meta.contiguous()
+    tables = tuple(fields.get("tables", ())) + (data,) * (3 - len(fields.get("tables", ())))
+    unrotate = formats.rotation_matrix(p)
+    polar = fields["fmt"] == formats.FMT_POLAR_RECURSIVE
+    block = formats.POLAR_RECURSIVE_BLOCK_N if polar else FORMAT_BLOCK_TOKENS
+    blocks = triton.cdiv(p.num_tokens, block)
+    sms, fp8_convert = _device_traits(target.device.index) if target.is_cuda else (4, False)
+    per_row = max(1, min(blocks, triton.cdiv(FORMAT_PROGRAMS_PER_SM * sms, n)))
+    _format_kernel[(n, per_row)](
+        data, meta, *tables, data if unrotate is None else unrotate, target, p.num_tokens,
+        data.stride(0), data.stride(1), meta.stride(0), meta.stride(1), fields.get("book_stride", 0),
+        target.stride(0), target.stride(1),
+        FMT=fields["fmt"], BITS=fields["bits"], NB=fields["row_bytes"], LEVELS=fields.get("levels", 0),
+        D=p.head_dim, BLOCK_T=block, ROTATED=unrotate is not None, DOT=TENSOR_CORE_DOT, FP8_CONVERT=fp8_convert,
+        num_warps=formats.POLAR_RECURSIVE_WARPS if polar and formats.POLAR_RECURSIVE_WARPS else FORMAT_WARPS,
+        num_stages=1,  # no software pipelining of the loop: R and the tile already fill shared memory
+    )
+
+
 def dequantize(p: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """``p`` dequantized into a new ``[..., T, D]`` tensor (``dtype``, default ``p.dtype``), or None
     when no kernel reads its format."""
@@ -147,6 +157,13 @@ def dequantize(p: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     out = torch.empty(tuple(p.shape), dtype=dtype or p.dtype, device=p.codes.device)
     dequantize_into(p, out)
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _device_traits(index: int | None) -> tuple[int, bool]:
+    """(SM count, whether float8 e4m3 converts in hardware: compute capability 8.9+) of a CUDA device."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
+    return props.multi_processor_count, (props.major, props.minor) >= (8, 9)
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -222,23 +239,27 @@ def _polar_rope_kernel(
 
 
 @triton.jit
-def _turbo_kernel(
-    codes_ptr, norms_ptr, codebook_ptr, unrotate_ptr, out_ptr, T,
-    s_cn, s_ct, s_nn, s_nt, s_on, s_ot,
-    D: tl.constexpr, BITS: tl.constexpr, NBYTES: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
+def _format_kernel(
+    data_ptr, meta_ptr, tab0, tab1, tab2, unrotate_ptr, out_ptr, T,
+    s_dn, s_dt, s_mn, s_mt, book_stride, s_on, s_ot,
+    FMT: tl.constexpr, BITS: tl.constexpr, NB: tl.constexpr, LEVELS: tl.constexpr, D: tl.constexpr,
+    BLOCK_T: tl.constexpr, ROTATED: tl.constexpr, DOT: tl.constexpr, FP8_CONVERT: tl.constexpr,
 ):
-    """turbo codes ``[n, T, NBYTES]`` (codebook indices) and factors ``[n, T, 1]`` -> keys ``[n, T, D]``:
-    ``(codebook[code] * factor) @ R``, the rotated-domain reconstruction un-rotated by the dense
-    float32 ``R`` ``[D, D]`` (``Rotation.matrix``; ``DOT`` precision). Program (row n, every
+    """turbo / fp8 / polar-recursive rows ``[n, T, NB]`` bytes with per-token metadata ``[n, T, ...]``
+    -> ``[n, T, D]``: ``format_tile``'s tile times its per-token factor, then (``ROTATED``) times the
+    float32 un-rotation ``R`` ``[D, D]`` (``x = y @ R``; ``DOT`` precision). Program (row n, every
     ``num_programs(1)``-th block of ``BLOCK_T`` tokens from block ``program_id(1)``)."""
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, D)[None, :]
-    unrotate = tl.load(unrotate_ptr + tl.arange(0, D)[:, None] * D + d)
+    if ROTATED:
+        unrotate = tl.load(unrotate_ptr + tl.arange(0, D)[:, None] * D + d)
     for block in range(tl.program_id(1), tl.cdiv(T, BLOCK_T), tl.num_programs(1)):
-        t = block * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+        t = block * BLOCK_T + tl.arange(0, BLOCK_T)
         ok = t < T
-        code = _codes_at(codes_ptr + row * s_cn + t * s_ct, ok, d, BITS, NBYTES)
-        factor = tl.load(norms_ptr + row * s_nn + t * s_nt, mask=ok, other=0).to(tl.float32)
-        rotated = tl.load(codebook_ptr + code) * factor
-        value = tl.dot(rotated, unrotate, input_precision=DOT)
-        tl.store(out_ptr + row * s_on + t * s_ot + d, value.to(out_ptr.dtype.element_ty), mask=ok)
+        tile, factor = formats.format_tile(
+            data_ptr + row * s_dn + t * s_dt, ok, meta_ptr + row * s_mn + t * s_mt, tab0, tab1, tab2,
+            row * book_stride, FMT, BITS, NB, LEVELS, D, BLOCK_T, FP8_CONVERT)
+        value = tile.to(tl.float32) * factor[:, None]
+        if ROTATED:
+            value = tl.dot(value, unrotate, input_precision=DOT)
+        tl.store(out_ptr + row * s_on + t[:, None] * s_ot + d, value.to(out_ptr.dtype.element_ty), mask=ok[:, None])

@@ -74,9 +74,9 @@ class Quantizer(abc.ABC):
 
         ``out``: ``[..., T, D]`` with ``p``'s shape and device, any floating dtype and strides (e.g.
         the first ``T`` tokens of a larger buffer). On CUDA, methods with a Triton kernel
-        (``dequantize_kernel``, ``kvpolar.kernels.dequantize``: KIVI, SQuat, polar-rope, turbo) write
-        it directly, rounding once from float32; the others (and every method on the CPU) copy
-        :meth:`dequantize`'s result.
+        (``dequantize_kernel``, ``kvpolar.kernels.dequantize``: every built-in method, in the stored
+        settings that kernel reads) write it directly, rounding once from float32; the others (and
+        every method on the CPU) copy :meth:`dequantize`'s result.
         """
         self._check_stored(p)
         if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:

@@ -72,6 +72,7 @@ class Fp8Quantizer(Quantizer):
     Config = Fp8Config
     stored_type = Fp8Tensor
     stored_params = {"format": "format", "scale": "scale_granularity"}
+    dequantize_kernel = True
 
     config: Fp8Config
 

@@ -162,6 +162,7 @@ class PolarRecursive(Quantizer):
     Config = PolarRecursiveConfig
     stored_type = PolarRecursiveTensor
     stored_params = {name: name for name in ("levels", "bits", "codebook", "preconditioner", "seed", "radius_bits")}
+    dequantize_kernel = True
 
     config: PolarRecursiveConfig
 
