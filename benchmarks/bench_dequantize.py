@@ -4,7 +4,7 @@ A step too long for the fused decode kernel (``kvpolar.cache.attention``) rebuil
 keys and values (``QuantizedLayer.dequantized``) and attends through SDPA. Per preset and role
 (keys, values) this script quantizes random normal ``[B, 8, T, 128]`` float16 tensors with the
 preset's quantizer, checks ``kvpolar.kernels.dequantize`` against the quantizer's ``dequantize``
-(KIVI bit for bit, polar-rope and turbo within one float16 rounding), then times both (CUDA events, median of
+(KIVI and fp8 bit for bit; polar-rope, turbo and polar-recursive within one float16 rounding), then times both (CUDA events, median of
 ``--repeats``): the quantizer's ``dequantize_into`` (the kernel where one reads the format, the
 PyTorch path else) and the PyTorch ``dequantize``, with the effective bandwidth (packed bytes read
 + 16-bit bytes written) against a device-to-device copy measured in the same run.
@@ -78,7 +78,7 @@ def measure(preset: str, role: str, batch: int, tokens: int, device: str, repeat
         row["bit_exact"] = bool(torch.equal(out, reference))
         # one float16 rounding of each entry, plus float32's error on the largest (sums in another order)
         ulp = torch.finfo(torch.float16).eps * reference.float().abs() + 2.0**-20 * reference.float().abs().max()
-        row["ok"] = row["bit_exact"] if name in ("kivi", "squat") else bool((diff <= ulp).all())
+        row["ok"] = row["bit_exact"] if name in ("kivi", "squat", "fp8") else bool((diff <= ulp).all())
         del reference
     row["dequantize_into_ms"] = _median_ms(lambda: quantizer.dequantize_into(packed, out), repeats, device)
     row["pytorch_ms"] = _median_ms(lambda: quantizer.dequantize(packed), repeats, device)

@@ -1,10 +1,10 @@
 """turbo's dequantization kernel: its un-rotation's precision, tokens per product and programs per SM.
 
 Quantizes random normal ``[B, 8, 32768, 128]`` float16 keys with ``turbo`` (4 bits, Hadamard), then
-per launch setting of ``kvpolar.kernels.dequantize`` (``TURBO_DOT``, ``TURBO_BLOCK_TOKENS``,
-``TURBO_PROGRAMS_PER_SM``) times ``dequantize_into`` (CUDA events, median of 10) and checks it against
-the quantizer's PyTorch ``dequantize`` (one float16 rounding of each entry plus float32's error on
-the largest); the PyTorch time last. On a GPU only:
+per launch setting of ``kvpolar.kernels.dequantize`` (``TENSOR_CORE_DOT``, ``FORMAT_BLOCK_TOKENS``,
+``FORMAT_PROGRAMS_PER_SM``) times ``dequantize_into`` (CUDA events, median of 10) and checks it
+against the quantizer's PyTorch ``dequantize`` (one float16 rounding of each entry plus float32's
+error on the largest); the PyTorch time last. On a GPU only:
 
     PYTHONPATH=src python benchmarks/tune_turbo_dequantize.py
 """
@@ -32,7 +32,7 @@ def main() -> None:
         ref = q.dequantize(p).float()
         out = torch.empty_like(x)
         for dot, block, per_sm in SETTINGS:
-            K.TURBO_DOT, K.TURBO_BLOCK_TOKENS, K.TURBO_PROGRAMS_PER_SM = dot, block, per_sm
+            K.TENSOR_CORE_DOT, K.FORMAT_BLOCK_TOKENS, K.FORMAT_PROGRAMS_PER_SM = dot, block, per_sm
             try:
                 K.dequantize_into(p, out)
             except Exception as err:  # e.g. shared memory
