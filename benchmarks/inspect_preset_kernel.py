@@ -129,7 +129,6 @@ def main() -> None:
                          "session) instead of the quantizer's tokens-adjacent layout")
     ap.add_argument("--query-tokens", type=int, default=1,
                     help="query tokens per sequence (a draft verify step: e.g. 21 for 20 draft tokens)")
-    ap.add_argument("--unroll", type=int, default=1, help="LaunchConfig.transposed_unroll")
     ap.add_argument("--lines", action="store_true", help="also the main loop's instructions by source line")
     ap.add_argument("--out", default=None, help="where to keep cubin/SASS/TTGIR (default: a temporary folder)")
     args = ap.parse_args()
@@ -138,8 +137,7 @@ def main() -> None:
     cfg = mod.LaunchConfig(max_registers=args.max_registers, value_metadata=args.value_metadata,
                            three_byte_units=args.three_byte_units, kivi_code_units=args.kivi_code_units,
                            lazy_rescale=args.lazy_rescale, polar_recursive_keys=args.polar_recursive_keys,
-                           kivi_key_bias=args.kivi_key_bias, kivi_value_min=args.kivi_value_min,
-                           transposed_unroll=args.unroll)
+                           kivi_key_bias=args.kivi_key_bias, kivi_value_min=args.kivi_value_min)
     if args.stages is not None:
         cfg = mod.dataclasses.replace(cfg, transposed_stages=args.stages)
     layouts = [f for f, on in ((groups_adjacent, args.value_layout == "groups"), (rows_per_token, args.pr_rows)) if on]

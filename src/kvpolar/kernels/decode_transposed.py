@@ -40,7 +40,7 @@ def _split_kernel_t(
     VAL_FMT: tl.constexpr, kcos, ksin, vcos, vsin, PR_KEY_JOIN: tl.constexpr, PR_VALUE_JOIN: tl.constexpr,
     VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, klut, vbook, vlut, VAL_META: tl.constexpr,
     KEY_LOOKUP: tl.constexpr, VAL_LOOKUP: tl.constexpr, LAZY_RESCALE: tl.constexpr,
-    KIVI_BIAS_LAST: tl.constexpr, VAL_MIN_PRODUCT: tl.constexpr, UNROLL: tl.constexpr,
+    KIVI_BIAS_LAST: tl.constexpr, VAL_MIN_PRODUCT: tl.constexpr,
 ):
     """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
     ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -186,7 +186,7 @@ def _split_kernel_t(
                                    other=0.0)
             v_min_next = tl.load(vm1 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :],
                                  other=0.0)
-    for i in tl.range(0, BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split, 1, loop_unroll_factor=UNROLL):
+    for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
         n0 = start + i * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_tokens

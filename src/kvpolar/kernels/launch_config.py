@@ -107,9 +107,6 @@ class LaunchConfig:
         ``benchmarks/results/pr_layout_h100.json``: fp16, bf16 ragged, 3 query tokens), where
         "subtrees" took 2.49 ms against 2.91 ms for "columns" at B=32 / 32k (0.56x / 0.48x fp16
         SDPA), hence the default.
-    transposed_unroll: blocks per iteration of the transposed kernel's main loop (Triton's
-        ``loop_unroll_factor``): 2 or 4 put that many blocks' independent decode and products in one
-        iteration for the scheduler to interleave (the online softmax still chains them).
     transposed_rows: at least this many query rows (GQA group x query tokens, padded to a power of
         two) in the transposed kernel's products (the MMA's N dimension is 8).
     transposed_max_rows: at most this many query rows per KV head (GQA group x query tokens) take the
@@ -146,7 +143,6 @@ class LaunchConfig:
     kivi_key_bias: str = "last"
     kivi_value_min: str = "elementwise"
     polar_recursive_keys: str = "subtrees"
-    transposed_unroll: int = 1
 
     def __post_init__(self) -> None:
         if not (is_power_of_two(self.block_n) and self.block_n >= 16):
@@ -174,8 +170,6 @@ class LaunchConfig:
             raise ValueError(f"kivi_value_min={self.kivi_value_min!r} (allowed: 'elementwise', 'product')")
         if self.polar_recursive_keys not in ("columns", "subtrees"):
             raise ValueError(f"polar_recursive_keys={self.polar_recursive_keys!r} (allowed: 'columns', 'subtrees')")
-        if self.transposed_unroll not in (1, 2, 4):
-            raise ValueError(f"transposed_unroll={self.transposed_unroll} (allowed: 1, 2, 4)")
         if self.transposed_min_rows < 0:
             raise ValueError(f"transposed_min_rows={self.transposed_min_rows} (allowed: >= 0)")
         if self.transposed_max_rows < 1:
