@@ -2,12 +2,14 @@
 
 A step too long for the fused decode kernel (``kvpolar.cache.attention``) rebuilds the layer's 16-bit
 keys and values (``QuantizedLayer.dequantized``) and attends through SDPA. Per preset and role
-(keys, values) this script quantizes random normal ``[B, 8, T, 128]`` float16 tensors with the
-preset's quantizer, checks ``kvpolar.kernels.dequantize`` against the quantizer's ``dequantize``
-(KIVI and fp8 bit for bit; polar-rope, turbo and polar-recursive within one float16 rounding), then times both (CUDA events, median of
-``--repeats``): the quantizer's ``dequantize_into`` (the kernel where one reads the format, the
-PyTorch path else) and the PyTorch ``dequantize``, with the effective bandwidth (packed bytes read
-+ 16-bit bytes written) against a device-to-device copy measured in the same run.
+(keys, values) this script quantizes random normal ``[B, 8, T, 128]`` tensors (float16, or
+``--dtypes``) with the preset's quantizer, checks ``kvpolar.kernels.dequantize`` against the
+quantizer's ``dequantize`` (KIVI and fp8 bit for bit; polar-rope, turbo and polar-recursive within one
+rounding of the 16-bit type; under the CPU interpreter bfloat16 ties round the other way), then
+times both (CUDA events, median of ``--repeats``): the quantizer's ``dequantize_into`` (the kernel
+where one reads the format, the PyTorch path else) and the PyTorch ``dequantize``, with the effective
+bandwidth (packed bytes read + 16-bit bytes written) against a device-to-device copy measured in the
+same run.
 
     PYTHONPATH=src python benchmarks/bench_dequantize.py --out $OUT/dequantize_h100.json   # on a GPU
     PYTHONPATH=src python benchmarks/bench_dequantize.py --smoke                           # CPU interpreter
@@ -16,6 +18,7 @@ PyTorch path else) and the PyTorch ``dequantize``, with the effective bandwidth 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -55,7 +58,8 @@ def copy_gbps(device: str, repeats: int) -> float:
     return 2 * n / _median_ms(lambda: dst.copy_(src), repeats, device) / 1e6
 
 
-def measure(preset: str, role: str, batch: int, tokens: int, device: str, repeats: int) -> dict:
+def measure(preset: str, role: str, batch: int, tokens: int, device: str, repeats: int,
+            dtype: torch.dtype = torch.float16) -> dict:
     import kvpolar
     from kvpolar.kernels import dequantize as kernels
 
@@ -64,12 +68,13 @@ def measure(preset: str, role: str, batch: int, tokens: int, device: str, repeat
                     else (config.value_quantizer, config.value_params))
     quantizer = kvpolar.quantizer(name, **dict(params))
     gen = torch.Generator(device=device).manual_seed(batch * 7 + tokens)
-    x = torch.randn(batch, 8, tokens, 128, generator=gen, device=device, dtype=torch.float16)
+    x = torch.randn(batch, 8, tokens, 128, generator=gen, device=device, dtype=dtype)
     packed = quantizer.quantize(x)
     del x
     row = {"preset": preset, "role": role, "format": type(packed).__name__, "batch": batch, "tokens": tokens,
-           "packed_bytes": packed.nbytes, "out_bytes": 2 * packed.numel, "kernel": kernels.supports(packed)}
-    out = torch.empty(tuple(packed.shape), dtype=torch.float16, device=device)
+           "dtype": str(dtype).removeprefix("torch."), "packed_bytes": packed.nbytes, "out_bytes": 2 * packed.numel,
+           "kernel": kernels.supports(packed)}
+    out = torch.empty(tuple(packed.shape), dtype=dtype, device=device)
     if row["kernel"]:
         kernels.dequantize_into(packed, out)
         reference = quantizer.dequantize(packed)
@@ -77,7 +82,7 @@ def measure(preset: str, role: str, batch: int, tokens: int, device: str, repeat
         row["max_abs_diff"] = diff.max().item()
         row["bit_exact"] = bool(torch.equal(out, reference))
         # one float16 rounding of each entry, plus float32's error on the largest (sums in another order)
-        ulp = torch.finfo(torch.float16).eps * reference.float().abs() + 2.0**-20 * reference.float().abs().max()
+        ulp = torch.finfo(dtype).eps * reference.float().abs() + 2.0**-20 * reference.float().abs().max()
         row["ok"] = row["bit_exact"] if name in ("kivi", "squat", "fp8") else bool((diff <= ulp).all())
         del reference
     row["dequantize_into_ms"] = _median_ms(lambda: quantizer.dequantize_into(packed, out), repeats, device)
@@ -94,6 +99,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--dtypes", nargs="+", default=["float16"], choices=("float16", "bfloat16"))
     parser.add_argument("--out", default="dequantize.json")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (Triton interpreter)")
     args = parser.parse_args()
@@ -110,22 +116,22 @@ def main() -> None:
               "copy_gbps": copy_gbps(device, args.repeats), "rows": []}
     for preset in args.presets:
         for role in ("keys", "values"):
-            for batch in args.batches:
-                row = measure(preset, role, batch, args.tokens, device, args.repeats)
+            for batch, dtype in itertools.product(args.batches, args.dtypes):
+                row = measure(preset, role, batch, args.tokens, device, args.repeats, getattr(torch, dtype))
                 result["rows"].append(row)
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=1)
                 if device == "cuda":
                     torch.cuda.empty_cache()
     copy = result["copy_gbps"]
-    print(f"\n{result['gpu']}: dequantize [B, 8, {args.tokens}, 128] into float16; copy {copy:.0f} GB/s")
-    print("| preset | role | format | B | kernel | dequantize_into ms (% copy BW) | PyTorch ms | speed-up | check |")
-    print("|---|---|---|---:|---|---:|---:|---:|---|")
+    print(f"\n{result['gpu']}: dequantize [B, 8, {args.tokens}, 128] into 16 bits; copy {copy:.0f} GB/s")
+    print("| preset | role | format | dtype | B | kernel | dequantize_into ms (% copy BW) | PyTorch ms | speed-up | check |")
+    print("|---|---|---|---|---:|---|---:|---:|---:|---|")
     for r in result["rows"]:
         check = ("exact" if r.get("bit_exact") else f"max diff {r['max_abs_diff']:.1e}") if r["kernel"] else ""
         if r["kernel"] and not r["ok"]:
             check += " FAILED"
-        print(f"| {r['preset']} | {r['role']} | {r['format']} | {r['batch']} | {'yes' if r['kernel'] else 'no'} | "
+        print(f"| {r['preset']} | {r['role']} | {r['format']} | {r['dtype']} | {r['batch']} | {'yes' if r['kernel'] else 'no'} | "
               f"{r['dequantize_into_ms']:.3f} ({100 * r['dequantize_into_gbps'] / copy:.0f}%) | {r['pytorch_ms']:.3f} | "
               f"{r['pytorch_ms'] / r['dequantize_into_ms']:.1f}x | {check} |")
     checked = [r for r in result["rows"] if r["kernel"]]
