@@ -121,11 +121,31 @@ def test_bad_outputs_are_refused_with_the_reason():
         kernel.dequantize_into(p, torch.empty(1, 2, 20, 64, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="last dimension must be contiguous"):
         kernel.dequantize_into(p, torch.empty(1, 2, 64, 20, dtype=torch.float16, device=DEVICE).transpose(-1, -2))
+    _, p2 = quantize("kivi", dict(bits=2, group_size=32), fresh((2, 3, 20, 64), torch.float16))
+    with pytest.raises(ValueError, match="leading dimensions do not merge"):
+        kernel.dequantize_into(p2, torch.empty(3, 2, 20, 64, dtype=torch.float16, device=DEVICE).transpose(0, 1))
     # the quantizer's public method checks what every method shares (on the CPU it copies dequantize)
     with pytest.raises(ValueError, match=r"out has shape \(1, 2, 21, 64\); the quantized tensor has"):
         q.dequantize_into(p, torch.empty(1, 2, 21, 64, dtype=torch.float16, device=DEVICE))
     with pytest.raises(TypeError, match="out must be a floating-point tensor"):
         q.dequantize_into(p, torch.empty(1, 2, 20, 64, dtype=torch.int64, device=DEVICE))
+
+
+def test_buffers_the_kernels_take_and_those_they_leave_to_a_copy():
+    """``takes``: what ``Quantizer.dequantize_into`` sends to a kernel on CUDA; any other buffer gets
+    the PyTorch reconstruction copied into it, never an error."""
+    _, p = quantize("kivi", dict(bits=2, group_size=32), fresh((2, 3, 20, 64), torch.float16))
+
+    def buffer(*shape, dtype=torch.float16):
+        return torch.empty(*shape, dtype=dtype, device=DEVICE)
+
+    assert kernel.takes(buffer(2, 3, 20, 64), p)
+    assert kernel.takes(buffer(2, 3, 25, 64)[..., :20, :], p)  # the first tokens of a larger buffer
+    assert kernel.takes(buffer(2, 3, 20, 64, dtype=torch.float32), p)
+    assert not kernel.takes(buffer(2, 3, 20, 64, dtype=torch.float64), p)
+    assert not kernel.takes(buffer(2, 3, 64, 20).transpose(-1, -2), p)
+    assert not kernel.takes(buffer(3, 2, 20, 64).transpose(0, 1), p)  # batch and heads do not merge
+    assert not kernel.takes(buffer(2, 3, 21, 64), p)
 
 
 @pytest.mark.parametrize("name", ["kivi", "turbo"])

@@ -27,9 +27,10 @@ def triton_available() -> bool:
 
 def cuda_dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
     """On CUDA with Triton, :func:`kvpolar.kernels.dequantize.dequantize_into` (imported on first
-    use); True when a kernel wrote ``p`` into ``out``, False (``out`` untouched) otherwise."""
+    use) where a kernel reads ``p`` and writes ``out`` as it is laid out: True when it wrote, False
+    (``out`` untouched) otherwise."""
     if not (out.is_cuda and triton_available()):
         return False
-    from kvpolar.kernels.dequantize import dequantize_into
+    from kvpolar.kernels import dequantize
 
-    return dequantize_into(p, out)
+    return dequantize.takes(out, p) and dequantize.dequantize_into(p, out)

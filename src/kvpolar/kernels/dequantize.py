@@ -41,6 +41,7 @@ from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
 from kvpolar.quantizers.polar_rope import PolarRopeTensor, dequantize_polar
 from kvpolar.quantizers.rotations import is_power_of_two
 
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: tokens per program (KIVI: the whole head dim per token; polar-rope: every pair)
 BLOCK_TOKENS = 32
 #: ``tl.dot`` precision of the un-rotation (float32 operands): "tf32x3" (three tensor-core products
@@ -64,6 +65,19 @@ def supports(p: QuantizedTensor) -> bool:
     return isinstance(p, (KiviChannelTensor, KiviTokenTensor))
 
 
+def takes(out: torch.Tensor, p: QuantizedTensor) -> bool:
+    """Whether :func:`dequantize_into` writes into ``out`` as it is (shape of ``p``, float16 /
+    bfloat16 / float32, last dimension contiguous, leading dimensions mergeable into one); callers
+    with another buffer write through a copy (``Quantizer.dequantize_into`` does)."""
+    if tuple(out.shape) != tuple(p.shape) or out.dtype not in OUT_DTYPES or out.stride(-1) != 1:
+        return False
+    try:
+        out.view(-1, p.num_tokens, p.head_dim)
+    except RuntimeError:  # leading dimensions that do not merge (e.g. a transposed batch / head)
+        return False
+    return True
+
+
 def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
     """Write ``p`` dequantized into ``out`` and return True, or return False (``out`` untouched) when
     no kernel reads ``p``'s format (:func:`supports`).
@@ -81,7 +95,7 @@ def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
         raise ValueError(f"out has shape {tuple(out.shape)}; the stored tensor has {tuple(p.shape)}")
     if out.device != p.codes.device:
         raise ValueError(f"out is on {out.device}; the stored tensor on {p.codes.device}")
-    if out.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if out.dtype not in OUT_DTYPES:
         raise ValueError(f"out has dtype {out.dtype} (allowed: float16, bfloat16, float32)")
     if out.stride(-1) != 1:
         raise ValueError(f"out's last dimension must be contiguous; its strides are {out.stride()}")
@@ -89,7 +103,11 @@ def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
     n = out.numel() // max(1, tokens * dim)
     if n == 0 or tokens == 0:
         return True
-    target = out.view(n, tokens, dim)  # raises if the leading dimensions do not merge
+    try:
+        target = out.view(n, tokens, dim)
+    except RuntimeError:
+        raise ValueError(f"out's leading dimensions do not merge into one (strides {out.stride()}); "
+                         "pass a buffer whose batch and head axes are laid out one after the other") from None
     if type(p).__name__ in formats.FORMATS:
         _launch_format_kernel(p, target, n)
         return True
