@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from kvpolar.kernels import decode_formats as formats
+from kvpolar.kernels.polar_pairs import pair_channels
 from kvpolar.quantized import QuantizedTensor
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
 from kvpolar.quantizers.polar_rope import PolarRopeTensor, dequantize_polar
@@ -245,12 +246,7 @@ def _polar_rope_kernel(
     a_min = tl.load(am_ptr + meta, mask=ok, other=0).to(tl.float32)
     r = r_min + (code >> AB).to(tl.float32) * r_scale
     theta = a_min + (code & ((1 << AB) - 1)).to(tl.float32) * a_scale
-    if HALF:
-        cx = j
-        cy = j + P
-    else:
-        cx = 2 * j
-        cy = 2 * j + 1
+    cx, cy = pair_channels(j, P, HALF)
     out_row = out_ptr + row * s_on + t * s_ot
     tl.store(out_row + cx, (r * tl.cos(theta)).to(out_ptr.dtype.element_ty), mask=ok)
     tl.store(out_row + cy, (r * tl.sin(theta)).to(out_ptr.dtype.element_ty), mask=ok)
