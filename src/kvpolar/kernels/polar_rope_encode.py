@@ -5,8 +5,9 @@ Reference: :func:`kvpolar.quantizers.polar_rope.quantize_polar`. One program enc
 arc), round-to-nearest codes, and the dense bit packing of the combined codes.
 
 Agreement with the reference is *within rounding*, not bit-for-bit: the angle is an odd polynomial
-``atan`` (max error 1e-7 rad; libdevice is not available under ``TRITON_INTERPRET``), rounding is
-``floor(x + 0.5)`` (``torch.round`` rounds ties to even), and the compiler may fuse multiply-adds. A
+``atan`` (max error 1e-7 rad; libdevice is not available under ``TRITON_INTERPRET``) and the compiler
+may fuse multiply-adds (rounding is to nearest, ties to even, as ``torch.round``:
+:mod:`kvpolar.kernels.uniform_encode`). A
 code can therefore differ by one level where a value sits within ~1e-6 of a level boundary, and a
 shortest arc can start at another angle when two gaps tie to float rounding. The stored statistics
 use IEEE division, so they match the reference to the storage dtype's rounding.
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from kvpolar.kernels.polar_pairs import pair_channels
+from kvpolar.kernels.uniform_encode import encode, pack_codes, stats
 from kvpolar.quantizers.polar_rope import PolarRopeTensor, quantize_polar
 
 REFERENCE = quantize_polar
@@ -54,7 +56,7 @@ def polar_rope_encode(
         P=pairs, P_PAD=triton.next_power_of_2(pairs), RB=radius_bits, AB=angle_bits, G=group_size,
         G_PAD=triton.next_power_of_2(group_size), HALF=pairing == "half",
         SHORTEST=angle_range == "shortest-arc", NBYTES=nbytes, NB_PAD=triton.next_power_of_2(nbytes),
-        KMAX=7 // bits + 2, num_warps=num_warps,
+        num_warps=num_warps,
     )
     rs, rm, a_s, am = (m.reshape(*lead, groups, pairs) for m in metas)
     return PolarRopeTensor(
@@ -95,28 +97,12 @@ def angle(y, x):
 
 
 @triton.jit
-def stats(lo, hi, BITS: tl.constexpr, store_ty: tl.constexpr):
-    """Minimum and scale rounded to the storage dtype (as uniform.minmax_scale), float32."""
-    minimum = lo.to(store_ty).to(tl.float32)
-    scale = tl.div_rn(hi - minimum, ((1 << BITS) - 1) * 1.0).to(store_ty).to(tl.float32)
-    return minimum, scale
-
-
-@triton.jit
-def encode(v, minimum, scale, BITS: tl.constexpr):
-    safe = tl.where(scale > 0, scale, 1.0)
-    inv = tl.where(scale > 0, tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe), 0.0)
-    c = tl.floor((v - minimum[None, :]) * inv[None, :] + 0.5)
-    return tl.minimum(tl.maximum(c, 0.0), (1 << BITS) - 1.0).to(tl.int32)
-
-
-@triton.jit
 def polar_rope_encode_kernel(
     x_ptr, codes_ptr, rs_ptr, rm_ptr, as_ptr, am_ptr, T,
     stride_xn, stride_xt, stride_cn, stride_ct, stride_mn, stride_mg,
     P: tl.constexpr, P_PAD: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr, G: tl.constexpr,
     G_PAD: tl.constexpr, HALF: tl.constexpr, SHORTEST: tl.constexpr, NBYTES: tl.constexpr,
-    NB_PAD: tl.constexpr, KMAX: tl.constexpr,
+    NB_PAD: tl.constexpr,
 ):
     BITS: tl.constexpr = RB + AB
     g = tl.program_id(0)
@@ -170,21 +156,9 @@ def polar_rope_encode_kernel(
     tl.store(rm_ptr + meta, r_min, mask=jmask)
     tl.store(as_ptr + meta, a_scale, mask=jmask)
     tl.store(am_ptr + meta, a_min, mask=jmask)
-    code = (encode(r, r_min, r_scale, RB) << AB) | encode(unwrapped, a_min, a_scale, AB)
-
-    # dense packing: byte u holds bits [8u, 8u+8) of the row's bit stream
+    code = (encode(r, r_min[None, :], r_scale[None, :], RB) << AB) | encode(unwrapped, a_min[None, :],
+                                                                            a_scale[None, :], AB)
+    packed = pack_codes(code, P, BITS, NBYTES, NB_PAD)  # dense: byte u holds bits [8u, 8u+8) of the row
     u = tl.arange(0, NB_PAD)
-    umask = u < NBYTES
-    first = (u * 8) // BITS
-    packed = tl.zeros([G_PAD, NB_PAD], tl.int32)
-    for k in tl.static_range(KMAX):
-        jj = first + k
-        valid = umask & (jj < P)
-        idx = tl.broadcast_to(tl.where(valid, jj, 0)[None, :], [G_PAD, NB_PAD])
-        c = tl.gather(code, idx, 1)
-        start_bit = jj * BITS - u * 8
-        part = tl.where(start_bit[None, :] >= 0, c << tl.maximum(start_bit, 0)[None, :],
-                        c >> tl.maximum(-start_bit, 0)[None, :])
-        packed = packed | tl.where(valid[None, :], part, 0)
     out = codes_ptr + n * stride_cn + t[:, None].to(tl.int64) * stride_ct + u[None, :]
-    tl.store(out, (packed & 0xFF).to(tl.uint8), mask=tmask[:, None] & umask[None, :])
+    tl.store(out, packed.to(tl.uint8), mask=tmask[:, None] & (u < NBYTES)[None, :])

@@ -19,10 +19,12 @@ import dataclasses
 import math
 import torch
 
+from kvpolar.kernels import triton_available
 from kvpolar.packing import pack_bits, unpack_bits
 from kvpolar.quantized import QuantizedTensor, quantized_tensor_class, stored, tokens_contiguous
 from kvpolar.quantizers import uniform
 from kvpolar.quantizers.base import Quantizer
+from kvpolar.quantizers.rotations import is_power_of_two
 from kvpolar.registry import register
 from kvpolar.validation import check_choice, check_positive_int
 
@@ -118,6 +120,12 @@ class Kivi(Quantizer):
 
     def _quantize(self, x: torch.Tensor) -> QuantizedTensor:
         c = self.config
+        if x.is_cuda and triton_available() and (
+            c.axis == "channel" or (is_power_of_two(x.shape[-1]) and is_power_of_two(c.group_size))
+        ):
+            from kvpolar.kernels.kivi_encode import kivi_encode
+
+            return kivi_encode(x, c.bits, c.group_size, c.axis)  # the same tensors, one pass on the GPU
         if c.axis == "channel":
             return quantize_per_channel(x, c.bits, c.group_size)
         grouped = x.reshape(*x.shape[:-1], -1, c.group_size).float()
