@@ -88,19 +88,50 @@ def test_a_cache_grown_from_encoded_parts_dequantizes_as_one():
 
 
 def test_the_quantizer_takes_the_kernel_on_cuda_only_where_it_applies(monkeypatch):
-    """On CUDA ``Kivi.quantize`` runs the kernel (per channel: any head dim; per token: powers of two);
-    here the dispatch is checked with the device test faked."""
+    """On CUDA ``Kivi.quantize`` runs the kernel (per channel: any head dim; per token: powers of two)."""
     from kvpolar.quantizers import kivi
 
-    calls = []
     monkeypatch.setattr(kivi, "triton_available", lambda: True)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    import kvpolar.kernels.kivi_encode as module
+    on_gpu = torch.empty(0, 48).cuda() if torch.cuda.is_available() else None
+    config = kivi.KiviConfig
+    cpu = torch.randn(1, 8, 48)
+    assert not kivi.encodes_on_device(cpu, config(axis="channel"))  # the CPU: the PyTorch path
+    if on_gpu is not None:
+        assert kivi.encodes_on_device(on_gpu, config(axis="channel"))
+        assert not kivi.encodes_on_device(on_gpu, config(axis="token", group_size=16))  # 48 channels
+        assert kivi.encodes_on_device(torch.empty(0, 64).cuda(), config(axis="token", group_size=16))
+    monkeypatch.setattr(kivi, "triton_available", lambda: False)
+    if on_gpu is not None:
+        assert not kivi.encodes_on_device(on_gpu, config(axis="channel"))
 
-    monkeypatch.setattr(module, "kivi_encode", lambda *a: calls.append(a[1:]) or "kernel")
-    assert kvpolar.quantizer("kivi", bits=2, axis="channel").quantize(torch.randn(1, 1, 8, 48)) == "kernel"
-    assert kvpolar.quantizer("kivi", bits=4, axis="token").quantize(torch.randn(1, 1, 8, 64)) == "kernel"
-    assert calls == [(2, 32, "channel"), (4, 32, "token")]
-    monkeypatch.undo()
-    out = kvpolar.quantizer("kivi", bits=2, group_size=16, axis="token").quantize(torch.randn(1, 1, 8, 48))
-    assert out.head_dim == 48  # (48 channels in 16-channel groups: the PyTorch path, never the kernel)
+
+def test_a_cache_quantizing_through_the_encoder_holds_what_the_pytorch_path_holds(monkeypatch):
+    """A tiny Llama's prompt and decode steps with kivi-2 (the prompt's complete chunks, then each chunk
+    that leaves the residual window) quantized by the encoder, as on CUDA (here under the CPU
+    interpreter): every layer's packed keys and values, and the logits, equal the PyTorch path's."""
+    from cache_helpers import VOCAB, QuantizedKVCache, config, tiny_model
+
+    from kvpolar.quantizers import kivi
+
+    model = tiny_model("llama", layers=2)
+    ids = torch.randint(1, VOCAB, (2, 75), generator=torch.Generator().manual_seed(3))
+
+    def run():
+        cache = QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
+        logits = []
+        with torch.no_grad():
+            for step in (ids[:, :60], *ids[:, 60:].split(1, dim=1)):
+                out = model(input_ids=step, use_cache=True, **kvpolar.cache_kwargs(model, cache))
+                logits.append(out.logits[:, -1])
+        return cache, torch.stack(logits)
+
+    plain_cache, plain_logits = run()
+    calls = []
+    monkeypatch.setattr(kivi, "encodes_on_device", lambda x, c: calls.append(c.axis) or True)
+    cache, logits = run()
+    assert "channel" in calls and "token" in calls
+    assert torch.equal(logits, plain_logits)
+    for layer, plain in zip(cache.layers, plain_cache.layers):
+        assert layer.packed_keys.num_tokens == 64
+        for got, want in ((layer.packed_keys, plain.packed_keys), (layer.packed_values, plain.packed_values)):
+            assert_same_storage(got, want)

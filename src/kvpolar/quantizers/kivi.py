@@ -85,6 +85,13 @@ def quantize_per_channel(x: torch.Tensor, bits: int, group_size: int) -> KiviCha
     )
 
 
+def encodes_on_device(x: torch.Tensor, config: KiviConfig) -> bool:
+    """Whether ``Kivi.quantize`` takes the Triton encoder (``kvpolar.kernels.kivi_encode``) for ``x``:
+    on CUDA with Triton; per token only where the head dim and the group are powers of two."""
+    shapes_fit = config.axis == "channel" or (is_power_of_two(x.shape[-1]) and is_power_of_two(config.group_size))
+    return x.is_cuda and triton_available() and shapes_fit
+
+
 def expand_groups(meta: torch.Tensor, group_size: int, tokens: int) -> torch.Tensor:
     """``[..., ceil(T/G), D]`` per-group metadata -> ``[..., T, D]`` per token."""
     return meta.repeat_interleave(group_size, dim=-2)[..., :tokens, :]
@@ -120,9 +127,7 @@ class Kivi(Quantizer):
 
     def _quantize(self, x: torch.Tensor) -> QuantizedTensor:
         c = self.config
-        if x.is_cuda and triton_available() and (
-            c.axis == "channel" or (is_power_of_two(x.shape[-1]) and is_power_of_two(c.group_size))
-        ):
+        if encodes_on_device(x, c):
             from kvpolar.kernels.kivi_encode import kivi_encode
 
             return kivi_encode(x, c.bits, c.group_size, c.axis)  # the same tensors, one pass on the GPU
