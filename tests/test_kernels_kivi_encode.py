@@ -65,6 +65,11 @@ def test_values_match_the_quantizer(bits, group_size, shape, dtype):
         assert laid_out_tokens_contiguous(got.scale) and laid_out_tokens_contiguous(got.minimum)
 
 
+def test_values_the_kernel_cannot_group_are_refused():
+    with pytest.raises(ValueError, match=r"head dim 48 and group_size=16: allowed: powers of two"):
+        kivi_encode(fresh((1, 1, 4, 48), torch.float16), 2, 16, "token")
+
+
 @pytest.mark.parametrize("axis", ["channel", "token"])
 def test_ties_round_to_even_as_torch_round(axis):
     """Values exactly between two levels (minimum 0, maximum 3, 2 bits: scale 1) take the even level."""

@@ -22,6 +22,7 @@ from kvpolar.kernels.uniform_encode import encode, pack_codes, stats
 from kvpolar.packing import packed_length
 from kvpolar.quantized import tokens_contiguous
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor, quantize_per_channel
+from kvpolar.quantizers.rotations import is_power_of_two
 
 REFERENCE = quantize_per_channel
 #: tokens per program of the value kernel
@@ -31,8 +32,12 @@ VALUE_BLOCK_TOKENS = 32
 def kivi_encode(x: torch.Tensor, bits: int, group_size: int, axis: str) -> KiviChannelTensor | KiviTokenTensor:
     """Quantize ``x`` ``[..., T, D]`` (float16 / bfloat16 / float32, CUDA or the interpreter) as KIVI:
     the same arguments and result as the quantizer (``kvpolar.quantizer("kivi", bits=..., group_size=...,
-    axis=...)``); ``axis="token"`` needs ``group_size`` dividing ``D``."""
+    axis=...)``). ``axis="token"`` needs ``D`` and ``group_size`` powers of two (``Kivi.quantize`` takes
+    its PyTorch path for other values)."""
     *lead, tokens, dim = x.shape
+    if axis == "token" and not (is_power_of_two(dim) and is_power_of_two(group_size) and group_size <= dim):
+        raise ValueError(f"kivi_encode(axis='token') got head dim {dim} and group_size={group_size}: "
+                         "allowed: powers of two, group_size <= head dim")
     n, nbytes = math.prod(lead), packed_length(dim, bits)
     xf = x.reshape(n, tokens, dim)
     if xf.stride(-1) != 1:
@@ -47,7 +52,7 @@ def kivi_encode(x: torch.Tensor, bits: int, group_size: int, axis: str) -> KiviC
             _channel_kernel[(groups, n)](
                 xf, codes, scale, minimum, tokens, xf.stride(0), xf.stride(1), codes.stride(0), codes.stride(1),
                 scale.stride(0), scale.stride(1), G=group_size, G_PAD=triton.next_power_of_2(group_size), **common,
-                enable_fp_fusion=False,  # a fused (v - min) * inv - floor would break ties torch.round breaks to even
+                enable_fp_fusion=False,  # (v - min) * inv fused into the rounding's subtraction breaks exact ties
             )
         return KiviChannelTensor(
             shape=x.shape, dtype=x.dtype, codes=codes.reshape(*lead, tokens, nbytes),
