@@ -27,10 +27,10 @@ def fresh(shape, dtype):
 
 
 def assert_matches_reference(got: torch.Tensor, ref: torch.Tensor, exact: bool) -> None:
-    """Bit for bit where ``exact`` (KIVI in float16 / float32), else within one rounding of the output
-    dtype plus float32's error on the largest entry: polar-rope's cos / sin differ in the last float32
-    bit, turbo's un-rotation sums in another order, and the CPU interpreter rounds float32 ties to
-    bfloat16 away from even."""
+    """Bit for bit where ``exact`` (KIVI, SQuat and fp8), else within one rounding of the output dtype
+    plus float32's error on the largest entry: polar-rope's cos / sin differ in the last float32 bit,
+    turbo's and polar-recursive's un-rotations sum in another order, and the CPU interpreter rounds
+    float32 ties to bfloat16 away from even (so bfloat16 outputs are compared that way everywhere)."""
     assert got.dtype == ref.dtype and got.shape == ref.shape
     if exact and not (INTERPRETED and got.dtype == torch.bfloat16):
         assert torch.equal(got, ref), (got.float() - ref.float()).abs().max()
