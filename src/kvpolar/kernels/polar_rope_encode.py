@@ -7,10 +7,10 @@ arc), round-to-nearest codes, and the dense bit packing of the combined codes.
 Agreement with the reference is *within rounding*, not bit-for-bit: the angle is an odd polynomial
 ``atan`` (max error 1e-7 rad; libdevice is not available under ``TRITON_INTERPRET``) and the compiler
 may fuse multiply-adds (rounding is to nearest, ties to even, as ``torch.round``:
-:mod:`kvpolar.kernels.uniform_encode`). A
-code can therefore differ by one level where a value sits within ~1e-6 of a level boundary, and a
-shortest arc can start at another angle when two gaps tie to float rounding. The stored statistics
-use IEEE division, so they match the reference to the storage dtype's rounding.
+:mod:`kvpolar.kernels.uniform_encode`). A code can therefore differ by one level where a value sits
+within ~1e-6 of a level boundary, and a shortest arc can start at another angle when two gaps tie to
+float rounding. The stored statistics use IEEE division, so they match the reference to the storage
+dtype's rounding.
 """
 
 from __future__ import annotations
