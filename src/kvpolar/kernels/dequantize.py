@@ -39,7 +39,7 @@ from kvpolar.kernels import decode_formats as formats
 from kvpolar.kernels.polar_pairs import pair_channels
 from kvpolar.quantized import QuantizedTensor
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
-from kvpolar.quantizers.polar_rope import PolarRopeTensor, dequantize_polar
+from kvpolar.quantizers.polar_rope import PolarRopeTensor
 from kvpolar.quantizers.rotations import is_power_of_two
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
