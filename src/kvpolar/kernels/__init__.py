@@ -31,6 +31,6 @@ def cuda_dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
     (``out`` untouched) otherwise."""
     if not (out.is_cuda and triton_available()):
         return False
-    from kvpolar.kernels import dequantize
+    from kvpolar.kernels.dequantize import write_if_taken
 
-    return dequantize.takes(out, p) and dequantize.dequantize_into(p, out)
+    return write_if_taken(p, out)

@@ -66,22 +66,38 @@ def supports(p: QuantizedTensor) -> bool:
     return isinstance(p, (KiviChannelTensor, KiviTokenTensor))
 
 
+def refusal(out: torch.Tensor, p: QuantizedTensor) -> str | None:
+    """Why :func:`dequantize_into` cannot write ``p`` into ``out`` as it is laid out, or None: it
+    takes ``p``'s shape and device, float16 / bfloat16 / float32, the last dimension contiguous and
+    the leading dimensions mergeable into one (e.g. the first ``T`` tokens of a ``[B, H, N, D]``
+    buffer)."""
+    if tuple(out.shape) != tuple(p.shape):
+        return f"out has shape {tuple(out.shape)}; the stored tensor has {tuple(p.shape)}"
+    if out.device != p.codes.device:
+        return f"out is on {out.device}; the stored tensor on {p.codes.device}"
+    if out.dtype not in OUT_DTYPES:
+        return f"out has dtype {out.dtype} (allowed: float16, bfloat16, float32)"
+    if out.stride(-1) != 1:
+        return f"out's last dimension must be contiguous; its strides are {out.stride()}"
+    if out.numel():
+        try:
+            out.view(-1, p.num_tokens, p.head_dim)
+        except RuntimeError:  # e.g. a transposed batch / head
+            return (f"out's leading dimensions do not merge into one (strides {out.stride()}); pass a buffer "
+                    "whose batch and head axes are laid out one after the other")
+    return None
+
+
 def takes(out: torch.Tensor, p: QuantizedTensor) -> bool:
-    """Whether :func:`dequantize_into` writes into ``out`` as it is (shape of ``p``, float16 /
-    bfloat16 / float32, last dimension contiguous, leading dimensions mergeable into one); callers
-    with another buffer write through a copy (``Quantizer.dequantize_into`` does)."""
-    if tuple(out.shape) != tuple(p.shape) or out.dtype not in OUT_DTYPES or out.stride(-1) != 1:
-        return False
-    try:
-        out.view(-1, p.num_tokens, p.head_dim)
-    except RuntimeError:  # leading dimensions that do not merge (e.g. a transposed batch / head)
-        return False
-    return True
+    """Whether :func:`dequantize_into` writes into ``out`` as it is (:func:`refusal` has no reason);
+    callers with another buffer write through a copy (``Quantizer.dequantize_into`` does)."""
+    return refusal(out, p) is None
 
 
 def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
     """Write ``p`` dequantized into ``out`` and return True, or return False (``out`` untouched) when
-    no kernel reads ``p``'s format (:func:`supports`).
+    no kernel reads ``p``'s format (:func:`supports`). ``ValueError`` (:func:`refusal`) for a buffer
+    it cannot write as laid out.
 
     Args:
         p: stored keys or values ``[..., T, D]`` on the device that runs Triton (CUDA, or the CPU
@@ -92,26 +108,32 @@ def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
     """
     if not supports(p):
         return False
-    if tuple(out.shape) != tuple(p.shape):
-        raise ValueError(f"out has shape {tuple(out.shape)}; the stored tensor has {tuple(p.shape)}")
-    if out.device != p.codes.device:
-        raise ValueError(f"out is on {out.device}; the stored tensor on {p.codes.device}")
-    if out.dtype not in OUT_DTYPES:
-        raise ValueError(f"out has dtype {out.dtype} (allowed: float16, bfloat16, float32)")
-    if out.stride(-1) != 1:
-        raise ValueError(f"out's last dimension must be contiguous; its strides are {out.stride()}")
+    reason = refusal(out, p)
+    if reason is not None:
+        raise ValueError(reason)
+    _write(p, out)
+    return True
+
+
+def write_if_taken(p: QuantizedTensor, out: torch.Tensor) -> bool:
+    """:func:`dequantize_into` where a kernel reads ``p`` and ``out`` is laid out as it takes, else
+    False (``out`` untouched) rather than an error: the caller copies the PyTorch result instead."""
+    if not supports(p) or refusal(out, p) is not None:
+        return False
+    _write(p, out)
+    return True
+
+
+def _write(p: QuantizedTensor, out: torch.Tensor) -> None:
+    """Launch the kernel of ``p``'s format into ``out`` (checked by :func:`refusal`)."""
     tokens, dim = p.num_tokens, p.head_dim
     n = out.numel() // max(1, tokens * dim)
     if n == 0 or tokens == 0:
-        return True
-    try:
-        target = out.view(n, tokens, dim)
-    except RuntimeError:
-        raise ValueError(f"out's leading dimensions do not merge into one (strides {out.stride()}); "
-                         "pass a buffer whose batch and head axes are laid out one after the other") from None
+        return
+    target = out.view(n, tokens, dim)
     if type(p).__name__ in formats.FORMATS:
         _launch_format_kernel(p, target, n)
-        return True
+        return
     codes = _rows(p.codes, n)
     grid = (n, triton.cdiv(tokens, BLOCK_TOKENS))
     if isinstance(p, PolarRopeTensor):
@@ -126,7 +148,7 @@ def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
             P=pairs, P_PAD=triton.next_power_of_2(pairs), RB=p.radius_bits, AB=p.angle_bits,
             NBYTES=codes.shape[-1], G=p.group_size, HALF=p.pairing == "half", BLOCK_T=BLOCK_TOKENS,
         )
-        return True
+        return
     scale, minimum = _rows(p.scale, n), _rows(p.minimum, n)
     if scale.stride() != minimum.stride():
         scale, minimum = scale.contiguous(), minimum.contiguous()
@@ -139,7 +161,6 @@ def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
         TOKEN_GROUP=p.group_size if by_channel else 1, CHANNEL_GROUP=1 if by_channel else p.group_size,
         BLOCK_T=BLOCK_TOKENS, enable_fp_fusion=False,
     )
-    return True
 
 
 def _launch_format_kernel(p: QuantizedTensor, target: torch.Tensor, n: int) -> None:
@@ -150,7 +171,8 @@ def _launch_format_kernel(p: QuantizedTensor, target: torch.Tensor, n: int) -> N
     # format_tile reads each token's bytes (and radii) as one row: tokens-contiguous layouts are copied
     data = data if data.stride(-1) == 1 else data.contiguous()
     meta = meta if meta.dim() == 2 or meta.stride(-1) == 1 else meta.contiguous()
-    tables = tuple(fields.get("tables", ())) + (data,) * (3 - len(fields.get("tables", ())))
+    tables = tuple(fields.get("tables", ()))
+    tables += (data,) * (3 - len(tables))  # (placeholders for the tables a format has not)
     unrotate = formats.rotation_matrix(p)
     polar = fields["fmt"] == formats.FMT_POLAR_RECURSIVE
     block = formats.POLAR_RECURSIVE_BLOCK_N if polar else FORMAT_BLOCK_TOKENS
