@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvpolar.kernels.uniform_encode import encode, pack_codes, stats
+from kvpolar.kernels.uniform_encode import encode, stats, store_packed
 from kvpolar.packing import packed_length
 from kvpolar.quantized import tokens_contiguous
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor, quantize_per_channel
@@ -96,10 +96,8 @@ def _channel_kernel(
     meta = n * s_mn + g * s_mg + d
     tl.store(scale_ptr + meta, scale, mask=d < D)
     tl.store(min_ptr + meta, minimum, mask=d < D)
-    packed = pack_codes(encode(x, minimum[None, :], scale[None, :], BITS), D, BITS, NBYTES, NB_PAD)
-    u = tl.arange(0, NB_PAD)
-    out = codes_ptr + n * s_cn + t[:, None].to(tl.int64) * s_ct + u[None, :]
-    tl.store(out, packed.to(tl.uint8), mask=tok[:, None] & (u < NBYTES)[None, :])
+    store_packed(codes_ptr + n * s_cn, t, tok, encode(x, minimum[None, :], scale[None, :], BITS), s_ct,
+                 D, BITS, NBYTES, NB_PAD)
 
 
 @triton.jit
@@ -123,7 +121,4 @@ def _token_kernel(
     tl.store(scale_ptr + meta, scale, mask=tok[:, None])
     tl.store(min_ptr + meta, minimum, mask=tok[:, None])
     code = tl.reshape(encode(grouped, minimum[:, :, None], scale[:, :, None], BITS), [BLOCK_T, D])
-    packed = pack_codes(code, D, BITS, NBYTES, NB_PAD)
-    u = tl.arange(0, NB_PAD)
-    out = codes_ptr + n * s_cn + t[:, None].to(tl.int64) * s_ct + u[None, :]
-    tl.store(out, packed.to(tl.uint8), mask=tok[:, None] & (u < NBYTES)[None, :])
+    store_packed(codes_ptr + n * s_cn, t, tok, code, s_ct, D, BITS, NBYTES, NB_PAD)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kvpolar.kernels.polar_pairs import pair_channels
-from kvpolar.kernels.uniform_encode import encode, pack_codes, stats
+from kvpolar.kernels.uniform_encode import encode, stats, store_packed
 from kvpolar.quantizers.polar_rope import PolarRopeTensor, quantize_polar
 
 REFERENCE = quantize_polar
@@ -158,7 +158,4 @@ def polar_rope_encode_kernel(
     tl.store(am_ptr + meta, a_min, mask=jmask)
     code = (encode(r, r_min[None, :], r_scale[None, :], RB) << AB) | encode(unwrapped, a_min[None, :],
                                                                             a_scale[None, :], AB)
-    packed = pack_codes(code, P, BITS, NBYTES, NB_PAD)  # dense: byte u holds bits [8u, 8u+8) of the row
-    u = tl.arange(0, NB_PAD)
-    out = codes_ptr + n * stride_cn + t[:, None].to(tl.int64) * stride_ct + u[None, :]
-    tl.store(out, packed.to(tl.uint8), mask=tmask[:, None] & (u < NBYTES)[None, :])
+    store_packed(codes_ptr + n * stride_cn, t, tmask, code, stride_ct, P, BITS, NBYTES, NB_PAD)  # dense bit stream

@@ -6,7 +6,8 @@ dense bit packing, with the arithmetic of :mod:`kvpolar.quantizers.uniform` and 
 * :func:`encode`: ``round((v - minimum) * (1 / scale))`` clamped to the levels, ties to even as
   ``torch.round`` (``uniform.encode``; a zero scale gives code 0);
 * :func:`pack_codes`: codes ``[R, P]`` of ``BITS`` bits into bytes ``[R, NB_PAD]``, code ``j`` at
-  bits ``[j BITS, (j + 1) BITS)`` of each row's little-endian bit stream (``packing.pack_bits``).
+  bits ``[j BITS, (j + 1) BITS)`` of each row's little-endian bit stream (``packing.pack_bits``);
+  :func:`store_packed` packs and writes them as token rows of bytes.
 
 Used by :mod:`kvpolar.kernels.kivi_encode` and :mod:`kvpolar.kernels.polar_rope_encode`.
 """
@@ -74,3 +75,14 @@ def pack_codes(code, P: tl.constexpr, BITS: tl.constexpr, NBYTES: tl.constexpr, 
                         c >> tl.maximum(-start_bit, 0)[None, :])
         packed = packed | tl.where(valid[None, :], part, 0)
     return packed & 0xFF
+
+
+@triton.jit
+def store_packed(rows_ptr, t, tok, code, s_t, P: tl.constexpr, BITS: tl.constexpr, NBYTES: tl.constexpr,
+                 NB_PAD: tl.constexpr):
+    """Codes ``[R, P_PAD]`` (int32) of tokens ``t`` ``[R]`` packed (:func:`pack_codes`) into the uint8 rows
+    at ``rows_ptr + t * s_t`` (``NBYTES`` bytes each; ``tok`` ``[R]``: the tokens that exist)."""
+    packed = pack_codes(code, P, BITS, NBYTES, NB_PAD)
+    u = tl.arange(0, NB_PAD)
+    out = rows_ptr + t[:, None].to(tl.int64) * s_t + u[None, :]
+    tl.store(out, packed.to(tl.uint8), mask=tok[:, None] & (u < NBYTES)[None, :])
