@@ -17,7 +17,7 @@ argument binder decides the specialization (16-byte alignment, integers equal to
 
 Usage: ``PYTHONPATH=src python benchmarks/inspect_preset_kernel.py kivi-2 polar-rope-3 turbo-3
 [--batch 32] [--tokens 32768] [--max-registers N] [--stages N] [--dtype bfloat16] [--value-metadata MODE]
-[--three-byte-units halfwords] [--kivi-code-units bytes] [--lazy-rescale] [--kivi-key-bias first] [--key-chains 2] [--value-layout groups] [--pr-rows] [--polar-recursive-keys subtrees] [--lines] [--out DIR]`` (``--lines``: the main loop's
+[--three-byte-units halfwords] [--kivi-code-units bytes] [--lazy-rescale] [--kivi-key-bias first] [--value-layout groups] [--pr-rows] [--polar-recursive-keys subtrees] [--lines] [--out DIR]`` (``--lines``: the main loop's
 instructions by source line; ``--value-layout groups``: KIVI value scale / min laid out with the groups
 adjacent, as stored before the ninth session, instead of the quantizer's tokens-adjacent layout).
 """
@@ -120,8 +120,6 @@ def main() -> None:
                     help="LaunchConfig.kivi_key_bias")
     ap.add_argument("--kivi-value-min", default=mod.LaunchConfig.kivi_value_min, choices=("elementwise", "product"),
                     help="LaunchConfig.kivi_value_min")
-    ap.add_argument("--key-chains", type=int, default=mod.LaunchConfig.key_chains, choices=(1, 2),
-                    help="LaunchConfig.key_chains")
     ap.add_argument("--value-layout", default="tokens", choices=("tokens", "groups"),
                     help="KIVI value scale / min with the tokens (as stored) or the groups adjacent in memory")
     ap.add_argument("--polar-recursive-keys", default="subtrees", choices=("columns", "subtrees"),
@@ -139,8 +137,7 @@ def main() -> None:
     cfg = mod.LaunchConfig(max_registers=args.max_registers, value_metadata=args.value_metadata,
                            three_byte_units=args.three_byte_units, kivi_code_units=args.kivi_code_units,
                            lazy_rescale=args.lazy_rescale, polar_recursive_keys=args.polar_recursive_keys,
-                           kivi_key_bias=args.kivi_key_bias, kivi_value_min=args.kivi_value_min,
-                           key_chains=args.key_chains)
+                           kivi_key_bias=args.kivi_key_bias, kivi_value_min=args.kivi_value_min)
     if args.stages is not None:
         cfg = mod.dataclasses.replace(cfg, transposed_stages=args.stages)
     layouts = [f for f, on in ((groups_adjacent, args.value_layout == "groups"), (rows_per_token, args.pr_rows)) if on]

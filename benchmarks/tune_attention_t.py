@@ -110,11 +110,6 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     "pr-subtrees": LaunchConfig(polar_recursive_keys="subtrees"),
     "pr-columns": LaunchConfig(polar_recursive_keys="columns"),
     "pr-rows-subtrees": LaunchConfig(polar_recursive_keys="subtrees"),  # the subtrees form on the row layout
-    # twentieth session: a block's KIVI / polar-rope key products (and a KIVI group's bias terms) in two
-    # independent accumulator chains (sm_90 compile: kivi-2 721 -> 737 instructions per block, 16-byte stack
-    # at the 168-register cap; kivi-4 818 -> 835; polar-rope-3 1599 -> 1610)
-    "key-chains-2": LaunchConfig(key_chains=2),
-    "key-chains-2-r255": LaunchConfig(key_chains=2, max_registers=255),
 }
 #: Variants that time the stored tensors in another layout (a function applied to the packed keys and
 #: values before the variant runs); the others read them as stored.

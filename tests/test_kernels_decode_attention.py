@@ -285,25 +285,6 @@ def test_kivi_key_bias_before_or_after_the_key_products(key_fmt, value_fmt, dtyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("key_fmt, value_fmt, units, bias", [("kivi-2-32", "kivi-2-32", "halfwords", "last"),
-                                                             ("kivi-2-32", "kivi-2-32", "bytes", "first"),
-                                                             ("kivi-4-64", "kivi-4-16", "halfwords", "first"),
-                                                             ("kivi-4-32", "kivi-2-32", "bytes", "last"),
-                                                             ("kivi-8-32", "kivi-2-32", "halfwords", "last"),
-                                                             ("polar-2-4-32-half", "kivi-2-32", "halfwords", "last"),
-                                                             ("polar-4-4-16-interleaved", "kivi-4-32", "halfwords",
-                                                              "last")])
-def test_key_products_in_two_chains(key_fmt, value_fmt, units, bias, dtype):
-    """``key_chains=2`` (the second half of a block's key products, and of a KIVI group's bias terms, in
-    an accumulator of their own): the oracle's attention for 2-bit codes in 16-bit units (8 code
-    positions) and in bytes (4), 4-bit codes (4 and 2), 8-bit codes (one position: nothing to split),
-    polar-rope keys of 6- and 8-bit pairs, the bias first or last, key groups of one and two blocks,
-    a ragged batch, two query tokens and several splits."""
-    check(key_fmt, value_fmt, batch=2, gqa=4, tq=2, tk=150, r=3, dtype=dtype, lengths=[153, 61], d=128,
-          config=LaunchConfig(key_chains=2, kivi_code_units=units, kivi_key_bias=bias, num_splits=2))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("key_fmt, value_fmt, units", [("kivi-2-32", "kivi-2-32", "halfwords"),
                                                        ("kivi-4-64", "kivi-4-16", "halfwords"),
                                                        ("kivi-2-32", "kivi-2-32", "bytes"),
@@ -707,8 +688,6 @@ def test_launch_config_refuses_bad_values():
         LaunchConfig(kivi_key_bias="middle")
     with pytest.raises(ValueError, match="kivi_value_min='fused'.*'elementwise', 'product'"):
         LaunchConfig(kivi_value_min="fused")
-    with pytest.raises(ValueError, match="key_chains=3.*1, 2"):
-        LaunchConfig(key_chains=3)
 
 
 def test_launch_plan_is_remembered_per_packed_inputs(monkeypatch):

@@ -40,7 +40,7 @@ def _split_kernel_t(
     VAL_FMT: tl.constexpr, kcos, ksin, vcos, vsin, PR_KEY_JOIN: tl.constexpr, PR_VALUE_JOIN: tl.constexpr,
     VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, klut, vbook, vlut, VAL_META: tl.constexpr,
     KEY_LOOKUP: tl.constexpr, VAL_LOOKUP: tl.constexpr, LAZY_RESCALE: tl.constexpr,
-    KIVI_BIAS_LAST: tl.constexpr, VAL_MIN_PRODUCT: tl.constexpr, KEY_CHAINS: tl.constexpr,
+    KIVI_BIAS_LAST: tl.constexpr, VAL_MIN_PRODUCT: tl.constexpr,
 ):
     """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
     ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -224,8 +224,7 @@ def _split_kernel_t(
             mo = km_base + (n0 // KEY_GROUP) * skm_g
             meta_ok = (uk * 0 + n0) < n_tokens  # (surplus blocks of a short last split read no metadata)
             s_t = _polar_key_scores_t(s_t, word, qx0, qy0, qx1, qy1, qx2, qy2, qx3, qy3, km0 + mo, km1 + mo,
-                                      km2 + mo, km3 + mo, meta_ok, uk, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC,
-                                      KEY_CHAINS)
+                                      km2 + mo, km3 + mo, meta_ok, uk, KEY_BITS, ANGLE_BITS, DT, NATIVE, PREC)
             s_t = s_t * qk_scale
         elif KEY_FMT == 6:  # polar-recursive: eight parts rebuilt level by level from the radii
             if PR_KEY_JOIN == _pr.KEY_SUBTREES:  # [BN, NJ, 1] subtree tiles, leaves [BN, NJ, 2] reshaped
@@ -263,12 +262,11 @@ def _split_kernel_t(
             if (i == 0) | (n0 % KEY_GROUP == 0):  # a new key group (or the split's first block)
                 qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, k_bias = _kp.key_group_terms(
                     q0, q1, q2, q3, q4, q5, q6, q7, k_scale_row, k_min_row, KEY_U, KEY_BITS, KEY_UB,
-                    BLOCK_N, BLOCK_M, DT, KEY_OFFSET, PREC, KEY_CHAINS)
+                    BLOCK_N, BLOCK_M, DT, KEY_OFFSET, PREC)
             # the key products start from zero, their chain independent of the bias chain, the bias summed
             # after (KIVI_BIAS_LAST), or start from the bias
             s_t = _kp.kivi_scores_t(s_t if KIVI_BIAS_LAST else k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7,
-                                    KEY_U, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, PREC,
-                                    KEY_CHAINS)
+                                    KEY_U, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, PREC)
             if KIVI_BIAS_LAST:
                 s_t = s_t + k_bias
             s_t = s_t * qk_scale

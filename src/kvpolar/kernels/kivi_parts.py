@@ -196,75 +196,46 @@ def key_group_part(k_bias, q_t, k_scale, k_min, K: tl.constexpr, BITS: tl.conste
 @triton.jit
 def key_group_terms(q0, q1, q2, q3, q4, q5, q6, q7, k_scale_row, k_min_row, U: tl.constexpr,
                     BITS: tl.constexpr, UB: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-                    DT: tl.constexpr, OFFSET: tl.constexpr, PREC: tl.constexpr, CHAINS: tl.constexpr):
+                    DT: tl.constexpr, OFFSET: tl.constexpr, PREC: tl.constexpr):
     """A key group's eight scaled query parts ``qs_K [NU, BM]`` in ``DT`` and its score bias
     ``[BN, BM]`` float32 (``key_group_part`` for the ``U`` code positions of a unit; the parts past
     ``U`` repeat the query). ``q_K``: ``[NU, BM]`` query parts; ``k_scale_row`` / ``k_min_row``:
-    ``[NU, U]`` the group's scale and minimum of every channel ``u * U + K``. ``CHAINS`` 2 (``U`` >= 4):
-    the bias of the first and of the second half of the code positions accumulated apart, two
-    independent chains of products summed at the end, instead of one chain through all of them."""
+    ``[NU, U]`` the group's scale and minimum of every channel ``u * U + K``."""
     sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7 = unit_parts(k_scale_row, U)
     mn0, mn1, mn2, mn3, mn4, mn5, mn6, mn7 = unit_parts(k_min_row, U)
     k_bias = tl.zeros([BN, BM], tl.float32)
-    k_bias_hi = tl.zeros([BN, BM], tl.float32)  # (the second chain)
-    SPLIT: tl.constexpr = CHAINS == 2 and U >= 4
     qs0, k_bias = key_group_part(k_bias, q0, sc0, mn0, 0, BITS, UB, BN, DT, OFFSET, PREC)
     qs1, qs2, qs3, qs4, qs5, qs6, qs7 = q1, q2, q3, q4, q5, q6, q7  # (the parts a unit has replace them)
     if U >= 2:
         qs1, k_bias = key_group_part(k_bias, q1, sc1, mn1, 1, BITS, UB, BN, DT, OFFSET, PREC)
-    if U == 4 and SPLIT:
-        qs2, k_bias_hi = key_group_part(k_bias_hi, q2, sc2, mn2, 2, BITS, UB, BN, DT, OFFSET, PREC)
-        qs3, k_bias_hi = key_group_part(k_bias_hi, q3, sc3, mn3, 3, BITS, UB, BN, DT, OFFSET, PREC)
-    elif U >= 4:
+    if U >= 4:
         qs2, k_bias = key_group_part(k_bias, q2, sc2, mn2, 2, BITS, UB, BN, DT, OFFSET, PREC)
         qs3, k_bias = key_group_part(k_bias, q3, sc3, mn3, 3, BITS, UB, BN, DT, OFFSET, PREC)
-    if U >= 8 and SPLIT:
-        qs4, k_bias_hi = key_group_part(k_bias_hi, q4, sc4, mn4, 4, BITS, UB, BN, DT, OFFSET, PREC)
-        qs5, k_bias_hi = key_group_part(k_bias_hi, q5, sc5, mn5, 5, BITS, UB, BN, DT, OFFSET, PREC)
-        qs6, k_bias_hi = key_group_part(k_bias_hi, q6, sc6, mn6, 6, BITS, UB, BN, DT, OFFSET, PREC)
-        qs7, k_bias_hi = key_group_part(k_bias_hi, q7, sc7, mn7, 7, BITS, UB, BN, DT, OFFSET, PREC)
-    elif U >= 8:
+    if U >= 8:
         qs4, k_bias = key_group_part(k_bias, q4, sc4, mn4, 4, BITS, UB, BN, DT, OFFSET, PREC)
         qs5, k_bias = key_group_part(k_bias, q5, sc5, mn5, 5, BITS, UB, BN, DT, OFFSET, PREC)
         qs6, k_bias = key_group_part(k_bias, q6, sc6, mn6, 6, BITS, UB, BN, DT, OFFSET, PREC)
         qs7, k_bias = key_group_part(k_bias, q7, sc7, mn7, 7, BITS, UB, BN, DT, OFFSET, PREC)
-    if SPLIT:
-        k_bias = k_bias + k_bias_hi
     return qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, k_bias
 
 @triton.jit
 def kivi_scores_t(k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, U: tl.constexpr, BITS: tl.constexpr,
                    UB: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr,
-                   PREC: tl.constexpr, CHAINS: tl.constexpr):
+                   PREC: tl.constexpr):
     """KIVI keys' transposed scores ``[BN, BM]`` float32 of one block: ``k_bias`` (the group's score
     bias, the first product's accumulator) plus code ``K`` of every unit of ``word`` times the
-    group-scaled query part ``qs_K``, for the ``U`` code positions of a unit (``unit_codes``).
-    ``CHAINS`` 2 (``U`` >= 4): the second half of the code positions accumulated from zero apart
-    from the first, and the two sums added."""
-    SPLIT: tl.constexpr = CHAINS == 2 and U >= 4
+    group-scaled query part ``qs_K``, for the ``U`` code positions of a unit (``unit_codes``)."""
     s_t = tl.dot(unit_codes(word, 0, BITS, UB, DT, NATIVE, OFFSET), qs0, k_bias, input_precision=PREC)
     if U >= 2:
         s_t = tl.dot(unit_codes(word, 1, BITS, UB, DT, NATIVE, OFFSET), qs1, s_t, input_precision=PREC)
-    if U == 4 and SPLIT:
-        s_hi = tl.dot(unit_codes(word, 2, BITS, UB, DT, NATIVE, OFFSET), qs2, tl.zeros_like(k_bias),
-                      input_precision=PREC)
-        s_hi = tl.dot(unit_codes(word, 3, BITS, UB, DT, NATIVE, OFFSET), qs3, s_hi, input_precision=PREC)
-    elif U >= 4:
+    if U >= 4:
         s_t = tl.dot(unit_codes(word, 2, BITS, UB, DT, NATIVE, OFFSET), qs2, s_t, input_precision=PREC)
         s_t = tl.dot(unit_codes(word, 3, BITS, UB, DT, NATIVE, OFFSET), qs3, s_t, input_precision=PREC)
-    if U >= 8 and SPLIT:
-        s_hi = tl.dot(unit_codes(word, 4, BITS, UB, DT, NATIVE, OFFSET), qs4, tl.zeros_like(k_bias),
-                      input_precision=PREC)
-        s_hi = tl.dot(unit_codes(word, 5, BITS, UB, DT, NATIVE, OFFSET), qs5, s_hi, input_precision=PREC)
-        s_hi = tl.dot(unit_codes(word, 6, BITS, UB, DT, NATIVE, OFFSET), qs6, s_hi, input_precision=PREC)
-        s_hi = tl.dot(unit_codes(word, 7, BITS, UB, DT, NATIVE, OFFSET), qs7, s_hi, input_precision=PREC)
-    elif U >= 8:
+    if U >= 8:
         s_t = tl.dot(unit_codes(word, 4, BITS, UB, DT, NATIVE, OFFSET), qs4, s_t, input_precision=PREC)
         s_t = tl.dot(unit_codes(word, 5, BITS, UB, DT, NATIVE, OFFSET), qs5, s_t, input_precision=PREC)
         s_t = tl.dot(unit_codes(word, 6, BITS, UB, DT, NATIVE, OFFSET), qs6, s_t, input_precision=PREC)
         s_t = tl.dot(unit_codes(word, 7, BITS, UB, DT, NATIVE, OFFSET), qs7, s_t, input_precision=PREC)
-    if SPLIT:
-        s_t = s_t + s_hi
     return s_t
 
 @triton.jit

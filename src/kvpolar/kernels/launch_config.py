@@ -98,11 +98,6 @@ class LaunchConfig:
         kivi-2 0.388 / 0.382 -> 0.384 / 0.384 ms, squat-2 0.390 / 0.391 -> 0.385 / 0.386, kivi-4
         unchanged (0.512), polar-rope-3 0.644 / 0.640 -> 0.624 / 0.630; B=1 / 128k: 1% faster.
         At most 3% for the float16 range and small-value precision it gives up, hence not the default.
-    key_chains: how many independent chains of tensor-core products the transposed kernel sums a
-        block's KIVI or polar-rope key scores in: 1 (one accumulator through every code position: for
-        2-bit KIVI keys 8 products in a row, each waiting for the one before, and the group's score
-        bias 16 more) or 2 (the second half of the code positions, and of the bias terms, in a second
-        accumulator, the two added at the end: half the chain, a few more additions).
     polar_recursive_keys: how the transposed kernel builds polar-recursive key parts (the paper's
         setting, ``polar_recursive_parts``): "subtrees" (``[block, D/16, 1]`` tiles for the levels
         above the leaves, once per subtree, the leaves ``[block, D/16, 2]`` reshaped into the part:
@@ -148,7 +143,6 @@ class LaunchConfig:
     kivi_key_bias: str = "last"
     kivi_value_min: str = "elementwise"
     polar_recursive_keys: str = "subtrees"
-    key_chains: int = 1
 
     def __post_init__(self) -> None:
         if not (is_power_of_two(self.block_n) and self.block_n >= 16):
@@ -176,8 +170,6 @@ class LaunchConfig:
             raise ValueError(f"kivi_value_min={self.kivi_value_min!r} (allowed: 'elementwise', 'product')")
         if self.polar_recursive_keys not in ("columns", "subtrees"):
             raise ValueError(f"polar_recursive_keys={self.polar_recursive_keys!r} (allowed: 'columns', 'subtrees')")
-        if self.key_chains not in (1, 2):
-            raise ValueError(f"key_chains={self.key_chains} (allowed: 1, 2)")
         if self.transposed_min_rows < 0:
             raise ValueError(f"transposed_min_rows={self.transposed_min_rows} (allowed: >= 0)")
         if self.transposed_max_rows < 1:

@@ -237,13 +237,11 @@ def scores_part_t(s_t, word, qx, qy, r_scale, r_min, a_scale, a_min, K: tl.const
 
 @triton.jit
 def scores_t(s_t, word, qx0, qy0, qx1, qy1, qx2, qy2, qx3, qy3, m_rs, m_rm, m_as, m_am, meta_ok, uk,
-             BITS: tl.constexpr, AB: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr,
-             CHAINS: tl.constexpr):
+             BITS: tl.constexpr, AB: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
     """``s_t [BN, BM]`` plus the scores of all four parts of ``word`` (:func:`scores_part_t` for parts
     0..3, the query split by :func:`query_pairs_t`). ``m_*``: pointers to the group's radius scale /
     min and angle scale / min rows; ``meta_ok`` ``[NU]``: whether the block has tokens (a short last
-    split's surplus blocks read no metadata). ``CHAINS`` 2: parts 2 and 3 accumulated from zero apart
-    from parts 0 and 1, and the two sums added (two independent chains of products)."""
+    split's surplus blocks read no metadata)."""
     r_scale, r_min, a_scale, a_min = pair_meta(m_rs, m_rm, m_as, m_am, uk, meta_ok)
     rs0, rs1, rs2, rs3 = split4(r_scale)
     rn0, rn1, rn2, rn3 = split4(r_min)
@@ -251,11 +249,5 @@ def scores_t(s_t, word, qx0, qy0, qx1, qy1, qx2, qy2, qx3, qy3, m_rs, m_rm, m_as
     an0, an1, an2, an3 = split4(a_min)
     s_t = scores_part_t(s_t, word, qx0, qy0, rs0, rn0, as0, an0, 0, BITS, AB, DT, FAST, PREC)
     s_t = scores_part_t(s_t, word, qx1, qy1, rs1, rn1, as1, an1, 1, BITS, AB, DT, FAST, PREC)
-    if CHAINS == 2:
-        s_hi = scores_part_t(tl.zeros_like(s_t), word, qx2, qy2, rs2, rn2, as2, an2, 2, BITS, AB, DT, FAST, PREC)
-        s_hi = scores_part_t(s_hi, word, qx3, qy3, rs3, rn3, as3, an3, 3, BITS, AB, DT, FAST, PREC)
-        s_t = s_t + s_hi
-    else:
-        s_t = scores_part_t(s_t, word, qx2, qy2, rs2, rn2, as2, an2, 2, BITS, AB, DT, FAST, PREC)
-        s_t = scores_part_t(s_t, word, qx3, qy3, rs3, rn3, as3, an3, 3, BITS, AB, DT, FAST, PREC)
-    return s_t
+    s_t = scores_part_t(s_t, word, qx2, qy2, rs2, rn2, as2, an2, 2, BITS, AB, DT, FAST, PREC)
+    return scores_part_t(s_t, word, qx3, qy3, rs3, rn3, as3, an3, 3, BITS, AB, DT, FAST, PREC)

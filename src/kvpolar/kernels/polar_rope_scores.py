@@ -304,5 +304,5 @@ def polar_rope_scores_t_kernel(
         mo = m_base + (t0 // G) * stride_mg
         meta_ok = (uk * 0 + t0) < T
         s_t = scores_t(tl.zeros([BLOCK_T, BLOCK_Q], tl.float32), word, qx0, qy0, qx1, qy1, qx2, qy2, qx3, qy3,
-                       rs_ptr + mo, rm_ptr + mo, as_ptr + mo, am_ptr + mo, meta_ok, uk, BITS, AB, DT, FAST, PREC, 1)
+                       rs_ptr + mo, rm_ptr + mo, as_ptr + mo, am_ptr + mo, meta_ok, uk, BITS, AB, DT, FAST, PREC)
         tl.store(o_rows + t[:, None], s_t, mask=t_ok[:, None] & row_ok[None, :])
