@@ -11,10 +11,17 @@ import torch
 def minmax_scale(
     lo: torch.Tensor, hi: torch.Tensor, bits: int, store_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and minimum for codes ``0 .. 2**bits - 1`` spanning ``[lo, hi]``, in ``store_dtype``."""
+    """Scale and minimum for codes ``0 .. 2**bits - 1`` spanning ``[lo, hi]``, in ``store_dtype``.
+
+    The scale is the float32 quotient ``(hi - minimum) / levels`` rounded once (IEEE division) on every
+    device: divided by a tensor, because PyTorch on CUDA turns a division by a Python number into a
+    multiplication by its reciprocal, which rounds differently (e.g. ``0.9047698974609375 / 15``
+    stored in float16: 0.060302734375 divided, 0.060333251953125 multiplied). So the stored bytes do
+    not depend on the device, and the GPU encoders (``kvpolar.kernels.uniform_encode``) match them."""
     levels = (1 << bits) - 1
     minimum = lo.to(store_dtype)
-    scale = ((hi.float() - minimum.float()) / levels).to(store_dtype)
+    span = hi.float() - minimum.float()
+    scale = (span / span.new_full((), float(levels))).to(store_dtype)
     return scale, minimum
 
 
