@@ -238,12 +238,11 @@ def test_prefill_in_chunks(llama, cap):
     assert layer.packed_keys.num_tokens == 256 - layer.residual_tokens
 
 
-@pytest.mark.parametrize("preset", ["kivi-2", "polar-rope-3", "polar-recursive", "turbo-4"])
+@pytest.mark.parametrize("preset", ["kivi-2", "polar-rope-3", "polar-recursive"])
 def test_a_long_step_attends_over_the_dequantized_layer(llama, preset, monkeypatch):
     """A 130-token step after a left-padded prompt (260 query rows per KV head, GQA 2: over
     MAX_FUSED_QUERY_ROWS) runs SDPA over the dequantized layer, not the per-row reference (nor, on CUDA,
-    the fused kernel's one tile), and gives the reference's logits, also one sequence at a time; with
-    rotated keys and values (polar-recursive) or keys only (turbo-4) in their stored basis."""
+    the fused kernel's one tile), and gives the reference's logits, also one sequence at a time."""
     from kvpolar.cache import attention
 
     ids, mask = left_padded([150, 131], seed=13)
@@ -288,26 +287,19 @@ def test_the_dequantized_layer_through_the_kernels(llama, preset, kernels, monke
     with torch.no_grad():
         _feed(llama, cache, ids, mask)
     plain = [layer.dequantized(slice(1, 2)) for layer in cache.layers]
-    plain_stored = [layer.dequantized(slice(1, 2), stored_basis=True) for layer in cache.layers]
     calls = []
 
-    def kernel(p, out, stored_basis):
+    def kernel(p, out):
         calls.append(type(p).__name__)
-        return dequantize.dequantize_into(p, out, stored_basis)
+        return dequantize.dequantize_into(p, out)
 
     monkeypatch.setattr(base, "cuda_dequantize_into", kernel)
-    for layer, (keys, values), stored in zip(cache.layers, plain, plain_stored):
+    for layer, (keys, values) in zip(cache.layers, plain):
         assert layer.packed_keys.num_tokens == 128 and keys.shape == (1, 2, 150, 32)
-        got = layer.dequantized(slice(1, 2)) + layer.dequantized(slice(1, 2), stored_basis=True)
-        for tensor, want in zip(got, (keys, values, *stored)):  # float32: the un-rotations sum in another order
-            torch.testing.assert_close(tensor, want, rtol=2**-20, atol=1e-6)
-        for tensor, want, rotation in zip(stored, (keys, values), layer.stored_rotations()):
-            if rotation is None:  # stored in the model's basis: the same either way
-                assert torch.equal(tensor, want)
-            else:  # in the stored basis: the model's vectors rotated, window included
-                assert not torch.allclose(tensor, want, atol=1e-3)
-                torch.testing.assert_close(tensor @ rotation, want, rtol=1e-5, atol=1e-5)
-    assert len(calls) == 2 * kernels * len(cache.layers)
+        got_keys, got_values = layer.dequantized(slice(1, 2))
+        for got, want in ((got_keys, keys), (got_values, values)):  # float32: the un-rotations sum in another order
+            torch.testing.assert_close(got, want, rtol=2**-20, atol=1e-6)
+    assert len(calls) == kernels * len(cache.layers)
 
 
 def test_assisted_generation_matches_plain_greedy_decoding(llama):

@@ -2,7 +2,6 @@
 ``dequantize`` (TRITON_INTERPRET=1 without a GPU)."""
 
 import os
-from unittest import mock
 
 import torch
 
@@ -16,8 +15,6 @@ pytest.importorskip("triton")
 import kvpolar  # noqa: E402
 from kvpolar.kernels import dequantize as kernel  # noqa: E402
 from kvpolar.quantized import cat  # noqa: E402
-from kvpolar.quantizers import base  # noqa: E402
-from kvpolar.quantizers.rotations import rotation_matrix  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -81,28 +78,6 @@ def test_dequantize_matches_the_quantizer(name, params, shape, dtype):
     assert kernel.supports(p)
     got = kernel.dequantize(p)
     assert_matches_reference(got, q.dequantize(p), exact=name in EXACT)
-
-
-@pytest.mark.parametrize("name,params,shape,dtype", [
-    case for case in CASES if case[0] in ("turbo", "polar-recursive", "fp8")] + [CASES[0], CASES[4]])
-def test_dequantize_in_the_stored_basis(name, params, shape, dtype):
-    """``stored_basis=True``: rotated formats (turbo, polar-recursive) written without their un-rotation,
-    as the quantizer's ``dequantize_into(..., stored_basis=True)`` gives them (``y = x @ R.T``); the
-    others as always."""
-    q, p = quantize(name, params, fresh(shape, dtype))
-    got = torch.empty(tuple(p.shape), dtype=dtype, device=DEVICE)
-    assert kernel.dequantize_into(p, got, stored_basis=True)
-    want = torch.empty_like(got)
-    with mock.patch.object(base, "cuda_dequantize_into", lambda *args: False):  # the PyTorch path on a GPU too
-        q.dequantize_into(p, want, stored_basis=True)
-    assert_matches_reference(got, want, exact=name in EXACT)
-    rotation = rotation_matrix(p)
-    if rotation is None:
-        assert torch.equal(want, q.dequantize(p))
-    else:
-        model = q.dequantize(p).float()  # un-rotated after a rounding to the dtype: a few of its units off
-        ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-22}[dtype]
-        torch.testing.assert_close(want.float() @ rotation, model, rtol=0, atol=4 * ulp * model.abs().max().item())
 
 
 @pytest.mark.parametrize("name,params", [

@@ -14,8 +14,7 @@ Dispatch per call:
   group x new tokens: a prefill in chunks, the next turn of a conversation): ``sdpa`` over the layer
   dequantized (``QuantizedLayer.dequantized``, a transient 16-bit copy of a few sequences at a time,
   at most ``LONG_STEP_BYTES``; on CUDA written by ``kvpolar.kernels.dequantize`` where it reads the
-  format; rotated formats left in their basis, the query rotated into it and the output back). Such
-  steps are compute-bound, and the fused kernel holds all rows in one tile;
+  format). Such steps are compute-bound, and the fused kernel holds all rows in one tile;
 * otherwise: decode attention over packed + residual, never dequantizing the packed part: on CUDA
   ``kvpolar.kernels.decode_attention.fused_decode_attention`` if it is installed, else (and on CPU)
   ``kvpolar.decode_attention.reference_decode_attention``.
@@ -90,29 +89,19 @@ def kvpolar_attention(
 def _attend_dequantized(module: torch.nn.Module, query: torch.Tensor, layer: Any, attention_mask: torch.Tensor | None,
                         dropout: float, scaling: float | None, **kwargs: Any) -> torch.Tensor:
     """SDPA over the layer dequantized, a few sequences at a time so that the transient 16-bit copy
-    stays within ``LONG_STEP_BYTES`` (at least one sequence); returns ``[B, Tq, Hq, D]``.
-
-    Keys or values stored in a rotated basis (turbo, polar-recursive: ``layer.stored_rotations``) stay
-    in it: the query is rotated into the keys' basis (``q . k = (q R_k^T) . (k R_k^T)``) and the output
-    un-rotated from the values' (``sum p v = (sum p v R_v^T) R_v``), each once in float32, instead of
-    every cached token being un-rotated (on the H100, 60% of polar-recursive's dequantization)."""
-    key_rotation, value_rotation = layer.stored_rotations()
-    rotated = key_rotation is not None or value_rotation is not None
-    if key_rotation is not None:
-        query = (query.float() @ key_rotation.T).to(query.dtype)
+    stays within ``LONG_STEP_BYTES`` (at least one sequence); returns ``[B, Tq, Hq, D]``."""
     per_sequence = 2 * layer.num_heads * layer.seen * layer.head_dim * query.element_size()
     step = max(1, LONG_STEP_BYTES // per_sequence)
     outs = []
     for start in range(0, query.shape[0], step):
         rows = slice(start, start + step)
-        keys, values = layer.dequantized(rows, stored_basis=rotated)
+        keys, values = layer.dequantized(rows)
         mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[rows]
         out, _ = sdpa_attention_forward(module, query[rows], keys, values, mask, dropout=dropout, scaling=scaling,
                                         **kwargs)
         outs.append(out)
         del keys, values
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out if value_rotation is None else (out.float() @ value_rotation).to(out.dtype)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _warn_foreign_cache() -> None:

@@ -33,7 +33,6 @@ from transformers.cache_utils import CacheLayerMixin
 from kvpolar.cache.config import LayerPlan
 from kvpolar.quantized import QuantizedTensor, cat
 from kvpolar.quantizers.base import Quantizer
-from kvpolar.quantizers.rotations import rotation_matrix
 from kvpolar.registry import available_quantizers, quantizer
 
 _PENDING = threading.local()  # (layer, key tensor returned by update) until the attention call
@@ -223,22 +222,11 @@ class QuantizedLayer(CacheLayerMixin):
     def residual_tokens(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
 
-    def stored_rotations(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Dense float32 ``R`` ``[D, D]`` of the packed keys and of the packed values where their method
-        stores a rotated basis (turbo, polar-recursive: ``y = x @ R.T``), else None (and both None
-        while nothing is packed)."""
-        if self.packed_keys is None:
-            return None, None
-        return rotation_matrix(self.packed_keys), rotation_matrix(self.packed_values)
-
-    def dequantized(self, rows: slice = slice(None), stored_basis: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def dequantized(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every cached token of sequences ``rows``, ``[rows, Hkv, seen, D]`` in the
         cache's dtype: the packed part dequantized (``Quantizer.dequantize_into``: on CUDA a Triton
         kernel where one reads the format), then the 16-bit window, in one buffer. A transient 16-bit
-        copy, for steps too long for the fused kernel (``kvpolar.cache.attention``). ``stored_basis``:
-        keys / values whose method stores a rotated basis (:meth:`stored_rotations`) are returned in
-        it, the packed part without its un-rotation and the window rotated into it (``x @ R.T``), so
-        that attention can rotate the query and un-rotate its output instead."""
+        copy, for steps too long for the fused kernel (``kvpolar.cache.attention``)."""
         window = (None, None) if self.keys is None else (self.keys[rows], self.values[rows])
         if self.packed_keys is None:
             return window
@@ -252,11 +240,9 @@ class QuantizedLayer(CacheLayerMixin):
         for quantizer, stored, recent in ((self.key_quantizer, packed_keys, window[0]),
                                           (self.value_quantizer, packed_values, window[1])):
             full = torch.empty(shape, dtype=self.dtype, device=self.device)
-            # a Triton kernel on CUDA where one reads the format
-            quantizer.dequantize_into(stored, full[..., :packed, :], stored_basis=stored_basis)
-            rotation = rotation_matrix(stored) if stored_basis else None
+            quantizer.dequantize_into(stored, full[..., :packed, :])  # a Triton kernel on CUDA where one reads it
             if recent is not None:
-                full[..., packed:, :] = recent if rotation is None else recent.float() @ rotation.T
+                full[..., packed:, :] = recent
             out.append(full)
         return out[0], out[1]
 

@@ -25,12 +25,12 @@ def triton_available() -> bool:
     return True
 
 
-def cuda_dequantize_into(p: QuantizedTensor, out: torch.Tensor, stored_basis: bool = False) -> bool:
+def cuda_dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
     """On CUDA with Triton, :func:`kvpolar.kernels.dequantize.dequantize_into` (imported on first
     use) where a kernel reads ``p`` and writes ``out`` as it is laid out: True when it wrote, False
-    (``out`` untouched) otherwise. ``stored_basis``: rotated formats written in their stored basis."""
+    (``out`` untouched) otherwise."""
     if not (out.is_cuda and triton_available()):
         return False
     from kvpolar.kernels.dequantize import write_if_taken
 
-    return write_if_taken(p, out, stored_basis)
+    return write_if_taken(p, out)

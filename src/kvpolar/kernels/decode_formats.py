@@ -37,7 +37,7 @@ import functools
 import torch
 
 from kvpolar.quantized import QuantizedTensor
-from kvpolar.quantizers.rotations import rotation_matrix  # noqa: F401  (the kernels' name for it)
+from kvpolar.quantizers.rotations import Rotation, rotation
 
 try:
     import triton
@@ -102,6 +102,33 @@ def reason(p: QuantizedTensor, role: str) -> str | None:
 
 
 # ----- rotations (turbo, polar-recursive) -------------------------------------------------------------
+def rotation_matrix(p: QuantizedTensor | None) -> torch.Tensor | None:
+    """Dense float32 ``R`` ``[D, D]`` of a rotated-domain format (``x @ R.T`` rotates rows, ``y @ R``
+    un-rotates them), or None for formats stored in the original basis.
+
+    One matmul per call instead of the ``log2 D`` butterfly passes of the randomized Hadamard
+    transform. The matrix is cached per (kind, dim, seed, device) when ``p`` holds the layer's shared
+    rotation from :func:`~kvpolar.quantizers.rotations.rotation` (the quantizers store exactly that
+    object); any other stored rotation is expanded from ``p`` itself, so ``p`` always decides.
+    """
+    name = type(p).__name__
+    if name == "TurboTensor":
+        kind = p.rotation_kind
+    elif name == "PolarRecursiveTensor":
+        kind = p.preconditioner
+    else:
+        return None
+    shared = rotation(kind, p.head_dim, p.seed, p.rotation.device)
+    if p.rotation is shared.stored:
+        return _matrix(kind, p.head_dim, p.seed, str(p.rotation.device))
+    return Rotation(kind=kind, dim=p.head_dim, seed=p.seed, stored=p.rotation).matrix()
+
+
+@functools.lru_cache(maxsize=32)
+def _matrix(kind: str, dim: int, seed: int, device: str) -> torch.Tensor:
+    return rotation(kind, dim, seed, device).matrix().contiguous()
+
+
 # ----- operands: what the kernel takes of each format ------------------------------------------------
 def reads_by_parts(levels: int, bits: tuple[int, ...], head_dim: int, codebook: str) -> bool:
     """Whether the transposed kernel reads a polar-recursive tensor of this setting by parts (the

@@ -13,8 +13,7 @@ straddle bytes included), and the formats the classic decode kernel rebuilds by
 ``decode_formats.format_tile`` (``TurboTensor``, ``Fp8Tensor``, ``PolarRecursiveTensor`` with radii
 in the input dtype; head dims that are powers of two >= 16): the tile times its per-token factor,
 and for the rotated-domain formats (turbo, polar-recursive) one product with the dense ``D x D``
-un-rotation, loaded once per program (or, ``stored_basis=True``, left in their rotated basis for a
-caller that rotates the query instead). :func:`dequantize_into` returns False for any other format
+un-rotation, loaded once per program. :func:`dequantize_into` returns False for any other format
 (e.g. polar-recursive with quantized radii); the caller then runs the quantizer's PyTorch
 ``dequantize``.
 
@@ -95,12 +94,10 @@ def takes(out: torch.Tensor, p: QuantizedTensor) -> bool:
     return refusal(out, p) is None
 
 
-def dequantize_into(p: QuantizedTensor, out: torch.Tensor, stored_basis: bool = False) -> bool:
+def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
     """Write ``p`` dequantized into ``out`` and return True, or return False (``out`` untouched) when
     no kernel reads ``p``'s format (:func:`supports`). ``ValueError`` (:func:`refusal`) for a buffer
-    it cannot write as laid out. ``stored_basis``: formats stored in a rotated basis (turbo,
-    polar-recursive; ``rotations.rotation_matrix``) are written in it, ``y = x @ R.T``, without the
-    un-rotation (on the H100 the larger part of their kernel's time); other formats as always.
+    it cannot write as laid out.
 
     Args:
         p: stored keys or values ``[..., T, D]`` on the device that runs Triton (CUDA, or the CPU
@@ -114,20 +111,20 @@ def dequantize_into(p: QuantizedTensor, out: torch.Tensor, stored_basis: bool = 
     reason = refusal(out, p)
     if reason is not None:
         raise ValueError(reason)
-    _write(p, out, stored_basis)
+    _write(p, out)
     return True
 
 
-def write_if_taken(p: QuantizedTensor, out: torch.Tensor, stored_basis: bool = False) -> bool:
+def write_if_taken(p: QuantizedTensor, out: torch.Tensor) -> bool:
     """:func:`dequantize_into` where a kernel reads ``p`` and ``out`` is laid out as it takes, else
     False (``out`` untouched) rather than an error: the caller copies the PyTorch result instead."""
     if not supports(p) or refusal(out, p) is not None:
         return False
-    _write(p, out, stored_basis)
+    _write(p, out)
     return True
 
 
-def _write(p: QuantizedTensor, out: torch.Tensor, stored_basis: bool) -> None:
+def _write(p: QuantizedTensor, out: torch.Tensor) -> None:
     """Launch the kernel of ``p``'s format into ``out`` (checked by :func:`refusal`)."""
     tokens, dim = p.num_tokens, p.head_dim
     n = out.numel() // max(1, tokens * dim)
@@ -135,7 +132,7 @@ def _write(p: QuantizedTensor, out: torch.Tensor, stored_basis: bool) -> None:
         return
     target = out.view(n, tokens, dim)
     if type(p).__name__ in formats.FORMATS:
-        _launch_format_kernel(p, target, n, stored_basis)
+        _launch_format_kernel(p, target, n)
         return
     codes = _rows(p.codes, n)
     grid = (n, triton.cdiv(tokens, BLOCK_TOKENS))
@@ -166,9 +163,8 @@ def _write(p: QuantizedTensor, out: torch.Tensor, stored_basis: bool) -> None:
     )
 
 
-def _launch_format_kernel(p: QuantizedTensor, target: torch.Tensor, n: int, stored_basis: bool) -> None:
-    """turbo / fp8 / polar-recursive ``p`` into ``target`` ``[n, T, D]`` through ``format_tile``
-    (``stored_basis``: rotated formats left in their basis)."""
+def _launch_format_kernel(p: QuantizedTensor, target: torch.Tensor, n: int) -> None:
+    """turbo / fp8 / polar-recursive ``p`` into ``target`` ``[n, T, D]`` through ``format_tile``."""
     fields = formats.operand_fields(p)
     data, meta = _rows(fields["data"], n), fields["meta"][0]
     meta = meta.reshape(n, meta.shape[-1]) if meta.dim() == p.codes.dim() - 1 else _rows(meta, n)  # fp8: [.., T]
@@ -177,7 +173,7 @@ def _launch_format_kernel(p: QuantizedTensor, target: torch.Tensor, n: int, stor
     meta = meta if meta.dim() == 2 or meta.stride(-1) == 1 else meta.contiguous()
     tables = tuple(fields.get("tables", ()))
     tables += (data,) * (3 - len(tables))  # (placeholders for the tables a format has not)
-    unrotate = None if stored_basis else formats.rotation_matrix(p)
+    unrotate = formats.rotation_matrix(p)
     polar = fields["fmt"] == formats.FMT_POLAR_RECURSIVE
     block = formats.POLAR_RECURSIVE_BLOCK_N if polar else FORMAT_BLOCK_TOKENS
     blocks = triton.cdiv(p.num_tokens, block)

@@ -69,17 +69,14 @@ class Quantizer(abc.ABC):
         self._check_stored(p)
         return self._dequantize(p)
 
-    def dequantize_into(self, p: QuantizedTensor, out: torch.Tensor, *, stored_basis: bool = False) -> torch.Tensor:
+    def dequantize_into(self, p: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
         """Write the reconstruction of ``p`` into ``out`` and return ``out``.
 
         ``out``: ``[..., T, D]`` with ``p``'s shape and device, any floating dtype and strides (e.g.
         the first ``T`` tokens of a larger buffer). On CUDA, methods with a Triton kernel
         (``dequantize_kernel``, ``kvpolar.kernels.dequantize``: every built-in method, in the stored
         settings that kernel reads) write it directly, rounding once from float32; the others (and
-        every method on the CPU) copy :meth:`dequantize`'s result. ``stored_basis``: methods that
-        store vectors in a rotated basis (turbo, polar-recursive; ``rotations.rotation_matrix(p)`` is
-        ``R``) write ``x @ R.T`` there, skipping the un-rotation, for a caller that rotates the query
-        and un-rotates the output instead; the others write ``x`` either way.
+        every method on the CPU) copy :meth:`dequantize`'s result.
         """
         self._check_stored(p)
         if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
@@ -88,7 +85,7 @@ class Quantizer(abc.ABC):
             raise ValueError(f"out has shape {tuple(out.shape)}; the quantized tensor has {tuple(p.shape)}")
         if out.device != p.device:
             raise ValueError(f"out is on {out.device}; the quantized tensor is on {p.device}")
-        self._dequantize_into(p, out, stored_basis)
+        self._dequantize_into(p, out)
         return out
 
     def scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
@@ -144,15 +141,10 @@ class Quantizer(abc.ABC):
     @abc.abstractmethod
     def _dequantize(self, p: QuantizedTensor) -> torch.Tensor: ...
 
-    def _dequantize_into(self, p: QuantizedTensor, out: torch.Tensor, stored_basis: bool) -> None:
+    def _dequantize_into(self, p: QuantizedTensor, out: torch.Tensor) -> None:
         """The kernel on CUDA (``dequantize_kernel``), else dequantize and copy."""
-        if not (self.dequantize_kernel and cuda_dequantize_into(p, out, stored_basis)):
-            out.copy_(self._dequantize_stored_basis(p) if stored_basis else self._dequantize(p))
-
-    def _dequantize_stored_basis(self, p: QuantizedTensor) -> torch.Tensor:
-        """The reconstruction in the basis ``p`` is stored in: methods storing a rotated basis override
-        it; the others store the model's."""
-        return self._dequantize(p)
+        if not (self.dequantize_kernel and cuda_dequantize_into(p, out)):
+            out.copy_(self._dequantize(p))
 
     def _scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
         """Generic fallback: dequantize, then one matmul in float32."""

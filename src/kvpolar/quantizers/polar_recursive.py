@@ -232,10 +232,6 @@ class PolarRecursive(Quantizer):
         assert isinstance(p, PolarRecursiveTensor)
         return _rotation_of(p).inverse(decode_rotated(p)).to(p.dtype)
 
-    def _dequantize_stored_basis(self, p: QuantizedTensor) -> torch.Tensor:
-        assert isinstance(p, PolarRecursiveTensor)
-        return decode_rotated(p).to(p.dtype)
-
     def _scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
         assert isinstance(p, PolarRecursiveTensor)
         if q.is_cuda and triton_available() and is_power_of_two(p.head_dim):

@@ -23,7 +23,6 @@ import math
 
 import torch
 
-from kvpolar.quantized import QuantizedTensor
 from kvpolar.validation import allowed, check_choice, check_positive_int
 
 ROTATION_KINDS = ("hadamard", "orthogonal")
@@ -129,31 +128,3 @@ def _cached(kind: str, dim: int, seed: int, device: str) -> Rotation:
         q, r = torch.linalg.qr(gaussian)
         stored = (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).to(torch.float32)
     return Rotation(kind=kind, dim=dim, seed=seed, stored=stored.to(device))
-
-
-def rotation_matrix(p: QuantizedTensor | None) -> torch.Tensor | None:
-    """Dense float32 ``R`` ``[D, D]`` of a stored tensor in a rotated basis (turbo, polar-recursive:
-    ``x @ R.T`` rotates rows into it, ``y @ R`` un-rotates them), or None for formats stored in the
-    model's basis.
-
-    One matmul per call instead of the ``log2 D`` butterfly passes of the randomized Hadamard
-    transform. The matrix is cached per (kind, dim, seed, device) when ``p`` holds the layer's shared
-    rotation from :func:`~kvpolar.quantizers.rotations.rotation` (the quantizers store exactly that
-    object); any other stored rotation is expanded from ``p`` itself, so ``p`` always decides.
-    """
-    name = type(p).__name__
-    if name == "TurboTensor":
-        kind = p.rotation_kind
-    elif name == "PolarRecursiveTensor":
-        kind = p.preconditioner
-    else:
-        return None
-    shared = rotation(kind, p.head_dim, p.seed, p.rotation.device)
-    if p.rotation is shared.stored:
-        return _matrix(kind, p.head_dim, p.seed, str(p.rotation.device))
-    return Rotation(kind=kind, dim=p.head_dim, seed=p.seed, stored=p.rotation).matrix()
-
-
-@functools.lru_cache(maxsize=32)
-def _matrix(kind: str, dim: int, seed: int, device: str) -> torch.Tensor:
-    return rotation(kind, dim, seed, device).matrix().contiguous()

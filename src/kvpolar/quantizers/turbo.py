@@ -130,10 +130,6 @@ class Turbo(Quantizer):
         assert isinstance(p, TurboTensor)
         return _rotation_of(p).inverse(decode_rotated(p)).to(p.dtype)
 
-    def _dequantize_stored_basis(self, p: QuantizedTensor) -> torch.Tensor:
-        assert isinstance(p, TurboTensor)
-        return decode_rotated(p).to(p.dtype)
-
     def _scores(self, q: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
         assert isinstance(p, TurboTensor)
         return rotated_scores(q, p)
