@@ -79,6 +79,23 @@ def test_partial_group_bits_are_counted():
     assert p.bits_per_element == expected_bytes * 8 / x.numel()
 
 
+def test_a_scale_on_a_float16_tie_rounds_to_even():
+    """The scale is the float32 quotient ``(hi - min) / levels`` rounded once (``uniform.minmax_scale``),
+    whatever the device: here it is exactly 1976.5 float16 units and rounds to even; a product with the
+    reciprocal ``1/15`` (what PyTorch on CUDA computes for a division by a Python number) lands just
+    above the tie and rounds up, one unit off."""
+    from kvpolar.quantizers import uniform
+
+    lo = torch.tensor([-0.91796875], dtype=torch.float16)
+    hi = torch.tensor([-0.0131988525390625], dtype=torch.float16)
+    scale, minimum = uniform.minmax_scale(lo.float(), hi.float(), 4, torch.float16)
+    assert minimum.item() == -0.91796875 and scale.item() == 0.060302734375  # 1976 units: the even neighbour
+    assert ((hi.float() - lo.float()) * (1 / 15)).half().item() == 0.060333251953125  # the reciprocal's 1977
+    x = torch.cat([lo, hi, torch.zeros(30, dtype=torch.float16) - 0.5]).reshape(1, 1, 32, 1)
+    p = kvpolar.quantizer("kivi", bits=4, group_size=32, axis="channel").quantize(x)
+    assert p.scale.item() == 0.060302734375
+
+
 def test_fp32_metadata_is_fp32():
     p = kvpolar.quantizer("kivi", bits=2, group_size=32).quantize(torch.randn(1, 64, 64))
     assert p.scale.dtype == torch.float32 and p.bits_per_element == 2 + 64 / 32

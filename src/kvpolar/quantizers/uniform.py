@@ -15,9 +15,10 @@ def minmax_scale(
 
     The scale is the float32 quotient ``(hi - minimum) / levels`` rounded once (IEEE division) on every
     device: divided by a tensor, because PyTorch on CUDA turns a division by a Python number into a
-    multiplication by its reciprocal, which rounds differently (e.g. ``0.9047698974609375 / 15``
-    stored in float16: 0.060302734375 divided, 0.060333251953125 multiplied). So the stored bytes do
-    not depend on the device, and the GPU encoders (``kvpolar.kernels.uniform_encode``) match them."""
+    multiplication by its reciprocal, which rounds differently where the quotient is a float16 tie
+    (``0.9047698974609375 / 15`` is 1976.5 float16 units: divided, it rounds to even, 0.060302734375;
+    multiplied by ``1/15``, it lands just above, 0.060333251953125). So the stored bytes do not depend
+    on the device, and the GPU encoders (``kvpolar.kernels.uniform_encode``) match them."""
     levels = (1 << bits) - 1
     minimum = lo.to(store_dtype)
     span = hi.float() - minimum.float()

@@ -1,0 +1,84 @@
+"""What the un-rotation costs in the dequantization kernel of the rotated formats (turbo, polar-recursive).
+
+``kvpolar.kernels.dequantize`` rebuilds a rotated format's vectors in its stored basis and un-rotates
+them by one tensor-core product with the dense ``D x D`` matrix (``rotations.rotation_matrix``). This
+script times the kernel as it runs and with the un-rotation left out (the matrix hidden from the
+launcher, so the kernel compiles without it: the result is then in the stored basis, which is what a
+caller rotating the query instead would read), per preset and role, on random normal
+``[B, 8, T, 128]`` tensors, CUDA events, median of ``--repeats``. For scale it also times PyTorch
+products of the same ``[B * 8 * T, 128]`` rows with the matrix in float32 and in float16.
+
+    PYTHONPATH=src python benchmarks/unrotation_cost.py [--presets polar-recursive turbo-4] [--tokens 32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_dequantize import _median_ms  # noqa: E402
+
+
+def measure(preset: str, batch: int, tokens: int, repeats: int) -> list[dict]:
+    import kvpolar
+    from kvpolar.kernels import decode_formats as formats
+    from kvpolar.kernels import dequantize
+
+    config = kvpolar.KVCacheConfig.preset(preset)
+    rows = []
+    for role, name, params in (("keys", config.key_quantizer, config.key_params),
+                               ("values", config.value_quantizer, config.value_params)):
+        quantizer = kvpolar.quantizer(name, **dict(params))
+        p = quantizer.quantize(torch.randn(batch, 8, tokens, 128, device="cuda", dtype=torch.float16))
+        matrix = formats.rotation_matrix(p)
+        if matrix is None or not dequantize.supports(p):
+            continue
+        out = torch.empty(tuple(p.shape), device="cuda", dtype=torch.float16)
+        with_unrotation = _median_ms(lambda: dequantize.dequantize_into(p, out), repeats, "cuda")
+        real = formats.rotation_matrix
+        formats.rotation_matrix = lambda p: None
+        try:
+            without = _median_ms(lambda: dequantize.dequantize_into(p, out), repeats, "cuda")
+        finally:
+            formats.rotation_matrix = real
+        flat = out.view(-1, 128)
+        fp32 = _median_ms(lambda: flat.float() @ matrix, repeats, "cuda")
+        fp16 = _median_ms(lambda: flat @ matrix.half(), repeats, "cuda")
+        rows.append({"preset": preset, "role": role, "format": type(p).__name__, "batch": batch, "tokens": tokens,
+                     "kernel_ms": with_unrotation, "kernel_without_unrotation_ms": without,
+                     "torch_fp32_product_ms": fp32, "torch_fp16_product_ms": fp16})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=["polar-recursive", "turbo-4"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=None, help="JSON file to write")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA device")
+        return 1
+    rows = [row for preset in args.presets for row in measure(preset, args.batch, args.tokens, args.repeats)]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    print(f"{torch.cuda.get_device_name()}, B={args.batch}, T={args.tokens}, 8 heads, D=128, ms")
+    print("| preset | role | kernel | without the un-rotation | share | torch fp32 product | torch fp16 product |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        share = 1 - r["kernel_without_unrotation_ms"] / r["kernel_ms"]
+        print(f"| {r['preset']} | {r['role']} | {r['kernel_ms']:.3f} | {r['kernel_without_unrotation_ms']:.3f} | "
+              f"{share:.0%} | {r['torch_fp32_product_ms']:.3f} | {r['torch_fp16_product_ms']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
