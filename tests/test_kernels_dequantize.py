@@ -80,6 +80,22 @@ def test_dequantize_matches_the_quantizer(name, params, shape, dtype):
     assert_matches_reference(got, q.dequantize(p), exact=name in EXACT)
 
 
+@pytest.mark.parametrize("name,params", [("turbo", dict(bits=3)), ("turbo", dict(bits=2, norm_correction=False)),
+                                         ("polar-recursive", {})])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_hadamard_unrotation_in_bfloat16_terms_equals_the_dense_product(name, params, dtype, monkeypatch):
+    """Randomized Hadamard rotations are un-rotated as three exact bfloat16 terms of the tile times the
+    +-1 matrix (``HADAMARD_BFLOAT16``), with float32's accuracy: within one rounding of the reference,
+    and of the dense tf32x3 product with ``R``."""
+    q, p = quantize(name, params, fresh((2, 2, 70, 128), dtype))
+    assert kernel._unrotation(p)[2] == 2
+    got = kernel.dequantize(p)
+    assert_matches_reference(got, q.dequantize(p), exact=False)
+    monkeypatch.setattr(kernel, "HADAMARD_BFLOAT16", False)
+    assert kernel._unrotation(p)[2] == 1
+    assert_matches_reference(got, kernel.dequantize(p), exact=False)
+
+
 @pytest.mark.parametrize("name,params", [
     ("kivi", dict(bits=2, group_size=32, axis="channel")),
     ("kivi", dict(bits=2, group_size=32, axis="token")),  # tokens-contiguous metadata, regrown by cat

@@ -12,8 +12,11 @@ values), ``PolarRopeTensor`` (polar-rope keys), every bit width the quantizers s
 straddle bytes included), and the formats the classic decode kernel rebuilds by
 ``decode_formats.format_tile`` (``TurboTensor``, ``Fp8Tensor``, ``PolarRecursiveTensor`` with radii
 in the input dtype; head dims that are powers of two >= 16): the tile times its per-token factor,
-and for the rotated-domain formats (turbo, polar-recursive) one product with the dense ``D x D``
-un-rotation, loaded once per program. :func:`dequantize_into` returns False for any other format
+and for the rotated-domain formats (turbo, polar-recursive) the un-rotation, loaded once per program:
+for a randomized Hadamard rotation (the presets') the tile split into three bfloat16 terms that add up
+to it exactly, each times the +-1 Hadamard matrix in bfloat16 (exact products, float32 sums), then
+the signs and ``1 / sqrt(D)`` per column; for a dense orthogonal one a product with ``R`` in
+``TENSOR_CORE_DOT`` precision. :func:`dequantize_into` returns False for any other format
 (e.g. polar-recursive with quantized radii); the caller then runs the quantizer's PyTorch
 ``dequantize``.
 
@@ -30,6 +33,8 @@ Reference: each quantizer's ``dequantize`` (tests: ``tests/test_kernels_dequanti
 from __future__ import annotations
 
 import functools
+import math
+import os
 
 import torch
 import triton
@@ -37,10 +42,11 @@ import triton.language as tl
 
 from kvpolar.kernels import decode_formats as formats
 from kvpolar.kernels.polar_pairs import pair_channels
+from kvpolar.kernels.uniform_encode import rounded_to
 from kvpolar.quantized import QuantizedTensor
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
-from kvpolar.quantizers.rotations import is_power_of_two
+from kvpolar.quantizers.rotations import is_power_of_two, rotation, walsh_hadamard
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: tokens per program (KIVI: the whole head dim per token; polar-rope: every pair)
@@ -49,6 +55,10 @@ BLOCK_TOKENS = 32
 #: of split operands, about float32's accuracy) or "ieee" (float32 multiply-adds; on the H100 11x
 #: slower for turbo keys, benchmarks/README.md)
 TENSOR_CORE_DOT = "tf32x3"
+#: randomized Hadamard rotations (the default of turbo and polar-recursive) un-rotated as three exact
+#: bfloat16 terms of the tile times the +-1 Hadamard matrix in bfloat16 (float32's accuracy, and no
+#: split of the matrix); False: as the dense float32 ``R`` in ``TENSOR_CORE_DOT`` precision
+HADAMARD_BFLOAT16 = True
 #: ``format_tile`` formats: tokens per block and warps per program (polar-recursive: the classic
 #: kernel's, ``decode_formats.POLAR_RECURSIVE_BLOCK_N`` / ``_WARPS``, checked on the H100), and
 #: programs per SM (each loads R ``[D, D]`` once and loops over its share of a row's token blocks)
@@ -173,21 +183,64 @@ def _launch_format_kernel(p: QuantizedTensor, target: torch.Tensor, n: int) -> N
     meta = meta if meta.dim() == 2 or meta.stride(-1) == 1 else meta.contiguous()
     tables = tuple(fields.get("tables", ()))
     tables += (data,) * (3 - len(tables))  # (placeholders for the tables a format has not)
-    unrotate = formats.rotation_matrix(p)
+    unrotate, column_scale, rotated = _unrotation(p)
     polar = fields["fmt"] == formats.FMT_POLAR_RECURSIVE
     block = formats.POLAR_RECURSIVE_BLOCK_N if polar else FORMAT_BLOCK_TOKENS
     blocks = triton.cdiv(p.num_tokens, block)
     sms, fp8_convert = _device_traits(target.device.index) if target.is_cuda else (4, False)
     per_row = max(1, min(blocks, triton.cdiv(FORMAT_PROGRAMS_PER_SM * sms, n)))
     _format_kernel[(n, per_row)](
-        data, meta, *tables, data if unrotate is None else unrotate, target, p.num_tokens,
+        data, meta, *tables, data if unrotate is None else unrotate, data if column_scale is None else column_scale,
+        target, p.num_tokens,
         data.stride(0), data.stride(1), meta.stride(0), meta.stride(1), fields.get("book_stride", 0),
         target.stride(0), target.stride(1),
         FMT=fields["fmt"], BITS=fields["bits"], NB=fields["row_bytes"], LEVELS=fields.get("levels", 0),
-        D=p.head_dim, BLOCK_T=block, ROTATED=unrotate is not None, DOT=TENSOR_CORE_DOT, FP8_CONVERT=fp8_convert,
+        D=p.head_dim, BLOCK_T=block, ROTATED=rotated, DOT=TENSOR_CORE_DOT, FP8_CONVERT=fp8_convert,
+        NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=formats.POLAR_RECURSIVE_WARPS if polar and formats.POLAR_RECURSIVE_WARPS else FORMAT_WARPS,
         num_stages=1,  # no software pipelining of the loop: R and the tile already fill shared memory
     )
+
+
+@triton.jit
+def _bfloat16_term(x, NATIVE: tl.constexpr):
+    """float32 ``x`` rounded to bfloat16: as bfloat16, or (the interpreter) as float32 holding it."""
+    if NATIVE:
+        out = x.to(tl.bfloat16)
+    else:
+        out = rounded_to(x, tl.bfloat16)
+    return out
+
+
+def _unrotation(p: QuantizedTensor) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """``(unrotate, column scale, ROTATED)`` of ``_format_kernel`` for ``p``: nothing (0) for formats in
+    the model's basis; the bfloat16 Sylvester Hadamard matrix and float32 ``s / sqrt(D)`` (2) for a
+    randomized Hadamard rotation; else the dense float32 ``R`` (1)."""
+    kind = getattr(p, "rotation_kind", None) or getattr(p, "preconditioner", None)
+    if kind == "hadamard" and HADAMARD_BFLOAT16:
+        return _sylvester(p.head_dim, str(p.rotation.device)), _column_scale(p), 2
+    matrix = formats.rotation_matrix(p)
+    return matrix, None, 0 if matrix is None else 1
+
+
+@functools.lru_cache(maxsize=8)
+def _sylvester(dim: int, device: str) -> torch.Tensor:
+    """The Sylvester Hadamard matrix ``H`` ``[dim, dim]`` (entries +-1) in bfloat16."""
+    return walsh_hadamard(torch.eye(dim)).to(device=device, dtype=torch.bfloat16).contiguous()
+
+
+def _column_scale(p: QuantizedTensor) -> torch.Tensor:
+    """float32 ``s / sqrt(D)`` ``[D]`` of a randomized Hadamard rotation (``s`` its stored signs), cached
+    for the layer's shared rotation."""
+    shared = rotation("hadamard", p.head_dim, p.seed, p.rotation.device)
+    if p.rotation is shared.stored:
+        return _shared_column_scale(p.head_dim, p.seed, str(p.rotation.device))
+    return (p.rotation.float() / math.sqrt(p.head_dim)).contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_column_scale(dim: int, seed: int, device: str) -> torch.Tensor:
+    return (rotation("hadamard", dim, seed, device).stored.float() / math.sqrt(dim)).contiguous()
 
 
 def dequantize(p: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
@@ -276,19 +329,30 @@ def _polar_rope_kernel(
 
 @triton.jit
 def _format_kernel(
-    data_ptr, meta_ptr, tab0, tab1, tab2, unrotate_ptr, out_ptr, T,
+    data_ptr, meta_ptr, tab0, tab1, tab2, unrotate_ptr, column_scale_ptr, out_ptr, T,
     s_dn, s_dt, s_mn, s_mt, book_stride, s_on, s_ot,
     FMT: tl.constexpr, BITS: tl.constexpr, NB: tl.constexpr, LEVELS: tl.constexpr, D: tl.constexpr,
     BLOCK_T: tl.constexpr, ROTATED: tl.constexpr, DOT: tl.constexpr, FP8_CONVERT: tl.constexpr,
+    NATIVE: tl.constexpr,
 ):
     """turbo / fp8 / polar-recursive rows ``[n, T, NB]`` bytes with per-token metadata ``[n, T, ...]``
-    -> ``[n, T, D]``: ``format_tile``'s tile times its per-token factor, then (``ROTATED``) times the
-    float32 un-rotation ``R`` ``[D, D]`` (``x = y @ R``; ``DOT`` precision). Program (row n, every
-    ``num_programs(1)``-th block of ``BLOCK_T`` tokens from block ``program_id(1)``)."""
+    -> ``[n, T, D]``: ``format_tile``'s tile ``y`` times its per-token factor, then un-rotated, ``x = y @ R``:
+    ``ROTATED`` 1, ``unrotate_ptr`` the float32 ``R`` ``[D, D]``, one product in ``DOT`` precision;
+    ``ROTATED`` 2 (randomized Hadamard, ``R = H diag(s) / sqrt(D)``), ``unrotate_ptr`` the Sylvester
+    ``H`` ``[D, D]`` in bfloat16 (its +-1 entries exact) and ``column_scale_ptr`` float32 ``s / sqrt(D)``
+    ``[D]``: ``y`` split into three bfloat16 terms that add up to it exactly, three bfloat16 products
+    with ``H`` summed in float32, then the column scale (float32's accuracy, no split of ``R``; under
+    the CPU interpreter, whose bfloat16 products are wrong, the terms are float32 holding the same
+    bfloat16 values, ``NATIVE`` False). Program (row n, every ``num_programs(1)``-th block of ``BLOCK_T`` tokens from block ``program_id(1)``)."""
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, D)[None, :]
-    if ROTATED:
+    if ROTATED == 1:
         unrotate = tl.load(unrotate_ptr + tl.arange(0, D)[:, None] * D + d)
+    elif ROTATED == 2:
+        hadamard = tl.load(unrotate_ptr + tl.arange(0, D)[:, None] * D + d)
+        if not NATIVE:
+            hadamard = hadamard.to(tl.float32)
+        column_scale = tl.load(column_scale_ptr + d)
     for block in range(tl.program_id(1), tl.cdiv(T, BLOCK_T), tl.num_programs(1)):
         t = block * BLOCK_T + tl.arange(0, BLOCK_T)
         ok = t < T
@@ -296,6 +360,14 @@ def _format_kernel(
             data_ptr + row * s_dn + t * s_dt, ok, meta_ptr + row * s_mn + t * s_mt, tab0, tab1, tab2,
             row * book_stride, FMT, BITS, NB, LEVELS, D, BLOCK_T, FP8_CONVERT)
         value = tile.to(tl.float32) * factor[:, None]
-        if ROTATED:
+        if ROTATED == 1:
             value = tl.dot(value, unrotate, input_precision=DOT)
+        elif ROTATED == 2:  # y = hi + mid + lo exactly (8 significant bits each), each times H exactly
+            hi = _bfloat16_term(value, NATIVE)
+            rest = value - hi.to(tl.float32)
+            mid = _bfloat16_term(rest, NATIVE)
+            lo = _bfloat16_term(rest - mid.to(tl.float32), NATIVE)
+            product = tl.dot(hi, hadamard, input_precision="ieee")
+            product = tl.dot(mid, hadamard, product, input_precision="ieee")
+            value = tl.dot(lo, hadamard, product, input_precision="ieee") * column_scale
         tl.store(out_ptr + row * s_on + t[:, None] * s_ot + d, value.to(out_ptr.dtype.element_ty), mask=ok[:, None])
