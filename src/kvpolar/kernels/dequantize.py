@@ -198,7 +198,7 @@ def _launch_format_kernel(p: QuantizedTensor, target: torch.Tensor, n: int) -> N
         D=p.head_dim, BLOCK_T=block, ROTATED=rotated, DOT=TENSOR_CORE_DOT, FP8_CONVERT=fp8_convert,
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=formats.POLAR_RECURSIVE_WARPS if polar and formats.POLAR_RECURSIVE_WARPS else FORMAT_WARPS,
-        num_stages=1,  # no software pipelining of the loop: R and the tile already fill shared memory
+        num_stages=1,  # no software pipelining of the loop: R (or H) and the tile already fill shared memory
     )
 
 
@@ -343,7 +343,8 @@ def _format_kernel(
     ``[D]``: ``y`` split into three bfloat16 terms that add up to it exactly, three bfloat16 products
     with ``H`` summed in float32, then the column scale (float32's accuracy, no split of ``R``; under
     the CPU interpreter, whose bfloat16 products are wrong, the terms are float32 holding the same
-    bfloat16 values, ``NATIVE`` False). Program (row n, every ``num_programs(1)``-th block of ``BLOCK_T`` tokens from block ``program_id(1)``)."""
+    bfloat16 values, ``NATIVE`` False). Program (row n, every ``num_programs(1)``-th block of
+    ``BLOCK_T`` tokens from block ``program_id(1)``)."""
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, D)[None, :]
     if ROTATED == 1:
