@@ -102,15 +102,23 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float16"], choices=("float16", "bfloat16"))
     parser.add_argument("--out", default="dequantize.json")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (Triton interpreter)")
+    parser.add_argument("--polar-recursive-launch", default=None, metavar="TOKENSxWARPS",
+                        help="polar-recursive's block and warps in the kernel instead of "
+                             "dequantize.POLAR_RECURSIVE_LAUNCH, e.g. 64x4 (checked as any run)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.batches, args.tokens, args.repeats = [1], 40, 2
+    if args.polar_recursive_launch:
+        from kvpolar.kernels import dequantize
+
+        block, warps = (int(n) for n in args.polar_recursive_launch.split("x"))
+        dequantize.POLAR_RECURSIVE_LAUNCH = (block, warps)
 
     import kvpolar
 
-    result = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name() if device == "cuda" else "CPU",
+    result = {"command": " ".join(sys.argv), "polar_recursive_launch": args.polar_recursive_launch, "gpu": torch.cuda.get_device_name() if device == "cuda" else "CPU",
               "versions": {"torch": torch.__version__, "kvpolar": kvpolar.__version__,
                            "python": platform.python_version()},
               "copy_gbps": copy_gbps(device, args.repeats), "rows": []}

@@ -59,12 +59,17 @@ TENSOR_CORE_DOT = "tf32x3"
 #: bfloat16 terms of the tile times the +-1 Hadamard matrix in bfloat16 (float32's accuracy, and no
 #: split of the matrix); False: as the dense float32 ``R`` in ``TENSOR_CORE_DOT`` precision
 HADAMARD_BFLOAT16 = True
-#: ``format_tile`` formats: tokens per block and warps per program (polar-recursive: the classic
-#: kernel's, ``decode_formats.POLAR_RECURSIVE_BLOCK_N`` / ``_WARPS``, checked on the H100), and
-#: programs per SM (each loads R ``[D, D]`` once and loops over its share of a row's token blocks)
+#: ``format_tile`` formats: tokens per block and warps per program, and programs per SM (each loads
+#: R ``[D, D]`` once and loops over its share of a row's token blocks)
 FORMAT_BLOCK_TOKENS = 64
 FORMAT_WARPS = 4
 FORMAT_PROGRAMS_PER_SM = 4
+#: polar-recursive's tokens per block and warps: the classic decode kernel's
+#: (``decode_formats.POLAR_RECURSIVE_BLOCK_N`` / ``_WARPS``, checked on the H100, where 16-token
+#: blocks on 4 warps gave wrong results there). In the sm_90 compile 64-token blocks take ``wgmma``
+#: with the bfloat16 un-rotation and 131 (4 warps) or 189 (8 warps) instead of 481 instructions per
+#: token; not yet checked on a GPU (``benchmarks/bench_dequantize.py --polar-recursive-launch 64x4``)
+POLAR_RECURSIVE_LAUNCH = (formats.POLAR_RECURSIVE_BLOCK_N, formats.POLAR_RECURSIVE_WARPS or FORMAT_WARPS)
 
 
 def supports(p: QuantizedTensor) -> bool:
@@ -185,7 +190,7 @@ def _launch_format_kernel(p: QuantizedTensor, target: torch.Tensor, n: int) -> N
     tables += (data,) * (3 - len(tables))  # (placeholders for the tables a format has not)
     unrotate, column_scale, rotated = _unrotation(p)
     polar = fields["fmt"] == formats.FMT_POLAR_RECURSIVE
-    block = formats.POLAR_RECURSIVE_BLOCK_N if polar else FORMAT_BLOCK_TOKENS
+    block, warps = POLAR_RECURSIVE_LAUNCH if polar else (FORMAT_BLOCK_TOKENS, FORMAT_WARPS)
     blocks = triton.cdiv(p.num_tokens, block)
     sms, fp8_convert = _device_traits(target.device.index) if target.is_cuda else (4, False)
     per_row = max(1, min(blocks, triton.cdiv(FORMAT_PROGRAMS_PER_SM * sms, n)))
@@ -197,7 +202,7 @@ def _launch_format_kernel(p: QuantizedTensor, target: torch.Tensor, n: int) -> N
         FMT=fields["fmt"], BITS=fields["bits"], NB=fields["row_bytes"], LEVELS=fields.get("levels", 0),
         D=p.head_dim, BLOCK_T=block, ROTATED=rotated, DOT=TENSOR_CORE_DOT, FP8_CONVERT=fp8_convert,
         NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
-        num_warps=formats.POLAR_RECURSIVE_WARPS if polar and formats.POLAR_RECURSIVE_WARPS else FORMAT_WARPS,
+        num_warps=warps,
         num_stages=1,  # no software pipelining of the loop: R (or H) and the tile already fill shared memory
     )
 
