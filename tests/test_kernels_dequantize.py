@@ -174,6 +174,15 @@ def test_quantizer_dequantize_into_equals_dequantize(name):
     assert torch.equal(out, q.dequantize(p).float())
 
 
+@pytest.mark.parametrize("launch", [(64, 4), (16, 4)])
+def test_polar_recursive_blocks_of_other_sizes(launch, monkeypatch):
+    """``POLAR_RECURSIVE_LAUNCH`` other than the classic kernel's 32-token blocks (the next GPU check's
+    64; 16), over a token count off every block size."""
+    monkeypatch.setattr(kernel, "POLAR_RECURSIVE_LAUNCH", launch)
+    q, p = quantize("polar-recursive", {}, fresh((1, 2, 150, 128), torch.float16))
+    assert_matches_reference(kernel.dequantize(p), q.dequantize(p), exact=False)
+
+
 @pytest.mark.parametrize("programs_per_sm", [0, 64])
 @pytest.mark.parametrize("name", ["turbo", "polar-recursive", "fp8"])
 def test_programs_loop_over_their_token_blocks(name, programs_per_sm, monkeypatch):
