@@ -104,13 +104,20 @@ def reason(p: QuantizedTensor, role: str) -> str | None:
 # ----- rotations (turbo, polar-recursive) -------------------------------------------------------------
 def rotation_matrix(p: QuantizedTensor | None) -> torch.Tensor | None:
     """Dense float32 ``R`` ``[D, D]`` of a rotated-domain format (``x @ R.T`` rotates rows, ``y @ R``
-    un-rotates them), or None for formats stored in the original basis.
+    un-rotates them), or None for formats stored in the original basis: :func:`stored_rotation`'s
+    ``dense`` matrix. One matmul per call instead of the ``log2 D`` butterfly passes of the randomized
+    Hadamard transform."""
+    r = stored_rotation(p)
+    return None if r is None else r.dense
 
-    One matmul per call instead of the ``log2 D`` butterfly passes of the randomized Hadamard
-    transform. The matrix is cached per (kind, dim, seed, device) when ``p`` holds the layer's shared
-    rotation from :func:`~kvpolar.quantizers.rotations.rotation` (the quantizers store exactly that
-    object); any other stored rotation is expanded from ``p`` itself, so ``p`` always decides.
-    """
+
+def stored_rotation(p: QuantizedTensor | None) -> Rotation | None:
+    """The rotation a rotated-domain format's vectors are stored in (turbo: ``rotation_kind``,
+    polar-recursive: ``preconditioner``), or None for formats stored in the original basis. When ``p``
+    holds the layer's shared rotation from :func:`~kvpolar.quantizers.rotations.rotation` (the
+    quantizers store exactly that object), that cached object, whose ``dense`` matrix and column scale
+    are then computed once; any other stored rotation is expanded from ``p`` itself, so ``p`` always
+    decides."""
     name = type(p).__name__
     if name == "TurboTensor":
         kind = p.rotation_kind
@@ -120,13 +127,8 @@ def rotation_matrix(p: QuantizedTensor | None) -> torch.Tensor | None:
         return None
     shared = rotation(kind, p.head_dim, p.seed, p.rotation.device)
     if p.rotation is shared.stored:
-        return _matrix(kind, p.head_dim, p.seed, str(p.rotation.device))
-    return Rotation(kind=kind, dim=p.head_dim, seed=p.seed, stored=p.rotation).matrix()
-
-
-@functools.lru_cache(maxsize=32)
-def _matrix(kind: str, dim: int, seed: int, device: str) -> torch.Tensor:
-    return rotation(kind, dim, seed, device).matrix().contiguous()
+        return shared
+    return Rotation(kind=kind, dim=p.head_dim, seed=p.seed, stored=p.rotation)
 
 
 # ----- operands: what the kernel takes of each format ------------------------------------------------

@@ -33,7 +33,6 @@ Reference: each quantizer's ``dequantize`` (tests: ``tests/test_kernels_dequanti
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -46,7 +45,7 @@ from kvpolar.kernels.uniform_encode import rounded_to
 from kvpolar.quantized import QuantizedTensor
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
-from kvpolar.quantizers.rotations import is_power_of_two, rotation, walsh_hadamard
+from kvpolar.quantizers.rotations import is_power_of_two, walsh_hadamard
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: tokens per program (KIVI: the whole head dim per token; polar-rope: every pair)
@@ -221,31 +220,18 @@ def _unrotation(p: QuantizedTensor) -> tuple[torch.Tensor | None, torch.Tensor |
     """``(unrotate, column scale, ROTATED)`` of ``_format_kernel`` for ``p``: nothing (0) for formats in
     the model's basis; the bfloat16 Sylvester Hadamard matrix and float32 ``s / sqrt(D)`` (2) for a
     randomized Hadamard rotation; else the dense float32 ``R`` (1)."""
-    kind = getattr(p, "rotation_kind", None) or getattr(p, "preconditioner", None)
-    if kind == "hadamard" and HADAMARD_BFLOAT16:
-        return _sylvester(p.head_dim, str(p.rotation.device)), _column_scale(p), 2
-    matrix = formats.rotation_matrix(p)
-    return matrix, None, 0 if matrix is None else 1
+    r = formats.stored_rotation(p)
+    if r is None:
+        return None, None, 0
+    if r.kind == "hadamard" and HADAMARD_BFLOAT16:
+        return _sylvester(r.dim, str(r.stored.device)), r.hadamard_column_scale, 2
+    return r.dense, None, 1
 
 
 @functools.lru_cache(maxsize=8)
 def _sylvester(dim: int, device: str) -> torch.Tensor:
     """The Sylvester Hadamard matrix ``H`` ``[dim, dim]`` (entries +-1) in bfloat16."""
     return walsh_hadamard(torch.eye(dim)).to(device=device, dtype=torch.bfloat16).contiguous()
-
-
-def _column_scale(p: QuantizedTensor) -> torch.Tensor:
-    """float32 ``s / sqrt(D)`` ``[D]`` of a randomized Hadamard rotation (``s`` its stored signs), cached
-    for the layer's shared rotation."""
-    shared = rotation("hadamard", p.head_dim, p.seed, p.rotation.device)
-    if p.rotation is shared.stored:
-        return _shared_column_scale(p.head_dim, p.seed, str(p.rotation.device))
-    return (p.rotation.float() / math.sqrt(p.head_dim)).contiguous()
-
-
-@functools.lru_cache(maxsize=32)
-def _shared_column_scale(dim: int, seed: int, device: str) -> torch.Tensor:
-    return (rotation("hadamard", dim, seed, device).stored.float() / math.sqrt(dim)).contiguous()
 
 
 def dequantize(p: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:

@@ -74,6 +74,20 @@ class Rotation:
         eye = torch.eye(self.dim, device=self.stored.device)
         return self.apply(eye).T
 
+    @functools.cached_property
+    def dense(self) -> torch.Tensor:
+        """:meth:`matrix`, contiguous, computed once per object (the layers' shared rotations are the
+        cached objects of :func:`rotation`): for kernels that take ``R`` as a product."""
+        return self.matrix().contiguous()
+
+    @functools.cached_property
+    def hadamard_column_scale(self) -> torch.Tensor:
+        """float32 ``s / sqrt(D)`` ``[D]`` of a randomized Hadamard rotation, ``R = H diag(s) / sqrt(D)``
+        with ``H`` the Sylvester matrix and ``s`` the stored signs; computed once per object."""
+        if self.kind != "hadamard":
+            raise ValueError(f"hadamard_column_scale of a {self.kind!r} rotation (allowed: 'hadamard')")
+        return (self.stored.float() / math.sqrt(self.dim)).contiguous()
+
     def _check(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.dim:
             raise ValueError(f"tensor has last dim {x.shape[-1]}; this rotation acts on dim {self.dim}")
