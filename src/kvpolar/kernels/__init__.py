@@ -7,6 +7,7 @@ machines without it (the PyTorch references run there).
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,6 +24,12 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels under its CPU interpreter (``TRITON_INTERPRET=1``), where kernels
+    take the arithmetic the interpreter gets right (e.g. no bfloat16 products, no inline PTX)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def cuda_dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:

@@ -48,12 +48,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import weakref
 
 import torch
 
 from kvpolar.decode_attention import MAX_FUSED_QUERY_ROWS, query_rows_per_kv_head
+from kvpolar.kernels import interpreting
 from kvpolar.kernels import decode_formats as formats
 from kvpolar.kernels.decode_operands import (  # noqa: F401  (KEY_FORMATS .. supports: this module's API too)
     FMT_FULL, FMT_KIVI, FMT_POLAR, KEY_FORMATS, POLAR_PAIR_BITS, VALUE_FORMATS, Operand, byte_stride,
@@ -132,8 +132,7 @@ def choose_splits(tokens: int, programs: int, sms: int, block_n: int, cfg: Launc
     return math.ceil(tokens / per_split), per_split
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_interpreting = interpreting  # (the module's name for it: benchmarks and tests patch it here)
 
 
 def _code_offset(dtype: torch.dtype, bits: int) -> float:

@@ -33,13 +33,13 @@ Reference: each quantizer's ``dequantize`` (tests: ``tests/test_kernels_dequanti
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kvpolar.kernels import decode_formats as formats
+from kvpolar.kernels import interpreting
 from kvpolar.kernels.polar_pairs import pair_channels
 from kvpolar.kernels.uniform_encode import rounded_to
 from kvpolar.quantized import QuantizedTensor
@@ -200,7 +200,7 @@ def _launch_format_kernel(p: QuantizedTensor, target: torch.Tensor, n: int) -> N
         target.stride(0), target.stride(1),
         FMT=fields["fmt"], BITS=fields["bits"], NB=fields["row_bytes"], LEVELS=fields.get("levels", 0),
         D=p.head_dim, BLOCK_T=block, ROTATED=rotated, DOT=TENSOR_CORE_DOT, FP8_CONVERT=fp8_convert,
-        NATIVE=os.environ.get("TRITON_INTERPRET", "0") != "1",
+        NATIVE=not interpreting(),
         num_warps=warps,
         num_stages=1,  # no software pipelining of the loop: R (or H) and the tile already fill shared memory
     )
