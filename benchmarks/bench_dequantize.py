@@ -93,34 +93,52 @@ def measure(preset: str, role: str, batch: int, tokens: int, device: str, repeat
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+def add_shared_arguments(parser: argparse.ArgumentParser, presets, repeats: int, out: str) -> None:
+    """The options this script and ``bench_encode.py`` share (presets, sizes, repeats, dtypes, output,
+    ``--smoke``)."""
+    parser.add_argument("--presets", nargs="+", default=list(presets))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--tokens", type=int, default=32768)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--dtypes", nargs="+", default=["float16"], choices=("float16", "bfloat16"))
-    parser.add_argument("--out", default="dequantize.json")
+    parser.add_argument("--out", default=out)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (Triton interpreter)")
-    parser.add_argument("--polar-recursive-launch", default=None, metavar="TOKENSxWARPS",
-                        help="polar-recursive's block and warps in the kernel instead of "
-                             "dequantize.POLAR_RECURSIVE_LAUNCH, e.g. 64x4 (checked as any run)")
-    args = parser.parse_args()
+
+
+def device_of(args: argparse.Namespace) -> str:
+    """"cuda", or (``--smoke`` or no GPU) "cpu" under Triton's interpreter with the sizes cut to one
+    sequence of 40 tokens and two repeats."""
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.batches, args.tokens, args.repeats = [1], 40, 2
+    return device
+
+
+def run_header(device: str) -> dict:
+    """The command, the GPU and the versions a result file starts with."""
+    import kvpolar
+
+    return {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name() if device == "cuda" else "CPU",
+            "versions": {"torch": torch.__version__, "kvpolar": kvpolar.__version__,
+                         "python": platform.python_version()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_shared_arguments(parser, PRESETS, repeats=20, out="dequantize.json")
+    parser.add_argument("--polar-recursive-launch", default=None, metavar="TOKENSxWARPS",
+                        help="polar-recursive's block and warps in the kernel instead of "
+                             "dequantize.POLAR_RECURSIVE_LAUNCH, e.g. 64x4 (checked as any run)")
+    args = parser.parse_args()
+    device = device_of(args)
     if args.polar_recursive_launch:
         from kvpolar.kernels import dequantize
 
         block, warps = (int(n) for n in args.polar_recursive_launch.split("x"))
         dequantize.POLAR_RECURSIVE_LAUNCH = (block, warps)
 
-    import kvpolar
-
-    result = {"command": " ".join(sys.argv), "polar_recursive_launch": args.polar_recursive_launch, "gpu": torch.cuda.get_device_name() if device == "cuda" else "CPU",
-              "versions": {"torch": torch.__version__, "kvpolar": kvpolar.__version__,
-                           "python": platform.python_version()},
+    result = {**run_header(device), "polar_recursive_launch": args.polar_recursive_launch,
               "copy_gbps": copy_gbps(device, args.repeats), "rows": []}
     for preset in args.presets:
         for role in ("keys", "values"):

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -107,29 +106,20 @@ def prefill_rows(presets: list[str], layers: int, context: int, repeats: int) ->
 
 
 def main() -> None:
+    import bench_dequantize
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--tokens", type=int, default=32768)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--dtypes", nargs="+", default=["float16"], choices=("float16", "bfloat16"))
+    bench_dequantize.add_shared_arguments(parser, PRESETS, repeats=10, out="encode.json")
     parser.add_argument("--prefill", action="store_true", help="also time batch-1 prefills through a model")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--prefill-repeats", type=int, default=3)
-    parser.add_argument("--out", default="encode.json")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (Triton interpreter)")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    device = bench_dequantize.device_of(args)
     if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        args.batches, args.tokens, args.repeats, args.prefill = [1], 40, 2, False
+        args.prefill = False
 
-    import kvpolar
-
-    result = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name() if device == "cuda" else "CPU",
-              "versions": {"torch": torch.__version__, "kvpolar": kvpolar.__version__,
-                           "python": platform.python_version()}, "rows": [], "prefill": []}
+    result = {**bench_dequantize.run_header(device), "rows": [], "prefill": []}
 
     def save() -> None:
         with open(args.out, "w") as f:
