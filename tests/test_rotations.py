@@ -76,3 +76,16 @@ def test_errors(kind, d, match):
 def test_wrong_last_dim():
     with pytest.raises(ValueError, match="last dim 32"):
         rotation("hadamard", 64).apply(torch.randn(2, 32))
+
+
+def test_dense_matrix_and_hadamard_column_scale_are_computed_once_per_rotation():
+    """``Rotation.dense`` (``R`` for kernels) and ``hadamard_column_scale`` (``s / sqrt(D)``, ``R = H diag(s)
+    / sqrt(D)``): the same tensors on every call for the layer's shared rotation, and only for Hadamard."""
+    r = rotation("hadamard", 32, seed=5)
+    assert r.dense is rotation("hadamard", 32, seed=5).dense
+    assert torch.equal(r.dense, r.matrix())
+    scale = r.hadamard_column_scale
+    assert scale is r.hadamard_column_scale
+    assert torch.allclose(walsh_hadamard(torch.eye(32)) * scale, r.matrix(), atol=1e-6)
+    with pytest.raises(ValueError, match="hadamard_column_scale of a 'orthogonal' rotation"):
+        rotation("orthogonal", 8, seed=1).hadamard_column_scale
