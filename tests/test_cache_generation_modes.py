@@ -4,6 +4,8 @@ steps after the first (a prefill in chunks, the next turn of a conversation)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -274,7 +276,7 @@ def test_a_long_step_attends_over_the_dequantized_layer(llama, preset, monkeypat
 @pytest.mark.parametrize("preset,kernels", [("kivi-2", 2), ("polar-rope-3", 2), ("squat-2", 2), ("turbo-4", 2),
                                             ("polar-recursive", 2), ("fp8", 2), ("none", 0)])
 def test_the_dequantized_layer_through_the_kernels(llama, preset, kernels, monkeypatch):
-    """``QuantizedLayer.dequantized`` through the Triton kernels (what CUDA runs; here under the CPU
+    """``QuantizedLayer.dequantized`` through the Triton kernels (what CUDA runs; on the CPU under the
     interpreter): the packed part written into the buffer's first tokens, the 16-bit window after it,
     as the PyTorch path gives them, with keys and values taken by a kernel in every layer where the
     method has one (``dequantize_kernel``), and never where it has none."""
@@ -282,10 +284,13 @@ def test_the_dequantized_layer_through_the_kernels(llama, preset, kernels, monke
     from kvpolar.kernels import dequantize
     from kvpolar.quantizers import base
 
-    ids, mask = left_padded([150, 131], seed=15)
-    cache = QuantizedKVCache(llama.config, config(preset, residual_length=8))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = copy.deepcopy(llama).to(device)
+    ids, mask = (x.to(device) for x in left_padded([150, 131], seed=15))
+    cache = QuantizedKVCache(model.config, config(preset, residual_length=8))
     with torch.no_grad():
-        _feed(llama, cache, ids, mask)
+        _feed(model, cache, ids, mask)
+    monkeypatch.setattr(base, "cuda_dequantize_into", lambda p, out: False)  # the PyTorch path (CUDA too)
     plain = [layer.dequantized(slice(1, 2)) for layer in cache.layers]
     calls = []
 

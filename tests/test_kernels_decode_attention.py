@@ -19,9 +19,12 @@ from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attentio
 from kvpolar.packing import unpack_bits
 from kvpolar.quantizers.base import Quantizer
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
-from kernel_checks import compare_with_oracle, left_padding_mask, oracle_with, random_inputs  # noqa: E402
+from kernel_checks import DEVICE, compare_with_oracle, left_padding_mask, oracle_with, random_inputs  # noqa: E402
 
 D = 64
+#: head dim of the polar-rope key tests that need the transposed kernel: compiled, it takes polar-rope
+#: keys from head dim 128 on (``_use_transposed``); the interpreter at any, here the cheaper 64
+TRANSPOSED_POLAR_D = D if DEVICE == "cpu" else 128
 
 
 def _pairs(d, pairing):
@@ -133,16 +136,17 @@ def check(key_fmt, value_fmt, *, batch=1, hkv=1, gqa=4, tq=1, tk=37, r=0, dtype=
                                config=small_caches_transposed(config), factor=factor)
 
 
-def record_three_byte_readings(monkeypatch, module) -> list:
-    """The ``WORDS`` modes ``_three_byte_reading`` returns for operands in 3-byte units, one per
-    operand, as the launches ask for them."""
-    taken = []
+def record_three_byte_readings(monkeypatch, module) -> dict:
+    """The ``WORDS`` mode ``_three_byte_reading`` returns for each operand in 3-byte units, by the
+    address of its codes (the last asked for: on CUDA the launch plan builds the arguments once more
+    to ask the compiled kernel's residency)."""
+    taken = {}
     real = module._three_byte_reading
 
     def reading(codes, data, unit_bytes, words, cfg):
         out = real(codes, data, unit_bytes, words, cfg)
         if unit_bytes == 3:
-            taken.append(out[1])
+            taken[codes.data_ptr()] = out[1]
         return out
 
     monkeypatch.setattr(module, "_three_byte_reading", reading)
@@ -364,8 +368,8 @@ def test_polar_rope_3byte_units_both_readings(monkeypatch, rb_ab, pairing, dtype
     rb, ab = rb_ab
     config = LaunchConfig() if reading is None else LaunchConfig(three_byte_units=reading)
     check(f"polar-{rb}-{ab}-32-{pairing}", "kivi-2-32", batch=2, gqa=4, tq=2, tk=83, r=3, dtype=dtype,
-          lengths=[86, 40], config=config)
-    assert taken and all(m == mode for m in taken)
+          lengths=[86, 40], config=config, d=TRANSPOSED_POLAR_D)
+    assert list(taken.values()) == [mode]  # the keys (the values are KIVI-2, in bytes)
 
 
 def test_polar_rope_words_fall_back_where_rows_are_not_whole_words():
@@ -382,14 +386,15 @@ def test_polar_rope_words_fall_back_where_rows_are_not_whole_words():
         LaunchConfig(three_byte_units="bytes")
 
 
-def record_kivi_code_units(monkeypatch, module) -> list:
-    """(bits, bytes per unit) of the KIVI operands ``_kivi_code_units`` reads, as the launches ask."""
-    taken = []
+def record_kivi_code_units(monkeypatch, module) -> dict:
+    """(bits, bytes per unit) of each KIVI operand ``_kivi_code_units`` reads, by the address of its
+    codes (the last asked for, as in ``record_three_byte_readings``)."""
+    taken = {}
     real = module._kivi_code_units
 
     def reading(op, cfg):
         out = real(op, cfg)
-        taken.append((op.bits, out[1]))
+        taken[op.data.data_ptr()] = (op.bits, out[1])
         return out
 
     monkeypatch.setattr(module, "_kivi_code_units", reading)
@@ -409,7 +414,7 @@ def test_kivi_code_units_both_readings(monkeypatch, key_fmt, value_fmt, reading,
     check(key_fmt, value_fmt, batch=2, gqa=4, tq=2, tk=83, r=3, dtype=dtype, lengths=[86, 40],
           config=LaunchConfig(kivi_code_units=reading), d=128)  # (2-bit codes: 16 halfwords from head dim 128)
     unit_bytes = 2 if reading == "halfwords" else 1
-    assert sorted(taken) == sorted([(int(key_fmt.split("-")[1]), unit_bytes),
+    assert sorted(taken.values()) == sorted([(int(key_fmt.split("-")[1]), unit_bytes),
                                     (int(value_fmt.split("-")[1]), unit_bytes)])
 
 
@@ -600,7 +605,8 @@ def test_splits_fill_one_wave_and_cover_every_token(monkeypatch, pps, programs, 
         assert programs * splits > pps * sms // 2  # and the wave is more than half full
 
 
-def test_splits_under_the_interpreter_are_powers_of_two_blocks():
+def test_splits_under_the_interpreter_are_powers_of_two_blocks(monkeypatch):
+    monkeypatch.setattr(da, "_interpreting", lambda: True)  # (also where the suite runs on a GPU)
     for tokens in (70, 1000, 5000):
         splits, per_split = da.choose_splits(tokens, 4, 8, 16, LaunchConfig(min_split_tokens=16))
         assert per_split // 16 & (per_split // 16 - 1) == 0 and (splits - 1) * per_split < tokens <= splits * per_split
@@ -698,11 +704,12 @@ def test_launch_plan_is_remembered_per_packed_inputs(monkeypatch):
     made = []
     original = da._packed_plan
     monkeypatch.setattr(da, "_packed_plan", lambda *a: made.append(1) or original(*a))
-    k, v, q = random_inputs(("plan",), batch=2, hkv=1, gqa=4, tq=1, n=40, d=D, dtype=torch.float16)
+    k, v, q = (x.to(DEVICE) for x in random_inputs(("plan",), batch=2, hkv=1, gqa=4, tq=1, n=40, d=D,
+                                                   dtype=torch.float16))
     kq, pk = make_keys("kivi-2-32", k)
     vq, pv = make_values("kivi-2-32", v)
     _, pv2 = make_values("kivi-2-32", v * 2)
-    mask = left_padding_mask([40, 25], 1, 40)
+    mask = left_padding_mask([40, 25], 1, 40).to(DEVICE)
     cfg = small_caches_transposed(None)
     calls = [(q, pv, None, cfg, 1), (q.clone(), pv, None, cfg, 1), (q, pv2, None, cfg, 2), (q, pv2, mask, cfg, 3),
              (q, pv2, mask, dataclasses.replace(cfg, block_n=16), 4), (q, pv2, mask, cfg, 5)]
@@ -727,7 +734,8 @@ def test_partial_buffers_start_aligned(monkeypatch):
                         part_sum, part_acc, *rest)
 
     monkeypatch.setattr(da, "_launch_split", record)
-    k, v, q = random_inputs(("aligned",), batch=1, hkv=1, gqa=3, tq=1, n=9, d=D, dtype=torch.float16)
+    k, v, q = (x.to(DEVICE) for x in random_inputs(("aligned",), batch=1, hkv=1, gqa=3, tq=1, n=9, d=D,
+                                                   dtype=torch.float16))
     fused_decode_attention(q, None, None, None, None, k, v, D**-0.5)
     base = seen["acc"].data_ptr()
     assert seen["max"].numel() % 4 and all((seen[n].data_ptr() - base) % 256 == 0 for n in ("max", "sum"))

@@ -254,17 +254,17 @@ def test_unsupported_setting_names_the_parameter(role):
 # ----- through the transformers cache -------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", ["turbo-k3v4", "fp8", "polar-recursive"])
 def test_cache_decodes_through_the_kernel(monkeypatch, preset):
-    """The cache's attention dispatches these presets to the fused kernel (forced here on CPU, as on
-    CUDA) and its logits match the reference decode of the same cache."""
+    """The cache's attention dispatches these presets to the fused kernel (forced here, as CUDA does;
+    on the CPU under the interpreter) and its logits match the reference decode of the same cache."""
     from cache_helpers import config, left_padded, teacher_forced, tiny_model
 
     from kvpolar.cache import attention
     from kvpolar.cache.cache import QuantizedKVCache
     from kvpolar.kernels import decode_attention
 
-    model = tiny_model("llama", layers=2)
-    ids, mask = left_padded([21, 9])
-    cont = torch.randint(1, 90, (2, 2), generator=torch.Generator().manual_seed(3))
+    model = tiny_model("llama", layers=2).to(DEVICE)
+    ids, mask = (x.to(DEVICE) for x in left_padded([21, 9]))
+    cont = torch.randint(1, 90, (2, 2), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     cfg = config(preset, residual_length=4, min_chunk=1, full_precision_layers=())  # tokens packed each step
 
     def run(kernel):

@@ -34,7 +34,7 @@ def reference(x, bits, group_size, axis):
 def assert_same_storage(got, want):
     assert type(got) is type(want) and got.shape == want.shape and got.dtype == want.dtype
     for name, tensor in want.stored_tensors().items():
-        mine = getattr(got, name).cpu()
+        mine, tensor = getattr(got, name).cpu(), tensor.cpu()
         assert mine.shape == tensor.shape and mine.dtype == tensor.dtype, name
         assert torch.equal(mine, tensor), (name, (mine.float() - tensor.float()).abs().max())
 
@@ -118,8 +118,8 @@ def test_a_cache_quantizing_through_the_encoder_holds_what_the_pytorch_path_hold
 
     from kvpolar.quantizers import kivi
 
-    model = tiny_model("llama", layers=2)
-    ids = torch.randint(1, VOCAB, (2, 75), generator=torch.Generator().manual_seed(3))
+    model = tiny_model("llama", layers=2).to(DEVICE)
+    ids = torch.randint(1, VOCAB, (2, 75), generator=torch.Generator().manual_seed(3)).to(DEVICE)
 
     def run():
         cache = QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
@@ -130,9 +130,12 @@ def test_a_cache_quantizing_through_the_encoder_holds_what_the_pytorch_path_hold
                 logits.append(out.logits[:, -1])
         return cache, torch.stack(logits)
 
+    monkeypatch.setattr(kivi, "encodes_on_device", lambda x, c: False)  # the PyTorch path (CUDA too)
     plain_cache, plain_logits = run()
     calls = []
-    monkeypatch.setattr(kivi, "encodes_on_device", lambda x, c: calls.append(c.axis) or True)
+    # (the cache's CPU probe of the stored form stays on the PyTorch path where the model is on CUDA)
+    monkeypatch.setattr(kivi, "encodes_on_device",
+                        lambda x, c: x.device.type == DEVICE and (calls.append(c.axis) or True))
     cache, logits = run()
     assert "channel" in calls and "token" in calls
     assert torch.equal(logits, plain_logits)

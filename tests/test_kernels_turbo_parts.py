@@ -218,4 +218,4 @@ def test_three_byte_units_both_readings(monkeypatch, key, value, reads, dtype, r
     taken = record_three_byte_readings(monkeypatch, da)
     check(key, value, batch=2, gqa=4, tq=2, tk=45, r=3, dtype=dtype, lengths=[48, 20], d=D,
           config=small_caches_transposed(da.LaunchConfig(three_byte_units=reading)))
-    assert len(transposed_launches) == 1 and taken == [mode] * reads
+    assert len(transposed_launches) == 1 and list(taken.values()) == [mode] * reads

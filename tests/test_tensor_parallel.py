@@ -30,8 +30,10 @@ def tp_run(tmp_path_factory):
     inputs = {"ids": ids, "mask": mask, "continuation": continuation(2, 10, seed=4)}
     torch.save(inputs, work / "inputs.pt")
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
+    # CPU processes also where a GPU is visible: else transformers gives each rank the GPU of its local
+    # rank, and a one-GPU machine has no second one
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [str(torchrun if torchrun.exists() else "torchrun"), "--standalone", "--nproc_per_node", "2",
            str(HERE / "tp_worker.py"), str(work / "model"), str(work / "inputs.pt"), str(work / "out.pt"), *PRESETS]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
