@@ -415,7 +415,7 @@ def test_kivi_code_units_both_readings(monkeypatch, key_fmt, value_fmt, reading,
           config=LaunchConfig(kivi_code_units=reading), d=128)  # (2-bit codes: 16 halfwords from head dim 128)
     unit_bytes = 2 if reading == "halfwords" else 1
     assert sorted(taken.values()) == sorted([(int(key_fmt.split("-")[1]), unit_bytes),
-                                    (int(value_fmt.split("-")[1]), unit_bytes)])
+                                             (int(value_fmt.split("-")[1]), unit_bytes)])
 
 
 def run_ptx(asm: str, word: np.ndarray, smem_size: int = 49152) -> np.ndarray:
