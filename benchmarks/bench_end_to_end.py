@@ -229,11 +229,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--prefill", action="store_true", help="also time a batch-1 prefill per preset")
     parser.add_argument("--out", default="end_to_end.json")
-    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script runs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model, context and batches on the CPU: checks the script runs")
     args = parser.parse_args()
     global DEVICE
-    if args.smoke:
+    if args.smoke:  # (else a 32-layer model over 32k tokens up to batch 96 on the CPU: hours)
         DEVICE = "cpu"
+        args.context, args.batches, args.steps, args.warmup, args.layers = 400, "1,2", 2, 1, 2
 
     import transformers
 
@@ -250,8 +252,10 @@ def main() -> None:
             "gpu": _device_name(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "kvpolar": kvpolar.__version__, "python": platform.python_version()},
-            "model": {**CONFIG_8B, "num_hidden_layers": args.layers, "weights": "random, float16"},
-            "points": [{**dataclasses.asdict(p), "peak_over_cache": p.overhead} for p in points],
+            "model": {**(CONFIG_8B if DEVICE == "cuda" else SMOKE_CONFIG), "num_hidden_layers": args.layers,
+                      "weights": "random, float16"},
+            "points": [{**dataclasses.asdict(p), "peak_over_cache": p.overhead if DEVICE == "cuda" else None}
+                       for p in points],  # (the CPU's peak is not measured)
             "prefill_seconds_batch1": prefill,
         }
         with open(args.out, "w") as f:
@@ -290,6 +294,9 @@ def main() -> None:
     print("|---|---:|---:|" + "---:|" * len(bases))
     for name, (tps, b) in best.items():
         print(f"| {name} | {b} | {tps:.1f} | " + " | ".join(f"{tps / best[base][0]:.2f}x" for base in bases) + " |")
+    if DEVICE != "cuda":
+        print("\nPeak memory: measured on CUDA only (torch.cuda.max_memory_allocated)")
+        return
     print("\nPeak memory while decoding, beyond the weights, over the cache's bytes, at the largest batch that fit:")
     for name in best:
         ok = [p for p in points if p.preset == name and p.status == "ok"]
