@@ -1,0 +1,82 @@
+"""The benchmark scripts behind README's GPU figures still run, and their own checks pass: each in
+its ``--smoke`` mode (tiny sizes on the CPU, Triton kernels under the interpreter), as a user would
+start it from the repository root. A script that no longer runs is a figure nobody can reproduce."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+pytest.importorskip("triton")
+
+
+def run_script(script: str, *args: str, timeout: int = 600) -> str:
+    """Run ``benchmarks/<script>`` with ``args`` on the CPU; returns its stdout (asserts exit status 0)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(BENCHMARKS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def test_bench_dequantize_checks_every_kernel_row(tmp_path):
+    out = tmp_path / "dequantize.json"
+    stdout = run_script("bench_dequantize.py", "--smoke", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    kernel_rows = [r for r in rows if r["kernel"]]
+    assert kernel_rows and all(r["ok"] for r in kernel_rows)
+    assert "checks ok: True" in stdout
+
+
+def test_bench_encode_matches_the_pytorch_quantizer(tmp_path):
+    out = tmp_path / "encode.json"
+    run_script("bench_encode.py", "--smoke", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["ok"] for r in rows)
+
+
+def test_bench_end_to_end_runs_every_cache_kind(tmp_path):
+    """The 16-bit baselines (dynamic and static) and three quantized presets, decode steps at two
+    batch sizes and the prefill timing, with each point's cache accounted."""
+    out = tmp_path / "end_to_end.json"
+    presets = ["fp16", "fp16-static", "kivi-2", "polar-rope-3", "turbo-4"]
+    run_script("bench_end_to_end.py", "--smoke", "--presets", ",".join(presets), "--prefill", "--out", str(out))
+    result = json.loads(out.read_text())
+    points = result["points"]
+    assert {p["preset"] for p in points} == set(presets) and {p["batch"] for p in points} == {1, 2}
+    assert all(p["status"] == "ok" and p["decode_ms_per_step"] > 0 and p["cache_gib"] > 0 for p in points)
+    quantized = [p for p in points if p["preset"] not in ("fp16", "fp16-static")]
+    assert all(p["cache_bits_per_element"] < 16 for p in quantized)
+    assert set(result["prefill_seconds_batch1"]) == set(presets)
+    assert result["model"]["hidden_size"] < 4096  # the smoke model, not the 8B shape it times on a GPU
+
+
+def test_bench_long_step_checks_against_the_reference(tmp_path):
+    out = tmp_path / "long_step.json"
+    run_script("bench_long_step.py", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["checks"] and all(c["ok"] for c in result["checks"])
+    assert result["steps"] and result["chunked_prefill"]
+
+
+def test_bench_verify_step_checks_every_variant():
+    """Exits non-zero on a failed check; every preset x kernel variant is checked."""
+    stdout = run_script("bench_verify_step.py", "--smoke")
+    last = stdout.strip().splitlines()[-1]
+    passed, total = (int(x) for x in last.split(" checks passed")[0].split(" of "))
+    assert passed == total >= 15
+
+
+def test_host_cost_times_each_preset():
+    stdout = run_script("host_cost.py", "--presets", "kivi-2", "turbo-4", "--calls", "5", "--repeats", "1")
+    timed = [line.split() for line in stdout.splitlines() if line.strip().endswith(" us")]
+    assert [t[0] for t in timed] == ["kivi-2", "turbo-4"] and all(float(t[1]) > 0 for t in timed)
