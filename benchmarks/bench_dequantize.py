@@ -58,17 +58,28 @@ def copy_gbps(device: str, repeats: int) -> float:
     return 2 * n / _median_ms(lambda: dst.copy_(src), repeats, device) / 1e6
 
 
-def measure(preset: str, role: str, batch: int, tokens: int, device: str, repeats: int,
-            dtype: torch.dtype = torch.float16) -> dict:
+def role_quantizer(preset: str, role: str):
+    """(method name, quantizer) of ``preset``'s ``role`` ("keys" or "values")."""
     import kvpolar
-    from kvpolar.kernels import dequantize as kernels
 
     config = kvpolar.KVCacheConfig.preset(preset)
     name, params = ((config.key_quantizer, config.key_params) if role == "keys"
                     else (config.value_quantizer, config.value_params))
-    quantizer = kvpolar.quantizer(name, **dict(params))
-    gen = torch.Generator(device=device).manual_seed(batch * 7 + tokens)
-    x = torch.randn(batch, 8, tokens, 128, generator=gen, device=device, dtype=dtype)
+    return name, kvpolar.quantizer(name, **dict(params))
+
+
+def random_heads(batch: int, tokens: int, device: str, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random normal keys or values ``[batch, 8, tokens, 128]`` in ``dtype`` from a generator seeded ``seed``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(batch, 8, tokens, 128, generator=gen, device=device, dtype=dtype)
+
+
+def measure(preset: str, role: str, batch: int, tokens: int, device: str, repeats: int,
+            dtype: torch.dtype = torch.float16) -> dict:
+    from kvpolar.kernels import dequantize as kernels
+
+    name, quantizer = role_quantizer(preset, role)
+    x = random_heads(batch, tokens, device, dtype, seed=batch * 7 + tokens)
     packed = quantizer.quantize(x)
     del x
     row = {"preset": preset, "role": role, "format": type(packed).__name__, "batch": batch, "tokens": tokens,

@@ -69,14 +69,10 @@ def compare(kernel, torch_path) -> dict:
 
 
 def measure(preset: str, role: str, batch: int, tokens: int, device: str, repeats: int, dtype) -> dict:
-    import kvpolar
+    import bench_dequantize
 
-    config = kvpolar.KVCacheConfig.preset(preset)
-    name, params = ((config.key_quantizer, config.key_params) if role == "keys"
-                    else (config.value_quantizer, config.value_params))
-    quantizer = kvpolar.quantizer(name, **dict(params))
-    gen = torch.Generator(device=device).manual_seed(batch * 5 + tokens)
-    x = torch.randn(batch, 8, tokens, 128, generator=gen, device=device, dtype=dtype)
+    _, quantizer = bench_dequantize.role_quantizer(preset, role)
+    x = bench_dequantize.random_heads(batch, tokens, device, dtype, seed=batch * 5 + tokens)
     kernel = quantizer.quantize(x)
     with pytorch_path():
         reference = quantizer.quantize(x)
