@@ -133,7 +133,7 @@ def dequantize_into(p: QuantizedTensor, out: torch.Tensor) -> bool:
 def write_if_taken(p: QuantizedTensor, out: torch.Tensor) -> bool:
     """:func:`dequantize_into` where a kernel reads ``p`` and ``out`` is laid out as it takes, else
     False (``out`` untouched) rather than an error: the caller copies the PyTorch result instead."""
-    if not supports(p) or refusal(out, p) is not None:
+    if not (supports(p) and takes(out, p)):
         return False
     _write(p, out)
     return True
