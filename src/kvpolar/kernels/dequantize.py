@@ -201,7 +201,7 @@ def _launch_format_kernel(p: QuantizedTensor, target: torch.Tensor, n: int) -> N
         target.stride(0), target.stride(1),
         FMT=fields["fmt"], BITS=fields["bits"], NB=fields["row_bytes"], LEVELS=fields.get("levels", 0),
         D=p.head_dim, BLOCK_T=block, ROTATED=rotated, DOT=TENSOR_CORE_DOT, FP8_CONVERT=fp8_convert,
-        NATIVE=not interpreting(),
+        NATIVE=not interpreting(), STEPS_CONST=triton.cdiv(blocks, per_row) if interpreting() else 0,
         num_warps=warps,
         num_stages=1,  # no software pipelining of the loop: R (or H) and the tile already fill shared memory
     )
@@ -325,7 +325,7 @@ def _format_kernel(
     s_dn, s_dt, s_mn, s_mt, book_stride, s_on, s_ot,
     FMT: tl.constexpr, BITS: tl.constexpr, NB: tl.constexpr, LEVELS: tl.constexpr, D: tl.constexpr,
     BLOCK_T: tl.constexpr, ROTATED: tl.constexpr, DOT: tl.constexpr, FP8_CONVERT: tl.constexpr,
-    NATIVE: tl.constexpr,
+    NATIVE: tl.constexpr, STEPS_CONST: tl.constexpr,
 ):
     """turbo / fp8 / polar-recursive rows ``[n, T, NB]`` bytes with per-token metadata ``[n, T, ...]``
     -> ``[n, T, D]``: ``format_tile``'s tile ``y`` times its per-token factor, then un-rotated, ``x = y @ R``:
@@ -336,9 +336,14 @@ def _format_kernel(
     with ``H`` summed in float32, then the column scale (float32's accuracy, no split of ``R``; under
     the CPU interpreter, whose bfloat16 products are wrong, the terms are float32 holding the same
     bfloat16 values, ``NATIVE`` False). Program (row n, every ``num_programs(1)``-th block of
-    ``BLOCK_T`` tokens from block ``program_id(1)``)."""
+    ``BLOCK_T`` tokens from block ``program_id(1)``). ``STEPS_CONST`` (interpreter only, else 0): the
+    loop's count as a constant, blocks past the end masked off; Triton 3.4-3.6's interpreter cannot
+    take tensors as ``range`` bounds under NumPy 2.5 or newer (``int`` of a one-element array)."""
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, D)[None, :]
+    unrotate = 0.0  # (placeholders where ROTATED takes none)
+    hadamard = 0.0
+    column_scale = 0.0
     if ROTATED == 1:
         unrotate = tl.load(unrotate_ptr + tl.arange(0, D)[:, None] * D + d)
     elif ROTATED == 2:
@@ -346,21 +351,45 @@ def _format_kernel(
         if not NATIVE:
             hadamard = hadamard.to(tl.float32)
         column_scale = tl.load(column_scale_ptr + d)
-    for block in range(tl.program_id(1), tl.cdiv(T, BLOCK_T), tl.num_programs(1)):
-        t = block * BLOCK_T + tl.arange(0, BLOCK_T)
-        ok = t < T
-        tile, factor = formats.format_tile(
-            data_ptr + row * s_dn + t * s_dt, ok, meta_ptr + row * s_mn + t * s_mt, tab0, tab1, tab2,
-            row * book_stride, FMT, BITS, NB, LEVELS, D, BLOCK_T, FP8_CONVERT)
-        value = tile.to(tl.float32) * factor[:, None]
-        if ROTATED == 1:
-            value = tl.dot(value, unrotate, input_precision=DOT)
-        elif ROTATED == 2:  # y = hi + mid + lo exactly (8 significant bits each), each times H exactly
-            hi = _bfloat16_term(value, NATIVE)
-            rest = value - hi.to(tl.float32)
-            mid = _bfloat16_term(rest, NATIVE)
-            lo = _bfloat16_term(rest - mid.to(tl.float32), NATIVE)
-            product = tl.dot(hi, hadamard, input_precision="ieee")
-            product = tl.dot(mid, hadamard, product, input_precision="ieee")
-            value = tl.dot(lo, hadamard, product, input_precision="ieee") * column_scale
-        tl.store(out_ptr + row * s_on + t[:, None] * s_ot + d, value.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+    if STEPS_CONST > 0:
+        for step in range(STEPS_CONST):
+            _format_block(
+                data_ptr, meta_ptr, tab0, tab1, tab2, out_ptr, T, s_dn, s_dt, s_mn, s_mt, book_stride, s_on, s_ot,
+                row, tl.program_id(1) + step * tl.num_programs(1), unrotate, hadamard, column_scale,
+                FMT, BITS, NB, LEVELS, D, BLOCK_T, ROTATED, DOT, FP8_CONVERT, NATIVE)
+    else:
+        for block in range(tl.program_id(1), tl.cdiv(T, BLOCK_T), tl.num_programs(1)):
+            _format_block(
+                data_ptr, meta_ptr, tab0, tab1, tab2, out_ptr, T, s_dn, s_dt, s_mn, s_mt, book_stride, s_on, s_ot,
+                row, block, unrotate, hadamard, column_scale,
+                FMT, BITS, NB, LEVELS, D, BLOCK_T, ROTATED, DOT, FP8_CONVERT, NATIVE)
+
+
+@triton.jit
+def _format_block(
+    data_ptr, meta_ptr, tab0, tab1, tab2, out_ptr, T, s_dn, s_dt, s_mn, s_mt, book_stride, s_on, s_ot,
+    row, block, unrotate, hadamard, column_scale,
+    FMT: tl.constexpr, BITS: tl.constexpr, NB: tl.constexpr, LEVELS: tl.constexpr, D: tl.constexpr,
+    BLOCK_T: tl.constexpr, ROTATED: tl.constexpr, DOT: tl.constexpr, FP8_CONVERT: tl.constexpr,
+    NATIVE: tl.constexpr,
+):
+    """One block of :func:`_format_kernel`: tokens ``block * BLOCK_T + [0, BLOCK_T)`` of row ``row``
+    (none past ``T``) dequantized, un-rotated and stored."""
+    d = tl.arange(0, D)[None, :]
+    t = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = t < T
+    tile, factor = formats.format_tile(
+        data_ptr + row * s_dn + t * s_dt, ok, meta_ptr + row * s_mn + t * s_mt, tab0, tab1, tab2,
+        row * book_stride, FMT, BITS, NB, LEVELS, D, BLOCK_T, FP8_CONVERT)
+    value = tile.to(tl.float32) * factor[:, None]
+    if ROTATED == 1:
+        value = tl.dot(value, unrotate, input_precision=DOT)
+    elif ROTATED == 2:  # y = hi + mid + lo exactly (8 significant bits each), each times H exactly
+        hi = _bfloat16_term(value, NATIVE)
+        rest = value - hi.to(tl.float32)
+        mid = _bfloat16_term(rest, NATIVE)
+        lo = _bfloat16_term(rest - mid.to(tl.float32), NATIVE)
+        product = tl.dot(hi, hadamard, input_precision="ieee")
+        product = tl.dot(mid, hadamard, product, input_precision="ieee")
+        value = tl.dot(lo, hadamard, product, input_precision="ieee") * column_scale
+    tl.store(out_ptr + row * s_on + t[:, None] * s_ot + d, value.to(out_ptr.dtype.element_ty), mask=ok[:, None])
