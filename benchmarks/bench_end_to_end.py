@@ -1,6 +1,7 @@
 """End-to-end decoding with a Llama-3.1-8B-shaped model (random weights, no download) at long context.
 
 For the 16-bit caches (``fp16``: ``DynamicCache`` + ``sdpa``, what ``generate()`` uses by default;
+``fp16-flash``: the same with PyTorch's cuDNN attention backend excluded, see ``attention_backends``;
 ``fp16-static``: ``StaticCache`` + ``sdpa``, preallocated and written in place) and each kvpolar
 preset: decode tokens/s and peak GPU memory at ``--context`` tokens per sequence, for batch sizes up
 to the largest that fits, and the prefill time of one sequence including quantization.
@@ -17,6 +18,7 @@ sampling-free argmax) through ``model.forward`` with the cache, one token per se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import platform
@@ -56,9 +58,24 @@ def build_model(layers: int, device: str | None = None):
 
 
 #: the 16-bit baselines: ``DynamicCache`` (what ``generate()`` uses by default; it concatenates, i.e.
-#: copies, every layer's whole cache at every step) and ``StaticCache`` (preallocated to the context
-#: plus the decode steps, written in place; attention reads the whole buffer under a mask)
-FP16_BASELINES = ("fp16", "fp16-static")
+#: copies, every layer's whole cache at every step), the same without cuDNN attention (``fp16-flash``)
+#: and ``StaticCache`` (preallocated to the context plus the decode steps, written in place; attention
+#: reads the whole buffer under a mask)
+FP16_BASELINES = ("fp16", "fp16-flash", "fp16-static")
+
+
+def attention_backends(preset: str):
+    """The context the decode and prefill steps of ``preset`` run in: for ``fp16-flash``, PyTorch's
+    ``scaled_dot_product_attention`` limited to its flash, memory-efficient and math backends; else
+    none (PyTorch's own choice). On the H100 (torch 2.11) PyTorch's choice for a one-token decode
+    step over a long cache is its cuDNN backend, which builds a cuDNN graph on the host for each new
+    key length: once per decode step (every layer's call after the first reuses it), 30-80 ms of host
+    time per step (``profile_decode_step.py``), which kvpolar's own kernels do not pay."""
+    if preset != "fp16-flash":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def make_cache(model, preset: str, max_tokens: int | None = None):
@@ -70,7 +87,7 @@ def make_cache(model, preset: str, max_tokens: int | None = None):
 
     if preset in FP16_BASELINES:
         model.set_attn_implementation("sdpa")
-        if preset == "fp16":
+        if preset in ("fp16", "fp16-flash"):  # (fp16-flash: steps run in ``attention_backends``)
             return transformers.DynamicCache(config=model.config)
         if max_tokens is None:
             raise ValueError("fp16-static needs max_tokens: the context plus the decode steps")
@@ -143,7 +160,8 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
     for _ in range(steps + warmup):
         _sync()
         start = time.perf_counter()
-        out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
+        with attention_backends(preset):
+            out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
         ids = out.logits[:, -1:].argmax(-1)
         _sync()
         every.append(1000 * (time.perf_counter() - start))
@@ -210,11 +228,13 @@ def prefill_seconds(model, preset: str, context: int) -> float:
     cache = make_cache(model, preset, context)
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=DEVICE)
     warm = make_cache(model, preset, 128)
-    model(input_ids=ids[:, :128], use_cache=True, logits_to_keep=1, **cache_kwargs(model, warm))
+    with attention_backends(preset):
+        model(input_ids=ids[:, :128], use_cache=True, logits_to_keep=1, **cache_kwargs(model, warm))
     kw = cache_kwargs(model, cache)
     _sync()
     start = time.perf_counter()
-    model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
+    with attention_backends(preset):
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
     _sync()
     return time.perf_counter() - start
 

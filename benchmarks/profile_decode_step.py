@@ -1,13 +1,18 @@
 """Where a decode step of the 8B-shaped model goes, per preset: each step's wall time (a slow step
-among fast ones is a recompilation) and a torch.profiler table of one step (CPU and CUDA time).
+among fast ones is a recompilation) and a torch.profiler table of one step (CPU and CUDA time);
+with ``--python N``, also the Python functions of N more steps by their own time (cProfile), the
+host side that sets a small batch's step.
 
 Uses ``bench_end_to_end``'s model (random weights, fewer layers to keep it short) and cache fill.
 
     PYTHONPATH=src python benchmarks/profile_decode_step.py OUT_DIR [--layers 4] [--batch 12]
-        [--presets turbo-3,turbo-4,squat-2,polar-recursive]
+        [--presets turbo-3,turbo-4,squat-2,polar-recursive] [--python 20]
 """
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import sys
 import time
 
@@ -26,6 +31,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--presets", default="fp16,turbo-3,turbo-4,squat-2,polar-recursive")
+    ap.add_argument("--python", type=int, default=0, help="steps profiled by cProfile (0: none)")
     args = ap.parse_args()
     model = e2e.build_model(args.layers)
     report = []
@@ -39,7 +45,8 @@ def main() -> None:
 
         def step():
             nonlocal ids, pos
-            out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
+            with e2e.attention_backends(preset):
+                out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
             ids = out.logits[:, -1:].argmax(-1)
             pos = pos + 1
 
@@ -58,10 +65,29 @@ def main() -> None:
         line = f"{preset} B={args.batch} layers={args.layers}: step ms " + " ".join(f"{t:.1f}" for t in times)
         print(line, flush=True)
         report += [line, table, cuda]
+        if args.python:
+            report.append(python_profile(step, args.python, f"{preset} B={args.batch} layers={args.layers}"))
+            print(report[-1], flush=True)
         del cache
     with open(os.path.join(args.out, "profile_decode_step.txt"), "w") as f:
         f.write("\n".join(report))
-    print("\n".join(report[1::3][:1]))
+
+
+def python_profile(step, steps: int, title: str) -> str:
+    """cProfile of ``steps`` calls of ``step`` (synchronized at the end): the 30 functions of most
+    own time and the 30 of most cumulative time, per step."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    text.write(f"cProfile of {steps} steps, {title}\n")
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(30)
+    return text.getvalue()
 
 
 if __name__ == "__main__":

@@ -45,16 +45,16 @@ def test_bench_encode_matches_the_pytorch_quantizer(tmp_path):
 
 
 def test_bench_end_to_end_runs_every_cache_kind(tmp_path):
-    """The 16-bit baselines (dynamic and static) and three quantized presets, decode steps at two
-    batch sizes and the prefill timing, with each point's cache accounted."""
+    """The 16-bit baselines (dynamic, dynamic without cuDNN attention, static) and three quantized
+    presets, decode steps at two batch sizes and the prefill timing, with each point's cache accounted."""
     out = tmp_path / "end_to_end.json"
-    presets = ["fp16", "fp16-static", "kivi-2", "polar-rope-3", "turbo-4"]
+    presets = ["fp16", "fp16-flash", "fp16-static", "kivi-2", "polar-rope-3", "turbo-4"]
     run_script("bench_end_to_end.py", "--smoke", "--presets", ",".join(presets), "--prefill", "--out", str(out))
     result = json.loads(out.read_text())
     points = result["points"]
     assert {p["preset"] for p in points} == set(presets) and {p["batch"] for p in points} == {1, 2}
     assert all(p["status"] == "ok" and p["decode_ms_per_step"] > 0 and p["cache_gib"] > 0 for p in points)
-    quantized = [p for p in points if p["preset"] not in ("fp16", "fp16-static")]
+    quantized = [p for p in points if not p["preset"].startswith("fp16")]
     assert all(p["cache_bits_per_element"] < 16 for p in quantized)
     assert set(result["prefill_seconds_batch1"]) == set(presets)
     assert result["model"]["hidden_size"] < 4096  # the smoke model, not the 8B shape it times on a GPU
