@@ -80,3 +80,12 @@ def test_host_cost_times_each_preset():
     stdout = run_script("host_cost.py", "--presets", "kivi-2", "turbo-4", "--calls", "5", "--repeats", "1")
     timed = [line.split() for line in stdout.splitlines() if line.strip().endswith(" us")]
     assert [t[0] for t in timed] == ["kivi-2", "turbo-4"] and all(float(t[1]) > 0 for t in timed)
+
+
+def test_sdpa_priority_steps_times_both_settings():
+    """Both step kinds (the 16-bit window, 16-bit layers) under both backend orders, as a table."""
+    stdout = run_script("sdpa_priority_steps.py", "--smoke")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| steps")}
+    assert set(rows) == {"window", "16-bit layers"}
+    assert all(float(ms) > 0 for pair in rows.values() for ms in pair)

@@ -346,6 +346,38 @@ def test_cuda_dispatch_falls_back_with_a_warning(monkeypatch):
     assert attention.fused_kernel(torch.zeros(1)) is None  # CPU: the reference, no warning
 
 
+def test_decode_size_sdpa_over_cached_tokens_prefers_flash_to_cudnn_on_cuda(monkeypatch):
+    """Decode-size SDPA calls over cached tokens on CUDA (fewer queries than keys, at most
+    ``MAX_FUSED_QUERY_ROWS`` query rows per KV head) run with flash and memory-efficient attention
+    before cuDNN in PyTorch's priority order (``SDPA_PRIORITY``); a prompt's first forward, long steps,
+    CPU queries and ``SDPA_PRIORITY = None`` keep PyTorch's order."""
+    from torch.nn.attention import SDPBackend
+
+    from kvpolar.cache import attention
+    from kvpolar.decode_attention import MAX_FUSED_QUERY_ROWS
+
+    def cuda_query(tokens):  # only .device and .shape are read: [B, Hq=8, Tq, D]
+        return type("CudaQuery", (), {"device": torch.device("cuda"), "shape": (1, 8, tokens, 64)})()
+
+    keys = torch.zeros(1, 2, 1000, 64)  # [B, Hkv=2, Tk, D]: a GQA group of 4
+    before = torch._C._get_sdp_priority_order()
+    with attention.sdpa_backends(cuda_query(1), keys):
+        order = list(torch._C._get_sdp_priority_order())
+    assert torch._C._get_sdp_priority_order() == before  # restored on exit
+    ranks = [order.index(int(getattr(SDPBackend, name)))
+             for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")]
+    assert ranks == [0, 1, 2]
+    with attention.sdpa_backends(cuda_query(MAX_FUSED_QUERY_ROWS // 4), keys):  # a verify step's size
+        assert list(torch._C._get_sdp_priority_order()) == order
+    long_step, prompt = cuda_query(MAX_FUSED_QUERY_ROWS // 4 + 1), cuda_query(1000)
+    for query in (long_step, prompt, torch.zeros(1, 8, 1, 64)):  # (the last on the CPU)
+        with attention.sdpa_backends(query, keys):
+            assert torch._C._get_sdp_priority_order() == before
+    monkeypatch.setattr(attention, "SDPA_PRIORITY", None)
+    with attention.sdpa_backends(cuda_query(1), keys):
+        assert torch._C._get_sdp_priority_order() == before
+
+
 def test_formats_the_kernel_does_not_read_use_the_reference(monkeypatch):
     """A stored format the fused kernel does not cover (here polar-recursive keys with quantized
     radii: the kernel's own ``supports`` says no) decodes with the reference, warned once."""

@@ -19,10 +19,16 @@ Dispatch per call:
   ``kvpolar.kernels.decode_attention.fused_decode_attention`` if it is installed, else (and on CPU)
   ``kvpolar.decode_attention.reference_decode_attention``.
 After attention the layer compresses its window (see ``layer.py``).
+
+SDPA calls of decode-size steps over cached tokens (fewer queries than keys, at most
+``MAX_FUSED_QUERY_ROWS`` query rows per KV head: decode and verify steps over the 16-bit window or a
+16-bit layer) prefer PyTorch's flash and memory-efficient backends to its cuDNN one
+(``SDPA_PRIORITY``): cuDNN builds a graph on the host for every new key length, i.e. every step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -38,6 +44,14 @@ ATTENTION_NAME = "kvpolar"
 LONG_STEP_BYTES = 1 << 30
 _FUSED: dict[str, Any] = {}
 _WARNED_FOREIGN_CACHE = False
+#: PyTorch SDPA backends (``torch.nn.attention.SDPBackend`` names) in the order kvpolar's SDPA calls
+#: over cached tokens prefer them on CUDA: flash and memory-efficient before cuDNN, which builds a
+#: cuDNN graph on the host for each new key length, once per decode step: 22-24 ms per step of an
+#: 8B-shaped model at 32k tokens on the H100 with torch 2.11 (``benchmarks/README.md``, twenty-second
+#: session). ``None``: PyTorch's own order. A prompt's first forward (as many queries as keys) and long
+#: steps (more query rows per KV head than ``MAX_FUSED_QUERY_ROWS``) keep PyTorch's order: there the
+#: graph is built once per long step, and which backend computes faster is not measured here.
+SDPA_PRIORITY: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
 
 def register_attention() -> None:
@@ -64,15 +78,18 @@ def kvpolar_attention(
     if layer is None or layer.plan.full_precision:
         if layer is None and key.shape[-2] > query.shape[-2]:
             _warn_foreign_cache()
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        with sdpa_backends(query, key):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)
     _check_module(module, layer)
     mask = _bool_mask(attention_mask, query, layer.seen)
     # which new tokens are real (None: all; without a mask from the model there is no padding)
     new_valid = None if attention_mask is None else mask[:, 0, :, -query.shape[-2]:].any(dim=-2)
     if layer.seen == query.shape[-2] or layer.packed_keys is None:
-        out, _ = sdpa_attention_forward(
-            module, query, layer.keys, layer.values, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        with sdpa_backends(query, layer.keys):
+            out, _ = sdpa_attention_forward(
+                module, query, layer.keys, layer.values, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
     elif query_rows_per_kv_head(query, key.shape[1]) > MAX_FUSED_QUERY_ROWS:
         out = _attend_dequantized(module, query, layer, attention_mask, dropout, scaling, **kwargs)
     else:
@@ -102,6 +119,18 @@ def _attend_dequantized(module: torch.nn.Module, query: torch.Tensor, layer: Any
         outs.append(out)
         del keys, values
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def sdpa_backends(query: torch.Tensor, keys: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context of an SDPA call of ``query`` ``[B, Hq, Tq, D]`` over ``keys`` ``[B, Hkv, Tk, D]``: on
+    CUDA, for a decode-size step over cached tokens (``Tq < Tk``, at most ``MAX_FUSED_QUERY_ROWS`` query
+    rows per KV head), ``SDPA_PRIORITY`` as PyTorch's backend priority; else none."""
+    decode_size = query.shape[-2] < keys.shape[-2] and query_rows_per_kv_head(query, keys.shape[1]) <= MAX_FUSED_QUERY_ROWS
+    if SDPA_PRIORITY is None or query.device.type != "cuda" or not decode_size:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_PRIORITY], set_priority=True)
 
 
 def _warn_foreign_cache() -> None:
