@@ -69,8 +69,9 @@ def attention_backends(preset: str):
     ``scaled_dot_product_attention`` limited to its flash, memory-efficient and math backends; else
     none (PyTorch's own choice). On the H100 (torch 2.11) PyTorch's choice for a one-token decode
     step over a long cache is its cuDNN backend, which builds a cuDNN graph on the host for each new
-    key length: once per decode step (every layer's call after the first reuses it), 30-80 ms of host
-    time per step (``profile_decode_step.py``), which kvpolar's own kernels do not pay."""
+    key length, once per decode step it seems (every layer's call after the first reusing it): 22-24 ms
+    of host time per step at batches 1 and 12 (fp16 against fp16-flash, benchmarks/README.md,
+    twenty-second session), which kvpolar's own kernels do not pay."""
     if preset != "fp16-flash":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

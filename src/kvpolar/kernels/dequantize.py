@@ -337,8 +337,8 @@ def _format_kernel(
     the CPU interpreter, whose bfloat16 products are wrong, the terms are float32 holding the same
     bfloat16 values, ``NATIVE`` False). Program (row n, every ``num_programs(1)``-th block of
     ``BLOCK_T`` tokens from block ``program_id(1)``). ``STEPS_CONST`` (interpreter only, else 0): the
-    loop's count as a constant, blocks past the end masked off; Triton 3.4-3.6's interpreter cannot
-    take tensors as ``range`` bounds under NumPy 2.5 or newer (``int`` of a one-element array)."""
+    loop's count as a constant, blocks past the end masked off: Triton 3.6's interpreter (3.9's does
+    not) cannot take tensors as ``range`` bounds under NumPy 2.5 (``int`` of a one-element array)."""
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, D)[None, :]
     unrotate = 0.0  # (placeholders where ROTATED takes none)

@@ -275,7 +275,7 @@ def value_part_t(acc_t, p_t, word_t, v_scale_t, v_min_t, alpha, K: tl.constexpr,
     if MIN_APART and NATIVE:
         v = tl.fma(v, v_scale_t, v_min_t)
     elif MIN_APART:  # the interpreter: in float32, which holds the exact product and sum (one rounding,
-        # to DT below, as the GPU's fma; Triton 3.4-3.6's interpreter rounds a DT product before the add)
+        # to DT below, as the GPU's fma; Triton 3.6's interpreter rounds a DT product before the add)
         v = tl.fma(v.to(tl.float32), v_scale_t.to(tl.float32), v_min_t.to(tl.float32))
     elif STEP != 1:  # (v - OFFSET) / STEP, exactly: one multiply-add by powers of two
         v = (v * (1.0 / STEP) - OFFSET / STEP) * v_scale_t + v_min_t
