@@ -89,3 +89,23 @@ def test_sdpa_priority_steps_times_both_settings():
             if line.startswith("| ") and not line.startswith("| steps")}
     assert set(rows) == {"window", "16-bit layers"}
     assert all(float(ms) > 0 for pair in rows.values() for ms in pair)
+
+
+def test_report_end_to_end_tables_and_plots_the_committed_runs(tmp_path):
+    """The committed H100 runs merged by (preset, batch): one row per preset with its best tokens/s
+    over each 16-bit baseline's best, as the JSON's own points give them, and a plot."""
+    sources = [BENCHMARKS / "results" / f"end_to_end_flash{part}_h100.json" for part in ("", "_small")]
+    png = tmp_path / "end_to_end.png"
+    stdout = run_script("report_end_to_end.py", *map(str, sources), str(png))
+    assert png.stat().st_size > 10_000
+    points = [p for src in sources for p in json.loads(src.read_text())["points"] if p["status"] == "ok"]
+    best = {}
+    for p in points:
+        best[p["preset"]] = max(best.get(p["preset"], 0.0), p["tokens_per_second"])
+    rows = {line.split("|")[1].strip(): line.split("|") for line in stdout.splitlines() if line.startswith("| ")}
+    header = rows.pop("preset")
+    rows.pop("---", None)
+    assert set(rows) == set(best)
+    flash = [i for i, cell in enumerate(header) if cell.strip() == "x fp16-flash"][0]
+    for preset, cells in rows.items():
+        assert float(cells[flash]) == pytest.approx(best[preset] / best["fp16-flash"], abs=0.006)
