@@ -32,8 +32,9 @@ def assert_matches_reference(got: torch.Tensor, ref: torch.Tensor, exact: bool) 
     turbo's and polar-recursive's un-rotations sum in another order, and the CPU interpreter rounds
     float32 ties to bfloat16 away from even (so bfloat16 outputs are compared that way everywhere).
     float32 outputs: the un-rotation's products (128 at most, the head dims here) summed in another order
-    than the reference's (the tensor cores' order on a GPU) may differ by up to 128 roundings of the
-    largest entry (``128 * 2**-24``, the bound of a 128-term sum); one was 1.3 * 2**-20 of it on the H100."""
+    than the reference's (the tensor cores' order on a GPU) are allowed 128 roundings of the largest
+    entry (``128 * 2**-24``: one per term of the sum, the scale of a reordered sum's worst case for terms
+    of that size); one was 1.3 * 2**-20 of it on the H100."""
     assert got.dtype == ref.dtype and got.shape == ref.shape
     if exact and not (INTERPRETED and got.dtype == torch.bfloat16):
         assert torch.equal(got, ref), (got.float() - ref.float()).abs().max()
