@@ -3,7 +3,7 @@
 ``kvpolar.kernels.dequantize`` rebuilds a rotated format's vectors in their stored basis and un-rotates
 them: for a randomized Hadamard rotation (the presets') as three exact bfloat16 terms times the +-1
 matrix (``dequantize.HADAMARD_BFLOAT16``), else by one tf32x3 product with the dense float32 ``D x D``
-matrix (``rotations.rotation_matrix``). This script times the kernel as it runs, with the dense matrix
+matrix (``decode_formats.rotation_matrix``). This script times the kernel as it runs, with the dense matrix
 instead (``HADAMARD_BFLOAT16`` off), and with no un-rotation (the kernel compiled without one: the
 result is then in the stored basis), per preset and role, on random normal ``[B, 8, T, 128]`` tensors,
 CUDA events, median of ``--repeats``; for scale also PyTorch products of the same ``[B * 8 * T, 128]``
@@ -22,19 +22,16 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_dequantize import _median_ms  # noqa: E402
+from bench_dequantize import _median_ms, role_quantizer  # noqa: E402
 
 
 def measure(preset: str, batch: int, tokens: int, repeats: int) -> list[dict]:
-    import kvpolar
     from kvpolar.kernels import decode_formats as formats
     from kvpolar.kernels import dequantize
 
-    config = kvpolar.KVCacheConfig.preset(preset)
     rows = []
-    for role, name, params in (("keys", config.key_quantizer, config.key_params),
-                               ("values", config.value_quantizer, config.value_params)):
-        quantizer = kvpolar.quantizer(name, **dict(params))
+    for role in ("keys", "values"):
+        _, quantizer = role_quantizer(preset, role)
         p = quantizer.quantize(torch.randn(batch, 8, tokens, 128, device="cuda", dtype=torch.float16))
         matrix = formats.rotation_matrix(p)
         if matrix is None or not dequantize.supports(p):
