@@ -24,6 +24,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Iterable
 
 import torch
 
@@ -223,6 +224,16 @@ def fill_cache(model, cache, preset: str, batch: int, context: int, kv_heads: in
             del k, v
 
 
+def best_tokens_per_second(points: Iterable[dict]) -> dict[str, tuple[float, int]]:
+    """{preset: (tokens/s, batch)} at each preset's fastest batch that fit, from points as this script's
+    JSON holds them (``preset``, ``batch``, ``status``, ``tokens_per_second``), presets in order of appearance."""
+    best: dict[str, tuple[float, int]] = {}
+    for p in points:
+        if p["status"] == "ok" and p["tokens_per_second"] > best.get(p["preset"], (0.0, 0))[0]:
+            best[p["preset"]] = (p["tokens_per_second"], p["batch"])
+    return best
+
+
 @torch.no_grad()
 def prefill_seconds(model, preset: str, context: int) -> float:
     _reset_memory()
@@ -305,10 +316,7 @@ def main() -> None:
                 prefill[preset] = float("nan")
             save()
             print(f"{preset:>14} prefill B=1 {args.context} tokens: {prefill[preset]:.3f} s", flush=True)
-    best = {}
-    for p in points:
-        if p.status == "ok" and p.tokens_per_second > best.get(p.preset, (0, 0))[0]:
-            best[p.preset] = (p.tokens_per_second, p.batch)
+    best = best_tokens_per_second(dataclasses.asdict(p) for p in points)
     bases = [name for name in FP16_BASELINES if name in best]
     print(f"\n{_device_name()}, context {args.context}: best throughput per preset")
     print("| preset | best batch | tokens/s | " + " | ".join(f"vs {name}" for name in bases) + " |")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import matplotlib
@@ -19,6 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_end_to_end import best_tokens_per_second  # noqa: E402
 
 DEFAULT_SOURCES = ["benchmarks/results/end_to_end_flash_h100.json",
                    "benchmarks/results/end_to_end_flash_small_h100.json"]
@@ -35,21 +39,12 @@ def merged_points(sources: list[str]) -> tuple[str, dict[tuple[str, int], dict]]
     return gpus.pop(), points
 
 
-def best_tokens_per_second(points: dict[tuple[str, int], dict]) -> dict[str, tuple[float, int]]:
-    """{preset: (tokens/s, batch)} at each preset's fastest batch that fit."""
-    best: dict[str, tuple[float, int]] = {}
-    for (preset, batch), p in points.items():
-        if p["status"] == "ok" and p["tokens_per_second"] > best.get(preset, (0.0, 0))[0]:
-            best[preset] = (p["tokens_per_second"], batch)
-    return best
-
-
 def table(points: dict[tuple[str, int], dict]) -> str:
     """Markdown: ms per step at each batch ("OOM" where it ran out of memory), best tokens/s (batch),
     and that best over each 16-bit baseline's best."""
     presets = list(dict.fromkeys(preset for preset, _ in points))
     batches = sorted({batch for _, batch in points})
-    best = best_tokens_per_second(points)
+    best = best_tokens_per_second(points.values())
     bases = [b for b in BASELINES if b in best]
     head = ["preset", *(f"B={b} ms" for b in batches), "best tokens/s", *(f"x {b}" for b in bases)]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
