@@ -38,6 +38,14 @@ query rotated once (the residual window's launch keeps the plain query); rotated
 in the rotated domain, the residual window's partial outputs are rotated into it (one row per
 query, not per token), and the combined output is un-rotated once.
 
+Launches: a decode step of an eager ``transformers`` model is bound by host time at small batches,
+and Triton's dispatcher binds, specializes and hashes each split kernel's ~90 arguments at every
+launch. The packed tokens' launch is bound to the layer's plan, the window's to its shape
+(``kvpolar.kernels.bound_launch``); from the second step on they relaunch the compiled kernel with
+only the per-call arguments replaced (``PER_CALL`` / ``PER_WINDOW``; ``BOUND_LAUNCHES = False``
+turns this off). On the H100 that took a batch-1 call from 219 to 122 us of host time
+(``benchmarks/launch_cost.py``).
+
 Stored formats read (any key format with any value format; ``supports`` checks the parameters):
 keys: full precision, KIVI per-channel, polar-rope, turbo, fp8, polar-recursive; values: full
 precision, KIVI per-token, turbo, fp8, polar-recursive.
@@ -55,6 +63,7 @@ import torch
 from kvpolar.decode_attention import MAX_FUSED_QUERY_ROWS, query_rows_per_kv_head
 from kvpolar.kernels import interpreting
 from kvpolar.kernels import decode_formats as formats
+from kvpolar.kernels.bound_launch import BoundLaunch
 from kvpolar.kernels.decode_operands import (  # noqa: F401  (KEY_FORMATS .. supports: this module's API too)
     FMT_FULL, FMT_KIVI, FMT_POLAR, KEY_FORMATS, POLAR_PAIR_BITS, VALUE_FORMATS, Operand, byte_stride,
     column_stride, full_operand, key_operand, metadata_strides, packed_unit, refuse_unsupported, row_major,
@@ -229,12 +238,12 @@ def fused_decode_attention(
         q_packed = _packed_query(query, k_rot)
         plan = _remembered_plan(q_packed, keys, values, mask, scale, cfg)
         parts.append((plan.k_op, plan.v_op, 0, plan.splits, plan.per_split, plan.block_n, q_packed, plan.config,
-                      plan.transposed))
+                      plan.transposed, plan.launch))
     if r:
         block_n = min(cfg.block_n, max(16, _next_pow2(r)))
         splits, per_split = choose_splits(r, bsz * hkv, sms, block_n, _residual_config(cfg))
         parts.append((full_operand(residual_keys), full_operand(residual_values), tk, splits, per_split, block_n,
-                      query, cfg, False))
+                      query, cfg, False, _window_launch(query, residual_keys, mask, gqa, block_n, cfg)))
     total_splits = sum(p[3] for p in parts)
 
     dev = query.device
@@ -248,13 +257,18 @@ def fused_decode_attention(
     part_max = partials[at_max: at_max + rows].view(bsz, hq, tq, total_splits)
     part_sum = partials[at_sum:].view(bsz, hq, tq, total_splits)
     base = 0
-    for k_op, v_op, offset, splits, per_split, block_n, q_part, part_cfg, transposed in parts:
-        if transposed:
+    for k_op, v_op, offset, splits, per_split, block_n, q_part, part_cfg, transposed, bound in parts:
+        bound = bound if BOUND_LAUNCHES else None
+        if bound is not None and bound.bound and bound.relaunch(
+                (bsz * hkv, splits), _per_call_values(q_part, k_op, v_op, mask, offset, per_split // block_n, base,
+                                                      total_splits, part_max, part_sum, part_acc, scale)):
+            pass  # the compiled kernel of an earlier call, its per-call arguments replaced
+        elif transposed:
             _launch_split_t(q_part, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
-                            part_max, part_sum, part_acc, scale, gqa, block_n, part_cfg)
+                            part_max, part_sum, part_acc, scale, gqa, block_n, part_cfg, bound)
         else:
             _launch_split(q_part, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
-                          part_max, part_sum, part_acc, scale, gqa, block_m, block_n, part_cfg)
+                          part_max, part_sum, part_acc, scale, gqa, block_m, block_n, part_cfg, bound)
         base += splits
     if v_rot is not None and r:  # the residual window's partial outputs into the values' rotated domain
         n_packed = parts[0][3] if tk else 0
@@ -291,6 +305,7 @@ class _PackedPlan:
     splits: int
     per_split: int
     config: LaunchConfig  # with the programs per SM and register cap that were used
+    launch: "BoundLaunch | None" = None  # the packed kernel's launch, bound for the steps that reuse the plan
 
 
 def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _PackedPlan:
@@ -319,7 +334,10 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
             pps = min(pps, resident or pps)
         split_cfg = dataclasses.replace(split_cfg, programs_per_sm=pps)
     splits, per_split = choose_splits(k_op.tokens, bsz * hkv, sms, block_n, split_cfg)
-    return _PackedPlan(k_op, v_op, transposed, block_n, splits, per_split, split_cfg)
+    # (the classic kernel's bound arguments keep what ``row_major`` gave: for polar-recursive tensors in
+    # the transposed layout a row-major copy, made once per plan instead of once per call)
+    kernel = _split_kernel_t if transposed else _split_kernel
+    return _PackedPlan(k_op, v_op, transposed, block_n, splits, per_split, split_cfg, BoundLaunch(kernel, PER_CALL))
 
 
 #: The last launch plan of each packed keys object (stored tensors are never changed in place: a
@@ -599,8 +617,9 @@ def _turbo_tables(op: Operand, query: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
-                  part_max, part_sum, part_acc, scale, gqa, block_m, block_n, cfg):
-    """Launch ``_split_kernel`` (the classic form) over one packed range of tokens, or the residual window."""
+                  part_max, part_sum, part_acc, scale, gqa, block_m, block_n, cfg, bound=None):
+    """Launch ``_split_kernel`` (the classic form) over one packed range of tokens, or the residual
+    window, through Triton's dispatcher (``bound``: a ``BoundLaunch`` of it to bind the arguments to)."""
     k_op, v_op = row_major(k_op), row_major(v_op)
     bsz, hq, tq, d = query.shape
     hkv = hq // gqa
@@ -612,7 +631,7 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
     v_unit = packed_unit(v_op.bits) if v_op.fmt != FMT_FULL else (1, 1)
     mask_t = mask if mask is not None else query
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
-    _split_kernel[(bsz * hkv, splits)](
+    args = (
         query, *query.stride()[:3],
         k_op.data, *k_op.data.stride()[:3], *km, *km_strides,
         v_op.data, *v_op.data.stride()[:3], *vm, *vm_strides,
@@ -620,6 +639,8 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         part_max, part_sum, part_acc,
         k_op.tokens, offset, per_split // block_n, base, total_splits, hkv,
         scale * _LOG2E,
+    )
+    kwargs = dict(
         D=d, GQA=gqa, TQ=tq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS_CONST=per_split // block_n if _interpreting() else 0,
         KEY_FMT=k_op.fmt, KEY_BITS=k_op.bits, KEY_UB=k_unit[0], KEY_U=k_unit[1], KEY_GROUP=k_op.group,
         ANGLE_BITS=k_op.angle_bits, PAIR_HALF=k_op.pair_half,
@@ -631,6 +652,10 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         **{"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **formats.launch_overrides(k_op.fmt, v_op.fmt)},
         **formats.kernel_args(k_op, v_op, query),
     )
+    if bound is None:
+        _split_kernel[(bsz * hkv, splits)](*args, **kwargs)
+    else:
+        bound.launch((bsz * hkv, splits), args, kwargs)
 
 
 def _three_byte_reading(codes: torch.Tensor, data: torch.Tensor, unit_bytes: int, words: bool,
@@ -711,12 +736,58 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
 
 
 def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
-                    part_max, part_sum, part_acc, scale, gqa, block_n, cfg):
-    """Launch ``_split_kernel_t`` (see ``_use_transposed``) over one packed range of tokens."""
+                    part_max, part_sum, part_acc, scale, gqa, block_n, cfg, bound=None):
+    """Launch ``_split_kernel_t`` (see ``_use_transposed``) over one packed range of tokens through
+    Triton's dispatcher (``bound``: a ``BoundLaunch`` of it to bind the arguments to)."""
     args, kwargs = _split_t_arguments(query, k_op, v_op, mask, offset, per_split // block_n, base, total_splits,
                                       part_max, part_sum, part_acc, scale, gqa, block_n, cfg)
-    hkv = query.shape[1] // gqa
-    _split_kernel_t[(query.shape[0] * hkv, splits)](*args, **kwargs)
+    grid = (query.shape[0] * (query.shape[1] // gqa), splits)
+    if bound is None:
+        _split_kernel_t[grid](*args, **kwargs)
+    else:
+        bound.launch(grid, args, kwargs)
+
+
+#: Whether decode launches skip Triton's dispatcher where they can (``kvpolar.kernels.bound_launch``):
+#: a layer's packed-token kernel with the arguments of its previous step, the window's kernel with
+#: those of an earlier step of the same shape, only the per-call values changed (``PER_CALL`` /
+#: ``PER_WINDOW``). False: every launch through ``kernel[grid](...)``.
+BOUND_LAUNCHES = True
+#: The split kernels' arguments that change from one call to the next over the same packed tensors:
+#: the query, the mask, the partial outputs, the splits' place among all, the scale.
+PER_CALL = ("q_ptr", "sq_b", "sq_h", "sq_t", "mask_ptr", "smk_b", "smk_h", "smk_t", "smk_n",
+            "part_max", "part_sum", "part_acc", "mask_offset", "blocks_per_split", "split_base", "total_splits",
+            "qk_scale")
+#: ... and over a new residual window of the same shape: its tensors, token count and position too.
+PER_WINDOW = PER_CALL + ("k_ptr", "sk_b", "sk_h", "sk_t", "v_ptr", "sv_b", "sv_h", "sv_t", "n_tokens")
+#: Bound launches of the residual window's kernel, by what its other arguments depend on (``_window_launch``).
+_WINDOW_LAUNCHES: dict[tuple, BoundLaunch] = {}
+
+
+def _window_launch(query, residual_keys, mask, gqa, block_n, cfg) -> "BoundLaunch":
+    """The bound launch of the residual window's classic kernel for this query shape and dtype, window
+    dtype, mask presence, block and config (the window itself, its length and position vary)."""
+    key = (query.device, query.dtype, query.shape[1:], residual_keys.dtype, mask is None, gqa, block_n, cfg)
+    launch = _WINDOW_LAUNCHES.get(key)
+    if launch is None:
+        if len(_WINDOW_LAUNCHES) >= 256:
+            _WINDOW_LAUNCHES.clear()
+        launch = _WINDOW_LAUNCHES[key] = BoundLaunch(_split_kernel, PER_WINDOW)
+    return launch
+
+
+def _per_call_values(query, k_op, v_op, mask, offset, blocks, base, total_splits, part_max, part_sum, part_acc,
+                     scale) -> tuple:
+    """The ``PER_CALL`` values of a split launch, then (for the residual window, ``FMT_FULL`` operands)
+    the rest of ``PER_WINDOW``; what ``_split_t_arguments`` / ``_launch_split`` pass for them."""
+    sq = query.stride()
+    mask_values = (query, 0, 0, 0, 0) if mask is None else (mask, *mask.stride())
+    values = (query, sq[0], sq[1], sq[2], *mask_values, part_max, part_sum, part_acc, offset, blocks, base,
+              total_splits, scale * _LOG2E)
+    if k_op.fmt != FMT_FULL:
+        return values
+    sk, sv = k_op.data.stride(), v_op.data.stride()
+    return values + (k_op.data, sk[0], sk[1], sk[2], v_op.data, sv[0], sv[1], sv[2], k_op.tokens)
 
 
 #: Programs of the compiled transposed kernel resident on one SM, by launch signature (``_resident_key``).

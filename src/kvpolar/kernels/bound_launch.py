@@ -1,0 +1,124 @@
+"""Relaunching a compiled Triton kernel with its arguments bound once and a few of them changed.
+
+Triton's dispatcher (``kernel[grid](*args, **kwargs)``) binds, specializes and hashes every argument
+at every launch. The decode kernels take about 90 arguments (60 of them compile-time constants), and
+a decode step launches the packed tokens' kernel of a layer with the same arguments as the step
+before, except the query, the partial-output buffers and a few integers. A :class:`BoundLaunch`
+launches once through the dispatcher, keeps the compiled kernel and the argument values in the
+kernel's parameter order, and afterwards launches the compiled kernel itself
+(``CompiledKernel[grid](*values)``) with the changed values put in, provided each changed value is
+specialized as the one it replaces: a tensor's dtype and 16-byte alignment, an integer's being 1, a
+multiple of 16 and its width, a float as a float (``specialization``). Anything else goes back to the
+dispatcher, which compiles or finds the right kernel, and that launch is bound too.
+
+Under the Triton interpreter, or with a Triton whose compiled-kernel API differs, every launch goes
+through the dispatcher (nothing is bound).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Iterable
+
+import torch
+
+#: launch options Triton takes as keywords beside the kernel's parameters
+_LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_cooperative_grid",
+                             "launch_pdl"})
+
+
+def specialization(value: Any) -> object:
+    """What Triton's dispatcher specializes a runtime argument on: a tensor's dtype and 16-byte
+    alignment; an integer's width (32 or 64 bits, signed or not), its being 1 and its being a
+    multiple of 16; a float's type only; anything else by value (None, bools, constants)."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if type(value) is int:
+        width = 32 if -(2**31) <= value < 2**31 else 64 if -(2**63) <= value < 2**63 else 65
+        return int, width, value == 1, value % 16 == 0
+    if type(value) is float:
+        return float
+    return value
+
+
+@functools.lru_cache(maxsize=64)
+def _signature(fn: Any) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+class BoundLaunch:
+    """Launches of one kernel whose arguments other than ``varying`` (parameter names, in this order)
+    stay the same from launch to launch.
+
+    ``launch(grid, args, kwargs)`` launches through Triton's dispatcher and binds the arguments under
+    the specialization of the ``varying`` ones; ``relaunch(grid, values)`` takes the ``varying``
+    arguments' new values in that order, launches the compiled kernel bound under their
+    specialization with them put in, and returns True; or returns False without launching when
+    there is none (nothing bound yet under that specialization, another CUDA device): the caller then
+    builds every argument and calls ``launch``. Each specialization of the varying arguments keeps
+    its own compiled kernel (a decode step's window length is now and then a multiple of 16)."""
+
+    def __init__(self, kernel: Any, varying: Iterable[str]) -> None:
+        self.kernel = kernel
+        self.varying = tuple(varying)
+        self._bound: dict[tuple, tuple[Any, list]] = {}  # specialization of the varying values -> (compiled, values)
+        self._slots: tuple[int, ...] = ()
+        self._device: int | None = None
+        self.direct_launches = 0  # launches that skipped the dispatcher (for tests and benchmarks)
+
+    @property
+    def bound(self) -> bool:
+        """Whether any compiled kernel is bound (else ``relaunch`` returns False at once)."""
+        return bool(self._bound)
+
+    def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        """Launch ``kernel[grid](*args, **kwargs)`` through the dispatcher and bind its arguments."""
+        compiled = self.kernel[grid](*args, **kwargs)
+        self._bind(compiled, args, kwargs)
+
+    def relaunch(self, grid: tuple[int, ...], values: tuple) -> bool:
+        """Launch the compiled kernel bound for these ``varying`` values; False (nothing launched) if none is."""
+        if not self._bound or _current_device() != self._device:
+            return False
+        entry = self._bound.get(tuple(map(specialization, values)))
+        if entry is None:
+            return False
+        compiled, bound = entry
+        launch_values = bound.copy()
+        for slot, value in zip(self._slots, values):
+            launch_values[slot] = value
+        compiled[(*grid, 1, 1)[:3]](*launch_values)  # (a compiled kernel takes three grid sizes)
+        self.direct_launches += 1
+        return True
+
+    def _bind(self, compiled: Any, args: tuple, kwargs: dict) -> None:
+        if not all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata", "__getitem__")):
+            return  # the interpreter (no compiled kernel) or another Triton's API: the dispatcher each time
+        try:
+            fn = self.kernel.fn
+            signature = _signature(fn)
+            bound = signature.bind(*args, **{k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS})
+            bound.apply_defaults()
+        except (AttributeError, TypeError):
+            return
+        params = list(signature.parameters)
+        unknown = [name for name in self.varying if name not in params]
+        constant = [p.name for p in getattr(self.kernel, "params", ()) if p.is_constexpr and p.name in self.varying]
+        if unknown or constant:
+            raise ValueError(f"varying arguments must be runtime parameters of {getattr(fn, '__name__', fn)}; "
+                             f"not parameters: {unknown}, compile-time constants: {constant}")
+        device = _current_device()
+        if device != self._device:
+            self._bound.clear()
+        self._device = device
+        values = [bound.arguments[name] for name in params]
+        self._slots = tuple(params.index(name) for name in self.varying)
+        key = tuple(specialization(values[slot]) for slot in self._slots)
+        for slot in self._slots:  # always replaced: keep no buffer of this launch alive
+            values[slot] = None
+        self._bound[key] = (compiled, values)

@@ -1,0 +1,199 @@
+"""kvpolar.kernels.bound_launch: relaunching a compiled kernel with a few arguments changed.
+
+On the CPU there is no compiled kernel, so the decode launches always go through Triton's
+dispatcher. These tests stand a compiled kernel in: one that runs the interpreted kernel with the
+values ``BoundLaunch`` hands it, so a wrong argument slot (a stale query, partial buffer or window)
+shows up as a wrong attention result, not only as a wrong recorded value.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import weakref
+
+import pytest
+import torch
+
+import kvpolar
+from kvpolar.decode_attention import reference_decode_attention
+from kvpolar.kernels import bound_launch
+from kvpolar.kernels import decode_attention as da
+from kvpolar.kernels.bound_launch import BoundLaunch, specialization
+from kernel_checks import DEVICE  # noqa: E402
+
+
+class _CompiledStandIn:
+    """What ``kernel[grid](...)`` returns when compiled: ``compiled[grid](*values)`` runs ``kernel``
+    (here: the interpreted kernel) with every parameter's value in order."""
+
+    run = function = packed_metadata = None
+
+    def __init__(self, kernel, log: list):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*values):
+            params = list(inspect.signature(self.kernel.fn).parameters)
+            assert len(values) == len(params)
+            self.log.append(("direct", grid))
+            self.kernel[grid](**dict(zip(params, values)))
+        return launch
+
+
+class _Dispatcher:
+    """A Triton kernel whose dispatcher returns a compiled stand-in, as a GPU's does."""
+
+    def __init__(self, kernel, log: list):
+        self.kernel, self.fn, self.log = kernel, kernel.fn, log
+        self.params = getattr(kernel, "params", ())
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(("dispatcher", grid))
+            self.kernel[grid](*args, **kwargs)
+            return _CompiledStandIn(self.kernel, self.log)
+        return launch
+
+
+def _fake(*names):
+    """A kernel stand-in over ``def kernel(*names)``: records each launch's arguments by name."""
+    log = []
+    namespace: dict = {}
+    exec(f"def kernel({', '.join(names)}): pass", namespace)
+    fn = namespace["kernel"]
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                names_only = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+                log.append(("dispatcher", grid, inspect.signature(fn).bind(*args, **names_only).arguments))
+                return Compiled()
+            return launch
+
+    class Compiled:
+        run = function = packed_metadata = None
+
+        def __getitem__(self, grid):
+            return lambda *values: log.append(("direct", grid, dict(zip(names, values))))
+
+    kernel = Kernel()
+    kernel.fn = fn
+    return kernel, log
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+    monkeypatch.setattr(bound_launch, "_current_device", lambda: 0)
+
+
+def test_specialization_follows_what_triton_compiles_for():
+    assert specialization(1) != specialization(2) != specialization(16)
+    assert specialization(3) == specialization(5) and specialization(32) == specialization(48)
+    assert specialization(2**31 + 1) != specialization(3)  # 64-bit integers
+    buf = torch.empty(64, dtype=torch.uint8)
+    assert specialization(buf) == (torch.uint8, True) and specialization(buf[1:]) == (torch.uint8, False)
+    assert specialization(buf.float()) != specialization(buf)
+    assert specialization(0.5) == specialization(2.0)
+
+
+def test_relaunch_puts_the_changed_values_in_their_slots(one_device):
+    kernel, log = _fake("x", "n", "y", "BLOCK")
+    launch = BoundLaunch(kernel, ("n", "x"))
+    assert not launch.bound and not launch.relaunch((1,), (3, torch.zeros(4)))
+    x0, y, x1 = torch.zeros(4), torch.ones(4), torch.zeros(4)
+    launch.launch((2,), (x0, 3, y), {"BLOCK": 64, "num_warps": 4})
+    assert launch.bound and log[-1][0] == "dispatcher"
+    assert launch.relaunch((5,), (7, x1))
+    kind, grid, values = log[-1]
+    assert (kind, grid) == ("direct", (5, 1, 1))
+    assert values["n"] == 7 and values["x"] is x1 and values["y"] is y and values["BLOCK"] == 64
+    assert launch.direct_launches == 1
+
+
+def test_other_specializations_go_back_to_the_dispatcher_and_are_kept(one_device):
+    kernel, log = _fake("x", "n")
+    launch = BoundLaunch(kernel, ("n",))
+    x = torch.zeros(4)
+    launch.launch((1,), (x, 3), {})
+    assert launch.relaunch((1,), (5,))
+    assert not launch.relaunch((1,), (16,)) and not launch.relaunch((1,), (1,))  # not launched
+    assert [entry[0] for entry in log] == ["dispatcher", "direct"]
+    launch.launch((1,), (x, 32), {})
+    assert launch.relaunch((1,), (48,)) and launch.relaunch((1,), (7,))  # both kept
+    assert [entry[2]["n"] for entry in log[-2:]] == [48, 7]
+
+
+def test_no_relaunch_on_another_device(monkeypatch):
+    kernel, _ = _fake("x", "n")
+    device = [0]
+    monkeypatch.setattr(bound_launch, "_current_device", lambda: device[0])
+    launch = BoundLaunch(kernel, ("n",))
+    launch.launch((1,), (torch.zeros(2), 3), {})
+    device[0] = 1
+    assert not launch.relaunch((1,), (5,))
+
+
+def test_varying_arguments_must_be_runtime_parameters(one_device):
+    kernel, _ = _fake("x", "n")
+    with pytest.raises(ValueError, match=r"not parameters: \['m'\]"):
+        BoundLaunch(kernel, ("m",)).launch((1,), (torch.zeros(2), 3), {})
+    real = da._split_kernel_t
+    if hasattr(real, "params"):  # compiled Triton: its constexpr flags are checked too
+        with pytest.raises(ValueError, match="compile-time constants"):
+            BoundLaunch(real, ("BLOCK_N",))._bind(_CompiledStandIn(real, []), (), {})
+
+
+def test_the_interpreter_binds_nothing(one_device):
+    launch = BoundLaunch(type("K", (), {"__getitem__": lambda self, grid: lambda *a, **k: None})(), ("n",))
+    launch.launch((1,), (3,), {})
+    assert not launch.bound and not launch.relaunch((1,), (5,))
+
+
+def test_bound_launch_keeps_no_varying_buffer_alive(one_device):
+    kernel, log = _fake("x", "buf")
+    launch = BoundLaunch(kernel, ("buf",))
+    buf = torch.zeros(1 << 16)
+    gone = weakref.ref(buf)
+    launch.launch((1,), (torch.zeros(2), buf), {})
+    assert launch.bound
+    del buf
+    log.clear()  # (the stand-in's own record of the launch)
+    gc.collect()
+    assert gone() is None
+
+
+@pytest.mark.parametrize("key_fmt", ["kivi", "polar-rope"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_steps_through_bound_launches_match_the_reference(monkeypatch, key_fmt, masked):
+    """Decode steps as a layer makes them: new query, partial buffers and a window one token longer
+    at each step. After the first step the packed kernel and the window's kernel run through their
+    bound compiled kernels: on a GPU Triton's own, on the CPU the stand-in, which runs the
+    interpreted kernel with the values handed to it."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(bound_launch, "_current_device", lambda: 0)
+        monkeypatch.setattr(da, "_split_kernel_t", _Dispatcher(da._split_kernel_t, []))
+        monkeypatch.setattr(da, "_split_kernel", _Dispatcher(da._split_kernel, []))
+    monkeypatch.setattr(da, "_WINDOW_LAUNCHES", {})
+    gen = torch.Generator().manual_seed(7)
+    b, hkv, gqa, d, tk = 2, 2, 4, 64, 64
+    k = torch.randn(b, hkv, tk + 40, d, generator=gen).half().to(DEVICE)
+    v = torch.randn(b, hkv, tk + 40, d, generator=gen).half().to(DEVICE)
+    kq = kvpolar.quantizer("kivi", bits=4, group_size=32, axis="channel") if key_fmt == "kivi" else \
+        kvpolar.quantizer("polar-rope", radius_bits=4, angle_bits=4, group_size=32)
+    vq = kvpolar.quantizer("kivi", bits=4, group_size=32, axis="token")
+    pk, pv = kq.quantize(k[..., :tk, :]), vq.quantize(v[..., :tk, :])
+    for step, r in enumerate((33, 34, 35)):  # window lengths of one specialization: 1 block of 64
+        q = torch.randn(b, hkv * gqa, 1, d, generator=gen).half().to(DEVICE)
+        rk, rv = k[..., tk:tk + r, :].clone(), v[..., tk:tk + r, :].clone()
+        mask = None
+        if masked:
+            mask = torch.ones(b, 1, 1, tk + r, dtype=torch.bool, device=DEVICE)
+            mask[0, ..., : 5 + step] = False
+        out = da.fused_decode_attention(q, pk, pv, kq, vq, rk, rv, d**-0.5, mask)
+        ref = reference_decode_attention(q.float(), pk, pv, kq, vq, rk.float(), rv.float(), d**-0.5, mask)
+        torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=3e-3)
+    packed = da._PLANS[pk][2].launch
+    window = list(da._WINDOW_LAUNCHES.values())
+    assert len(window) == 1
+    assert packed.direct_launches == 2 and window[0].direct_launches == 2  # every step after the first
