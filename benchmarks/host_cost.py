@@ -5,7 +5,9 @@ step is bound by host time (benchmarks/README.md, end to end), so the library's 
 call counts. This runs on the CPU machine: the packed cache is built on the CPU
 (``bench_attention.make_preset``), the launch planning sees the GPU's view of the world (132 SMs,
 compiled kernels), and the Triton kernels are replaced by stand-ins that accept the launch and do
-nothing. So it measures kvpolar's planning and argument building, not Triton's launcher or the GPU.
+nothing (returning a stand-in compiled kernel, so the split kernels' bound launches bind and
+relaunch as on a GPU). So it measures kvpolar's planning and argument building, not Triton's
+launcher or the GPU.
 Best of ``--repeats`` runs of ``--calls`` calls, microseconds per call.
 
     PYTHONPATH=src:benchmarks python benchmarks/host_cost.py [--presets kivi-2 polar-rope-3 turbo-4]
@@ -21,15 +23,29 @@ from unittest import mock
 import torch
 
 from bench_attention import HKV, HQ, D, make_preset
+from kvpolar.kernels import bound_launch
 from kvpolar.kernels import decode_attention as mod
 
 
-class _NoLaunch:
-    """Stands in for a Triton kernel: ``kernel[grid](*args)`` returns at once; no compiled kernel to
-    ask for its residency (``_transposed_residency`` then keeps the measured policy)."""
+class _NoCompiled:
+    """Stands in for a compiled kernel: ``compiled[grid](*values)`` returns at once (so the library's
+    bound launches, ``kvpolar.kernels.bound_launch``, bind and relaunch as on a GPU)."""
+
+    run = function = packed_metadata = None
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return lambda *values: None
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](*args)`` returns a ``_NoCompiled`` at once; no
+    compiled kernel to ask for its residency (``_transposed_residency`` then keeps the measured policy)."""
+
+    def __init__(self, kernel):
+        self.fn = kernel.fn  # (its parameters: what a bound launch binds the arguments to)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: _NoCompiled()
 
     def warmup(self, *args, **kwargs):
         raise AttributeError("no compiled kernel here")
@@ -56,10 +72,12 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
-    stand_in = _NoLaunch()
     patches = [mock.patch.object(mod, "_interpreting", lambda: False),
                mock.patch.object(mod, "_device_sms", lambda device: 132),
-               *(mock.patch.object(mod, name, stand_in) for name in ("_split_kernel_t", "_split_kernel", "_combine_kernel"))]
+               mock.patch.object(bound_launch, "_current_device", lambda: 0),
+               mock.patch.object(mod, "_WINDOW_LAUNCHES", {}),
+               *(mock.patch.object(mod, name, _NoLaunch(getattr(mod, name)))
+                 for name in ("_split_kernel_t", "_split_kernel", "_combine_kernel"))]
     for patch in patches:
         patch.start()
     try:

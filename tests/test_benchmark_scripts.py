@@ -91,6 +91,19 @@ def test_sdpa_priority_steps_times_both_settings():
     assert all(float(ms) > 0 for pair in rows.values() for ms in pair)
 
 
+def test_bound_launch_steps_times_both_settings(tmp_path):
+    """Each quantized preset under both launch settings, the 16-bit baseline once, as a table and JSON."""
+    out = tmp_path / "steps.json"
+    stdout = run_script("bound_launch_steps.py", "--smoke", "--presets", "fp16-flash,kivi-2", "--batches", "1",
+                        "--out", str(out))
+    rows = [line.split("|")[1:5] for line in stdout.splitlines() if line.startswith("| ") and "preset" not in line]
+    assert [row[0].strip() for row in rows] == ["fp16-flash", "kivi-2"]
+    assert rows[0][2].strip() == "" and float(rows[0][3]) > 0
+    assert float(rows[1][2]) > 0 and float(rows[1][3]) > 0
+    saved = json.loads(out.read_text())["rows"]
+    assert [len(r["steps"]) for r in saved] == [1, 2]
+
+
 def test_report_end_to_end_tables_and_plots_the_committed_runs(tmp_path):
     """The committed H100 runs merged by (preset, batch): one row per preset with its best tokens/s
     over each 16-bit baseline's best, as the JSON's own points give them, and a plot."""

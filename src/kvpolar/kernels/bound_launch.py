@@ -32,13 +32,15 @@ def specialization(value: Any) -> object:
     """What Triton's dispatcher specializes a runtime argument on: a tensor's dtype and 16-byte
     alignment; an integer's width (32 or 64 bits, signed or not), its being 1 and its being a
     multiple of 16; a float's type only; anything else by value (None, bools, constants)."""
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    if type(value) is int:
-        width = 32 if -(2**31) <= value < 2**31 else 64 if -(2**63) <= value < 2**63 else 65
-        return int, width, value == 1, value % 16 == 0
-    if type(value) is float:
+    kind = type(value)
+    if kind is int:
+        if -0x80000000 <= value <= 0x7FFFFFFF:
+            return 32, value == 1, not value & 15
+        return 64 if -(2**63) <= value < 2**63 else 65, value == 1, not value & 15
+    if kind is float:
         return float
+    if isinstance(value, torch.Tensor):
+        return value.dtype, not value.data_ptr() & 15
     return value
 
 
@@ -85,7 +87,7 @@ class BoundLaunch:
         """Launch the compiled kernel bound for these ``varying`` values; False (nothing launched) if none is."""
         if not self._bound or _current_device() != self._device:
             return False
-        entry = self._bound.get(tuple(map(specialization, values)))
+        entry = self._bound.get(tuple([specialization(v) for v in values]))
         if entry is None:
             return False
         compiled, bound = entry

@@ -1,0 +1,103 @@
+"""Decode steps with the fused kernel's launches bound (``BOUND_LAUNCHES``) and through Triton's
+dispatcher, on the 8B-shaped model (random weights, ``--layers`` layers, 32k tokens per sequence).
+
+For each preset and batch the cache is filled once; then blocks of ``--block`` decode steps
+alternate between the two settings ``--rounds`` times (after ``--warmup`` untimed steps of each), so
+both see the same cache and the same moves into the packed part. fp16-flash (``DynamicCache``, SDPA
+without cuDNN) is timed the same way as the reference; the setting does not touch it. Wall-clock
+median per step, ms.
+
+    PYTHONPATH=src python benchmarks/bound_launch_steps.py [--presets fp16-flash,kivi-2,polar-rope-3]
+        [--batches 1,4] [--layers 32] [--smoke]
+
+``--smoke``: the small model on the CPU, a 400-token context (checks that the script runs; on the
+CPU nothing is compiled, so both settings launch through the interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_end_to_end as e2e  # noqa: E402
+
+from kvpolar.kernels import decode_attention  # noqa: E402
+
+
+@torch.no_grad()
+def alternated_steps(model, preset: str, batch: int, context: int, block: int, rounds: int,
+                     warmup: int) -> dict[bool, list[float]]:
+    """ms per decode step by ``BOUND_LAUNCHES`` setting, blocks of ``block`` steps alternated."""
+    settings = (True,) if preset in e2e.FP16_BASELINES else (True, False)
+    steps = len(settings) * (warmup + block * rounds)
+    cache = e2e.make_cache(model, preset, context + steps)
+    e2e.fill_cache(model, cache, preset, batch, context)
+    kw = e2e.cache_kwargs(model, cache)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
+    pos = torch.full((batch, 1), context, device=e2e.DEVICE, dtype=torch.long)
+    times: dict[bool, list[float]] = {s: [] for s in settings}
+    default = decode_attention.BOUND_LAUNCHES
+    plan = [(s, warmup, False) for s in settings] + [(s, block, True) for _ in range(rounds) for s in settings]
+    try:
+        for setting, count, timed in plan:
+            decode_attention.BOUND_LAUNCHES = setting
+            for _ in range(count):
+                e2e._sync()
+                start = time.perf_counter()
+                with e2e.attention_backends(preset):
+                    out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
+                ids = out.logits[:, -1:].argmax(-1)
+                e2e._sync()
+                if timed:
+                    times[setting].append(1000 * (time.perf_counter() - start))
+                pos = pos + 1
+    finally:
+        decode_attention.BOUND_LAUNCHES = default
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="fp16-flash,kivi-2,polar-rope-3")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--block", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="small model on the CPU, 400-token context")
+    args = ap.parse_args()
+    if args.smoke:
+        e2e.DEVICE, args.context, args.layers, args.block, args.rounds, args.warmup = "cpu", 400, 2, 2, 1, 1
+    model = e2e.build_model(args.layers)
+    rows = []
+    for preset in args.presets.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            times = alternated_steps(model, preset, batch, args.context, args.block, args.rounds, args.warmup)
+            rows.append({"preset": preset, "batch": batch,
+                         "bound_ms": statistics.median(times[True]),
+                         "dispatcher_ms": statistics.median(times[False]) if False in times else None,
+                         "steps": {str(k): v for k, v in times.items()}})
+    title = f"{e2e._device_name()}, {args.layers} layers, {args.context} tokens per sequence: median ms per decode step"
+    print(title)
+    print("| preset | batch | dispatcher | bound launches | tokens/s gain |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        d = row["dispatcher_ms"]
+        gain = f"{d / row['bound_ms']:.3f}x" if d else ""
+        print(f"| {row['preset']} | {row['batch']} | {'' if d is None else f'{d:.2f}'} | {row['bound_ms']:.2f} | {gain} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"title": title, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
