@@ -76,6 +76,7 @@ def main() -> None:
                mock.patch.object(mod, "_device_sms", lambda device: 132),
                mock.patch.object(bound_launch, "_current_device", lambda: 0),
                mock.patch.object(mod, "_WINDOW_LAUNCHES", {}),
+               mock.patch.object(mod, "_COMBINE_LAUNCHES", {}),
                *(mock.patch.object(mod, name, _NoLaunch(getattr(mod, name)))
                  for name in ("_split_kernel_t", "_split_kernel", "_combine_kernel"))]
     for patch in patches:

@@ -174,7 +174,9 @@ def test_decode_steps_through_bound_launches_match_the_reference(monkeypatch, ke
         monkeypatch.setattr(bound_launch, "_current_device", lambda: 0)
         monkeypatch.setattr(da, "_split_kernel_t", _Dispatcher(da._split_kernel_t, []))
         monkeypatch.setattr(da, "_split_kernel", _Dispatcher(da._split_kernel, []))
+        monkeypatch.setattr(da, "_combine_kernel", _Dispatcher(da._combine_kernel, []))
     monkeypatch.setattr(da, "_WINDOW_LAUNCHES", {})
+    monkeypatch.setattr(da, "_COMBINE_LAUNCHES", {})
     gen = torch.Generator().manual_seed(7)
     b, hkv, gqa, d, tk = 2, 2, 4, 64, 64
     k = torch.randn(b, hkv, tk + 40, d, generator=gen).half().to(DEVICE)
@@ -195,5 +197,7 @@ def test_decode_steps_through_bound_launches_match_the_reference(monkeypatch, ke
         torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=3e-3)
     packed = da._PLANS[pk][2].launch
     window = list(da._WINDOW_LAUNCHES.values())
-    assert len(window) == 1
-    assert packed.direct_launches == 2 and window[0].direct_launches == 2  # every step after the first
+    combine = list(da._COMBINE_LAUNCHES.values())
+    assert len(window) == len(combine) == 1
+    # every step after the first
+    assert packed.direct_launches == window[0].direct_launches == combine[0].direct_launches == 2

@@ -40,9 +40,9 @@ query, not per token), and the combined output is un-rotated once.
 
 Launches: a decode step of an eager ``transformers`` model is bound by host time at small batches,
 and Triton's dispatcher binds, specializes and hashes each split kernel's ~90 arguments at every
-launch. The packed tokens' launch is bound to the layer's plan, the window's to its shape
-(``kvpolar.kernels.bound_launch``); from the second step on they relaunch the compiled kernel with
-only the per-call arguments replaced (``PER_CALL`` / ``PER_WINDOW``; ``BOUND_LAUNCHES = False``
+launch. The packed tokens' launch is bound to the layer's plan, the window's to its shape, the combine kernel's to the head
+dim and split count (``kvpolar.kernels.bound_launch``); from the second step on they relaunch the
+compiled kernel with only the per-call arguments replaced (``PER_CALL`` / ``PER_WINDOW``; ``BOUND_LAUNCHES = False``
 turns this off). On the H100 that took a batch-1 call from 219 to 122 us of host time
 (``benchmarks/launch_cost.py``).
 
@@ -274,10 +274,15 @@ def fused_decode_attention(
         n_packed = parts[0][3] if tk else 0
         part_acc[..., n_packed:, :] = part_acc[..., n_packed:, :] @ v_rot.T
     out = torch.empty(bsz, hq, tq, d, device=dev, dtype=query.dtype if v_rot is None else torch.float32)
-    _combine_kernel[(bsz * hq * tq,)](
-        part_max, part_sum, part_acc, out, total_splits,
-        D=d, BLOCK_S=_next_pow2(total_splits), num_warps=4,
-    )
+    combine_args = (part_max, part_sum, part_acc, out, total_splits)
+    block_s = _next_pow2(total_splits)
+    combine = _combine_launch(dev, d, block_s) if BOUND_LAUNCHES else None
+    if combine is None or not combine.relaunch((bsz * hq * tq,), combine_args):
+        kwargs = dict(D=d, BLOCK_S=block_s, num_warps=4)
+        if combine is None:
+            _combine_kernel[(bsz * hq * tq,)](*combine_args, **kwargs)
+        else:
+            combine.launch((bsz * hq * tq,), combine_args, kwargs)
     if v_rot is not None:
         out = (out @ v_rot).to(query.dtype)  # R^T o, once
     return out
@@ -773,6 +778,19 @@ def _window_launch(query, residual_keys, mask, gqa, block_n, cfg) -> "BoundLaunc
         if len(_WINDOW_LAUNCHES) >= 256:
             _WINDOW_LAUNCHES.clear()
         launch = _WINDOW_LAUNCHES[key] = BoundLaunch(_split_kernel, PER_WINDOW)
+    return launch
+
+
+#: Bound launches of the combine kernel, by device, head dim and split block (every argument varies).
+_COMBINE_LAUNCHES: dict[tuple, BoundLaunch] = {}
+
+
+def _combine_launch(device: torch.device, d: int, block_s: int) -> BoundLaunch:
+    key = (device, d, block_s)
+    launch = _COMBINE_LAUNCHES.get(key)
+    if launch is None:
+        launch = _COMBINE_LAUNCHES[key] = BoundLaunch(_combine_kernel, ("part_max", "part_sum", "part_acc", "out_ptr",
+                                                                       "n_splits"))
     return launch
 
 
