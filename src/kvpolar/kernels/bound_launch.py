@@ -49,6 +49,11 @@ def _signature(fn: Any) -> inspect.Signature:
     return inspect.signature(fn)
 
 
+def _constexpr(param: inspect.Parameter) -> bool:
+    """Whether a kernel parameter is annotated ``tl.constexpr`` (the object, or its name as a string)."""
+    return "constexpr" in str(param.annotation)
+
+
 def _current_device() -> int:
     return torch.cuda.current_device()
 
@@ -68,6 +73,14 @@ class BoundLaunch:
     def __init__(self, kernel: Any, varying: Iterable[str]) -> None:
         self.kernel = kernel
         self.varying = tuple(varying)
+        fn = getattr(kernel, "fn", None)
+        if fn is not None:
+            params = _signature(fn).parameters
+            unknown = [name for name in self.varying if name not in params]
+            constant = [name for name in self.varying if name in params and _constexpr(params[name])]
+            if unknown or constant:
+                raise ValueError(f"varying arguments must be runtime parameters of {getattr(fn, '__name__', fn)}; "
+                                 f"not parameters: {unknown}, compile-time constants: {constant}")
         self._bound: dict[tuple, tuple[Any, list]] = {}  # specialization of the varying values -> (compiled, values)
         self._slots: tuple[int, ...] = ()
         self._device: int | None = None
@@ -109,11 +122,6 @@ class BoundLaunch:
         except (AttributeError, TypeError):
             return
         params = list(signature.parameters)
-        unknown = [name for name in self.varying if name not in params]
-        constant = [p.name for p in getattr(self.kernel, "params", ()) if p.is_constexpr and p.name in self.varying]
-        if unknown or constant:
-            raise ValueError(f"varying arguments must be runtime parameters of {getattr(fn, '__name__', fn)}; "
-                             f"not parameters: {unknown}, compile-time constants: {constant}")
         device = _current_device()
         if device != self._device:
             self._bound.clear()
