@@ -40,11 +40,11 @@ query, not per token), and the combined output is un-rotated once.
 
 Launches: a decode step of an eager ``transformers`` model is bound by host time at small batches,
 and Triton's dispatcher binds, specializes and hashes each split kernel's ~90 arguments at every
-launch. The packed tokens' launch is bound to the layer's plan, the window's to its shape, the combine kernel's to the head
-dim and split count (``kvpolar.kernels.bound_launch``); from the second step on they relaunch the
-compiled kernel with only the per-call arguments replaced (``PER_CALL`` / ``PER_WINDOW``; ``BOUND_LAUNCHES = False``
-turns this off). On the H100 that took a batch-1 call from 219 to 122 us of host time
-(``benchmarks/launch_cost.py``).
+launch. The packed tokens' launch is bound to the layer's plan, the window's to its shape, the
+combine kernel's to the head dim and split count (``kvpolar.kernels.bound_launch``); from the second
+step on they relaunch the compiled kernel with only the per-call arguments replaced (``PER_CALL`` /
+``PER_WINDOW``; ``BOUND_LAUNCHES = False`` turns this off). On the H100 binding the split kernels
+took a batch-1 call from 219 to 122 us of host time (``benchmarks/launch_cost.py``).
 
 Stored formats read (any key format with any value format; ``supports`` checks the parameters):
 keys: full precision, KIVI per-channel, polar-rope, turbo, fp8, polar-recursive; values: full
@@ -276,7 +276,8 @@ def fused_decode_attention(
     out = torch.empty(bsz, hq, tq, d, device=dev, dtype=query.dtype if v_rot is None else torch.float32)
     combine_args = (part_max, part_sum, part_acc, out, total_splits)
     block_s = _next_pow2(total_splits)
-    combine = _combine_launch(dev, d, block_s) if BOUND_LAUNCHES else None
+    combine = _shared_launch(_COMBINE_LAUNCHES, (dev, d, block_s), _combine_kernel, _COMBINE_ARGUMENTS) \
+        if BOUND_LAUNCHES else None
     if combine is None or not combine.relaunch((bsz * hq * tq,), combine_args):
         kwargs = dict(D=d, BLOCK_S=block_s, num_warps=4)
         if combine is None:
@@ -755,8 +756,9 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
 
 #: Whether decode launches skip Triton's dispatcher where they can (``kvpolar.kernels.bound_launch``):
 #: a layer's packed-token kernel with the arguments of its previous step, the window's kernel with
-#: those of an earlier step of the same shape, only the per-call values changed (``PER_CALL`` /
-#: ``PER_WINDOW``). False: every launch through ``kernel[grid](...)``.
+#: those of an earlier step of the same shape, the combine kernel with those of an earlier call of the
+#: same head dim and split block, only the per-call values changed (``PER_CALL`` / ``PER_WINDOW``;
+#: every argument of the combine kernel). False: every launch through ``kernel[grid](...)``.
 BOUND_LAUNCHES = True
 #: The split kernels' arguments that change from one call to the next over the same packed tensors:
 #: the query, the mask, the partial outputs, the splits' place among all, the scale.
@@ -773,24 +775,22 @@ def _window_launch(query, residual_keys, mask, gqa, block_n, cfg) -> "BoundLaunc
     """The bound launch of the residual window's classic kernel for this query shape and dtype, window
     dtype, mask presence, block and config (the window itself, its length and position vary)."""
     key = (query.device, query.dtype, query.shape[1:], residual_keys.dtype, mask is None, gqa, block_n, cfg)
-    launch = _WINDOW_LAUNCHES.get(key)
-    if launch is None:
-        if len(_WINDOW_LAUNCHES) >= 256:
-            _WINDOW_LAUNCHES.clear()
-        launch = _WINDOW_LAUNCHES[key] = BoundLaunch(_split_kernel, PER_WINDOW)
-    return launch
+    return _shared_launch(_WINDOW_LAUNCHES, key, _split_kernel, PER_WINDOW)
 
 
 #: Bound launches of the combine kernel, by device, head dim and split block (every argument varies).
 _COMBINE_LAUNCHES: dict[tuple, BoundLaunch] = {}
+_COMBINE_ARGUMENTS = ("part_max", "part_sum", "part_acc", "out_ptr", "n_splits")
 
 
-def _combine_launch(device: torch.device, d: int, block_s: int) -> BoundLaunch:
-    key = (device, d, block_s)
-    launch = _COMBINE_LAUNCHES.get(key)
+def _shared_launch(launches: dict, key: tuple, kernel, varying: tuple[str, ...]) -> BoundLaunch:
+    """The ``BoundLaunch`` of ``launches`` under ``key``, made on first use (at most 256 kept: each holds
+    a few small tensors of its first call in argument slots the kernel does not read)."""
+    launch = launches.get(key)
     if launch is None:
-        launch = _COMBINE_LAUNCHES[key] = BoundLaunch(_combine_kernel, ("part_max", "part_sum", "part_acc", "out_ptr",
-                                                                       "n_splits"))
+        if len(launches) >= 256:
+            launches.clear()
+        launch = launches[key] = BoundLaunch(kernel, varying)
     return launch
 
 
