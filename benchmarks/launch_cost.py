@@ -1,4 +1,4 @@
-"""Host time of one decode-attention call on CUDA, and how much of it is Triton's launcher.
+"""Host time of one decode-attention call on CUDA, and how much of it Triton's dispatcher takes.
 
 A batch-1 decode step of a ``transformers`` model is bound by host time (benchmarks/README.md, end to
 end): kvpolar's step took about 0.3 ms per layer more than fp16 with SDPA's flash backend. This
@@ -30,7 +30,6 @@ import time
 
 import torch
 import triton
-import triton.language as tl
 
 from bench_attention import HKV, HQ, D, make_preset
 from kvpolar.kernels import decode_attention as mod
