@@ -63,7 +63,7 @@ import torch
 from kvpolar.decode_attention import MAX_FUSED_QUERY_ROWS, query_rows_per_kv_head
 from kvpolar.kernels import interpreting
 from kvpolar.kernels import decode_formats as formats
-from kvpolar.kernels.bound_launch import BoundLaunch
+from kvpolar.kernels.bound_launch import BoundLaunch, specialization
 from kvpolar.kernels.decode_operands import (  # noqa: F401  (KEY_FORMATS .. supports: this module's API too)
     FMT_FULL, FMT_KIVI, FMT_POLAR, KEY_FORMATS, POLAR_PAIR_BITS, VALUE_FORMATS, Operand, byte_stride,
     column_stride, full_operand, key_operand, metadata_strides, packed_unit, refuse_unsupported, row_major,
@@ -359,9 +359,9 @@ def _remembered_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Pa
     the GPU, where the plan also asks the compiled kernel's residency. The signature holds what the
     plan depends on: the query's shape, dtype and device, and how Triton specializes the query and
     mask (alignment, strides equal to 1 or divisible by 16), the scale's type and the config."""
-    signature = (tuple(query.shape), query.dtype, query.device, tuple(map(_specialization, query.stride())),
-                 _specialization(query), None if mask is None else
-                 (_specialization(mask), tuple(map(_specialization, mask.stride()))), type(scale), cfg)
+    signature = (tuple(query.shape), query.dtype, query.device, tuple(map(specialization, query.stride())),
+                 specialization(query), None if mask is None else
+                 (specialization(mask), tuple(map(specialization, mask.stride()))), type(scale), cfg)
     entry = _PLANS.get(keys)
     if entry is not None and entry[0]() is values and entry[1] == signature:
         return entry[2]
@@ -812,26 +812,16 @@ def _per_call_values(query, k_op, v_op, mask, offset, blocks, base, total_splits
 _RESIDENT: dict[tuple, int] = {}
 
 
-def _specialization(value) -> object:
-    """What Triton specializes a launch argument on: a tensor's dtype and 16-byte alignment, an
-    integer's being 1 or a multiple of 16 (strides, token counts), a float's type only."""
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    if type(value) is int:
-        return value == 1, value % 16 == 0
-    return float if isinstance(value, float) else value
-
-
 def _resident_key(args: tuple, kwargs: dict, device: torch.device) -> tuple:
     """What selects one compiled ``_split_kernel_t``: how each runtime argument is specialized
-    (``_specialization``; ``blocks_per_split`` and ``total_splits`` are not) and the compile-time
+    (``bound_launch.specialization``; ``blocks_per_split`` and ``total_splits`` are not) and the compile-time
     arguments themselves. Launches of one preset whose strides differ in divisibility by 16 compile
     to different register counts (H100: polar-rope-4's kernel, first compiled for a 2001-token
     cache, gave its residency to a 32k one and 4 splits instead of 6, 1.31x instead of 1.49x,
     ``results/registers3_h100.json``)."""
     tensor = torch.Tensor
-    return (tuple(map(_specialization, args)) + tuple(kwargs)
-            + tuple(_specialization(v) if isinstance(v, tensor) else v for v in kwargs.values()) + (device,))
+    return (tuple(map(specialization, args)) + tuple(kwargs)
+            + tuple(specialization(v) if isinstance(v, tensor) else v for v in kwargs.values()) + (device,))
 
 
 def programs_per_sm_of(registers: int, shared_bytes: int, num_warps: int, regs_per_sm: int = 65536,
