@@ -160,13 +160,8 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
     kw = cache_kwargs(model, cache)
     every = []
     for _ in range(steps + warmup):
-        _sync()
-        start = time.perf_counter()
-        with attention_backends(preset):
-            out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
-        ids = out.logits[:, -1:].argmax(-1)
-        _sync()
-        every.append(1000 * (time.perf_counter() - start))
+        ms, ids = timed_forward(model, preset, ids, pos, kw)
+        every.append(ms)
         pos = pos + 1
     times = sorted(every[warmup:])
     ms = times[len(times) // 2]
@@ -177,9 +172,23 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
     else:
         report = cache.memory_report()
         cache_bytes, bits = report.total, report.bits_per_element
-    del cache, out
+    del cache
     return Point(preset, batch, context, ms, batch * 1000.0 / ms, peak / 2**30, weights_bytes / 2**30,
                  cache_bytes / 2**30, bits, fill_peak_gib=fill_peak / 2**30, step_ms=every)
+
+
+@torch.no_grad()
+def timed_forward(model, preset: str, ids: torch.Tensor, pos: torch.Tensor, kw: dict) -> tuple[float, torch.Tensor]:
+    """(wall-clock ms, greedy next ids ``[B, 1]``) of one forward of ``ids`` at positions ``pos`` through
+    the cache in ``kw`` (last position's logits only) and its argmax, in ``preset``'s attention context,
+    the device synchronized before and after."""
+    _sync()
+    start = time.perf_counter()
+    with attention_backends(preset):
+        out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
+    next_ids = out.logits[:, -1:].argmax(-1)
+    _sync()
+    return 1000 * (time.perf_counter() - start), next_ids
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -49,14 +48,9 @@ def alternated_steps(model, preset: str, batch: int, context: int, block: int, r
         for setting, count, timed in plan:
             decode_attention.BOUND_LAUNCHES = setting
             for _ in range(count):
-                e2e._sync()
-                start = time.perf_counter()
-                with e2e.attention_backends(preset):
-                    out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
-                ids = out.logits[:, -1:].argmax(-1)
-                e2e._sync()
+                ms, ids = e2e.timed_forward(model, preset, ids, pos, kw)
                 if timed:
-                    times[setting].append(1000 * (time.perf_counter() - start))
+                    times[setting].append(ms)
                 pos = pos + 1
     finally:
         decode_attention.BOUND_LAUNCHES = default

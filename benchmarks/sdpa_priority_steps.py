@@ -22,7 +22,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -42,11 +41,7 @@ def step_times(model, preset: str, context: int, step_tokens: int, steps: int) -
     for _ in range(steps):
         ids = torch.randint(0, model.config.vocab_size, (1, step_tokens), device=e2e.DEVICE)
         pos = torch.arange(seen, seen + step_tokens, device=e2e.DEVICE)[None]
-        e2e._sync()
-        start = time.perf_counter()
-        model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
-        e2e._sync()
-        times.append(1000 * (time.perf_counter() - start))
+        times.append(e2e.timed_forward(model, preset, ids, pos, kw)[0])
         seen += step_tokens
     return times
 
