@@ -162,16 +162,18 @@ def test_bound_launch_keeps_no_varying_buffer_alive(one_device):
 
 @pytest.mark.parametrize("key_fmt", ["kivi", "polar-rope"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_decode_steps_through_bound_launches_match_the_reference(monkeypatch, key_fmt, masked):
+@pytest.mark.parametrize("fold", [True, False])
+def test_decode_steps_through_bound_launches_match_the_reference(monkeypatch, key_fmt, masked, fold):
     """Decode steps as a layer makes them: new query, partial buffers and a window one token longer
-    at each step. After the first step the packed kernel and the window's kernel run through their
-    bound compiled kernels: on a GPU Triton's own, on the CPU the stand-in, which runs the
-    interpreted kernel with the values handed to it."""
+    at each step. After the first step the packed kernel and the window's kernels (the combine
+    kernel attending the window, or, with ``fold`` off, the window's split launch and the plain
+    combine kernel) run through their bound compiled kernels: on a GPU Triton's own, on the CPU the
+    stand-in, which runs the interpreted kernel with the values handed to it."""
     if DEVICE == "cpu":
         monkeypatch.setattr(bound_launch, "_current_device", lambda: 0)
-        monkeypatch.setattr(da, "_split_kernel_t", _Dispatcher(da._split_kernel_t))
-        monkeypatch.setattr(da, "_split_kernel", _Dispatcher(da._split_kernel))
-        monkeypatch.setattr(da, "_combine_kernel", _Dispatcher(da._combine_kernel))
+        for name in ("_split_kernel_t", "_split_kernel", "_combine_kernel", "_window_combine_kernel"):
+            monkeypatch.setattr(da, name, _Dispatcher(getattr(da, name)))
+    monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 1024 if fold else 0)
     monkeypatch.setattr(da, "_WINDOW_LAUNCHES", {})
     monkeypatch.setattr(da, "_COMBINE_LAUNCHES", {})
     gen = torch.Generator().manual_seed(7)
@@ -195,6 +197,9 @@ def test_decode_steps_through_bound_launches_match_the_reference(monkeypatch, ke
     packed = da._PLANS[pk][2].launch
     window = list(da._WINDOW_LAUNCHES.values())
     combine = list(da._COMBINE_LAUNCHES.values())
-    assert len(window) == len(combine) == 1
+    assert len(window) == (0 if fold else 1) and len(combine) == 1
+    assert combine[0].kernel.fn is \
+        (da._window_combine_kernel if fold else da._combine_kernel).fn
     # every step after the first
-    assert packed.direct_launches == window[0].direct_launches == combine[0].direct_launches == 2
+    assert packed.direct_launches == combine[0].direct_launches == 2
+    assert all(w.direct_launches == 2 for w in window)

@@ -328,6 +328,57 @@ def test_residual_only():
     check("none", "none", gqa=8, tk=0, r=9)
 
 
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("case", ["gqa1", "gqa8-tq3", "ragged", "window-only", "long-window", "bf16"])
+def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, fold, case):
+    """The residual window attended in the combine kernel's programs (``_window_combine_kernel``,
+    windows of at most ``MAX_FOLDED_WINDOW`` tokens) or by its own split launch (longer windows; here
+    forced by a limit of 0): the oracle's attention either way, over windows of one and of several
+    ``WINDOW_BLOCK_N`` steps, GQA 1 and 8, three query tokens, a ragged batch with a fully masked row,
+    no packed tokens, and bfloat16."""
+    launched = []
+    original = da._launch_split
+    monkeypatch.setattr(da, "_launch_split", lambda *a, **k: (a[1].fmt == da.FMT_FULL and launched.append(a[4]))
+                        or original(*a, **k))  # (the window's launch: 16-bit keys, from token tk on)
+    monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 1024 if fold else 0)
+    kw = {"gqa1": dict(gqa=1, hkv=2, tk=40, r=5),
+          "gqa8-tq3": dict(gqa=8, tq=3, tk=33, r=31),
+          "ragged": dict(batch=3, gqa=4, tk=50, r=70, lengths=[120, 64, 0]),
+          "window-only": dict(gqa=4, tk=0, r=45, lengths=None),
+          "long-window": dict(batch=2, gqa=2, tk=20, r=97, lengths=[117, 90]),
+          "bf16": dict(batch=2, gqa=4, tk=37, r=40, dtype=torch.bfloat16, lengths=[77, 12])}[case]
+    tk = kw.pop("tk")
+    key_fmt = "none" if tk == 0 else "kivi-2-32"
+    out = check(key_fmt, key_fmt, tk=tk, **kw)
+    assert launched == ([] if fold else [tk])  # the window's split launch starts at token tk
+    if case == "ragged":
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+def test_window_folds_up_to_the_limit_and_not_for_rotated_values(monkeypatch):
+    """Windows of at most ``MAX_FOLDED_WINDOW`` tokens over values in the plain domain go to the
+    combine kernel; a longer window, or values stored rotated (turbo), get the window's split launch."""
+    launched = []
+    original = da._launch_split
+    monkeypatch.setattr(da, "_launch_split", lambda *a, **k: (a[1].fmt == da.FMT_FULL and launched.append(a[4]))
+                        or original(*a, **k))
+    monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 8)
+    check("kivi-2-32", "kivi-2-32", tk=16, r=8)
+    assert launched == []
+    check("kivi-2-32", "kivi-2-32", tk=16, r=9)
+    assert launched == [16]
+    launched.clear()
+    k, v, q = random_inputs(("rotated",), batch=1, hkv=1, gqa=4, tq=1, n=40, d=D, dtype=torch.float16)
+    kq = kvpolar.quantizer("kivi", bits=2, group_size=32, axis="channel")
+    vq = kvpolar.quantizer("turbo", bits=4)
+    pk, pv = kq.quantize(k[..., :32, :]), vq.quantize(v[..., :32, :])
+    rk, rv = k[..., 32:, :], v[..., 32:, :]
+    out = fused_decode_attention(*(x.to(DEVICE) for x in (q, pk, pv)), kq, vq, rk.to(DEVICE), rv.to(DEVICE), D**-0.5)
+    want = reference_decode_attention(q.float(), pk, pv, kq, vq, rk.float(), rv.float(), D**-0.5)
+    torch.testing.assert_close(out.cpu().float(), want, atol=3e-3, rtol=3e-3)
+    assert launched == [32]
+
+
 def test_many_splits_and_blocks():
     check("kivi-2-32", "kivi-2-32", gqa=4, tk=70, r=3, config=LaunchConfig(block_n=16, num_splits=3))
 
@@ -734,6 +785,7 @@ def test_partial_buffers_start_aligned(monkeypatch):
                         part_sum, part_acc, *rest)
 
     monkeypatch.setattr(da, "_launch_split", record)
+    monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 0)  # the window through the split kernel
     k, v, q = (x.to(DEVICE) for x in random_inputs(("aligned",), batch=1, hkv=1, gqa=3, tq=1, n=9, d=D,
                                                    dtype=torch.float16))
     fused_decode_attention(q, None, None, None, None, k, v, D**-0.5)

@@ -25,9 +25,12 @@ How it runs (Triton kernels in :mod:`kvpolar.kernels.decode_classic` and
    * values, KIVI per-token: codes unpacked and dequantized in registers, then ``p @ v``;
    * ``none`` (full precision) keys/values: the plain fp16/bf16 path of the same kernel.
 
-   It writes a partial ``(max, sum, unnormalised output)`` per split. The full-precision residual
-   window is one more launch of the same kernel (``none`` format) writing the last split(s).
-2. ``_combine_kernel``, one program per ``(batch, query head, query token)``: merges the splits.
+   It writes a partial ``(max, sum, unnormalised output)`` per split.
+2. ``_window_combine_kernel`` (:mod:`kvpolar.kernels.decode_combine`), one program per ``(batch,
+   query head, query token)``: attends the row over the full-precision residual window, then merges
+   that with the splits into the output. Windows longer than ``MAX_FOLDED_WINDOW`` tokens, and
+   windows over values stored in a rotated domain, get one more launch of the split kernel
+   (``none`` format) writing the last split(s), and ``_combine_kernel`` merges.
 
 The number of splits grows until ``batch * kv_heads * splits`` fills one wave of the programs an SM
 holds at once (``choose_splits``; for the transposed kernel, counted from its compiled registers and
@@ -41,10 +44,11 @@ query, not per token), and the combined output is un-rotated once.
 Launches: a decode step of an eager ``transformers`` model is bound by host time at small batches,
 and Triton's dispatcher binds, specializes and hashes each split kernel's ~90 arguments at every
 launch. The packed tokens' launch is bound to the layer's plan, the window's to its shape, the
-combine kernel's to the head dim and split count (``kvpolar.kernels.bound_launch``); from the second
+combine kernels' to their compile-time arguments (``kvpolar.kernels.bound_launch``); from the second
 step on they relaunch the compiled kernel with only the per-call arguments replaced (``PER_CALL`` /
 ``PER_WINDOW``; ``BOUND_LAUNCHES = False`` turns this off). On the H100 binding the split kernels
-took a batch-1 call from 219 to 122 us of host time (``benchmarks/launch_cost.py``).
+took a batch-1 call from 219 to 122 us of host time (``benchmarks/launch_cost.py``). Attending the
+window in the combine kernel saves one launch per call (two in all for the steady decode state).
 
 Stored formats read (any key format with any value format; ``supports`` checks the parameters):
 keys: full precision, KIVI per-channel, polar-rope, turbo, fp8, polar-recursive; values: full
@@ -239,7 +243,8 @@ def fused_decode_attention(
         plan = _remembered_plan(q_packed, keys, values, mask, scale, cfg)
         parts.append((plan.k_op, plan.v_op, 0, plan.splits, plan.per_split, plan.block_n, q_packed, plan.config,
                       plan.transposed, plan.launch))
-    if r:
+    fold_window = 0 < r <= MAX_FOLDED_WINDOW and v_rot is None  # the window in the combine kernel
+    if r and not fold_window:
         block_n = min(cfg.block_n, max(16, _next_pow2(r)))
         splits, per_split = choose_splits(r, bsz * hkv, sms, block_n, _residual_config(cfg))
         parts.append((full_operand(residual_keys), full_operand(residual_values), tk, splits, per_split, block_n,
@@ -274,14 +279,21 @@ def fused_decode_attention(
         n_packed = parts[0][3] if tk else 0
         part_acc[..., n_packed:, :] = part_acc[..., n_packed:, :] @ v_rot.T
     out = torch.empty(bsz, hq, tq, d, device=dev, dtype=query.dtype if v_rot is None else torch.float32)
-    combine_args = (part_max, part_sum, part_acc, out, total_splits)
     block_s = _next_pow2(total_splits)
-    combine = _shared_launch(_COMBINE_LAUNCHES, (dev, d, block_s), _combine_kernel, _COMBINE_ARGUMENTS) \
-        if BOUND_LAUNCHES else None
-    if combine is None or not combine.relaunch((bsz * hq * tq,), combine_args):
+    if fold_window:
+        kernel, names = _window_combine_kernel, _WINDOW_COMBINE_ARGUMENTS
+        combine_args = _window_combine_arguments(query, residual_keys, residual_values, mask, tk, gqa, scale,
+                                                 part_max, part_sum, part_acc, out, total_splits)
+        kwargs = dict(D=d, BLOCK_S=block_s, BLOCK_N=WINDOW_BLOCK_N, HAS_MASK=mask is not None,
+                      BLOCKS_CONST=combine_args[-6] if _interpreting() else 0, num_warps=4)
+    else:
+        kernel, names = _combine_kernel, _COMBINE_ARGUMENTS
+        combine_args = (part_max, part_sum, part_acc, out, total_splits)
         kwargs = dict(D=d, BLOCK_S=block_s, num_warps=4)
+    combine = _shared_launch(_COMBINE_LAUNCHES, (dev, *kwargs.values()), kernel, names) if BOUND_LAUNCHES else None
+    if combine is None or not combine.relaunch((bsz * hq * tq,), combine_args):
         if combine is None:
-            _combine_kernel[(bsz * hq * tq,)](*combine_args, **kwargs)
+            kernel[(bsz * hq * tq,)](*combine_args, **kwargs)
         else:
             combine.launch((bsz * hq * tq,), combine_args, kwargs)
     if v_rot is not None:
@@ -778,9 +790,34 @@ def _window_launch(query, residual_keys, mask, gqa, block_n, cfg) -> "BoundLaunc
     return _shared_launch(_WINDOW_LAUNCHES, key, _split_kernel, PER_WINDOW)
 
 
-#: Bound launches of the combine kernel, by device, head dim and split block (every argument varies).
+#: Bound launches of the combine kernels (``_combine_kernel``, ``_window_combine_kernel``), by device
+#: and compile-time arguments (every runtime argument varies).
 _COMBINE_LAUNCHES: dict[tuple, BoundLaunch] = {}
 _COMBINE_ARGUMENTS = ("part_max", "part_sum", "part_acc", "out_ptr", "n_splits")
+_WINDOW_COMBINE_ARGUMENTS = _COMBINE_ARGUMENTS + (
+    "q_ptr", "sq_b", "sq_h", "sq_t", "k_ptr", "sk_b", "sk_h", "sk_t", "v_ptr", "sv_b", "sv_h", "sv_t",
+    "mask_ptr", "smk_b", "smk_h", "smk_t", "smk_n",
+    "n_window", "window_blocks", "mask_offset", "n_heads", "gqa", "n_query", "qk_scale")
+#: Residual windows of at most this many tokens are attended in the combine kernel's programs
+#: (``decode_combine._window_combine_kernel``: one launch fewer per call) where the values are not
+#: stored in a rotated domain; longer windows get their own split launch (splits of >= 1024 tokens,
+#: ``_residual_config``), which reads each KV head's window once rather than once per query head.
+MAX_FOLDED_WINDOW = 1024
+#: Window tokens per step of ``_window_combine_kernel``'s loop.
+WINDOW_BLOCK_N = 32
+
+
+def _window_combine_arguments(query, residual_keys, residual_values, mask, mask_offset, gqa, scale, part_max,
+                              part_sum, part_acc, out, n_splits) -> tuple:
+    """The runtime arguments of ``_window_combine_kernel`` (``_WINDOW_COMBINE_ARGUMENTS``, in order)."""
+    bsz, hq, tq, _ = query.shape
+    rk, rv = full_operand(residual_keys).data, full_operand(residual_values).data
+    sq, sk, sv = query.stride(), rk.stride(), rv.stride()
+    mask_values = (query, 0, 0, 0, 0) if mask is None else (mask, *mask.stride())
+    r = rk.shape[2]
+    return (part_max, part_sum, part_acc, out, n_splits, query, sq[0], sq[1], sq[2], rk, sk[0], sk[1], sk[2],
+            rv, sv[0], sv[1], sv[2], *mask_values, r, -(-r // WINDOW_BLOCK_N), mask_offset, hq, gqa, tq,
+            scale * _LOG2E)
 
 
 def _shared_launch(launches: dict, key: tuple, kernel, varying: tuple[str, ...]) -> BoundLaunch:
@@ -869,7 +906,8 @@ def _transposed_residency(query, k_op, v_op, mask, offset, scale, gqa, block_n, 
 if triton is not None:
     from kvpolar.kernels import polar_recursive_parts as _pr
     from kvpolar.kernels import turbo_parts as _tq
-    from kvpolar.kernels.decode_classic import _combine_kernel, _split_kernel
+    from kvpolar.kernels.decode_classic import _split_kernel
+    from kvpolar.kernels.decode_combine import _combine_kernel, _window_combine_kernel
     from kvpolar.kernels.decode_transposed import _split_kernel_t
     from kvpolar.kernels.polar_pairs import UNIT_PAIR_BITS as _POLAR_UNIT_BITS
     from kvpolar.kernels.polar_pairs import unit_words as _unit_words

@@ -1,9 +1,9 @@
 """The classic split kernel of the fused decode attention (``_split_kernel``: ``[block, D]`` tiles,
-``num_warps`` warps sharing the query rows) and the kernel that merges the splits (``_combine_kernel``).
+``num_warps`` warps sharing the query rows); the splits are merged by :mod:`kvpolar.kernels.decode_combine`.
 
-Launched by :mod:`kvpolar.kernels.decode_attention` (``_launch_split``, the residual window and the
+Launched by :mod:`kvpolar.kernels.decode_attention` (``_launch_split``, residual windows it does not fold and the
 caches the launch policy does not send to the transposed kernel; ``fused_decode_attention`` then
-``_combine_kernel``). Reference: :func:`kvpolar.decode_attention.reference_decode_attention`.
+``decode_combine``). Reference: :func:`kvpolar.decode_attention.reference_decode_attention`.
 """
 
 from __future__ import annotations
@@ -273,21 +273,3 @@ def _split_kernel(
             tl.store(acc_rows + ch + 3, acc3, mask=row_ok[:, None])
     else:
         tl.store(acc_rows + dcol[None, :], acc, mask=row_ok[:, None])
-
-@triton.jit
-def _combine_kernel(part_max, part_sum, part_acc, out_ptr, n_splits,
-                    D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge the splits of one (sequence, query head, query token) row; empty rows give 0."""
-    row = tl.program_id(0).to(tl.int64)
-    sp = tl.arange(0, BLOCK_S)
-    ok = sp < n_splits
-    m = tl.load(part_max + row * n_splits + sp, mask=ok, other=float("-inf"))
-    l = tl.load(part_sum + row * n_splits + sp, mask=ok, other=0.0)
-    m_max = tl.max(m, axis=0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_safe)
-    total = tl.sum(w * l, axis=0)
-    dcol = tl.arange(0, D)
-    acc = tl.load(part_acc + (row * n_splits + sp)[:, None] * D + dcol[None, :], mask=ok[:, None], other=0.0)
-    o = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row * D + dcol, o.to(out_ptr.dtype.element_ty))

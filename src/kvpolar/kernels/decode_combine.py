@@ -1,0 +1,117 @@
+"""The second pass of the fused decode attention: the splits merged into one output row, and the
+short full-precision residual window attended in that same pass.
+
+One program per ``(sequence, query head, query token)`` row, grid ``(batch * query_heads * query_tokens,)``:
+
+* ``_combine_kernel`` merges the row's ``n_splits`` partials ``(max, sum, unnormalised output)``
+  (base-2 logits, written by the split kernels of :mod:`kvpolar.kernels.decode_classic` /
+  :mod:`kvpolar.kernels.decode_transposed`) into the normalised output;
+* ``_window_combine_kernel`` first runs the row's online softmax over the residual window (16/32-bit
+  keys and values ``[B, Hkv, R, D]``, ``BLOCK_N`` tokens a step, products in float32), then merges
+  that partial with the packed splits' the same way. It replaces a launch of the split kernel over
+  the window plus the combine launch: a decode step of an eager model is bound by host time at small
+  batches, and each launch costs tens of microseconds there (``benchmarks/launch_cost.py``). Each
+  query head's program reads its KV head's window itself (``Hq / Hkv`` reads, the repeats from L2),
+  which is why ``kvpolar.kernels.decode_attention`` folds only windows up to ``MAX_FOLDED_WINDOW``
+  tokens.
+
+Reference: :func:`kvpolar.decode_attention.reference_decode_attention`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, m_w, l_w, acc_w,
+                  D: tl.constexpr, BLOCK_S: tl.constexpr, WINDOW: tl.constexpr):
+    """Store the normalised output of ``row``: its ``n_splits`` partials (``part_*`` float32
+    ``[rows, n_splits]`` and ``[rows, n_splits, D]``) merged, with WINDOW one more partial
+    ``(m_w, l_w, acc_w [D])``; a row with nothing to attend gives zeros."""
+    sp = tl.arange(0, BLOCK_S)
+    ok = sp < n_splits
+    m = tl.load(part_max + row * n_splits + sp, mask=ok, other=float("-inf"))
+    l = tl.load(part_sum + row * n_splits + sp, mask=ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    if WINDOW:
+        m_max = tl.maximum(m_max, m_w)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_safe)
+    total = tl.sum(w * l, axis=0)
+    dcol = tl.arange(0, D)
+    acc = tl.load(part_acc + (row * n_splits + sp)[:, None] * D + dcol[None, :], mask=ok[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0)
+    if WINDOW:
+        w_w = tl.exp2(m_w - m_safe)
+        total += w_w * l_w
+        o += acc_w * w_w
+    o = o / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * D + dcol, o.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _combine_kernel(part_max, part_sum, part_acc, out_ptr, n_splits,
+                    D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge the splits of one (sequence, query head, query token) row; empty rows give 0."""
+    row = tl.program_id(0).to(tl.int64)
+    _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, 0.0, 0.0, 0.0, D, BLOCK_S, False)
+
+
+#: integers that change from one decode step to the next (the window's length, the packed part's, the
+#: mask's row length): one compiled kernel for all their values rather than Triton's three classes
+#: (== 1, a multiple of 16, other), each a compile in the middle of a generation
+_STEP_INTEGERS = ["n_splits", "n_window", "window_blocks", "mask_offset", "smk_b", "smk_h", "smk_t"]
+
+
+@triton.jit(do_not_specialize=_STEP_INTEGERS)
+def _window_combine_kernel(
+    part_max, part_sum, part_acc, out_ptr, n_splits,
+    q_ptr, sq_b, sq_h, sq_t,
+    k_ptr, sk_b, sk_h, sk_t, v_ptr, sv_b, sv_h, sv_t,
+    mask_ptr, smk_b, smk_h, smk_t, smk_n,
+    n_window, window_blocks, mask_offset, n_heads, gqa, n_query, qk_scale,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_CONST: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    """Attend one row over the residual window, then merge with the packed splits (module docstring).
+
+    ``q_ptr``: the query ``[B, Hq, Tq, D]`` (strides ``sq_*``, last 1); ``k_ptr`` / ``v_ptr``: the
+    window's keys / values ``[B, Hkv, n_window, D]`` (strides ``sk_*`` / ``sv_*``, last 1), KV head
+    ``query head // gqa``; ``mask_ptr``: uint8 ``[B, Hq, Tq, packed + window]`` (strides ``smk_*``;
+    with HAS_MASK), the window's tokens at columns ``mask_offset + j``; ``window_blocks``: ``ceil(n_window
+    / BLOCK_N)`` (the interpreter takes it as the constant BLOCKS_CONST); ``qk_scale``: softmax scale
+    times log2(e); ``part_*`` / ``n_splits``: the packed splits (0: none)."""
+    row = tl.program_id(0).to(tl.int64)
+    tok = row % n_query
+    head = (row // n_query) % n_heads
+    b = row // (n_query * n_heads)
+    hkv = head // gqa
+    dcol = tl.arange(0, D)
+    q = tl.load(q_ptr + b * sq_b + head * sq_h + tok * sq_t + dcol).to(tl.float32) * qk_scale
+    k_rows = k_ptr + b * sk_b + hkv * sk_h
+    v_rows = v_ptr + b * sv_b + hkv * sv_h
+    if HAS_MASK:
+        mask_row = mask_ptr + b * smk_b + head * smk_h + tok * smk_t
+    m_w = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
+    l_w = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
+    acc_w = tl.zeros([D], tl.float32)
+    for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else window_blocks):
+        n = i * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < n_window
+        k = tl.load(k_rows + n[:, None] * sk_t + dcol[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1)
+        keep = n_ok
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_row + (n + mask_offset) * smk_n, mask=n_ok, other=0) != 0)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_w, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_w - m_safe)
+        p = tl.exp2(s - m_safe)
+        v = tl.load(v_rows + n[:, None] * sv_t + dcol[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+        l_w = l_w * alpha + tl.sum(p, axis=0)
+        acc_w = acc_w * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_w = m_new
+    _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, m_w, l_w, acc_w, D, BLOCK_S, True)
