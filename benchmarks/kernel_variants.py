@@ -21,7 +21,8 @@ from kvpolar.kernels import decode_attention as da
 
 
 class Recorder:
-    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records the specialization key."""
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records the specialization key
+    (integers the kernel marks ``do_not_specialize`` left out)."""
 
     def __init__(self, kernel, name: str, seen: list):
         self.kernel, self.name, self.seen = kernel, name, seen
@@ -29,11 +30,12 @@ class Recorder:
     def __getitem__(self, grid):
         def call(*args, **kwargs):
             names = self.kernel.arg_names[: len(args)]
+            unspecialized = {p.name for p in getattr(self.kernel, "params", ()) if getattr(p, "do_not_specialize", False)}
             key = {}
             for n, a in zip(names, args):
                 if isinstance(a, torch.Tensor):
                     key[n] = a.data_ptr() % 16 == 0
-                elif isinstance(a, int) and not isinstance(a, bool):
+                elif isinstance(a, int) and not isinstance(a, bool) and n not in unspecialized:
                     key[n] = (a == 1, a % 16 == 0)
             key.update({n: v for n, v in kwargs.items() if not isinstance(v, torch.Tensor)})
             self.seen.append((self.name, key))
@@ -49,11 +51,14 @@ def variants(preset: str, steps: int) -> dict:
     model = transformers.LlamaForCausalLM(cfg).eval()
     cache = kvpolar.enable(model, preset)
     seen: list = []
-    saved = {n: getattr(da, n) for n in ("_split_kernel", "_split_kernel_t", "_combine_kernel")}
+    kernels = ("_split_kernel", "_split_kernel_t", "_combine_kernel", "_window_combine_kernel")
+    saved = {n: getattr(da, n) for n in kernels + ("_WINDOW_LAUNCHES", "_COMBINE_LAUNCHES")}
     interpreting = da._interpreting
     try:
-        for n, k in saved.items():
-            setattr(da, n, Recorder(k, n, seen))
+        for n in kernels:
+            setattr(da, n, Recorder(saved[n], n, seen))
+        # (bound launches made with this run's recorders, not an earlier preset's)
+        da._WINDOW_LAUNCHES, da._COMBINE_LAUNCHES = {}, {}
         da._interpreting = lambda: False  # the launch parameters of a GPU run
         ids = torch.randint(0, 256, (2, 300))
         model(input_ids=ids, **kvpolar.cache_kwargs(model, cache), use_cache=True)
