@@ -1,5 +1,10 @@
-"""Decode steps with the fused kernel's launches bound (``BOUND_LAUNCHES``) and through Triton's
-dispatcher, on the 8B-shaped model (random weights, ``--layers`` layers, 32k tokens per sequence).
+"""Decode steps with one of the fused kernel's host-time measures on and off, alternated, on the
+8B-shaped model (random weights, ``--layers`` layers, 32k tokens per sequence). ``--switch``:
+
+* ``bound`` (the default): the split kernels' launches bound (``BOUND_LAUNCHES``) against every
+  launch through Triton's dispatcher;
+* ``fold``: the residual window attended in the combine kernel (``MAX_FOLDED_WINDOW`` as shipped)
+  against its own split launch (``MAX_FOLDED_WINDOW = 0``).
 
 For each preset and batch the cache is filled once; then blocks of ``--block`` decode steps
 alternate between the two settings ``--rounds`` times (after ``--warmup`` untimed steps of each), so
@@ -7,8 +12,8 @@ both see the same cache and the same moves into the packed part. fp16-flash (``D
 without cuDNN) is timed the same way as the reference; the setting does not touch it. Wall-clock
 median per step, ms.
 
-    PYTHONPATH=src python benchmarks/bound_launch_steps.py [--presets fp16-flash,kivi-2,polar-rope-3]
-        [--batches 1,4] [--layers 32] [--smoke]
+    PYTHONPATH=src python benchmarks/bound_launch_steps.py [--switch bound|fold]
+        [--presets fp16-flash,kivi-2,polar-rope-3] [--batches 1,4] [--layers 32] [--smoke]
 
 ``--smoke``: the small model on the CPU, a 400-token context (checks that the script runs; on the
 CPU nothing is compiled, so both settings launch through the interpreter).
@@ -30,10 +35,16 @@ import bench_end_to_end as e2e  # noqa: E402
 from kvpolar.kernels import decode_attention  # noqa: E402
 
 
+#: ``--switch`` name -> (``kvpolar.kernels.decode_attention`` attribute, its value on, off, column labels off / on)
+SWITCHES = {"bound": ("BOUND_LAUNCHES", True, False, ("dispatcher", "bound launches")),
+            "fold": ("MAX_FOLDED_WINDOW", decode_attention.MAX_FOLDED_WINDOW, 0, ("window launched", "window folded"))}
+
+
 @torch.no_grad()
 def alternated_steps(model, preset: str, batch: int, context: int, block: int, rounds: int,
-                     warmup: int) -> dict[bool, list[float]]:
-    """ms per decode step by ``BOUND_LAUNCHES`` setting, blocks of ``block`` steps alternated."""
+                     warmup: int, switch: str = "bound") -> dict[bool, list[float]]:
+    """ms per decode step with the ``switch`` on (True) and off, blocks of ``block`` steps alternated."""
+    attribute, on, off, _ = SWITCHES[switch]
     settings = (True,) if preset in e2e.FP16_BASELINES else (True, False)
     steps = len(settings) * (warmup + block * rounds)
     cache = e2e.make_cache(model, preset, context + steps)
@@ -42,23 +53,24 @@ def alternated_steps(model, preset: str, batch: int, context: int, block: int, r
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
     pos = torch.full((batch, 1), context, device=e2e.DEVICE, dtype=torch.long)
     times: dict[bool, list[float]] = {s: [] for s in settings}
-    default = decode_attention.BOUND_LAUNCHES
+    default = getattr(decode_attention, attribute)
     plan = [(s, warmup, False) for s in settings] + [(s, block, True) for _ in range(rounds) for s in settings]
     try:
         for setting, count, timed in plan:
-            decode_attention.BOUND_LAUNCHES = setting
+            setattr(decode_attention, attribute, on if setting else off)
             for _ in range(count):
                 ms, ids = e2e.timed_forward(model, preset, ids, pos, kw)
                 if timed:
                     times[setting].append(ms)
                 pos = pos + 1
     finally:
-        decode_attention.BOUND_LAUNCHES = default
+        setattr(decode_attention, attribute, default)
     return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--switch", choices=sorted(SWITCHES), default="bound")
     ap.add_argument("--presets", default="fp16-flash,kivi-2,polar-rope-3")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--layers", type=int, default=32)
@@ -75,19 +87,22 @@ def main() -> None:
     rows = []
     for preset in args.presets.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            times = alternated_steps(model, preset, batch, args.context, args.block, args.rounds, args.warmup)
+            times = alternated_steps(model, preset, batch, args.context, args.block, args.rounds, args.warmup,
+                                     args.switch)
             rows.append({"preset": preset, "batch": batch,
-                         "bound_ms": statistics.median(times[True]),
-                         "dispatcher_ms": statistics.median(times[False]) if False in times else None,
+                         "on_ms": statistics.median(times[True]),
+                         "off_ms": statistics.median(times[False]) if False in times else None,
                          "steps": {str(k): v for k, v in times.items()}})
-    title = f"{e2e._device_name()}, {args.layers} layers, {args.context} tokens per sequence: median ms per decode step"
+    title = (f"{e2e._device_name()}, {args.layers} layers, {args.context} tokens per sequence, switch "
+             f"{args.switch}: median ms per decode step")
     print(title)
-    print("| preset | batch | dispatcher | bound launches | tokens/s gain |")
+    labels = SWITCHES[args.switch][3]
+    print(f"| preset | batch | {labels[0]} | {labels[1]} | tokens/s gain |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
-        d = row["dispatcher_ms"]
-        gain = f"{d / row['bound_ms']:.3f}x" if d else ""
-        print(f"| {row['preset']} | {row['batch']} | {'' if d is None else f'{d:.2f}'} | {row['bound_ms']:.2f} | {gain} |")
+        d = row["off_ms"]
+        gain = f"{d / row['on_ms']:.3f}x" if d else ""
+        print(f"| {row['preset']} | {row['batch']} | {'' if d is None else f'{d:.2f}'} | {row['on_ms']:.2f} | {gain} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"title": title, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)

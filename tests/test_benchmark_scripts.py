@@ -91,11 +91,14 @@ def test_sdpa_priority_steps_times_both_settings():
     assert all(float(ms) > 0 for pair in rows.values() for ms in pair)
 
 
-def test_bound_launch_steps_times_both_settings(tmp_path):
-    """Each quantized preset under both launch settings, the 16-bit baseline once, as a table and JSON."""
+@pytest.mark.parametrize("switch, labels", [("bound", "dispatcher | bound launches"),
+                                            ("fold", "window launched | window folded")])
+def test_bound_launch_steps_times_both_settings(tmp_path, switch, labels):
+    """Each quantized preset with the switch on and off, the 16-bit baseline once, as a table and JSON."""
     out = tmp_path / "steps.json"
-    stdout = run_script("bound_launch_steps.py", "--smoke", "--presets", "fp16-flash,kivi-2", "--batches", "1",
-                        "--out", str(out))
+    stdout = run_script("bound_launch_steps.py", "--smoke", "--switch", switch, "--presets", "fp16-flash,kivi-2",
+                        "--batches", "1", "--out", str(out))
+    assert f"| preset | batch | {labels} |" in stdout
     rows = [line.split("|")[1:5] for line in stdout.splitlines() if line.startswith("| ") and "preset" not in line]
     assert [row[0].strip() for row in rows] == ["fp16-flash", "kivi-2"]
     assert rows[0][2].strip() == "" and float(rows[0][3]) > 0
