@@ -14,16 +14,23 @@ than its host time, so the rows are host time. Rows:
   ``BOUND_LAUNCHES`` (the split kernels relaunched through their compiled kernels,
   ``kvpolar.kernels.bound_launch``) and without (every launch through Triton's dispatcher, which
   binds, specializes and hashes every argument);
-* ``empty kernel via jit``: a one-argument Triton kernel through the dispatcher, Triton's floor.
+* ``empty kernel via jit``: a one-argument Triton kernel through the dispatcher, Triton's floor;
+  ``empty kernel, compiled``: the same kernel launched as ``CompiledKernel[grid](x)``;
+* with ``--parts``, each of the fused call's three bound launches alone (packed tokens, window,
+  combine), as ``BoundLaunch.relaunch`` (specialization of the varying values, then the compiled
+  kernel), as ``CompiledKernel[grid](*values)`` (Triton's runner: current stream, launch metadata,
+  then its C launcher) and as the C launcher alone (``CompiledKernel.run`` given the stream, no launch
+  hooks; skipped where the runner calls it otherwise): where a launch's host time goes.
 Also checked: the two launch paths give the same output, and how many packed launches were bound ones.
 
     PYTHONPATH=src:benchmarks python benchmarks/launch_cost.py [--presets kivi-2 polar-rope-3]
-        [--batch 1] [--tokens 32768] [--residual 70] [--out FILE.json]
+        [--batch 1] [--tokens 32768] [--residual 70] [--parts] [--out FILE.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -33,6 +40,7 @@ import triton
 
 from bench_attention import HKV, HQ, D, make_preset
 from kvpolar.kernels import decode_attention as mod
+from kvpolar.kernels.bound_launch import BoundLaunch, specialization
 
 
 @triton.jit
@@ -55,6 +63,48 @@ def host_us(call, calls: int, repeats: int) -> float:
     return statistics.median(runs)
 
 
+#: How Triton 3.6's ``CompiledKernel[grid]`` runner calls the launcher (whitespace removed), which the
+#: launcher-alone row repeats with the stream given and no launch hooks.
+_RUNNER_CALL = ("self.run(grid[0],grid[1],grid[2],stream,self.function,self.packed_metadata,launch_metadata,"
+                "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*args)")
+
+
+def launch_parts(name: str, call, calls: int, repeats: int) -> list[tuple[str, float]]:
+    """Rows of host us per launch for each bound launch ``call`` makes, timed alone (see the module doc)."""
+    recorded: list[tuple[BoundLaunch, tuple, tuple]] = []
+    relaunch = BoundLaunch.relaunch
+
+    def recording(self, grid, values):
+        recorded.append((self, grid, values))
+        return relaunch(self, grid, values)
+
+    BoundLaunch.relaunch = recording
+    try:
+        call()
+    finally:
+        BoundLaunch.relaunch = relaunch
+    rows = []
+    stream = torch.cuda.current_stream().cuda_stream
+    for what, (bound, grid, values) in zip(("packed", "window", "combine"), recorded):
+        (compiled, bound_values), = [entry for key, entry in bound._bound.items()
+                                     if key == tuple(specialization(v) for v in values)]
+        launch_values = bound_values.copy()
+        for slot, value in zip(bound._slots, values):
+            launch_values[slot] = value
+        grid3 = (*grid, 1, 1)[:3]
+        rows.append((f"{name} {what} kernel ({len(launch_values)} arguments): relaunch",
+                     host_us(lambda: bound.relaunch(grid, values), calls, repeats)))
+        rows.append((f"{name} {what} kernel: compiled[grid](*values)",
+                     host_us(lambda: compiled[grid3](*launch_values), calls, repeats)))
+        if _RUNNER_CALL not in "".join(inspect.getsource(type(compiled).__getitem__).split()):
+            print("launcher alone not timed: this Triton's runner calls its launcher otherwise")
+            continue
+        launcher = lambda: compiled.run(*grid3, stream, compiled.function, compiled.packed_metadata,  # noqa: E731
+                                        None, None, None, *launch_values)
+        rows.append((f"{name} {what} kernel: launcher alone (CompiledKernel.run)", host_us(launcher, calls, repeats)))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["kivi-2", "polar-rope-3"])
@@ -63,6 +113,7 @@ def main() -> None:
     ap.add_argument("--residual", type=int, default=70, help="16-bit window tokens")
     ap.add_argument("--calls", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--parts", action="store_true", help="also time each bound launch alone")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev, dt, b = "cuda", torch.float16, args.batch
@@ -83,6 +134,8 @@ def main() -> None:
             args.calls, args.repeats)))
     x = torch.empty(1, device=dev)
     rows.append(("empty kernel via jit", host_us(lambda: _empty_kernel[(1,)](x), args.calls, args.repeats)))
+    empty = _empty_kernel[(1,)](x)
+    rows.append(("empty kernel, compiled", host_us(lambda: empty[(1, 1, 1)](x), args.calls, args.repeats)))
     rk, rv = full_k[:, :, : args.residual].contiguous(), full_v[:, :, : args.residual].contiguous()
     for name in args.presets:
         keys, values = make_preset(name, b, args.tokens, dt, dev)
@@ -102,6 +155,9 @@ def main() -> None:
         plan = mod._remembered_plan(mod._packed_query(q, mod.formats.rotation_matrix(keys)), keys, values, None,
                                     D**-0.5, mod._DEFAULT_CONFIG)
         rows.append((f"{name}: packed launches that skipped the dispatcher", float(plan.launch.direct_launches)))
+        if args.parts:
+            rows += launch_parts(name, lambda: mod.fused_decode_attention(q, keys, values, None, None, rk, rv, D**-0.5),
+                                 args.calls, args.repeats)
     title = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}: host us per "
              f"call, B={b}, {HQ}/{HKV} heads, D={D}, {args.tokens} packed + {args.residual} window tokens")
     print(title)
