@@ -41,6 +41,7 @@ from triton.testing import do_bench
 import kvpolar
 from kvpolar.decode_attention import reference_decode_attention
 from kvpolar.kernels.decode_attention import LaunchConfig, describe_launch, fused_decode_attention, supports
+from kvpolar.kernels import decode_attention
 from kvpolar.quantized import laid_out_tokens_contiguous, tokens_contiguous
 from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
@@ -466,7 +467,11 @@ def main() -> None:
     ap.add_argument("--num-warps", type=int, default=None)
     ap.add_argument("--num-stages", type=int, default=None)
     ap.add_argument("--programs-per-sm", type=int, default=None)
+    ap.add_argument("--max-folded-window", type=int, default=None,
+                    help="decode_attention.MAX_FOLDED_WINDOW (0: the 128-token window gets its own launch)")
     args = ap.parse_args()
+    if args.max_folded_window is not None:
+        decode_attention.MAX_FOLDED_WINDOW = args.max_folded_window
     dev = torch.device("cuda")
     torch.manual_seed(0)
     overrides = {k: v for k, v in {"block_n": args.block_n, "num_warps": args.num_warps, "num_stages": args.num_stages,
@@ -475,7 +480,8 @@ def main() -> None:
     props = torch.cuda.get_device_properties(dev)
     meta = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
-            "launch_config": dataclasses.asdict(config), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "launch_config": dataclasses.asdict(config), "max_folded_window": decode_attention.MAX_FOLDED_WINDOW,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     t0 = time.time()
     checks = [] if args.no_checks else check_correctness(dev)
     copy_gbs = copy_bandwidth(dev)

@@ -9,15 +9,18 @@ than its host time, so the rows are host time. Rows:
 
 * ``sdpa flash``: ``scaled_dot_product_attention`` of one query token over a 16-bit cache, flash
   backend (what fp16 pays per layer);
-* ``fused, ..., window R``: ``fused_decode_attention`` over the packed cache plus an R-token 16-bit
-  window (the steady decode state: three kernel launches), and with no window (two launches), with
+* ``fused, ..., window R folded``: ``fused_decode_attention`` over the packed cache plus an R-token
+  16-bit window (the steady decode state) attended in the combine kernel (two kernel launches);
+  ``launched``: the window's own split launch (``MAX_FOLDED_WINDOW = 0``, three launches); ``no
+  window`` (two launches); each with
   ``BOUND_LAUNCHES`` (the split kernels relaunched through their compiled kernels,
   ``kvpolar.kernels.bound_launch``) and without (every launch through Triton's dispatcher, which
   binds, specializes and hashes every argument);
 * ``empty kernel via jit``: a one-argument Triton kernel through the dispatcher, Triton's floor;
   ``empty kernel, compiled``: the same kernel launched as ``CompiledKernel[grid](x)``;
-* with ``--parts``, each of the fused call's three bound launches alone (packed tokens, window,
-  combine), as ``BoundLaunch.relaunch`` (specialization of the varying values, then the compiled
+* with ``--parts``, each of the fused call's bound launches alone (by kernel: the packed tokens'
+  split kernel, the combine kernel attending the window; then with the window launched, its split
+  kernel and the plain combine kernel), as ``BoundLaunch.relaunch`` (specialization of the varying values, then the compiled
   kernel), as ``CompiledKernel[grid](*values)`` (Triton's runner: current stream, launch metadata,
   then its C launcher) and as the C launcher alone (``CompiledKernel.run`` given the stream, no launch
   hooks; skipped where the runner calls it otherwise): where a launch's host time goes.
@@ -85,23 +88,24 @@ def launch_parts(name: str, call, calls: int, repeats: int) -> list[tuple[str, f
         BoundLaunch.relaunch = relaunch
     rows = []
     stream = torch.cuda.current_stream().cuda_stream
-    for what, (bound, grid, values) in zip(("packed", "window", "combine"), recorded):
+    for bound, grid, values in recorded:
+        what = getattr(getattr(bound.kernel, "fn", None), "__name__", "kernel")
         (compiled, bound_values), = [entry for key, entry in bound._bound.items()
                                      if key == tuple(specialization(v) for v in values)]
         launch_values = bound_values.copy()
         for slot, value in zip(bound._slots, values):
             launch_values[slot] = value
         grid3 = (*grid, 1, 1)[:3]
-        rows.append((f"{name} {what} kernel ({len(launch_values)} arguments): relaunch",
+        rows.append((f"{name} {what} ({len(launch_values)} arguments): relaunch",
                      host_us(lambda: bound.relaunch(grid, values), calls, repeats)))
-        rows.append((f"{name} {what} kernel: compiled[grid](*values)",
+        rows.append((f"{name} {what}: compiled[grid](*values)",
                      host_us(lambda: compiled[grid3](*launch_values), calls, repeats)))
         if _RUNNER_CALL not in "".join(inspect.getsource(type(compiled).__getitem__).split()):
             print("launcher alone not timed: this Triton's runner calls its launcher otherwise")
             continue
         launcher = lambda: compiled.run(*grid3, stream, compiled.function, compiled.packed_metadata,  # noqa: E731
                                         None, None, None, *launch_values)
-        rows.append((f"{name} {what} kernel: launcher alone (CompiledKernel.run)", host_us(launcher, calls, repeats)))
+        rows.append((f"{name} {what}: launcher alone (CompiledKernel.run)", host_us(launcher, calls, repeats)))
     return rows
 
 
@@ -139,13 +143,18 @@ def main() -> None:
     rk, rv = full_k[:, :, : args.residual].contiguous(), full_v[:, :, : args.residual].contiguous()
     for name in args.presets:
         keys, values = make_preset(name, b, args.tokens, dt, dev)
+        fold = mod.MAX_FOLDED_WINDOW
         for bound in (True, False):
             mod.BOUND_LAUNCHES = bound
             how = "bound launches" if bound else "dispatcher"
-            for window in ((rk, rv), (None, None)):
-                label = f"{name} fused, {how}, " + (f"window {args.residual}" if window[0] is not None else "no window")
+            for window, limit in (((rk, rv), fold), ((rk, rv), 0), ((None, None), fold)):
+                mod.MAX_FOLDED_WINDOW = limit
+                label = f"{name} fused, {how}, " + (
+                    "no window" if window[0] is None else
+                    f"window {args.residual} " + ("folded" if limit else "launched (MAX_FOLDED_WINDOW = 0)"))
                 call = lambda: mod.fused_decode_attention(q, keys, values, None, None, *window, D**-0.5)  # noqa: E731
                 rows.append((label, host_us(call, args.calls, args.repeats)))
+            mod.MAX_FOLDED_WINDOW = fold
         mod.BOUND_LAUNCHES = True
         check = mod.fused_decode_attention(q, keys, values, None, None, rk, rv, D**-0.5)
         mod.BOUND_LAUNCHES = False
@@ -156,8 +165,11 @@ def main() -> None:
                                     D**-0.5, mod._DEFAULT_CONFIG)
         rows.append((f"{name}: packed launches that skipped the dispatcher", float(plan.launch.direct_launches)))
         if args.parts:
-            rows += launch_parts(name, lambda: mod.fused_decode_attention(q, keys, values, None, None, rk, rv, D**-0.5),
-                                 args.calls, args.repeats)
+            for limit in (fold, 0):
+                mod.MAX_FOLDED_WINDOW = limit
+                rows += launch_parts(name, lambda: mod.fused_decode_attention(q, keys, values, None, None, rk, rv,
+                                                                             D**-0.5), args.calls, args.repeats)
+            mod.MAX_FOLDED_WINDOW = fold
     title = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}: host us per "
              f"call, B={b}, {HQ}/{HKV} heads, D={D}, {args.tokens} packed + {args.residual} window tokens")
     print(title)

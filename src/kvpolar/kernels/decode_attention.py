@@ -811,7 +811,7 @@ def _window_combine_arguments(query, residual_keys, residual_values, mask, mask_
                               part_sum, part_acc, out, n_splits) -> tuple:
     """The runtime arguments of ``_window_combine_kernel`` (``_WINDOW_COMBINE_ARGUMENTS``, in order)."""
     bsz, hq, tq, _ = query.shape
-    rk, rv = full_operand(residual_keys).data, full_operand(residual_values).data
+    rk, rv = formats.last_contiguous(residual_keys), formats.last_contiguous(residual_values)
     sq, sk, sv = query.stride(), rk.stride(), rv.stride()
     mask_values = (query, 0, 0, 0, 0) if mask is None else (mask, *mask.stride())
     r = rk.shape[2]
