@@ -469,9 +469,17 @@ def main() -> None:
     ap.add_argument("--programs-per-sm", type=int, default=None)
     ap.add_argument("--max-folded-window", type=int, default=None,
                     help="decode_attention.MAX_FOLDED_WINDOW (0: the 128-token window gets its own launch)")
+    ap.add_argument("--max-folded-rows", type=int, default=None,
+                    help="decode_attention.MAX_FOLDED_ROWS (query rows up to which the window is folded)")
+    ap.add_argument("--window-block-n", type=int, default=None,
+                    help="decode_attention.WINDOW_BLOCK_N (window tokens per step of the folded window's loop)")
     args = ap.parse_args()
     if args.max_folded_window is not None:
         decode_attention.MAX_FOLDED_WINDOW = args.max_folded_window
+    if args.max_folded_rows is not None:
+        decode_attention.MAX_FOLDED_ROWS = args.max_folded_rows
+    if args.window_block_n is not None:
+        decode_attention.WINDOW_BLOCK_N = args.window_block_n
     dev = torch.device("cuda")
     torch.manual_seed(0)
     overrides = {k: v for k, v in {"block_n": args.block_n, "num_warps": args.num_warps, "num_stages": args.num_stages,
@@ -481,6 +489,8 @@ def main() -> None:
     meta = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
             "launch_config": dataclasses.asdict(config), "max_folded_window": decode_attention.MAX_FOLDED_WINDOW,
+            "max_folded_rows": decode_attention.MAX_FOLDED_ROWS,
+            "window_block_n": decode_attention.WINDOW_BLOCK_N,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     t0 = time.time()
     checks = [] if args.no_checks else check_correctness(dev)

@@ -3,8 +3,8 @@
 
 * ``bound`` (the default): the split kernels' launches bound (``BOUND_LAUNCHES``) against every
   launch through Triton's dispatcher;
-* ``fold``: the residual window attended in the combine kernel (``MAX_FOLDED_WINDOW`` as shipped)
-  against its own split launch (``MAX_FOLDED_WINDOW = 0``).
+* ``fold``: the residual window attended in the combine kernel at any batch (``MAX_FOLDED_ROWS``
+  unlimited, ``MAX_FOLDED_WINDOW`` as shipped) against its own split launch (``MAX_FOLDED_WINDOW = 0``).
 
 For each preset and batch the cache is filled once; then blocks of ``--block`` decode steps
 alternate between the two settings ``--rounds`` times (after ``--warmup`` untimed steps of each), so
@@ -35,16 +35,16 @@ import bench_end_to_end as e2e  # noqa: E402
 from kvpolar.kernels import decode_attention  # noqa: E402
 
 
-#: ``--switch`` name -> (``kvpolar.kernels.decode_attention`` attribute, its value on, off, column labels off / on)
-SWITCHES = {"bound": ("BOUND_LAUNCHES", True, False, ("dispatcher", "bound launches")),
-            "fold": ("MAX_FOLDED_WINDOW", decode_attention.MAX_FOLDED_WINDOW, 0, ("window launched", "window folded"))}
+#: ``--switch`` name -> (``kvpolar.kernels.decode_attention`` attributes set on, set off, column labels off / on)
+SWITCHES = {"bound": ({"BOUND_LAUNCHES": True}, {"BOUND_LAUNCHES": False}, ("dispatcher", "bound launches")),
+            "fold": ({"MAX_FOLDED_ROWS": 1 << 30}, {"MAX_FOLDED_WINDOW": 0}, ("window launched", "window folded"))}
 
 
 @torch.no_grad()
 def alternated_steps(model, preset: str, batch: int, context: int, block: int, rounds: int,
                      warmup: int, switch: str = "bound") -> dict[bool, list[float]]:
     """ms per decode step with the ``switch`` on (True) and off, blocks of ``block`` steps alternated."""
-    attribute, on, off, _ = SWITCHES[switch]
+    on, off, _ = SWITCHES[switch]
     settings = (True,) if preset in e2e.FP16_BASELINES else (True, False)
     steps = len(settings) * (warmup + block * rounds)
     cache = e2e.make_cache(model, preset, context + steps)
@@ -53,18 +53,20 @@ def alternated_steps(model, preset: str, batch: int, context: int, block: int, r
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
     pos = torch.full((batch, 1), context, device=e2e.DEVICE, dtype=torch.long)
     times: dict[bool, list[float]] = {s: [] for s in settings}
-    default = getattr(decode_attention, attribute)
+    defaults = {name: getattr(decode_attention, name) for name in (*on, *off)}
     plan = [(s, warmup, False) for s in settings] + [(s, block, True) for _ in range(rounds) for s in settings]
     try:
         for setting, count, timed in plan:
-            setattr(decode_attention, attribute, on if setting else off)
+            for name, value in {**defaults, **(on if setting else off)}.items():
+                setattr(decode_attention, name, value)
             for _ in range(count):
                 ms, ids = e2e.timed_forward(model, preset, ids, pos, kw)
                 if timed:
                     times[setting].append(ms)
                 pos = pos + 1
     finally:
-        setattr(decode_attention, attribute, default)
+        for name, value in defaults.items():
+            setattr(decode_attention, name, value)
     return times
 
 
@@ -96,7 +98,7 @@ def main() -> None:
     title = (f"{e2e._device_name()}, {args.layers} layers, {args.context} tokens per sequence, switch "
              f"{args.switch}: median ms per decode step")
     print(title)
-    labels = SWITCHES[args.switch][3]
+    labels = SWITCHES[args.switch][2]
     print(f"| preset | batch | {labels[0]} | {labels[1]} | tokens/s gain |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:

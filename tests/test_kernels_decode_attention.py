@@ -332,15 +332,16 @@ def test_residual_only():
 @pytest.mark.parametrize("case", ["gqa1", "gqa8-tq3", "ragged", "window-only", "long-window", "bf16"])
 def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, fold, case):
     """The residual window attended in the combine kernel's programs (``_window_combine_kernel``,
-    windows of at most ``MAX_FOLDED_WINDOW`` tokens) or by its own split launch (longer windows; here
-    forced by a limit of 0): the oracle's attention either way, over windows of one and of several
-    ``WINDOW_BLOCK_N`` steps, GQA 1 and 8, three query tokens, a ragged batch with a fully masked row,
-    no packed tokens, and bfloat16."""
+    windows of at most ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query
+    rows) or by its own split launch (otherwise; here forced by a window limit of 0): the oracle's
+    attention either way, over windows of one and of several ``WINDOW_BLOCK_N`` steps, GQA 1 and 8,
+    three query tokens, a ragged batch with a fully masked row, no packed tokens, and bfloat16."""
     launched = []
     original = da._launch_split
     monkeypatch.setattr(da, "_launch_split", lambda *a, **k: (a[1].fmt == da.FMT_FULL and launched.append(a[4]))
                         or original(*a, **k))  # (the window's launch: 16-bit keys, from token tk on)
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 1024 if fold else 0)
+    monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 1024)
     kw = {"gqa1": dict(gqa=1, hkv=2, tk=40, r=5),
           "gqa8-tq3": dict(gqa=8, tq=3, tk=33, r=31),
           "ragged": dict(batch=3, gqa=4, tk=50, r=70, lengths=[120, 64, 0]),
@@ -355,18 +356,22 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, fold, case)
         assert torch.equal(out[2], torch.zeros_like(out[2]))
 
 
-def test_window_folds_up_to_the_limit_and_not_for_rotated_values(monkeypatch):
-    """Windows of at most ``MAX_FOLDED_WINDOW`` tokens over values in the plain domain go to the
-    combine kernel; a longer window, or values stored rotated (turbo), get the window's split launch."""
+def test_window_folds_up_to_the_limits_and_not_for_rotated_values(monkeypatch):
+    """Windows of at most ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query
+    rows over values in the plain domain go to the combine kernel; a longer window, more query rows,
+    or values stored rotated (turbo), get the window's split launch."""
     launched = []
     original = da._launch_split
     monkeypatch.setattr(da, "_launch_split", lambda *a, **k: (a[1].fmt == da.FMT_FULL and launched.append(a[4]))
                         or original(*a, **k))
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 8)
-    check("kivi-2-32", "kivi-2-32", tk=16, r=8)
+    monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 8)
+    check("kivi-2-32", "kivi-2-32", batch=2, gqa=4, tk=16, r=8)  # 8 rows
     assert launched == []
-    check("kivi-2-32", "kivi-2-32", tk=16, r=9)
+    check("kivi-2-32", "kivi-2-32", batch=2, gqa=4, tk=16, r=9)
     assert launched == [16]
+    check("kivi-2-32", "kivi-2-32", batch=3, gqa=4, tk=17, r=8)  # 12 rows
+    assert launched == [16, 17]
     launched.clear()
     k, v, q = random_inputs(("rotated",), batch=1, hkv=1, gqa=4, tq=1, n=40, d=D, dtype=torch.float16)
     kq = kvpolar.quantizer("kivi", bits=2, group_size=32, axis="channel")

@@ -28,9 +28,10 @@ How it runs (Triton kernels in :mod:`kvpolar.kernels.decode_classic` and
    It writes a partial ``(max, sum, unnormalised output)`` per split.
 2. ``_window_combine_kernel`` (:mod:`kvpolar.kernels.decode_combine`), one program per ``(batch,
    query head, query token)``: attends the row over the full-precision residual window, then merges
-   that with the splits into the output. Windows longer than ``MAX_FOLDED_WINDOW`` tokens, and
-   windows over values stored in a rotated domain, get one more launch of the split kernel
-   (``none`` format) writing the last split(s), and ``_combine_kernel`` merges.
+   that with the splits into the output. Windows longer than ``MAX_FOLDED_WINDOW`` tokens, calls of
+   more than ``MAX_FOLDED_ROWS`` query rows and windows over values stored in a rotated domain get
+   one more launch of the split kernel (``none`` format) writing the last split(s), and
+   ``_combine_kernel`` merges.
 
 The number of splits grows until ``batch * kv_heads * splits`` fills one wave of the programs an SM
 holds at once (``choose_splits``; for the transposed kernel, counted from its compiled registers and
@@ -243,7 +244,8 @@ def fused_decode_attention(
         plan = _remembered_plan(q_packed, keys, values, mask, scale, cfg)
         parts.append((plan.k_op, plan.v_op, 0, plan.splits, plan.per_split, plan.block_n, q_packed, plan.config,
                       plan.transposed, plan.launch))
-    fold_window = 0 < r <= MAX_FOLDED_WINDOW and v_rot is None  # the window in the combine kernel
+    # the window in the combine kernel (``MAX_FOLDED_WINDOW``, ``MAX_FOLDED_ROWS``)
+    fold_window = 0 < r <= MAX_FOLDED_WINDOW and bsz * hq * tq <= MAX_FOLDED_ROWS and v_rot is None
     if r and not fold_window:
         block_n = min(cfg.block_n, max(16, _next_pow2(r)))
         splits, per_split = choose_splits(r, bsz * hkv, sms, block_n, _residual_config(cfg))
@@ -798,11 +800,17 @@ _WINDOW_COMBINE_ARGUMENTS = _COMBINE_ARGUMENTS + (
     "q_ptr", "sq_b", "sq_h", "sq_t", "k_ptr", "sk_b", "sk_h", "sk_t", "v_ptr", "sv_b", "sv_h", "sv_t",
     "mask_ptr", "smk_b", "smk_h", "smk_t", "smk_n",
     "n_window", "window_blocks", "mask_offset", "n_heads", "gqa", "n_query", "qk_scale")
-#: Residual windows of at most this many tokens are attended in the combine kernel's programs
+#: Residual windows of at most ``MAX_FOLDED_WINDOW`` tokens, in calls of at most ``MAX_FOLDED_ROWS``
+#: query rows (batch x query heads x query tokens), are attended in the combine kernel's programs
 #: (``decode_combine._window_combine_kernel``: one launch fewer per call) where the values are not
-#: stored in a rotated domain; longer windows get their own split launch (splits of >= 1024 tokens,
-#: ``_residual_config``), which reads each KV head's window once rather than once per query head.
-MAX_FOLDED_WINDOW = 1024
+#: stored in a rotated domain. Other windows get their own split launch, which reads each KV head's
+#: window once rather than once per query head and splits long windows (>= 1024 tokens a split,
+#: ``_residual_config``). Measured on the H100 (benchmarks/README.md, twenty-fourth session), 32k
+#: tokens, 70-token window: folding saved 27 us of host time per call and made 32-layer decode steps
+#: 1.06-1.09x faster at batch 1 and 4, where the step is bound by host time; it added 3 us of GPU
+#: time per call at batch 1 and 12 us (3%) at batch 32, where the GPU's time is what counts.
+MAX_FOLDED_WINDOW = 512
+MAX_FOLDED_ROWS = 512
 #: Window tokens per step of ``_window_combine_kernel``'s loop.
 WINDOW_BLOCK_N = 32
 

@@ -12,8 +12,9 @@ One program per ``(sequence, query head, query token)`` row, grid ``(batch * que
   the window plus the combine launch: a decode step of an eager model is bound by host time at small
   batches, and each launch costs tens of microseconds there (``benchmarks/launch_cost.py``). Each
   query head's program reads its KV head's window itself (``Hq / Hkv`` reads, the repeats from L2),
-  which is why ``kvpolar.kernels.decode_attention`` folds only windows up to ``MAX_FOLDED_WINDOW``
-  tokens.
+  which is why ``kvpolar.kernels.decode_attention`` folds only windows of at most
+  ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query rows (where the step is
+  bound by host time, not by the GPU's).
 
 Reference: :func:`kvpolar.decode_attention.reference_decode_attention`.
 """
@@ -100,8 +101,9 @@ def _window_combine_kernel(
     for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else window_blocks):
         n = i * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < n_window
-        k = tl.load(k_rows + n[:, None] * sk_t + dcol[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], axis=1)
+        k = tl.load(k_rows + n[:, None] * sk_t + dcol[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_rows + n[:, None] * sv_t + dcol[None, :], mask=n_ok[:, None], other=0.0)  # (both in flight)
+        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
         keep = n_ok
         if HAS_MASK:
             keep = keep & (tl.load(mask_row + (n + mask_offset) * smk_n, mask=n_ok, other=0) != 0)
@@ -110,8 +112,7 @@ def _window_combine_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_w - m_safe)
         p = tl.exp2(s - m_safe)
-        v = tl.load(v_rows + n[:, None] * sv_t + dcol[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
         l_w = l_w * alpha + tl.sum(p, axis=0)
-        acc_w = acc_w * alpha + tl.sum(p[:, None] * v, axis=0)
+        acc_w = acc_w * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m_w = m_new
     _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, m_w, l_w, acc_w, D, BLOCK_S, True)
