@@ -341,7 +341,7 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, fold, case)
     monkeypatch.setattr(da, "_launch_split", lambda *a, **k: (a[1].fmt == da.FMT_FULL and launched.append(a[4]))
                         or original(*a, **k))  # (the window's launch: 16-bit keys, from token tk on)
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 1024 if fold else 0)
-    monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 1024)
+    monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 4096)
     kw = {"gqa1": dict(gqa=1, hkv=2, tk=40, r=5),
           "gqa8-tq3": dict(gqa=8, tq=3, tk=33, r=31),
           "ragged": dict(batch=3, gqa=4, tk=50, r=70, lengths=[120, 64, 0]),

@@ -805,12 +805,13 @@ _WINDOW_COMBINE_ARGUMENTS = _COMBINE_ARGUMENTS + (
 #: (``decode_combine._window_combine_kernel``: one launch fewer per call) where the values are not
 #: stored in a rotated domain. Other windows get their own split launch, which reads each KV head's
 #: window once rather than once per query head and splits long windows (>= 1024 tokens a split,
-#: ``_residual_config``). Measured on the H100 (benchmarks/README.md, twenty-fourth session), 32k
-#: tokens, 70-token window: folding saved 27 us of host time per call and made 32-layer decode steps
-#: 1.06-1.09x faster at batch 1 and 4, where the step is bound by host time; it added 3 us of GPU
-#: time per call at batch 1 and 12 us (3%) at batch 32, where the GPU's time is what counts.
+#: ``_residual_config``). Measured (benchmarks/README.md, twenty-fourth session), 32k tokens, 70-token
+#: window: folding saved 27 us of host time per call (H100) and made 32-layer decode steps of the
+#: 8B-shaped model 1.06-1.09x faster at batch 1 and 4 (H100) and 1.06x at 16 and 32 (H200), where the
+#: step is bound by host time; it added GPU time per call, 3-4 us at batch 1 and 12-16 us (3-4%) at
+#: batch 32, which counts where the GPU's time does (larger batches).
 MAX_FOLDED_WINDOW = 512
-MAX_FOLDED_ROWS = 512
+MAX_FOLDED_ROWS = 1024
 #: Window tokens per step of ``_window_combine_kernel``'s loop.
 WINDOW_BLOCK_N = 32
 
