@@ -205,7 +205,6 @@ def fused_decode_attention(
         raise ValueError("attention needs keys: both the packed part and the residual window are empty")
     if (residual_keys is None) != (residual_values is None):
         raise ValueError("residual_keys and residual_values must be both given or both None")
-    refuse_unsupported(keys, values)
     if query.dim() != 4 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"query must be [B, Hq, Tq, D] float16/bfloat16/float32; got {tuple(query.shape)} {query.dtype}")
     cfg = config or _DEFAULT_CONFIG
@@ -254,15 +253,14 @@ def fused_decode_attention(
     total_splits = sum(p[3] for p in parts)
 
     dev = query.device
-    # Partial (output, max, sum) per split: one allocation, three views, each starting 256 bytes
-    # aligned as a separate allocation would (Triton specializes pointers on 16-byte alignment).
+    # Partial (output, max, sum) per split, ``[B, Hq, Tq, splits(, D)]`` float32 as the kernels index
+    # them: one allocation, three flat views, each starting 256 bytes aligned as a separate allocation
+    # would (Triton specializes pointers on 16-byte alignment).
     rows = bsz * hq * tq * total_splits
     at_max = -(-rows * d // 64) * 64
     at_sum = at_max + -(-rows // 64) * 64
-    partials = torch.empty(at_sum + rows, device=dev, dtype=torch.float32)
-    part_acc = partials[: rows * d].view(bsz, hq, tq, total_splits, d)
-    part_max = partials[at_max: at_max + rows].view(bsz, hq, tq, total_splits)
-    part_sum = partials[at_sum:].view(bsz, hq, tq, total_splits)
+    part_acc, part_max, part_sum = torch.empty(at_sum + rows, device=dev, dtype=torch.float32).split_with_sizes(
+        [at_max, at_sum - at_max, rows])
     base = 0
     for k_op, v_op, offset, splits, per_split, block_n, q_part, part_cfg, transposed, bound in parts:
         bound = bound if BOUND_LAUNCHES else None
@@ -279,7 +277,8 @@ def fused_decode_attention(
         base += splits
     if v_rot is not None and r:  # the residual window's partial outputs into the values' rotated domain
         n_packed = parts[0][3] if tk else 0
-        part_acc[..., n_packed:, :] = part_acc[..., n_packed:, :] @ v_rot.T
+        acc = part_acc[: rows * d].view(bsz, hq, tq, total_splits, d)
+        acc[..., n_packed:, :] = acc[..., n_packed:, :] @ v_rot.T
     out = torch.empty(bsz, hq, tq, d, device=dev, dtype=query.dtype if v_rot is None else torch.float32)
     block_s = _next_pow2(total_splits)
     if fold_window:
@@ -379,6 +378,7 @@ def _remembered_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Pa
     entry = _PLANS.get(keys)
     if entry is not None and entry[0]() is values and entry[1] == signature:
         return entry[2]
+    refuse_unsupported(keys, values)  # (once per packed pair: a remembered plan's pair was checked)
     plan = _packed_plan(query, keys, values, mask, scale, cfg)
     _PLANS[keys] = (weakref.ref(values), signature, plan)
     return plan
