@@ -324,6 +324,21 @@ def test_full_precision_path(dtype):
     check("none", "none", gqa=4, tq=3, tk=29, r=4, dtype=dtype)
 
 
+@pytest.mark.parametrize("r", [0, 5])
+def test_query_with_strided_channels(r):
+    """A query whose channels are not adjacent in memory (every other element of a wider tensor) gives
+    the same attention as its contiguous copy: the kernels read a query row as D adjacent elements."""
+    k, v, q = random_inputs(("strided query", r), batch=2, hkv=1, gqa=4, tq=1, n=40 + r, d=D, dtype=torch.float16)
+    strided = torch.stack([q, torch.zeros_like(q)], dim=-1).flatten(-2)[..., ::2]
+    assert strided.stride(-1) == 2 and torch.equal(strided, q)
+    kq, pk = make_keys("kivi-4-32", k[..., :40, :])
+    vq, pv = make_values("kivi-4-32", v[..., :40, :])
+    rk, rv = (k[..., 40:, :].to(DEVICE), v[..., 40:, :].to(DEVICE)) if r else (None, None)
+    pk, pv = pk.to(DEVICE), pv.to(DEVICE)
+    out = fused_decode_attention(strided.to(DEVICE), pk, pv, kq, vq, rk, rv, D**-0.5)
+    assert torch.equal(out, fused_decode_attention(q.to(DEVICE), pk, pv, kq, vq, rk, rv, D**-0.5))
+
+
 def test_residual_only():
     check("none", "none", gqa=8, tk=0, r=9)
 

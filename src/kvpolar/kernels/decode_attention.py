@@ -207,6 +207,7 @@ def fused_decode_attention(
         raise ValueError("residual_keys and residual_values must be both given or both None")
     if query.dim() != 4 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"query must be [B, Hq, Tq, D] float16/bfloat16/float32; got {tuple(query.shape)} {query.dtype}")
+    query = formats.last_contiguous(query)  # (the kernels read a query row as D adjacent elements)
     cfg = config or _DEFAULT_CONFIG
     bsz, hq, tq, d = query.shape
     hkv = keys.shape[1] if keys is not None else residual_keys.shape[1]
@@ -286,7 +287,7 @@ def fused_decode_attention(
         combine_args = _window_combine_arguments(query, residual_keys, residual_values, mask, tk, gqa, scale,
                                                  part_max, part_sum, part_acc, out, total_splits)
         kwargs = dict(D=d, BLOCK_S=block_s, BLOCK_N=WINDOW_BLOCK_N, HAS_MASK=mask is not None,
-                      BLOCKS_CONST=combine_args[-6] if _interpreting() else 0, num_warps=4)
+                      BLOCKS_CONST=-(-r // WINDOW_BLOCK_N) if _interpreting() else 0, num_warps=4)
     else:
         kernel, names = _combine_kernel, _COMBINE_ARGUMENTS
         combine_args = (part_max, part_sum, part_acc, out, total_splits)
