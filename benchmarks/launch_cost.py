@@ -12,18 +12,19 @@ than its host time, so the rows are host time. Rows:
 * ``fused, ..., window R folded``: ``fused_decode_attention`` over the packed cache plus an R-token
   16-bit window (the steady decode state) attended in the combine kernel (two kernel launches);
   ``launched``: the window's own split launch (``MAX_FOLDED_WINDOW = 0``, three launches); ``no
-  window`` (two launches); each with
-  ``BOUND_LAUNCHES`` (the split kernels relaunched through their compiled kernels,
-  ``kvpolar.kernels.bound_launch``) and without (every launch through Triton's dispatcher, which
-  binds, specializes and hashes every argument);
+  window`` (two launches); each with ``BOUND_LAUNCHES`` (the kernels relaunched through their
+  compiled kernels, ``kvpolar.kernels.bound_launch``) and without (every launch through Triton's
+  dispatcher, which binds, specializes and hashes every argument);
 * ``empty kernel via jit``: a one-argument Triton kernel through the dispatcher, Triton's floor;
   ``empty kernel, compiled``: the same kernel launched as ``CompiledKernel[grid](x)``;
 * with ``--parts``, each of the fused call's bound launches alone (by kernel: the packed tokens'
-  split kernel, the combine kernel attending the window; then with the window launched, its split
-  kernel and the plain combine kernel), as ``BoundLaunch.relaunch`` (specialization of the varying values, then the compiled
-  kernel), as ``CompiledKernel[grid](*values)`` (Triton's runner: current stream, launch metadata,
-  then its C launcher) and as the C launcher alone (``CompiledKernel.run`` given the stream, no launch
-  hooks; skipped where the runner calls it otherwise): where a launch's host time goes.
+  split kernel, the combine kernel attending the window; then, with the window launched, its split
+  kernel and the plain combine kernel), three ways: ``BoundLaunch.relaunch`` (the varying values'
+  specialization, then the compiled kernel), ``CompiledKernel[grid](*values)`` (Triton's runner:
+  current stream, launch metadata, then the launcher) and the launcher alone (``CompiledKernel.run``
+  given the stream, no launch hooks; skipped where the runner calls it otherwise). Where a kernel's
+  GPU time per call exceeds these (the packed tokens' kernel), back-to-back launches wait for the
+  GPU and its rows are GPU time.
 Also checked: the two launch paths give the same output, and how many packed launches were bound ones.
 
     PYTHONPATH=src:benchmarks python benchmarks/launch_cost.py [--presets kivi-2 polar-rope-3]
