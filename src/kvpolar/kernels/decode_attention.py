@@ -284,10 +284,11 @@ def fused_decode_attention(
     block_s = _next_pow2(total_splits)
     if fold_window:
         kernel, names = _window_combine_kernel, _WINDOW_COMBINE_ARGUMENTS
+        window_blocks = -(-r // WINDOW_BLOCK_N)
         combine_args = _window_combine_arguments(query, residual_keys, residual_values, mask, tk, gqa, scale,
-                                                 part_max, part_sum, part_acc, out, total_splits)
+                                                 part_max, part_sum, part_acc, out, total_splits, window_blocks)
         kwargs = dict(D=d, BLOCK_S=block_s, BLOCK_N=WINDOW_BLOCK_N, HAS_MASK=mask is not None,
-                      BLOCKS_CONST=-(-r // WINDOW_BLOCK_N) if _interpreting() else 0, num_warps=4)
+                      BLOCKS_CONST=window_blocks if _interpreting() else 0, num_warps=4)
     else:
         kernel, names = _combine_kernel, _COMBINE_ARGUMENTS
         combine_args = (part_max, part_sum, part_acc, out, total_splits)
@@ -650,13 +651,11 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
     vm_strides = metadata_strides(v_op.meta[0]) if v_op.meta else (0, 0, 0, 0)
     k_unit = packed_unit(k_op.bits) if k_op.fmt != FMT_FULL else (1, 1)
     v_unit = packed_unit(v_op.bits) if v_op.fmt != FMT_FULL else (1, 1)
-    mask_t = mask if mask is not None else query
-    mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     args = (
         query, *query.stride()[:3],
         k_op.data, *k_op.data.stride()[:3], *km, *km_strides,
         v_op.data, *v_op.data.stride()[:3], *vm, *vm_strides,
-        mask_t, *mask_strides,
+        *_mask_arguments(mask, query),
         part_max, part_sum, part_acc,
         k_op.tokens, offset, per_split // block_n, base, total_splits, hkv,
         scale * _LOG2E,
@@ -722,8 +721,6 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
     vm = v_meta + (query,) * (2 - len(v_meta))
     k_tab = k_op.tables[:2] if k_op.fmt == formats.FMT_POLAR_RECURSIVE else (query, query)
     v_tab = v_op.tables[:2] if v_op.fmt == formats.FMT_POLAR_RECURSIVE else (query, query)
-    mask_t = mask if mask is not None else query
-    mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     extra = {}
     if cfg.max_registers is not None and not _interpreting():
         extra["maxnreg"] = cfg.max_registers
@@ -731,7 +728,7 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         query, *query.stride()[:3],
         k_data, *k_data.stride()[:3], byte_stride(k_op), *km, *k_op.meta[0].stride()[:3], column_stride(k_op),
         v_data, *v_data.stride()[:3], byte_stride(v_op), *vm, *metadata_strides(v_meta[0]),
-        mask_t, *mask_strides,
+        *_mask_arguments(mask, query),
         part_max, part_sum, part_acc,
         k_op.tokens, offset, blocks_per_split, base, total_splits, hkv,
         scale * _LOG2E,
@@ -771,9 +768,9 @@ def _launch_split_t(query, k_op, v_op, mask, offset, splits, per_split, base, to
 
 #: Whether decode launches skip Triton's dispatcher where they can (``kvpolar.kernels.bound_launch``):
 #: a layer's packed-token kernel with the arguments of its previous step, the window's kernel with
-#: those of an earlier step of the same shape, the combine kernel with those of an earlier call of the
-#: same head dim and split block, only the per-call values changed (``PER_CALL`` / ``PER_WINDOW``;
-#: every argument of the combine kernel). False: every launch through ``kernel[grid](...)``.
+#: those of an earlier step of the same shape, the combine kernels with those of an earlier call of the
+#: same compile-time arguments, only the per-call values changed (``PER_CALL`` / ``PER_WINDOW``;
+#: every runtime argument of the combine kernels). False: every launch through ``kernel[grid](...)``.
 BOUND_LAUNCHES = True
 #: The split kernels' arguments that change from one call to the next over the same packed tensors:
 #: the query, the mask, the partial outputs, the splits' place among all, the scale.
@@ -817,17 +814,21 @@ MAX_FOLDED_ROWS = 1024
 WINDOW_BLOCK_N = 32
 
 
+def _mask_arguments(mask: torch.Tensor | None, stand_in: torch.Tensor) -> tuple:
+    """The kernels' mask arguments: the uint8 mask ``[B, Hq, Tq, N]`` and its four strides, or (no
+    mask) ``stand_in`` in the pointer slot, which the kernel does not read, and strides of 0."""
+    return (stand_in, 0, 0, 0, 0) if mask is None else (mask, *mask.stride())
+
+
 def _window_combine_arguments(query, residual_keys, residual_values, mask, mask_offset, gqa, scale, part_max,
-                              part_sum, part_acc, out, n_splits) -> tuple:
+                              part_sum, part_acc, out, n_splits, window_blocks) -> tuple:
     """The runtime arguments of ``_window_combine_kernel`` (``_WINDOW_COMBINE_ARGUMENTS``, in order)."""
     bsz, hq, tq, _ = query.shape
     rk, rv = formats.last_contiguous(residual_keys), formats.last_contiguous(residual_values)
     sq, sk, sv = query.stride(), rk.stride(), rv.stride()
-    mask_values = (query, 0, 0, 0, 0) if mask is None else (mask, *mask.stride())
-    r = rk.shape[2]
     return (part_max, part_sum, part_acc, out, n_splits, query, sq[0], sq[1], sq[2], rk, sk[0], sk[1], sk[2],
-            rv, sv[0], sv[1], sv[2], *mask_values, r, -(-r // WINDOW_BLOCK_N), mask_offset, hq, gqa, tq,
-            scale * _LOG2E)
+            rv, sv[0], sv[1], sv[2], *_mask_arguments(mask, query), rk.shape[2], window_blocks, mask_offset, hq,
+            gqa, tq, scale * _LOG2E)
 
 
 def _shared_launch(launches: dict, key: tuple, kernel, varying: tuple[str, ...]) -> BoundLaunch:
@@ -846,9 +847,8 @@ def _per_call_values(query, k_op, v_op, mask, offset, blocks, base, total_splits
     """The ``PER_CALL`` values of a split launch, then (for the residual window, ``FMT_FULL`` operands)
     the rest of ``PER_WINDOW``; what ``_split_t_arguments`` / ``_launch_split`` pass for them."""
     sq = query.stride()
-    mask_values = (query, 0, 0, 0, 0) if mask is None else (mask, *mask.stride())
-    values = (query, sq[0], sq[1], sq[2], *mask_values, part_max, part_sum, part_acc, offset, blocks, base,
-              total_splits, scale * _LOG2E)
+    values = (query, sq[0], sq[1], sq[2], *_mask_arguments(mask, query), part_max, part_sum, part_acc, offset,
+              blocks, base, total_splits, scale * _LOG2E)
     if k_op.fmt != FMT_FULL:
         return values
     sk, sv = k_op.data.stride(), v_op.data.stride()
