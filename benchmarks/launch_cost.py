@@ -44,7 +44,7 @@ import triton
 
 from bench_attention import HKV, HQ, D, make_preset
 from kvpolar.kernels import decode_attention as mod
-from kvpolar.kernels.bound_launch import BoundLaunch, specialization
+from kvpolar.kernels.bound_launch import BoundLaunch
 
 
 @triton.jit
@@ -91,11 +91,7 @@ def launch_parts(name: str, call, calls: int, repeats: int) -> list[tuple[str, f
     stream = torch.cuda.current_stream().cuda_stream
     for bound, grid, values in recorded:
         what = getattr(getattr(bound.kernel, "fn", None), "__name__", "kernel")
-        (compiled, bound_values), = [entry for key, entry in bound._bound.items()
-                                     if key == tuple(specialization(v) for v in values)]
-        launch_values = bound_values.copy()
-        for slot, value in zip(bound._slots, values):
-            launch_values[slot] = value
+        compiled, launch_values = bound.prepared(values)
         grid3 = (*grid, 1, 1)[:3]
         rows.append((f"{name} {what} ({len(launch_values)} arguments): relaunch",
                      host_us(lambda: bound.relaunch(grid, values), calls, repeats)))

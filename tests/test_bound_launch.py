@@ -98,9 +98,12 @@ def test_relaunch_puts_the_changed_values_in_their_slots(one_device):
     kernel, log = _fake("x", "n", "y", "BLOCK")
     launch = BoundLaunch(kernel, ("n", "x"))
     assert not launch.bound and not launch.relaunch((1,), (3, torch.zeros(4)))
+    assert launch.prepared((3, torch.zeros(4))) is None
     x0, y, x1 = torch.zeros(4), torch.ones(4), torch.zeros(4)
     launch.launch((2,), (x0, 3, y), {"BLOCK": 64, "num_warps": 4})
     assert launch.bound and log[-1][0] == "dispatcher"
+    _, prepared = launch.prepared((7, x1))
+    assert prepared[0] is x1 and prepared[1:] == [7, y, 64]
     assert launch.relaunch((5,), (7, x1))
     kind, grid, values = log[-1]
     assert (kind, grid) == ("direct", (5, 1, 1))

@@ -98,18 +98,27 @@ class BoundLaunch:
 
     def relaunch(self, grid: tuple[int, ...], values: tuple) -> bool:
         """Launch the compiled kernel bound for these ``varying`` values; False (nothing launched) if none is."""
-        if not self._bound or _current_device() != self._device:
+        prepared = self.prepared(values)
+        if prepared is None:
             return False
+        compiled, launch_values = prepared
+        compiled[(*grid, 1, 1)[:3]](*launch_values)  # (a compiled kernel takes three grid sizes)
+        self.direct_launches += 1
+        return True
+
+    def prepared(self, values: tuple) -> tuple[Any, list] | None:
+        """(compiled kernel, every parameter's value in order) that ``relaunch`` would launch for these
+        ``varying`` values; None where nothing is bound for them (or the current device is another)."""
+        if not self._bound or _current_device() != self._device:
+            return None
         entry = self._bound.get(tuple([specialization(v) for v in values]))
         if entry is None:
-            return False
+            return None
         compiled, bound = entry
         launch_values = bound.copy()
         for slot, value in zip(self._slots, values):
             launch_values[slot] = value
-        compiled[(*grid, 1, 1)[:3]](*launch_values)  # (a compiled kernel takes three grid sizes)
-        self.direct_launches += 1
-        return True
+        return compiled, launch_values
 
     def _bind(self, compiled: Any, args: tuple, kwargs: dict) -> None:
         if not all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata", "__getitem__")):
