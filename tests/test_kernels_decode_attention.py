@@ -343,6 +343,21 @@ def test_residual_only():
     check("none", "none", gqa=8, tk=0, r=9)
 
 
+def window_launches(monkeypatch) -> list:
+    """The first token of each split launch over the 16-bit window (``_launch_split`` with
+    full-precision keys from token ``tk`` on), appended as they happen."""
+    launched = []
+    original = da._launch_split
+
+    def record(*args, **kwargs):
+        if args[1].fmt == da.FMT_FULL:
+            launched.append(args[4])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(da, "_launch_split", record)
+    return launched
+
+
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("case", ["gqa1", "gqa8-tq3", "ragged", "window-only", "long-window", "bf16"])
 def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, fold, case):
@@ -351,10 +366,7 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, fold, case)
     rows) or by its own split launch (otherwise; here forced by a window limit of 0): the oracle's
     attention either way, over windows of one and of several ``WINDOW_BLOCK_N`` steps, GQA 1 and 8,
     three query tokens, a ragged batch with a fully masked row, no packed tokens, and bfloat16."""
-    launched = []
-    original = da._launch_split
-    monkeypatch.setattr(da, "_launch_split", lambda *a, **k: (a[1].fmt == da.FMT_FULL and launched.append(a[4]))
-                        or original(*a, **k))  # (the window's launch: 16-bit keys, from token tk on)
+    launched = window_launches(monkeypatch)
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 1024 if fold else 0)
     monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 4096)
     kw = {"gqa1": dict(gqa=1, hkv=2, tk=40, r=5),
@@ -375,10 +387,7 @@ def test_window_folds_up_to_the_limits_and_not_for_rotated_values(monkeypatch):
     """Windows of at most ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query
     rows over values in the plain domain go to the combine kernel; a longer window, more query rows,
     or values stored rotated (turbo), get the window's split launch."""
-    launched = []
-    original = da._launch_split
-    monkeypatch.setattr(da, "_launch_split", lambda *a, **k: (a[1].fmt == da.FMT_FULL and launched.append(a[4]))
-                        or original(*a, **k))
+    launched = window_launches(monkeypatch)
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 8)
     monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 8)
     check("kivi-2-32", "kivi-2-32", batch=2, gqa=4, tk=16, r=8)  # 8 rows
