@@ -125,3 +125,14 @@ def test_report_end_to_end_tables_and_plots_the_committed_runs(tmp_path):
     flash = [i for i, cell in enumerate(header) if cell.strip() == "x fp16-flash"][0]
     for preset, cells in rows.items():
         assert float(cells[flash]) == pytest.approx(best[preset] / best["fp16-flash"], abs=0.006)
+
+
+def test_kernel_variants_records_every_preset_s_launches():
+    """Each preset's own launches are recorded, the second preset's window launches too (an earlier
+    preset's bound launches once kept its recorders), and the folded window's kernel compiles once over
+    the steps (its per-step integers are not specialized)."""
+    stdout = run_script("kernel_variants.py", "--presets", "kivi-2,polar-rope-3", "--steps", "3")
+    rows = {tuple(line.split()[:2]): line for line in stdout.splitlines() if "variant(s)" in line}
+    for preset in ("kivi-2", "polar-rope-3"):
+        window = rows[(preset, "_window_combine_kernel[-,-]")]
+        assert "1 variant(s)" in window and window.endswith("changing: -")
