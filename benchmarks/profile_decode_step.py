@@ -1,20 +1,25 @@
 """Where a decode step of the 8B-shaped model goes, per preset: each step's wall time (a slow step
 among fast ones is a recompilation) and a torch.profiler table of one step (CPU and CUDA time);
 with ``--python N``, also the Python functions of N more steps by their own time (cProfile), the
-host side that sets a small batch's step.
+host side that sets a small batch's step; with ``--sync-steps N``, the host-device synchronizations
+of N more steps (``torch.cuda.set_sync_debug_mode``: a value read on the host, a copy from pageable
+host memory), by the source line that made them: each one stalls the host until the GPU catches up,
+so an eager step then costs its host time plus its GPU time instead of the larger of the two.
 
 Uses ``bench_end_to_end``'s model (random weights, fewer layers to keep it short) and cache fill.
 
     PYTHONPATH=src python benchmarks/profile_decode_step.py OUT_DIR [--layers 4] [--batch 12]
-        [--presets turbo-3,turbo-4,squat-2,polar-recursive] [--python 20]
+        [--presets turbo-3,turbo-4,squat-2,polar-recursive] [--python 20] [--sync-steps 20]
 """
 import argparse
+import collections
 import cProfile
 import io
 import os
 import pstats
 import sys
 import time
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -32,6 +37,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--presets", default="fp16,turbo-3,turbo-4,squat-2,polar-recursive")
     ap.add_argument("--python", type=int, default=0, help="steps profiled by cProfile (0: none)")
+    ap.add_argument("--sync-steps", type=int, default=0,
+                    help="steps whose host-device synchronizations are counted (0: none)")
     args = ap.parse_args()
     model = e2e.build_model(args.layers)
     report = []
@@ -68,6 +75,9 @@ def main() -> None:
         if args.python:
             report.append(python_profile(step, args.python, f"{preset} B={args.batch} layers={args.layers}"))
             print(report[-1], flush=True)
+        if args.sync_steps:
+            report.append(synchronizations(step, args.sync_steps, f"{preset} B={args.batch} layers={args.layers}"))
+            print(report[-1], flush=True)
         del cache
     with open(os.path.join(args.out, "profile_decode_step.txt"), "w") as f:
         f.write("\n".join(report))
@@ -92,6 +102,29 @@ def python_profile(step, steps: int, title: str) -> str:
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumulative").print_stats(30)
     return text.getvalue()
+
+
+def synchronizations(step, steps: int, title: str) -> str:
+    """Host-device synchronizations of ``steps`` calls of ``step`` (after 64 unrecorded ones), counted by
+    the Python line that made them (PyTorch's sync debug mode warns at each)."""
+    for _ in range(64):
+        step()
+    torch.cuda.synchronize()
+    where: collections.Counter = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where[f"{w.filename}:{w.lineno}"] += 1
+    lines = [f"synchronizations in {steps} steps, {title}: {sum(where.values())}"]
+    lines += [f"  {n:5d}  {place}" for place, n in where.most_common(20)]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
