@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from collections import Counter
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -25,6 +26,7 @@ from triton.compiler import ASTSource
 
 from kvpolar.kernels import decode_attention as mod
 from kvpolar.kernels import turbo_parts
+from kvpolar.quantizers.turbo import sphere_codebook
 
 _RUNTIME_INTS = ("n_tokens", "mask_offset", "blocks_per_split", "split_base", "total_splits", "n_kv_heads",
                  "sq_t", "smk_t", "smk_n", "sq_b")
@@ -43,7 +45,7 @@ def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages
     ptrs = {"q_ptr": "*fp16", "k_ptr": "*u8", "v_ptr": "*u8", "km0": "*fp16", "km1": "*fp16", "km2": "*fp16",
             "km3": "*fp16", "vm0": "*fp16", "vm1": "*fp16", "mask_ptr": "*fp16", "part_max": "*fp32",
             "part_sum": "*fp32", "part_acc": "*fp32", "kcos": "*fp32", "ksin": "*fp32", "vcos": "*fp32",
-            "vsin": "*fp32", "kbook": "*fp32", "klut": "*i32", "vbook": "*fp32", "vlut": "*i32"}
+            "vsin": "*fp32", "kbook": "*fp32", "vbook": "*fp32"}
     cons = dict(D=128, GQA=4, TQ=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCKS_CONST=0, KEY_FMT=1, KEY_BITS=bits,
                 KEY_UB=1, KEY_U=8 // bits, KEY_GROUP=32, ANGLE_BITS=0, PAIR_HALF=True, VAL_FMT=1, VAL_BITS=bits,
                 VAL_UB=1, VAL_U=8 // bits, VAL_GROUP=32, HAS_MASK=False, NATIVE=True, DOT_DTYPE=tl.float16,
@@ -64,13 +66,16 @@ def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages
                     KEY_NU=128 // u, KEY_GROUP=1, VAL_GROUP=1, KEY_WORDS=ub == 3, VAL_WORDS=ub == 3)
         if ub == 3:
             ptrs = dict(ptrs, k_ptr="*i16", v_ptr="*i16")
+        programs = turbo_parts.lookup_programs(sphere_codebook(128, turbo), torch.float16, turbo, 1)
+        cons.update(KEY_PROGRAMS=programs, VAL_PROGRAMS=programs)
     # strides between a token's code bytes / metadata columns: 1 (rows), as every format but
     # polar-recursive's tokens-adjacent layout passes them (Triton specializes 1 as a constant)
     cons.update(sk_c=1, skm_c=1, sv_c=1)
     # the launch policy's readings since this script was written (KIVI value metadata as tiles with the
     # tokens adjacent, the quantizer's layout; no lazy rescale; KIVI key bias after the key products;
     # turbo codebooks looked up from registers)
-    cons = {"VAL_META": 3, "LAZY_RESCALE": False, "KIVI_BIAS_LAST": True, "KEY_LOOKUP": 1, "VAL_LOOKUP": 1, **cons}
+    cons = {"VAL_META": 3, "LAZY_RESCALE": False, "KIVI_BIAS_LAST": True, "KEY_LOOKUP": 1, "VAL_LOOKUP": 1,
+            "KEY_PROGRAMS": "", "VAL_PROGRAMS": "", **cons}
     cons = {k: v for k, v in cons.items() if k in names}
     sig = {n: "constexpr" if n in cons else ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)

@@ -64,31 +64,30 @@ def run_ptx(asm: str, operands: list[int]) -> tuple[int, int]:
 def _halves(word: int) -> tuple[int, int]:
     return word & 0xFFFF, word >> 16
 
-def _lookup(asm: str, units: list[int], unit_bytes: int, shift: int, tables: list[int]) -> list[int]:
-    """The four 16-bit results of one lookup string on 4 units (``unit_bytes`` 3: a register each; 1:
-    one register of 4 bytes), the shift and the table words each broadcast 4 times."""
+def _lookup(asm: str, units: list[int], unit_bytes: int) -> list[int]:
+    """The four 16-bit results of one lookup program on 4 units (``unit_bytes`` 3: a register each; 1:
+    one register of 4 bytes)."""
     operands = list(units) if unit_bytes == 3 else [units[0] | units[1] << 8 | units[2] << 16 | units[3] << 24]
-    operands += [shift] * 4
-    for word in tables:
-        operands += [word] * 4
     out0, out1 = run_ptx(asm, operands)
     return [*_halves(out0), *_halves(out1)]
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_prmt_lookups_give_the_rounded_codebook(bits, dtype):
+    """Every code position's program of ``lookup_programs`` (the table words, shift and mask as
+    immediates) gives the codebook rounded to the dtype, for random units."""
     book = torch.sort(torch.randn(2**bits))[0]
-    lut = [int(w) & MASK32 for w in tp.lut_words(book, dtype)]
     expected = book.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
     ub, u = tp.UNITS[bits]
-    asm = {1: tp.ASM_BYTES_1, 2: tp.ASM_BYTES_2, 4: tp.ASM_BYTES_4}.get(bits)  # (3 bits: one string per part)
-    n_tables = 8 if bits == 4 else 4
+    programs = tp.lookup_programs(book, dtype, bits, 1).split(tp.PROGRAM_SEPARATOR)
+    assert len(programs) == u
+    assert programs[1] == tp.lookup_asm(bits, 1, 1, tp.table_constant(book, dtype))
     gen = torch.Generator().manual_seed(bits)
     for _ in range(64):
         units = torch.randint(0, 1 << (8 * ub), (4,), generator=gen).tolist()  # 4 units of random codes
         for k in range(u):
             shift = k * bits
-            got = _lookup(tp.ASM_WORDS_3[k].value if bits == 3 else asm.value, units, ub, shift, lut[:n_tables])
+            got = _lookup(programs[k], units, ub)
             want = [int(expected[(w >> shift) & (2**bits - 1)]) for w in units]
             assert got == want, (bits, k, units)
 
@@ -99,14 +98,30 @@ def test_antisymmetric_4bit_lookup_gives_the_rounded_codebook(dtype):
     half = torch.sort(torch.rand(8, generator=torch.Generator().manual_seed(3)) * -2.0)[0]
     book = torch.cat([half, -half.flip(0)])
     assert tp.antisymmetric(book, dtype)
-    lut = [int(w) & MASK32 for w in tp.lut_words(book, dtype)]
     expected = book.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    programs = tp.lookup_programs(book, dtype, 4, 2).split(tp.PROGRAM_SEPARATOR)
     gen = torch.Generator().manual_seed(4)
     for _ in range(128):
         units = torch.randint(0, 256, (4,), generator=gen).tolist()
-        for shift in (0, 4):
-            got = _lookup(tp.ASM_BYTES_4_SYMMETRIC.value, units, 1, shift, lut[:4])
+        for k, shift in enumerate((0, 4)):
+            got = _lookup(programs[k], units, 1)
             assert got == [int(expected[(u >> shift) & 15]) for u in units]
+
+
+def test_lookup_programs_are_kept_per_codebook_and_refuse_bad_tables():
+    """The programs are built once per codebook tensor, dtype, bits and mode (the kernel compiles one
+    variant per string), follow the codebook when it changes in place, and a malformed table or an
+    unsupported width is refused with what was expected."""
+    book = torch.sort(torch.randn(8))[0]
+    first = tp.lookup_programs(book, torch.float16, 3, 1)
+    assert tp.lookup_programs(book, torch.float16, 3, 1) is first
+    assert tp.lookup_programs(book, torch.bfloat16, 3, 1) != first
+    book[0] -= 1.0  # changed in place: new table words
+    assert tp.lookup_programs(book, torch.float16, 3, 1) != first
+    with pytest.raises(ValueError, match="expected 8 comma-separated words"):
+        tp.lookup_asm(3, 1, 0, "0x1,0x2")
+    with pytest.raises(ValueError, match="bits=5"):
+        tp.lookup_asm(5, 1, 0, tp.table_constant(book, torch.float16))
 
 
 def test_antisymmetry_decides_the_lookup(monkeypatch):

@@ -623,19 +623,18 @@ def _value_metadata(op: Operand, query: torch.Tensor, cfg: "LaunchConfig") -> tu
     return (words, 2) if words[0].stride() == words[1].stride() else (op.meta, 1)
 
 
-def _turbo_tables(op: Operand, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(float32 codebook, ``turbo_parts.lut_words`` of it in the query's dtype, lookup mode) of turbo
-    codes; any tensors for other formats (pointer slots the kernel does not read). The mode
-    (``turbo_parts.part_values``' ``LOOKUP``): 0 under the interpreter, 2 for 4-bit codes of an
-    antisymmetric codebook, else 1."""
+def _turbo_tables(op: Operand, query: torch.Tensor) -> tuple[torch.Tensor, str, int]:
+    """(float32 codebook, the lookup programs of ``turbo_parts.lookup_programs``, lookup mode) of turbo
+    codes; for other formats any tensor (a pointer slot the kernel does not read) and "". The mode
+    (``turbo_parts.part_values``' ``LOOKUP``): 0 under the interpreter (no programs: the kernel gathers
+    the codebook from memory), 2 for 4-bit codes of an antisymmetric codebook, else 1."""
     if op.fmt != formats.FMT_TURBO:
-        return query, query, 0
+        return query, "", 0
     book = op.tables[0]
     if _interpreting():
-        mode = 0
-    else:
-        mode = 2 if op.bits == 4 and _tq.antisymmetric(book, query.dtype) else 1
-    return book, _tq.lut_words(book, query.dtype), mode
+        return book, "", 0
+    mode = 2 if op.bits == 4 and _tq.antisymmetric(book, query.dtype) else 1
+    return book, _tq.lookup_programs(book, query.dtype, op.bits, mode), mode
 
 
 def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
@@ -714,8 +713,8 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         v_data, v_words = _three_byte_reading(v_op.data, v_data, v_ub, v_words, cfg)
     else:
         v_data, (v_ub, v_u), v_words = v_op.data, packed_unit(v_op.bits), False
-    k_book, k_lut, k_lookup = _turbo_tables(k_op, query)
-    v_book, v_lut, v_lookup = _turbo_tables(v_op, query)
+    k_book, k_programs, k_lookup = _turbo_tables(k_op, query)
+    v_book, v_programs, v_lookup = _turbo_tables(v_op, query)
     km = k_op.meta + (query,) * (4 - len(k_op.meta))
     v_meta, v_meta_mode = _value_metadata(v_op, query, cfg)
     vm = v_meta + (query,) * (2 - len(v_meta))
@@ -744,7 +743,8 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
         VAL_FMT=v_op.fmt, kcos=k_tab[0], ksin=k_tab[1], vcos=v_tab[0], vsin=v_tab[1], PR_KEY_JOIN=_pr.KEY_SUBTREES.value if cfg.polar_recursive_keys == "subtrees" else _pr.KEY_JOIN,
         PR_VALUE_JOIN=_pr.VALUE_JOIN,
-        VAL_UB=v_ub, VAL_WORDS=v_words, kbook=k_book, klut=k_lut, vbook=v_book, vlut=v_lut,
+        VAL_UB=v_ub, VAL_WORDS=v_words, kbook=k_book, KEY_PROGRAMS=k_programs, vbook=v_book,
+        VAL_PROGRAMS=v_programs,
         KEY_LOOKUP=k_lookup, VAL_LOOKUP=v_lookup, LAZY_RESCALE=cfg.lazy_rescale,
         KIVI_BIAS_LAST=cfg.kivi_key_bias == "last",
         VAL_MIN_PRODUCT=cfg.kivi_value_min == "product" and v_op.fmt == FMT_KIVI and v_op.bits <= 4,

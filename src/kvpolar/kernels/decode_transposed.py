@@ -38,7 +38,8 @@ def _split_kernel_t(
     HAS_MASK: tl.constexpr, NATIVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr,
     VAL_FMT: tl.constexpr, kcos, ksin, vcos, vsin, PR_KEY_JOIN: tl.constexpr, PR_VALUE_JOIN: tl.constexpr,
-    VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, klut, vbook, vlut, VAL_META: tl.constexpr,
+    VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, KEY_PROGRAMS: tl.constexpr, vbook,
+    VAL_PROGRAMS: tl.constexpr, VAL_META: tl.constexpr,
     KEY_LOOKUP: tl.constexpr, VAL_LOOKUP: tl.constexpr, LAZY_RESCALE: tl.constexpr,
     KIVI_BIAS_LAST: tl.constexpr, VAL_MIN_PRODUCT: tl.constexpr,
 ):
@@ -56,7 +57,7 @@ def _split_kernel_t(
     KIVI per token in whole bytes or 3-byte units (3-bit codes), or polar-recursive by parts (one
     accumulator per part; ``kcos`` / ``ksin`` / ``vcos`` / ``vsin``: cos / sin tables of the shared
     analytic codebooks), or turbo by parts (one accumulator per code position; ``kbook`` /
-    ``vbook``: the codebooks, ``klut`` / ``vlut``: them as ``turbo_parts.lut_words``)."""
+    ``vbook``: the codebooks, ``KEY_PROGRAMS`` / ``VAL_PROGRAMS``: them as ``turbo_parts.lookup_programs``)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // n_kv_heads
@@ -99,7 +100,6 @@ def _split_kernel_t(
         q5 = _tq.query_part_t(q_rows, row_ok, uk, 5, KEY_U, DT)
         q6 = _tq.query_part_t(q_rows, row_ok, uk, 6, KEY_U, DT)
         q7 = _tq.query_part_t(q_rows, row_ok, uk, 7, KEY_U, DT)
-        k_lut = _tq.load_lut(klut)
     else:  # the query, transposed and split by code position K of the packed bytes: [NUK, BM] each
         q0 = tl.load(q_rows[None, :] + (uk * KEY_U)[:, None], mask=row_ok[None, :], other=0.0).to(DT)
         q1 = q0
@@ -153,8 +153,6 @@ def _split_kernel_t(
         klv2 = _pr.level_values(kcos, ksin, _pr.ENTRY_L2)
         klv3 = _pr.level_values(kcos, ksin, _pr.ENTRY_L3)
         klv4 = _pr.level_values(kcos, ksin, _pr.ENTRY_L4)
-    if VAL_FMT == 3:
-        v_lut = _tq.load_lut(vlut)
     if VAL_FMT == 6:
         vlv2 = _pr.level_values(vcos, vsin, _pr.ENTRY_L2)
         vlv3 = _pr.level_values(vcos, vsin, _pr.ENTRY_L3)
@@ -250,7 +248,7 @@ def _split_kernel_t(
             s_t = s_t * qk_scale
         elif KEY_FMT == 3:  # turbo: one product per code position, then each token's factor
             word = _tq.load_units(k_base + offs_n[:, None] * sk_t, n_ok[:, None], uk[None, :], KEY_UB, KEY_WORDS)
-            s_t = _tq.key_scores_t(s_t, word, q0, q1, q2, q3, q4, q5, q6, q7, KEY_U, KEY_BITS, k_lut, kbook,
+            s_t = _tq.key_scores_t(s_t, word, q0, q1, q2, q3, q4, q5, q6, q7, KEY_U, KEY_BITS, KEY_PROGRAMS, kbook,
                                    DT, KEY_LOOKUP, PREC)
             s_t = s_t * (k_factor * qk_scale)[:, None]
         else:  # KIVI: code K of every byte times the group-scaled query, plus q . min
@@ -322,8 +320,8 @@ def _split_kernel_t(
             word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS)
             p_v = (p * v_factor[:, None]).to(DT)
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _tq.value_parts_t(
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, word_t, p_v, alpha, VAL_U, VAL_BITS, v_lut, vbook,
-                DT, VAL_LOOKUP, PREC)
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, word_t, p_v, alpha, VAL_U, VAL_BITS, VAL_PROGRAMS,
+                vbook, DT, VAL_LOOKUP, PREC)
         else:  # ---- values, KIVI transposed: [NUV, BN] packed units and per-(unit, token) scale / min
             word_t = _tq.load_units(v_base + offs_n[None, :] * sv_t, n_ok[None, :], uv[:, None], VAL_UB, VAL_WORDS)
             if VAL_MIN_PRODUCT:  # the minimum as its own product; each code then one fused multiply-add

@@ -10,12 +10,19 @@ coordinates (keys), or into an accumulator of its own (values, with the factor f
 probabilities). No tile is interleaved across parts.
 
 The lookup, compiled for a GPU in float16 / bfloat16 (``LOOKUP`` > 0): the codebook's 16-bit patterns
-as byte tables in registers (:func:`lut_words`, eight int32 words per codebook), and per four codes
-one ``prmt`` for the low bytes, one for the high bytes and two to interleave them into two packed
-pairs; codes of 4 bits take a second pair of tables and a per-byte select on the code's top bit, or,
-for an antisymmetric codebook (:func:`antisymmetric`: the sphere's), the first 8 entries and a sign
-flip (``LOOKUP`` 2). Elsewhere (the interpreter, float32) the codebook is gathered from memory. All
-give the codebook rounded to the product dtype.
+as byte tables (:func:`lut_words`, eight 32-bit words per codebook), and per four codes one ``prmt``
+for the low bytes, one for the high bytes and two to interleave them into two packed pairs; codes of
+4 bits take a second pair of tables and a per-byte select on the code's top bit, or, for an
+antisymmetric codebook (:func:`antisymmetric`: the sphere's), the first 8 entries and a sign flip
+(``LOOKUP`` 2). The table words are immediates of the inline assembly (:func:`lookup_asm`; the kernel
+takes every code position's program as one compile-time string, :func:`lookup_programs`), as are the
+code's shift and mask: the lookup's only operand is the unit tile, so Triton's layout pass converts
+that tile once, ahead of the parts, into the layout the tensor-core operand needs. With the table
+words as runtime operands (scalars broadcast to the tile) it left each part's looked-up tile in the
+tile's layout and converted it through shared memory, one 16-bit store per value (sm_90, instructions
+per block: turbo-3 2011 -> 1747, turbo-k3v4 1443 -> 1117, turbo-4 1279 -> 1152, the last two without
+their 64-80 byte stacks). Elsewhere (the interpreter, float32) the codebook is gathered
+from memory. All give the codebook rounded to the product dtype.
 """
 
 from __future__ import annotations
@@ -69,13 +76,26 @@ def lut_words(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int32 ``[8]`` on the codebook's device: the codebook (``2**bits <= 16`` entries) rounded to
     ``dtype`` (float16 or bfloat16; other dtypes: float16) as ``prmt`` byte tables: words 0-1 the low
     bytes of entries 0-7 (entry ``i`` at byte ``i``), 2-3 their high bytes, 4-7 the same for entries
-    8-15 (zero past the codebook). Built with device ops (no host copy: CUDA-graph safe) and kept per
-    codebook tensor while it lives and is unchanged."""
+    8-15 (zero past the codebook). Built with device ops and kept per codebook tensor while it lives
+    and is unchanged."""
     dtype = _table_dtype(dtype)
     cache = _codebook_cache(codebook)
     if dtype not in cache:
         cache[dtype] = _lut_on_device(codebook, dtype)
     return cache[dtype]
+
+
+def table_constant(codebook: torch.Tensor, dtype: torch.dtype) -> str:
+    """:func:`lut_words` as the kernel's compile-time table: the eight words in hexadecimal, comma
+    separated (one kernel compiled per codebook and dtype; the sphere's codebooks are one per head dim
+    and bits). Read to the host once per codebook tensor and dtype (one host read, as
+    :func:`antisymmetric`), kept with its table words."""
+    dtype = _table_dtype(dtype)
+    cache = _codebook_cache(codebook)
+    if ("constant", dtype) not in cache:
+        words = lut_words(codebook, dtype).tolist()
+        cache["constant", dtype] = ",".join(f"{w & 0xFFFFFFFF:#010x}" for w in words)
+    return cache["constant", dtype]
 
 
 def antisymmetric(codebook: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -93,13 +113,18 @@ def antisymmetric(codebook: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 # ``prmt`` lookups (PTX). The asm takes 4 codes: one register of 4 bytes (byte units, code K at bit
-# ``$shift`` of each byte) or 4 registers of one 24-bit unit each (3-bit codes), and the shift and the
-# table words broadcast (4 copies each, the first one read). Selector nibble k = code k, so
-# ``prmt lo, LO0, LO1, sel`` gathers the low bytes of the 4 entries; two more ``prmt`` interleave low and
-# high bytes into the pairs (codes 0, 1) and (2, 3).
-_BYTE_CODES = "shr.u32 t, $2, $3; and.b32 t, t, {mask}; "  # the 4 codes, one per byte of t
+# ``shift`` of each byte) or 4 registers of one 24-bit unit each (3-bit codes). Selector nibble k =
+# code k, so ``prmt lo, L0, L1, sel`` gathers the low bytes of the 4 entries; two more ``prmt``
+# interleave low and high bytes into the pairs (codes 0, 1) and (2, 3). Shifts, masks and table words
+# are immediates (``lookup_asm``), the table words moved into ``ta`` / ``tb`` (loop invariant: the
+# compiler keeps them in registers).
+_REGS = "{ .reg .b32 t, s, c, m, lo, hi, ta, tb; "
+_BYTE_CODES = "shr.u32 t, $2, {shift}; and.b32 t, t, {mask}; "  # the 4 codes, one per byte of t
 _PACK_SELECTOR = "prmt.b32 t, t, 0, 0x3120; shr.u32 s, t, 12; or.b32 s, s, t; "  # byte k of t -> nibble k of s
-_BYTES_TO_SELECTOR = _BYTE_CODES + _PACK_SELECTOR
+#: the eight table words' names in :func:`lut_words`' order
+_TABLE_NAMES = ("l0", "l1", "h0", "h1", "l2", "l3", "h2", "h3")
+#: mask of one code per byte, by bits
+_BYTE_MASKS = {1: "0x01010101", 2: "0x03030303", 4: "0x0F0F0F0F"}
 
 
 def _words_to_selector(shift: int) -> str:
@@ -121,56 +146,85 @@ def _words_to_selector(shift: int) -> str:
     return "".join(parts)
 
 
-_LOOKUP8 = (
-    "prmt.b32 lo, ${l0}, ${l1}, s; prmt.b32 hi, ${h0}, ${h1}, s; "
-    "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; "
-)
-_LOOKUP16 = (
-    "and.b32 c, s, 0x7777; "
-    "prmt.b32 lo, ${l0}, ${l1}, c; prmt.b32 t, ${l2}, ${l3}, c; "
-    "prmt.b32 hi, ${h0}, ${h1}, c; prmt.b32 c, ${h2}, ${h3}, c; "
-    # byte mask: 0xFF where code k >= 8 (its bit 3 moved to the msb of byte k, then sign-replicated)
-    "prmt.b32 m, s, 0, 0x1100; shl.b32 s, m, 4; and.b32 s, s, 0x00800080; and.b32 m, m, 0x80008000; "
-    "or.b32 m, m, s; prmt.b32 m, m, 0, 0xBA98; "
-    "xor.b32 t, t, lo; and.b32 t, t, m; xor.b32 lo, lo, t; "
-    "xor.b32 c, c, hi; and.b32 c, c, m; xor.b32 hi, hi, c; "
-    "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; "
-)
+def _gather(dst: str, first: str, second: str, selector: str) -> str:
+    """``prmt`` of the bytes of two table words (immediates moved into ``ta`` / ``tb``)."""
+    return f"mov.b32 ta, {first}; mov.b32 tb, {second}; prmt.b32 {dst}, ta, tb, {selector}; "
+
+
+_INTERLEAVE = "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; "
 # 4-bit codes of an antisymmetric codebook (entry 15 - i = -entry i, as the sphere's Lloyd-Max ones):
 # code c >= 8 reads entry 15 - c = (c ^ 7) & 7 of the 8-entry table (_FOLD_HALF, before the selector
 # is packed) and the sign bit of its result is flipped (_FLIP_SIGNS, after the 8-entry lookup)
-_FOLD_HALF = "and.b32 c, t, 0x08080808; shr.u32 m, c, 3; sub.u32 m, c, m; xor.b32 t, t, m; and.b32 t, t, 0x07070707; "
+_FOLD_HALF = ("and.b32 c, t, 0x08080808; shr.u32 m, c, 3; sub.u32 m, c, m; xor.b32 t, t, m; "
+              "and.b32 t, t, 0x07070707; ")
 _FLIP_SIGNS = "shl.b32 c, c, 4; prmt.b32 m, c, 0, 0x1404; xor.b32 $0, $0, m; prmt.b32 m, c, 0, 0x3424; xor.b32 $1, $1, m; "
-_REGS = "{ .reg .b32 t, s, c, m, lo, hi; "
 
 
-def _asm(selector: str, lookup: str, first_table: int, mask: str = "") -> str:
-    regs = {name: first_table + 4 * i for i, name in enumerate(("l0", "l1", "h0", "h1", "l2", "l3", "h2", "h3"))}
-    return _REGS + selector.format(mask=mask) + lookup.format(**regs) + "}"
+def _lookup8(w: dict) -> str:
+    """Entries 0-7 of the table words ``w`` at selector ``s`` into ``$0`` / ``$1``."""
+    return _gather("lo", w["l0"], w["l1"], "s") + _gather("hi", w["h0"], w["h1"], "s") + _INTERLEAVE
 
 
-# operands: $0, $1 out; byte units: $2 bytes, $3-$6 shift, tables from $7; 3-bit: $2-$5 words, $6-$9 shift
-# (unread: those strings shift by constants), tables from $10
-ASM_BYTES_1 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP8, 7, "0x01010101"))
-ASM_BYTES_2 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP8, 7, "0x03030303"))
-ASM_BYTES_4 = tl.constexpr(_asm(_BYTES_TO_SELECTOR, _LOOKUP16, 7, "0x0F0F0F0F"))
-ASM_BYTES_4_SYMMETRIC = tl.constexpr(_asm(_BYTE_CODES + _FOLD_HALF + _PACK_SELECTOR, _LOOKUP8 + _FLIP_SIGNS, 7,
-                                          "0x0F0F0F0F"))
-# 3-bit codes, one string per code position K (the shifts are immediates): code K is at bit 3 K
-ASM_WORDS_3 = tuple(tl.constexpr(_asm(_words_to_selector(3 * k), _LOOKUP8, 10)) for k in range(8))
-(ASM_WORDS_3_0, ASM_WORDS_3_1, ASM_WORDS_3_2, ASM_WORDS_3_3,
- ASM_WORDS_3_4, ASM_WORDS_3_5, ASM_WORDS_3_6, ASM_WORDS_3_7) = ASM_WORDS_3
-# constraints: 4 uint8 codes pack into one register, every int32 operand takes 4
-_C_BYTES8 = tl.constexpr("=r,=r" + ",r" * (1 + 4 * 5))
-_C_BYTES16 = tl.constexpr("=r,=r" + ",r" * (1 + 4 * 9))
-_C_WORDS8 = tl.constexpr("=r,=r" + ",r" * (4 + 4 * 5))
+def _lookup16(w: dict) -> str:
+    """All 16 entries: the selector nibbles' low 3 bits into both halves' tables, then a per-byte
+    select on each code's top bit."""
+    return ("and.b32 c, s, 0x7777; " + _gather("lo", w["l0"], w["l1"], "c") + _gather("t", w["l2"], w["l3"], "c")
+            + _gather("hi", w["h0"], w["h1"], "c") + _gather("c", w["h2"], w["h3"], "c")
+            # byte mask: 0xFF where code k >= 8 (its bit 3 moved to the msb of byte k, then sign-replicated)
+            + "prmt.b32 m, s, 0, 0x1100; shl.b32 s, m, 4; and.b32 s, s, 0x00800080; and.b32 m, m, 0x80008000; "
+            "or.b32 m, m, s; prmt.b32 m, m, 0, 0xBA98; "
+            "xor.b32 t, t, lo; and.b32 t, t, m; xor.b32 lo, lo, t; "
+            "xor.b32 c, c, hi; and.b32 c, c, m; xor.b32 hi, hi, c; " + _INTERLEAVE)
 
 
-@triton.jit
-def load_lut(lut_ptr):
-    """The eight table words of :func:`lut_words` (scalars, loaded once per program)."""
-    return (tl.load(lut_ptr), tl.load(lut_ptr + 1), tl.load(lut_ptr + 2), tl.load(lut_ptr + 3),
-            tl.load(lut_ptr + 4), tl.load(lut_ptr + 5), tl.load(lut_ptr + 6), tl.load(lut_ptr + 7))
+def lookup_asm(bits: int, mode: int, k: int, table: str) -> str:
+    """The inline PTX of code position ``k``'s lookup (``bits``-bit codes, ``mode`` = ``LOOKUP``, the
+    table words of :func:`table_constant`): operands ``$0`` / ``$1`` the two packed pairs out, then
+    the unit register(s) in (four 24-bit units for 3 bits, else one register of four byte units)."""
+    words = table.split(",")
+    if len(words) != len(_TABLE_NAMES):
+        raise ValueError(f"table={table!r}: expected {len(_TABLE_NAMES)} comma-separated words (table_constant)")
+    w = dict(zip(_TABLE_NAMES, words))
+    if bits == 3:
+        return _REGS + _words_to_selector(3 * k) + _lookup8(w) + "}"
+    if bits not in _BYTE_MASKS:
+        raise ValueError(f"bits={bits}: the lookups read codes of 1, 2, 3 or 4 bits")
+    codes = _BYTE_CODES.format(shift=k * bits, mask=_BYTE_MASKS[bits])
+    if bits == 4 and mode == 2:
+        return _REGS + codes + _FOLD_HALF + _PACK_SELECTOR + _lookup8(w) + _FLIP_SIGNS + "}"
+    if bits == 4:
+        return _REGS + codes + _PACK_SELECTOR + _lookup16(w) + "}"
+    return _REGS + codes + _PACK_SELECTOR + _lookup8(w) + "}"
+
+
+#: separates the code positions' programs in :func:`lookup_programs`
+PROGRAM_SEPARATOR = "|"
+
+
+def lookup_programs(codebook: torch.Tensor, dtype: torch.dtype, bits: int, mode: int) -> str:
+    """Every code position's lookup (:func:`lookup_asm`, ``UNITS[bits]`` of them) of ``codebook``
+    rounded to ``dtype``, joined by :data:`PROGRAM_SEPARATOR`: the kernel's compile-time argument
+    (``KEY_PROGRAMS`` / ``VAL_PROGRAMS``), from which :func:`nth_program` takes part ``K``'s. Kept
+    per codebook tensor (:func:`table_constant`)."""
+    cache = _codebook_cache(codebook)
+    key = ("programs", _table_dtype(dtype), bits, mode)
+    if key not in cache:
+        table = table_constant(codebook, dtype)
+        cache[key] = PROGRAM_SEPARATOR.join(lookup_asm(bits, mode, k, table) for k in range(UNITS[bits][1]))
+    return cache[key]
+
+
+@triton.constexpr_function
+def nth_program(programs, k):
+    """Code position ``k``'s inline PTX of :func:`lookup_programs`' string (compile time)."""
+    return programs.split("|")[k]
+
+
+@triton.constexpr_function
+def lookup_constraints(bits):
+    """The lookup's asm constraints: two packed pairs out; four 24-bit units (3 bits) or one register
+    of four byte units in."""
+    return "=r,=r,r,r,r,r" if bits == 3 else "=r,=r,r"
 
 
 @triton.jit
@@ -191,32 +245,16 @@ def load_units(ptrs, ok, u, UB: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
-def part_values(word, K: tl.constexpr, BITS: tl.constexpr, lut, book_ptr, DT: tl.constexpr, LOOKUP: tl.constexpr):
+def part_values(word, K: tl.constexpr, BITS: tl.constexpr, PROGRAMS: tl.constexpr, book_ptr, DT: tl.constexpr,
+                LOOKUP: tl.constexpr):
     """Codebook value of code ``K`` of every unit of ``word`` (:func:`load_units`), in ``DT``.
-    ``LOOKUP``: 0 gathers from the codebook in memory (the interpreter), 1 looks up the table words
-    with ``prmt`` (compiled, float16 / bfloat16), 2 the same with 4-bit codes of an antisymmetric
-    codebook (:func:`antisymmetric`) read from its first 8 entries."""
+    ``LOOKUP``: 0 gathers from the codebook in memory (the interpreter), 1 looks it up with ``prmt``
+    (compiled, float16 / bfloat16; ``PROGRAMS``: :func:`lookup_programs`), 2 the same with 4-bit codes
+    of an antisymmetric codebook (:func:`antisymmetric`) read from its first 8 entries."""
     if LOOKUP > 0 and (DT == tl.float16 or DT == tl.bfloat16):
-        shift = tl.full(word.shape, K * BITS, tl.int32)
-        l0, l1, h0, h1, l2, l3, h2, h3 = lut
-        if BITS == 3:
-            asm: tl.constexpr = (ASM_WORDS_3_0 if K == 0 else ASM_WORDS_3_1 if K == 1 else ASM_WORDS_3_2 if K == 2
-                                 else ASM_WORDS_3_3 if K == 3 else ASM_WORDS_3_4 if K == 4 else ASM_WORDS_3_5 if K == 5
-                                 else ASM_WORDS_3_6 if K == 6 else ASM_WORDS_3_7)
-            out = tl.inline_asm_elementwise(asm, _C_WORDS8, [word, shift, l0, l1, h0, h1], dtype=DT.value,
-                                            is_pure=True, pack=4)
-        elif BITS == 4 and LOOKUP == 2:
-            out = tl.inline_asm_elementwise(ASM_BYTES_4_SYMMETRIC, _C_BYTES8, [word, shift, l0, l1, h0, h1],
-                                            dtype=DT.value, is_pure=True, pack=4)
-        elif BITS == 4:
-            out = tl.inline_asm_elementwise(ASM_BYTES_4, _C_BYTES16, [word, shift, l0, l1, h0, h1, l2, l3, h2, h3],
-                                            dtype=DT.value, is_pure=True, pack=4)
-        elif BITS == 2:
-            out = tl.inline_asm_elementwise(ASM_BYTES_2, _C_BYTES8, [word, shift, l0, l1, h0, h1], dtype=DT.value,
-                                            is_pure=True, pack=4)
-        else:
-            out = tl.inline_asm_elementwise(ASM_BYTES_1, _C_BYTES8, [word, shift, l0, l1, h0, h1], dtype=DT.value,
-                                            is_pure=True, pack=4)
+        asm: tl.constexpr = nth_program(PROGRAMS, K)
+        out = tl.inline_asm_elementwise(asm, lookup_constraints(BITS), [word], dtype=DT.value, is_pure=True,
+                                        pack=4)
     else:
         code = (word.to(tl.int32) >> (K * BITS)) & ((1 << BITS) - 1)
         out = tl.load(book_ptr + code).to(DT)
@@ -224,19 +262,19 @@ def part_values(word, K: tl.constexpr, BITS: tl.constexpr, lut, book_ptr, DT: tl
 
 
 @triton.jit
-def key_part_t(s_t, word, q_t, K: tl.constexpr, BITS: tl.constexpr, lut, book_ptr, DT: tl.constexpr,
-               LOOKUP: tl.constexpr, PREC: tl.constexpr):
+def key_part_t(s_t, word, q_t, K: tl.constexpr, BITS: tl.constexpr, PROGRAMS: tl.constexpr, book_ptr,
+               DT: tl.constexpr, LOOKUP: tl.constexpr, PREC: tl.constexpr):
     """``s_t [BN, BM] += codebook[codes_K] [BN, NU] @ q_K [NU, BM]`` (``q_K``: the rotated query at
     coordinates ``u * U + K``, in ``DT``)."""
-    return tl.dot(part_values(word, K, BITS, lut, book_ptr, DT, LOOKUP), q_t, s_t, input_precision=PREC)
+    return tl.dot(part_values(word, K, BITS, PROGRAMS, book_ptr, DT, LOOKUP), q_t, s_t, input_precision=PREC)
 
 
 @triton.jit
-def value_part_t(acc_t, word_t, p_t, alpha, K: tl.constexpr, BITS: tl.constexpr, lut, book_ptr,
-                 DT: tl.constexpr, LOOKUP: tl.constexpr, PREC: tl.constexpr):
+def value_part_t(acc_t, word_t, p_t, alpha, K: tl.constexpr, BITS: tl.constexpr, PROGRAMS: tl.constexpr,
+                 book_ptr, DT: tl.constexpr, LOOKUP: tl.constexpr, PREC: tl.constexpr):
     """``acc_K^T [NU, BM] = acc_K^T * alpha + codebook[codes_K]^T [NU, BN] @ p_t [BN, BM]`` (``p_t``:
     the probabilities times each token's factor)."""
-    v = part_values(word_t, K, BITS, lut, book_ptr, DT, LOOKUP)
+    v = part_values(word_t, K, BITS, PROGRAMS, book_ptr, DT, LOOKUP)
     return tl.dot(v, p_t, acc_t * alpha[None, :], input_precision=PREC)
 
 
@@ -248,36 +286,37 @@ def query_part_t(q_rows, row_ok, uk, K: tl.constexpr, U: tl.constexpr, DT: tl.co
 
 
 @triton.jit
-def key_scores_t(s_t, word, q0, q1, q2, q3, q4, q5, q6, q7, U: tl.constexpr, BITS: tl.constexpr, lut, book_ptr,
-                 DT: tl.constexpr, LOOKUP: tl.constexpr, PREC: tl.constexpr):
+def key_scores_t(s_t, word, q0, q1, q2, q3, q4, q5, q6, q7, U: tl.constexpr, BITS: tl.constexpr,
+                 PROGRAMS: tl.constexpr, book_ptr, DT: tl.constexpr, LOOKUP: tl.constexpr, PREC: tl.constexpr):
     """``s_t [BN, BM]`` plus the products of all ``U`` parts of ``word`` (:func:`key_part_t`)."""
-    s_t = key_part_t(s_t, word, q0, 0, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+    s_t = key_part_t(s_t, word, q0, 0, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
     if U >= 2:
-        s_t = key_part_t(s_t, word, q1, 1, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        s_t = key_part_t(s_t, word, q1, 1, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
     if U >= 4:
-        s_t = key_part_t(s_t, word, q2, 2, BITS, lut, book_ptr, DT, LOOKUP, PREC)
-        s_t = key_part_t(s_t, word, q3, 3, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        s_t = key_part_t(s_t, word, q2, 2, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
+        s_t = key_part_t(s_t, word, q3, 3, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
     if U >= 8:
-        s_t = key_part_t(s_t, word, q4, 4, BITS, lut, book_ptr, DT, LOOKUP, PREC)
-        s_t = key_part_t(s_t, word, q5, 5, BITS, lut, book_ptr, DT, LOOKUP, PREC)
-        s_t = key_part_t(s_t, word, q6, 6, BITS, lut, book_ptr, DT, LOOKUP, PREC)
-        s_t = key_part_t(s_t, word, q7, 7, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        s_t = key_part_t(s_t, word, q4, 4, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
+        s_t = key_part_t(s_t, word, q5, 5, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
+        s_t = key_part_t(s_t, word, q6, 6, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
+        s_t = key_part_t(s_t, word, q7, 7, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
     return s_t
 
 
 @triton.jit
 def value_parts_t(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, word_t, p_t, alpha, U: tl.constexpr,
-                  BITS: tl.constexpr, lut, book_ptr, DT: tl.constexpr, LOOKUP: tl.constexpr, PREC: tl.constexpr):
+                  BITS: tl.constexpr, PROGRAMS: tl.constexpr, book_ptr, DT: tl.constexpr, LOOKUP: tl.constexpr,
+                  PREC: tl.constexpr):
     """The ``U`` accumulators (:func:`value_part_t`); the others are returned unchanged."""
-    acc0 = value_part_t(acc0, word_t, p_t, alpha, 0, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+    acc0 = value_part_t(acc0, word_t, p_t, alpha, 0, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
     if U >= 2:
-        acc1 = value_part_t(acc1, word_t, p_t, alpha, 1, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        acc1 = value_part_t(acc1, word_t, p_t, alpha, 1, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
     if U >= 4:
-        acc2 = value_part_t(acc2, word_t, p_t, alpha, 2, BITS, lut, book_ptr, DT, LOOKUP, PREC)
-        acc3 = value_part_t(acc3, word_t, p_t, alpha, 3, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        acc2 = value_part_t(acc2, word_t, p_t, alpha, 2, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
+        acc3 = value_part_t(acc3, word_t, p_t, alpha, 3, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
     if U >= 8:
-        acc4 = value_part_t(acc4, word_t, p_t, alpha, 4, BITS, lut, book_ptr, DT, LOOKUP, PREC)
-        acc5 = value_part_t(acc5, word_t, p_t, alpha, 5, BITS, lut, book_ptr, DT, LOOKUP, PREC)
-        acc6 = value_part_t(acc6, word_t, p_t, alpha, 6, BITS, lut, book_ptr, DT, LOOKUP, PREC)
-        acc7 = value_part_t(acc7, word_t, p_t, alpha, 7, BITS, lut, book_ptr, DT, LOOKUP, PREC)
+        acc4 = value_part_t(acc4, word_t, p_t, alpha, 4, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
+        acc5 = value_part_t(acc5, word_t, p_t, alpha, 5, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
+        acc6 = value_part_t(acc6, word_t, p_t, alpha, 6, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
+        acc7 = value_part_t(acc7, word_t, p_t, alpha, 7, BITS, PROGRAMS, book_ptr, DT, LOOKUP, PREC)
     return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
