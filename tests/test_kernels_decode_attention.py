@@ -579,6 +579,28 @@ def test_supports_refuses_what_it_cannot_read():
         fused_decode_attention(torch.randn(1, 1, 1, D), kq.quantize(x), vq.quantize(x), kq, vq, None, None, 1.0)
 
 
+def test_supports_verdict_is_kept_per_packed_pair(monkeypatch):
+    """A decode step asks ``supports`` once per layer about the same packed pair: the formats are
+    inspected once per pair, and another pair gets its own verdict."""
+    from kvpolar.kernels import decode_operands
+
+    kq = kvpolar.quantizer("kivi", bits=2, group_size=32, axis="channel")
+    vq = kvpolar.quantizer("kivi", bits=2, group_size=32, axis="token")
+    x = torch.randn(1, 1, 48, D)
+    keys, values = kq.quantize(x), vq.quantize(x)
+    inspected = []
+    real = decode_operands.key_reason
+    monkeypatch.setattr(decode_operands, "key_reason", lambda p: inspected.append(p) or real(p))
+    assert supports(keys, values) and supports(keys, values) and supports(keys, values)
+    assert inspected == [keys]
+    refused = kvpolar.quantizer("kivi", bits=2, group_size=24, axis="channel").quantize(x)
+    assert not supports(refused, values) and not supports(refused, values)
+    assert inspected == [keys, refused]
+    assert supports(keys, values) and inspected == [keys, refused]  # still kept
+    other_values = vq.quantize(x)  # the same keys with other values: asked anew
+    assert supports(keys, other_values) and inspected == [keys, refused, keys]
+
+
 def test_too_many_query_rows_per_kv_head_is_an_error():
     """GQA 4 x 65 query tokens = 260 rows per KV head exceed the one tile; 64 tokens (256 rows) are
     allowed (the kernel then runs, checked against the reference for KIVI and polar-rope keys)."""

@@ -6,6 +6,7 @@ with the strides the kernels address them through."""
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 
@@ -95,9 +96,21 @@ def refuse_unsupported(keys: QuantizedTensor | None, values: QuantizedTensor | N
             raise ValueError(f"fused_decode_attention does not support {reason}; check supports() first")
 
 
+#: packed keys -> (weak reference to their values, ``supports`` verdict): a decode step asks once per
+#: layer about the same pair (the pair changes when the cache moves tokens into the packed part)
+_VERDICTS: "weakref.WeakKeyDictionary[QuantizedTensor, tuple]" = weakref.WeakKeyDictionary()
+
+
 def supports(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> bool:
-    """True when :func:`fused_decode_attention` can read this pair of stored formats."""
-    return triton_available() and key_reason(keys) is None and value_reason(values) is None
+    """True when :func:`fused_decode_attention` can read this pair of stored formats (the verdict is
+    kept per packed pair while both live)."""
+    entry = None if keys is None or values is None else _VERDICTS.get(keys)
+    if entry is not None and entry[0]() is values:
+        return entry[1]
+    verdict = triton_available() and key_reason(keys) is None and value_reason(values) is None
+    if keys is not None and values is not None:
+        _VERDICTS[keys] = (weakref.ref(values), verdict)
+    return verdict
 
 
 # ----- operands: a format's tensors and static parameters, as the kernel takes them -------------------
