@@ -82,6 +82,8 @@ def test_prmt_lookups_give_the_rounded_codebook(bits, dtype):
     programs = tp.lookup_programs(book, dtype, bits, 1).split(tp.PROGRAM_SEPARATOR)
     assert len(programs) == u
     assert programs[1] == tp.lookup_asm(bits, 1, 1, tp.table_constant(book, dtype))
+    joined = tp.lookup_programs(book, dtype, bits, 1)
+    assert [tp.nth_program(joined, k) for k in range(u)] == programs  # what the kernel takes at compile time
     gen = torch.Generator().manual_seed(bits)
     for _ in range(64):
         units = torch.randint(0, 1 << (8 * ub), (4,), generator=gen).tolist()  # 4 units of random codes

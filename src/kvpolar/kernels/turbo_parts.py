@@ -216,7 +216,8 @@ def lookup_programs(codebook: torch.Tensor, dtype: torch.dtype, bits: int, mode:
 
 @triton.constexpr_function
 def nth_program(programs, k):
-    """Code position ``k``'s inline PTX of :func:`lookup_programs`' string (compile time)."""
+    """Code position ``k``'s inline PTX of :func:`lookup_programs`' string (compile time; the literal
+    is :data:`PROGRAM_SEPARATOR`, written out as in the form run on the GPU's Triton 3.6)."""
     return programs.split("|")[k]
 
 
