@@ -606,10 +606,13 @@ def _value_metadata(op: Operand, query: torch.Tensor, cfg: "LaunchConfig") -> tu
     where the layout allows (groups adjacent in memory, an even number of them per token, 16-bit
     metadata of the query's dtype, float16 under the interpreter, which has no bfloat16 bitcasts),
     else "tiles" for metadata with its tokens adjacent and "ahead" (1) for any other: 16-bit tiles
-    read one block ahead into registers; "gather" (0) gathers them per packed unit where used."""
+    read one block ahead into registers; "gather" (0) gathers them per packed unit where used,
+    "gather-ahead" (4) one block ahead."""
     mode = cfg.value_metadata or "words"  # (``_packed_plan`` resolves None by ``value_metadata_policy``)
     if op.fmt != FMT_KIVI or mode == "gather":
         return op.meta, 0
+    if mode == "gather-ahead":
+        return op.meta, 4
     if mode == "tiles" or (mode == "words" and op.meta[0].stride(-1) != 1 and tokens_adjacent(op.meta[0])):
         return op.meta, 3
     groups = op.meta[0].shape[-1]

@@ -164,7 +164,8 @@ def _split_kernel_t(
     # per group where the tokens are adjacent in memory, already in the token pairs of the
     # products' operand), as int32 words of two groups that the pipeliner copies ahead (2), as
     # 16-bit [groups, BN] tiles read one block ahead (1), these three broadcast to the units of
-    # each group in registers, or gathered per unit where used (0: the fewest registers).
+    # each group in registers, or gathered per unit where used (0: the fewest registers) or one block
+    # ahead (4: no broadcast, which for 3-byte units pinned the values' layout to the tiles').
     KIVI_VALUES: tl.constexpr = VAL_FMT != 3 and VAL_FMT != 6
     NGV: tl.constexpr = D // VAL_GROUP if KIVI_VALUES else 1  # value groups per token
     first = start + tl.arange(0, BLOCK_N)
@@ -175,8 +176,14 @@ def _split_kernel_t(
     if KIVI_VALUES and VAL_META == 2:  # int32 words of two groups: copied asynchronously by the pipeliner
         v_groups = vm_base + (tl.arange(0, NGV) // 2)[:, None]
         v_half = ((tl.arange(0, NGV) % 2) * 16)[:, None]
-    elif KIVI_VALUES and VAL_META == 0:  # gathered per unit where used (fewest registers, latency exposed)
+    elif KIVI_VALUES and (VAL_META == 0 or VAL_META == 4):  # gathered per unit: where used (0: fewest
+        # registers, latency exposed) or one block ahead into registers (4)
         v_groups = vm_base + ((uv * VAL_U) // VAL_GROUP)[:, None] * svm_g
+        if VAL_META == 4:
+            v_scale_next = tl.load(vm0 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :],
+                                   other=0.0)
+            v_min_next = tl.load(vm1 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :],
+                                 other=0.0)
     elif KIVI_VALUES:  # [groups, BN] tiles: read where used (3, copied ahead by the pipeliner) or a block ahead (1)
         v_groups = vm_base + tl.arange(0, NGV)[:, None] * svm_g
         if VAL_META == 1:
@@ -198,6 +205,13 @@ def _split_kernel_t(
         if KIVI_VALUES and VAL_META == 0:
             v_scale = tl.load(vm0 + v_groups + offs_n[None, :] * svm_t, mask=n_ok[None, :], other=0.0).to(DT)
             v_min = tl.load(vm1 + v_groups + offs_n[None, :] * svm_t, mask=n_ok[None, :], other=0.0).to(DT)
+        elif KIVI_VALUES and VAL_META == 4:
+            v_scale = v_scale_next.to(DT)
+            v_min = v_min_next.to(DT)
+            v_scale_next = tl.load(vm0 + v_groups + ahead[None, :] * svm_t, mask=(ahead < n_tokens)[None, :],
+                                   other=0.0)
+            v_min_next = tl.load(vm1 + v_groups + ahead[None, :] * svm_t, mask=(ahead < n_tokens)[None, :],
+                                 other=0.0)
         elif KIVI_VALUES and VAL_META == 3:
             v_scale = _kp.group_units(tl.load(vm0 + v_groups + offs_n[None, :] * svm_t, mask=n_ok[None, :],
                                            other=0.0).to(DT), NUV)
