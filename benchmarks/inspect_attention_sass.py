@@ -73,7 +73,7 @@ def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages
     cons.update(sk_c=1, skm_c=1, sv_c=1)
     # the launch policy's readings since this script was written (KIVI value metadata as tiles with the
     # tokens adjacent, the quantizer's layout; no lazy rescale; KIVI key bias after the key products;
-    # turbo codebooks looked up from registers)
+    # turbo codebooks looked up from immediates: turbo_parts.lookup_programs)
     cons = {"VAL_META": 3, "LAZY_RESCALE": False, "KIVI_BIAS_LAST": True, "KEY_LOOKUP": 1, "VAL_LOOKUP": 1,
             "KEY_PROGRAMS": "", "VAL_PROGRAMS": "", **cons}
     cons = {k: v for k, v in cons.items() if k in names}

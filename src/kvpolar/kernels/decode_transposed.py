@@ -57,7 +57,8 @@ def _split_kernel_t(
     KIVI per token in whole bytes or 3-byte units (3-bit codes), or polar-recursive by parts (one
     accumulator per part; ``kcos`` / ``ksin`` / ``vcos`` / ``vsin``: cos / sin tables of the shared
     analytic codebooks), or turbo by parts (one accumulator per code position; ``kbook`` /
-    ``vbook``: the codebooks, ``KEY_PROGRAMS`` / ``VAL_PROGRAMS``: them as ``turbo_parts.lookup_programs``)."""
+    ``vbook``: the codebooks, ``KEY_PROGRAMS`` / ``VAL_PROGRAMS``: their lookups as
+    ``turbo_parts.lookup_programs``)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // n_kv_heads
@@ -179,18 +180,11 @@ def _split_kernel_t(
     elif KIVI_VALUES and (VAL_META == 0 or VAL_META == 4):  # gathered per unit: where used (0: fewest
         # registers, latency exposed) or one block ahead into registers (4)
         v_groups = vm_base + ((uv * VAL_U) // VAL_GROUP)[:, None] * svm_g
-        if VAL_META == 4:
-            v_scale_next = tl.load(vm0 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :],
-                                   other=0.0)
-            v_min_next = tl.load(vm1 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :],
-                                 other=0.0)
     elif KIVI_VALUES:  # [groups, BN] tiles: read where used (3, copied ahead by the pipeliner) or a block ahead (1)
         v_groups = vm_base + tl.arange(0, NGV)[:, None] * svm_g
-        if VAL_META == 1:
-            v_scale_next = tl.load(vm0 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :],
-                                   other=0.0)
-            v_min_next = tl.load(vm1 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :],
-                                 other=0.0)
+    if KIVI_VALUES and (VAL_META == 1 or VAL_META == 4):  # the first block's, read ahead of the loop
+        v_scale_next = tl.load(vm0 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :], other=0.0)
+        v_min_next = tl.load(vm1 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :], other=0.0)
     for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
         n0 = start + i * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -205,13 +199,6 @@ def _split_kernel_t(
         if KIVI_VALUES and VAL_META == 0:
             v_scale = tl.load(vm0 + v_groups + offs_n[None, :] * svm_t, mask=n_ok[None, :], other=0.0).to(DT)
             v_min = tl.load(vm1 + v_groups + offs_n[None, :] * svm_t, mask=n_ok[None, :], other=0.0).to(DT)
-        elif KIVI_VALUES and VAL_META == 4:
-            v_scale = v_scale_next.to(DT)
-            v_min = v_min_next.to(DT)
-            v_scale_next = tl.load(vm0 + v_groups + ahead[None, :] * svm_t, mask=(ahead < n_tokens)[None, :],
-                                   other=0.0)
-            v_min_next = tl.load(vm1 + v_groups + ahead[None, :] * svm_t, mask=(ahead < n_tokens)[None, :],
-                                 other=0.0)
         elif KIVI_VALUES and VAL_META == 3:
             v_scale = _kp.group_units(tl.load(vm0 + v_groups + offs_n[None, :] * svm_t, mask=n_ok[None, :],
                                            other=0.0).to(DT), NUV)
@@ -222,9 +209,12 @@ def _split_kernel_t(
                                                         mask=n_ok[None, :], other=0), v_half, DT), NUV)
             v_min = _kp.group_units(_kp.word_halves(tl.load(vm1 + v_groups + offs_n[None, :] * svm_t,
                                                       mask=n_ok[None, :], other=0), v_half, DT), NUV)
-        elif KIVI_VALUES:
-            v_scale = _kp.group_units(v_scale_next.to(DT), NUV)
-            v_min = _kp.group_units(v_min_next.to(DT), NUV)
+        elif KIVI_VALUES:  # read a block ahead: per group (1, broadcast to the units here) or per unit (4)
+            v_scale = v_scale_next.to(DT)
+            v_min = v_min_next.to(DT)
+            if VAL_META == 1:
+                v_scale = _kp.group_units(v_scale, NUV)
+                v_min = _kp.group_units(v_min, NUV)
             v_scale_next = tl.load(vm0 + v_groups + ahead[None, :] * svm_t, mask=(ahead < n_tokens)[None, :],
                                    other=0.0)
             v_min_next = tl.load(vm1 + v_groups + ahead[None, :] * svm_t, mask=(ahead < n_tokens)[None, :],
@@ -262,8 +252,8 @@ def _split_kernel_t(
             s_t = s_t * qk_scale
         elif KEY_FMT == 3:  # turbo: one product per code position, then each token's factor
             word = _tq.load_units(k_base + offs_n[:, None] * sk_t, n_ok[:, None], uk[None, :], KEY_UB, KEY_WORDS)
-            s_t = _tq.key_scores_t(s_t, word, q0, q1, q2, q3, q4, q5, q6, q7, KEY_U, KEY_BITS, KEY_PROGRAMS, kbook,
-                                   DT, KEY_LOOKUP, PREC)
+            s_t = _tq.key_scores_t(s_t, word, q0, q1, q2, q3, q4, q5, q6, q7, KEY_U, KEY_BITS, KEY_PROGRAMS,
+                                   kbook, DT, KEY_LOOKUP, PREC)
             s_t = s_t * (k_factor * qk_scale)[:, None]
         else:  # KIVI: code K of every byte times the group-scaled query, plus q . min
             word = tl.load(k_base + offs_n[:, None] * sk_t + uk[None, :], mask=n_ok[:, None], other=0)
