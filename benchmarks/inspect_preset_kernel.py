@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--max-registers", type=int, default=None, help="LaunchConfig.max_registers (default: the policy)")
     ap.add_argument("--stages", type=int, default=None, help="LaunchConfig.transposed_stages (default: the library's)")
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    ap.add_argument("--value-metadata", default=None, choices=("tiles", "words", "ahead", "gather", "gather-ahead"),
+    ap.add_argument("--value-metadata", default=None, choices=("tiles", "words", "ahead", "gather"),
                     help="LaunchConfig.value_metadata (default: the policy)")
     ap.add_argument("--three-byte-units", default="words", choices=("halfwords", "words"),
                     help="LaunchConfig.three_byte_units (codes packed in 3-byte units)")

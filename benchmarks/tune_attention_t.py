@@ -65,7 +65,6 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     "vm-gather": LaunchConfig(value_metadata="gather"),  # KIVI value metadata gathered per unit where used
     "vm-gather-r128": LaunchConfig(value_metadata="gather", max_registers=128),
     "vm-ahead": LaunchConfig(value_metadata="ahead"),
-    "vm-gather-ahead": LaunchConfig(value_metadata="gather-ahead"),  # per unit, one block ahead
     # eighth session (prepared, not yet run): codes in 3-byte units read as int32 words, three per four
     # units (sm_90 compile: polar-rope-3 1941 instead of 2005 instructions per block, turbo-3 2251
     # instead of 2361, no load of either loop waited for)

@@ -170,14 +170,14 @@ def test_kivi_formats(key_fmt, value_fmt):
 
 
 @pytest.mark.parametrize("layout, value_metadata", [("tokens", "tiles"), ("tokens", "ahead"), ("tokens", "gather"),
-                                                    ("tokens", "gather-ahead"), ("groups", "tiles"), ("groups", "words"),
-                                                    ("groups", "ahead"), ("groups", "gather"), ("groups", "gather-ahead")])
+                                                    ("groups", "tiles"), ("groups", "words"), ("groups", "ahead"),
+                                                    ("groups", "gather")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("value_fmt", ["kivi-2-16", "kivi-4-64", "kivi-3-8"])
 def test_value_metadata_reads(layout, value_metadata, dtype, value_fmt):
     """The transposed kernel's reads of KIVI value scale / min (``LaunchConfig.value_metadata``:
     [groups, block] tiles where used, int32 words of two groups, 16-bit tiles a block ahead,
-    per-unit gathers where used or a block ahead) against the oracle, for metadata stored with the tokens adjacent (as the
+    per-unit gathers) against the oracle, for metadata stored with the tokens adjacent (as the
     quantizer stores it) and with the groups adjacent, with an even and an odd number of groups per
     token (odd falls back from words to a block ahead), and a length that leaves a short last split
     (the blocks read ahead past the cache end are masked)."""
@@ -197,7 +197,8 @@ def test_classic_kernel_reads_either_value_metadata_layout(layout):
 def test_value_metadata_modes():
     """Which read ``_value_metadata`` picks: tiles for metadata with its tokens adjacent (as stored
     by the quantizer), words where two 16-bit groups fill an int32 word of the query's dtype, a block
-    ahead otherwise, and what the config asks for; the policy's choice by layout."""
+    ahead otherwise, and what the config asks for; the policy's choice by layout, and per-unit
+    gathers for 3-bit codes."""
     from kvpolar.kernels import decode_attention as da
 
     v = torch.randn(1, 1, 5, D)
@@ -214,12 +215,13 @@ def test_value_metadata_modes():
     assert mode == 3 and meta[0].stride(-2) == 1 and meta[0].dtype == torch.float16
     meta, mode = da._value_metadata(even, q16, LaunchConfig(value_metadata="gather"))
     assert mode == 0 and meta[0].dtype == torch.float16
-    meta, mode = da._value_metadata(adjacent, q16, LaunchConfig(value_metadata="gather-ahead"))
-    assert mode == 4 and meta[0].dtype == torch.float16
     keys = da.key_operand(make_keys("kivi-2-32", v.half())[1])
     assert da.value_metadata_policy(keys, adjacent, LaunchConfig()) == "tiles"
     assert da.value_metadata_policy(keys, even, LaunchConfig()) == "words"
     assert da.value_metadata_policy(keys, adjacent, LaunchConfig(value_metadata="ahead")) == "ahead"
+    three_bit = da.value_operand(make_values("kivi-3-32", v.half())[1])  # 3-byte units: gathered per unit
+    assert da.value_metadata_policy(keys, three_bit, LaunchConfig()) == "gather"
+    assert da.value_metadata_policy(keys, three_bit, LaunchConfig(value_metadata="tiles")) == "tiles"
     with pytest.raises(ValueError, match="value_metadata='later'"):
         LaunchConfig(value_metadata="later")
 

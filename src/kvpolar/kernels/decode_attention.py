@@ -503,9 +503,16 @@ def value_metadata_policy(k_op: Operand, v_op: Operand, cfg: LaunchConfig) -> st
     (H100, ``results/loads2_h100.json``, speed-up over fp16 SDPA at B=32/32k and B=1/128k, words /
     ahead / gather: turbo-3 1.01 / 1.08 / 1.05x and 0.95 / 1.00 / 0.99x, turbo-k3v4 1.42 / 1.46 /
     1.33x and 1.21 / 1.23 / 1.15x, kivi-2 2.43 / 2.34 / 2.28x at the 168-register cap, polar-rope-3
-    1.34 / 1.30 / 1.34x)."""
+    1.34 / 1.30 / 1.34x). KIVI values of 3-bit codes (3-byte units, the turbo-3 preset's) are gathered
+    per unit where used: the group broadcast of the other readings pins their layout to the metadata
+    tiles, and each part's values then go to the tensor cores through shared memory (sm_90: 1747 ->
+    1470 instructions per block; H100, turbo-3, x fp16 SDPA, tiles -> gather: B=32/32k 1.46 -> 1.91x,
+    B=1/128k 1.20 -> 1.47x, ``results/turbo3_value_metadata_h100.json``; gathered one block ahead
+    instead, a variant tried once: 1.65x / 1.33x)."""
     if cfg.value_metadata is not None:
         return cfg.value_metadata
+    if v_op.fmt == FMT_KIVI and v_op.bits == 3:
+        return "gather"
     if v_op.fmt == FMT_KIVI and v_op.meta and tokens_adjacent(v_op.meta[0]):
         return "tiles"
     return "ahead" if k_op.fmt == formats.FMT_TURBO else "words"
@@ -606,13 +613,10 @@ def _value_metadata(op: Operand, query: torch.Tensor, cfg: "LaunchConfig") -> tu
     where the layout allows (groups adjacent in memory, an even number of them per token, 16-bit
     metadata of the query's dtype, float16 under the interpreter, which has no bfloat16 bitcasts),
     else "tiles" for metadata with its tokens adjacent and "ahead" (1) for any other: 16-bit tiles
-    read one block ahead into registers; "gather" (0) gathers them per packed unit where used,
-    "gather-ahead" (4) one block ahead."""
+    read one block ahead into registers; "gather" (0) gathers them per packed unit where used."""
     mode = cfg.value_metadata or "words"  # (``_packed_plan`` resolves None by ``value_metadata_policy``)
     if op.fmt != FMT_KIVI or mode == "gather":
         return op.meta, 0
-    if mode == "gather-ahead":
-        return op.meta, 4
     if mode == "tiles" or (mode == "words" and op.meta[0].stride(-1) != 1 and tokens_adjacent(op.meta[0])):
         return op.meta, 3
     groups = op.meta[0].shape[-1]

@@ -165,8 +165,8 @@ def _split_kernel_t(
     # per group where the tokens are adjacent in memory, already in the token pairs of the
     # products' operand), as int32 words of two groups that the pipeliner copies ahead (2), as
     # 16-bit [groups, BN] tiles read one block ahead (1), these three broadcast to the units of
-    # each group in registers, or gathered per unit where used (0: the fewest registers) or one block
-    # ahead (4: no broadcast, which for 3-byte units pinned the values' layout to the tiles').
+    # each group in registers, or gathered per unit where used (0: the fewest registers; with 3-byte
+    # units the only reading whose values are not converted through shared memory part by part).
     KIVI_VALUES: tl.constexpr = VAL_FMT != 3 and VAL_FMT != 6
     NGV: tl.constexpr = D // VAL_GROUP if KIVI_VALUES else 1  # value groups per token
     first = start + tl.arange(0, BLOCK_N)
@@ -177,14 +177,15 @@ def _split_kernel_t(
     if KIVI_VALUES and VAL_META == 2:  # int32 words of two groups: copied asynchronously by the pipeliner
         v_groups = vm_base + (tl.arange(0, NGV) // 2)[:, None]
         v_half = ((tl.arange(0, NGV) % 2) * 16)[:, None]
-    elif KIVI_VALUES and (VAL_META == 0 or VAL_META == 4):  # gathered per unit: where used (0: fewest
-        # registers, latency exposed) or one block ahead into registers (4)
+    elif KIVI_VALUES and VAL_META == 0:  # gathered per unit where used (fewest registers, latency exposed)
         v_groups = vm_base + ((uv * VAL_U) // VAL_GROUP)[:, None] * svm_g
     elif KIVI_VALUES:  # [groups, BN] tiles: read where used (3, copied ahead by the pipeliner) or a block ahead (1)
         v_groups = vm_base + tl.arange(0, NGV)[:, None] * svm_g
-    if KIVI_VALUES and (VAL_META == 1 or VAL_META == 4):  # the first block's, read ahead of the loop
-        v_scale_next = tl.load(vm0 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :], other=0.0)
-        v_min_next = tl.load(vm1 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :], other=0.0)
+        if VAL_META == 1:
+            v_scale_next = tl.load(vm0 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :],
+                                   other=0.0)
+            v_min_next = tl.load(vm1 + v_groups + first[None, :] * svm_t, mask=(first < n_tokens)[None, :],
+                                 other=0.0)
     for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else blocks_per_split):
         n0 = start + i * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -209,12 +210,9 @@ def _split_kernel_t(
                                                         mask=n_ok[None, :], other=0), v_half, DT), NUV)
             v_min = _kp.group_units(_kp.word_halves(tl.load(vm1 + v_groups + offs_n[None, :] * svm_t,
                                                       mask=n_ok[None, :], other=0), v_half, DT), NUV)
-        elif KIVI_VALUES:  # read a block ahead: per group (1, broadcast to the units here) or per unit (4)
-            v_scale = v_scale_next.to(DT)
-            v_min = v_min_next.to(DT)
-            if VAL_META == 1:
-                v_scale = _kp.group_units(v_scale, NUV)
-                v_min = _kp.group_units(v_min, NUV)
+        elif KIVI_VALUES:
+            v_scale = _kp.group_units(v_scale_next.to(DT), NUV)
+            v_min = _kp.group_units(v_min_next.to(DT), NUV)
             v_scale_next = tl.load(vm0 + v_groups + ahead[None, :] * svm_t, mask=(ahead < n_tokens)[None, :],
                                    other=0.0)
             v_min_next = tl.load(vm1 + v_groups + ahead[None, :] * svm_t, mask=(ahead < n_tokens)[None, :],

@@ -51,8 +51,7 @@ class LaunchConfig:
         (int32 words of two groups, copied ahead by Triton's pipeliner; metadata stored with the
         groups adjacent, else "tiles"), "ahead" (16-bit tiles read one block ahead into registers),
         "gather" (per packed unit where used: the fewest registers, its latency waited for in every
-        block), "gather-ahead" (per packed unit, one block ahead into registers); None = the policy
-        of ``value_metadata_policy``.
+        block); None = the policy of ``value_metadata_policy``.
     three_byte_units: how the transposed kernel reads codes packed in 3-byte units (polar-rope keys
         of 6-bit pairs: r2a4, r3a3; 3-bit turbo keys and values; 3-bit KIVI values): "words" (the
         rows' int32 words, each read once by an asynchronous copy, three per four units, the units
@@ -158,9 +157,9 @@ class LaunchConfig:
             raise ValueError(f"max_registers={self.max_registers} (allowed: None or 24..255)")
         if self.transposed_programs_per_sm is not None and self.transposed_programs_per_sm < 1:
             raise ValueError(f"transposed_programs_per_sm={self.transposed_programs_per_sm} (allowed: None or >= 1)")
-        if self.value_metadata not in (None, "tiles", "words", "ahead", "gather", "gather-ahead"):
+        if self.value_metadata not in (None, "tiles", "words", "ahead", "gather"):
             raise ValueError(f"value_metadata={self.value_metadata!r} "
-                             "(allowed: None, 'tiles', 'words', 'ahead', 'gather', 'gather-ahead')")
+                             "(allowed: None, 'tiles', 'words', 'ahead', 'gather')")
         if self.three_byte_units not in ("halfwords", "words"):
             raise ValueError(f"three_byte_units={self.three_byte_units!r} (allowed: 'halfwords', 'words')")
         if self.kivi_code_units not in ("bytes", "halfwords"):
