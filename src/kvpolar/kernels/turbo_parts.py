@@ -101,7 +101,7 @@ def table_constant(codebook: torch.Tensor, dtype: torch.dtype) -> str:
 def antisymmetric(codebook: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether the codebook rounded to ``dtype`` (as :func:`lut_words`) has entry ``K - 1 - i`` equal to
     minus entry ``i`` bit for bit: the sphere's Lloyd-Max codebooks do, and their 4-bit lookups then
-    read an 8-entry table and flip the sign (``ASM_BYTES_4_SYMMETRIC``). Computed once per codebook
+    read an 8-entry table and flip the sign (:func:`lookup_asm`, mode 2). Computed once per codebook
     tensor and dtype (one host read), kept with its table words."""
     dtype = _table_dtype(dtype)
     cache = _codebook_cache(codebook)
