@@ -87,23 +87,35 @@ def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def report(compiled, tag: str, out_dir: str) -> str:
-    cubin = os.path.join(out_dir, f"{tag}.cubin")
-    with open(cubin, "wb") as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", cubin],
-                           capture_output=True, text=True).stdout
-    sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
-    with open(os.path.join(out_dir, f"{tag}.sass"), "w") as f:
-        f.write(sass)
+def loop_opcodes(sass: str) -> Counter:
+    """Opcodes of the main loop of ``cuobjdump -sass`` output (the last backward branch found, as
+    ``report`` reads it), counted; empty where there is no loop."""
     ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
-    loop = ""
+    ops = Counter()
     for addr, txt in ins:  # the main loop: the backward branch spanning the most instructions
         b = re.search(r"BRA .*?0x([0-9a-f]+)", txt)
         if b and int(b.group(1), 16) < addr:
             body = [t for a, t in ins if int(b.group(1), 16) <= a <= addr]
             ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
-            loop = f"loop {len(body)} instructions: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(14))
+    return ops
+
+
+def sass_of(compiled, cubin: str) -> str:
+    """``compiled``'s SASS (``cuobjdump -sass``), its cubin written to ``cubin`` first."""
+    with open(cubin, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    return subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+
+
+def report(compiled, tag: str, out_dir: str) -> str:
+    cubin = os.path.join(out_dir, f"{tag}.cubin")
+    sass = sass_of(compiled, cubin)
+    usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", cubin],
+                           capture_output=True, text=True).stdout
+    with open(os.path.join(out_dir, f"{tag}.sass"), "w") as f:
+        f.write(sass)
+    ops = loop_opcodes(sass)
+    loop = f"loop {sum(ops.values())} instructions: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(14)) if ops else ""
     res = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage)
     return f"{tag}: {res.group(0) if res else '?'} (Triton shared {compiled.metadata.shared} B)\n  {loop}"
 

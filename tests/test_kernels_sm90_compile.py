@@ -1,0 +1,48 @@
+"""The decode kernel compiled for the H100 (sm_90) on this machine, by Triton's bundled ``ptxas`` and
+``cuobjdump`` (no GPU; ``benchmarks/inspect_preset_kernel.py`` in a process of its own, outside the
+interpreter the tests run under): properties of the compiled loop that the interpreter cannot see.
+
+A lookup or tile that reaches the tensor cores through shared memory value by value shows as one
+16-bit shared-memory store (``STS``) per value in the main loop: 128 per 32-token block for turbo-3's
+keys while the codebook's table words were runtime operands of the lookup asm, 128 more for its
+3-bit values read as metadata tiles (``benchmarks/README.md``, twenty-fifth session).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+from inspect_attention_sass import loop_opcodes  # noqa: E402
+
+PRESETS = ("turbo-3", "turbo-k3v4", "turbo-4")
+
+
+@pytest.fixture(scope="module")
+def compiled_loops(tmp_path_factory) -> dict:
+    """Main-loop opcode counts of each preset's transposed kernel, compiled for sm_90 at batch 2,
+    2048 tokens (the launch policy as on an H100)."""
+    out = tmp_path_factory.mktemp("sass")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = os.path.join(os.path.dirname(__file__), os.pardir, "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, BENCHMARKS, env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "inspect_preset_kernel.py"), *PRESETS,
+                          "--batch", "2", "--tokens", "2048", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("transposed kernel") == len(PRESETS), run.stdout
+    return {name: loop_opcodes((out / f"{name}.sass").read_text()) for name in PRESETS}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_turbo_lookups_reach_the_tensor_cores_without_shared_memory_stores(preset, compiled_loops):
+    """turbo keys (lookup programs with the table words as immediates) and their values (3-bit KIVI
+    values gathered per unit, 4-bit KIVI values as 16-bit units): at most a few dozen shared-memory
+    stores per block in the main loop (the probabilities' and the query's trips), not one per value."""
+    ops = compiled_loops[preset]
+    assert sum(ops.values()) > 500, ops  # the loop was found
+    assert ops["STS"] <= 32, ops
