@@ -79,10 +79,10 @@ def test_prmt_lookups_give_the_rounded_codebook(bits, dtype):
     book = torch.sort(torch.randn(2**bits))[0]
     expected = book.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
     ub, u = tp.UNITS[bits]
-    programs = tp.lookup_programs(book, dtype, bits, 1).split(tp.PROGRAM_SEPARATOR)
+    joined = tp.lookup_programs(book, dtype, bits, 1)
+    programs = joined.split(tp.PROGRAM_SEPARATOR)
     assert len(programs) == u
     assert programs[1] == tp.lookup_asm(bits, 1, 1, tp.table_constant(book, dtype))
-    joined = tp.lookup_programs(book, dtype, bits, 1)
     assert [tp.nth_program(joined, k) for k in range(u)] == programs  # what the kernel takes at compile time
     gen = torch.Generator().manual_seed(bits)
     for _ in range(64):

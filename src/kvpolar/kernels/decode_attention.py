@@ -830,7 +830,7 @@ def _mask_arguments(mask: torch.Tensor | None, stand_in: torch.Tensor) -> tuple:
 def _window_combine_arguments(query, residual_keys, residual_values, mask, mask_offset, gqa, scale, part_max,
                               part_sum, part_acc, out, n_splits, window_blocks) -> tuple:
     """The runtime arguments of ``_window_combine_kernel`` (``_WINDOW_COMBINE_ARGUMENTS``, in order)."""
-    bsz, hq, tq, _ = query.shape
+    _, hq, tq, _ = query.shape
     rk, rv = formats.last_contiguous(residual_keys), formats.last_contiguous(residual_values)
     sq, sk, sv = query.stride(), rk.stride(), rv.stride()
     return (part_max, part_sum, part_acc, out, n_splits, query, sq[0], sq[1], sq[2], rk, sk[0], sk[1], sk[2],
