@@ -4,21 +4,27 @@ with ``--python N``, also the Python functions of N more steps by their own time
 host side that sets a small batch's step; with ``--sync-steps N``, the host-device synchronizations
 of N more steps (``torch.cuda.set_sync_debug_mode``: a value read on the host, a copy from pageable
 host memory), by the source line that made them: each one stalls the host until the GPU catches up,
-so an eager step then costs its host time plus its GPU time instead of the larger of the two.
+so an eager step then costs its host time plus its GPU time instead of the larger of the two; with
+``--host-split N``, the host's wall time of N more steps split by function (``host_split``: the decoder
+layers, their attention modules, the attention function, the cache's update and compression, the
+fused kernel's call), measured by clock reads around each call, without a profiler's overhead.
 
 Uses ``bench_end_to_end``'s model (random weights, fewer layers to keep it short) and cache fill.
 
     PYTHONPATH=src python benchmarks/profile_decode_step.py OUT_DIR [--layers 4] [--batch 12]
-        [--presets turbo-3,turbo-4,squat-2,polar-recursive] [--python 20] [--sync-steps 20]
+        [--presets turbo-3,turbo-4,squat-2,polar-recursive] [--python 20] [--sync-steps 20] [--host-split 60]
 """
 import argparse
 import collections
+import contextlib
 import cProfile
+import functools
 import io
 import os
 import pstats
 import sys
 import time
+import types
 import warnings
 
 import torch
@@ -39,6 +45,8 @@ def main() -> None:
     ap.add_argument("--python", type=int, default=0, help="steps profiled by cProfile (0: none)")
     ap.add_argument("--sync-steps", type=int, default=0,
                     help="steps whose host-device synchronizations are counted (0: none)")
+    ap.add_argument("--host-split", type=int, default=0,
+                    help="steps whose host time is split by function with clock reads (0: none)")
     args = ap.parse_args()
     model = e2e.build_model(args.layers)
     report = []
@@ -77,6 +85,9 @@ def main() -> None:
             print(report[-1], flush=True)
         if args.sync_steps:
             report.append(synchronizations(step, args.sync_steps, f"{preset} B={args.batch} layers={args.layers}"))
+            print(report[-1], flush=True)
+        if args.host_split:
+            report.append(host_split(model, step, args.host_split, f"{preset} B={args.batch} layers={args.layers}"))
             print(report[-1], flush=True)
         del cache
     with open(os.path.join(args.out, "profile_decode_step.txt"), "w") as f:
@@ -125,6 +136,91 @@ def synchronizations(step, steps: int, title: str) -> str:
     lines = [f"synchronizations in {steps} steps, {title}: {sum(where.values())}"]
     lines += [f"  {n:5d}  {place}" for place, n in where.most_common(20)]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _clocked(owner, name: str, label: str, totals: dict):
+    """``owner.name`` replaced by a wrapper that adds each call's wall time (seconds) and count to
+    ``totals[label]``; restored on exit."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def clocked(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            entry = totals[label]
+            entry[0] += time.perf_counter() - start
+            entry[1] += 1
+
+    setattr(owner, name, clocked)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def host_split(model, step, steps: int, title: str) -> str:
+    """Host wall time of ``steps`` calls of ``step`` (after 64 untimed ones; one synchronization at the
+    end) split by function: microseconds per step and per call of the model's decoder layers and their
+    attention modules, the attention function the model dispatches to (kvpolar's or SDPA's), the
+    cache layers' update (kvpolar's ``QuantizedLayer`` or ``transformers``' ``DynamicLayer``), kvpolar's
+    post-attention bookkeeping and window compression, and ``fused_decode_attention``. Each entry
+    includes the entries it calls; a clock read costs well under a microsecond."""
+    import transformers
+    from transformers.cache_utils import DynamicLayer
+
+    from kvpolar.cache import attention as kv_attention
+    from kvpolar.cache.layer import QuantizedLayer
+    from kvpolar.kernels import decode_attention as kv_kernels
+
+    decoder = model.model.layers[0]
+    mapping = transformers.AttentionInterface._global_mapping
+    totals: dict = collections.defaultdict(lambda: [0.0, 0])
+    targets = [(type(decoder), "forward", "decoder layer"), (type(decoder.self_attn), "forward", "attention module"),
+               (QuantizedLayer, "update", "kvpolar cache update"), (DynamicLayer, "update", "DynamicLayer.update"),
+               (QuantizedLayer, "after_attention", "kvpolar after_attention"),
+               (QuantizedLayer, "_compress", "kvpolar window compression"),
+               (kv_kernels, "fused_decode_attention", "fused_decode_attention")]
+    targets += [(mapping, name, f"attention function {name!r}") for name in ("sdpa", kv_attention.ATTENTION_NAME)
+                if name in mapping]
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(64):
+        step()
+    sync()
+    with contextlib.ExitStack() as stack:
+        for owner, name, label in targets:
+            if isinstance(owner, dict):
+                stack.enter_context(_clocked_entry(owner, name, label, totals))
+            else:
+                stack.enter_context(_clocked(owner, name, label, totals))
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        host = time.perf_counter() - start
+        sync()
+        wall = time.perf_counter() - start
+    lines = [f"host time by function over {steps} steps, {title}: {1000 * wall / steps:.3f} ms per step "
+             f"({1000 * host / steps:.3f} ms before the final synchronization)",
+             f"  {'function':34s} {'us/step':>9s} {'us/call':>9s} {'calls/step':>10s}"]
+    for label, (seconds, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"  {label:34s} {1e6 * seconds / steps:9.1f} {1e6 * seconds / max(calls, 1):9.1f} "
+                     f"{calls / steps:10.2f}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _clocked_entry(mapping: dict, key: str, label: str, totals: dict):
+    """``_clocked`` for an entry of a dict (``transformers``' attention functions by name)."""
+    original = mapping[key]
+    holder = types.SimpleNamespace(fn=original)
+    with _clocked(holder, "fn", label, totals):
+        mapping[key] = holder.fn
+        try:
+            yield
+        finally:
+            mapping[key] = original
 
 
 if __name__ == "__main__":
