@@ -412,6 +412,43 @@ def test_window_folds_up_to_the_limits_and_not_for_rotated_values(monkeypatch):
     assert launched == [32]
 
 
+@pytest.mark.parametrize("key_group, config, kernel", [(16, None, "classic"), (64, None, "transposed"),
+                                                      (64, LaunchConfig(block_n=16), "transposed"),
+                                                      (32, LaunchConfig(block_n=16, transposed=False), "classic")])
+def test_polar_recursive_pairs_take_32_token_blocks(monkeypatch, key_group, config, kernel):
+    """A pair with polar-recursive values takes 32-token blocks, also where KIVI keys in 16-token groups
+    (the transposed kernel's blocks hold one group: the classic kernel then) or a ``block_n`` of 16
+    would give 16-token blocks, which compiled for the H100 gave wrong results (benchmarks/README.md,
+    twenty-sixth session); the oracle's attention either way."""
+    monkeypatch.setattr(da, "_device_sms", lambda device: 132)
+    k, v, q = random_inputs(("pr-blocks", key_group), batch=2, hkv=1, gqa=4, tq=1, n=300, d=128, dtype=torch.float16)
+    kq = kvpolar.quantizer("kivi", bits=2, group_size=key_group, axis="channel")
+    vq = kvpolar.quantizer("polar-recursive")
+    pk, pv = kq.quantize(k[..., :288, :]), vq.quantize(v[..., :288, :])
+    launch = da.describe_launch(q, pk, pv, config)
+    assert (launch["kernel"], launch["block_n"]) == (kernel, 32)
+    got = fused_decode_attention(*(x.to(DEVICE) for x in (q, pk, pv)), kq, vq, k[..., 288:, :].to(DEVICE),
+                                 v[..., 288:, :].to(DEVICE), 128**-0.5, config=config)
+    want = reference_decode_attention(q.float(), pk, pv, kq, vq, k[..., 288:, :].float(), v[..., 288:, :].float(),
+                                      128**-0.5)
+    torch.testing.assert_close(got.cpu().float(), want, atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize("keys_kind, group", [("kivi", 48), ("polar-rope", 16)])
+def test_polar_recursive_values_refused_with_key_groups_that_cannot_fill_a_block(keys_kind, group):
+    """Key groups that neither split into nor fill 32-token blocks: ``supports`` says no (the cache then
+    decodes with the reference, warning once), and the kernel refuses them naming the setting."""
+    k, v, q = random_inputs(("pr-refused", keys_kind), batch=1, hkv=1, gqa=4, tq=1, n=96, d=128, dtype=torch.float16)
+    kq = (kvpolar.quantizer("kivi", bits=2, group_size=group, axis="channel") if keys_kind == "kivi"
+          else kvpolar.quantizer("polar-rope", radius_bits=2, angle_bits=4, group_size=group))
+    vq = kvpolar.quantizer("polar-recursive")
+    pk, pv = kq.quantize(k), vq.quantize(v)
+    assert not supports(pk, pv)
+    assert supports(pk, kvpolar.quantizer("kivi", bits=2, group_size=32, axis="token").quantize(v))
+    with pytest.raises(ValueError, match=f"polar-recursive values with .* keys of group_size={group}"):
+        fused_decode_attention(q, pk, pv, kq, vq, None, None, 128**-0.5)
+
+
 def test_many_splits_and_blocks():
     check("kivi-2-32", "kivi-2-32", gqa=4, tk=70, r=3, config=LaunchConfig(block_n=16, num_splits=3))
 

@@ -66,7 +66,10 @@ E4M3_SHIFT = 256.0  # e4m3 bytes decode to value / 2**8 (see fp8_to_f16)
 #: (relative error 2.0; the Triton interpreter is right), while 32-token blocks on 8 warps are correct
 #: (relative error 5e-4 fp16 / 4e-3 bf16 for every key/value pairing): benchmarks/
 #: polar_recursive_launch_check.py, results/polar_recursive_launch_h100.json. Re-check on a GPU
-#: before changing them.
+#: before changing them. The block is also the least: 16-token blocks of polar-recursive values with
+#: KIVI keys in 16-token groups (or a ``LaunchConfig.block_n`` of 16) were wrong on the H100 in both
+#: kernels (error about 1 against outputs of order 1; twenty-sixth session, benchmarks/README.md), so
+#: such pairs take the classic kernel on 32-token blocks (``decode_operands.pair_reason``).
 POLAR_RECURSIVE_BLOCK_N = 32
 POLAR_RECURSIVE_WARPS: int | None = 8
 POLAR_RECURSIVE_STAGES: int | None = None

@@ -89,9 +89,31 @@ def _value_format_reason(values: QuantizedTensor) -> str | None:
     return None
 
 
+def pair_reason(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> str | None:
+    """Why the kernel cannot read these keys with these values (each readable alone), or None.
+    A pair with a polar-recursive tensor takes blocks of exactly ``POLAR_RECURSIVE_BLOCK_N`` (32)
+    tokens, because 16-token blocks of it compute wrong results compiled for the H100
+    (``decode_formats.POLAR_RECURSIVE_BLOCK_N``); grouped keys allow that where their token groups
+    fill whole blocks (KIVI: 16 or a multiple of 32; polar-rope, whose blocks hold one group at
+    most: a multiple of 32)."""
+    if keys is None or values is None:
+        return None
+    names = (type(keys).__name__, type(values).__name__)
+    if "PolarRecursiveTensor" not in names or names[0] not in ("KiviChannelTensor", "PolarRopeTensor"):
+        return None
+    block, group = formats.POLAR_RECURSIVE_BLOCK_N, keys.group_size
+    fits = group % block == 0 or (names[0] == "KiviChannelTensor" and block % group == 0)
+    if fits:
+        return None
+    kind = "KIVI" if names[0] == "KiviChannelTensor" else "polar-rope"
+    allowed = "16 or multiples of 32" if kind == "KIVI" else "multiples of 32"
+    return (f"polar-recursive values with {kind} keys of group_size={group} (supported with polar-recursive "
+            f"tensors: {allowed}, which fill {block}-token blocks)")
+
+
 def refuse_unsupported(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> None:
     """ValueError naming the stored format the kernel cannot read (``supports`` says it as a bool)."""
-    for reason in (key_reason(keys), value_reason(values)):
+    for reason in (key_reason(keys), value_reason(values), pair_reason(keys, values)):
         if reason is not None:
             raise ValueError(f"fused_decode_attention does not support {reason}; check supports() first")
 
@@ -107,7 +129,8 @@ def supports(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> bo
     entry = None if keys is None or values is None else _VERDICTS.get(keys)
     if entry is not None and entry[0]() is values:
         return entry[1]
-    verdict = triton_available() and key_reason(keys) is None and value_reason(values) is None
+    verdict = (triton_available() and key_reason(keys) is None and value_reason(values) is None
+               and pair_reason(keys, values) is None)
     if keys is not None and values is not None:
         _VERDICTS[keys] = (weakref.ref(values), verdict)
     return verdict
