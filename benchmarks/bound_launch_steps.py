@@ -4,7 +4,10 @@
 * ``bound`` (the default): the split kernels' launches bound (``BOUND_LAUNCHES``) against every
   launch through Triton's dispatcher;
 * ``fold``: the residual window attended in the combine kernel at any batch (``MAX_FOLDED_ROWS``
-  unlimited, ``MAX_FOLDED_WINDOW`` as shipped) against its own split launch (``MAX_FOLDED_WINDOW = 0``).
+  unlimited, ``MAX_FOLDED_WINDOW`` as shipped) against its own split launch (``MAX_FOLDED_WINDOW = 0``);
+* ``rotate``: values stored in a rotated domain (turbo and polar-recursive alike) un-rotated in the
+  combine kernel, their window folded (``ROTATE_IN_COMBINE``), against two matrix products on the host
+  side and the window's own launch.
 
 For each preset and batch the cache is filled once; then blocks of ``--block`` decode steps
 alternate between the two settings ``--rounds`` times (after ``--warmup`` untimed steps of each), so
@@ -12,7 +15,7 @@ both see the same cache and the same moves into the packed part. fp16-flash (``D
 without cuDNN) is timed the same way as the reference; the setting does not touch it. Wall-clock
 median per step, ms.
 
-    PYTHONPATH=src python benchmarks/bound_launch_steps.py [--switch bound|fold]
+    PYTHONPATH=src python benchmarks/bound_launch_steps.py [--switch bound|fold|rotate]
         [--presets fp16-flash,kivi-2,polar-rope-3] [--batches 1,4] [--layers 32] [--smoke]
 
 ``--smoke``: the small model on the CPU, a 400-token context (checks that the script runs; on the
@@ -37,7 +40,9 @@ from kvpolar.kernels import decode_attention  # noqa: E402
 
 #: ``--switch`` name -> (``kvpolar.kernels.decode_attention`` attributes set on, set off, column labels off / on)
 SWITCHES = {"bound": ({"BOUND_LAUNCHES": True}, {"BOUND_LAUNCHES": False}, ("dispatcher", "bound launches")),
-            "fold": ({"MAX_FOLDED_ROWS": 1 << 30}, {"MAX_FOLDED_WINDOW": 0}, ("window launched", "window folded"))}
+            "fold": ({"MAX_FOLDED_ROWS": 1 << 30}, {"MAX_FOLDED_WINDOW": 0}, ("window launched", "window folded")),
+            "rotate": ({"ROTATE_IN_COMBINE": frozenset({"PolarRecursiveTensor", "TurboTensor"})},
+                       {"ROTATE_IN_COMBINE": frozenset()}, ("host products", "in the combine kernel"))}
 
 
 @torch.no_grad()

@@ -17,8 +17,9 @@ argument binder decides the specialization (16-byte alignment, integers equal to
 
 Usage: ``PYTHONPATH=src python benchmarks/inspect_preset_kernel.py kivi-2 polar-rope-3 turbo-3
 [--batch 32] [--tokens 32768] [--max-registers N] [--stages N] [--dtype bfloat16] [--value-metadata MODE]
-[--three-byte-units halfwords] [--kivi-code-units bytes] [--lazy-rescale] [--kivi-key-bias first] [--value-layout groups] [--pr-rows] [--polar-recursive-keys subtrees] [--lines] [--out DIR]`` (``--lines``: the main loop's
-instructions by source line; ``--value-layout groups``: KIVI value scale / min laid out with the groups
+[--three-byte-units halfwords] [--kivi-code-units bytes] [--lazy-rescale] [--kivi-key-bias first] [--value-layout groups] [--pr-rows] [--polar-recursive-keys subtrees] [--lines] [--combine] [--out DIR]`` (``--lines``: the main loop's
+instructions by source line; ``--combine``: also the kernels that merge the splits, plain and with the window
+folded in, for values in the plain and a rotated domain: registers and stack; ``--value-layout groups``: KIVI value scale / min laid out with the groups
 adjacent, as stored before the ninth session, instead of the quantizer's tokens-adjacent layout).
 """
 
@@ -92,18 +93,49 @@ def compile_preset(name: str, batch: int, tokens: int, cfg: mod.LaunchConfig | N
                                   plan.block_n,
                                   plan.config)
             args, kwargs = caught["args"], dict(caught["kwargs"])
-    kernel = mod._split_kernel_t if plan.transposed else mod._split_kernel
+    return compile_for_h100(mod._split_kernel_t if plan.transposed else mod._split_kernel, args, kwargs), plan
+
+
+def compile_for_h100(kernel, args: tuple, kwargs: dict):
+    """``kernel`` (a ``triton.jit`` function) compiled for sm_90 as a launch with ``args`` / ``kwargs``
+    would compile it on an H100: Triton's own binder decides the runtime arguments' specialization."""
     backend = make_backend(H100)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=H100, options=options.__dict__)
-    return compiled, plan
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=H100, options=options.__dict__)
+
+
+def compile_combine_kernels(head_dim: int = D):
+    """``{tag: compiled}``: the kernels that merge the splits (``decode_combine``: plain and with the
+    window folded in; values in the plain or a rotated domain, ``ROTATED``; 8 and 256 splits' worth
+    of partials, ``BLOCK_S``) compiled for sm_90 with float16 outputs, as ``fused_decode_attention``
+    launches them."""
+    from kvpolar.kernels import decode_combine
+
+    parts = torch.empty(64, dtype=torch.float32)
+    out = torch.empty(64, dtype=torch.float16)
+    rot = torch.empty(head_dim * head_dim, dtype=torch.float32)
+    window = (out, 4 * head_dim, head_dim, head_dim)  # query / window keys / window values: pointer, 3 strides
+    compiled = {}
+    for rotated in (False, True):
+        for block_s in (8, 256):
+            head = (parts, parts, parts, out, block_s - 1, rot, block_s // 2)
+            compiled[f"combine-rotated{int(rotated)}-s{block_s}"] = compile_for_h100(
+                decode_combine._combine_kernel, head, dict(D=head_dim, BLOCK_S=block_s, ROTATED=rotated, num_warps=4))
+            args = (*head, *window, *window, *window, out, 0, 0, 0, 0, 70, 3, 0, HQ, 4, 1, 0.1)
+            compiled[f"window-combine-rotated{int(rotated)}-s{block_s}"] = compile_for_h100(
+                decode_combine._window_combine_kernel, args,
+                dict(D=head_dim, BLOCK_S=block_s, BLOCK_N=mod.WINDOW_BLOCK_N, BLOCKS_CONST=0, HAS_MASK=False,
+                     ROTATED=rotated, num_warps=4))
+    return compiled
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("presets", nargs="+")
+    ap.add_argument("presets", nargs="*")
+    ap.add_argument("--combine", action="store_true",
+                    help="also the kernels that merge the splits (plain, window folded; rotated values or not)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--max-registers", type=int, default=None, help="LaunchConfig.max_registers (default: the policy)")
@@ -159,6 +191,9 @@ def main() -> None:
             print(loop_lines(os.path.join(out, f"{name}.cubin")))
         print(f"  {'transposed' if plan.transposed else 'classic'} kernel, block_n {plan.block_n}, register cap {cap}, loop loads: {copies} asynchronous copies, "
               f"{ahead} read one block ahead, {plain} waited for in their block")
+    if args.combine:
+        for tag, compiled in compile_combine_kernels().items():
+            print(report(compiled, tag, out).splitlines()[0])
     print(f"(cubin, SASS and TTGIR in {out})")
 
 

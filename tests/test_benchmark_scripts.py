@@ -91,16 +91,17 @@ def test_sdpa_priority_steps_times_both_settings():
     assert all(float(ms) > 0 for pair in rows.values() for ms in pair)
 
 
-@pytest.mark.parametrize("switch, labels", [("bound", "dispatcher | bound launches"),
-                                            ("fold", "window launched | window folded")])
-def test_bound_launch_steps_times_both_settings(tmp_path, switch, labels):
+@pytest.mark.parametrize("switch, labels, preset", [("bound", "dispatcher | bound launches", "kivi-2"),
+                                                    ("fold", "window launched | window folded", "kivi-2"),
+                                                    ("rotate", "host products | in the combine kernel", "turbo-4")])
+def test_bound_launch_steps_times_both_settings(tmp_path, switch, labels, preset):
     """Each quantized preset with the switch on and off, the 16-bit baseline once, as a table and JSON."""
     out = tmp_path / "steps.json"
-    stdout = run_script("bound_launch_steps.py", "--smoke", "--switch", switch, "--presets", "fp16-flash,kivi-2",
+    stdout = run_script("bound_launch_steps.py", "--smoke", "--switch", switch, "--presets", f"fp16-flash,{preset}",
                         "--batches", "1", "--out", str(out))
     assert f"| preset | batch | {labels} |" in stdout
     rows = [line.split("|")[1:5] for line in stdout.splitlines() if line.startswith("| ") and "preset" not in line]
-    assert [row[0].strip() for row in rows] == ["fp16-flash", "kivi-2"]
+    assert [row[0].strip() for row in rows] == ["fp16-flash", preset]
     assert rows[0][2].strip() == "" and float(rows[0][3]) > 0
     assert float(rows[1][2]) > 0 and float(rows[1][3]) > 0
     saved = json.loads(out.read_text())["rows"]

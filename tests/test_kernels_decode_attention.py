@@ -387,10 +387,9 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, fold, case)
         assert torch.equal(out[2], torch.zeros_like(out[2]))
 
 
-def test_window_folds_up_to_the_limits_and_not_for_rotated_values(monkeypatch):
+def test_window_folds_up_to_the_limits(monkeypatch):
     """Windows of at most ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query
-    rows over values in the plain domain go to the combine kernel; a longer window, more query rows,
-    or values stored rotated (turbo), get the window's split launch."""
+    rows go to the combine kernel; a longer window or more query rows get the window's split launch."""
     launched = window_launches(monkeypatch)
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 8)
     monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 8)
@@ -400,16 +399,48 @@ def test_window_folds_up_to_the_limits_and_not_for_rotated_values(monkeypatch):
     assert launched == [16]
     check("kivi-2-32", "kivi-2-32", batch=3, gqa=4, tk=17, r=8)  # 12 rows
     assert launched == [16, 17]
-    launched.clear()
-    k, v, q = random_inputs(("rotated",), batch=1, hkv=1, gqa=4, tq=1, n=40, d=D, dtype=torch.float16)
-    kq = kvpolar.quantizer("kivi", bits=2, group_size=32, axis="channel")
-    vq = kvpolar.quantizer("turbo", bits=4)
-    pk, pv = kq.quantize(k[..., :32, :]), vq.quantize(v[..., :32, :])
-    rk, rv = k[..., 32:, :], v[..., 32:, :]
-    out = fused_decode_attention(*(x.to(DEVICE) for x in (q, pk, pv)), kq, vq, rk.to(DEVICE), rv.to(DEVICE), D**-0.5)
-    want = reference_decode_attention(q.float(), pk, pv, kq, vq, rk.float(), rv.float(), D**-0.5)
-    torch.testing.assert_close(out.cpu().float(), want, atol=3e-3, rtol=3e-3)
-    assert launched == [32]
+
+
+@pytest.mark.parametrize("value_kind", ["turbo-4", "polar-recursive"])
+@pytest.mark.parametrize("limits", ["folded", "window-launched", "many-rows", "switched-off", "as-shipped"])
+def test_rotated_values_unrotated_in_the_combine_kernel(monkeypatch, value_kind, limits):
+    """Values stored in a rotated domain (turbo, polar-recursive): in calls of at most
+    ``MAX_FOLDED_ROWS`` rows the combine kernel un-rotates the packed splits' merged sum itself
+    (``ROTATED``), with the window folded into it or launched on its own (its splits then merged as
+    stored); beyond the row limit, or for value formats not in ``ROTATE_IN_COMBINE``, the host rotates
+    the window's partials into the values' domain and un-rotates the output (and the window gets its
+    own launch); as shipped, polar-recursive values take the first way and turbo values the second.
+    The oracle's attention in every case, over a ragged batch with several packed splits."""
+    launched = window_launches(monkeypatch)
+    monkeypatch.setattr(da, "BOUND_LAUNCHES", False)  # (every window launch through ``_launch_split``, also on a GPU)
+    monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 0 if limits == "window-launched" else 512)
+    monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 4 if limits == "many-rows" else 1024)
+    if limits != "as-shipped":
+        monkeypatch.setattr(da, "ROTATE_IN_COMBINE", frozenset() if limits == "switched-off"
+                            else frozenset({"PolarRecursiveTensor", "TurboTensor"}))
+    batch, hkv, gqa, tk, r = 2, 1, 4, 48, 21
+    k, v, q = (x.to(DEVICE) for x in random_inputs(("rotated", value_kind, limits), batch=batch, hkv=hkv, gqa=gqa,
+                                                   tq=1, n=tk + r, d=D, dtype=torch.float16))
+    kq = kvpolar.quantizer("kivi", bits=2, group_size=16, axis="channel")
+    vq = kvpolar.quantizer("turbo", bits=4) if value_kind == "turbo-4" else kvpolar.quantizer("polar-recursive")
+    pk, pv = kq.quantize(k[..., :tk, :]), vq.quantize(v[..., :tk, :])  # (on the device: the layer's shared rotation)
+    rk, rv = k[..., tk:, :], v[..., tk:, :]
+    mask = torch.ones(batch, 1, 1, tk + r, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., 30:tk] = False  # a ragged packed part
+    da.formats.rotation_matrix(pv)  # (its dense matrix computed once per layer, as a cache's first call would)
+    products = []
+    original_matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: products.append(1) or original_matmul(a, b))
+    out = fused_decode_attention(q, pk, pv, kq, vq, rk, rv, D**-0.5, mask, config=LaunchConfig(block_n=16, num_splits=3))
+    host_products = len(products)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", original_matmul)
+    want = reference_decode_attention(q.float(), pk, pv, kq, vq, rk.float(), rv.float(), D**-0.5, mask)
+    torch.testing.assert_close(out.float().cpu(), want.cpu(), atol=3e-3, rtol=3e-3)
+    assert out.dtype == q.dtype
+    in_kernel = limits in ("folded", "window-launched") or (limits == "as-shipped" and value_kind == "polar-recursive")
+    folded = limits == "folded" or (limits == "as-shipped" and in_kernel)
+    assert launched == ([] if folded else [tk])
+    assert host_products == (0 if in_kernel else 2)  # (the window's partials into the domain, the output out)
 
 
 @pytest.mark.parametrize("key_group, config, kernel", [(16, None, "classic"), (64, None, "transposed"),

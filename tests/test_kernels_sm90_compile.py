@@ -22,18 +22,24 @@ from inspect_attention_sass import loop_opcodes  # noqa: E402
 PRESETS = ("turbo-3", "turbo-k3v4", "turbo-4")
 
 
+def inspect(*args: str) -> subprocess.CompletedProcess:
+    """``benchmarks/inspect_preset_kernel.py`` with ``args`` in a process of its own, outside the
+    interpreter (asserts exit status 0)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = os.path.join(os.path.dirname(__file__), os.pardir, "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, BENCHMARKS, env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "inspect_preset_kernel.py"), *args],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
 @pytest.fixture(scope="module")
 def compiled_loops(tmp_path_factory) -> dict:
     """Main-loop opcode counts of each preset's transposed kernel, compiled for sm_90 at batch 2,
     2048 tokens (the launch policy as on an H100)."""
     out = tmp_path_factory.mktemp("sass")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = os.path.join(os.path.dirname(__file__), os.pardir, "src")
-    env["PYTHONPATH"] = os.pathsep.join([src, BENCHMARKS, env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "inspect_preset_kernel.py"), *PRESETS,
-                          "--batch", "2", "--tokens", "2048", "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = inspect(*PRESETS, "--batch", "2", "--tokens", "2048", "--out", str(out))
     assert run.stdout.count("transposed kernel") == len(PRESETS), run.stdout
     return {name: loop_opcodes((out / f"{name}.sass").read_text()) for name in PRESETS}
 
@@ -46,3 +52,17 @@ def test_turbo_lookups_reach_the_tensor_cores_without_shared_memory_stores(prese
     ops = compiled_loops[preset]
     assert sum(ops.values()) > 500, ops  # the loop was found
     assert ops["STS"] <= 32, ops
+
+
+def test_combine_kernels_compile_for_the_h100(tmp_path):
+    """The kernels that merge the splits, plain and with the window folded in, for values in the plain
+    domain and in a rotated one (``ROTATED``: the merged packed partials times ``R`` in the kernel),
+    compile for sm_90: Triton's interpreter, which runs every other test, accepts code a compile
+    rejects (a global that is not ``tl.constexpr``, for one). The few-splits forms keep every value
+    in registers."""
+    run = inspect("--combine", "--out", str(tmp_path))
+    reports = dict(line.split(": ", 1) for line in run.stdout.splitlines() if "combine-rotated" in line)
+    assert len(reports) == 8, run.stdout
+    for tag, usage in reports.items():
+        if tag.endswith("-s8"):
+            assert "STACK:0 " in usage, (tag, usage)

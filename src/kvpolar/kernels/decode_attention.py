@@ -28,19 +28,20 @@ How it runs (Triton kernels in :mod:`kvpolar.kernels.decode_classic` and
    It writes a partial ``(max, sum, unnormalised output)`` per split.
 2. ``_window_combine_kernel`` (:mod:`kvpolar.kernels.decode_combine`), one program per ``(batch,
    query head, query token)``: attends the row over the full-precision residual window, then merges
-   that with the splits into the output. Windows longer than ``MAX_FOLDED_WINDOW`` tokens, calls of
-   more than ``MAX_FOLDED_ROWS`` query rows and windows over values stored in a rotated domain get
-   one more launch of the split kernel (``none`` format) writing the last split(s), and
-   ``_combine_kernel`` merges.
+   that with the splits into the output. Windows longer than ``MAX_FOLDED_WINDOW`` tokens and calls
+   of more than ``MAX_FOLDED_ROWS`` query rows get one more launch of the split kernel (``none``
+   format) writing the last split(s), and ``_combine_kernel`` merges.
 
 The number of splits grows until ``batch * kv_heads * splits`` fills one wave of the programs an SM
 holds at once (``choose_splits``; for the transposed kernel, counted from its compiled registers and
 shared memory, ``programs_per_sm_of``), so batch 1 at 128k tokens fills every SM and no launch ends
 in a partly filled second wave. ``describe_launch`` reports the launch a cache gets. Formats that live in a rotated domain (turbo,
 polar-recursive; ``decode_formats.rotation_matrix``) never un-rotate a token: rotated keys get the
-query rotated once (the residual window's launch keeps the plain query); rotated values accumulate
-in the rotated domain, the residual window's partial outputs are rotated into it (one row per
-query, not per token), and the combined output is un-rotated once.
+query rotated once (the residual window keeps the plain query); rotated values accumulate in the
+rotated domain. For polar-recursive values in calls of at most ``MAX_FOLDED_ROWS`` rows the combine
+kernel un-rotates the packed splits' merged sum once per row before adding the window's
+(``ROTATE_IN_COMBINE``); otherwise the window's partial outputs are rotated into that domain (one row
+per query, not per token) and the combined output is un-rotated once.
 
 Launches: a decode step of an eager ``transformers`` model is bound by host time at small batches,
 and Triton's dispatcher binds, specializes and hashes each split kernel's ~90 arguments at every
@@ -244,8 +245,11 @@ def fused_decode_attention(
         plan = _remembered_plan(q_packed, keys, values, mask, scale, cfg)
         parts.append((plan.k_op, plan.v_op, 0, plan.splits, plan.per_split, plan.block_n, q_packed, plan.config,
                       plan.transposed, plan.launch))
-    # the window in the combine kernel (``MAX_FOLDED_WINDOW``, ``MAX_FOLDED_ROWS``)
-    fold_window = 0 < r <= MAX_FOLDED_WINDOW and bsz * hq * tq <= MAX_FOLDED_ROWS and v_rot is None
+    # the window in the combine kernel, and rotated values' partials un-rotated there (``MAX_FOLDED_WINDOW``,
+    # ``MAX_FOLDED_ROWS``)
+    few_rows = bsz * hq * tq <= MAX_FOLDED_ROWS
+    rotate_in_combine = v_rot is not None and few_rows and type(values).__name__ in ROTATE_IN_COMBINE
+    fold_window = 0 < r <= MAX_FOLDED_WINDOW and few_rows and (v_rot is None or rotate_in_combine)
     if r and not fold_window:
         block_n = min(cfg.block_n, max(16, _next_pow2(r)))
         splits, per_split = choose_splits(r, bsz * hkv, sms, block_n, _residual_config(cfg))
@@ -276,30 +280,34 @@ def fused_decode_attention(
             _launch_split(q_part, k_op, v_op, mask, offset, splits, per_split, base, total_splits,
                           part_max, part_sum, part_acc, scale, gqa, block_m, block_n, part_cfg, bound)
         base += splits
-    if v_rot is not None and r:  # the residual window's partial outputs into the values' rotated domain
-        n_packed = parts[0][3] if tk else 0
+    n_packed = parts[0][3] if tk else 0  # splits of the packed tokens (the first ones)
+    if v_rot is not None and r and not rotate_in_combine:  # the window's partials into the values' domain
         acc = part_acc[: rows * d].view(bsz, hq, tq, total_splits, d)
         acc[..., n_packed:, :] = acc[..., n_packed:, :] @ v_rot.T
-    out = torch.empty(bsz, hq, tq, d, device=dev, dtype=query.dtype if v_rot is None else torch.float32)
+    out_dtype = torch.float32 if v_rot is not None and not rotate_in_combine else query.dtype
+    out = torch.empty(bsz, hq, tq, d, device=dev, dtype=out_dtype)
     block_s = _next_pow2(total_splits)
+    # (R and the rotated splits' count; the kernel reads neither unless ROTATED)
+    rot_args = (v_rot, n_packed) if rotate_in_combine else (part_max, 0)
     if fold_window:
         kernel, names = _window_combine_kernel, _WINDOW_COMBINE_ARGUMENTS
         window_blocks = -(-r // WINDOW_BLOCK_N)
         combine_args = _window_combine_arguments(query, residual_keys, residual_values, mask, tk, gqa, scale,
-                                                 part_max, part_sum, part_acc, out, total_splits, window_blocks)
+                                                 part_max, part_sum, part_acc, out, total_splits, rot_args,
+                                                 window_blocks)
         kwargs = dict(D=d, BLOCK_S=block_s, BLOCK_N=WINDOW_BLOCK_N, HAS_MASK=mask is not None,
-                      BLOCKS_CONST=window_blocks if _interpreting() else 0, num_warps=4)
+                      BLOCKS_CONST=window_blocks if _interpreting() else 0, ROTATED=rotate_in_combine, num_warps=4)
     else:
         kernel, names = _combine_kernel, _COMBINE_ARGUMENTS
-        combine_args = (part_max, part_sum, part_acc, out, total_splits)
-        kwargs = dict(D=d, BLOCK_S=block_s, num_warps=4)
+        combine_args = (part_max, part_sum, part_acc, out, total_splits, *rot_args)
+        kwargs = dict(D=d, BLOCK_S=block_s, ROTATED=rotate_in_combine, num_warps=4)
     combine = _shared_launch(_COMBINE_LAUNCHES, (dev, *kwargs.values()), kernel, names) if BOUND_LAUNCHES else None
     if combine is None or not combine.relaunch((bsz * hq * tq,), combine_args):
         if combine is None:
             kernel[(bsz * hq * tq,)](*combine_args, **kwargs)
         else:
             combine.launch((bsz * hq * tq,), combine_args, kwargs)
-    if v_rot is not None:
+    if v_rot is not None and not rotate_in_combine:
         out = (out @ v_rot).to(query.dtype)  # R^T o, once
     return out
 
@@ -805,15 +813,19 @@ def _window_launch(query, residual_keys, mask, gqa, block_n, cfg) -> "BoundLaunc
 #: Bound launches of the combine kernels (``_combine_kernel``, ``_window_combine_kernel``), by device
 #: and compile-time arguments (every runtime argument varies).
 _COMBINE_LAUNCHES: dict[tuple, BoundLaunch] = {}
-_COMBINE_ARGUMENTS = ("part_max", "part_sum", "part_acc", "out_ptr", "n_splits")
+_COMBINE_ARGUMENTS = ("part_max", "part_sum", "part_acc", "out_ptr", "n_splits", "rot_ptr", "n_rotated")
 _WINDOW_COMBINE_ARGUMENTS = _COMBINE_ARGUMENTS + (
     "q_ptr", "sq_b", "sq_h", "sq_t", "k_ptr", "sk_b", "sk_h", "sk_t", "v_ptr", "sv_b", "sv_h", "sv_t",
     "mask_ptr", "smk_b", "smk_h", "smk_t", "smk_n",
     "n_window", "window_blocks", "mask_offset", "n_heads", "gqa", "n_query", "qk_scale")
 #: Residual windows of at most ``MAX_FOLDED_WINDOW`` tokens, in calls of at most ``MAX_FOLDED_ROWS``
 #: query rows (batch x query heads x query tokens), are attended in the combine kernel's programs
-#: (``decode_combine._window_combine_kernel``: one launch fewer per call) where the values are not
-#: stored in a rotated domain. Other windows get their own split launch, which reads each KV head's
+#: (``decode_combine._window_combine_kernel``: one launch fewer per call). In those calls, polar-recursive
+#: values have their packed partials un-rotated by the combine kernel itself (``ROTATE_IN_COMBINE``,
+#: ``ROTATED``: two matrix products fewer on the host side); beyond ``MAX_FOLDED_ROWS`` rows, where the
+#: GPU's time counts, and for turbo values, two small matrix products do it (each row program would read
+#: all of ``R``) and the window gets its own launch.
+#: Other windows get their own split launch, which reads each KV head's
 #: window once rather than once per query head and splits long windows (>= 1024 tokens a split,
 #: ``_residual_config``). Measured (benchmarks/README.md, twenty-fourth session), 32k tokens, 70-token
 #: window: folding saved 27 us of host time per call (H100) and made 32-layer decode steps of the
@@ -822,6 +834,13 @@ _WINDOW_COMBINE_ARGUMENTS = _COMBINE_ARGUMENTS + (
 #: batch 32, which counts where the GPU's time does (larger batches).
 MAX_FOLDED_WINDOW = 512
 MAX_FOLDED_ROWS = 1024
+#: Stored value formats (class names) whose rotated-domain partials the combine kernel un-rotates in
+#: calls of at most ``MAX_FOLDED_ROWS`` rows, their window folded too; other rotated values (turbo) take
+#: two matrix products on the host side and the window's own launch. Measured end to end on the H100
+#: (twenty-sixth session, ``benchmarks/bound_launch_steps.py --switch rotate``, 32 layers, 32k tokens,
+#: alternated blocks): polar-recursive 1.13-1.15x tokens/s at batch 1 and 1.26x at 4; turbo-4 0.94-0.97x
+#: at batch 1, 1.00x at 4, so turbo is left out.
+ROTATE_IN_COMBINE: frozenset[str] = frozenset({"PolarRecursiveTensor"})
 #: Window tokens per step of ``_window_combine_kernel``'s loop.
 WINDOW_BLOCK_N = 32
 
@@ -833,12 +852,13 @@ def _mask_arguments(mask: torch.Tensor | None, stand_in: torch.Tensor) -> tuple:
 
 
 def _window_combine_arguments(query, residual_keys, residual_values, mask, mask_offset, gqa, scale, part_max,
-                              part_sum, part_acc, out, n_splits, window_blocks) -> tuple:
-    """The runtime arguments of ``_window_combine_kernel`` (``_WINDOW_COMBINE_ARGUMENTS``, in order)."""
+                              part_sum, part_acc, out, n_splits, rot_args, window_blocks) -> tuple:
+    """The runtime arguments of ``_window_combine_kernel`` (``_WINDOW_COMBINE_ARGUMENTS``, in order;
+    ``rot_args``: its ``rot_ptr`` and ``n_rotated``)."""
     _, hq, tq, _ = query.shape
     rk, rv = formats.last_contiguous(residual_keys), formats.last_contiguous(residual_values)
     sq, sk, sv = query.stride(), rk.stride(), rv.stride()
-    return (part_max, part_sum, part_acc, out, n_splits, query, sq[0], sq[1], sq[2], rk, sk[0], sk[1], sk[2],
+    return (part_max, part_sum, part_acc, out, n_splits, *rot_args, query, sq[0], sq[1], sq[2], rk, sk[0], sk[1], sk[2],
             rv, sv[0], sv[1], sv[2], *_mask_arguments(mask, query), rk.shape[2], window_blocks, mask_offset, hq,
             gqa, tq, scale * _LOG2E)
 

@@ -16,6 +16,13 @@ One program per ``(sequence, query head, query token)`` row, grid ``(batch * que
   ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query rows (where the step is
   bound by host time, not by the GPU's).
 
+Values stored in a rotated domain (turbo, polar-recursive: ``y = x @ R.T`` per vector, ``R`` orthogonal
+``[D, D]``) give packed partial outputs in that domain. With ``ROTATED`` the merge takes the first
+``n_rotated`` splits as rotated and un-rotates their weighted sum by ``R`` (float32, ``rot_ptr``, read
+in ``ROT_ROWS``-row slices from L2), the other splits and the folded window's partial as stored: the
+caller then issues no matrix products of its own around the kernels (two fewer host-side launches per
+call, and the window of such a cache can be folded too).
+
 Reference: :func:`kvpolar.decode_attention.reference_decode_attention`.
 """
 
@@ -25,12 +32,18 @@ import triton
 import triton.language as tl
 
 
+#: rows of the rotation matrix read per step of the rotated merge (``_merge_splits``)
+ROT_ROWS = tl.constexpr(32)
+
+
 @triton.jit
-def _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, m_w, l_w, acc_w,
-                  D: tl.constexpr, BLOCK_S: tl.constexpr, WINDOW: tl.constexpr):
+def _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, m_w, l_w, acc_w, rot_ptr, n_rotated,
+                  D: tl.constexpr, BLOCK_S: tl.constexpr, WINDOW: tl.constexpr, ROTATED: tl.constexpr):
     """Store the normalised output of ``row``: its ``n_splits`` partials (``part_*`` float32
     ``[rows, n_splits]`` and ``[rows, n_splits, D]``) merged, with WINDOW one more partial
-    ``(m_w, l_w, acc_w [D])``; a row with nothing to attend gives zeros."""
+    ``(m_w, l_w, acc_w [D])``; a row with nothing to attend gives zeros. With ROTATED, splits
+    ``0 .. n_rotated - 1`` are in the values' rotated domain: their weighted sum is multiplied by
+    ``R`` (``rot_ptr``, float32 ``[D, D]`` row-major) before the others are added."""
     sp = tl.arange(0, BLOCK_S)
     ok = sp < n_splits
     m = tl.load(part_max + row * n_splits + sp, mask=ok, other=float("-inf"))
@@ -42,8 +55,20 @@ def _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, m_w, l_w
     w = tl.exp2(m - m_safe)
     total = tl.sum(w * l, axis=0)
     dcol = tl.arange(0, D)
-    acc = tl.load(part_acc + (row * n_splits + sp)[:, None] * D + dcol[None, :], mask=ok[:, None], other=0.0)
+    plain = ok
+    if ROTATED:
+        plain = ok & (sp >= n_rotated)
+    acc = tl.load(part_acc + (row * n_splits + sp)[:, None] * D + dcol[None, :], mask=plain[:, None], other=0.0)
     o = tl.sum(acc * w[:, None], axis=0)
+    if ROTATED:  # sum_s w_s acc_s over the rotated splits, times R, a slice of R's rows at a time
+        RC: tl.constexpr = ROT_ROWS if D > ROT_ROWS else D
+        rotated = ok & (sp < n_rotated)
+        for c in tl.static_range(D // RC):
+            rr = c * RC + tl.arange(0, RC)
+            a = tl.load(part_acc + (row * n_splits + sp)[:, None] * D + rr[None, :], mask=rotated[:, None], other=0.0)
+            a_w = tl.sum(a * w[:, None], axis=0)  # [RC]
+            r_rows = tl.load(rot_ptr + rr[:, None] * D + dcol[None, :])  # [RC, D]
+            o += tl.sum(a_w[:, None] * r_rows, axis=0)
     if WINDOW:
         w_w = tl.exp2(m_w - m_safe)
         total += w_w * l_w
@@ -53,28 +78,30 @@ def _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, m_w, l_w
 
 
 @triton.jit
-def _combine_kernel(part_max, part_sum, part_acc, out_ptr, n_splits,
-                    D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge the splits of one (sequence, query head, query token) row; empty rows give 0."""
+def _combine_kernel(part_max, part_sum, part_acc, out_ptr, n_splits, rot_ptr, n_rotated,
+                    D: tl.constexpr, BLOCK_S: tl.constexpr, ROTATED: tl.constexpr):
+    """Merge the splits of one (sequence, query head, query token) row; empty rows give 0. ROTATED:
+    the first ``n_rotated`` splits are in the rotated domain of ``rot_ptr`` (``_merge_splits``)."""
     row = tl.program_id(0).to(tl.int64)
-    _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, 0.0, 0.0, 0.0, D, BLOCK_S, False)
+    _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, 0.0, 0.0, 0.0, rot_ptr, n_rotated, D,
+                  BLOCK_S, False, ROTATED)
 
 
 #: integers that change from one decode step to the next (the window's length, the packed part's, the
 #: mask's row length): one compiled kernel for all their values rather than Triton's three classes
 #: (== 1, a multiple of 16, other), each a compile in the middle of a generation
-_STEP_INTEGERS = ["n_splits", "n_window", "window_blocks", "mask_offset", "smk_b", "smk_h", "smk_t"]
+_STEP_INTEGERS = ["n_splits", "n_rotated", "n_window", "window_blocks", "mask_offset", "smk_b", "smk_h", "smk_t"]
 
 
 @triton.jit(do_not_specialize=_STEP_INTEGERS)
 def _window_combine_kernel(
-    part_max, part_sum, part_acc, out_ptr, n_splits,
+    part_max, part_sum, part_acc, out_ptr, n_splits, rot_ptr, n_rotated,
     q_ptr, sq_b, sq_h, sq_t,
     k_ptr, sk_b, sk_h, sk_t, v_ptr, sv_b, sv_h, sv_t,
     mask_ptr, smk_b, smk_h, smk_t, smk_n,
     n_window, window_blocks, mask_offset, n_heads, gqa, n_query, qk_scale,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_CONST: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, ROTATED: tl.constexpr,
 ):
     """Attend one row over the residual window, then merge with the packed splits (module docstring).
 
@@ -83,7 +110,8 @@ def _window_combine_kernel(
     ``query head // gqa``; ``mask_ptr``: uint8 ``[B, Hq, Tq, packed + window]`` (strides ``smk_*``;
     with HAS_MASK), the window's tokens at columns ``mask_offset + j``; ``window_blocks``: ``ceil(n_window
     / BLOCK_N)`` (the interpreter takes it as the constant BLOCKS_CONST); ``qk_scale``: softmax scale
-    times log2(e); ``part_*`` / ``n_splits``: the packed splits (0: none)."""
+    times log2(e); ``part_*`` / ``n_splits``: the packed splits (0: none); ROTATED: the first
+    ``n_rotated`` of them in the values' rotated domain of ``rot_ptr`` (``_merge_splits``)."""
     row = tl.program_id(0).to(tl.int64)
     tok = row % n_query
     head = (row // n_query) % n_heads
@@ -115,4 +143,5 @@ def _window_combine_kernel(
         l_w = l_w * alpha + tl.sum(p, axis=0)
         acc_w = acc_w * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m_w = m_new
-    _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, m_w, l_w, acc_w, D, BLOCK_S, True)
+    _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, m_w, l_w, acc_w, rot_ptr, n_rotated, D,
+                  BLOCK_S, True, ROTATED)
