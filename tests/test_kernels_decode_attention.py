@@ -409,8 +409,8 @@ def test_rotated_values_unrotated_in_the_combine_kernel(monkeypatch, value_kind,
     (``ROTATED``), with the window folded into it or launched on its own (its splits then merged as
     stored); beyond the row limit, or for value formats not in ``ROTATE_IN_COMBINE``, the host rotates
     the window's partials into the values' domain and un-rotates the output (and the window gets its
-    own launch); as shipped, polar-recursive values take the first way and turbo values the second.
-    The oracle's attention in every case, over a ragged batch with several packed splits."""
+    own launch); as shipped, both formats take the first way. The oracle's attention in every case,
+    over a ragged batch with several packed splits."""
     launched = window_launches(monkeypatch)
     monkeypatch.setattr(da, "BOUND_LAUNCHES", False)  # (every window launch through ``_launch_split``, also on a GPU)
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 0 if limits == "window-launched" else 512)
@@ -437,8 +437,8 @@ def test_rotated_values_unrotated_in_the_combine_kernel(monkeypatch, value_kind,
     want = reference_decode_attention(q.float(), pk, pv, kq, vq, rk.float(), rv.float(), D**-0.5, mask)
     torch.testing.assert_close(out.float().cpu(), want.cpu(), atol=3e-3, rtol=3e-3)
     assert out.dtype == q.dtype
-    in_kernel = limits in ("folded", "window-launched") or (limits == "as-shipped" and value_kind == "polar-recursive")
-    folded = limits == "folded" or (limits == "as-shipped" and in_kernel)
+    in_kernel = limits in ("folded", "window-launched", "as-shipped")
+    folded = limits in ("folded", "as-shipped")
     assert launched == ([] if folded else [tk])
     assert host_products == (0 if in_kernel else 2)  # (the window's partials into the domain, the output out)
 

@@ -38,10 +38,10 @@ shared memory, ``programs_per_sm_of``), so batch 1 at 128k tokens fills every SM
 in a partly filled second wave. ``describe_launch`` reports the launch a cache gets. Formats that live in a rotated domain (turbo,
 polar-recursive; ``decode_formats.rotation_matrix``) never un-rotate a token: rotated keys get the
 query rotated once (the residual window keeps the plain query); rotated values accumulate in the
-rotated domain. For polar-recursive values in calls of at most ``MAX_FOLDED_ROWS`` rows the combine
-kernel un-rotates the packed splits' merged sum once per row before adding the window's
-(``ROTATE_IN_COMBINE``); otherwise the window's partial outputs are rotated into that domain (one row
-per query, not per token) and the combined output is un-rotated once.
+rotated domain. In calls of at most ``MAX_FOLDED_ROWS`` rows the combine kernel un-rotates the packed
+splits' merged sum once per row before adding the window's (``ROTATE_IN_COMBINE``); in larger calls the
+window's partial outputs are rotated into that domain (one row per query, not per token) and the
+combined output is un-rotated once.
 
 Launches: a decode step of an eager ``transformers`` model is bound by host time at small batches,
 and Triton's dispatcher binds, specializes and hashes each split kernel's ~90 arguments at every
@@ -820,11 +820,11 @@ _WINDOW_COMBINE_ARGUMENTS = _COMBINE_ARGUMENTS + (
     "n_window", "window_blocks", "mask_offset", "n_heads", "gqa", "n_query", "qk_scale")
 #: Residual windows of at most ``MAX_FOLDED_WINDOW`` tokens, in calls of at most ``MAX_FOLDED_ROWS``
 #: query rows (batch x query heads x query tokens), are attended in the combine kernel's programs
-#: (``decode_combine._window_combine_kernel``: one launch fewer per call). In those calls, polar-recursive
-#: values have their packed partials un-rotated by the combine kernel itself (``ROTATE_IN_COMBINE``,
-#: ``ROTATED``: two matrix products fewer on the host side); beyond ``MAX_FOLDED_ROWS`` rows, where the
-#: GPU's time counts, and for turbo values, two small matrix products do it (each row program would read
-#: all of ``R``) and the window gets its own launch.
+#: (``decode_combine._window_combine_kernel``: one launch fewer per call). In those calls, values stored
+#: in a rotated domain (polar-recursive, turbo) have their packed partials un-rotated by the combine
+#: kernel itself (``ROTATE_IN_COMBINE``, ``ROTATED``: two matrix products fewer on the host side); beyond
+#: ``MAX_FOLDED_ROWS`` rows, where the GPU's time counts, two small matrix products do it (each row
+#: program would read all of ``R``) and the window gets its own launch.
 #: Other windows get their own split launch, which reads each KV head's
 #: window once rather than once per query head and splits long windows (>= 1024 tokens a split,
 #: ``_residual_config``). Measured (benchmarks/README.md, twenty-fourth session), 32k tokens, 70-token
@@ -835,12 +835,14 @@ _WINDOW_COMBINE_ARGUMENTS = _COMBINE_ARGUMENTS + (
 MAX_FOLDED_WINDOW = 512
 MAX_FOLDED_ROWS = 1024
 #: Stored value formats (class names) whose rotated-domain partials the combine kernel un-rotates in
-#: calls of at most ``MAX_FOLDED_ROWS`` rows, their window folded too; other rotated values (turbo) take
-#: two matrix products on the host side and the window's own launch. Measured end to end on the H100
-#: (twenty-sixth session, ``benchmarks/bound_launch_steps.py --switch rotate``, 32 layers, 32k tokens,
-#: alternated blocks): polar-recursive 1.13-1.15x tokens/s at batch 1 and 1.26x at 4; turbo-4 0.94-0.97x
-#: at batch 1, 1.00x at 4, so turbo is left out.
-ROTATE_IN_COMBINE: frozenset[str] = frozenset({"PolarRecursiveTensor"})
+#: calls of at most ``MAX_FOLDED_ROWS`` rows, their window folded too; values of a format not named here
+#: take two matrix products on the host side and the window's own launch (an empty set: as before the
+#: twenty-sixth session, for A/B runs). Measured end to end on the H100 (twenty-sixth session,
+#: ``benchmarks/bound_launch_steps.py --switch rotate``, 32 layers, 32k tokens, alternated blocks):
+#: polar-recursive 1.13-1.15x tokens/s at batch 1 and 1.26x at 4. Turbo values take the same path (the
+#: turbo presets store KIVI values, so their rows of that run, 0.94-1.00x, timed one path twice: the
+#: run's noise).
+ROTATE_IN_COMBINE: frozenset[str] = frozenset({"PolarRecursiveTensor", "TurboTensor"})
 #: Window tokens per step of ``_window_combine_kernel``'s loop.
 WINDOW_BLOCK_N = 32
 
