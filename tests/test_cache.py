@@ -378,28 +378,37 @@ def test_decode_size_sdpa_over_cached_tokens_prefers_flash_to_cudnn_on_cuda(monk
         assert torch._C._get_sdp_priority_order() == before
 
 
-def test_formats_the_kernel_does_not_read_use_the_reference(monkeypatch):
-    """A stored format the fused kernel does not cover (here polar-recursive keys with quantized
-    radii: the kernel's own ``supports`` says no) decodes with the reference, warned once."""
+@pytest.mark.parametrize("case", ["key format", "pair"])
+def test_formats_the_kernel_does_not_read_use_the_reference(monkeypatch, case):
+    """A stored format the fused kernel does not cover (polar-recursive keys with quantized radii; KIVI
+    keys in 48-token groups with polar-recursive values, which fill no 32-token block: the kernel's
+    own ``supports`` says no) decodes with the reference, warned once, naming the setting."""
     import types
 
     from kvpolar.cache import attention
-    from kvpolar.kernels.decode_attention import supports
+    from kvpolar.kernels.decode_attention import supports, unsupported_reason
 
     calls = []
     fake = types.SimpleNamespace(
         supports=supports,
+        unsupported_reason=unsupported_reason,
         fused_decode_attention=lambda *a: calls.append("fused"),
     )
     monkeypatch.setattr(attention, "fused_kernel", lambda query: fake)
     monkeypatch.setattr(attention, "_FUSED", {})
-    kq = kvpolar.quantizer("polar-recursive", levels=4, bits=(4, 2, 2, 2), radius_bits=6)
-    vq = kvpolar.quantizer("kivi", axis="token")
-    k, v = torch.randn(1, 2, 32, 64), torch.randn(1, 2, 32, 64)
+    if case == "key format":
+        kq = kvpolar.quantizer("polar-recursive", levels=4, bits=(4, 2, 2, 2), radius_bits=6)
+        vq = kvpolar.quantizer("kivi", axis="token")
+        said = "does not read keys stored as PolarRecursiveTensor .*radius_bits=6"
+    else:
+        kq = kvpolar.quantizer("kivi", bits=2, group_size=48, axis="channel")
+        vq = kvpolar.quantizer("polar-recursive")
+        said = "with values stored as PolarRecursiveTensor .*KIVI keys of group_size=48"
+    k, v = torch.randn(1, 2, 96, 64), torch.randn(1, 2, 96, 64)
     q = torch.randn(1, 4, 1, 64)
     args = (kq.quantize(k), vq.quantize(v), kq, vq, None, None, 0.125, None)
     assert not supports(args[0], args[1])
-    with pytest.warns(RuntimeWarning, match="does not read keys stored as PolarRecursiveTensor"):
+    with pytest.warns(RuntimeWarning, match=said):
         out = attention._decode(q, *args)
     assert calls == []
     assert torch.allclose(out, reference_decode_attention(q, *args))

@@ -181,9 +181,11 @@ def _decode(query: torch.Tensor, *args: Any) -> torch.Tensor:
         pair = (type(keys).__name__, type(values).__name__)
         if pair not in _FUSED:
             _FUSED[pair] = True
+            why = getattr(kernel, "unsupported_reason", lambda k, v: None)(keys, values)
             warnings.warn(
                 f"kvpolar: the fused decode kernel does not read keys stored as {pair[0]} with values "
-                f"stored as {pair[1]}; this cache decodes with the PyTorch reference (correct, slower)",
+                f"stored as {pair[1]}{f' ({why})' if why else ''}; this cache decodes with the PyTorch "
+                "reference (correct, slower)",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -73,7 +73,7 @@ from kvpolar.kernels.bound_launch import BoundLaunch, specialization
 from kvpolar.kernels.decode_operands import (  # noqa: F401  (KEY_FORMATS .. supports: this module's API too)
     FMT_FULL, FMT_KIVI, FMT_POLAR, KEY_FORMATS, POLAR_PAIR_BITS, VALUE_FORMATS, Operand, byte_stride,
     column_stride, full_operand, key_operand, metadata_strides, packed_unit, refuse_unsupported, row_major,
-    supports, tokens_adjacent, value_operand,
+    supports, tokens_adjacent, unsupported_reason, value_operand,
 )
 from kvpolar.kernels.launch_config import LaunchConfig
 from kvpolar.quantized import QuantizedTensor

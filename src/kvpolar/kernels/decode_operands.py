@@ -111,11 +111,20 @@ def pair_reason(keys: QuantizedTensor | None, values: QuantizedTensor | None) ->
             f"tensors: {allowed}, which fill {block}-token blocks)")
 
 
-def refuse_unsupported(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> None:
-    """ValueError naming the stored format the kernel cannot read (``supports`` says it as a bool)."""
+def unsupported_reason(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> str | None:
+    """What about these keys and values the kernel cannot read (the keys', the values', the pair's
+    setting), or None when it reads them (``supports`` says it as a bool)."""
     for reason in (key_reason(keys), value_reason(values), pair_reason(keys, values)):
         if reason is not None:
-            raise ValueError(f"fused_decode_attention does not support {reason}; check supports() first")
+            return reason
+    return None
+
+
+def refuse_unsupported(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> None:
+    """ValueError naming the stored format the kernel cannot read (``supports`` says it as a bool)."""
+    reason = unsupported_reason(keys, values)
+    if reason is not None:
+        raise ValueError(f"fused_decode_attention does not support {reason}; check supports() first")
 
 
 #: packed keys -> (weak reference to their values, ``supports`` verdict): a decode step asks once per
