@@ -289,6 +289,6 @@ def test_polar_recursive_launch_settings_are_the_gpu_checked_ones():
     from kvpolar.kernels import decode_formats as fm
 
     pr, kivi = fm.FMT_POLAR_RECURSIVE, 1
-    assert fm.block_n_cap(pr, kivi) == fm.block_n_cap(kivi, pr) == 32
+    assert fm.fixed_block_n(pr, kivi) == fm.fixed_block_n(kivi, pr) == 32
     assert fm.launch_overrides(pr, pr) == {"num_warps": 8}
-    assert fm.launch_overrides(kivi, kivi) == {} and fm.block_n_cap(fm.FMT_TURBO, kivi) is None
+    assert fm.launch_overrides(kivi, kivi) == {} and fm.fixed_block_n(fm.FMT_TURBO, kivi) is None

@@ -346,14 +346,13 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
     transposed = _use_transposed(k_op, v_op, cfg, query_rows)
     block_n = cfg.block_n
     grouped = k_op.fmt in (FMT_POLAR, FMT_KIVI)
-    recursive = formats.FMT_POLAR_RECURSIVE in (k_op.fmt, v_op.fmt)
-    if recursive and grouped and k_op.group % formats.POLAR_RECURSIVE_BLOCK_N:
+    fixed = formats.fixed_block_n(k_op.fmt, v_op.fmt)  # (polar-recursive: 32 tokens, whatever was asked)
+    if fixed is not None and grouped and k_op.group % fixed:
         transposed = False  # (KIVI keys in 16-token groups: the transposed kernel's blocks hold one group)
     if grouped and (k_op.fmt == FMT_POLAR or block_n % k_op.group or transposed):
         block_n = math.gcd(block_n, k_op.group)  # blocks hold one or whole key groups
-    block_n = min(block_n, formats.block_n_cap(k_op.fmt, v_op.fmt) or block_n)
-    if recursive:  # exactly 32 tokens, also where a smaller block was asked for or the key groups gave one
-        block_n = formats.POLAR_RECURSIVE_BLOCK_N  # (pair_reason refuses key groups that cannot fill it)
+    if fixed is not None:  # (decode_operands.pair_reason refuses key groups that cannot fill it)
+        block_n = fixed
     if k_op.fmt == FMT_POLAR and transposed:
         block_n = min(block_n, _POLAR_T_BLOCK_N)
     if formats.FMT_TURBO in (k_op.fmt, v_op.fmt) and transposed:

@@ -75,8 +75,9 @@ POLAR_RECURSIVE_WARPS: int | None = 8
 POLAR_RECURSIVE_STAGES: int | None = None
 
 
-def block_n_cap(key_fmt: int, value_fmt: int) -> int | None:
-    """Largest ``block_n`` for this pair of format ids, or None (no limit from these formats)."""
+def fixed_block_n(key_fmt: int, value_fmt: int) -> int | None:
+    """The ``block_n`` this pair of format ids always takes (a polar-recursive tensor: exactly
+    ``POLAR_RECURSIVE_BLOCK_N``), or None (the launch config's, within the key groups)."""
     return POLAR_RECURSIVE_BLOCK_N if FMT_POLAR_RECURSIVE in (key_fmt, value_fmt) else None
 
 

@@ -138,8 +138,7 @@ def supports(keys: QuantizedTensor | None, values: QuantizedTensor | None) -> bo
     entry = None if keys is None or values is None else _VERDICTS.get(keys)
     if entry is not None and entry[0]() is values:
         return entry[1]
-    verdict = (triton_available() and key_reason(keys) is None and value_reason(values) is None
-               and pair_reason(keys, values) is None)
+    verdict = triton_available() and unsupported_reason(keys, values) is None
     if keys is not None and values is not None:
         _VERDICTS[keys] = (weakref.ref(values), verdict)
     return verdict
