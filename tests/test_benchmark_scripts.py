@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -80,6 +81,38 @@ def test_host_cost_times_each_preset():
     stdout = run_script("host_cost.py", "--presets", "kivi-2", "turbo-4", "--calls", "5", "--repeats", "1")
     timed = [line.split() for line in stdout.splitlines() if line.strip().endswith(" us")]
     assert [t[0] for t in timed] == ["kivi-2", "turbo-4"] and all(float(t[1]) > 0 for t in timed)
+
+
+def test_profile_decode_step_host_split_clocks_the_attention_and_restores_it(monkeypatch):
+    """``profile_decode_step.host_split`` (``--host-split``) on the CPU smoke model: kvpolar's attention
+    function, its cache update and the decoder layers are clocked once per layer per step, and every
+    wrapped function (a class method, the attention registry's entry) is the original again after."""
+    import transformers
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_end_to_end as e2e
+    import profile_decode_step as pds
+    from kvpolar.cache.layer import QuantizedLayer
+
+    model = e2e.build_model(2, "cpu")
+    cache = e2e.make_cache(model, "kivi-2")
+    e2e.fill_cache(model, cache, "kivi-2", 1, 96)
+    kw = e2e.cache_kwargs(model, cache)
+    ids, pos = torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), 96)
+    mapping = transformers.AttentionInterface._global_mapping
+    before = (dict(mapping), QuantizedLayer.update, type(model.model.layers[0]).forward)
+
+    def step():
+        nonlocal pos
+        with torch.no_grad():
+            model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
+        pos = pos + 1
+
+    report = pds.host_split(model, step, 3, "kivi-2 smoke")
+    rows = {line[2:36].strip(): line[36:].split() for line in report.splitlines()[2:]}
+    for label in ("decoder layer", "attention function 'kvpolar'", "kvpolar cache update"):
+        assert float(rows[label][0]) > 0 and float(rows[label][2]) == 2.0, (label, report)  # 2 layers a step
+    assert (dict(mapping), QuantizedLayer.update, type(model.model.layers[0]).forward) == before
 
 
 def test_sdpa_priority_steps_times_both_settings():
