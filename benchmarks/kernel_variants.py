@@ -51,7 +51,8 @@ def variants(preset: str, steps: int) -> dict:
     model = transformers.LlamaForCausalLM(cfg).eval()
     cache = kvpolar.enable(model, preset)
     seen: list = []
-    kernels = ("_split_kernel", "_split_kernel_t", "_combine_kernel", "_window_combine_kernel")
+    kernels = ("_split_kernel", "_split_kernel_t", "_combine_kernel", "_window_combine_kernel",
+               "_kv_head_window_combine_kernel")
     saved = {n: getattr(da, n) for n in kernels + ("_WINDOW_LAUNCHES", "_COMBINE_LAUNCHES")}
     interpreting = da._interpreting
     try:

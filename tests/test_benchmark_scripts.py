@@ -168,5 +168,6 @@ def test_kernel_variants_records_every_preset_s_launches():
     stdout = run_script("kernel_variants.py", "--presets", "kivi-2,polar-rope-3", "--steps", "3")
     rows = {tuple(line.split()[:2]): line for line in stdout.splitlines() if "variant(s)" in line}
     for preset in ("kivi-2", "polar-rope-3"):
-        window = rows[(preset, "_window_combine_kernel[-,-]")]
-        assert "1 variant(s)" in window and window.endswith("changing: -")
+        window = [line for (name, kernel), line in rows.items() if name == preset and "window_combine_kernel" in kernel]
+        assert len(window) == 1, rows  # (by query row or by KV head, as the launch policy chose)
+        assert "1 variant(s)" in window[0] and window[0].endswith("changing: -")

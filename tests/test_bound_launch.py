@@ -165,18 +165,22 @@ def test_bound_launch_keeps_no_varying_buffer_alive(one_device):
 
 @pytest.mark.parametrize("key_fmt", ["kivi", "polar-rope"])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("fold", [True, False])
-def test_decode_steps_through_bound_launches_match_the_reference(monkeypatch, key_fmt, masked, fold):
+@pytest.mark.parametrize("window", ["by-kv-head", "by-row", "launched"])
+def test_decode_steps_through_bound_launches_match_the_reference(monkeypatch, key_fmt, masked, window):
     """Decode steps as a layer makes them: new query, partial buffers and a window one token longer
     at each step. After the first step the packed kernel and the window's kernels (the combine
-    kernel attending the window, or, with ``fold`` off, the window's split launch and the plain
-    combine kernel) run through their bound compiled kernels: on a GPU Triton's own, on the CPU the
-    stand-in, which runs the interpreted kernel with the values handed to it."""
+    kernel attending the window by KV head or by query row, or the window's split launch and the
+    plain combine kernel) run through their bound compiled kernels: on a GPU Triton's own, on the CPU
+    the stand-in, which runs the interpreted kernel with the values handed to it."""
     if DEVICE == "cpu":
         monkeypatch.setattr(bound_launch, "_current_device", lambda: 0)
-        for name in ("_split_kernel_t", "_split_kernel", "_combine_kernel", "_window_combine_kernel"):
+        for name in ("_split_kernel_t", "_split_kernel", "_combine_kernel", "_window_combine_kernel",
+                     "_kv_head_window_combine_kernel"):
             monkeypatch.setattr(da, name, _Dispatcher(getattr(da, name)))
+    fold = window != "launched"
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 1024 if fold else 0)
+    monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD", window == "by-kv-head")
+    monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD_SM_SHARE", 1 << 20)
     monkeypatch.setattr(da, "_WINDOW_LAUNCHES", {})
     monkeypatch.setattr(da, "_COMBINE_LAUNCHES", {})
     gen = torch.Generator().manual_seed(7)
@@ -198,11 +202,11 @@ def test_decode_steps_through_bound_launches_match_the_reference(monkeypatch, ke
         ref = reference_decode_attention(q.float(), pk, pv, kq, vq, rk.float(), rv.float(), d**-0.5, mask)
         torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=3e-3)
     packed = da._PLANS[pk][2].launch
-    window = list(da._WINDOW_LAUNCHES.values())
+    window_launches = list(da._WINDOW_LAUNCHES.values())
     combine = list(da._COMBINE_LAUNCHES.values())
-    assert len(window) == (0 if fold else 1) and len(combine) == 1
-    assert combine[0].kernel.fn is \
-        (da._window_combine_kernel if fold else da._combine_kernel).fn
+    assert len(window_launches) == (0 if fold else 1) and len(combine) == 1
+    assert combine[0].kernel.fn is {"by-kv-head": da._kv_head_window_combine_kernel, "by-row": da._window_combine_kernel,
+                                    "launched": da._combine_kernel}[window].fn
     # every step after the first
     assert packed.direct_launches == combine[0].direct_launches == 2
-    assert all(w.direct_launches == 2 for w in window)
+    assert all(w.direct_launches == 2 for w in window_launches)

@@ -362,43 +362,78 @@ def window_launches(monkeypatch) -> list:
     return launched
 
 
-@pytest.mark.parametrize("fold", [True, False])
-@pytest.mark.parametrize("case", ["gqa1", "gqa8-tq3", "ragged", "window-only", "long-window", "bf16"])
-def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, fold, case):
-    """The residual window attended in the combine kernel's programs (``_window_combine_kernel``,
-    windows of at most ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query
-    rows) or by its own split launch (otherwise; here forced by a window limit of 0): the oracle's
-    attention either way, over windows of one and of several ``WINDOW_BLOCK_N`` steps, GQA 1 and 8,
-    three query tokens, a ragged batch with a fully masked row, no packed tokens, and bfloat16."""
+@pytest.mark.parametrize("form", ["by-kv-head", "by-row", "launched"])
+@pytest.mark.parametrize("case", ["gqa1", "gqa8-tq3", "ragged", "window-only", "long-window", "bf16", "wide-group"])
+def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, form, case):
+    """The residual window attended in the combine kernel's programs (windows of at most
+    ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query rows): by one program
+    per KV head (``_kv_head_window_combine_kernel``, groups of at most ``MAX_WINDOW_GROUP_ROWS`` rows:
+    a wider group takes the other form) or one per query row (``_window_combine_kernel``); or by its
+    own split launch (otherwise; here forced by a window limit of 0). The oracle's attention every
+    way, over windows of one and of several ``WINDOW_BLOCK_N`` steps, GQA 1 and 8, three and nine
+    query tokens, a ragged batch with a fully masked row, no packed tokens, and bfloat16."""
     launched = window_launches(monkeypatch)
-    monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 1024 if fold else 0)
+    monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 0 if form == "launched" else 1024)
     monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 4096)
+    monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD", form == "by-kv-head")
+    monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD_SM_SHARE", 1 << 20)  # (whatever the GPU's SM count)
+    monkeypatch.setattr(da, "_COMBINE_LAUNCHES", {})
+    monkeypatch.setattr(da, "_WINDOW_LAUNCHES", {})  # (a window launch bound by another test would skip ``_launch_split``)
     kw = {"gqa1": dict(gqa=1, hkv=2, tk=40, r=5),
           "gqa8-tq3": dict(gqa=8, tq=3, tk=33, r=31),
           "ragged": dict(batch=3, gqa=4, tk=50, r=70, lengths=[120, 64, 0]),
           "window-only": dict(gqa=4, tk=0, r=45, lengths=None),
           "long-window": dict(batch=2, gqa=2, tk=20, r=97, lengths=[117, 90]),
-          "bf16": dict(batch=2, gqa=4, tk=37, r=40, dtype=torch.bfloat16, lengths=[77, 12])}[case]
+          "bf16": dict(batch=2, gqa=4, tk=37, r=40, dtype=torch.bfloat16, lengths=[77, 12]),
+          "wide-group": dict(gqa=8, tq=9, tk=20, r=33)}[case]
     tk = kw.pop("tk")
     key_fmt = "none" if tk == 0 else "kivi-2-32"
     out = check(key_fmt, key_fmt, tk=tk, **kw)
-    assert launched == ([] if fold else [tk])  # the window's split launch starts at token tk
+    assert launched == ([] if form != "launched" else [tk])  # the window's split launch starts at token tk
+    kernel = {"by-kv-head": da._kv_head_window_combine_kernel, "by-row": da._window_combine_kernel,
+              "launched": da._combine_kernel}[form]
+    if case == "wide-group" and form == "by-kv-head":
+        kernel = da._window_combine_kernel  # (72 rows per KV head)
+    assert [key[1] for key in da._COMBINE_LAUNCHES] == [kernel]
     if case == "ragged":
         assert torch.equal(out[2], torch.zeros_like(out[2]))
 
 
+def test_window_by_kv_head_where_its_programs_fill_the_gpu(monkeypatch):
+    """The folded window takes one program per KV head where batch x KV heads x
+    ``WINDOW_BY_KV_HEAD_SM_SHARE`` reaches the SMs (large batches: the window read once per KV head),
+    one per query row below (few programs: each row's merge in its own program)."""
+    monkeypatch.setattr(da, "_device_sms", lambda device: 16)
+    monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD_SM_SHARE", 2)
+    chosen = []
+    for batch in (3, 4):  # 6 and 8 (sequence, KV head) programs: 12 and 16 against 16 SMs
+        monkeypatch.setattr(da, "_COMBINE_LAUNCHES", {})
+        check("kivi-2-32", "kivi-2-32", batch=batch, hkv=2, gqa=4, tk=33, r=20, lengths=None)
+        chosen += [key[1] for key in da._COMBINE_LAUNCHES]
+    assert chosen == [da._window_combine_kernel, da._kv_head_window_combine_kernel]
+
+
 def test_window_folds_up_to_the_limits(monkeypatch):
     """Windows of at most ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query
-    rows go to the combine kernel; a longer window or more query rows get the window's split launch."""
+    rows go to the combine kernel; a longer window or more query rows get the window's split launch,
+    unless the per-KV-head form takes the call (then any number of rows)."""
     launched = window_launches(monkeypatch)
+    monkeypatch.setattr(da, "BOUND_LAUNCHES", False)  # (every window launch through ``_launch_split``, also on a GPU)
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 8)
     monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 8)
+    monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD", False)
     check("kivi-2-32", "kivi-2-32", batch=2, gqa=4, tk=16, r=8)  # 8 rows
     assert launched == []
     check("kivi-2-32", "kivi-2-32", batch=2, gqa=4, tk=16, r=9)
     assert launched == [16]
     check("kivi-2-32", "kivi-2-32", batch=3, gqa=4, tk=17, r=8)  # 12 rows
     assert launched == [16, 17]
+    monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD", True)
+    monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD_SM_SHARE", 1 << 20)
+    check("kivi-2-32", "kivi-2-32", batch=3, gqa=4, tk=18, r=8)  # 12 rows, by KV head
+    assert launched == [16, 17]
+    check("kivi-2-32", "kivi-2-32", batch=3, gqa=4, tk=19, r=9)  # a window too long
+    assert launched == [16, 17, 19]
 
 
 @pytest.mark.parametrize("value_kind", ["turbo-4", "polar-recursive"])

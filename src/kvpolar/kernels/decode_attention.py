@@ -28,9 +28,11 @@ How it runs (Triton kernels in :mod:`kvpolar.kernels.decode_classic` and
    It writes a partial ``(max, sum, unnormalised output)`` per split.
 2. ``_window_combine_kernel`` (:mod:`kvpolar.kernels.decode_combine`), one program per ``(batch,
    query head, query token)``: attends the row over the full-precision residual window, then merges
-   that with the splits into the output. Windows longer than ``MAX_FOLDED_WINDOW`` tokens and calls
-   of more than ``MAX_FOLDED_ROWS`` query rows get one more launch of the split kernel (``none``
-   format) writing the last split(s), and ``_combine_kernel`` merges.
+   that with the splits into the output; at large batches ``_kv_head_window_combine_kernel`` does
+   it with one program per ``(batch, KV head)``, reading the window once for the GQA group
+   (``WINDOW_BY_KV_HEAD``). Windows longer than ``MAX_FOLDED_WINDOW`` tokens, and calls of more than
+   ``MAX_FOLDED_ROWS`` query rows that the per-KV-head form does not take, get one more launch of the
+   split kernel (``none`` format) writing the last split(s), and ``_combine_kernel`` merges.
 
 The number of splits grows until ``batch * kv_heads * splits`` fills one wave of the programs an SM
 holds at once (``choose_splits``; for the transposed kernel, counted from its compiled registers and
@@ -248,8 +250,11 @@ def fused_decode_attention(
     # the window in the combine kernel, and rotated values' partials un-rotated there (``MAX_FOLDED_WINDOW``,
     # ``MAX_FOLDED_ROWS``)
     few_rows = bsz * hq * tq <= MAX_FOLDED_ROWS
+    by_kv_head = (WINDOW_BY_KV_HEAD and gqa * tq <= MAX_WINDOW_GROUP_ROWS
+                  and bsz * hkv * WINDOW_BY_KV_HEAD_SM_SHARE >= sms)
     rotate_in_combine = v_rot is not None and few_rows and type(values).__name__ in ROTATE_IN_COMBINE
-    fold_window = 0 < r <= MAX_FOLDED_WINDOW and few_rows and (v_rot is None or rotate_in_combine)
+    fold_window = (0 < r <= MAX_FOLDED_WINDOW and (few_rows or by_kv_head)
+                   and (v_rot is None or rotate_in_combine))
     if r and not fold_window:
         block_n = min(cfg.block_n, max(16, _next_pow2(r)))
         splits, per_split = choose_splits(r, bsz * hkv, sms, block_n, _residual_config(cfg))
@@ -289,24 +294,29 @@ def fused_decode_attention(
     block_s = _next_pow2(total_splits)
     # (R and the rotated splits' count; the kernel reads neither unless ROTATED)
     rot_args = (v_rot, n_packed) if rotate_in_combine else (part_max, 0)
+    combine_grid = (bsz * hq * tq,)
     if fold_window:
-        kernel, names = _window_combine_kernel, _WINDOW_COMBINE_ARGUMENTS
         window_blocks = -(-r // WINDOW_BLOCK_N)
+        kernel, names = ((_kv_head_window_combine_kernel, _KV_HEAD_WINDOW_COMBINE_ARGUMENTS) if by_kv_head
+                         else (_window_combine_kernel, _WINDOW_COMBINE_ARGUMENTS))
         combine_args = _window_combine_arguments(query, residual_keys, residual_values, mask, tk, gqa, scale,
                                                  part_max, part_sum, part_acc, out, total_splits, rot_args,
-                                                 window_blocks)
+                                                 window_blocks, hkv if by_kv_head else hq)
         kwargs = dict(D=d, BLOCK_S=block_s, BLOCK_N=WINDOW_BLOCK_N, HAS_MASK=mask is not None,
                       BLOCKS_CONST=window_blocks if _interpreting() else 0, ROTATED=rotate_in_combine, num_warps=4)
+        if by_kv_head:
+            kwargs.update(BLOCK_M=block_m, DOT_DTYPE=_dot_dtype(query.dtype))
+            combine_grid = (bsz * hkv,)
     else:
         kernel, names = _combine_kernel, _COMBINE_ARGUMENTS
         combine_args = (part_max, part_sum, part_acc, out, total_splits, *rot_args)
         kwargs = dict(D=d, BLOCK_S=block_s, ROTATED=rotate_in_combine, num_warps=4)
-    combine = _shared_launch(_COMBINE_LAUNCHES, (dev, *kwargs.values()), kernel, names) if BOUND_LAUNCHES else None
-    if combine is None or not combine.relaunch((bsz * hq * tq,), combine_args):
+    combine = _shared_launch(_COMBINE_LAUNCHES, (dev, kernel, *kwargs.values()), kernel, names) if BOUND_LAUNCHES else None
+    if combine is None or not combine.relaunch(combine_grid, combine_args):
         if combine is None:
-            kernel[(bsz * hq * tq,)](*combine_args, **kwargs)
+            kernel[combine_grid](*combine_args, **kwargs)
         else:
-            combine.launch((bsz * hq * tq,), combine_args, kwargs)
+            combine.launch(combine_grid, combine_args, kwargs)
     if v_rot is not None and not rotate_in_combine:
         out = (out @ v_rot).to(query.dtype)  # R^T o, once
     return out
@@ -818,19 +828,22 @@ _WINDOW_COMBINE_ARGUMENTS = _COMBINE_ARGUMENTS + (
     "mask_ptr", "smk_b", "smk_h", "smk_t", "smk_n",
     "n_window", "window_blocks", "mask_offset", "n_heads", "gqa", "n_query", "qk_scale")
 #: Residual windows of at most ``MAX_FOLDED_WINDOW`` tokens, in calls of at most ``MAX_FOLDED_ROWS``
-#: query rows (batch x query heads x query tokens), are attended in the combine kernel's programs
-#: (``decode_combine._window_combine_kernel``: one launch fewer per call). In those calls, values stored
+#: query rows (batch x query heads x query tokens) or in calls the per-KV-head form takes
+#: (``WINDOW_BY_KV_HEAD``: it reads each KV head's window once, as the window's own launch does), are
+#: attended in the combine kernel's programs (``decode_combine._window_combine_kernel`` or
+#: ``_kv_head_window_combine_kernel``: one launch fewer per call). In calls of at most
+#: ``MAX_FOLDED_ROWS`` rows, values stored
 #: in a rotated domain (polar-recursive, turbo) have their packed partials un-rotated by the combine
 #: kernel itself (``ROTATE_IN_COMBINE``, ``ROTATED``: two matrix products fewer on the host side); beyond
 #: ``MAX_FOLDED_ROWS`` rows, where the GPU's time counts, two small matrix products do it (each row
-#: program would read all of ``R``) and the window gets its own launch.
+#: program would read all of ``R``) and the window of such values gets its own launch.
 #: Other windows get their own split launch, which reads each KV head's
 #: window once rather than once per query head and splits long windows (>= 1024 tokens a split,
 #: ``_residual_config``). Measured (benchmarks/README.md, twenty-fourth session), 32k tokens, 70-token
 #: window: folding saved 27 us of host time per call (H100) and made 32-layer decode steps of the
 #: 8B-shaped model 1.06-1.09x faster at batch 1 and 4 (H100) and 1.06x at 16 and 32 (H200), where the
-#: step is bound by host time; it added GPU time per call, 3-4 us at batch 1 and 12-16 us (3-4%) at
-#: batch 32, which counts where the GPU's time does (larger batches).
+#: step is bound by host time; by query row it added GPU time per call, 3-4 us at batch 1 and 12-16 us
+#: (3-4%) at batch 32, which the per-KV-head form removes at batch 32 (``WINDOW_BY_KV_HEAD``).
 MAX_FOLDED_WINDOW = 512
 MAX_FOLDED_ROWS = 1024
 #: Stored value formats (class names) whose rotated-domain partials the combine kernel un-rotates in
@@ -842,6 +855,19 @@ MAX_FOLDED_ROWS = 1024
 #: turbo presets store KIVI values, so their rows of that run, 0.94-1.00x, timed one path twice: the
 #: run's noise).
 ROTATE_IN_COMBINE: frozenset[str] = frozenset({"PolarRecursiveTensor", "TurboTensor"})
+_KV_HEAD_WINDOW_COMBINE_ARGUMENTS = tuple("n_kv_heads" if name == "n_heads" else name
+                                          for name in _WINDOW_COMBINE_ARGUMENTS)
+#: A folded window is attended by one program per KV head for all its ``gqa * Tq`` query rows
+#: (``_kv_head_window_combine_kernel``: the window read once per KV head, tile products) where those
+#: rows are at most ``MAX_WINDOW_GROUP_ROWS`` and the programs (batch x KV heads) number at least
+#: ``1 / WINDOW_BY_KV_HEAD_SM_SHARE`` of the SMs; by one program per query row otherwise, or with
+#: ``WINDOW_BY_KV_HEAD`` off. Measured on the H100 (twenty-seventh session, 32 / 8 heads, 128-token
+#: window, ``benchmarks/results/window_*_h100.json``): at batch 32, 32k tokens, kivi-2 0.390 ms by KV head
+#: against 0.409 by query row (0.388 with the window's own launch); at batch 8 the two within 1%; at
+#: batch 1 (8 programs, each merging four rows' splits in turn) by KV head 0.079 ms against 0.072 at 128k.
+WINDOW_BY_KV_HEAD = True
+WINDOW_BY_KV_HEAD_SM_SHARE = 2
+MAX_WINDOW_GROUP_ROWS = 64
 #: Window tokens per step of ``_window_combine_kernel``'s loop.
 WINDOW_BLOCK_N = 32
 
@@ -853,14 +879,15 @@ def _mask_arguments(mask: torch.Tensor | None, stand_in: torch.Tensor) -> tuple:
 
 
 def _window_combine_arguments(query, residual_keys, residual_values, mask, mask_offset, gqa, scale, part_max,
-                              part_sum, part_acc, out, n_splits, rot_args, window_blocks) -> tuple:
+                              part_sum, part_acc, out, n_splits, rot_args, window_blocks, heads) -> tuple:
     """The runtime arguments of ``_window_combine_kernel`` (``_WINDOW_COMBINE_ARGUMENTS``, in order;
-    ``rot_args``: its ``rot_ptr`` and ``n_rotated``)."""
-    _, hq, tq, _ = query.shape
+    ``rot_args``: its ``rot_ptr`` and ``n_rotated``; ``heads``: the query heads) or of
+    ``_kv_head_window_combine_kernel`` (``_KV_HEAD_WINDOW_COMBINE_ARGUMENTS``; ``heads``: the KV heads)."""
+    tq = query.shape[2]
     rk, rv = formats.last_contiguous(residual_keys), formats.last_contiguous(residual_values)
     sq, sk, sv = query.stride(), rk.stride(), rv.stride()
     return (part_max, part_sum, part_acc, out, n_splits, *rot_args, query, sq[0], sq[1], sq[2], rk, sk[0], sk[1], sk[2],
-            rv, sv[0], sv[1], sv[2], *_mask_arguments(mask, query), rk.shape[2], window_blocks, mask_offset, hq,
+            rv, sv[0], sv[1], sv[2], *_mask_arguments(mask, query), rk.shape[2], window_blocks, mask_offset, heads,
             gqa, tq, scale * _LOG2E)
 
 
@@ -950,7 +977,7 @@ if triton is not None:
     from kvpolar.kernels import polar_recursive_parts as _pr
     from kvpolar.kernels import turbo_parts as _tq
     from kvpolar.kernels.decode_classic import _split_kernel
-    from kvpolar.kernels.decode_combine import _combine_kernel, _window_combine_kernel
+    from kvpolar.kernels.decode_combine import _combine_kernel, _kv_head_window_combine_kernel, _window_combine_kernel
     from kvpolar.kernels.decode_transposed import _split_kernel_t
     from kvpolar.kernels.polar_pairs import UNIT_PAIR_BITS as _POLAR_UNIT_BITS
     from kvpolar.kernels.polar_pairs import unit_words as _unit_words

@@ -1,20 +1,24 @@
 """The second pass of the fused decode attention: the splits merged into one output row, and the
 short full-precision residual window attended in that same pass.
 
-One program per ``(sequence, query head, query token)`` row, grid ``(batch * query_heads * query_tokens,)``:
-
-* ``_combine_kernel`` merges the row's ``n_splits`` partials ``(max, sum, unnormalised output)``
-  (base-2 logits, written by the split kernels of :mod:`kvpolar.kernels.decode_classic` /
+* ``_combine_kernel``, one program per ``(sequence, query head, query token)`` row, grid ``(batch *
+  query_heads * query_tokens,)``, merges the row's ``n_splits`` partials ``(max, sum, unnormalised
+  output)`` (base-2 logits, written by the split kernels of :mod:`kvpolar.kernels.decode_classic` /
   :mod:`kvpolar.kernels.decode_transposed`) into the normalised output;
-* ``_window_combine_kernel`` first runs the row's online softmax over the residual window (16/32-bit
-  keys and values ``[B, Hkv, R, D]``, ``BLOCK_N`` tokens a step, products in float32), then merges
-  that partial with the packed splits' the same way. It replaces a launch of the split kernel over
-  the window plus the combine launch: a decode step of an eager model is bound by host time at small
-  batches, and each launch costs tens of microseconds there (``benchmarks/launch_cost.py``). Each
-  query head's program reads its KV head's window itself (``Hq / Hkv`` reads, the repeats from L2),
-  which is why ``kvpolar.kernels.decode_attention`` folds only windows of at most
-  ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query rows (where the step is
-  bound by host time, not by the GPU's).
+* ``_window_combine_kernel``, same grid, first runs the row's online softmax over the residual window
+  (16/32-bit keys and values ``[B, Hkv, R, D]``, ``BLOCK_N`` tokens a step, products in float32), then
+  merges that partial with the packed splits' the same way. It replaces a launch of the split kernel
+  over the window plus the combine launch: a decode step of an eager model is bound by host time at
+  small batches, and each launch costs tens of microseconds there (``benchmarks/launch_cost.py``).
+  Each query head's program reads its KV head's window itself (``Hq / Hkv`` reads, the repeats from
+  L2), which is why ``kvpolar.kernels.decode_attention`` folds only windows of at most
+  ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query rows;
+* ``_kv_head_window_combine_kernel``, one program per ``(sequence, KV head)``, grid ``(batch *
+  kv_heads,)``, does the same for all ``Hq / Hkv * query_tokens`` rows of the KV head at once: the
+  window read once, its scores and value products as tile products, then each row merged in turn.
+  Where batch x KV heads fill the GPU (large batches) it costs what the window's own launch costs;
+  with few programs (batch 1) the rows' merges run in turn and the per-row form is faster
+  (``decode_attention.WINDOW_BY_KV_HEAD_SM_SHARE``).
 
 Values stored in a rotated domain (turbo, polar-recursive: ``y = x @ R.T`` per vector, ``R`` orthogonal
 ``[D, D]``) give packed partial outputs in that domain. With ``ROTATED`` the merge takes the first
@@ -145,3 +149,67 @@ def _window_combine_kernel(
         m_w = m_new
     _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, m_w, l_w, acc_w, rot_ptr, n_rotated, D,
                   BLOCK_S, True, ROTATED)
+
+
+@triton.jit(do_not_specialize=_STEP_INTEGERS)
+def _kv_head_window_combine_kernel(
+    part_max, part_sum, part_acc, out_ptr, n_splits, rot_ptr, n_rotated,
+    q_ptr, sq_b, sq_h, sq_t,
+    k_ptr, sk_b, sk_h, sk_t, v_ptr, sv_b, sv_h, sv_t,
+    mask_ptr, smk_b, smk_h, smk_t, smk_n,
+    n_window, window_blocks, mask_offset, n_kv_heads, gqa, n_query, qk_scale,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCKS_CONST: tl.constexpr, HAS_MASK: tl.constexpr, ROTATED: tl.constexpr,
+):
+    """``_window_combine_kernel`` for all ``gqa * n_query`` rows of one KV head of one sequence at once,
+    grid ``(batch * kv_heads,)``: the window's keys and values are read once per KV head, not once per
+    query head, and its scores and value products are tile products (``[BLOCK_M, D]`` query rows,
+    ``BLOCK_M >= 16`` a power of two >= ``gqa * n_query``; operands in ``DOT_DTYPE``, float32
+    accumulation, as the split kernels' full-precision path). The group's rows are the consecutive
+    output rows ``pid * gqa * n_query + j``, each then merged with its packed splits (``_merge_splits``).
+    Arguments as ``_window_combine_kernel``'s, ``n_kv_heads`` in place of ``n_heads``."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_kv_heads
+    hkv = pid % n_kv_heads
+    n_rows = gqa * n_query
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    head = hkv * gqa + rows // n_query
+    tok = rows % n_query
+    dcol = tl.arange(0, D)
+    DT: tl.constexpr = DOT_DTYPE
+    PREC: tl.constexpr = "ieee" if DT == tl.float32 else "tf32"
+    q = tl.load(q_ptr + b * sq_b + head[:, None] * sq_h + tok[:, None] * sq_t + dcol[None, :], mask=row_ok[:, None],
+                other=0.0).to(DT)
+    k_rows = k_ptr + b * sk_b + hkv * sk_h
+    v_rows = v_ptr + b * sv_b + hkv * sv_h
+    if HAS_MASK:
+        mask_rows = mask_ptr + b * smk_b + head * smk_h + tok * smk_t
+    m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_w = tl.zeros([BLOCK_M], tl.float32)
+    acc_w = tl.zeros([BLOCK_M, D], tl.float32)
+    for i in range(BLOCKS_CONST if BLOCKS_CONST > 0 else window_blocks):
+        n = i * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < n_window
+        k = tl.load(k_rows + n[:, None] * sk_t + dcol[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_rows + n[:, None] * sv_t + dcol[None, :], mask=n_ok[:, None], other=0.0)  # (both in flight)
+        s = tl.dot(q, tl.trans(k.to(DT)), input_precision=PREC) * qk_scale
+        keep = n_ok[None, :]
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_rows[:, None] + (n[None, :] + mask_offset) * smk_n,
+                                   mask=row_ok[:, None] & n_ok[None, :], other=0) != 0)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_w, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_w - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_w = l_w * alpha + tl.sum(p, axis=1)
+        acc_w = tl.dot(p.to(DT), v.to(DT), acc_w * alpha[:, None], input_precision=PREC)
+        m_w = m_new
+    for j in range(n_rows):  # each row's window partial taken out of the tiles, merged with its splits
+        this = rows == j
+        m_j = tl.max(tl.where(this, m_w, float("-inf")), axis=0)
+        l_j = tl.sum(tl.where(this, l_w, 0.0), axis=0)
+        acc_j = tl.sum(tl.where(this[:, None], acc_w, 0.0), axis=0)
+        _merge_splits(part_max, part_sum, part_acc, out_ptr, pid * n_rows + j, n_splits, m_j, l_j, acc_j, rot_ptr,
+                      n_rotated, D, BLOCK_S, True, ROTATED)
