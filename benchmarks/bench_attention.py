@@ -18,6 +18,13 @@ Times are medians of ``triton.testing.do_bench`` (which flushes L2 between runs)
 packed codes + metadata + residual window + query; effective bandwidth is set against a
 device-to-device copy measured in the same run (bytes read + written).
 
+The CUDA caching allocator runs with ``expandable_segments:True`` unless ``PYTORCH_CUDA_ALLOC_CONF``
+is set: with the default segments, a kernel's time could depend on what the run had allocated before
+it (H100, twenty-seventh session: kivi-4 at B=32, 128k tokens, 1.80 ms timed alone or after
+polar-rope-3, 2.14 ms after kivi-2 and its dequantize-then-attend row, which allocate and free tens of
+GB; 1.80 ms there too with expandable segments; fp16 SDPA the same either way). Scripts that
+import this module before using CUDA inherit the setting.
+
 Usage: ``PYTHONPATH=src python benchmarks/bench_attention.py --out results/`` (``--quick`` for a smoke
 run; ``--tune`` adds a launch-parameter sweep).
 """
@@ -28,23 +35,27 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import re
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-import triton
-from triton.testing import do_bench
+# (before torch's CUDA allocator starts: see the module docstring)
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-import kvpolar
-from kvpolar.decode_attention import reference_decode_attention
-from kvpolar.kernels.decode_attention import LaunchConfig, describe_launch, fused_decode_attention, supports
-from kvpolar.kernels import decode_attention
-from kvpolar.quantized import laid_out_tokens_contiguous, tokens_contiguous
-from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor
-from kvpolar.quantizers.polar_rope import PolarRopeTensor
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import kvpolar  # noqa: E402
+from kvpolar.decode_attention import reference_decode_attention  # noqa: E402
+from kvpolar.kernels.decode_attention import LaunchConfig, describe_launch, fused_decode_attention, supports  # noqa: E402
+from kvpolar.kernels import decode_attention  # noqa: E402
+from kvpolar.quantized import laid_out_tokens_contiguous, tokens_contiguous  # noqa: E402
+from kvpolar.quantizers.kivi import KiviChannelTensor, KiviTokenTensor  # noqa: E402
+from kvpolar.quantizers.polar_rope import PolarRopeTensor  # noqa: E402
 
 HQ, HKV, D, RESIDUAL = 32, 8, 128, 128
 PRESETS = {  # name: (key format, key params, value bits); KIVI group 32, polar-rope group 128
@@ -471,6 +482,9 @@ def main() -> None:
                     help="decode_attention.MAX_FOLDED_WINDOW (0: the 128-token window gets its own launch)")
     ap.add_argument("--max-folded-rows", type=int, default=None,
                     help="decode_attention.MAX_FOLDED_ROWS (query rows up to which the window is folded)")
+    ap.add_argument("--window-by-kv-head", choices=("on", "off"), default=None,
+                    help="decode_attention.WINDOW_BY_KV_HEAD (off: a folded window is attended by one program "
+                         "per query row)")
     ap.add_argument("--window-block-n", type=int, default=None,
                     help="decode_attention.WINDOW_BLOCK_N (window tokens per step of the folded window's loop)")
     args = ap.parse_args()
@@ -478,6 +492,8 @@ def main() -> None:
         decode_attention.MAX_FOLDED_WINDOW = args.max_folded_window
     if args.max_folded_rows is not None:
         decode_attention.MAX_FOLDED_ROWS = args.max_folded_rows
+    if args.window_by_kv_head is not None:
+        decode_attention.WINDOW_BY_KV_HEAD = args.window_by_kv_head == "on"
     if args.window_block_n is not None:
         decode_attention.WINDOW_BLOCK_N = args.window_block_n
     dev = torch.device("cuda")
@@ -491,6 +507,8 @@ def main() -> None:
             "launch_config": dataclasses.asdict(config), "max_folded_window": decode_attention.MAX_FOLDED_WINDOW,
             "max_folded_rows": decode_attention.MAX_FOLDED_ROWS,
             "window_block_n": decode_attention.WINDOW_BLOCK_N,
+            "window_by_kv_head": decode_attention.WINDOW_BY_KV_HEAD,
+            "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     t0 = time.time()
     checks = [] if args.no_checks else check_correctness(dev)
@@ -511,7 +529,6 @@ def main() -> None:
     meta["launch_config_per_preset"] = {k: dataclasses.asdict(v) for k, v in configs.items()}
     print("launch configs:", {k: dataclasses.asdict(v) for k, v in configs.items()})
     shapes = [] if args.tune_only else [(1, 4096)] if args.quick else [(b, t) for b in args.batches for t in args.tokens]
-    import os
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, args.name or f"attention_{gpu_tag(props.name)}.json")
