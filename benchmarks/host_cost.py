@@ -78,7 +78,8 @@ def main() -> None:
                mock.patch.object(mod, "_WINDOW_LAUNCHES", {}),
                mock.patch.object(mod, "_COMBINE_LAUNCHES", {}),
                *(mock.patch.object(mod, name, _NoLaunch(getattr(mod, name)))
-                 for name in ("_split_kernel_t", "_split_kernel", "_combine_kernel", "_window_combine_kernel"))]
+                 for name in ("_split_kernel_t", "_split_kernel", "_combine_kernel", "_window_combine_kernel",
+                              "_kv_head_window_combine_kernel"))]
     for patch in patches:
         patch.start()
     try:

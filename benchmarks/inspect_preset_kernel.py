@@ -131,7 +131,7 @@ def compile_combine_kernels(head_dim: int = D):
             compiled[f"kv-head-window-combine-rotated{int(rotated)}-s{block_s}"] = compile_for_h100(
                 decode_combine._kv_head_window_combine_kernel, args,
                 dict(D=head_dim, BLOCK_S=block_s, BLOCK_N=mod.WINDOW_BLOCK_N, BLOCK_M=16, DOT_DTYPE=triton.language.float16,
-                     BLOCKS_CONST=0, HAS_MASK=False, ROTATED=rotated, num_warps=4))
+                     BLOCKS_CONST=0, ROWS_CONST=0, HAS_MASK=False, ROTATED=rotated, num_warps=4))
     return compiled
 
 

@@ -305,7 +305,8 @@ def fused_decode_attention(
         kwargs = dict(D=d, BLOCK_S=block_s, BLOCK_N=WINDOW_BLOCK_N, HAS_MASK=mask is not None,
                       BLOCKS_CONST=window_blocks if _interpreting() else 0, ROTATED=rotate_in_combine, num_warps=4)
         if by_kv_head:
-            kwargs.update(BLOCK_M=block_m, DOT_DTYPE=_dot_dtype(query.dtype))
+            kwargs.update(BLOCK_M=block_m, DOT_DTYPE=_dot_dtype(query.dtype),
+                          ROWS_CONST=gqa * tq if _interpreting() else 0)
             combine_grid = (bsz * hkv,)
     else:
         kernel, names = _combine_kernel, _COMBINE_ARGUMENTS

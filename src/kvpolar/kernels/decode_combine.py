@@ -159,7 +159,7 @@ def _kv_head_window_combine_kernel(
     mask_ptr, smk_b, smk_h, smk_t, smk_n,
     n_window, window_blocks, mask_offset, n_kv_heads, gqa, n_query, qk_scale,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCKS_CONST: tl.constexpr, HAS_MASK: tl.constexpr, ROTATED: tl.constexpr,
+    BLOCKS_CONST: tl.constexpr, ROWS_CONST: tl.constexpr, HAS_MASK: tl.constexpr, ROTATED: tl.constexpr,
 ):
     """``_window_combine_kernel`` for all ``gqa * n_query`` rows of one KV head of one sequence at once,
     grid ``(batch * kv_heads,)``: the window's keys and values are read once per KV head, not once per
@@ -167,7 +167,8 @@ def _kv_head_window_combine_kernel(
     ``BLOCK_M >= 16`` a power of two >= ``gqa * n_query``; operands in ``DOT_DTYPE``, float32
     accumulation, as the split kernels' full-precision path). The group's rows are the consecutive
     output rows ``pid * gqa * n_query + j``, each then merged with its packed splits (``_merge_splits``).
-    Arguments as ``_window_combine_kernel``'s, ``n_kv_heads`` in place of ``n_heads``."""
+    Arguments as ``_window_combine_kernel``'s, ``n_kv_heads`` in place of ``n_heads``; the interpreter
+    takes the rows' count as the constant ROWS_CONST too (a loop bound; compiled: 0, the count at run time)."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_kv_heads
     hkv = pid % n_kv_heads
@@ -206,7 +207,8 @@ def _kv_head_window_combine_kernel(
         l_w = l_w * alpha + tl.sum(p, axis=1)
         acc_w = tl.dot(p.to(DT), v.to(DT), acc_w * alpha[:, None], input_precision=PREC)
         m_w = m_new
-    for j in range(n_rows):  # each row's window partial taken out of the tiles, merged with its splits
+    # each row's window partial taken out of the tiles, merged with its splits
+    for j in range(ROWS_CONST if ROWS_CONST > 0 else n_rows):
         this = rows == j
         m_j = tl.max(tl.where(this, m_w, float("-inf")), axis=0)
         l_j = tl.sum(tl.where(this, l_w, 0.0), axis=0)
