@@ -363,7 +363,8 @@ def window_launches(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("form", ["by-kv-head", "by-row", "launched"])
-@pytest.mark.parametrize("case", ["gqa1", "gqa8-tq3", "ragged", "window-only", "long-window", "bf16", "wide-group"])
+@pytest.mark.parametrize("case", ["gqa1", "gqa8-tq3", "ragged", "window-only", "long-window", "bf16", "fp32",
+                                  "wide-group"])
 def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, form, case):
     """The residual window attended in the combine kernel's programs (windows of at most
     ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query rows): by one program
@@ -371,7 +372,7 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, form, case)
     a wider group takes the other form) or one per query row (``_window_combine_kernel``); or by its
     own split launch (otherwise; here forced by a window limit of 0). The oracle's attention every
     way, over windows of one and of several ``WINDOW_BLOCK_N`` steps, GQA 1 and 8, three and nine
-    query tokens, a ragged batch with a fully masked row, no packed tokens, and bfloat16."""
+    query tokens, a ragged batch with a fully masked row, no packed tokens, bfloat16 and float32."""
     launched = window_launches(monkeypatch)
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 0 if form == "launched" else 1024)
     monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 4096)
@@ -385,6 +386,7 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, form, case)
           "window-only": dict(gqa=4, tk=0, r=45, lengths=None),
           "long-window": dict(batch=2, gqa=2, tk=20, r=97, lengths=[117, 90]),
           "bf16": dict(batch=2, gqa=4, tk=37, r=40, dtype=torch.bfloat16, lengths=[77, 12]),
+          "fp32": dict(batch=2, gqa=4, tk=21, r=40, dtype=torch.float32, lengths=[61, 30]),
           "wide-group": dict(gqa=8, tq=9, tk=20, r=33)}[case]
     tk = kw.pop("tk")
     key_fmt = "none" if tk == 0 else "kivi-2-32"
