@@ -375,7 +375,7 @@ def time_shape(b, t, dev, copy_gbs, presets, configs, with_hf=True):
         pk, pv = make_preset(name, b, tk, torch.float16, dev)
         nbytes = pk.nbytes + pv.nbytes + res_bytes + q_bytes
         readable = supports(pk, pv)
-        launch = describe_launch(q_and_residual()[0], pk, pv, configs[name]) if readable else None
+        launch = describe_launch(q_and_residual()[0], pk, pv, configs[name], RESIDUAL) if readable else None
         del pk, pv
         if not readable:
             record(name, None, nbytes, note="not read by the fused kernel (the cache falls back to the reference)")

@@ -404,7 +404,8 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, form, case)
 def test_window_by_kv_head_where_its_programs_fill_the_gpu(monkeypatch):
     """The folded window takes one program per KV head where batch x KV heads x
     ``WINDOW_BY_KV_HEAD_SM_SHARE`` reaches the SMs (large batches: the window read once per KV head),
-    one per query row below (few programs: each row's merge in its own program)."""
+    one per query row below (few programs: each row's merge in its own program); ``describe_launch``
+    reports which, and a window too long to fold."""
     monkeypatch.setattr(da, "_device_sms", lambda device: 16)
     monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD_SM_SHARE", 2)
     chosen = []
@@ -413,6 +414,16 @@ def test_window_by_kv_head_where_its_programs_fill_the_gpu(monkeypatch):
         check("kivi-2-32", "kivi-2-32", batch=batch, hkv=2, gqa=4, tk=33, r=20, lengths=None)
         chosen += [key[1] for key in da._COMBINE_LAUNCHES]
     assert chosen == [da._window_combine_kernel, da._kv_head_window_combine_kernel]
+    # ``describe_launch`` reports the same, and a window too long to fold, or none
+    forms = []
+    for batch, r in ((3, 20), (4, 20), (4, da.MAX_FOLDED_WINDOW + 1), (4, 0)):
+        keys, values, query = random_inputs(("describe-window", batch), batch=batch, hkv=2, gqa=4, tq=1, n=64, d=D,
+                                            dtype=torch.float16)
+        pk, pv = make_keys("kivi-2-32", keys)[1], make_values("kivi-2-32", values, "tokens")[1]
+        forms.append(da.describe_launch(query, pk, pv, residual_tokens=r)["window"])
+    assert forms == ["by query row", "by KV head", "own launch", None]
+    with pytest.raises(ValueError, match="residual_tokens must be an int >= 0"):
+        da.describe_launch(query, pk, pv, residual_tokens=-1)
 
 
 def test_window_folds_up_to_the_limits(monkeypatch):

@@ -247,14 +247,7 @@ def fused_decode_attention(
         plan = _remembered_plan(q_packed, keys, values, mask, scale, cfg)
         parts.append((plan.k_op, plan.v_op, 0, plan.splits, plan.per_split, plan.block_n, q_packed, plan.config,
                       plan.transposed, plan.launch))
-    # the window in the combine kernel, and rotated values' partials un-rotated there (``MAX_FOLDED_WINDOW``,
-    # ``MAX_FOLDED_ROWS``)
-    few_rows = bsz * hq * tq <= MAX_FOLDED_ROWS
-    by_kv_head = (WINDOW_BY_KV_HEAD and gqa * tq <= MAX_WINDOW_GROUP_ROWS
-                  and bsz * hkv * WINDOW_BY_KV_HEAD_SM_SHARE >= sms)
-    rotate_in_combine = v_rot is not None and few_rows and type(values).__name__ in ROTATE_IN_COMBINE
-    fold_window = (0 < r <= MAX_FOLDED_WINDOW and (few_rows or by_kv_head)
-                   and (v_rot is None or rotate_in_combine))
+    fold_window, by_kv_head, rotate_in_combine = _window_plan(bsz, hq, hkv, tq, r, values, v_rot, sms)
     if r and not fold_window:
         block_n = min(cfg.block_n, max(16, _next_pow2(r)))
         splits, per_split = choose_splits(r, bsz * hkv, sms, block_n, _residual_config(cfg))
@@ -321,6 +314,20 @@ def fused_decode_attention(
     if v_rot is not None and not rotate_in_combine:
         out = (out @ v_rot).to(query.dtype)  # R^T o, once
     return out
+
+
+def _window_plan(bsz: int, hq: int, hkv: int, tq: int, r: int, values, v_rot, sms: int) -> tuple[bool, bool, bool]:
+    """How a call attends its ``r``-token residual window: (folded into the kernel that merges the splits,
+    there by one program per KV head rather than per query row, the packed values' partials un-rotated
+    there); ``values``: the packed values (None: none), ``v_rot`` their rotation matrix (None: not
+    rotated). The limits: ``MAX_FOLDED_WINDOW``, ``MAX_FOLDED_ROWS``, ``WINDOW_BY_KV_HEAD``,
+    ``ROTATE_IN_COMBINE``."""
+    few_rows = bsz * hq * tq <= MAX_FOLDED_ROWS
+    by_kv_head = (WINDOW_BY_KV_HEAD and hq // hkv * tq <= MAX_WINDOW_GROUP_ROWS
+                  and bsz * hkv * WINDOW_BY_KV_HEAD_SM_SHARE >= sms)
+    rotate_in_combine = v_rot is not None and few_rows and type(values).__name__ in ROTATE_IN_COMBINE
+    fold = 0 < r <= MAX_FOLDED_WINDOW and (few_rows or by_kv_head) and (v_rot is None or rotate_in_combine)
+    return fold, fold and by_kv_head, rotate_in_combine
 
 
 @functools.lru_cache(maxsize=16)
@@ -410,16 +417,21 @@ def _remembered_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Pa
 
 
 def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: QuantizedTensor,
-                    config: LaunchConfig | None = None) -> dict:
+                    config: LaunchConfig | None = None, residual_tokens: int = 0) -> dict:
     """How ``fused_decode_attention`` launches the packed part of this cache (no attention is run;
     on CUDA the kernel may be compiled): ``kernel`` ("transposed" or "classic"), ``block_n``,
     ``splits``, ``tokens_per_split``, ``programs`` (``batch * kv_heads * splits``),
     ``programs_per_sm`` (the one-wave target: the measured policy, capped by how many compiled
     programs fit on an SM), ``max_registers``, ``value_metadata`` and ``kivi_code_units`` (how the
     transposed kernel reads KIVI value metadata and 2- / 4-bit KIVI codes: "halfwords" or "bytes",
-    as taken for these tensors; None where neither operand has such codes). ``query``: ``[B, Hq, Tq, D]``."""
+    as taken for these tensors; None where neither operand has such codes); and ``window``, how a
+    16-bit residual window of ``residual_tokens`` tokens is attended: "by KV head" or "by query row"
+    (in the kernel that merges the splits), "own launch" (a split launch of its own), None (no
+    window). ``query``: ``[B, Hq, Tq, D]``."""
     if keys is None or values is None:
         raise ValueError("describe_launch needs packed keys and values (the residual window alone is not launched this way)")
+    if type(residual_tokens) is not int or residual_tokens < 0:
+        raise ValueError(f"residual_tokens must be an int >= 0 (tokens in the 16-bit window); got {residual_tokens!r}")
     refuse_unsupported(keys, values)
     if query.dim() != 4 or query.shape[1] % keys.shape[1]:
         raise ValueError(f"query must be [B, Hq, Tq, D] with Hq a multiple of the {keys.shape[1]} KV heads; "
@@ -427,12 +439,16 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
     cfg = config or _DEFAULT_CONFIG
     plan = _packed_plan(_packed_query(query, formats.rotation_matrix(keys)), keys, values, None,
                         query.shape[-1] ** -0.5, cfg)
+    bsz, hq, tq, _ = query.shape
+    fold, by_kv_head, _ = _window_plan(bsz, hq, keys.shape[1], tq, residual_tokens, values,
+                                       formats.rotation_matrix(values), _device_sms(query.device))
+    window = None if not residual_tokens else "own launch" if not fold else "by KV head" if by_kv_head else "by query row"
     return {"kernel": "transposed" if plan.transposed else "classic", "block_n": plan.block_n,
             "splits": plan.splits, "tokens_per_split": plan.per_split,
             "programs": keys.shape[0] * keys.shape[1] * plan.splits,
             "programs_per_sm": plan.config.programs_per_sm, "max_registers": plan.config.max_registers,
             "value_metadata": plan.config.value_metadata if plan.transposed else None,
-            "kivi_code_units": _kivi_reading(plan) if plan.transposed else None}
+            "kivi_code_units": _kivi_reading(plan) if plan.transposed else None, "window": window}
 
 
 def _kivi_reading(plan: _PackedPlan) -> str | None:
