@@ -73,6 +73,19 @@ def _kivi_value_part(acc, p, word, v_scale, v_min, alpha, K: tl.constexpr, BITS:
     return tl.dot(p, v, acc * alpha[:, None], input_precision=PREC)
 
 @triton.jit
+def online_softmax_rows(s, m_i, l_i):
+    """One block of the online softmax (base 2) over the rows of ``s`` ``[M, N]`` float32 scores
+    (masked entries -inf): returns the new running maximum ``[M]``, the factor ``alpha`` ``[M]`` that
+    rescales the running output, the probabilities ``p`` ``[M, N]`` and the new running sum ``[M]``.
+    A row with every score -inf so far keeps a maximum of -inf and adds nothing."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _split_kernel(
     q_ptr, sq_b, sq_h, sq_t,
     k_ptr, sk_b, sk_h, sk_t, km0, km1, km2, km3, skm_b, skm_h, skm_g,
@@ -216,13 +229,7 @@ def _split_kernel(
             allowed = tl.load(mask_rows[:, None] + (offs_n + mask_offset)[None, :] * smk_n,
                               mask=keep, other=0)
             keep = keep & (allowed != 0)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        m_i, alpha, p, l_i = online_softmax_rows(tl.where(keep, s, float("-inf")), m_i, l_i)
         # ---- p @ values
         if VAL_PARTS:
             word = _load_units(v_base + offs_n[:, None] * sv_t, n_ok[:, None], NUV, VAL_UB)

@@ -35,6 +35,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kvpolar.kernels.decode_classic import online_softmax_rows
+
 
 #: rows of the rotation matrix read per step of the rotated merge (``_merge_splits``)
 ROT_ROWS = tl.constexpr(32)
@@ -199,14 +201,8 @@ def _kv_head_window_combine_kernel(
         if HAS_MASK:
             keep = keep & (tl.load(mask_rows[:, None] + (n[None, :] + mask_offset) * smk_n,
                                    mask=row_ok[:, None] & n_ok[None, :], other=0) != 0)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_w, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_w - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_w = l_w * alpha + tl.sum(p, axis=1)
+        m_w, alpha, p, l_w = online_softmax_rows(tl.where(keep, s, float("-inf")), m_w, l_w)
         acc_w = tl.dot(p.to(DT), v.to(DT), acc_w * alpha[:, None], input_precision=PREC)
-        m_w = m_new
     # each row's window partial taken out of the tiles, merged with its splits
     for j in range(ROWS_CONST if ROWS_CONST > 0 else n_rows):
         this = rows == j
