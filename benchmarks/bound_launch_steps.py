@@ -41,7 +41,7 @@ from kvpolar.kernels import decode_attention  # noqa: E402
 #: ``--switch`` name -> (``kvpolar.kernels.decode_attention`` attributes set on, set off, column labels off / on)
 SWITCHES = {"bound": ({"BOUND_LAUNCHES": True}, {"BOUND_LAUNCHES": False}, ("dispatcher", "bound launches")),
             "fold": ({"MAX_FOLDED_ROWS": 1 << 30}, {"MAX_FOLDED_WINDOW": 0}, ("window launched", "window folded")),
-            "rotate": ({"ROTATE_IN_COMBINE": frozenset({"PolarRecursiveTensor", "TurboTensor"})},
+            "rotate": ({"ROTATE_IN_COMBINE": decode_attention.ROTATE_IN_COMBINE},  # (the shipped set)
                        {"ROTATE_IN_COMBINE": frozenset()}, ("host products", "in the combine kernel"))}
 
 
