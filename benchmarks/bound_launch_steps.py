@@ -7,7 +7,10 @@
   unlimited, ``MAX_FOLDED_WINDOW`` as shipped) against its own split launch (``MAX_FOLDED_WINDOW = 0``);
 * ``rotate``: values stored in a rotated domain (turbo and polar-recursive alike) un-rotated in the
   combine kernel, their window folded (``ROTATE_IN_COMBINE``), against two matrix products on the host
-  side and the window's own launch.
+  side and the window's own launch;
+* ``addresses``: bound launches handing CUDA tensors to the compiled kernels as their addresses
+  (``bound_launch.ADDRESSES``) against handing over the tensors (Triton's launcher then calls each
+  one's ``data_ptr()`` and checks the address with the driver).
 
 For each preset and batch the cache is filled once; then blocks of ``--block`` decode steps
 alternate between the two settings ``--rounds`` times (after ``--warmup`` untimed steps of each), so
@@ -15,7 +18,7 @@ both see the same cache and the same moves into the packed part. fp16-flash (``D
 without cuDNN) is timed the same way as the reference; the setting does not touch it. Wall-clock
 median per step, ms.
 
-    PYTHONPATH=src python benchmarks/bound_launch_steps.py [--switch bound|fold|rotate]
+    PYTHONPATH=src python benchmarks/bound_launch_steps.py [--switch bound|fold|rotate|addresses]
         [--presets fp16-flash,kivi-2,polar-rope-3] [--batches 1,4] [--layers 32] [--smoke]
 
 ``--smoke``: the small model on the CPU, a 400-token context (checks that the script runs; on the
@@ -35,14 +38,23 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_end_to_end as e2e  # noqa: E402
 
-from kvpolar.kernels import decode_attention  # noqa: E402
+from kvpolar.kernels import bound_launch, decode_attention  # noqa: E402
 
-
-#: ``--switch`` name -> (``kvpolar.kernels.decode_attention`` attributes set on, set off, column labels off / on)
+#: ``--switch`` name -> (``kvpolar.kernels.decode_attention`` attributes set on, set off, column labels off / on);
+#: a name ``module.attribute`` names an attribute of another module of ``_MODULES``
 SWITCHES = {"bound": ({"BOUND_LAUNCHES": True}, {"BOUND_LAUNCHES": False}, ("dispatcher", "bound launches")),
             "fold": ({"MAX_FOLDED_ROWS": 1 << 30}, {"MAX_FOLDED_WINDOW": 0}, ("window launched", "window folded")),
             "rotate": ({"ROTATE_IN_COMBINE": decode_attention.ROTATE_IN_COMBINE},  # (the shipped set)
-                       {"ROTATE_IN_COMBINE": frozenset()}, ("host products", "in the combine kernel"))}
+                       {"ROTATE_IN_COMBINE": frozenset()}, ("host products", "in the combine kernel")),
+            "addresses": ({"bound_launch.ADDRESSES": True}, {"bound_launch.ADDRESSES": False},
+                          ("tensors", "addresses"))}
+_MODULES = {"bound_launch": bound_launch}
+
+
+def _setting(name: str) -> tuple[object, str]:
+    """(module, attribute) a ``SWITCHES`` name sets."""
+    module, _, attribute = name.rpartition(".")
+    return (_MODULES[module] if module else decode_attention), attribute
 
 
 @torch.no_grad()
@@ -58,12 +70,12 @@ def alternated_steps(model, preset: str, batch: int, context: int, block: int, r
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
     pos = torch.full((batch, 1), context, device=e2e.DEVICE, dtype=torch.long)
     times: dict[bool, list[float]] = {s: [] for s in settings}
-    defaults = {name: getattr(decode_attention, name) for name in (*on, *off)}
+    defaults = {name: getattr(*_setting(name)) for name in (*on, *off)}
     plan = [(s, warmup, False) for s in settings] + [(s, block, True) for _ in range(rounds) for s in settings]
     try:
         for setting, count, timed in plan:
             for name, value in {**defaults, **(on if setting else off)}.items():
-                setattr(decode_attention, name, value)
+                setattr(*_setting(name), value)
             for _ in range(count):
                 ms, ids = e2e.timed_forward(model, preset, ids, pos, kw)
                 if timed:
@@ -71,7 +83,7 @@ def alternated_steps(model, preset: str, batch: int, context: int, block: int, r
                 pos = pos + 1
     finally:
         for name, value in defaults.items():
-            setattr(decode_attention, name, value)
+            setattr(*_setting(name), value)
     return times
 
 

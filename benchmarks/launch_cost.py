@@ -13,7 +13,9 @@ than its host time, so the rows are host time. Rows:
   16-bit window (the steady decode state) attended in the combine kernel (two kernel launches);
   ``launched``: the window's own split launch (``MAX_FOLDED_WINDOW = 0``, three launches); ``no
   window`` (two launches); each with ``BOUND_LAUNCHES`` (the kernels relaunched through their
-  compiled kernels, ``kvpolar.kernels.bound_launch``) and without (every launch through Triton's
+  compiled kernels, ``kvpolar.kernels.bound_launch``, CUDA tensors handed over as their addresses),
+  ``bound launches, tensors`` (``bound_launch.ADDRESSES`` off: as tensors, whose ``data_ptr()``
+  Triton's launcher calls and checks with the driver) and without (every launch through Triton's
   dispatcher, which binds, specializes and hashes every argument);
 * ``empty kernel via jit``: a one-argument Triton kernel through the dispatcher, Triton's floor;
   ``empty kernel, compiled``: the same kernel launched as ``CompiledKernel[grid](x)``;
@@ -43,6 +45,7 @@ import torch
 import triton
 
 from bench_attention import HKV, HQ, D, make_preset
+from kvpolar.kernels import bound_launch
 from kvpolar.kernels import decode_attention as mod
 from kvpolar.kernels.bound_launch import BoundLaunch
 
@@ -141,9 +144,9 @@ def main() -> None:
     for name in args.presets:
         keys, values = make_preset(name, b, args.tokens, dt, dev)
         fold = mod.MAX_FOLDED_WINDOW
-        for bound in (True, False):
-            mod.BOUND_LAUNCHES = bound
-            how = "bound launches" if bound else "dispatcher"
+        for bound, addresses in ((True, True), (True, False), (False, True)):
+            mod.BOUND_LAUNCHES, bound_launch.ADDRESSES = bound, addresses
+            how = ("bound launches" if addresses else "bound launches, tensors") if bound else "dispatcher"
             for window, limit in (((rk, rv), fold), ((rk, rv), 0), ((None, None), fold)):
                 mod.MAX_FOLDED_WINDOW = limit
                 label = f"{name} fused, {how}, " + (
@@ -152,7 +155,7 @@ def main() -> None:
                 call = lambda: mod.fused_decode_attention(q, keys, values, None, None, *window, D**-0.5)  # noqa: E731
                 rows.append((label, host_us(call, args.calls, args.repeats)))
             mod.MAX_FOLDED_WINDOW = fold
-        mod.BOUND_LAUNCHES = True
+        mod.BOUND_LAUNCHES, bound_launch.ADDRESSES = True, True
         check = mod.fused_decode_attention(q, keys, values, None, None, rk, rv, D**-0.5)
         mod.BOUND_LAUNCHES = False
         same = torch.equal(check, mod.fused_decode_attention(q, keys, values, None, None, rk, rv, D**-0.5))

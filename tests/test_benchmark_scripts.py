@@ -126,7 +126,8 @@ def test_sdpa_priority_steps_times_both_settings():
 
 @pytest.mark.parametrize("switch, labels, preset", [("bound", "dispatcher | bound launches", "kivi-2"),
                                                     ("fold", "window launched | window folded", "kivi-2"),
-                                                    ("rotate", "host products | in the combine kernel", "polar-recursive")])
+                                                    ("rotate", "host products | in the combine kernel", "polar-recursive"),
+                                                    ("addresses", "tensors | addresses", "kivi-2")])
 def test_bound_launch_steps_times_both_settings(tmp_path, switch, labels, preset):
     """Each quantized preset with the switch on and off, the 16-bit baseline once, as a table and JSON."""
     out = tmp_path / "steps.json"

@@ -124,6 +124,41 @@ def test_other_specializations_go_back_to_the_dispatcher_and_are_kept(one_device
     assert [entry[2]["n"] for entry in log[-2:]] == [48, 7]
 
 
+def test_device_tensors_reach_the_compiled_kernel_as_addresses(one_device, monkeypatch):
+    """CUDA tensors (stood in by CPU tensors here) go to the compiled kernel as their addresses: the
+    bound ones converted once and kept alive, the varying ones at each launch, specialized as before;
+    with ``ADDRESSES`` off, as tensors."""
+    monkeypatch.setattr(bound_launch, "_on_device", lambda value: True)
+    kernel, log = _fake("x", "n", "y", "BLOCK")
+    launch = BoundLaunch(kernel, ("x", "n"))
+    y = torch.ones(8)
+    y_address, kept = y.data_ptr(), weakref.ref(y)
+    launch.launch((1,), (torch.zeros(4), 3, y), {"BLOCK": 16})
+    del y
+    gc.collect()
+    assert kept() is not None  # bound by address: the tensor must outlive the binding
+    x = torch.zeros(16)
+    assert launch.relaunch((2,), (x, 5))
+    values = log[-1][2]
+    assert values == {"x": x.data_ptr(), "n": 5, "y": y_address, "BLOCK": 16}
+    assert all(type(values[name]) is int for name in ("x", "y"))
+    assert not launch.relaunch((2,), (x[1:], 5))  # 4-byte aligned: another specialization, to the dispatcher
+    monkeypatch.setattr(bound_launch, "ADDRESSES", False)
+    assert launch.relaunch((2,), (x, 5))
+    assert log[-1][2]["x"] is x and log[-1][2]["y"] is kept()
+
+
+def test_host_tensors_are_handed_over_as_tensors(one_device):
+    """A tensor not on a CUDA device keeps its object, so Triton's launcher can reject it."""
+    kernel, log = _fake("x", "y")
+    launch = BoundLaunch(kernel, ("x",))
+    y = torch.ones(4)
+    launch.launch((1,), (torch.zeros(4), y), {})
+    x = torch.zeros(4)
+    assert launch.relaunch((1,), (x,))
+    assert log[-1][2]["x"] is x and log[-1][2]["y"] is y
+
+
 def test_no_relaunch_on_another_device(monkeypatch):
     kernel, _ = _fake("x", "n")
     device = [0]

@@ -11,6 +11,13 @@ specialized as the one it replaces: a tensor's dtype and 16-byte alignment, an i
 multiple of 16 and its width, a float as a float (``specialization``). Anything else goes back to the
 dispatcher, which compiles or finds the right kernel, and that launch is bound too.
 
+Tensors on a CUDA device reach the compiled kernel as their addresses (``ADDRESSES``): Triton's
+launcher otherwise calls each tensor's ``data_ptr()`` and asks the driver whether the address is a
+device one (``cuPointerGetAttribute``), about 20 times per split-kernel launch. The arguments that
+stay bound are converted once (the bound values keep their tensors alive), the varying ones at each
+launch from the ``data_ptr()`` their specialization reads anyway. Other tensors (a CPU tensor by
+mistake) are handed over as they are, so the launcher still rejects them.
+
 Under the Triton interpreter, or with a Triton whose compiled-kernel API differs, every launch goes
 through the dispatcher (nothing is bound).
 """
@@ -26,6 +33,16 @@ import torch
 #: launch options Triton takes as keywords beside the kernel's parameters
 _LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_cooperative_grid",
                              "launch_pdl"})
+
+
+#: Tensors on a CUDA device handed to compiled kernels as their addresses (False: as tensors, which
+#: Triton's launcher converts, checking each with the driver).
+ADDRESSES = True
+
+
+def _on_device(value: torch.Tensor) -> bool:
+    """Whether a tensor argument may go to a compiled kernel as its address (a CUDA tensor)."""
+    return value.is_cuda
 
 
 def specialization(value: Any) -> object:
@@ -81,7 +98,8 @@ class BoundLaunch:
             if unknown or constant:
                 raise ValueError(f"varying arguments must be runtime parameters of {getattr(fn, '__name__', fn)}; "
                                  f"not parameters: {unknown}, compile-time constants: {constant}")
-        self._bound: dict[tuple, tuple[Any, list]] = {}  # specialization of the varying values -> (compiled, values)
+        # specialization of the varying values -> (compiled, values, values with device tensors as addresses)
+        self._bound: dict[tuple, tuple[Any, list, list]] = {}
         self._slots: tuple[int, ...] = ()
         self._device: int | None = None
         self.direct_launches = 0  # launches that skipped the dispatcher (for tests and benchmarks)
@@ -111,12 +129,24 @@ class BoundLaunch:
         ``varying`` values; None where nothing is bound for them (or the current device is another)."""
         if not self._bound or _current_device() != self._device:
             return None
-        entry = self._bound.get(tuple([specialization(v) for v in values]))
+        if ADDRESSES:
+            key, given = [], []
+            for value in values:
+                if isinstance(value, torch.Tensor):
+                    address = value.data_ptr()
+                    key.append((value.dtype, not address & 15))
+                    given.append(address if _on_device(value) else value)
+                else:
+                    key.append(specialization(value))
+                    given.append(value)
+        else:
+            key, given = [specialization(v) for v in values], values
+        entry = self._bound.get(tuple(key))
         if entry is None:
             return None
-        compiled, bound = entry
-        launch_values = bound.copy()
-        for slot, value in zip(self._slots, values):
+        compiled, tensors, addresses = entry
+        launch_values = (addresses if ADDRESSES else tensors).copy()
+        for slot, value in zip(self._slots, given):
             launch_values[slot] = value
         return compiled, launch_values
 
@@ -140,4 +170,6 @@ class BoundLaunch:
         key = tuple(specialization(values[slot]) for slot in self._slots)
         for slot in self._slots:  # always replaced: keep no buffer of this launch alive
             values[slot] = None
-        self._bound[key] = (compiled, values)
+        # the same values with the device tensors as addresses (the list above keeps the tensors alive)
+        addresses = [v.data_ptr() if isinstance(v, torch.Tensor) and _on_device(v) else v for v in values]
+        self._bound[key] = (compiled, values, addresses)
