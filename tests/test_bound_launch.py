@@ -125,19 +125,18 @@ def test_other_specializations_go_back_to_the_dispatcher_and_are_kept(one_device
 
 
 def test_device_tensors_reach_the_compiled_kernel_as_addresses(one_device, monkeypatch):
-    """CUDA tensors (stood in by CPU tensors here) go to the compiled kernel as their addresses: the
-    bound ones converted once and kept alive, the varying ones at each launch, specialized as before;
-    with ``ADDRESSES`` off, as tensors."""
-    monkeypatch.setattr(bound_launch, "_on_device", lambda value: True)
+    """CUDA tensors (CPU tensors that say they are, here) go to the compiled kernel as their addresses:
+    the bound ones converted once and kept alive, the varying ones at each launch, specialized as
+    before; with ``ADDRESSES`` off, as tensors."""
     kernel, log = _fake("x", "n", "y", "BLOCK")
     launch = BoundLaunch(kernel, ("x", "n"))
-    y = torch.ones(8)
+    y, x = torch.ones(8), torch.zeros(16)
     y_address, kept = y.data_ptr(), weakref.ref(y)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     launch.launch((1,), (torch.zeros(4), 3, y), {"BLOCK": 16})
     del y
     gc.collect()
     assert kept() is not None  # bound by address: the tensor must outlive the binding
-    x = torch.zeros(16)
     assert launch.relaunch((2,), (x, 5))
     values = log[-1][2]
     assert values == {"x": x.data_ptr(), "n": 5, "y": y_address, "BLOCK": 16}
@@ -146,6 +145,16 @@ def test_device_tensors_reach_the_compiled_kernel_as_addresses(one_device, monke
     monkeypatch.setattr(bound_launch, "ADDRESSES", False)
     assert launch.relaunch((2,), (x, 5))
     assert log[-1][2]["x"] is x and log[-1][2]["y"] is kept()
+
+
+def test_varying_values_keyed_as_specialization_says():
+    """The launch path's one-pass keys (``_keyed``) are ``specialization``'s, for every kind of value."""
+    buf = torch.empty(64, dtype=torch.uint8)
+    values = (1, 2, 16, 48, 7, -3, 2**31 - 1, 2**31, -(2**31) - 1, 2**63, 0.5, None, True, buf, buf[1:],
+              buf.float(), torch.nn.Parameter(torch.zeros(4)))
+    key, given = bound_launch._keyed(values)
+    assert key == [specialization(v) for v in values]
+    assert all(g is v for g, v in zip(given, values))  # (no CUDA tensor among them)
 
 
 def test_host_tensors_are_handed_over_as_tensors(one_device):

@@ -40,11 +40,6 @@ _LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "
 ADDRESSES = True
 
 
-def _on_device(value: torch.Tensor) -> bool:
-    """Whether a tensor argument may go to a compiled kernel as its address (a CUDA tensor)."""
-    return value.is_cuda
-
-
 def specialization(value: Any) -> object:
     """What Triton's dispatcher specializes a runtime argument on: a tensor's dtype and 16-byte
     alignment; an integer's width (32 or 64 bits, signed or not), its being 1 and its being a
@@ -59,6 +54,29 @@ def specialization(value: Any) -> object:
     if isinstance(value, torch.Tensor):
         return value.dtype, not value.data_ptr() & 15
     return value
+
+
+def _keyed(values: tuple) -> tuple[list, list]:
+    """``([specialization(v) for v in values], values with CUDA tensors as their addresses)`` in one
+    pass, the two common cases (integers, plain tensors) inline: the varying values of every launch.
+    (Tensor subclasses take ``specialization`` and are handed over as they are.)"""
+    key: list = []
+    given: list = []
+    add_key, add_given = key.append, given.append
+    for value in values:
+        kind = type(value)
+        if kind is int:
+            add_key((32 if -0x80000000 <= value <= 0x7FFFFFFF else (64 if -(2**63) <= value < 2**63 else 65),
+                     value == 1, not value & 15))
+            add_given(value)
+        elif kind is torch.Tensor:
+            address = value.data_ptr()
+            add_key((value.dtype, not address & 15))
+            add_given(address if value.is_cuda else value)
+        else:
+            add_key(specialization(value))
+            add_given(value)
+    return key, given
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,18 +147,7 @@ class BoundLaunch:
         ``varying`` values; None where nothing is bound for them (or the current device is another)."""
         if not self._bound or _current_device() != self._device:
             return None
-        if ADDRESSES:
-            key, given = [], []
-            for value in values:
-                if isinstance(value, torch.Tensor):
-                    address = value.data_ptr()
-                    key.append((value.dtype, not address & 15))
-                    given.append(address if _on_device(value) else value)
-                else:
-                    key.append(specialization(value))
-                    given.append(value)
-        else:
-            key, given = [specialization(v) for v in values], values
+        key, given = _keyed(values) if ADDRESSES else ([specialization(v) for v in values], values)
         entry = self._bound.get(tuple(key))
         if entry is None:
             return None
@@ -171,5 +178,5 @@ class BoundLaunch:
         for slot in self._slots:  # always replaced: keep no buffer of this launch alive
             values[slot] = None
         # the same values with the device tensors as addresses (the list above keeps the tensors alive)
-        addresses = [v.data_ptr() if isinstance(v, torch.Tensor) and _on_device(v) else v for v in values]
+        addresses = [v.data_ptr() if isinstance(v, torch.Tensor) and v.is_cuda else v for v in values]
         self._bound[key] = (compiled, values, addresses)
