@@ -108,14 +108,15 @@ def compile_for_h100(kernel, args: tuple, kwargs: dict):
 
 def compile_combine_kernels(head_dim: int = D):
     """``{tag: compiled}``: the kernels that merge the splits (``decode_combine``: plain and with the
-    window folded in; values in the plain or a rotated domain, ``ROTATED``; 8 and 256 splits' worth
-    of partials, ``BLOCK_S``) compiled for sm_90 with float16 outputs, as ``fused_decode_attention``
+    window folded in, its length an argument or read from memory, ``WINDOW_IN_MEMORY``; values in the
+    plain or a rotated domain, ``ROTATED``; 8 and 256 splits' worth of partials, ``BLOCK_S``) compiled for sm_90 with float16 outputs, as ``fused_decode_attention``
     launches them."""
     from kvpolar.kernels import decode_combine
 
     parts = torch.empty(64, dtype=torch.float32)
     out = torch.empty(64, dtype=torch.float16)
     rot = torch.empty(head_dim * head_dim, dtype=torch.float32)
+    length = torch.empty(1, dtype=torch.int32)
     window = (out, 4 * head_dim, head_dim, head_dim)  # query / window keys / window values: pointer, 3 strides
     compiled = {}
     for rotated in (False, True):
@@ -123,15 +124,19 @@ def compile_combine_kernels(head_dim: int = D):
             head = (parts, parts, parts, out, block_s - 1, rot, block_s // 2)
             compiled[f"combine-rotated{int(rotated)}-s{block_s}"] = compile_for_h100(
                 decode_combine._combine_kernel, head, dict(D=head_dim, BLOCK_S=block_s, ROTATED=rotated, num_warps=4))
-            args = (*head, *window, *window, *window, out, 0, 0, 0, 0, 70, 3, 0, HQ, 4, 1, 0.1)
-            compiled[f"window-combine-rotated{int(rotated)}-s{block_s}"] = compile_for_h100(
-                decode_combine._window_combine_kernel, args,
-                dict(D=head_dim, BLOCK_S=block_s, BLOCK_N=mod.WINDOW_BLOCK_N, BLOCKS_CONST=0, HAS_MASK=False,
-                     ROTATED=rotated, num_warps=4))
-            compiled[f"kv-head-window-combine-rotated{int(rotated)}-s{block_s}"] = compile_for_h100(
-                decode_combine._kv_head_window_combine_kernel, args,
-                dict(D=head_dim, BLOCK_S=block_s, BLOCK_N=mod.WINDOW_BLOCK_N, BLOCK_M=16, DOT_DTYPE=triton.language.float16,
-                     BLOCKS_CONST=0, ROWS_CONST=0, HAS_MASK=False, ROTATED=rotated, num_warps=4))
+            for in_memory in (False, True):  # the window's length an argument, or read from memory
+                args = (*head, *window, *window, *window, out, 0, 0, 0, 0, 70, length if in_memory else out, 3, 0,
+                        HQ, 4, 1, 0.1)
+                tag = f"rotated{int(rotated)}-s{block_s}" + ("-length-in-memory" if in_memory else "")
+                compiled[f"window-combine-{tag}"] = compile_for_h100(
+                    decode_combine._window_combine_kernel, args,
+                    dict(D=head_dim, BLOCK_S=block_s, BLOCK_N=mod.WINDOW_BLOCK_N, BLOCKS_CONST=0, HAS_MASK=False,
+                         ROTATED=rotated, WINDOW_IN_MEMORY=in_memory, num_warps=4))
+                compiled[f"kv-head-window-combine-{tag}"] = compile_for_h100(
+                    decode_combine._kv_head_window_combine_kernel, args,
+                    dict(D=head_dim, BLOCK_S=block_s, BLOCK_N=mod.WINDOW_BLOCK_N, BLOCK_M=16,
+                         DOT_DTYPE=triton.language.float16, BLOCKS_CONST=0, ROWS_CONST=0, HAS_MASK=False,
+                         ROTATED=rotated, WINDOW_IN_MEMORY=in_memory, num_warps=4))
     return compiled
 
 

@@ -401,6 +401,60 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, form, case)
         assert torch.equal(out[2], torch.zeros_like(out[2]))
 
 
+@pytest.mark.parametrize("form", ["by-kv-head", "by-row"])
+@pytest.mark.parametrize("case", ["part", "one", "full", "empty", "window-only", "bf16"])
+def test_window_length_read_from_memory(monkeypatch, form, case):
+    """``residual_length``: the window in buffers of a fixed size (``capacity`` tokens, the rest filled
+    with huge values that must not be read), the kernel reading how many are real from memory. The
+    output equals the call over the real tokens alone, bit for bit (the blocks beyond add nothing), in
+    both folded forms; with an empty window it equals the call without one."""
+    monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD", form == "by-kv-head")
+    monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD_SM_SHARE", 1 << 20)
+    monkeypatch.setattr(da, "_COMBINE_LAUNCHES", {})
+    tk, capacity, real, dtype = {"part": (40, 70, 37, torch.float16), "one": (40, 33, 1, torch.float16),
+                                 "full": (33, 64, 64, torch.float16), "empty": (40, 35, 0, torch.float16),
+                                 "window-only": (0, 50, 19, torch.float16),
+                                 "bf16": (37, 45, 30, torch.bfloat16)}[case]
+    k, v, q = random_inputs(("window-in-memory", case), batch=2, hkv=2, gqa=4, tq=1, n=tk + capacity, d=D,
+                            dtype=dtype)
+    fmt = "kivi-2-32" if tk else "none"
+    kq, pk = make_keys(fmt, k[..., :tk, :]) if tk else (None, None)
+    vq, pv = make_values(fmt, v[..., :tk, :]) if tk else (None, None)
+    rk, rv = k[..., tk:, :].clone(), v[..., tk:, :].clone()
+    rk[..., real:, :], rv[..., real:, :] = 3e4, -3e4  # not the window's: never read
+    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    scale = D**-0.5
+    length = torch.tensor([real], dtype=torch.int32, device=DEVICE)
+    out = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, dev(rk), dev(rv), scale, residual_length=length)
+    window = (dev(rk[..., :real, :]), dev(rv[..., :real, :])) if real else (None, None)
+    want = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, *window, scale)
+    assert torch.equal(out, want)
+    kernel = da._kv_head_window_combine_kernel if form == "by-kv-head" else da._window_combine_kernel
+    assert kernel in [key[1] for key in da._COMBINE_LAUNCHES]
+
+
+def test_window_length_in_memory_refuses_what_it_cannot_do(monkeypatch):
+    """``residual_length`` must be an int32 one-element tensor on the query's device, with a window, no
+    mask, and a window the merging kernel attends (not its own launch)."""
+    k, v, q = random_inputs("window-in-memory-errors", batch=1, hkv=2, gqa=4, tq=1, n=80, d=D, dtype=torch.float16)
+    kq, pk = make_keys("kivi-2-32", k[..., :64, :])
+    vq, pv = make_values("kivi-2-32", v[..., :64, :])
+    dev = lambda x: x.to(DEVICE)  # noqa: E731
+    args = (dev(q), dev(pk), dev(pv), kq, vq, dev(k[..., 64:, :]), dev(v[..., 64:, :]), D**-0.5)
+    length = torch.tensor([5], dtype=torch.int32, device=DEVICE)
+    for bad, match in ((length.long(), "int32 tensor of one element"), (torch.tensor([5, 6], dtype=torch.int32),
+                                                                        "int32 tensor of one element"), (5, "got 5")):
+        with pytest.raises(ValueError, match=match):
+            fused_decode_attention(*args, residual_length=bad)
+    with pytest.raises(ValueError, match="without a residual window"):
+        fused_decode_attention(*args[:5], None, None, D**-0.5, residual_length=length)
+    with pytest.raises(ValueError, match="does not take an attention_mask"):
+        fused_decode_attention(*args, dev(torch.ones(1, 1, 1, 80, dtype=torch.bool)), residual_length=length)
+    monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 8)
+    with pytest.raises(ValueError, match="needs the 16-token window attended in the kernel that merges"):
+        fused_decode_attention(*args, residual_length=length)
+
+
 def test_window_by_kv_head_where_its_programs_fill_the_gpu(monkeypatch):
     """The folded window takes one program per KV head where batch x KV heads x
     ``WINDOW_BY_KV_HEAD_SM_SHARE`` reaches the SMs (large batches: the window read once per KV head),

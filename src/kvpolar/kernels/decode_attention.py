@@ -181,6 +181,8 @@ def fused_decode_attention(
     scale: float,
     attention_mask: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
+    *,
+    residual_length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of ``query`` over packed keys/values plus the residual window, fused.
 
@@ -196,6 +198,12 @@ def fused_decode_attention(
         attention_mask: bool broadcastable to ``[B, Hq, Tq, Tk + R]``, True = attend; fully
             masked rows give zeros.
         config: launch tuning (block size, warps, stages, splits); None = defaults.
+        residual_length: int32 ``[1]`` on the query's device: only the first ``residual_length``
+            tokens of ``residual_keys`` / ``residual_values`` (buffers of a fixed size) are attended,
+            the count read by the kernel, not the host, so that a CUDA graph can replay the call as
+            the window grows (``kvpolar.cache.graphed``). Its value must lie in ``[0, R]`` (not
+            checked: reading it would wait for the GPU). Needs the window attended in the kernel that
+            merges the splits (``describe_launch``'s ``window`` not "own launch") and no mask.
 
     Returns:
         ``[B, Hq, Tq, D]`` in ``query.dtype``.
@@ -231,6 +239,8 @@ def fused_decode_attention(
         raise ValueError(f"residual keys {tuple(residual_keys.shape)} / values {tuple(residual_values.shape)} "
                          f"must be [B={bsz}, Hkv={hkv}, R, D={d}]")
     n_total = tk + r
+    if residual_length is not None:
+        _check_residual_length(residual_length, residual_keys, attention_mask, query)
     mask = None
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool:
@@ -248,6 +258,12 @@ def fused_decode_attention(
         parts.append((plan.k_op, plan.v_op, 0, plan.splits, plan.per_split, plan.block_n, q_packed, plan.config,
                       plan.transposed, plan.launch))
     fold_window, by_kv_head, rotate_in_combine = _window_plan(bsz, hq, hkv, tq, r, values, v_rot, sms)
+    if residual_length is not None and not fold_window:
+        raise ValueError(
+            f"residual_length needs the {r}-token window attended in the kernel that merges the splits; this "
+            f"call gives it its own launch (windows of at most MAX_FOLDED_WINDOW={MAX_FOLDED_WINDOW} tokens, "
+            f"calls of at most MAX_FOLDED_ROWS={MAX_FOLDED_ROWS} query rows or that the per-KV-head form "
+            "takes, rotated values of ROTATE_IN_COMBINE's formats)")
     if r and not fold_window:
         block_n = min(cfg.block_n, max(16, _next_pow2(r)))
         splits, per_split = choose_splits(r, bsz * hkv, sms, block_n, _residual_config(cfg))
@@ -294,9 +310,10 @@ def fused_decode_attention(
                          else (_window_combine_kernel, _WINDOW_COMBINE_ARGUMENTS))
         combine_args = _window_combine_arguments(query, residual_keys, residual_values, mask, tk, gqa, scale,
                                                  part_max, part_sum, part_acc, out, total_splits, rot_args,
-                                                 window_blocks, hkv if by_kv_head else hq)
+                                                 window_blocks, hkv if by_kv_head else hq, residual_length)
         kwargs = dict(D=d, BLOCK_S=block_s, BLOCK_N=WINDOW_BLOCK_N, HAS_MASK=mask is not None,
-                      BLOCKS_CONST=window_blocks if _interpreting() else 0, ROTATED=rotate_in_combine, num_warps=4)
+                      BLOCKS_CONST=window_blocks if _interpreting() else 0, ROTATED=rotate_in_combine,
+                      WINDOW_IN_MEMORY=residual_length is not None, num_warps=4)
         if by_kv_head:
             kwargs.update(BLOCK_M=block_m, DOT_DTYPE=_dot_dtype(query.dtype),
                           ROWS_CONST=gqa * tq if _interpreting() else 0)
@@ -314,6 +331,21 @@ def fused_decode_attention(
     if v_rot is not None and not rotate_in_combine:
         out = (out @ v_rot).to(query.dtype)  # R^T o, once
     return out
+
+
+def _check_residual_length(residual_length, residual_keys, attention_mask, query) -> None:
+    """``fused_decode_attention``'s ``residual_length``: an int32 ``[1]`` tensor on the query's device, with
+    a window and without a mask."""
+    if not isinstance(residual_length, torch.Tensor) or residual_length.dtype != torch.int32 \
+            or residual_length.numel() != 1 or residual_length.device != query.device:
+        got = (f"{residual_length.dtype} {tuple(residual_length.shape)} on {residual_length.device}"
+               if isinstance(residual_length, torch.Tensor) else repr(residual_length))
+        raise ValueError(f"residual_length must be an int32 tensor of one element on {query.device}; got {got}")
+    if residual_keys is None:
+        raise ValueError("residual_length was given without a residual window (residual_keys is None)")
+    if attention_mask is not None:
+        raise ValueError("residual_length does not take an attention_mask (windows of fixed-size buffers are for "
+                         "batches without padding)")
 
 
 def _window_plan(bsz: int, hq: int, hkv: int, tq: int, r: int, values, v_rot, sms: int) -> tuple[bool, bool, bool]:
@@ -843,7 +875,7 @@ _COMBINE_ARGUMENTS = ("part_max", "part_sum", "part_acc", "out_ptr", "n_splits",
 _WINDOW_COMBINE_ARGUMENTS = _COMBINE_ARGUMENTS + (
     "q_ptr", "sq_b", "sq_h", "sq_t", "k_ptr", "sk_b", "sk_h", "sk_t", "v_ptr", "sv_b", "sv_h", "sv_t",
     "mask_ptr", "smk_b", "smk_h", "smk_t", "smk_n",
-    "n_window", "window_blocks", "mask_offset", "n_heads", "gqa", "n_query", "qk_scale")
+    "n_window", "n_window_ptr", "window_blocks", "mask_offset", "n_heads", "gqa", "n_query", "qk_scale")
 #: Residual windows of at most ``MAX_FOLDED_WINDOW`` tokens, in calls of at most ``MAX_FOLDED_ROWS``
 #: query rows (batch x query heads x query tokens) or in calls the per-KV-head form takes
 #: (``WINDOW_BY_KV_HEAD``: it reads each KV head's window once, as the window's own launch does), are
@@ -896,15 +928,19 @@ def _mask_arguments(mask: torch.Tensor | None, stand_in: torch.Tensor) -> tuple:
 
 
 def _window_combine_arguments(query, residual_keys, residual_values, mask, mask_offset, gqa, scale, part_max,
-                              part_sum, part_acc, out, n_splits, rot_args, window_blocks, heads) -> tuple:
+                              part_sum, part_acc, out, n_splits, rot_args, window_blocks, heads,
+                              residual_length=None) -> tuple:
     """The runtime arguments of ``_window_combine_kernel`` (``_WINDOW_COMBINE_ARGUMENTS``, in order;
     ``rot_args``: its ``rot_ptr`` and ``n_rotated``; ``heads``: the query heads) or of
-    ``_kv_head_window_combine_kernel`` (``_KV_HEAD_WINDOW_COMBINE_ARGUMENTS``; ``heads``: the KV heads)."""
+    ``_kv_head_window_combine_kernel`` (``_KV_HEAD_WINDOW_COMBINE_ARGUMENTS``; ``heads``: the KV heads);
+    ``residual_length``: the window's length in memory (None: all of the buffers' tokens; the query
+    stands in the pointer's slot, unread)."""
     tq = query.shape[2]
     rk, rv = formats.last_contiguous(residual_keys), formats.last_contiguous(residual_values)
     sq, sk, sv = query.stride(), rk.stride(), rv.stride()
     return (part_max, part_sum, part_acc, out, n_splits, *rot_args, query, sq[0], sq[1], sq[2], rk, sk[0], sk[1], sk[2],
-            rv, sv[0], sv[1], sv[2], *_mask_arguments(mask, query), rk.shape[2], window_blocks, mask_offset, heads,
+            rv, sv[0], sv[1], sv[2], *_mask_arguments(mask, query), rk.shape[2],
+            query if residual_length is None else residual_length, window_blocks, mask_offset, heads,
             gqa, tq, scale * _LOG2E)
 
 

@@ -20,6 +20,10 @@ short full-precision residual window attended in that same pass.
   with few programs (batch 1) the rows' merges run in turn and the per-row form is faster
   (``decode_attention.WINDOW_BY_KV_HEAD_SM_SHARE``).
 
+Both window kernels can read the window's length from memory (``WINDOW_IN_MEMORY``): the window then
+lies in buffers of a fixed size and the launch can be recorded once in a CUDA graph and replayed as
+the window grows (``kvpolar.cache.graphed``).
+
 Values stored in a rotated domain (turbo, polar-recursive: ``y = x @ R.T`` per vector, ``R`` orthogonal
 ``[D, D]``) give packed partial outputs in that domain. With ``ROTATED`` the merge takes the first
 ``n_rotated`` splits as rotated and un-rotates their weighted sum by ``R`` (float32, ``rot_ptr``, read
@@ -105,9 +109,9 @@ def _window_combine_kernel(
     q_ptr, sq_b, sq_h, sq_t,
     k_ptr, sk_b, sk_h, sk_t, v_ptr, sv_b, sv_h, sv_t,
     mask_ptr, smk_b, smk_h, smk_t, smk_n,
-    n_window, window_blocks, mask_offset, n_heads, gqa, n_query, qk_scale,
+    n_window, n_window_ptr, window_blocks, mask_offset, n_heads, gqa, n_query, qk_scale,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_CONST: tl.constexpr,
-    HAS_MASK: tl.constexpr, ROTATED: tl.constexpr,
+    HAS_MASK: tl.constexpr, ROTATED: tl.constexpr, WINDOW_IN_MEMORY: tl.constexpr,
 ):
     """Attend one row over the residual window, then merge with the packed splits (module docstring).
 
@@ -117,7 +121,12 @@ def _window_combine_kernel(
     with HAS_MASK), the window's tokens at columns ``mask_offset + j``; ``window_blocks``: ``ceil(n_window
     / BLOCK_N)`` (the interpreter takes it as the constant BLOCKS_CONST); ``qk_scale``: softmax scale
     times log2(e); ``part_*`` / ``n_splits``: the packed splits (0: none); ROTATED: the first
-    ``n_rotated`` of them in the values' rotated domain of ``rot_ptr`` (``_merge_splits``)."""
+    ``n_rotated`` of them in the values' rotated domain of ``rot_ptr`` (``_merge_splits``).
+    WINDOW_IN_MEMORY: the window's length is read from ``n_window_ptr`` (int32 ``[1]``, at most
+    ``n_window`` = the buffers' tokens, which ``window_blocks`` covers): a launch recorded in a CUDA
+    graph then attends a window that grows from one replay to the next."""
+    if WINDOW_IN_MEMORY:
+        n_window = tl.load(n_window_ptr)
     row = tl.program_id(0).to(tl.int64)
     tok = row % n_query
     head = (row // n_query) % n_heads
@@ -159,9 +168,10 @@ def _kv_head_window_combine_kernel(
     q_ptr, sq_b, sq_h, sq_t,
     k_ptr, sk_b, sk_h, sk_t, v_ptr, sv_b, sv_h, sv_t,
     mask_ptr, smk_b, smk_h, smk_t, smk_n,
-    n_window, window_blocks, mask_offset, n_kv_heads, gqa, n_query, qk_scale,
+    n_window, n_window_ptr, window_blocks, mask_offset, n_kv_heads, gqa, n_query, qk_scale,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCKS_CONST: tl.constexpr, ROWS_CONST: tl.constexpr, HAS_MASK: tl.constexpr, ROTATED: tl.constexpr,
+    WINDOW_IN_MEMORY: tl.constexpr,
 ):
     """``_window_combine_kernel`` for all ``gqa * n_query`` rows of one KV head of one sequence at once,
     grid ``(batch * kv_heads,)``: the window's keys and values are read once per KV head, not once per
@@ -171,6 +181,8 @@ def _kv_head_window_combine_kernel(
     output rows ``pid * gqa * n_query + j``, each then merged with its packed splits (``_merge_splits``).
     Arguments as ``_window_combine_kernel``'s, ``n_kv_heads`` in place of ``n_heads``; the interpreter
     takes the rows' count as the constant ROWS_CONST too (a loop bound; compiled: 0, the count at run time)."""
+    if WINDOW_IN_MEMORY:
+        n_window = tl.load(n_window_ptr)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_kv_heads
     hkv = pid % n_kv_heads
