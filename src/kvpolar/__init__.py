@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _CACHE_NAMES = {
     "KVCacheConfig": "kvpolar.cache.config",
     **dict.fromkeys(("QuantizedKVCache", "enable", "cache_kwargs", "cache_keyword"), "kvpolar.cache.cache"),
+    "generate_with_graphs": "kvpolar.cache.graphed",
 }
 
 
@@ -33,6 +34,7 @@ __all__ = [
     "cache_kwargs",
     "cat",
     "enable",
+    "generate_with_graphs",
     "quantizer",
     "register",
 ]

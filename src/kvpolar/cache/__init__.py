@@ -14,6 +14,9 @@ _LAZY = {
     "cache_keyword": "kvpolar.cache.cache",
     "cache_kwargs": "kvpolar.cache.cache",
     "register_attention": "kvpolar.cache.attention",
+    "generate_with_graphs": "kvpolar.cache.graphed",
+    "decode_with_graphs": "kvpolar.cache.graphed",
+    "GraphedDecoding": "kvpolar.cache.graphed",
 }
 
 
@@ -26,6 +29,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "KVCacheConfig", "MemoryReport", "PRESETS", "QuantizedKVCache", "cache_keyword", "cache_kwargs", "enable",
-    "register_attention",
+    "GraphedDecoding", "KVCacheConfig", "MemoryReport", "PRESETS", "QuantizedKVCache", "cache_keyword", "cache_kwargs",
+    "decode_with_graphs", "enable", "generate_with_graphs", "register_attention",
 ]

@@ -18,7 +18,9 @@ Dispatch per call:
 * otherwise: decode attention over packed + residual, never dequantizing the packed part: on CUDA
   ``kvpolar.kernels.decode_attention.fused_decode_attention`` if it is installed, else (and on CPU)
   ``kvpolar.decode_attention.reference_decode_attention``.
-After attention the layer compresses its window (see ``layer.py``).
+After attention the layer compresses its window (see ``layer.py``). Replayed decode steps
+(``kvpolar.cache.graphed``: the layer's window in fixed-size buffers) attend the buffers' real tokens,
+their count read on the device, and leave the layer's host-side state alone.
 
 SDPA calls of decode-size steps over cached tokens (fewer queries than keys, at most
 ``MAX_FUSED_QUERY_ROWS`` query rows per KV head: decode and verify steps over the 16-bit window or a
@@ -82,6 +84,8 @@ def kvpolar_attention(
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                           **kwargs)
     _check_module(module, layer)
+    if layer.window_buffers is not None:
+        return _decode_buffered(query, layer, attention_mask, scaling), None
     mask = _bool_mask(attention_mask, query, layer.seen)
     # which new tokens are real (None: all; without a mask from the model there is no padding)
     new_valid = None if attention_mask is None else mask[:, 0, :, -query.shape[-2]:].any(dim=-2)
@@ -101,6 +105,32 @@ def kvpolar_attention(
         ).transpose(1, 2).contiguous()
     layer.after_attention(new_valid, query)
     return out, None
+
+
+def _decode_buffered(query: torch.Tensor, layer: Any, attention_mask: torch.Tensor | None,
+                     scaling: float | None) -> torch.Tensor:
+    """A replayed decode step's attention (``layer.window_buffers`` set): the packed part plus the
+    window buffers' first ``length`` tokens, the count read on the device by the fused kernel (on the
+    CPU, where nothing is replayed, by the host from the buffers' ``length``); ``[B, Tq, Hq, D]``."""
+    if attention_mask is not None:
+        raise ValueError("replayed decode steps take no attention mask (batches without padding); the model "
+                         "was given one")
+    buffers = layer.window_buffers
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    args = (layer.packed_keys, layer.packed_values, layer.key_quantizer, layer.value_quantizer)
+    kernel = fused_kernel(query)
+    if kernel is not None:
+        if layer.packed_keys is not None and not kernel.supports(layer.packed_keys, layer.packed_values):
+            raise ValueError(f"layer {layer.layer_idx}: the fused decode kernel does not read keys stored as "
+                             f"{type(layer.packed_keys).__name__} with values stored as "
+                             f"{type(layer.packed_values).__name__}, which replayed decode steps need")
+        out = kernel.fused_decode_attention(query, *args, buffers.keys, buffers.values, scale,
+                                            residual_length=buffers.length)
+    else:
+        n = int(buffers.length)
+        out = reference_decode_attention(query, *args, buffers.keys[:, :, :n], buffers.values[:, :, :n], scale)
+    layer.awaiting_attention = False
+    return out.transpose(1, 2).contiguous()
 
 
 def _attend_dequantized(module: torch.nn.Module, query: torch.Tensor, layer: Any, attention_mask: torch.Tensor | None,

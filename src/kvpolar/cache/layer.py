@@ -18,6 +18,11 @@ code moves values token by token; one boundary for both keeps one attention layo
 Padding: tokens no query may attend to (left padding) are replaced, before quantizing, by the next
 real token of the same row, so they never enter a real token's group statistics (min/max, norms,
 SQuat's query subspace).
+
+Replayed decode steps (``kvpolar.cache.graphed``, CUDA graphs): while ``window_buffers`` is set, the
+window lies in buffers of a fixed size and ``update`` writes each new token at a position held on the
+device; the host-side state (``seen``, the window, the moves into the packed part) stays as it was
+until the decode loop hands the buffers back (``take_window_buffers``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,20 @@ from kvpolar.quantizers.base import Quantizer
 from kvpolar.registry import available_quantizers, quantizer
 
 _PENDING = threading.local()  # (layer, key tensor returned by update) until the attention call
+
+
+@dataclasses.dataclass
+class WindowBuffers:
+    """The 16-bit window in buffers of a fixed size, for decode steps recorded once and replayed.
+
+    ``keys`` / ``values``: ``[B, Hkv, capacity, D]`` in the cache's dtype, the window's tokens first;
+    ``index``: int64 ``[1]``, where ``update`` writes the step's token; ``length``: int32 ``[1]``, the
+    tokens the step's attention reads (``index + 1``). The decode loop advances both on the device."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    index: torch.Tensor
+    length: torch.Tensor
 
 
 def check_registered(role: str, name: str) -> None:
@@ -119,6 +138,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.seen = 0
         self.awaiting_attention = False
         self.is_initialized = False
+        self.window_buffers: WindowBuffers | None = None  # set for replayed decode steps
 
     # ----- CacheLayerMixin --------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -139,6 +159,8 @@ class QuantizedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check_shape(key_states, value_states)
+        if self.window_buffers is not None:
+            return self._update_buffers(key_states, value_states)
         first = self.seen == 0
         self.keys = key_states if first else torch.cat([self.keys, key_states], dim=-2)
         self.values = value_states if first else torch.cat([self.values, value_states], dim=-2)
@@ -149,6 +171,51 @@ class QuantizedLayer(CacheLayerMixin):
         self.awaiting_attention = True
         _PENDING.value = (self, key_states)
         return key_states, value_states
+
+    def _update_buffers(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """``update`` while the window lies in ``window_buffers``: the one new token written at the
+        buffers' device-held position; nothing on the host changes."""
+        if key_states.shape[-2] != 1:
+            raise ValueError(f"layer {self.layer_idx}: replayed decode steps take one token per step; got "
+                             f"{key_states.shape[-2]}")
+        buffers = self.window_buffers
+        buffers.keys.index_copy_(2, buffers.index, key_states)
+        buffers.values.index_copy_(2, buffers.index, value_states)
+        self.awaiting_attention = True
+        _PENDING.value = (self, key_states)
+        return key_states, value_states
+
+    def give_window_buffers(self, capacity: int, index: torch.Tensor, length: torch.Tensor) -> WindowBuffers:
+        """Move the window into buffers of ``capacity`` tokens (``window_buffers``) for replayed decode
+        steps, sharing the device-held ``index`` / ``length`` with the other layers. The layer must
+        be quantized and hold a window."""
+        if self.plan.full_precision or self.keys is None:
+            raise ValueError(f"layer {self.layer_idx}: only a quantized layer holding a window can decode with "
+                             "window buffers")
+        w = self.residual_tokens
+        if capacity < w + 1:
+            raise ValueError(f"layer {self.layer_idx}: capacity={capacity}; the window holds {w} tokens and "
+                             "needs room for one more")
+        shape = (self.batch_size, self.num_heads, capacity, self.head_dim)
+        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        keys[:, :, :w], values[:, :, :w] = self.keys, self.values
+        self.window_buffers = WindowBuffers(keys, values, index, length)
+        return self.window_buffers
+
+    def take_window_buffers(self, steps: int) -> None:
+        """Back from ``window_buffers`` after ``steps`` replayed one-token steps: the window is the
+        buffers' first tokens again, ``seen`` counts the steps, and whole chunks beyond
+        ``residual_length`` move into the packed part, as ``after_attention`` would have moved them."""
+        buffers, self.window_buffers = self.window_buffers, None
+        w = self.residual_tokens + steps
+        self.keys = buffers.keys[:, :, :w].clone()
+        self.values = buffers.values[:, :, :w].clone()
+        self.seen += steps
+        self.awaiting_attention = False
+        move = (w - self.residual_length) // self.chunk * self.chunk
+        if move > 0:
+            self._compress(move)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0

@@ -1,0 +1,199 @@
+"""Decode steps replayed from CUDA graphs (``kvpolar.cache.graphed``) against eager ones, end to end on the
+8B-shaped model (random weights, ``bench_end_to_end.build_model``).
+
+First a check on a ``--check-layers``-layer model: ``generate_with_graphs`` with graphs gives the tokens
+of the same steps run eagerly (``graphs=False``) and of ``model.generate`` with the same preset, over a
+1024-token prompt and enough new tokens for several moves into the packed part.
+
+Then, per preset and batch, the cache filled to ``--context`` tokens per sequence
+(``bench_end_to_end.fill_cache``) and ``--steps`` decode steps timed by wall clock, the device
+synchronized before and after:
+
+* ``eager``: the library's ordinary steps (one model forward per token, as ``generate`` runs them),
+  ms per step as the total over the steps (moves into the packed part included);
+* ``graphed``: ``decode_with_graphs`` over the same number of steps (per stretch between two moves:
+  one eager step, one recorded, the rest replayed), total wall time per step, recordings included;
+
+and the 16-bit references: ``fp16-flash`` eager (``DynamicCache``, SDPA's flash backend) and
+``fp16-static`` graphed (``StaticCache``, the model's step recorded once, the cache position in a device
+tensor, replayed; the attention reads the whole preallocated buffer under a mask), where it records.
+
+    PYTHONPATH=src:benchmarks python benchmarks/bench_graphed_decode.py [--presets kivi-2 polar-rope-3]
+        [--batches 1 4] [--context 32768] [--steps 256] [--layers 32] [--out FILE.json] [--smoke]
+
+``--smoke``: the small model on the CPU, eager only (graphs need CUDA), to check the script runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_end_to_end as e2e  # noqa: E402
+
+import kvpolar  # noqa: E402
+from kvpolar.cache.graphed import decode_with_graphs, generate_with_graphs  # noqa: E402
+
+
+def _sync() -> None:
+    if e2e.DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def check_tokens(layers: int, presets: list[str], graphs: bool) -> list[dict]:
+    """Greedy tokens three ways on a small model: ``generate``, the stretches eagerly, the stretches
+    replayed (with ``graphs``); one row per preset."""
+    model = e2e.build_model(layers)
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 1024), generator=gen).to(e2e.DEVICE)
+    rows = []
+    for preset in presets:
+        new = 2 * kvpolar.QuantizedKVCache(model.config, preset).layers[0].chunk + 20  # two moves and some
+        cache = kvpolar.enable(model, preset)
+        want = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              attention_mask=torch.ones_like(ids), pad_token_id=0, **kvpolar.cache_kwargs(model, cache))
+        eager = generate_with_graphs(model, ids, kvpolar.enable(model, preset), new, graphs=False)
+        replayed = generate_with_graphs(model, ids, kvpolar.enable(model, preset), new) if graphs else None
+        rows.append({"preset": preset, "new_tokens": new, "eager_equals_generate": bool(torch.equal(eager, want)),
+                     "graphed_equals_generate": None if replayed is None else bool(torch.equal(replayed, want))})
+    del model
+    return rows
+
+
+@torch.no_grad()
+def eager_ms(model, preset: str, batch: int, context: int, steps: int) -> float:
+    """ms per step of ``steps`` ordinary decode steps after two untimed ones (total wall time / steps)."""
+    cache = e2e.make_cache(model, preset, context + steps + 4)
+    e2e.fill_cache(model, cache, preset, batch, context)
+    kw = e2e.cache_kwargs(model, cache)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
+    pos = torch.full((batch, 1), context, device=e2e.DEVICE, dtype=torch.long)
+    for i in range(steps + 2):
+        if i == 2:
+            _sync()
+            start = time.perf_counter()
+        with e2e.attention_backends(preset):
+            logits = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw).logits
+        ids = logits[:, -1:].argmax(-1)
+        pos = pos + 1
+    _sync()
+    ms = 1000 * (time.perf_counter() - start) / steps
+    del cache
+    return ms
+
+
+@torch.no_grad()
+def graphed_ms(model, preset: str, batch: int, context: int, steps: int, graphs: bool) -> tuple[float, dict]:
+    """ms per step of ``decode_with_graphs`` over ``steps`` steps (total wall time / steps), after two
+    untimed graphed steps (the fused kernels' compiles), and how the steps ran."""
+    cache = kvpolar.enable(model, preset)
+    e2e.fill_cache(model, cache, preset, batch, context)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
+    warm = decode_with_graphs(model, cache, ids, context, 2, graphs=graphs)
+    _sync()
+    start = time.perf_counter()
+    run = decode_with_graphs(model, cache, warm.tokens[:, -1:], context + 2, steps, graphs=graphs)
+    _sync()
+    ms = 1000 * (time.perf_counter() - start) / steps
+    how = {"eager_steps": run.eager_steps, "replayed_steps": run.replayed_steps, "recordings": run.recordings}
+    del cache
+    return ms, how
+
+
+@torch.no_grad()
+def static_graphed_ms(model, batch: int, context: int, steps: int) -> float:
+    """fp16 ``StaticCache``: the decode step recorded once and replayed ``steps`` times (ms per step)."""
+    import transformers
+
+    model.set_attn_implementation("sdpa")
+    cache = transformers.StaticCache(config=model.config, max_cache_len=context + steps + 8)
+    e2e.fill_cache(model, cache, "fp16-static", batch, context)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
+    pos = torch.full((batch, 1), context, device=e2e.DEVICE, dtype=torch.long)
+    cache_position = torch.full((1,), context, device=e2e.DEVICE, dtype=torch.long)
+    kw = e2e.cache_kwargs(model, cache)
+
+    def step():
+        logits = model(input_ids=ids, position_ids=pos, cache_position=cache_position, use_cache=True,
+                       logits_to_keep=1, **kw).logits
+        ids.copy_(logits[:, -1:].argmax(-1))
+        pos.add_(1)
+        cache_position.add_(1)
+
+    step()  # (warm-up: cuBLAS handles, the mask's kernels)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    _sync()
+    ms = 1000 * (time.perf_counter() - start) / steps
+    del graph, cache
+    return ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=["kivi-2", "polar-rope-3"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--check-layers", type=int, default=4)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="small model on the CPU, eager only")
+    args = ap.parse_args()
+    graphs = not args.smoke
+    if args.smoke:
+        e2e.DEVICE, args.context, args.layers, args.steps, args.check_layers = "cpu", 300, 2, 40, 2
+    checks = check_tokens(args.check_layers, args.presets, graphs)
+    model = e2e.build_model(args.layers)
+    rows = []
+    for batch in args.batches:
+        e2e._reset_memory()
+        rows.append({"preset": "fp16-flash", "batch": batch, "eager_ms": eager_ms(model, "fp16-flash", batch,
+                                                                                  args.context, args.steps)})
+        if graphs:
+            try:
+                rows[-1]["graphed_ms"] = static_graphed_ms(model, batch, args.context, args.steps)
+                rows[-1]["graphed_note"] = "fp16-static (StaticCache) recorded and replayed"
+            except Exception as err:  # (a transformers version whose static step reads back to the host)
+                rows[-1]["graphed_note"] = f"fp16-static did not record: {type(err).__name__}: {str(err)[:200]}"
+        for preset in args.presets:
+            e2e._reset_memory()
+            row = {"preset": preset, "batch": batch, "eager_ms": eager_ms(model, preset, batch, args.context, args.steps)}
+            row["graphed_ms"], row["how"] = graphed_ms(model, preset, batch, args.context, args.steps, graphs)
+            rows.append(row)
+    device = e2e._device_name()
+    title = (f"{device}, {args.layers} layers, {args.context} tokens per sequence, {args.steps} steps: ms per "
+             f"decode step (wall time / steps)")
+    print("token checks (1024-token prompt, " + f"{args.check_layers} layers): "
+          + "; ".join(f"{c['preset']} {c['new_tokens']} tokens: eager stretches = generate {c['eager_equals_generate']}, "
+                      f"graphed = generate {c['graphed_equals_generate']}" for c in checks))
+    print(title)
+    print("| preset | batch | eager ms | graphed ms | graphed / eager tokens/s | graphed tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        g = row.get("graphed_ms")
+        graphed = ("", "", "") if g is None else (f"{g:.2f}", f"{row['eager_ms'] / g:.2f}x", f"{1000 * row['batch'] / g:.0f}")
+        print(f"| {row['preset']} | {row['batch']} | {row['eager_ms']:.2f} | " + " | ".join(graphed) + " |")
+    for row in rows:
+        if "graphed_note" in row:
+            print(f"  {row['preset']} B={row['batch']}: {row['graphed_note']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"title": title, "command": " ".join(sys.argv), "torch": torch.__version__, "checks": checks,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Greedy decoding with each decode step recorded once in a CUDA graph and replayed.
+
+At small batches an eager decode step of a ``transformers`` model is bound by its host (Python, kernel
+launches), not by the GPU: on an H100 an 8B-shaped model's step at 32k tokens took 25 ms with kvpolar and
+19 ms in 16 bits at batch 1, for a few milliseconds of GPU work (benchmarks/README.md). A CUDA graph
+replays a step's kernels without the Python that launched them.
+
+A kvpolar cache changes shape in two ways: its 16-bit window grows by one token per step, and every
+``chunk`` steps a chunk of the window moves into the packed part (new packed tensors). So the loop here
+works in stretches, one per move: each quantized layer's window goes into buffers of a fixed size
+(``QuantizedLayer.give_window_buffers``) whose write position and length live on the device; the
+stretch's first step runs eagerly (it compiles and binds what the stretch launches), the second is
+recorded in a CUDA graph, and the graph is replayed for the rest of the stretch, each replay advancing
+the positions on the device; then the window goes back to the layers (``take_window_buffers``), the
+chunk moves into the packed part as ``after_attention`` would have moved it, and the next stretch
+records its own graph. The attention reads the window's length from memory
+(``fused_decode_attention(..., residual_length=)``).
+
+Needs: a batch without padding, every layer quantized with the same ``residual_length`` and chunk
+(``KVCacheConfig.min_chunk`` sets how many steps a recording serves), formats the fused kernel reads,
+and a model whose decode step reads nothing back to the host (a recording fails on such a read). With
+``graphs=False`` the same stretches run eagerly (on any device; the CPU tests check the bookkeeping
+against ``generate`` that way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from kvpolar.cache.cache import QuantizedKVCache, cache_kwargs
+from kvpolar.cache.layer import QuantizedLayer
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphedDecoding:
+    """What :func:`decode_with_graphs` produced and how.
+
+    ``tokens``: int64 ``[B, steps]``, the greedy tokens after the given ones; ``eager_steps``: decode
+    steps run eagerly (one per stretch with graphs, all of them without); ``replayed_steps``: steps
+    replayed from a recorded graph; ``recordings``: graphs recorded (one per stretch of two or more
+    steps)."""
+
+    tokens: torch.Tensor
+    eager_steps: int
+    replayed_steps: int
+    recordings: int
+
+
+@torch.no_grad()
+def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKVCache, max_new_tokens: int, *,
+                         eos_token_id: int | None = None, graphs: bool = True) -> torch.Tensor:
+    """Greedy generation as ``model.generate(input_ids, max_new_tokens=..., do_sample=False)`` with a
+    fresh kvpolar ``cache``, its decode steps replayed from CUDA graphs (module docstring).
+
+    Args:
+        model: a ``transformers`` causal LM with ``attn_implementation="kvpolar"`` (``kvpolar.enable``).
+        input_ids: int64 ``[B, T]`` prompts of equal length (no padding), on the model's device.
+        cache: an empty ``QuantizedKVCache`` for this model.
+        max_new_tokens: tokens to generate (>= 1).
+        eos_token_id: stop once every sequence has produced it (checked after each stretch; a finished
+            sequence's later tokens are set to it, as ``generate`` pads them).
+        graphs: record and replay (CUDA); False runs the same steps eagerly.
+    Returns:
+        int64 ``[B, T + n]``: the prompts, then ``n <= max_new_tokens`` generated tokens.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be an int64 [batch, tokens] tensor; got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
+    _check_request(model, cache, max_new_tokens, graphs, input_ids.device)
+    if cache.get_seq_length() != 0:
+        raise ValueError(f"cache holds {cache.get_seq_length()} tokens; generate_with_graphs fills an empty cache "
+                         "(call cache.reset() or build a new one)")
+    logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits
+    first = logits[:, -1].argmax(-1, keepdim=True)
+    tokens = first
+    if max_new_tokens > 1:
+        rest = decode_with_graphs(model, cache, first, input_ids.shape[1], max_new_tokens - 1,
+                                  eos_token_id=eos_token_id, graphs=graphs)
+        tokens = torch.cat([first, rest.tokens], dim=1)
+    if eos_token_id is not None:
+        tokens = _pad_after_eos(tokens, eos_token_id)
+    return torch.cat([input_ids, tokens], dim=1)
+
+
+@torch.no_grad()
+def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tensor, position: int, steps: int, *,
+                       eos_token_id: int | None = None, graphs: bool = True) -> GraphedDecoding:
+    """``steps`` greedy decode steps over a kvpolar ``cache`` that holds the prompt (and perhaps earlier
+    steps), the first step feeding ``next_ids`` (int64 ``[B, 1]``) at position ``position`` (the
+    tokens the cache holds); in stretches recorded once and replayed (module docstring). Returns the
+    tokens each step produced (fewer than ``steps`` if every sequence produced ``eos_token_id``,
+    checked after each stretch) and how they were run. The cache ends as after as many eager steps."""
+    if not isinstance(next_ids, torch.Tensor) or next_ids.dtype != torch.long or next_ids.dim() != 2 \
+            or next_ids.shape[1] != 1:
+        raise ValueError(f"next_ids must be int64 [batch, 1]; got {getattr(next_ids, 'dtype', None)} "
+                         f"{tuple(getattr(next_ids, 'shape', ()))}")
+    _check_request(model, cache, steps, graphs, next_ids.device)
+    layers = _window_layers(cache, position)
+    first = layers[0]
+    keep, chunk = first.residual_length, first.chunk
+    device = next_ids.device
+    kw = cache_kwargs(model, cache)
+    ids = next_ids.clone()
+    pos = torch.full_like(ids, position)
+    out = torch.empty(ids.shape[0], steps, dtype=torch.long, device=device)
+    slot = torch.zeros(1, dtype=torch.long, device=device)
+    index = torch.zeros(1, dtype=torch.long, device=device)
+    length = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def step() -> None:
+        logits = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw).logits
+        chosen = logits[:, -1].argmax(-1, keepdim=True)
+        out.index_copy_(1, slot, chosen)
+        ids.copy_(chosen)
+        for counter in (pos, slot, index, length):
+            counter.add_(1)
+
+    pool = torch.cuda.graph_pool_handle() if graphs else None
+    done = eager = replayed = recordings = 0
+    while done < steps:
+        window = first.residual_tokens
+        stretch = min(keep + chunk - window, steps - done)  # steps until the window's next move
+        index.fill_(window)
+        length.fill_(window + 1)
+        for layer in layers:
+            layer.give_window_buffers(keep + chunk, index, length)
+        try:
+            step()
+            eager += 1
+            if stretch > 1 and graphs:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    step()
+                recordings += 1
+                for _ in range(stretch - 1):
+                    graph.replay()
+                replayed += stretch - 1
+                del graph
+            else:
+                for _ in range(stretch - 1):
+                    step()
+                eager += stretch - 1
+        except BaseException:
+            for layer in layers:  # (the cache no longer matches the tokens: build a new one)
+                layer.window_buffers = None
+            raise
+        for layer in layers:
+            layer.take_window_buffers(stretch)
+        done += stretch
+        if eos_token_id is not None and bool((out[:, :done] == eos_token_id).any(-1).all()):
+            break
+    return GraphedDecoding(out[:, :done], eager, replayed, recordings)
+
+
+def _check_request(model: Any, cache: Any, steps: int, graphs: bool, device: torch.device) -> None:
+    if not isinstance(cache, QuantizedKVCache):
+        raise TypeError(f"cache must be a kvpolar QuantizedKVCache; got {type(cache).__name__}")
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl != "kvpolar":
+        raise ValueError(f"the model's attn_implementation is {impl!r}; replayed decoding needs 'kvpolar' "
+                         "(kvpolar.enable(model, ...))")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"the number of tokens to generate must be an int >= 1; got {steps!r}")
+    if graphs:
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"graphs=True records CUDA graphs; the inputs are on {device} (graphs=False runs the "
+                             "same steps eagerly)")
+        from kvpolar.kernels import decode_attention
+
+        if decode_attention.triton is None:
+            raise ValueError("graphs=True needs the fused decode kernel, which needs triton")
+
+
+def _window_layers(cache: QuantizedKVCache, position: int) -> list[QuantizedLayer]:
+    """The cache's layers, checked for replayed decoding: all quantized, one window length, residual
+    length and chunk, no padding, ``position`` tokens seen."""
+    layers = list(cache.layers)
+    full = [layer.layer_idx for layer in layers if layer.plan.full_precision]
+    if full:
+        raise ValueError(f"layers {full} keep 16-bit caches; replayed decoding needs every layer quantized")
+    if any(not layer.is_initialized or layer.keys is None for layer in layers):
+        raise ValueError("the cache holds no prompt: fill it first (generate_with_graphs does)")
+    shapes = {(layer.residual_length, layer.chunk, layer.residual_tokens, layer.seen) for layer in layers}
+    if len(shapes) != 1:
+        raise ValueError(f"the layers differ in (residual_length, chunk, window tokens, tokens seen): "
+                         f"{sorted(shapes)}; replayed decoding needs them equal")
+    seen = layers[0].seen
+    if position != seen:
+        raise ValueError(f"position={position}, but the cache holds {seen} tokens")
+    if any(layer.residual_valid is not None for layer in layers):
+        raise ValueError("the cache holds padding; replayed decoding takes batches without padding")
+    return layers
+
+
+def _pad_after_eos(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``tokens`` ``[B, n]`` with every token after a row's first ``eos_token_id`` set to it."""
+    after = (tokens == eos_token_id).long().cumsum(-1) - (tokens == eos_token_id).long() > 0
+    return torch.where(after, torch.full_like(tokens, eos_token_id), tokens)

@@ -1,0 +1,130 @@
+"""kvpolar.cache.graphed: greedy decoding in stretches over window buffers (replayed from CUDA graphs on
+a GPU). On the CPU the same stretches run eagerly (``graphs=False``): the window in fixed-size buffers,
+its write position and length advanced as tensors, the layers' host state handed back after each
+stretch and the chunk moved into the packed part then. The tokens must be ``generate``'s, token for
+token, across several moves; the recording itself runs on the GPU (``benchmarks/bench_graphed_decode.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvpolar
+from cache_helpers import VOCAB, config, tiny_model  # noqa: E402
+from kvpolar.cache.graphed import decode_with_graphs, generate_with_graphs
+
+
+def _prompt(batch: int, tokens: int, seed: int = 3) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def _generate(model, ids, preset, new, **changes):
+    cache = kvpolar.QuantizedKVCache(model.config, config(preset, **changes))
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kvpolar.cache_kwargs(model, cache))
+    return out, cache
+
+
+@pytest.mark.parametrize("preset, prompt, residual, new", [
+    ("kivi-2", 40, 8, 75),          # packed after the prompt, two moves of 32 while decoding
+    ("kivi-2", 5, 8, 50),           # nothing packed until the first move
+    ("polar-rope-3", 140, 16, 130),  # 128-token chunks, the first move while decoding
+    ("squat-2", 50, 8, 40),         # the prompt's query subspace kept for the moves
+])
+def test_stretches_give_generate_tokens(preset, prompt, residual, new):
+    """Token for token ``generate``'s, and the same cache after. Where nothing was packed after the
+    prompt, ``generate``'s steps attend the window alone with SDPA and these steps with kvpolar's decode
+    attention (float rounding apart, the same): there the stored tensors are compared with a tolerance."""
+    exact = (prompt - residual) // 32 > 0 and preset != "polar-rope-3"
+    model = tiny_model(layers=2, head_dim=64 if preset == "squat-2" else 32)  # (SQuat: two 32-channel blocks)
+    ids = _prompt(2, prompt)
+    want, reference_cache = _generate(model, ids, preset, new, residual_length=residual)
+    cache = kvpolar.QuantizedKVCache(model.config, config(preset, residual_length=residual))
+    got = generate_with_graphs(model, ids, cache, new, graphs=False)
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == reference_cache.get_seq_length()
+    for mine, theirs in zip(cache.layers, reference_cache.layers):
+        assert mine.window_buffers is None and mine.residual_tokens == theirs.residual_tokens
+        assert (mine.packed_keys is None) == (theirs.packed_keys is None)
+        if mine.packed_keys is not None:
+            assert mine.packed_keys.num_tokens == theirs.packed_keys.num_tokens
+            for name, t in mine.packed_keys.stored_tensors().items():
+                other = theirs.packed_keys.stored_tensors()[name]
+                if exact:
+                    assert torch.equal(t, other), name
+                elif t.is_floating_point():
+                    torch.testing.assert_close(t, other, rtol=1e-4, atol=1e-5, msg=name)
+        if exact:
+            assert torch.equal(mine.keys, theirs.keys)
+        else:
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-4, atol=1e-5)
+
+
+def test_stretches_end_at_each_move():
+    """One eager step per stretch without graphs counts every step; the stretches end where the window
+    reaches ``residual_length + chunk`` (then a chunk moves), and the cache can go on decoding eagerly."""
+    model = tiny_model(layers=2, head_dim=32)
+    ids = _prompt(1, 40)
+    cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
+    kw = kvpolar.cache_kwargs(model, cache)
+    logits = model(input_ids=ids, use_cache=True, **kw).logits
+    first = logits[:, -1:].argmax(-1)
+    windows = []
+    real = kvpolar.cache.graphed.QuantizedLayer.take_window_buffers
+
+    def record(layer, steps):
+        windows.append((layer.residual_tokens, steps))
+        real(layer, steps)
+
+    kvpolar.cache.graphed.QuantizedLayer.take_window_buffers = record
+    try:
+        run = decode_with_graphs(model, cache, first, 40, 70, graphs=False)
+    finally:
+        kvpolar.cache.graphed.QuantizedLayer.take_window_buffers = real
+    assert run.tokens.shape == (1, 70) and run.eager_steps == 70 and run.replayed_steps == run.recordings == 0
+    assert windows[::2] == [(8, 32), (8, 32), (8, 6)]  # (layer 0: window before, steps) per stretch
+    assert cache.get_seq_length() == 110 and cache.layers[0].residual_tokens == 14
+    nxt = model(input_ids=run.tokens[:, -1:], use_cache=True, **kw).logits  # eager again, as ever
+    assert nxt.shape[-1] == VOCAB
+
+
+def test_eos_stops_every_sequence_and_pads():
+    model = tiny_model(layers=2, head_dim=32)
+    ids = _prompt(2, 20)
+    want, _ = _generate(model, ids, "kivi-2", 40, residual_length=8)
+    eos = int(want[0, 25])  # a token the first sequence produces
+    cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
+    got = generate_with_graphs(model, ids, cache, 40, eos_token_id=eos, graphs=False)
+    new = got[:, 20:]
+    for row in range(2):
+        hits = (new[row] == eos).nonzero()
+        if len(hits):
+            assert (new[row, int(hits[0]):] == eos).all()
+            assert torch.equal(new[row, :int(hits[0])], want[row, 20:20 + int(hits[0])])
+
+
+def test_refusals():
+    model = tiny_model(layers=2, head_dim=32)
+    ids = _prompt(1, 12)
+    fresh = lambda preset="kivi-2", **kw: kvpolar.QuantizedKVCache(model.config, config(preset, **kw))  # noqa: E731
+    with pytest.raises(ValueError, match="graphs=True records CUDA graphs"):
+        generate_with_graphs(model, ids, fresh(), 4)
+    with pytest.raises(ValueError, match="int64 \\[batch, tokens\\]"):
+        generate_with_graphs(model, ids.int(), fresh(), 4, graphs=False)
+    with pytest.raises(ValueError, match="must be an int >= 1"):
+        generate_with_graphs(model, ids, fresh(), 0, graphs=False)
+    with pytest.raises(TypeError, match="QuantizedKVCache"):
+        generate_with_graphs(model, ids, object(), 4, graphs=False)
+    with pytest.raises(ValueError, match="layers \\[1\\] keep 16-bit caches"):
+        generate_with_graphs(model, ids, fresh(full_precision_layers=(1,)), 4, graphs=False)
+    used = fresh()
+    generate_with_graphs(model, ids, used, 3, graphs=False)
+    with pytest.raises(ValueError, match="holds 14 tokens"):
+        generate_with_graphs(model, ids, used, 3, graphs=False)
+    with pytest.raises(ValueError, match="position=5, but the cache holds 14"):
+        decode_with_graphs(model, used, ids[:, :1], 5, 3, graphs=False)
+    with pytest.raises(ValueError, match="next_ids must be int64 \\[batch, 1\\]"):
+        decode_with_graphs(model, used, ids, 14, 3, graphs=False)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="needs 'kvpolar'"):
+        generate_with_graphs(model, ids, fresh(), 4, graphs=False)
