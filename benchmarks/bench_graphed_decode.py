@@ -19,7 +19,8 @@ and the 16-bit references: ``fp16-flash`` eager (``DynamicCache``, SDPA's flash 
 tensor, replayed; the attention reads the whole preallocated buffer under a mask), where it records.
 
     PYTHONPATH=src:benchmarks python benchmarks/bench_graphed_decode.py [--presets kivi-2 polar-rope-3]
-        [--batches 1 4] [--context 32768] [--steps 256] [--layers 32] [--out FILE.json] [--smoke]
+        [--batches 1 4] [--context 32768] [--steps 256] [--layers 32] [--min-chunk N] [--out FILE.json] [--smoke]
+        [--check-only]
 
 ``--smoke``: the small model on the CPU, eager only (graphs need CUDA), to check the script runs.
 """
@@ -68,9 +69,11 @@ def check_tokens(layers: int, presets: list[str], graphs: bool) -> list[dict]:
 
 
 @torch.no_grad()
-def eager_ms(model, preset: str, batch: int, context: int, steps: int) -> float:
+def eager_ms(model, preset: str, batch: int, context: int, steps: int, min_chunk: int | None = None) -> float:
     """ms per step of ``steps`` ordinary decode steps after two untimed ones (total wall time / steps)."""
     cache = e2e.make_cache(model, preset, context + steps + 4)
+    if min_chunk is not None and preset not in e2e.FP16_BASELINES:
+        cache = kvpolar.enable(model, preset, min_chunk=min_chunk)
     e2e.fill_cache(model, cache, preset, batch, context)
     kw = e2e.cache_kwargs(model, cache)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
@@ -90,10 +93,11 @@ def eager_ms(model, preset: str, batch: int, context: int, steps: int) -> float:
 
 
 @torch.no_grad()
-def graphed_ms(model, preset: str, batch: int, context: int, steps: int, graphs: bool) -> tuple[float, dict]:
+def graphed_ms(model, preset: str, batch: int, context: int, steps: int, graphs: bool,
+               min_chunk: int | None = None) -> tuple[float, dict]:
     """ms per step of ``decode_with_graphs`` over ``steps`` steps (total wall time / steps), after two
     untimed graphed steps (the fused kernels' compiles), and how the steps ran."""
-    cache = kvpolar.enable(model, preset)
+    cache = kvpolar.enable(model, preset, **({} if min_chunk is None else {"min_chunk": min_chunk}))
     e2e.fill_cache(model, cache, preset, batch, context)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
     warm = decode_with_graphs(model, cache, ids, context, 2, graphs=graphs)
@@ -149,20 +153,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--check-layers", type=int, default=4)
+    ap.add_argument("--min-chunk", type=int, default=None,
+                    help="KVCacheConfig.min_chunk for the kvpolar presets (steps a recording serves); default: the preset's")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="small model on the CPU, eager only")
+    ap.add_argument("--check-only", action="store_true", help="the token checks alone")
     args = ap.parse_args()
     graphs = not args.smoke
     if args.smoke:
         e2e.DEVICE, args.context, args.layers, args.steps, args.check_layers = "cpu", 300, 2, 40, 2
     checks = check_tokens(args.check_layers, args.presets, graphs)
-    model = e2e.build_model(args.layers)
     rows = []
-    for batch in args.batches:
+    model = None if args.check_only else e2e.build_model(args.layers)
+    for batch in [] if args.check_only else args.batches:
         e2e._reset_memory()
-        rows.append({"preset": "fp16-flash", "batch": batch, "eager_ms": eager_ms(model, "fp16-flash", batch,
-                                                                                  args.context, args.steps)})
-        if graphs:
+        try:
+            rows.append({"preset": "fp16-flash", "batch": batch, "eager_ms": eager_ms(model, "fp16-flash", batch,
+                                                                                      args.context, args.steps)})
+        except torch.OutOfMemoryError:
+            rows.append({"preset": "fp16-flash", "batch": batch, "eager_ms": None,
+                         "graphed_note": "out of GPU memory (16-bit cache)"})
+            graphs_fp16 = False
+        else:
+            graphs_fp16 = graphs
+        if graphs_fp16:
             try:
                 rows[-1]["graphed_ms"] = static_graphed_ms(model, batch, args.context, args.steps)
                 rows[-1]["graphed_note"] = "fp16-static (StaticCache) recorded and replayed"
@@ -170,8 +184,10 @@ def main() -> None:
                 rows[-1]["graphed_note"] = f"fp16-static did not record: {type(err).__name__}: {str(err)[:200]}"
         for preset in args.presets:
             e2e._reset_memory()
-            row = {"preset": preset, "batch": batch, "eager_ms": eager_ms(model, preset, batch, args.context, args.steps)}
-            row["graphed_ms"], row["how"] = graphed_ms(model, preset, batch, args.context, args.steps, graphs)
+            row = {"preset": preset, "batch": batch, "min_chunk": args.min_chunk,
+                   "eager_ms": eager_ms(model, preset, batch, args.context, args.steps, args.min_chunk)}
+            row["graphed_ms"], row["how"] = graphed_ms(model, preset, batch, args.context, args.steps, graphs,
+                                                       args.min_chunk)
             rows.append(row)
     device = e2e._device_name()
     title = (f"{device}, {args.layers} layers, {args.context} tokens per sequence, {args.steps} steps: ms per "
@@ -183,9 +199,10 @@ def main() -> None:
     print("| preset | batch | eager ms | graphed ms | graphed / eager tokens/s | graphed tokens/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
-        g = row.get("graphed_ms")
-        graphed = ("", "", "") if g is None else (f"{g:.2f}", f"{row['eager_ms'] / g:.2f}x", f"{1000 * row['batch'] / g:.0f}")
-        print(f"| {row['preset']} | {row['batch']} | {row['eager_ms']:.2f} | " + " | ".join(graphed) + " |")
+        g, e = row.get("graphed_ms"), row["eager_ms"]
+        graphed = ("", "", "") if g is None else (f"{g:.2f}", "" if e is None else f"{e / g:.2f}x",
+                                                  f"{1000 * row['batch'] / g:.0f}")
+        print(f"| {row['preset']} | {row['batch']} | {'' if e is None else f'{e:.2f}'} | " + " | ".join(graphed) + " |")
     for row in rows:
         if "graphed_note" in row:
             print(f"  {row['preset']} B={row['batch']}: {row['graphed_note']}")

@@ -30,6 +30,8 @@ def _generate(model, ids, preset, new, **changes):
     ("kivi-2", 5, 8, 50),           # nothing packed until the first move
     ("polar-rope-3", 140, 16, 130),  # 128-token chunks, the first move while decoding
     ("squat-2", 50, 8, 40),         # the prompt's query subspace kept for the moves
+    ("turbo-4", 40, 8, 40),         # rotated keys, per-token formats (moves of min_chunk = 32)
+    ("polar-recursive", 40, 8, 40),  # rotated values
 ])
 def test_stretches_give_generate_tokens(preset, prompt, residual, new):
     """Token for token ``generate``'s, and the same cache after. Where nothing was packed after the
@@ -58,6 +60,15 @@ def test_stretches_give_generate_tokens(preset, prompt, residual, new):
             assert torch.equal(mine.keys, theirs.keys)
         else:
             torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_families(family):
+    model = tiny_model(family, layers=2, head_dim=32)
+    ids = _prompt(1, 45)
+    want, _ = _generate(model, ids, "kivi-2", 40, residual_length=8)
+    cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
+    assert torch.equal(generate_with_graphs(model, ids, cache, 40, graphs=False), want)
 
 
 def test_stretches_end_at_each_move():
@@ -125,6 +136,9 @@ def test_refusals():
         decode_with_graphs(model, used, ids[:, :1], 5, 3, graphs=False)
     with pytest.raises(ValueError, match="next_ids must be int64 \\[batch, 1\\]"):
         decode_with_graphs(model, used, ids, 14, 3, graphs=False)
+    sliding = tiny_model("mistral", layers=2, head_dim=32, sliding_window=64)
+    with pytest.raises(ValueError, match="sliding-window attention \\(sliding_window=64"):
+        generate_with_graphs(sliding, ids, kvpolar.QuantizedKVCache(sliding.config, "kivi-2"), 4, graphs=False)
     model.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="needs 'kvpolar'"):
         generate_with_graphs(model, ids, fresh(), 4, graphs=False)

@@ -402,28 +402,37 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, form, case)
 
 
 @pytest.mark.parametrize("form", ["by-kv-head", "by-row"])
-@pytest.mark.parametrize("case", ["part", "one", "full", "empty", "window-only", "bf16"])
+@pytest.mark.parametrize("case", ["part", "one", "full", "empty", "window-only", "bf16", "polar-rope-keys",
+                                  "turbo-values", "polar-recursive-values"])
 def test_window_length_read_from_memory(monkeypatch, form, case):
     """``residual_length``: the window in buffers of a fixed size (``capacity`` tokens, the rest filled
     with huge values that must not be read), the kernel reading how many are real from memory. The
     output equals the call over the real tokens alone, bit for bit (the blocks beyond add nothing), in
-    both folded forms; with an empty window it equals the call without one."""
+    both folded forms, also with polar-rope keys and with values the merge un-rotates; with an empty
+    window it equals the call without one."""
     monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD", form == "by-kv-head")
     monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD_SM_SHARE", 1 << 20)
     monkeypatch.setattr(da, "_COMBINE_LAUNCHES", {})
     tk, capacity, real, dtype = {"part": (40, 70, 37, torch.float16), "one": (40, 33, 1, torch.float16),
                                  "full": (33, 64, 64, torch.float16), "empty": (40, 35, 0, torch.float16),
                                  "window-only": (0, 50, 19, torch.float16),
-                                 "bf16": (37, 45, 30, torch.bfloat16)}[case]
-    k, v, q = random_inputs(("window-in-memory", case), batch=2, hkv=2, gqa=4, tq=1, n=tk + capacity, d=D,
+                                 "bf16": (37, 45, 30, torch.bfloat16), "polar-rope-keys": (64, 40, 21, torch.float16),
+                                 "turbo-values": (48, 40, 13, torch.float16),
+                                 "polar-recursive-values": (48, 40, 26, torch.float16)}[case]
+    d = TRANSPOSED_POLAR_D if case == "polar-rope-keys" else D
+    k, v, q = random_inputs(("window-in-memory", case), batch=2, hkv=2, gqa=4, tq=1, n=tk + capacity, d=d,
                             dtype=dtype)
     fmt = "kivi-2-32" if tk else "none"
-    kq, pk = make_keys(fmt, k[..., :tk, :]) if tk else (None, None)
+    key_fmt = "polar-2-4-32-half" if case == "polar-rope-keys" else fmt
+    kq, pk = make_keys(key_fmt, k[..., :tk, :]) if tk else (None, None)
     vq, pv = make_values(fmt, v[..., :tk, :]) if tk else (None, None)
+    if case.endswith("-values"):
+        vq = kvpolar.quantizer("turbo", bits=4) if case == "turbo-values" else kvpolar.quantizer("polar-recursive")
+        pv = vq.quantize(v[..., :tk, :].to(DEVICE))
     rk, rv = k[..., tk:, :].clone(), v[..., tk:, :].clone()
     rk[..., real:, :], rv[..., real:, :] = 3e4, -3e4  # not the window's: never read
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
-    scale = D**-0.5
+    scale = d**-0.5
     length = torch.tensor([real], dtype=torch.int32, device=DEVICE)
     out = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, dev(rk), dev(rv), scale, residual_length=length)
     window = (dev(rk[..., :real, :]), dev(rv[..., :real, :])) if real else (None, None)

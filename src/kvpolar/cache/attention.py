@@ -85,7 +85,7 @@ def kvpolar_attention(
                                           **kwargs)
     _check_module(module, layer)
     if layer.window_buffers is not None:
-        return _decode_buffered(query, layer, attention_mask, scaling), None
+        return _decode_buffered(query, layer, scaling), None
     mask = _bool_mask(attention_mask, query, layer.seen)
     # which new tokens are real (None: all; without a mask from the model there is no padding)
     new_valid = None if attention_mask is None else mask[:, 0, :, -query.shape[-2]:].any(dim=-2)
@@ -107,14 +107,13 @@ def kvpolar_attention(
     return out, None
 
 
-def _decode_buffered(query: torch.Tensor, layer: Any, attention_mask: torch.Tensor | None,
-                     scaling: float | None) -> torch.Tensor:
+def _decode_buffered(query: torch.Tensor, layer: Any, scaling: float | None) -> torch.Tensor:
     """A replayed decode step's attention (``layer.window_buffers`` set): the packed part plus the
     window buffers' first ``length`` tokens, the count read on the device by the fused kernel (on the
-    CPU, where nothing is replayed, by the host from the buffers' ``length``); ``[B, Tq, Hq, D]``."""
-    if attention_mask is not None:
-        raise ValueError("replayed decode steps take no attention mask (batches without padding); the model "
-                         "was given one")
+    CPU, where nothing is replayed, by the host from the buffers' ``length``); ``[B, Tq, Hq, D]``.
+    The model's mask is not read: replayed steps are one-token steps of a batch without padding and
+    without sliding windows (``kvpolar.cache.graphed`` checks), whose causal mask admits every cached
+    token, and a mask built on the host for one step would be stale in the next replay."""
     buffers = layer.window_buffers
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     args = (layer.packed_keys, layer.packed_values, layer.key_quantizer, layer.value_quantizer)

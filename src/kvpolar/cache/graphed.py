@@ -16,7 +16,8 @@ chunk moves into the packed part as ``after_attention`` would have moved it, and
 records its own graph. The attention reads the window's length from memory
 (``fused_decode_attention(..., residual_length=)``).
 
-Needs: a batch without padding, every layer quantized with the same ``residual_length`` and chunk
+Needs: a batch without padding, full attention (no sliding windows: the steps attend every cached
+token, and the model's mask is not read), every layer quantized with the same ``residual_length`` and chunk
 (``KVCacheConfig.min_chunk`` sets how many steps a recording serves), formats the fused kernel reads,
 and a model whose decode step reads nothing back to the host (a recording fails on such a read). With
 ``graphs=False`` the same stretches run eagerly (on any device; the CPU tests check the bookkeeping
@@ -118,7 +119,6 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
         for counter in (pos, slot, index, length):
             counter.add_(1)
 
-    pool = torch.cuda.graph_pool_handle() if graphs else None
     done = eager = replayed = recordings = 0
     while done < steps:
         window = first.residual_tokens
@@ -132,7 +132,7 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
             eager += 1
             if stretch > 1 and graphs:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph):  # (its own memory pool, freed with it after the stretch)
                     step()
                 recordings += 1
                 for _ in range(stretch - 1):
@@ -158,10 +158,18 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
 def _check_request(model: Any, cache: Any, steps: int, graphs: bool, device: torch.device) -> None:
     if not isinstance(cache, QuantizedKVCache):
         raise TypeError(f"cache must be a kvpolar QuantizedKVCache; got {type(cache).__name__}")
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
     if impl != "kvpolar":
         raise ValueError(f"the model's attn_implementation is {impl!r}; replayed decoding needs 'kvpolar' "
                          "(kvpolar.enable(model, ...))")
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    sliding = getattr(text, "sliding_window", None)
+    layer_types = set(getattr(text, "layer_types", None) or ())
+    if sliding is not None or layer_types - {"full_attention"}:
+        raise ValueError(f"the model has sliding-window attention (sliding_window={sliding}, layer types "
+                         f"{sorted(layer_types)}); replayed decoding attends every cached token and takes "
+                         "full-attention models only")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"the number of tokens to generate must be an int >= 1; got {steps!r}")
     if graphs:
