@@ -58,8 +58,9 @@ def check_tokens(layers: int, presets: list[str], graphs: bool) -> list[dict]:
     for preset in presets:
         new = 2 * kvpolar.QuantizedKVCache(model.config, preset).layers[0].chunk + 20  # two moves and some
         cache = kvpolar.enable(model, preset)
-        want = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                              attention_mask=torch.ones_like(ids), pad_token_id=0, **kvpolar.cache_kwargs(model, cache))
+        model.generation_config.eos_token_id = None  # (plain greedy: no token stops or is suppressed)
+        want = model.generate(ids, max_new_tokens=new, do_sample=False, attention_mask=torch.ones_like(ids),
+                              pad_token_id=0, **kvpolar.cache_kwargs(model, cache))
         try:
             eager = generate_with_graphs(model, ids, kvpolar.enable(model, preset), new, graphs=False)
         except ValueError as err:  # (a preset replayed decoding refuses, e.g. one with 16-bit layers)

@@ -20,8 +20,12 @@ def _prompt(batch: int, tokens: int, seed: int = 3) -> torch.Tensor:
 
 
 def _generate(model, ids, preset, new, **changes):
+    """``generate``'s greedy tokens, ``new`` of them: no end-of-sequence token (the tiny models' default,
+    2, would stop a sequence or, under ``min_new_tokens``, be suppressed; neither is plain greedy)."""
     cache = kvpolar.QuantizedKVCache(model.config, config(preset, **changes))
-    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kvpolar.cache_kwargs(model, cache))
+    model.generation_config.eos_token_id = None
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, **kvpolar.cache_kwargs(model, cache))
+    assert out.shape[1] == ids.shape[1] + new
     return out, cache
 
 
@@ -32,16 +36,20 @@ def _generate(model, ids, preset, new, **changes):
     ("squat-2", 50, 8, 40),         # the prompt's query subspace kept for the moves
     ("turbo-4", 40, 8, 40),         # rotated keys, per-token formats (moves of min_chunk = 32)
     ("polar-recursive", 40, 8, 40),  # rotated values
+    ("kivi-2-boundary", 40, 8, 75),  # 16-bit first and last layers: their whole cache before their buffers
 ])
 def test_stretches_give_generate_tokens(preset, prompt, residual, new):
     """Token for token ``generate``'s, and the same cache after. Where nothing was packed after the
     prompt, ``generate``'s steps attend the window alone with SDPA and these steps with kvpolar's decode
     attention (float rounding apart, the same): there the stored tensors are compared with a tolerance."""
-    exact = (prompt - residual) // 32 > 0 and preset != "polar-rope-3"
-    model = tiny_model(layers=2, head_dim=64 if preset == "squat-2" else 32)  # (SQuat: two 32-channel blocks)
+    changes = dict(residual_length=residual)
+    if preset.endswith("-boundary"):  # (generate's 16-bit layers attend with SDPA, these with kvpolar's kernel)
+        preset, changes["full_precision_layers"] = preset.removesuffix("-boundary"), (0, -1)
+    exact = (prompt - residual) // 32 > 0 and preset != "polar-rope-3" and "full_precision_layers" not in changes
+    model = tiny_model(layers=3, head_dim=64 if preset == "squat-2" else 32)  # (SQuat: two 32-channel blocks)
     ids = _prompt(2, prompt)
-    want, reference_cache = _generate(model, ids, preset, new, residual_length=residual)
-    cache = kvpolar.QuantizedKVCache(model.config, config(preset, residual_length=residual))
+    want, reference_cache = _generate(model, ids, preset, new, **changes)
+    cache = kvpolar.QuantizedKVCache(model.config, config(preset, **changes))
     got = generate_with_graphs(model, ids, cache, new, graphs=False)
     assert torch.equal(got, want)
     assert cache.get_seq_length() == reference_cache.get_seq_length()
@@ -126,13 +134,13 @@ def test_refusals():
         generate_with_graphs(model, ids, fresh(), 0, graphs=False)
     with pytest.raises(TypeError, match="QuantizedKVCache"):
         generate_with_graphs(model, ids, object(), 4, graphs=False)
-    with pytest.raises(ValueError, match="layers \\[1\\] keep 16-bit caches"):
-        generate_with_graphs(model, ids, fresh(full_precision_layers=(1,)), 4, graphs=False)
+    with pytest.raises(ValueError, match="every layer keeps a 16-bit cache"):
+        generate_with_graphs(model, ids, fresh(full_precision_layers=(0, 1)), 4, graphs=False)
     used = fresh()
     generate_with_graphs(model, ids, used, 3, graphs=False)
     with pytest.raises(ValueError, match="holds 14 tokens"):
         generate_with_graphs(model, ids, used, 3, graphs=False)
-    with pytest.raises(ValueError, match="position=5, but the cache holds 14"):
+    with pytest.raises(ValueError, match="position=5, but the cache's layers hold \\[14\\] tokens"):
         decode_with_graphs(model, used, ids[:, :1], 5, 3, graphs=False)
     with pytest.raises(ValueError, match="next_ids must be int64 \\[batch, 1\\]"):
         decode_with_graphs(model, used, ids, 14, 3, graphs=False)

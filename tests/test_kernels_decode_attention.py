@@ -403,13 +403,14 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, form, case)
 
 @pytest.mark.parametrize("form", ["by-kv-head", "by-row"])
 @pytest.mark.parametrize("case", ["part", "one", "full", "empty", "window-only", "bf16", "polar-rope-keys",
-                                  "turbo-values", "polar-recursive-values"])
+                                  "turbo-values", "polar-recursive-values", "16-bit-packed"])
 def test_window_length_read_from_memory(monkeypatch, form, case):
     """``residual_length``: the window in buffers of a fixed size (``capacity`` tokens, the rest filled
     with huge values that must not be read), the kernel reading how many are real from memory. The
     output equals the call over the real tokens alone, bit for bit (the blocks beyond add nothing), in
-    both folded forms, also with polar-rope keys and with values the merge un-rotates; with an empty
-    window it equals the call without one."""
+    both folded forms, also with polar-rope keys, values the merge un-rotates and a 16-bit "packed"
+    part (a 16-bit layer's cache in replayed decoding); with an empty window it equals the call without
+    one."""
     monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD", form == "by-kv-head")
     monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD_SM_SHARE", 1 << 20)
     monkeypatch.setattr(da, "_COMBINE_LAUNCHES", {})
@@ -418,11 +419,12 @@ def test_window_length_read_from_memory(monkeypatch, form, case):
                                  "window-only": (0, 50, 19, torch.float16),
                                  "bf16": (37, 45, 30, torch.bfloat16), "polar-rope-keys": (64, 40, 21, torch.float16),
                                  "turbo-values": (48, 40, 13, torch.float16),
-                                 "polar-recursive-values": (48, 40, 26, torch.float16)}[case]
+                                 "polar-recursive-values": (48, 40, 26, torch.float16),
+                                 "16-bit-packed": (45, 33, 20, torch.float16)}[case]
     d = TRANSPOSED_POLAR_D if case == "polar-rope-keys" else D
     k, v, q = random_inputs(("window-in-memory", case), batch=2, hkv=2, gqa=4, tq=1, n=tk + capacity, d=d,
                             dtype=dtype)
-    fmt = "kivi-2-32" if tk else "none"
+    fmt = "kivi-2-32" if tk and case != "16-bit-packed" else "none"  # (16-bit: a layer kept in 16 bits, replayed)
     key_fmt = "polar-2-4-32-half" if case == "polar-rope-keys" else fmt
     kq, pk = make_keys(key_fmt, k[..., :tk, :]) if tk else (None, None)
     vq, pv = make_values(fmt, v[..., :tk, :]) if tk else (None, None)

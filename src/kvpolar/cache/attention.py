@@ -77,6 +77,9 @@ def kvpolar_attention(
 ) -> tuple[torch.Tensor, None]:
     """``query`` ``[B, Hq, Tq, D]``; returns ``([B, Tq, Hq, D], None)`` like ``sdpa_attention_forward``."""
     layer = take_pending(key)
+    if layer is not None and layer.window_buffers is not None:
+        _check_module(module, layer)
+        return _decode_buffered(query, layer, scaling), None
     if layer is None or layer.plan.full_precision:
         if layer is None and key.shape[-2] > query.shape[-2]:
             _warn_foreign_cache()
@@ -84,8 +87,6 @@ def kvpolar_attention(
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                           **kwargs)
     _check_module(module, layer)
-    if layer.window_buffers is not None:
-        return _decode_buffered(query, layer, scaling), None
     mask = _bool_mask(attention_mask, query, layer.seen)
     # which new tokens are real (None: all; without a mask from the model there is no padding)
     new_valid = None if attention_mask is None else mask[:, 0, :, -query.shape[-2]:].any(dim=-2)
@@ -108,21 +109,22 @@ def kvpolar_attention(
 
 
 def _decode_buffered(query: torch.Tensor, layer: Any, scaling: float | None) -> torch.Tensor:
-    """A replayed decode step's attention (``layer.window_buffers`` set): the packed part plus the
-    window buffers' first ``length`` tokens, the count read on the device by the fused kernel (on the
+    """A replayed decode step's attention (``layer.window_buffers`` set): the packed part (a 16-bit
+    layer's whole cache) plus the window buffers' first ``length`` tokens, the count read on the device by the fused kernel (on the
     CPU, where nothing is replayed, by the host from the buffers' ``length``); ``[B, Tq, Hq, D]``.
     The model's mask is not read: replayed steps are one-token steps of a batch without padding and
     without sliding windows (``kvpolar.cache.graphed`` checks), whose causal mask admits every cached
     token, and a mask built on the host for one step would be stale in the next replay."""
     buffers = layer.window_buffers
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    args = (layer.packed_keys, layer.packed_values, layer.key_quantizer, layer.value_quantizer)
+    packed_keys, packed_values = buffers.packed_keys, buffers.packed_values
+    args = (packed_keys, packed_values, buffers.key_quantizer, buffers.value_quantizer)
     kernel = fused_kernel(query)
     if kernel is not None:
-        if layer.packed_keys is not None and not kernel.supports(layer.packed_keys, layer.packed_values):
+        if packed_keys is not None and not kernel.supports(packed_keys, packed_values):
             raise ValueError(f"layer {layer.layer_idx}: the fused decode kernel does not read keys stored as "
-                             f"{type(layer.packed_keys).__name__} with values stored as "
-                             f"{type(layer.packed_values).__name__}, which replayed decode steps need")
+                             f"{type(packed_keys).__name__} with values stored as "
+                             f"{type(packed_values).__name__}, which replayed decode steps need")
         out = kernel.fused_decode_attention(query, *args, buffers.keys, buffers.values, scale,
                                             residual_length=buffers.length)
     else:

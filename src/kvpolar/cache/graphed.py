@@ -16,8 +16,12 @@ chunk moves into the packed part as ``after_attention`` would have moved it, and
 records its own graph. The attention reads the window's length from memory
 (``fused_decode_attention(..., residual_length=)``).
 
+Layers kept in 16 bits (``full_precision_layers``, turbo-3's and turbo-k3v4's first and last two) take
+buffers for the stretch's new tokens after their whole cache, which the fused kernel reads in place as
+a full-precision packed part, and append them at the stretch's end.
+
 Needs: a batch without padding, full attention (no sliding windows: the steps attend every cached
-token, and the model's mask is not read), every layer quantized with the same ``residual_length`` and chunk
+token, and the model's mask is not read), the quantized layers with one ``residual_length`` and chunk
 (``KVCacheConfig.min_chunk`` sets how many steps a recording serves), formats the fused kernel reads,
 and a model whose decode step reads nothing back to the host (a recording fails on such a read). With
 ``graphs=False`` the same stretches run eagerly (on any device; the CPU tests check the bookkeeping
@@ -99,8 +103,8 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
         raise ValueError(f"next_ids must be int64 [batch, 1]; got {getattr(next_ids, 'dtype', None)} "
                          f"{tuple(getattr(next_ids, 'shape', ()))}")
     _check_request(model, cache, steps, graphs, next_ids.device)
-    layers = _window_layers(cache, position)
-    first = layers[0]
+    quantized, full = _window_layers(cache, position)
+    first = quantized[0]
     keep, chunk = first.residual_length, first.chunk
     device = next_ids.device
     kw = cache_kwargs(model, cache)
@@ -108,8 +112,10 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
     pos = torch.full_like(ids, position)
     out = torch.empty(ids.shape[0], steps, dtype=torch.long, device=device)
     slot = torch.zeros(1, dtype=torch.long, device=device)
-    index = torch.zeros(1, dtype=torch.long, device=device)
-    length = torch.zeros(1, dtype=torch.int32, device=device)
+    # where the step's token goes and how many window tokens it attends: the quantized layers' windows
+    # start with the tokens they hold, the 16-bit layers' with none (their cache is read before them)
+    index, length = torch.zeros(2, 1, dtype=torch.long, device=device), torch.zeros(2, 1, dtype=torch.int32,
+                                                                                   device=device)
 
     def step() -> None:
         logits = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw).logits
@@ -123,10 +129,14 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
     while done < steps:
         window = first.residual_tokens
         stretch = min(keep + chunk - window, steps - done)  # steps until the window's next move
-        index.fill_(window)
-        length.fill_(window + 1)
-        for layer in layers:
-            layer.give_window_buffers(keep + chunk, index, length)
+        index[0].fill_(window)
+        length[0].fill_(window + 1)
+        index[1].fill_(0)
+        length[1].fill_(1)
+        for layer in quantized:
+            layer.give_window_buffers(keep + chunk, index[0], length[0])
+        for layer in full:
+            layer.give_window_buffers(stretch, index[1], length[1])
         try:
             step()
             eager += 1
@@ -144,10 +154,10 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
                     step()
                 eager += stretch - 1
         except BaseException:
-            for layer in layers:  # (the cache no longer matches the tokens: build a new one)
+            for layer in (*quantized, *full):  # (the cache no longer matches the tokens: build a new one)
                 layer.window_buffers = None
             raise
-        for layer in layers:
+        for layer in (*quantized, *full):
             layer.take_window_buffers(stretch)
         done += stretch
         if eos_token_id is not None and bool((out[:, :done] == eos_token_id).any(-1).all()):
@@ -182,25 +192,28 @@ def _check_request(model: Any, cache: Any, steps: int, graphs: bool, device: tor
             raise ValueError("graphs=True needs the fused decode kernel, which needs triton")
 
 
-def _window_layers(cache: QuantizedKVCache, position: int) -> list[QuantizedLayer]:
-    """The cache's layers, checked for replayed decoding: all quantized, one window length, residual
-    length and chunk, no padding, ``position`` tokens seen."""
+def _window_layers(cache: QuantizedKVCache, position: int) -> tuple[list[QuantizedLayer], list[QuantizedLayer]]:
+    """The cache's (quantized, 16-bit) layers, checked for replayed decoding: at least one quantized,
+    those with one window length, residual length and chunk, every layer with ``position`` tokens
+    seen, no padding."""
     layers = list(cache.layers)
-    full = [layer.layer_idx for layer in layers if layer.plan.full_precision]
-    if full:
-        raise ValueError(f"layers {full} keep 16-bit caches; replayed decoding needs every layer quantized")
     if any(not layer.is_initialized or layer.keys is None for layer in layers):
         raise ValueError("the cache holds no prompt: fill it first (generate_with_graphs does)")
-    shapes = {(layer.residual_length, layer.chunk, layer.residual_tokens, layer.seen) for layer in layers}
+    quantized = [layer for layer in layers if not layer.plan.full_precision]
+    full = [layer for layer in layers if layer.plan.full_precision]
+    if not quantized:
+        raise ValueError("every layer keeps a 16-bit cache; replayed decoding works in stretches between the "
+                         "quantized layers' moves into their packed parts: use generate()")
+    shapes = {(layer.residual_length, layer.chunk, layer.residual_tokens) for layer in quantized}
     if len(shapes) != 1:
-        raise ValueError(f"the layers differ in (residual_length, chunk, window tokens, tokens seen): "
-                         f"{sorted(shapes)}; replayed decoding needs them equal")
-    seen = layers[0].seen
-    if position != seen:
-        raise ValueError(f"position={position}, but the cache holds {seen} tokens")
+        raise ValueError(f"the quantized layers differ in (residual_length, chunk, window tokens): {sorted(shapes)}; "
+                         "replayed decoding needs them equal")
+    seen = {layer.seen for layer in layers}
+    if seen != {position}:
+        raise ValueError(f"position={position}, but the cache's layers hold {sorted(seen)} tokens")
     if any(layer.residual_valid is not None for layer in layers):
         raise ValueError("the cache holds padding; replayed decoding takes batches without padding")
-    return layers
+    return quantized, full
 
 
 def _pad_after_eos(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvpolar.cache.config import LayerPlan
 from kvpolar.quantized import QuantizedTensor, cat
 from kvpolar.quantizers.base import Quantizer
+from kvpolar.quantizers.identity import FullPrecisionTensor
 from kvpolar.registry import available_quantizers, quantizer
 
 _PENDING = threading.local()  # (layer, key tensor returned by update) until the attention call
@@ -49,12 +50,18 @@ class WindowBuffers:
 
     ``keys`` / ``values``: ``[B, Hkv, capacity, D]`` in the cache's dtype, the window's tokens first;
     ``index``: int64 ``[1]``, where ``update`` writes the step's token; ``length``: int32 ``[1]``, the
-    tokens the step's attention reads (``index + 1``). The decode loop advances both on the device."""
+    tokens the step's attention reads (``index + 1``). The decode loop advances both on the device.
+    ``packed_keys`` / ``packed_values`` and their quantizers: what the attention reads before the window
+    (a quantized layer's packed part; a 16-bit layer's whole cache, stored as it is)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     index: torch.Tensor
     length: torch.Tensor
+    packed_keys: QuantizedTensor | None = None
+    packed_values: QuantizedTensor | None = None
+    key_quantizer: Quantizer | None = None
+    value_quantizer: Quantizer | None = None
 
 
 def check_registered(role: str, name: str) -> None:
@@ -187,32 +194,43 @@ class QuantizedLayer(CacheLayerMixin):
 
     def give_window_buffers(self, capacity: int, index: torch.Tensor, length: torch.Tensor) -> WindowBuffers:
         """Move the window into buffers of ``capacity`` tokens (``window_buffers``) for replayed decode
-        steps, sharing the device-held ``index`` / ``length`` with the other layers. The layer must
-        be quantized and hold a window."""
-        if self.plan.full_precision or self.keys is None:
-            raise ValueError(f"layer {self.layer_idx}: only a quantized layer holding a window can decode with "
-                             "window buffers")
-        w = self.residual_tokens
+        steps, with the device-held ``index`` / ``length`` it shares with the layers of its kind. A
+        quantized layer's buffers start with its window, after its packed part; a 16-bit layer's start
+        empty, after its whole cache (read in place as ``FullPrecisionTensor``s)."""
+        if self.keys is None:
+            raise ValueError(f"layer {self.layer_idx}: the layer holds no tokens; fill it before replayed decoding")
+        w = 0 if self.plan.full_precision else self.residual_tokens
         if capacity < w + 1:
             raise ValueError(f"layer {self.layer_idx}: capacity={capacity}; the window holds {w} tokens and "
                              "needs room for one more")
         shape = (self.batch_size, self.num_heads, capacity, self.head_dim)
         keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        keys[:, :, :w], values[:, :, :w] = self.keys, self.values
-        self.window_buffers = WindowBuffers(keys, values, index, length)
+        if self.plan.full_precision:
+            identity = quantizer("none")
+            packed = [FullPrecisionTensor(shape=t.shape, dtype=t.dtype, values=t) for t in (self.keys, self.values)]
+            self.window_buffers = WindowBuffers(keys, values, index, length, *packed, identity, identity)
+        else:
+            keys[:, :, :w], values[:, :, :w] = self.keys, self.values
+            self.window_buffers = WindowBuffers(keys, values, index, length, self.packed_keys, self.packed_values,
+                                                self.key_quantizer, self.value_quantizer)
         return self.window_buffers
 
     def take_window_buffers(self, steps: int) -> None:
-        """Back from ``window_buffers`` after ``steps`` replayed one-token steps: the window is the
-        buffers' first tokens again, ``seen`` counts the steps, and whole chunks beyond
-        ``residual_length`` move into the packed part, as ``after_attention`` would have moved them."""
+        """Back from ``window_buffers`` after ``steps`` replayed one-token steps: ``seen`` counts the
+        steps; a quantized layer's window is the buffers' first tokens again and whole chunks beyond
+        ``residual_length`` move into the packed part, as ``after_attention`` would have moved them; a
+        16-bit layer appends the steps' tokens to its cache."""
         buffers, self.window_buffers = self.window_buffers, None
+        self.seen += steps
+        self.awaiting_attention = False
+        if self.plan.full_precision:
+            self.keys = torch.cat([self.keys, buffers.keys[:, :, :steps]], dim=-2)
+            self.values = torch.cat([self.values, buffers.values[:, :, :steps]], dim=-2)
+            return
         w = self.residual_tokens + steps
         self.keys = buffers.keys[:, :, :w].clone()
         self.values = buffers.values[:, :, :w].clone()
-        self.seen += steps
-        self.awaiting_attention = False
         move = (w - self.residual_length) // self.chunk * self.chunk
         if move > 0:
             self._compress(move)
