@@ -56,7 +56,8 @@ def check_tokens(layers: int, presets: list[str], graphs: bool) -> list[dict]:
     ids = torch.randint(0, model.config.vocab_size, (2, 1024), generator=gen).to(e2e.DEVICE)
     rows = []
     for preset in presets:
-        new = 2 * kvpolar.QuantizedKVCache(model.config, preset).layers[0].chunk + 20  # two moves and some
+        chunk = max(layer.chunk for layer in kvpolar.QuantizedKVCache(model.config, preset).layers)
+        new = 2 * chunk + 20  # two moves and some (the quantized layers' chunk; 16-bit layers have none)
         cache = kvpolar.enable(model, preset)
         model.generation_config.eos_token_id = None  # (plain greedy: no token stops or is suppressed)
         want = model.generate(ids, max_new_tokens=new, do_sample=False, attention_mask=torch.ones_like(ids),
