@@ -7,6 +7,8 @@ token, across several moves; the recording itself runs on the GPU (``benchmarks/
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -122,7 +124,7 @@ def test_eos_stops_every_sequence_and_pads():
             assert torch.equal(new[row, :int(hits[0])], want[row, 20:20 + int(hits[0])])
 
 
-def test_refusals():
+def test_refusals(monkeypatch):
     model = tiny_model(layers=2, head_dim=32)
     ids = _prompt(1, 12)
     fresh = lambda preset="kivi-2", **kw: kvpolar.QuantizedKVCache(model.config, config(preset, **kw))  # noqa: E731
@@ -144,6 +146,10 @@ def test_refusals():
         decode_with_graphs(model, used, ids[:, :1], 5, 3, graphs=False)
     with pytest.raises(ValueError, match="next_ids must be int64 \\[batch, 1\\]"):
         decode_with_graphs(model, used, ids, 14, 3, graphs=False)
+    with monkeypatch.context() as patch:  # (as on a GPU, whose kernel folds windows of at most 100 tokens)
+        patch.setattr(kvpolar.cache.graphed, "_fused_module", lambda device: SimpleNamespace(MAX_FOLDED_WINDOW=100))
+        with pytest.raises(ValueError, match="residual_length \\+ chunk = 128 \\+ 32 window tokens"):
+            generate_with_graphs(model, ids, fresh(), 4, graphs=False)
     sliding = tiny_model("mistral", layers=2, head_dim=32, sliding_window=64)
     with pytest.raises(ValueError, match="sliding-window attention \\(sliding_window=64"):
         generate_with_graphs(sliding, ids, kvpolar.QuantizedKVCache(sliding.config, "kivi-2"), 4, graphs=False)

@@ -110,8 +110,9 @@ def kvpolar_attention(
 
 def _decode_buffered(query: torch.Tensor, layer: Any, scaling: float | None) -> torch.Tensor:
     """A replayed decode step's attention (``layer.window_buffers`` set): the packed part (a 16-bit
-    layer's whole cache) plus the window buffers' first ``length`` tokens, the count read on the device by the fused kernel (on the
-    CPU, where nothing is replayed, by the host from the buffers' ``length``); ``[B, Tq, Hq, D]``.
+    layer's whole cache) plus the window buffers' first ``length`` tokens, the count read on the device
+    by the fused kernel (on the CPU, where nothing is replayed, by the host from the buffers'
+    ``length``); ``[B, Tq, Hq, D]``.
     The model's mask is not read: replayed steps are one-token steps of a batch without padding and
     without sliding windows (``kvpolar.cache.graphed`` checks), whose causal mask admits every cached
     token, and a mask built on the host for one step would be stale in the next replay."""

@@ -106,6 +106,11 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
     quantized, full = _window_layers(cache, position)
     first = quantized[0]
     keep, chunk = first.residual_length, first.chunk
+    fused = _fused_module(next_ids.device)
+    if fused is not None and keep + chunk > fused.MAX_FOLDED_WINDOW:
+        raise ValueError(f"residual_length + chunk = {keep} + {chunk} window tokens; the fused kernel reads a window's "
+                         f"length from memory for windows of at most MAX_FOLDED_WINDOW={fused.MAX_FOLDED_WINDOW} "
+                         "tokens: lower residual_length or min_chunk")
     device = next_ids.device
     kw = cache_kwargs(model, cache)
     ids = next_ids.clone()
@@ -186,10 +191,17 @@ def _check_request(model: Any, cache: Any, steps: int, graphs: bool, device: tor
         if torch.device(device).type != "cuda":
             raise ValueError(f"graphs=True records CUDA graphs; the inputs are on {device} (graphs=False runs the "
                              "same steps eagerly)")
-        from kvpolar.kernels import decode_attention
-
-        if decode_attention.triton is None:
+        if _fused_module(device) is None:
             raise ValueError("graphs=True needs the fused decode kernel, which needs triton")
+
+
+def _fused_module(device: torch.device) -> Any:
+    """The fused decode-attention module the attention calls on ``device`` (CUDA with Triton), or None."""
+    if torch.device(device).type != "cuda":
+        return None
+    from kvpolar.kernels import decode_attention
+
+    return decode_attention if decode_attention.triton is not None else None
 
 
 def _window_layers(cache: QuantizedKVCache, position: int) -> tuple[list[QuantizedLayer], list[QuantizedLayer]]:
