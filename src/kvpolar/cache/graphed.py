@@ -65,8 +65,8 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
         input_ids: int64 ``[B, T]`` prompts of equal length (no padding), on the model's device.
         cache: an empty ``QuantizedKVCache`` for this model.
         max_new_tokens: tokens to generate (>= 1).
-        eos_token_id: stop once every sequence has produced it (checked after each stretch; a finished
-            sequence's later tokens are set to it, as ``generate`` pads them).
+        eos_token_id: stop once every sequence has produced it (checked after each stretch); a finished
+            sequence's later tokens are set to it (``generate`` pads them with ``pad_token_id``).
         graphs: record and replay (CUDA); False runs the same steps eagerly.
     Returns:
         int64 ``[B, T + n]``: the prompts, then ``n <= max_new_tokens`` generated tokens.
