@@ -30,6 +30,7 @@ against ``generate`` that way).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -131,42 +132,44 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
             counter.add_(1)
 
     done = eager = replayed = recordings = 0
-    while done < steps:
-        window = first.residual_tokens
-        stretch = min(keep + chunk - window, steps - done)  # steps until the window's next move
-        index[0].fill_(window)
-        length[0].fill_(window + 1)
-        index[1].fill_(0)
-        length[1].fill_(1)
-        for layer in quantized:
-            layer.give_window_buffers(keep + chunk, index[0], length[0])
-        for layer in full:
-            layer.give_window_buffers(stretch, index[1], length[1])
-        try:
-            step()
-            eager += 1
-            if stretch > 1 and graphs:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):  # (its own memory pool, freed with it after the stretch)
-                    step()
-                recordings += 1
-                for _ in range(stretch - 1):
-                    graph.replay()
-                replayed += stretch - 1
-                del graph
-            else:
-                for _ in range(stretch - 1):
-                    step()
-                eager += stretch - 1
-        except BaseException:
-            for layer in (*quantized, *full):  # (the cache no longer matches the tokens: build a new one)
-                layer.window_buffers = None
-            raise
-        for layer in (*quantized, *full):
-            layer.take_window_buffers(stretch)
-        done += stretch
-        if eos_token_id is not None and bool((out[:, :done] == eos_token_id).any(-1).all()):
-            break
+    # (recordings are made on the current device: the inputs' one)
+    with torch.cuda.device(device) if graphs else contextlib.nullcontext():
+        while done < steps:
+            window = first.residual_tokens
+            stretch = min(keep + chunk - window, steps - done)  # steps until the window's next move
+            index[0].fill_(window)
+            length[0].fill_(window + 1)
+            index[1].fill_(0)
+            length[1].fill_(1)
+            for layer in quantized:
+                layer.give_window_buffers(keep + chunk, index[0], length[0])
+            for layer in full:
+                layer.give_window_buffers(stretch, index[1], length[1])
+            try:
+                step()
+                eager += 1
+                if stretch > 1 and graphs:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):  # (its own memory pool, freed with it after the stretch)
+                        step()
+                    recordings += 1
+                    for _ in range(stretch - 1):
+                        graph.replay()
+                    replayed += stretch - 1
+                    del graph
+                else:
+                    for _ in range(stretch - 1):
+                        step()
+                    eager += stretch - 1
+            except BaseException:
+                for layer in (*quantized, *full):  # (the cache no longer matches the tokens: build a new one)
+                    layer.window_buffers = None
+                raise
+            for layer in (*quantized, *full):
+                layer.take_window_buffers(stretch)
+            done += stretch
+            if eos_token_id is not None and bool((out[:, :done] == eos_token_id).any(-1).all()):
+                break
     return GraphedDecoding(out[:, :done], eager, replayed, recordings)
 
 
