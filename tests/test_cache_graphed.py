@@ -15,6 +15,7 @@ import torch
 import kvpolar
 from cache_helpers import VOCAB, config, tiny_model  # noqa: E402
 from kvpolar.cache.graphed import decode_with_graphs, generate_with_graphs
+from kvpolar.cache.layer import QuantizedLayer
 
 
 def _prompt(batch: int, tokens: int, seed: int = 3) -> torch.Tensor:
@@ -81,7 +82,7 @@ def test_other_families(family):
     assert torch.equal(generate_with_graphs(model, ids, cache, 40, graphs=False), want)
 
 
-def test_stretches_end_at_each_move():
+def test_stretches_end_at_each_move(monkeypatch):
     """One eager step per stretch without graphs counts every step; the stretches end where the window
     reaches ``residual_length + chunk`` (then a chunk moves), and the cache can go on decoding eagerly."""
     model = tiny_model(layers=2, head_dim=32)
@@ -91,17 +92,15 @@ def test_stretches_end_at_each_move():
     logits = model(input_ids=ids, use_cache=True, **kw).logits
     first = logits[:, -1:].argmax(-1)
     windows = []
-    real = kvpolar.cache.graphed.QuantizedLayer.take_window_buffers
+    real = QuantizedLayer.take_window_buffers
 
     def record(layer, steps):
         windows.append((layer.residual_tokens, steps))
         real(layer, steps)
 
-    kvpolar.cache.graphed.QuantizedLayer.take_window_buffers = record
-    try:
-        run = decode_with_graphs(model, cache, first, 40, 70, graphs=False)
-    finally:
-        kvpolar.cache.graphed.QuantizedLayer.take_window_buffers = real
+    monkeypatch.setattr(QuantizedLayer, "take_window_buffers", record)
+    run = decode_with_graphs(model, cache, first, 40, 70, graphs=False)
+    monkeypatch.undo()
     assert run.tokens.shape == (1, 70) and run.eager_steps == 70 and run.replayed_steps == run.recordings == 0
     assert windows[::2] == [(8, 32), (8, 32), (8, 6)]  # (layer 0: window before, steps) per stretch
     assert cache.get_seq_length() == 110 and cache.layers[0].residual_tokens == 14
