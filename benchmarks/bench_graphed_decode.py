@@ -192,8 +192,11 @@ def main() -> None:
             e2e._reset_memory()
             row = {"preset": preset, "batch": batch, "min_chunk": args.min_chunk,
                    "eager_ms": eager_ms(model, preset, batch, args.context, args.steps, args.min_chunk)}
-            row["graphed_ms"], row["how"] = graphed_ms(model, preset, batch, args.context, args.steps, graphs,
-                                                       args.min_chunk)
+            try:
+                row["graphed_ms"], row["how"] = graphed_ms(model, preset, batch, args.context, args.steps, graphs,
+                                                           args.min_chunk)
+            except ValueError as err:  # (a cache replayed decoding refuses)
+                row["graphed_note"] = f"refused: {err}"
             rows.append(row)
     device = e2e._device_name()
     title = (f"{device}, {args.layers} layers, {args.context} tokens per sequence, {args.steps} steps: ms per "

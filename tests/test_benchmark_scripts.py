@@ -172,3 +172,17 @@ def test_kernel_variants_records_every_preset_s_launches():
         window = [line for (name, kernel), line in rows.items() if name == preset and "window_combine_kernel" in kernel]
         assert len(window) == 1, rows  # (by query row or by KV head, as the launch policy chose)
         assert "1 variant(s)" in window[0] and window[0].endswith("changing: -")
+
+
+def test_bench_graphed_decode_checks_tokens_then_times(tmp_path):
+    """The CPU smoke run (no graphs there): the eager stretches give ``generate``'s tokens, a refused preset
+    (16-bit layers only, at 2 layers) is reported, and the table has the 16-bit row and the preset's."""
+    out = tmp_path / "graphed.json"
+    stdout = run_script("bench_graphed_decode.py", "--smoke", "--presets", "kivi-2", "turbo-k3v4", "--batches", "1",
+                        "--out", str(out))
+    saved = json.loads(out.read_text())
+    assert saved["checks"][0]["eager_equals_generate"] is True and saved["checks"][0]["graphed_equals_generate"] is None
+    assert "every layer keeps a 16-bit cache" in saved["checks"][1]["refused"]
+    assert [r["preset"] for r in saved["rows"]] == ["fp16-flash", "kivi-2", "turbo-k3v4"]
+    assert all(r["eager_ms"] > 0 for r in saved["rows"])
+    assert "| kivi-2 | 1 |" in stdout
