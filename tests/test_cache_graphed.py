@@ -155,3 +155,30 @@ def test_refusals(monkeypatch):
     model.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="needs 'kvpolar'"):
         generate_with_graphs(model, ids, fresh(), 4, graphs=False)
+
+
+def test_buffered_steps_through_the_fused_kernel(monkeypatch):
+    """The buffered attention's kernel path (on a GPU: the replayed steps' only one), here under Triton's
+    interpreter: the fused kernel reads each layer's window length from its device-side tensor. The
+    tokens are ``generate``'s (whose steps take the PyTorch reference on the CPU)."""
+    from kvpolar.cache import attention
+    from kvpolar.kernels import decode_attention
+
+    model = tiny_model(layers=2, head_dim=32)
+    ids = _prompt(1, 40)
+    want, _ = _generate(model, ids, "kivi-2", 36, residual_length=8)
+    calls = []
+    real = decode_attention.fused_decode_attention
+
+    def fused(*args, **kwargs):
+        calls.append(kwargs.get("residual_length"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "fused_kernel", lambda query: SimpleNamespace(
+        supports=decode_attention.supports, fused_decode_attention=fused))
+    cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
+    prompt = model(input_ids=ids, use_cache=True, **kvpolar.cache_kwargs(model, cache)).logits  # (SDPA: the prompt)
+    first = prompt[:, -1:].argmax(-1)
+    run = decode_with_graphs(model, cache, first, 40, 35, graphs=False)  # (a move after 32 steps)
+    assert torch.equal(torch.cat([ids, first, run.tokens], dim=1), want)
+    assert len(calls) == 2 * 35 and all(isinstance(n, torch.Tensor) and n.dtype == torch.int32 for n in calls)
