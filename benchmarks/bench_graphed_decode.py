@@ -70,6 +70,7 @@ def check_tokens(layers: int, presets: list[str], graphs: bool) -> list[dict]:
         replayed = generate_with_graphs(model, ids, kvpolar.enable(model, preset), new) if graphs else None
         rows.append({"preset": preset, "new_tokens": new, "eager_equals_generate": bool(torch.equal(eager, want)),
                      "graphed_equals_generate": None if replayed is None else bool(torch.equal(replayed, want))})
+
     del model
     return rows
 

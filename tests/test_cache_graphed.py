@@ -22,12 +22,14 @@ def _prompt(batch: int, tokens: int, seed: int = 3) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(seed))
 
 
-def _generate(model, ids, preset, new, **changes):
-    """``generate``'s greedy tokens, ``new`` of them: no end-of-sequence token (the tiny models' default,
-    2, would stop a sequence or, under ``min_new_tokens``, be suppressed; neither is plain greedy)."""
+def _generate(model, ids, preset, new, sampling=None, **changes):
+    """``generate``'s greedy tokens (or with ``sampling``, its keywords), ``new`` of them: no
+    end-of-sequence token (the tiny models' default, 2, would stop a sequence or, under
+    ``min_new_tokens``, be suppressed; neither is plain decoding)."""
     cache = kvpolar.QuantizedKVCache(model.config, config(preset, **changes))
     model.generation_config.eos_token_id = None
-    out = model.generate(ids, max_new_tokens=new, do_sample=False, **kvpolar.cache_kwargs(model, cache))
+    out = model.generate(ids, max_new_tokens=new, **(sampling or {"do_sample": False}),
+                         **kvpolar.cache_kwargs(model, cache))
     assert out.shape[1] == ids.shape[1] + new
     return out, cache
 
@@ -108,6 +110,26 @@ def test_stretches_end_at_each_move(monkeypatch):
     assert nxt.shape[-1] == VOCAB
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0.7, top_k=20, top_p=0.9), dict(top_k=0),
+                                      dict(temperature=1.3, top_k=5)])
+def test_sampling_draws_as_generate(sampling):
+    """Sampled with the same seed, the tokens ``generate(do_sample=True, ...)`` draws: the same warpers in
+    the same order, one ``torch.multinomial`` per token (eager stretches: sampling in recorded steps is
+    refused until verified)."""
+    model = tiny_model(layers=2, head_dim=32)
+    ids = _prompt(2, 40)
+    torch.manual_seed(11)
+    want, _ = _generate(model, ids, "kivi-2", 45, sampling={"do_sample": True, "top_p": 1.0, **sampling},
+                        residual_length=8)
+    cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
+    torch.manual_seed(11)
+    got = generate_with_graphs(model, ids, cache, 45, do_sample=True, graphs=False, **sampling)
+    assert torch.equal(got, want)
+    greedy = generate_with_graphs(model, ids, kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8)),
+                                  45, graphs=False)
+    assert not torch.equal(got, greedy)  # (it did sample)
+
+
 def test_eos_stops_every_sequence_and_pads():
     model = tiny_model(layers=2, head_dim=32)
     ids = _prompt(2, 20)
@@ -152,6 +174,13 @@ def test_refusals(monkeypatch):
     sliding = tiny_model("mistral", layers=2, head_dim=32, sliding_window=64)
     with pytest.raises(ValueError, match="sliding-window attention \\(sliding_window=64"):
         generate_with_graphs(sliding, ids, kvpolar.QuantizedKVCache(sliding.config, "kivi-2"), 4, graphs=False)
+    with pytest.raises(ValueError, match="do_sample=True with graphs=True"):
+        generate_with_graphs(model, ids, fresh(), 4, do_sample=True)
+    for bad, match in ((dict(temperature=0.5), "pass do_sample=True"), (dict(do_sample=True, temperature=0),
+                                                                          "temperature=0; allowed: a number > 0"),
+                       (dict(do_sample=True, top_k=-1), "top_k=-1"), (dict(do_sample=True, top_p=1.5), "top_p=1.5")):
+        with pytest.raises(ValueError, match=match):
+            generate_with_graphs(model, ids, fresh(), 4, graphs=False, **bad)
     model.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="needs 'kvpolar'"):
         generate_with_graphs(model, ids, fresh(), 4, graphs=False)
