@@ -45,7 +45,7 @@ from kvpolar.cache.layer import QuantizedLayer
 class GraphedDecoding:
     """What :func:`decode_with_graphs` produced and how.
 
-    ``tokens``: int64 ``[B, steps]``, the greedy tokens after the given ones; ``eager_steps``: decode
+    ``tokens``: int64 ``[B, steps]``, the tokens chosen after the given ones; ``eager_steps``: decode
     steps run eagerly (one per stretch with graphs, all of them without); ``replayed_steps``: steps
     replayed from a recorded graph; ``recordings``: graphs recorded (one per stretch of two or more
     steps)."""
