@@ -42,11 +42,6 @@ import kvpolar  # noqa: E402
 from kvpolar.cache.graphed import decode_with_graphs, generate_with_graphs  # noqa: E402
 
 
-def _sync() -> None:
-    if e2e.DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def check_tokens(layers: int, presets: list[str], graphs: bool) -> list[dict]:
     """Greedy tokens three ways on a small model: ``generate``, the stretches eagerly, the stretches
@@ -78,22 +73,23 @@ def check_tokens(layers: int, presets: list[str], graphs: bool) -> list[dict]:
 @torch.no_grad()
 def eager_ms(model, preset: str, batch: int, context: int, steps: int, min_chunk: int | None = None) -> float:
     """ms per step of ``steps`` ordinary decode steps after two untimed ones (total wall time / steps)."""
-    cache = e2e.make_cache(model, preset, context + steps + 4)
     if min_chunk is not None and preset not in e2e.FP16_BASELINES:
         cache = kvpolar.enable(model, preset, min_chunk=min_chunk)
+    else:
+        cache = e2e.make_cache(model, preset, context + steps + 4)
     e2e.fill_cache(model, cache, preset, batch, context)
     kw = e2e.cache_kwargs(model, cache)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
     pos = torch.full((batch, 1), context, device=e2e.DEVICE, dtype=torch.long)
     for i in range(steps + 2):
         if i == 2:
-            _sync()
+            e2e._sync()
             start = time.perf_counter()
         with e2e.attention_backends(preset):
             logits = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **kw).logits
         ids = logits[:, -1:].argmax(-1)
         pos = pos + 1
-    _sync()
+    e2e._sync()
     ms = 1000 * (time.perf_counter() - start) / steps
     del cache
     return ms
@@ -108,10 +104,10 @@ def graphed_ms(model, preset: str, batch: int, context: int, steps: int, graphs:
     e2e.fill_cache(model, cache, preset, batch, context)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
     warm = decode_with_graphs(model, cache, ids, context, 2, graphs=graphs)
-    _sync()
+    e2e._sync()
     start = time.perf_counter()
     run = decode_with_graphs(model, cache, warm.tokens[:, -1:], context + 2, steps, graphs=graphs)
-    _sync()
+    e2e._sync()
     ms = 1000 * (time.perf_counter() - start) / steps
     how = {"eager_steps": run.eager_steps, "replayed_steps": run.replayed_steps, "recordings": run.recordings}
     del cache
@@ -142,11 +138,11 @@ def static_graphed_ms(model, batch: int, context: int, steps: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    _sync()
+    e2e._sync()
     start = time.perf_counter()
     for _ in range(steps):
         graph.replay()
-    _sync()
+    e2e._sync()
     ms = 1000 * (time.perf_counter() - start) / steps
     del graph, cache
     return ms
