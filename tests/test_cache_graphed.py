@@ -168,7 +168,7 @@ def test_refusals(monkeypatch):
     with pytest.raises(ValueError, match="next_ids must be int64 \\[batch, 1\\]"):
         decode_with_graphs(model, used, ids, 14, 3, graphs=False)
     with monkeypatch.context() as patch:  # (as on a GPU, whose kernel folds windows of at most 100 tokens)
-        patch.setattr(kvpolar.cache.graphed, "_fused_module", lambda device: SimpleNamespace(MAX_FOLDED_WINDOW=100))
+        patch.setattr(kvpolar.cache.attention, "fused_kernel", lambda query: SimpleNamespace(MAX_FOLDED_WINDOW=100))
         with pytest.raises(ValueError, match="residual_length \\+ chunk = 128 \\+ 32 window tokens"):
             generate_with_graphs(model, ids, fresh(), 4, graphs=False)
     sliding = tiny_model("mistral", layers=2, head_dim=32, sliding_window=64)
@@ -204,7 +204,8 @@ def test_buffered_steps_through_the_fused_kernel(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(attention, "fused_kernel", lambda query: SimpleNamespace(
-        supports=decode_attention.supports, fused_decode_attention=fused))
+        supports=decode_attention.supports, fused_decode_attention=fused,
+        MAX_FOLDED_WINDOW=decode_attention.MAX_FOLDED_WINDOW))
     cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
     prompt = model(input_ids=ids, use_cache=True, **kvpolar.cache_kwargs(model, cache)).logits  # (SDPA: the prompt)
     first = prompt[:, -1:].argmax(-1)

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import torch
 
+from kvpolar.cache import attention
 from kvpolar.cache.cache import QuantizedKVCache, cache_kwargs
 from kvpolar.cache.layer import QuantizedLayer
 
@@ -82,7 +83,7 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(f"input_ids must be an int64 [batch, tokens] tensor; got "
                          f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
-    _check_request(model, cache, max_new_tokens, graphs, input_ids.device, do_sample)
+    _check_request(model, cache, max_new_tokens, graphs, input_ids, do_sample)
     choose = token_chooser(do_sample, temperature, top_k, top_p)
     if cache.get_seq_length() != 0:
         raise ValueError(f"cache holds {cache.get_seq_length()} tokens; generate_with_graphs fills an empty cache "
@@ -114,12 +115,12 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
             or next_ids.shape[1] != 1:
         raise ValueError(f"next_ids must be int64 [batch, 1]; got {getattr(next_ids, 'dtype', None)} "
                          f"{tuple(getattr(next_ids, 'shape', ()))}")
-    _check_request(model, cache, steps, graphs, next_ids.device, do_sample)
+    _check_request(model, cache, steps, graphs, next_ids, do_sample)
     choose = token_chooser(do_sample, temperature, top_k, top_p)
     quantized, full = _window_layers(cache, position)
     first = quantized[0]
     keep, chunk = first.residual_length, first.chunk
-    fused = _fused_module(next_ids.device)
+    fused = attention.fused_kernel(next_ids)  # (the module the layers' attention will call, or None)
     if fused is not None and keep + chunk > fused.MAX_FOLDED_WINDOW:
         raise ValueError(f"residual_length + chunk = {keep} + {chunk} window tokens; the fused kernel reads a window's "
                          f"length from memory for windows of at most MAX_FOLDED_WINDOW={fused.MAX_FOLDED_WINDOW} "
@@ -221,8 +222,10 @@ def token_chooser(do_sample: bool, temperature: float = 1.0, top_k: int | None =
     return choose
 
 
-def _check_request(model: Any, cache: Any, steps: int, graphs: bool, device: torch.device,
+def _check_request(model: Any, cache: Any, steps: int, graphs: bool, inputs: torch.Tensor,
                    sampling: bool = False) -> None:
+    """The request's refusals; ``inputs``: the token ids, on the device the steps run on."""
+    device = inputs.device
     if not isinstance(cache, QuantizedKVCache):
         raise TypeError(f"cache must be a kvpolar QuantizedKVCache; got {type(cache).__name__}")
     config = getattr(model, "config", None)
@@ -247,17 +250,8 @@ def _check_request(model: Any, cache: Any, steps: int, graphs: bool, device: tor
         if torch.device(device).type != "cuda":
             raise ValueError(f"graphs=True records CUDA graphs; the inputs are on {device} (graphs=False runs the "
                              "same steps eagerly)")
-        if _fused_module(device) is None:
+        if attention.fused_kernel(inputs) is None:
             raise ValueError("graphs=True needs the fused decode kernel, which needs triton")
-
-
-def _fused_module(device: torch.device) -> Any:
-    """The fused decode-attention module the attention calls on ``device`` (CUDA with Triton), or None."""
-    if torch.device(device).type != "cuda":
-        return None
-    from kvpolar.kernels import decode_attention
-
-    return decode_attention if decode_attention.triton is not None else None
 
 
 def _window_layers(cache: QuantizedKVCache, position: int) -> tuple[list[QuantizedLayer], list[QuantizedLayer]]:
