@@ -186,3 +186,25 @@ def test_bench_graphed_decode_checks_tokens_then_times(tmp_path):
     assert [r["preset"] for r in saved["rows"]] == ["fp16-flash", "kivi-2", "turbo-k3v4"]
     assert all(r["eager_ms"] > 0 for r in saved["rows"])
     assert "| kivi-2 | 1 |" in stdout
+
+
+def test_polar_trig_cost_replaces_the_trig_the_kernel_compiles():
+    """``polar_trig_cost.py``'s modes (timed on a GPU only) change what the decode kernel compiles: in an
+    sm_90 compile of polar-rope-3's split kernel (``inspect_preset_kernel.py``, no GPU needed) the main
+    loop's special-function ops fall from two per key pair to one, and to none (the softmax's few left
+    are below the mix's listing)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # (compiled, as test_kernels_sm90_compile)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(BENCHMARKS), env.get("PYTHONPATH", "")])
+    counts = {}
+    for mode in ("sfu", "one", "none"):
+        code = ("import sys, polar_trig_cost as m\n"
+                f"if '{mode}' != 'sfu': m._patch('{mode}')\n"
+                "sys.argv = ['x', 'polar-rope-3', '--batch', '32', '--tokens', '4096']\n"
+                "import inspect_preset_kernel as ipk; ipk.main()")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        loop = next(line for line in proc.stdout.splitlines() if "loop " in line and "instructions:" in line)
+        found = [part for part in loop.split(", ") if part.split()[0].endswith("MUFU")]
+        counts[mode] = int(found[0].split()[-1]) if found else 0
+    assert counts["sfu"] >= 128 and counts["none"] < counts["one"] < counts["sfu"], counts
