@@ -9,3 +9,15 @@ import torch
 # the individual test modules, whose import order pytest decides.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+if os.environ.get("KVPOLAR_CHECK_BOUNDS") == "1":
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def _interpreter_bounds():
+        """Every interpreted kernel's loads and stores checked against its tensors (``interpreter_bounds``)."""
+        from interpreter_bounds import checked_bounds
+
+        with checked_bounds():
+            yield

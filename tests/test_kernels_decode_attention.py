@@ -185,6 +185,31 @@ def test_value_metadata_reads(layout, value_metadata, dtype, value_fmt):
           config=LaunchConfig(value_metadata=value_metadata), value_layout=layout)
 
 
+@pytest.mark.parametrize("key_fmt, config", [
+    ("kivi-2-32", LaunchConfig(transposed=False, by_parts=True, block_n=16)),   # KIVI keys by parts
+    ("kivi-2-32", LaunchConfig(transposed=False, by_parts=False, block_n=16)),  # one key group per block
+    ("kivi-2-16", LaunchConfig(transposed=False, block_n=32)),                 # two groups per block
+    ("polar-2-4-32-half", LaunchConfig(transposed=False, block_n=16)),         # polar-rope keys
+    ("kivi-2-32", LaunchConfig(block_n=16)),                                   # the transposed kernel
+    ("polar-2-4-32-half", LaunchConfig(block_n=16)),
+])
+def test_surplus_blocks_read_no_key_metadata(key_fmt, config):
+    """65 tokens (three 32-token key groups, the last of one token) over two splits: under the interpreter
+    (splits of a power of two blocks) 64-token splits, so the last split's blocks at 96 and 112 start
+    past the cache's last key group. Their metadata must not be read: on the H100 the classic kernel's unmasked
+    reads there (KIVI and polar-rope keys) left the metadata tensors and faulted where one ended a memory
+    segment (``compute-sanitizer``: 1-7 bytes past a key group tensor). On the CPU every load and store
+    is checked against the kernel's tensors (``interpreter_bounds``)."""
+    import contextlib
+
+    from interpreter_bounds import checked_bounds
+
+    bounds = checked_bounds() if DEVICE == "cpu" else contextlib.nullcontext()
+    with bounds:
+        check(key_fmt, "kivi-2-32", batch=2, hkv=2, gqa=4, tk=65, r=3,
+              config=dataclasses.replace(config, num_splits=2))
+
+
 @pytest.mark.parametrize("layout", ["tokens", "groups"])
 def test_classic_kernel_reads_either_value_metadata_layout(layout):
     """The classic kernel (by parts and interleaved) addresses KIVI value scale / min through their

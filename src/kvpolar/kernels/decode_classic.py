@@ -50,14 +50,15 @@ def _load_units(row_ptrs, row_ok, NU: tl.constexpr, UB: tl.constexpr):
     return word
 
 @triton.jit
-def _kivi_key_part(s, bias, q_rows, row_ok, word, meta_ptr0, meta_ptr1, K: tl.constexpr, U: tl.constexpr,
-                   BITS: tl.constexpr, NU: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr,
+def _kivi_key_part(s, bias, q_rows, row_ok, word, meta_ptr0, meta_ptr1, meta_ok, K: tl.constexpr,
+                   U: tl.constexpr, BITS: tl.constexpr, NU: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr,
                    OFFSET: tl.constexpr, PREC: tl.constexpr):
-    """Scores of code ``K`` of every unit (channels ``u * U + K``): no interleaving needed."""
+    """Scores of code ``K`` of every unit (channels ``u * U + K``): no interleaving needed. ``meta_ok``:
+    whether the block holds tokens (a short last split's surplus blocks have no key group to read)."""
     ch = tl.arange(0, NU) * U + K
     qk = tl.load(q_rows[:, None] + ch[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    k_scale = tl.load(meta_ptr0 + ch).to(tl.float32)
-    k_min = tl.load(meta_ptr1 + ch).to(tl.float32)
+    k_scale = tl.load(meta_ptr0 + ch, mask=meta_ok, other=0.0).to(tl.float32)
+    k_min = tl.load(meta_ptr1 + ch, mask=meta_ok, other=0.0).to(tl.float32)
     q_scaled = (qk * k_scale[None, :]).to(DT)
     codes = _kp.codes_to((word >> (K * BITS)) & ((1 << BITS) - 1), DT, BITS, NATIVE)
     s = tl.dot(q_scaled, tl.trans(codes), s, input_precision=PREC)
@@ -154,6 +155,8 @@ def _split_kernel(
         n0 = start + i * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_tokens
+        # (``meta_ok``: the surplus blocks of a short last split hold no tokens, and their key group no
+        # metadata; a read there leaves the metadata tensors, which on a GPU faults where one ends a segment)
         # ---- scores [BLOCK_M, BLOCK_N] from the stored keys
         if KEY_FMT == 0:
             k = tl.load(k_base + offs_n[:, None] * sk_t + dcol[None, :], mask=n_ok[:, None], other=0.0)
@@ -162,23 +165,25 @@ def _split_kernel(
             NUK: tl.constexpr = D // KEY_U  # per code position K of the packed units,
             word = _load_units(k_base + offs_n[:, None] * sk_t, n_ok[:, None], NUK, KEY_UB)
             meta = km_base + (n0 // KEY_GROUP) * skm_g  # (q * scale_g) . codes + q . min_g
+            meta_ok = (tl.arange(0, NUK) * 0 + n0) < n_tokens
             s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             bias = tl.zeros([BLOCK_M], tl.float32)
-            s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, 0, KEY_U,
+            s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, meta_ok, 0, KEY_U,
                                      KEY_BITS, NUK, DT, NATIVE, KEY_OFFSET, PREC)
             if KEY_U >= 2:
-                s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, 1, KEY_U,
+                s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, meta_ok, 1, KEY_U,
                                          KEY_BITS, NUK, DT, NATIVE, KEY_OFFSET, PREC)
             if KEY_U >= 4:
-                s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, 2, KEY_U,
+                s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, meta_ok, 2, KEY_U,
                                          KEY_BITS, NUK, DT, NATIVE, KEY_OFFSET, PREC)
-                s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, 3, KEY_U,
+                s, bias = _kivi_key_part(s, bias, q_rows, row_ok, word, km0 + meta, km1 + meta, meta_ok, 3, KEY_U,
                                          KEY_BITS, NUK, DT, NATIVE, KEY_OFFSET, PREC)
             s += bias[:, None]
         elif KEY_FMT == 1 and BLOCK_N <= KEY_GROUP:  # KIVI, one token group per block:
             meta = km_base + (n0 // KEY_GROUP) * skm_g + dcol  # (q * scale_g) . codes + q . min_g
-            k_scale = tl.load(km0 + meta).to(tl.float32)
-            k_min = tl.load(km1 + meta).to(tl.float32)
+            meta_ok = (dcol * 0 + n0) < n_tokens
+            k_scale = tl.load(km0 + meta, mask=meta_ok, other=0.0).to(tl.float32)
+            k_min = tl.load(km1 + meta, mask=meta_ok, other=0.0).to(tl.float32)
             codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
                             D, DT, NATIVE, False, False, KEY_OFFSET)  # code + offset
             q_scaled = (qf * k_scale[None, :]).to(DT)
@@ -206,10 +211,11 @@ def _split_kernel(
             s = tl.dot(q, tl.trans(k.to(DT)), input_precision=PREC) * k_tok[None, :]
         else:  # polar-rope: (x, y) = r (cos, sin) theta per pair, then q_x . x + q_y . y
             meta = km_base + (n0 // KEY_GROUP) * skm_g + tl.arange(0, HALF)
-            r_scale = tl.load(km0 + meta).to(tl.float32)
-            r_min = tl.load(km1 + meta).to(tl.float32)
-            a_scale = tl.load(km2 + meta).to(tl.float32)
-            a_min = tl.load(km3 + meta).to(tl.float32)
+            meta_ok = (tl.arange(0, HALF) * 0 + n0) < n_tokens
+            r_scale = tl.load(km0 + meta, mask=meta_ok, other=0.0).to(tl.float32)
+            r_min = tl.load(km1 + meta, mask=meta_ok, other=0.0).to(tl.float32)
+            a_scale = tl.load(km2 + meta, mask=meta_ok, other=0.0).to(tl.float32)
+            a_min = tl.load(km3 + meta, mask=meta_ok, other=0.0).to(tl.float32)
             codes = _unpack(k_base + offs_n[:, None] * sk_t, n_ok[:, None], 0, 0, KEY_BITS, KEY_UB, KEY_U,
                             HALF, DT, NATIVE, False, True, 0.0)
             radius = r_min[None, :] + (codes >> ANGLE_BITS).to(tl.float32) * r_scale[None, :]
