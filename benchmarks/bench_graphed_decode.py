@@ -70,6 +70,77 @@ def check_tokens(layers: int, presets: list[str], graphs: bool) -> list[dict]:
     return rows
 
 
+SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+
+
+@torch.no_grad()
+def check_sampling(layers: int, presets: list[str], graphs: bool, seed: int = 11) -> list[dict]:
+    """Sampled tokens three ways under one seed (``SAMPLING``'s warpers): ``generate(do_sample=True)``,
+    the stretches eagerly, the stretches replayed (with ``graphs``; a recorded draw advances the
+    generator as the eager draw does, so all three must agree token for token). Then ``top_k=1``
+    (replayed with ``graphs``) against ``generate``'s greedy tokens, ties allowed: where the two first differ, the greedy
+    step's two largest logits must be equal (top-k keeps every tied token, the argmax the first)."""
+    model = e2e.build_model(layers)
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 1024), generator=gen).to(e2e.DEVICE)
+    rows = []
+    for preset in presets:
+        chunk = max(layer.chunk for layer in kvpolar.QuantizedKVCache(model.config, preset).layers)
+        new = 2 * chunk + 20
+        model.generation_config.eos_token_id = None
+        cache = kvpolar.enable(model, preset)
+        torch.manual_seed(seed)
+        want = model.generate(ids, max_new_tokens=new, do_sample=True, attention_mask=torch.ones_like(ids),
+                              pad_token_id=0, **SAMPLING, **kvpolar.cache_kwargs(model, cache))
+        torch.manual_seed(seed)
+        try:
+            eager = generate_with_graphs(model, ids, kvpolar.enable(model, preset), new, do_sample=True,
+                                         graphs=False, **SAMPLING)
+        except ValueError as err:  # (a preset replayed decoding refuses, e.g. one with 16-bit layers only)
+            rows.append({"preset": preset, "new_tokens": new, "refused": str(err)})
+            continue
+        row = {"preset": preset, "new_tokens": new, "sampling": SAMPLING,
+               "sampled_eager_equals_generate": bool(torch.equal(eager, want))}
+        if graphs:
+            torch.manual_seed(seed)
+            replayed = generate_with_graphs(model, ids, kvpolar.enable(model, preset), new, do_sample=True,
+                                            **SAMPLING)
+            row["sampled_graphed_equals_generate"] = bool(torch.equal(replayed, want))
+            row["sampled_graphed_equals_eager"] = bool(torch.equal(replayed, eager))
+        cache = kvpolar.enable(model, preset)
+        greedy = model.generate(ids, max_new_tokens=new, do_sample=False, attention_mask=torch.ones_like(ids),
+                                pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                                **kvpolar.cache_kwargs(model, cache))
+        top1 = generate_with_graphs(model, ids, kvpolar.enable(model, preset), new, do_sample=True, top_k=1,
+                                    graphs=graphs)
+        row.update(_ties_explain(top1[:, ids.shape[1]:], greedy.sequences[:, ids.shape[1]:], greedy.logits))
+        rows.append(row)
+        print(f"sampling check: {row}", flush=True)
+    del model
+    return rows
+
+
+def _ties_explain(got: torch.Tensor, greedy: torch.Tensor, logits: tuple) -> dict:
+    """Per sequence, the first step where ``got`` (top-1 draws) leaves ``greedy`` and whether the greedy
+    logits there had both tokens at the maximum; and how many greedy steps had a tied maximum at all."""
+    firsts, explained = [], []
+    for b in range(got.shape[0]):
+        differ = (got[b] != greedy[b]).nonzero()
+        if differ.numel() == 0:
+            firsts.append(None)
+            continue
+        i = int(differ[0])
+        step = logits[i][b].float()
+        top = step.max()
+        firsts.append(i)
+        explained.append(bool(step[got[b, i]] == top and step[greedy[b, i]] == top))
+    tied_steps = sum(int((step.float() == step.float().max(-1, keepdim=True).values).sum(-1).gt(1).sum())
+                     for step in logits)
+    return {"top1_first_difference": firsts, "top1_differences_are_ties": all(explained),
+            "greedy_steps_with_tied_maximum": tied_steps,
+            "top1_ok": all(explained)}
+
+
 @torch.no_grad()
 def eager_ms(model, preset: str, batch: int, context: int, steps: int, min_chunk: int | None = None) -> float:
     """ms per step of ``steps`` ordinary decode steps after two untimed ones (total wall time / steps)."""
@@ -161,11 +232,13 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="small model on the CPU, eager only")
     ap.add_argument("--check-only", action="store_true", help="the token checks alone")
+    ap.add_argument("--sampling", action="store_true", help="also check sampled decoding (check_sampling)")
     args = ap.parse_args()
     graphs = not args.smoke
     if args.smoke:
         e2e.DEVICE, args.context, args.layers, args.steps, args.check_layers = "cpu", 300, 2, 40, 2
     checks = check_tokens(args.check_layers, args.presets, graphs)
+    sampling = check_sampling(args.check_layers, args.presets, graphs) if args.sampling else []
     rows = []
     model = None if args.check_only else e2e.build_model(args.layers)
     for batch in [] if args.check_only else args.batches:
@@ -202,6 +275,15 @@ def main() -> None:
         f"{c['preset']}: refused ({c['refused']})" if "refused" in c else
         f"{c['preset']} {c['new_tokens']} tokens: eager stretches = generate {c['eager_equals_generate']}, "
         f"graphed = generate {c['graphed_equals_generate']}" for c in checks))
+    for c in sampling:
+        if "refused" in c:
+            print(f"sampling check {c['preset']}: refused ({c['refused']})")
+            continue
+        print(f"sampling check {c['preset']} ({c['new_tokens']} tokens, {c['sampling']}): eager stretches = generate "
+              f"{c['sampled_eager_equals_generate']}, replayed = generate {c.get('sampled_graphed_equals_generate')}, "
+              f"replayed = eager {c.get('sampled_graphed_equals_eager')}; top_k=1 replayed first leaves greedy at "
+              f"{c.get('top1_first_difference')}, all at tied maxima {c.get('top1_differences_are_ties')} (greedy "
+              f"steps with a tied maximum: {c.get('greedy_steps_with_tied_maximum')})")
     print(title)
     print("| preset | batch | eager ms | graphed ms | graphed / eager tokens/s | graphed tokens/s |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -216,7 +298,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"title": title, "command": " ".join(sys.argv), "torch": torch.__version__, "checks": checks,
-                       "rows": rows}, f, indent=1)
+                       "sampling_checks": sampling, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

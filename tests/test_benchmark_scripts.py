@@ -175,14 +175,19 @@ def test_kernel_variants_records_every_preset_s_launches():
 
 
 def test_bench_graphed_decode_checks_tokens_then_times(tmp_path):
-    """The CPU smoke run (no graphs there): the eager stretches give ``generate``'s tokens, a refused preset
-    (16-bit layers only, at 2 layers) is reported, and the table has the 16-bit row and the preset's."""
+    """The CPU smoke run (no graphs there): the eager stretches give ``generate``'s tokens, greedy and
+    sampled (``--sampling``: under one seed, and with ``top_k=1`` the greedy tokens wherever no tie
+    intervenes), a refused preset (16-bit layers only, at 2 layers) is reported, and the table has the
+    16-bit row and the preset's."""
     out = tmp_path / "graphed.json"
-    stdout = run_script("bench_graphed_decode.py", "--smoke", "--presets", "kivi-2", "turbo-k3v4", "--batches", "1",
-                        "--out", str(out))
+    stdout = run_script("bench_graphed_decode.py", "--smoke", "--sampling", "--presets", "kivi-2", "turbo-k3v4",
+                        "--batches", "1", "--out", str(out))
     saved = json.loads(out.read_text())
     assert saved["checks"][0]["eager_equals_generate"] is True and saved["checks"][0]["graphed_equals_generate"] is None
     assert "every layer keeps a 16-bit cache" in saved["checks"][1]["refused"]
+    sampled, refused = saved["sampling_checks"]
+    assert sampled["sampled_eager_equals_generate"] is True and sampled["top1_ok"] is True
+    assert "sampled_graphed_equals_eager" not in sampled and "every layer keeps" in refused["refused"]
     assert [r["preset"] for r in saved["rows"]] == ["fp16-flash", "kivi-2", "turbo-k3v4"]
     assert all(r["eager_ms"] > 0 for r in saved["rows"])
     assert "| kivi-2 | 1 |" in stdout

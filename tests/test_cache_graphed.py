@@ -114,8 +114,8 @@ def test_stretches_end_at_each_move(monkeypatch):
                                       dict(temperature=1.3, top_k=5)])
 def test_sampling_draws_as_generate(sampling):
     """Sampled with the same seed, the tokens ``generate(do_sample=True, ...)`` draws: the same warpers in
-    the same order, one ``torch.multinomial`` per token (eager stretches: sampling in recorded steps is
-    refused until verified)."""
+    the same order, one ``torch.multinomial`` per token (eager stretches here; recorded ones on a GPU:
+    ``benchmarks/bench_graphed_decode.py --sampling``)."""
     model = tiny_model(layers=2, head_dim=32)
     ids = _prompt(2, 40)
     torch.manual_seed(11)
@@ -128,6 +128,27 @@ def test_sampling_draws_as_generate(sampling):
     greedy = generate_with_graphs(model, ids, kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8)),
                                   45, graphs=False)
     assert not torch.equal(got, greedy)  # (it did sample)
+
+
+@pytest.mark.parametrize("sampling", [None, dict(do_sample=True, top_k=3)])
+def test_suppressed_tokens_as_generate(sampling):
+    """``suppress_token_ids``: the tokens of ``generate(suppress_tokens=...)`` (greedy and sampled under
+    one seed), none of them the suppressed ones, which greedy decoding would have chosen."""
+    model = tiny_model(layers=2, head_dim=32)
+    ids = _prompt(2, 30)
+    free, _ = _generate(model, ids, "kivi-2", 40, residual_length=8)
+    banned = sorted({int(free[0, 32]), int(free[1, 35])})  # (tokens greedy decoding chooses)
+    torch.manual_seed(5)
+    want, _ = _generate(model, ids, "kivi-2", 40, sampling={**(sampling or {"do_sample": False}),
+                                                            "suppress_tokens": banned}, residual_length=8)
+    cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
+    torch.manual_seed(5)
+    got = generate_with_graphs(model, ids, cache, 40, suppress_token_ids=banned, graphs=False, **(sampling or {}))
+    assert torch.equal(got, want)
+    assert not torch.isin(got[:, 30:], torch.tensor(banned)).any()
+    with pytest.raises(ValueError, match="suppress_token_ids=\\[-1\\]; allowed"):
+        generate_with_graphs(model, ids, kvpolar.QuantizedKVCache(model.config, "kivi-2"), 4,
+                             suppress_token_ids=[-1], graphs=False)
 
 
 def test_eos_stops_every_sequence_and_pads():
@@ -174,8 +195,6 @@ def test_refusals(monkeypatch):
     sliding = tiny_model("mistral", layers=2, head_dim=32, sliding_window=64)
     with pytest.raises(ValueError, match="sliding-window attention \\(sliding_window=64"):
         generate_with_graphs(sliding, ids, kvpolar.QuantizedKVCache(sliding.config, "kivi-2"), 4, graphs=False)
-    with pytest.raises(ValueError, match="do_sample=True with graphs=True"):
-        generate_with_graphs(model, ids, fresh(), 4, do_sample=True)
     for bad, match in ((dict(temperature=0.5), "pass do_sample=True"), (dict(do_sample=True, temperature=0),
                                                                           "temperature=0; allowed: a number > 0"),
                        (dict(do_sample=True, top_k=-1), "top_k=-1"), (dict(do_sample=True, top_p=1.5), "top_p=1.5")):

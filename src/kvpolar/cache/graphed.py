@@ -1,5 +1,4 @@
-"""Greedy decoding with each decode step recorded once in a CUDA graph and replayed (sampling: the same
-stretches run eagerly, ``graphs=False``, until sampling inside recordings is verified).
+"""Decoding, greedy or sampled, with each decode step recorded once in a CUDA graph and replayed.
 
 At small batches an eager decode step of a ``transformers`` model is bound by its host (Python, kernel
 launches), not by the GPU: on an H100 an 8B-shaped model's step at 32k tokens took 25 ms with kvpolar and
@@ -33,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -60,12 +60,14 @@ class GraphedDecoding:
 @torch.no_grad()
 def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKVCache, max_new_tokens: int, *,
                          eos_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-                         top_k: int | None = None, top_p: float | None = None, graphs: bool = True) -> torch.Tensor:
+                         top_k: int | None = None, top_p: float | None = None,
+                         suppress_token_ids: Sequence[int] | None = None, graphs: bool = True) -> torch.Tensor:
     """Generation as ``model.generate(input_ids, max_new_tokens=..., do_sample=..., temperature=...,
     top_k=..., top_p=...)`` with a fresh kvpolar ``cache``, its decode steps replayed from CUDA graphs
     (module docstring): greedy, or sampled with ``generate``'s temperature, top-k and top-p warpers and
-    ``torch.multinomial`` (seed with ``torch.manual_seed``; for now only with ``graphs=False``: sampling in
-    recorded steps is not verified, see ``_check_request``).
+    ``torch.multinomial`` (seed with ``torch.manual_seed``: a replayed draw advances the generator as an
+    eager one does, so the draws are ``generate``'s under the same seed; checked on an H100,
+    ``benchmarks/bench_graphed_decode.py --sampling``).
 
     Args:
         model: a ``transformers`` causal LM with ``attn_implementation="kvpolar"`` (``kvpolar.enable``).
@@ -76,6 +78,9 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
             sequence's later tokens are set to it (``generate`` pads them with ``pad_token_id``).
         do_sample, temperature, top_k, top_p: as ``generate``'s (``top_k`` None or 0: no top-k; ``top_p``
             None or 1: no top-p); without ``do_sample`` the other three must keep their defaults.
+        suppress_token_ids: token ids never chosen (their logits set to -inf before the warpers), as
+            ``generate``'s ``suppress_tokens``; the end-of-sequence ids here give ``generate``'s
+            ``min_new_tokens=max_new_tokens``.
         graphs: record and replay (CUDA); False runs the same steps eagerly.
     Returns:
         int64 ``[B, T + n]``: the prompts, then ``n <= max_new_tokens`` generated tokens.
@@ -83,8 +88,8 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(f"input_ids must be an int64 [batch, tokens] tensor; got "
                          f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
-    _check_request(model, cache, max_new_tokens, graphs, input_ids, do_sample)
-    choose = token_chooser(do_sample, temperature, top_k, top_p)
+    _check_request(model, cache, max_new_tokens, graphs, input_ids)
+    choose = token_chooser(do_sample, temperature, top_k, top_p, suppress_token_ids)
     if cache.get_seq_length() != 0:
         raise ValueError(f"cache holds {cache.get_seq_length()} tokens; generate_with_graphs fills an empty cache "
                          "(call cache.reset() or build a new one)")
@@ -94,7 +99,7 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
     if max_new_tokens > 1:
         rest = decode_with_graphs(model, cache, first, input_ids.shape[1], max_new_tokens - 1,
                                   eos_token_id=eos_token_id, do_sample=do_sample, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, graphs=graphs)
+                                  top_k=top_k, top_p=top_p, suppress_token_ids=suppress_token_ids, graphs=graphs)
         tokens = torch.cat([first, rest.tokens], dim=1)
     if eos_token_id is not None:
         tokens = _pad_after_eos(tokens, eos_token_id)
@@ -104,7 +109,8 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
 @torch.no_grad()
 def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tensor, position: int, steps: int, *,
                        eos_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-                       top_k: int | None = None, top_p: float | None = None, graphs: bool = True) -> GraphedDecoding:
+                       top_k: int | None = None, top_p: float | None = None,
+                       suppress_token_ids: Sequence[int] | None = None, graphs: bool = True) -> GraphedDecoding:
     """``steps`` decode steps (greedy, or sampled as :func:`generate_with_graphs` says) over a kvpolar
     ``cache`` that holds the prompt (and perhaps earlier steps), the first step feeding ``next_ids``
     (int64 ``[B, 1]``) at position ``position`` (the tokens the cache holds); in stretches recorded
@@ -115,8 +121,8 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
             or next_ids.shape[1] != 1:
         raise ValueError(f"next_ids must be int64 [batch, 1]; got {getattr(next_ids, 'dtype', None)} "
                          f"{tuple(getattr(next_ids, 'shape', ()))}")
-    _check_request(model, cache, steps, graphs, next_ids, do_sample)
-    choose = token_chooser(do_sample, temperature, top_k, top_p)
+    _check_request(model, cache, steps, graphs, next_ids)
+    choose = token_chooser(do_sample, temperature, top_k, top_p, suppress_token_ids)
     quantized, full = _window_layers(cache, position)
     first = quantized[0]
     keep, chunk = first.residual_length, first.chunk
@@ -187,16 +193,53 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
 
 
 def token_chooser(do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+                  top_p: float | None = None,
+                  suppress_token_ids: Sequence[int] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``choose(logits [B, V]) -> int64 [B, 1]``: the argmax, or (``do_sample``) a token drawn as
     ``generate`` draws it: the logits in float32 through its temperature, top-k and top-p warpers (in
-    that order), softmax, ``torch.multinomial``. Only device operations, so a CUDA graph records them
-    (the draws advance the recorded generator state at each replay)."""
+    that order), softmax, ``torch.multinomial``; ``suppress_token_ids`` first set to -inf, as
+    ``generate``'s ``suppress_tokens`` (and ``min_new_tokens``, for end-of-sequence ids). Only device
+    operations, so a CUDA graph records them (the draws advance the recorded generator state at each
+    replay, as eager draws do); the suppressed ids go to the device at the first, eager, call."""
+    suppressed = _token_ids(suppress_token_ids)
     if not do_sample:
         if temperature != 1.0 or top_k not in (None, 0) or top_p not in (None, 1.0):
             raise ValueError(f"temperature={temperature}, top_k={top_k}, top_p={top_p} shape sampling; pass "
                              "do_sample=True (greedy decoding takes the argmax)")
-        return lambda logits: logits.argmax(-1, keepdim=True)
+        warpers: list = []
+    else:
+        warpers = _warpers(temperature, top_k, top_p)
+    on_device: dict[torch.device, torch.Tensor] = {}
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        if suppressed:
+            ids = on_device.get(logits.device)
+            if ids is None:
+                ids = on_device[logits.device] = torch.tensor(suppressed, dtype=torch.long, device=logits.device)
+            logits = logits.index_fill(-1, ids, float("-inf"))
+        if not do_sample:
+            return logits.argmax(-1, keepdim=True)
+        scores = logits.to(torch.float32)
+        for warper in warpers:
+            scores = warper(None, scores)
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+
+    return choose
+
+
+def _token_ids(ids: Sequence[int] | int | None) -> list[int]:
+    """``suppress_token_ids`` as a list of non-negative ints (an int alone: one id; None: none)."""
+    if ids is None:
+        return []
+    listed = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else ids
+    if isinstance(listed, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                   for i in listed):
+        raise ValueError(f"suppress_token_ids={ids!r}; allowed: None, or token ids (ints >= 0)")
+    return list(listed)
+
+
+def _warpers(temperature: float, top_k: int | None, top_p: float | None) -> list:
+    """``generate``'s temperature, top-k and top-p warpers, in its order, for these settings."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature={temperature!r}; allowed: a number > 0")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
@@ -212,18 +255,10 @@ def token_chooser(do_sample: bool, temperature: float = 1.0, top_k: int | None =
         warpers.append(TopKLogitsWarper(top_k=top_k))
     if top_p is not None and top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p=float(top_p)))
-
-    def choose(logits: torch.Tensor) -> torch.Tensor:
-        scores = logits.to(torch.float32)
-        for warper in warpers:
-            scores = warper(None, scores)
-        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
-
-    return choose
+    return warpers
 
 
-def _check_request(model: Any, cache: Any, steps: int, graphs: bool, inputs: torch.Tensor,
-                   sampling: bool = False) -> None:
+def _check_request(model: Any, cache: Any, steps: int, graphs: bool, inputs: torch.Tensor) -> None:
     """The request's refusals; ``inputs``: the token ids, on the device the steps run on."""
     device = inputs.device
     if not isinstance(cache, QuantizedKVCache):
@@ -243,10 +278,6 @@ def _check_request(model: Any, cache: Any, steps: int, graphs: bool, inputs: tor
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"the number of tokens to generate must be an int >= 1; got {steps!r}")
     if graphs:
-        if sampling:
-            raise ValueError("do_sample=True with graphs=True: sampling inside recorded steps is not verified yet "
-                             "(on an H100, top_k=1 draws differed from the greedy tokens; ties among float16 "
-                             "logits are a suspect, not confirmed); sample with generate(), or graphs=False")
         if torch.device(device).type != "cuda":
             raise ValueError(f"graphs=True records CUDA graphs; the inputs are on {device} (graphs=False runs the "
                              "same steps eagerly)")
