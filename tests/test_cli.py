@@ -77,6 +77,55 @@ def test_bench_writes_a_report(tmp_path, capsys):
     assert "kvpolar bench" in err and "kvpolar demo" not in err
 
 
+def test_bench_decoding_in_stretches_gives_generate_tokens(tmp_path, capsys, monkeypatch):
+    """``--decoding stretches`` (the replayed path's steps run eagerly: its CPU form) decodes the tokens
+    ``generate`` decodes, and the table says how each row decoded; a preset the replayed path refuses
+    takes ``generate``, its row saying why."""
+    import kvpolar
+
+    rows = {}
+    for decoding in ("generate", "stretches"):
+        out = tmp_path / decoding
+        assert main(["bench", "--presets", "kivi-2,polar-rope-3", "--max-length", "200", "--new-tokens", "40",
+                     "--device", "cpu", "--decoding", decoding, "--out", str(out)]) == 0
+        data = json.loads((out / "bench.json").read_text())
+        assert data["setup"]["decoding"] == decoding
+        rows[decoding] = data["rows"]
+    assert [r["text"] for r in rows["stretches"]] == [r["text"] for r in rows["generate"]]
+    assert [r["decoding"] for r in rows["stretches"]] == ["generate", "stretches", "stretches"]
+    assert "| decoding |" in (tmp_path / "stretches" / "bench.md").read_text()
+    assert "| decoding |" not in (tmp_path / "generate" / "bench.md").read_text()
+
+    def refuse(*args, **kwargs):
+        raise ValueError("every layer keeps a 16-bit cache")
+
+    monkeypatch.setattr(kvpolar, "generate_with_graphs", refuse)
+    out = tmp_path / "refused"
+    assert main(["bench", "--presets", "kivi-2", "--max-length", "200", "--new-tokens", "40", "--device", "cpu",
+                 "--decoding", "stretches", "--out", str(out)]) == 0
+    row = json.loads((out / "bench.json").read_text())["rows"][1]
+    assert row["decoding"] == "generate (replaying refused: every layer keeps a 16-bit cache)"
+    assert row["text"] == rows["generate"][1]["text"]
+    table = (out / "bench.md").read_text()
+    assert "| generate (replaying refused) |" in table and "- kivi-2: generate (replaying refused: every" in table
+
+
+def test_bench_replayed_decoding_needs_cuda(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--presets", "kivi-2", "--max-length", "200", "--new-tokens", "4", "--device", "cpu",
+              "--decoding", "replayed", "--out", str(tmp_path / "b")])
+    assert info.value.code == 2
+    assert "decoding='replayed' records CUDA graphs; device='cpu' is not a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_decoding_choices_are_the_demo_s():
+    from kvpolar.cli import DECODING_CHOICES
+    from kvpolar.generation_demo import DECODINGS
+
+    assert DECODING_CHOICES == DECODINGS
+
+
 def test_bench_float32_names_and_counts_the_stock_cache_as_32_bit(tmp_path, capsys):
     """A float32 model's stock cache holds 32 bits per element: its row says so (not "16-bit")."""
     out = tmp_path / "bench"

@@ -28,20 +28,28 @@ def run_bench(
     new_tokens: int = 64,
     progress: bool = True,
     dtype: str | None = None,
+    decoding: str = "generate",
 ) -> dict[str, Any]:
-    """Time greedy decoding of ``new_tokens`` after a ``max_length - new_tokens`` prompt per preset."""
+    """Time greedy decoding of ``new_tokens`` after a ``max_length - new_tokens`` prompt per preset;
+    ``decoding``: how the presets decode (``kvpolar.generation_demo.DECODINGS``; ``"replayed"``: decode
+    steps replayed from CUDA graphs, ``kvpolar.generate_with_graphs``)."""
     if new_tokens >= max_length:
         raise ValueError(f"new_tokens={new_tokens} must be smaller than max_length={max_length}")
     rows, setup = run_generation_demo(
         presets, model_path=model_path, device=device, prompt_tokens=max_length - new_tokens,
-        new_tokens=new_tokens, progress=progress, dtype=dtype, label="kvpolar bench",
+        new_tokens=new_tokens, progress=progress, dtype=dtype, label="kvpolar bench", decoding=decoding,
     )
+    how = {"generate": "the whole `generate` call",
+           "replayed": "the whole `kvpolar.generate_with_graphs` call for the presets (decode steps recorded "
+                       "in CUDA graphs and replayed; recordings included), `generate` for the stock cache",
+           "stretches": "the whole `kvpolar.generate_with_graphs(graphs=False)` call for the presets (the "
+                        "replayed path's stretches run eagerly), `generate` for the stock cache"}[decoding]
     markdown = (
         f"# kvpolar bench\n\n{setup['model']} on {_device_name(device)} ({setup['dtype']}): greedy decoding of "
         f"{setup['new_tokens']} tokens after a {setup['prompt_tokens']}-token held-out prompt. Cache bytes and "
         "bits/element come from `QuantizedKVCache.memory_report()` at the end of generation (the residual "
         "window, in the model's dtype, included); compression is against a 16-bit cache; tokens/s is "
-        "wall-clock over the whole `generate` call, prefill included.\n\n" + format_generation_table(rows) + "\n"
+        f"wall-clock over {how}, prefill included.\n\n" + format_generation_table(rows) + "\n"
     )
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

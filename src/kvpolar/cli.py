@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 
 DTYPE_CHOICES = ("float16", "bfloat16", "float32")
+#: ``kvpolar bench --decoding``: ``kvpolar.generation_demo.DECODINGS`` (not imported here: it loads torch)
+DECODING_CHOICES = ("generate", "replayed", "stretches")
 
 
 class CLIError(Exception):
@@ -125,7 +127,7 @@ def _bench(args: argparse.Namespace) -> int:
     _check_model(args.model)
     try:
         results = run_bench(args.model, presets, device=device, max_length=args.max_length, out_dir=args.out,
-                            new_tokens=args.new_tokens, progress=True, dtype=args.dtype)
+                            new_tokens=args.new_tokens, progress=True, dtype=args.dtype, decoding=args.decoding)
     except ValueError as err:
         raise CLIError(str(err)) from None
     for path in results["files"]:
@@ -179,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="decode speed and cache memory per preset on a model")
     _common_options(bench, max_length=1024, dtype="float16")  # as demo: bits/element of a 16-bit deployment
     bench.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens to decode (default 64)")
+    bench.add_argument("--decoding", choices=DECODING_CHOICES, default="generate",
+                       help="how the presets decode: generate (model.generate), replayed (decode steps recorded "
+                            "in CUDA graphs and replayed, kvpolar.generate_with_graphs; CUDA only) or stretches "
+                            "(the replayed path's steps run eagerly; any device). Default: generate")
     bench.set_defaults(handler=_bench)
     return parser
 

@@ -4,7 +4,8 @@ For each preset: bits/element and bytes of the cache (from ``QuantizedKVCache.me
 compression against a 16-bit cache, agreement of the generated tokens with the stock cache's run, and
 decode speed. Runs on the built-in model (``kvpolar.assets.tiny_model_path()``) by default. The
 stock cache's row is named by its width: ``"16-bit"`` for float16 / bfloat16 models, ``"32-bit"``
-for float32 (whose bytes are then twice a 16-bit cache's: compression 0.50x).
+for float32 (whose bytes are then twice a 16-bit cache's: compression 0.50x). ``kvpolar bench`` runs
+the same loop, optionally with the presets' decode steps replayed from CUDA graphs (``DECODINGS``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ class GenerationRow:
     first_divergence: int | None  # index of the first generated token that differs, None if none
     tokens_per_second: float
     text: str
+    decoding: str = "generate"  # how the tokens were decoded (``DECODINGS``), or why replaying was refused
+
+
+#: How ``run_generation_demo`` decodes the presets' tokens: ``"generate"`` (``model.generate``),
+#: ``"replayed"`` (``kvpolar.generate_with_graphs``: decode steps recorded in CUDA graphs and replayed;
+#: a CUDA device) or ``"stretches"`` (the same function with ``graphs=False``: its stretches run eagerly,
+#: on any device, the tokens ``generate``'s). The stock cache's row always takes ``generate``.
+DECODINGS = ("generate", "replayed", "stretches")
 
 
 def baseline_name(dtype: torch.dtype) -> str:
@@ -57,14 +66,21 @@ def run_generation_demo(
     progress: bool = False,
     dtype: str | None = "float16",
     label: str = "kvpolar demo",
+    decoding: str = "generate",
 ) -> tuple[list[GenerationRow], dict[str, Any]]:
     """Generate ``new_tokens`` greedily after a held-out prompt with the 16-bit cache, then each preset.
 
     The first row, ``"16-bit"``, is the stock ``DynamicCache`` with ``sdpa``: the reference for token
     agreement. ``progress`` shows a tqdm bar on stderr, named ``label``. ``dtype`` is the model's (and so the cache's)
     dtype: float16 by default, on the CPU too, so bits/element are those of a 16-bit deployment
-    (None: float16 on CUDA, float32 on CPU).
+    (None: float16 on CUDA, float32 on CPU). ``decoding``: how the presets decode (``DECODINGS``); a
+    preset that replayed decoding refuses (e.g. every layer kept in 16 bits) takes ``generate``, its row
+    saying why. Every run suppresses the end-of-sequence token, so that each decodes ``new_tokens``.
     """
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding={decoding!r}; allowed: {', '.join(DECODINGS)}")
+    if decoding == "replayed" and not str(device).startswith("cuda"):
+        raise ValueError(f"decoding='replayed' records CUDA graphs; device={device!r} is not a CUDA device")
     import transformers
     from tqdm import tqdm
 
@@ -85,6 +101,7 @@ def run_generation_demo(
         "dtype": str(model.dtype).replace("torch.", ""),
         "prompt_tokens": int(ids.shape[1]),
         "new_tokens": new_tokens,
+        "decoding": decoding,
     }
     rows: list[GenerationRow] = []
     baseline: torch.Tensor | None = None
@@ -97,23 +114,42 @@ def run_generation_demo(
             cache: Any = transformers.DynamicCache(config=model.config)
         else:
             cache = kvpolar.enable(model, preset)
+        how = "generate" if preset == stock else decoding
         start = time.perf_counter()
-        out = model.generate(
-            ids, **kvpolar.cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=tokenizer.eos_token_id,
-        )
+        out = None
+        if how != "generate":
+            try:
+                out = kvpolar.generate_with_graphs(model, ids, cache, new_tokens, graphs=how == "replayed",
+                                                   suppress_token_ids=_end_of_sequence_ids(model))
+            except ValueError as err:  # (a cache replayed decoding refuses: its row says why)
+                how = f"generate (replaying refused: {err})"
+                cache = kvpolar.enable(model, preset)
+                start = time.perf_counter()
+        if out is None:
+            out = model.generate(
+                ids, **kvpolar.cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, pad_token_id=tokenizer.eos_token_id,
+            )
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         generated = out[0, ids.shape[1]:].cpu()
         if baseline is None:
             baseline = generated
-        rows.append(_row(preset, cache, model, generated, baseline, elapsed, tokenizer))
+        rows.append(_row(preset, cache, model, generated, baseline, elapsed, tokenizer, how))
     return rows, setup
 
 
+def _end_of_sequence_ids(model: Any) -> list[int]:
+    """The ids ``generate(min_new_tokens=...)`` suppresses: the generation config's end-of-sequence ids."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
+
+
 def _row(preset: str, cache: Any, model: Any, generated: torch.Tensor, baseline: torch.Tensor, elapsed: float,
-         tokenizer: Any) -> GenerationRow:
+         tokenizer: Any, decoding: str = "generate") -> GenerationRow:
     from kvpolar.eval.decoding import cache_memory  # (the stock cache counted by its tensors' bytes)
 
     memory = cache_memory(cache, model)
@@ -129,20 +165,28 @@ def _row(preset: str, cache: Any, model: Any, generated: torch.Tensor, baseline:
         first_divergence=int(diverged[0]) if len(diverged) else None,
         tokens_per_second=len(generated) / elapsed,
         text=tokenizer.decode(generated, skip_special_tokens=True),
+        decoding=decoding,
     )
 
 
 def format_generation_table(rows: Sequence[GenerationRow]) -> str:
-    """Markdown table of ``rows``; the first row is the stock cache the agreement is measured against."""
+    """Markdown table of ``rows``; the first row is the stock cache the agreement is measured against.
+    Where some preset did not decode with ``generate``, a last column says how each did, and the
+    reasons replaying was refused follow the table."""
+    shown = any(r.decoding != "generate" for r in rows)
     lines = [
         f"| preset | bits/elem | cache bytes | compression | agreement with {rows[0].preset} | first divergence "
-        "| tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| tokens/s |" + (" decoding |" if shown else ""),
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---|" if shown else ""),
     ]
+    notes = []
     for r in rows:
         div = "-" if r.first_divergence is None else str(r.first_divergence)
+        how = r.decoding.split(" (", 1)[0] + (" (replaying refused)" if " (" in r.decoding else "")
         lines.append(
             f"| {r.preset} | {r.bits_per_element:.2f} | {r.cache_bytes:,} | {r.compression:.2f}x | "
-            f"{100 * r.agreement:.0f}% | {div} | {r.tokens_per_second:.1f} |"
+            f"{100 * r.agreement:.0f}% | {div} | {r.tokens_per_second:.1f} |" + (f" {how} |" if shown else "")
         )
-    return "\n".join(lines)
+        if " (" in r.decoding:
+            notes.append(f"- {r.preset}: {r.decoding}")
+    return "\n".join(lines + ([""] + notes if notes else []))
