@@ -9,6 +9,7 @@ kernel may be at most a small multiple of the working-dtype reference's error.
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -292,3 +293,32 @@ def test_polar_recursive_launch_settings_are_the_gpu_checked_ones():
     assert fm.fixed_block_n(pr, kivi) == fm.fixed_block_n(kivi, pr) == 32
     assert fm.launch_overrides(pr, pr) == {"num_warps": 8}
     assert fm.launch_overrides(kivi, kivi) == {} and fm.fixed_block_n(fm.FMT_TURBO, kivi) is None
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_shapes_and_launches(seed):
+    """The formats of this file (turbo, fp8, polar-recursive, with KIVI or 16-bit partners) at shapes and
+    launches drawn at random (batch, KV heads, GQA ratio, query tokens, cache and window lengths, ragged
+    lengths, a cache grown in chunks, kernel form, block, splits), against the oracle; under the
+    interpreter every load and store is also checked against the kernel's tensors. Fixed seeds."""
+    rng = np.random.default_rng(1000 + seed)
+    keys = list(NEW_FORMATS.values()) + [("none", {})]
+    values = list(NEW_FORMATS.values()) + [KIVI_V, ("none", {})]
+    key, value = keys[int(rng.integers(len(keys)))], values[int(rng.integers(len(values)))]
+    if key[0] == "none" and value[0] == "none":
+        key = NEW_FORMATS["turbo-3"]
+    batch, hkv = int(rng.integers(1, 4)), int(rng.integers(1, 3))
+    gqa, tq = int(rng.choice([1, 4, 8])), int(rng.choice([1, 1, 2]))
+    tk, r = int(rng.integers(1, 130)), int(rng.choice([0, 1, int(rng.integers(2, 40))]))
+    lengths = None
+    if batch > 1 and rng.random() < 0.5:
+        lengths = [tk + r] + [int(rng.integers(1, tk + r + 1)) for _ in range(batch - 1)]
+    chunks = None
+    online = "online" in (key[1].get("codebook"), value[1].get("codebook"))  # (fitted per call: no cat)
+    if tk >= 40 and rng.random() < 0.3 and not online:
+        chunks = [32, tk - 32]
+    config = LaunchConfig(transposed=bool(rng.random() < 0.5), block_n=int(rng.choice([16, 32, 64])),
+                          num_splits=[None, 1, 2, 3][int(rng.integers(0, 4))])
+    dtype = torch.float16 if rng.random() < 0.7 else torch.bfloat16
+    check(key, value, batch=batch, hkv=hkv, gqa=gqa, tq=tq, tk=tk, r=r, lengths=lengths, chunks=chunks,
+          config=config, dtype=dtype)
