@@ -85,6 +85,18 @@ def test_dequantize_matches_the_quantizer(name, params, shape, dtype):
     assert_matches_reference(got, q.dequantize(p), exact=name in EXACT)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_random_token_counts_and_batches(seed):
+    """``CASES``' formats at a random batch, head count and token count (1 to 160: off every group and
+    block), bounds-checked under the interpreter like every kernel test. Fixed seeds."""
+    g = torch.Generator().manual_seed(seed)
+    name, params, shape, dtype = CASES[int(torch.randint(len(CASES), (1,), generator=g))]
+    b, h, t = (int(torch.randint(1, hi, (1,), generator=g)) for hi in (4, 4, 161))
+    q, p = quantize(name, params, fresh((b, h, t, shape[-1]), dtype))
+    assert kernel.supports(p)
+    assert_matches_reference(kernel.dequantize(p), q.dequantize(p), exact=name in EXACT)
+
+
 @pytest.mark.parametrize("name,params", [("turbo", dict(bits=3)), ("turbo", dict(bits=2, norm_correction=False)),
                                          ("polar-recursive", {})])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
