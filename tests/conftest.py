@@ -18,8 +18,16 @@ if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("KVPOLAR_CHECK_B
 
     @pytest.fixture(autouse=True)
     def _interpreter_bounds():
-        """Every interpreted kernel's loads and stores checked against its tensors (``interpreter_bounds``)."""
-        from interpreter_bounds import checked_bounds
+        """Every interpreted kernel's loads and stores checked against its tensors (``interpreter_bounds``;
+        a Triton whose interpreter lacks the hooks runs unchecked, and ``test_interpreter_bounds`` fails)."""
+        try:
+            from interpreter_bounds import checked_bounds, missing_hooks
 
+            missing = missing_hooks()
+        except ImportError:  # (no triton: no interpreted kernels)
+            missing = ["triton"]
+        if missing:
+            yield
+            return
         with checked_bounds():
             yield

@@ -25,15 +25,36 @@ class OutOfBounds(AssertionError):
 _STATE = threading.local()
 
 
+_HOOKS = ("GridExecutor._init_args_hst", "InterpreterBuilder.create_masked_load",
+          "InterpreterBuilder.create_masked_store", "_get_np_dtype")
+
+
+def missing_hooks() -> list[str]:
+    """The interpreter internals ``checked_bounds`` patches that this Triton lacks (empty: it can check)."""
+    from triton.runtime import interpreter as interp
+
+    missing = []
+    for path in _HOOKS:
+        obj = interp
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None:
+            missing.append(path)
+    return missing
+
+
 @contextlib.contextmanager
 def checked_bounds():
     from triton.runtime import interpreter as interp
 
+    missing = missing_hooks()
+    if missing:
+        raise RuntimeError(f"this Triton's interpreter lacks {missing}: the bounds check cannot hook into it")
     executor, builder = interp.GridExecutor, interp.InterpreterBuilder
     real_args, real_load, real_store = executor._init_args_hst, builder.create_masked_load, builder.create_masked_store
 
-    def init_args(self, args_dev, kwargs):
-        args_hst, kwargs_hst = real_args(self, args_dev, kwargs)
+    def init_args(self, args_dev, *rest, **kw):
+        args_hst, kwargs_hst = real_args(self, args_dev, *rest, **kw)
         ranges = []
         for arg in [*args_hst, *kwargs_hst.values()]:
             for tensor in (arg if isinstance(arg, tuple) else (arg,)):
@@ -62,13 +83,13 @@ def checked_bounds():
                               f"(nearest [{near[0]:#x}, {near[1]:#x}): {bad - near[1]:+d} bytes past its end, "
                               f"{int((~inside).sum())} of {addresses.size} addresses out)")
 
-    def load(self, ptrs, mask, other, cache_policy, is_volatile):
+    def load(self, ptrs, mask, *rest, **kw):
         check(ptrs, mask, "load")
-        return real_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return real_load(self, ptrs, mask, *rest, **kw)
 
-    def store(self, ptrs, value, mask, cache_policy):
+    def store(self, ptrs, value, mask, *rest, **kw):
         check(ptrs, mask, "store")
-        return real_store(self, ptrs, value, mask, cache_policy)
+        return real_store(self, ptrs, value, mask, *rest, **kw)
 
     executor._init_args_hst, builder.create_masked_load, builder.create_masked_store = init_args, load, store
     try:

@@ -8,7 +8,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from interpreter_bounds import OutOfBounds, checked_bounds  # noqa: E402
+from interpreter_bounds import OutOfBounds, checked_bounds, missing_hooks  # noqa: E402
 from kernel_checks import DEVICE  # noqa: E402
 
 pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="checks the Triton interpreter (CPU machines)")
@@ -22,6 +22,11 @@ def _copy_kernel(src, dst, n, extra, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     else:
         x = tl.load(src + offs + extra)
     tl.store(dst + offs, x, mask=offs < n)
+
+
+def test_this_triton_interpreter_can_be_checked():
+    """The test session checks every interpreted kernel only where the interpreter has the hooks."""
+    assert missing_hooks() == []
 
 
 def test_a_read_past_the_end_is_caught_and_a_masked_one_is_not():
