@@ -42,17 +42,27 @@ import kvpolar  # noqa: E402
 from kvpolar.cache.graphed import decode_with_graphs, generate_with_graphs  # noqa: E402
 
 
+def _check_model(layers: int) -> tuple:
+    """The checks' ``layers``-layer model and their prompts: two random 1024-token sequences."""
+    model = e2e.build_model(layers)
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    return model, torch.randint(0, model.config.vocab_size, (2, 1024), generator=gen).to(e2e.DEVICE)
+
+
+def _check_tokens_count(model, preset: str) -> int:
+    """New tokens for two moves into the packed part and some (the quantized layers' chunk; 16-bit
+    layers have none)."""
+    return 2 * max(layer.chunk for layer in kvpolar.QuantizedKVCache(model.config, preset).layers) + 20
+
+
 @torch.no_grad()
 def check_tokens(layers: int, presets: list[str], graphs: bool) -> list[dict]:
     """Greedy tokens three ways on a small model: ``generate``, the stretches eagerly, the stretches
     replayed (with ``graphs``); one row per preset."""
-    model = e2e.build_model(layers)
-    gen = torch.Generator(device="cpu").manual_seed(5)
-    ids = torch.randint(0, model.config.vocab_size, (2, 1024), generator=gen).to(e2e.DEVICE)
+    model, ids = _check_model(layers)
     rows = []
     for preset in presets:
-        chunk = max(layer.chunk for layer in kvpolar.QuantizedKVCache(model.config, preset).layers)
-        new = 2 * chunk + 20  # two moves and some (the quantized layers' chunk; 16-bit layers have none)
+        new = _check_tokens_count(model, preset)
         cache = kvpolar.enable(model, preset)
         model.generation_config.eos_token_id = None  # (plain greedy: no token stops or is suppressed)
         want = model.generate(ids, max_new_tokens=new, do_sample=False, attention_mask=torch.ones_like(ids),
@@ -78,15 +88,13 @@ def check_sampling(layers: int, presets: list[str], graphs: bool, seed: int = 11
     """Sampled tokens three ways under one seed (``SAMPLING``'s warpers): ``generate(do_sample=True)``,
     the stretches eagerly, the stretches replayed (with ``graphs``; a recorded draw advances the
     generator as the eager draw does, so all three must agree token for token). Then ``top_k=1``
-    (replayed with ``graphs``) against ``generate``'s greedy tokens, ties allowed: where the two first differ, the greedy
-    step's two largest logits must be equal (top-k keeps every tied token, the argmax the first)."""
-    model = e2e.build_model(layers)
-    gen = torch.Generator(device="cpu").manual_seed(5)
-    ids = torch.randint(0, model.config.vocab_size, (2, 1024), generator=gen).to(e2e.DEVICE)
+    (replayed with ``graphs``) against ``generate``'s greedy tokens, ties allowed: where the two first
+    differ, the greedy step's two largest logits must be equal (top-k keeps every tied token, the argmax
+    the first)."""
+    model, ids = _check_model(layers)
     rows = []
     for preset in presets:
-        chunk = max(layer.chunk for layer in kvpolar.QuantizedKVCache(model.config, preset).layers)
-        new = 2 * chunk + 20
+        new = _check_tokens_count(model, preset)
         model.generation_config.eos_token_id = None
         cache = kvpolar.enable(model, preset)
         torch.manual_seed(seed)
