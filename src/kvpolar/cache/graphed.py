@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
 import torch
@@ -231,11 +232,11 @@ def _token_ids(ids: Sequence[int] | int | None) -> list[int]:
     """``suppress_token_ids`` as a list of non-negative ints (an int alone: one id; None: none)."""
     if ids is None:
         return []
-    listed = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else ids
-    if isinstance(listed, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                   for i in listed):
+    listed = [ids] if isinstance(ids, numbers.Integral) and not isinstance(ids, bool) else ids
+    if isinstance(listed, (str, bytes)) or not isinstance(listed, Iterable) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in listed):
         raise ValueError(f"suppress_token_ids={ids!r}; allowed: None, or token ids (ints >= 0)")
-    return list(listed)
+    return [int(i) for i in listed]
 
 
 def _warpers(temperature: float, top_k: int | None, top_p: float | None) -> list:
