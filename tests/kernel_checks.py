@@ -1,5 +1,5 @@
 """Shared pieces of the Triton kernel tests (fused decode attention, polar-rope scores): seeded random
-inputs, left-padding masks, and checks of a kernel against float64 results next to the PyTorch
+inputs, random shapes and launches, left-padding masks, and checks of a kernel against float64 results next to the PyTorch
 reference's own error."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvpolar.decode_attention import reference_decode_attention
-from kvpolar.kernels.decode_attention import fused_decode_attention
+from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention
 from kvpolar.quantizers import polar_rope
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,6 +27,27 @@ def random_inputs(seed_key: object, *, batch: int, hkv: int, gqa: int, tq: int, 
     v = torch.randn(batch, hkv, n, d, generator=g).to(dtype)
     q = torch.randn(batch, hkv * gqa, tq, d, generator=g).to(dtype)
     return k, v, q
+
+
+def random_shape(rng, max_tokens: int) -> dict:
+    """A decode-attention shape drawn from the numpy generator ``rng``: ``batch``, ``hkv``, ``gqa``,
+    ``tq``, ``tk`` (1 to ``max_tokens - 1`` packed tokens), ``r`` (window tokens) and, for half the batches
+    of several sequences, ragged ``lengths`` (the first sequence full, the others shorter)."""
+    batch, hkv = int(rng.integers(1, 4)), int(rng.integers(1, 3))
+    gqa, tq = int(rng.choice([1, 4, 8])), int(rng.choice([1, 1, 2]))
+    tk, r = int(rng.integers(1, max_tokens)), int(rng.choice([0, 1, int(rng.integers(2, 40))]))
+    lengths = None
+    if batch > 1 and rng.random() < 0.5:
+        lengths = [tk + r] + [int(rng.integers(1, tk + r + 1)) for _ in range(batch - 1)]
+    return dict(batch=batch, hkv=hkv, gqa=gqa, tq=tq, tk=tk, r=r, lengths=lengths)
+
+
+def random_launch(rng, num_splits: Sequence[int | None]) -> dict:
+    """A launch drawn from ``rng``: ``config`` (kernel form, block, splits from ``num_splits``) and the
+    working ``dtype`` (float16 seven times in ten, else bfloat16)."""
+    config = LaunchConfig(transposed=bool(rng.random() < 0.5), block_n=int(rng.choice([16, 32, 64])),
+                          num_splits=list(num_splits)[int(rng.integers(0, len(num_splits)))])
+    return dict(config=config, dtype=torch.float16 if rng.random() < 0.7 else torch.bfloat16)
 
 
 def left_padding_mask(lengths: Sequence[int] | None, tq: int, n: int) -> torch.Tensor | None:

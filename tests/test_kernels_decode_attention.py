@@ -19,7 +19,8 @@ from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attentio
 from kvpolar.packing import unpack_bits
 from kvpolar.quantizers.base import Quantizer
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
-from kernel_checks import DEVICE, compare_with_oracle, left_padding_mask, oracle_with, random_inputs  # noqa: E402
+from kernel_checks import (DEVICE, compare_with_oracle, left_padding_mask, oracle_with, random_inputs,  # noqa: E402
+                           random_launch, random_shape)
 
 D = 64
 #: head dim of the polar-rope key tests that need the transposed kernel: compiled, it takes polar-rope
@@ -1067,14 +1068,5 @@ def test_random_shapes_and_launches(seed):
     rng = np.random.default_rng(seed)
     key_fmt = str(rng.choice(KIVI_KEYS + ["polar-2-4-32-half", "polar-2-4-16-half", "none"]))
     value_fmt = str(rng.choice(["kivi-2-32", "kivi-4-16", "kivi-3-32", "kivi-8-32", "none"]))
-    batch, hkv = int(rng.integers(1, 4)), int(rng.integers(1, 3))
-    gqa, tq = int(rng.choice([1, 4, 8])), int(rng.choice([1, 1, 2]))
-    tk, r = int(rng.integers(1, 150)), int(rng.choice([0, 1, int(rng.integers(2, 40))]))
-    lengths = None
-    if batch > 1 and rng.random() < 0.5:  # ragged: the first sequence full, the others shorter
-        lengths = [tk + r] + [int(rng.integers(1, tk + r + 1)) for _ in range(batch - 1)]
-    config = LaunchConfig(transposed=bool(rng.random() < 0.5), block_n=int(rng.choice([16, 32, 64])),
-                          num_splits=[None, 1, 2, 3, 5][int(rng.integers(0, 5))])
-    dtype = torch.float16 if rng.random() < 0.7 else torch.bfloat16
-    check(key_fmt, value_fmt, batch=batch, hkv=hkv, gqa=gqa, tq=tq, tk=tk, r=r, lengths=lengths, config=config,
-          dtype=dtype, d=64)
+    shape = random_shape(rng, max_tokens=150)
+    check(key_fmt, value_fmt, **shape, **random_launch(rng, num_splits=[None, 1, 2, 3, 5]), d=64)

@@ -23,7 +23,8 @@ from kvpolar.quantizers.rotations import rotation
 triton = pytest.importorskip("triton")
 tl = triton.language
 from kvpolar.kernels.decode_formats import E4M3_SHIFT, fp8_to_f16  # noqa: E402
-from kernel_checks import DEVICE, compare_with_oracle, left_padding_mask, oracle_with, random_inputs  # noqa: E402
+from kernel_checks import (DEVICE, compare_with_oracle, left_padding_mask, oracle_with, random_inputs,  # noqa: E402
+                           random_launch, random_shape)
 
 D = 64
 KIVI_K = ("kivi", {"bits": 2, "group_size": 32, "axis": "channel"})
@@ -307,18 +308,9 @@ def test_random_shapes_and_launches(seed):
     key, value = keys[int(rng.integers(len(keys)))], values[int(rng.integers(len(values)))]
     if key[0] == "none" and value[0] == "none":
         key = NEW_FORMATS["turbo-3"]
-    batch, hkv = int(rng.integers(1, 4)), int(rng.integers(1, 3))
-    gqa, tq = int(rng.choice([1, 4, 8])), int(rng.choice([1, 1, 2]))
-    tk, r = int(rng.integers(1, 130)), int(rng.choice([0, 1, int(rng.integers(2, 40))]))
-    lengths = None
-    if batch > 1 and rng.random() < 0.5:
-        lengths = [tk + r] + [int(rng.integers(1, tk + r + 1)) for _ in range(batch - 1)]
+    shape = random_shape(rng, max_tokens=130)
     chunks = None
     online = "online" in (key[1].get("codebook"), value[1].get("codebook"))  # (fitted per call: no cat)
-    if tk >= 40 and rng.random() < 0.3 and not online:
-        chunks = [32, tk - 32]
-    config = LaunchConfig(transposed=bool(rng.random() < 0.5), block_n=int(rng.choice([16, 32, 64])),
-                          num_splits=[None, 1, 2, 3][int(rng.integers(0, 4))])
-    dtype = torch.float16 if rng.random() < 0.7 else torch.bfloat16
-    check(key, value, batch=batch, hkv=hkv, gqa=gqa, tq=tq, tk=tk, r=r, lengths=lengths, chunks=chunks,
-          config=config, dtype=dtype)
+    if shape["tk"] >= 40 and rng.random() < 0.3 and not online:
+        chunks = [32, shape["tk"] - 32]
+    check(key, value, **shape, chunks=chunks, **random_launch(rng, num_splits=[None, 1, 2, 3]))
