@@ -60,9 +60,10 @@ class GraphedDecoding:
 
 @torch.no_grad()
 def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKVCache, max_new_tokens: int, *,
-                         eos_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-                         top_k: int | None = None, top_p: float | None = None,
-                         suppress_token_ids: Sequence[int] | None = None, graphs: bool = True) -> torch.Tensor:
+                         eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                         do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                         top_p: float | None = None, suppress_token_ids: Sequence[int] | None = None,
+                         graphs: bool = True) -> torch.Tensor:
     """Generation as ``model.generate(input_ids, max_new_tokens=..., do_sample=..., temperature=...,
     top_k=..., top_p=...)`` with a fresh kvpolar ``cache``, its decode steps replayed from CUDA graphs
     (module docstring): greedy, or sampled with ``generate``'s temperature, top-k and top-p warpers and
@@ -75,8 +76,11 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
         input_ids: int64 ``[B, T]`` prompts of equal length (no padding), on the model's device.
         cache: an empty ``QuantizedKVCache`` for this model.
         max_new_tokens: tokens to generate (>= 1).
-        eos_token_id: stop once every sequence has produced it (checked after each stretch); a finished
-            sequence's later tokens are set to it (``generate`` pads them with ``pad_token_id``).
+        eos_token_id: end-of-sequence id(s): a sequence finishes at its first; decoding stops once every
+            sequence has finished (checked after each stretch), and the result ends, as ``generate``'s,
+            at the step where the last one finished (the cache holds the rest of that stretch).
+        pad_token_id: what a finished sequence's later tokens are set to (None: the first
+            end-of-sequence id), as ``generate`` pads them.
         do_sample, temperature, top_k, top_p: as ``generate``'s (``top_k`` None or 0: no top-k; ``top_p``
             None or 1: no top-p); without ``do_sample`` the other three must keep their defaults.
         suppress_token_ids: token ids never chosen (their logits set to -inf before the warpers), as
@@ -91,6 +95,10 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
                          f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
     _check_request(model, cache, max_new_tokens, graphs, input_ids)
     choose = token_chooser(do_sample, temperature, top_k, top_p, suppress_token_ids)
+    eos_ids = _eos_ids(eos_token_id)
+    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral)
+                                     or pad_token_id < 0):
+        raise ValueError(f"pad_token_id={pad_token_id!r}; allowed: None or a token id (an int >= 0)")
     if cache.get_seq_length() != 0:
         raise ValueError(f"cache holds {cache.get_seq_length()} tokens; generate_with_graphs fills an empty cache "
                          "(call cache.reset() or build a new one)")
@@ -98,25 +106,28 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
     first = choose(logits[:, -1])
     tokens = first
     if max_new_tokens > 1:
-        rest = decode_with_graphs(model, cache, first, input_ids.shape[1], max_new_tokens - 1,
-                                  eos_token_id=eos_token_id, do_sample=do_sample, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, suppress_token_ids=suppress_token_ids, graphs=graphs)
-        tokens = torch.cat([first, rest.tokens], dim=1)
-    if eos_token_id is not None:
-        tokens = _pad_after_eos(tokens, eos_token_id)
+        finished = bool(torch.isin(first, torch.tensor(eos_ids, device=first.device)).all()) if eos_ids else False
+        if not finished:
+            rest = decode_with_graphs(model, cache, first, input_ids.shape[1], max_new_tokens - 1,
+                                      eos_token_id=eos_ids or None, do_sample=do_sample, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, suppress_token_ids=suppress_token_ids, graphs=graphs)
+            tokens = torch.cat([first, rest.tokens], dim=1)
+    if eos_ids:
+        tokens = _finish_at_eos(tokens, eos_ids, eos_ids[0] if pad_token_id is None else int(pad_token_id))
     return torch.cat([input_ids, tokens], dim=1)
 
 
 @torch.no_grad()
 def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tensor, position: int, steps: int, *,
-                       eos_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+                       eos_token_id: int | Sequence[int] | None = None, do_sample: bool = False, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None,
                        suppress_token_ids: Sequence[int] | None = None, graphs: bool = True) -> GraphedDecoding:
     """``steps`` decode steps (greedy, or sampled as :func:`generate_with_graphs` says) over a kvpolar
     ``cache`` that holds the prompt (and perhaps earlier steps), the first step feeding ``next_ids``
     (int64 ``[B, 1]``) at position ``position`` (the tokens the cache holds); in stretches recorded
     once and replayed (module docstring). Returns the tokens each step produced (fewer than ``steps``
-    if every sequence produced ``eos_token_id``, checked after each stretch) and how they were run.
+    if every sequence produced one of ``eos_token_id``'s ids, checked after each stretch) and how they
+    were run.
     The cache ends as after as many eager steps."""
     if not isinstance(next_ids, torch.Tensor) or next_ids.dtype != torch.long or next_ids.dim() != 2 \
             or next_ids.shape[1] != 1:
@@ -124,6 +135,7 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
                          f"{tuple(getattr(next_ids, 'shape', ()))}")
     _check_request(model, cache, steps, graphs, next_ids)
     choose = token_chooser(do_sample, temperature, top_k, top_p, suppress_token_ids)
+    eos_ids = _eos_ids(eos_token_id)
     quantized, full = _window_layers(cache, position)
     first = quantized[0]
     keep, chunk = first.residual_length, first.chunk
@@ -133,6 +145,7 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
                          f"length from memory for windows of at most MAX_FOLDED_WINDOW={fused.MAX_FOLDED_WINDOW} "
                          "tokens: lower residual_length or min_chunk")
     device = next_ids.device
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
     kw = cache_kwargs(model, cache)
     ids = next_ids.clone()
     pos = torch.full_like(ids, position)
@@ -188,7 +201,7 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
             for layer in (*quantized, *full):
                 layer.take_window_buffers(stretch)
             done += stretch
-            if eos_token_id is not None and bool((out[:, :done] == eos_token_id).any(-1).all()):
+            if eos is not None and bool(torch.isin(out[:, :done], eos).any(-1).all()):
                 break
     return GraphedDecoding(out[:, :done], eager, replayed, recordings)
 
@@ -237,6 +250,14 @@ def _token_ids(ids: Sequence[int] | int | None) -> list[int]:
             isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in listed):
         raise ValueError(f"suppress_token_ids={ids!r}; allowed: None, or token ids (ints >= 0)")
     return [int(i) for i in listed]
+
+
+def _eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """``eos_token_id`` (None, an id, or ids) as a list of ids, checked as ``eos_token_id``."""
+    try:
+        return _token_ids(eos_token_id)
+    except ValueError:
+        raise ValueError(f"eos_token_id={eos_token_id!r}; allowed: None, a token id or token ids (ints >= 0)") from None
 
 
 def _warpers(temperature: float, top_k: int | None, top_p: float | None) -> list:
@@ -310,7 +331,14 @@ def _window_layers(cache: QuantizedKVCache, position: int) -> tuple[list[Quantiz
     return quantized, full
 
 
-def _pad_after_eos(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """``tokens`` ``[B, n]`` with every token after a row's first ``eos_token_id`` set to it."""
-    after = (tokens == eos_token_id).long().cumsum(-1) - (tokens == eos_token_id).long() > 0
-    return torch.where(after, torch.full_like(tokens, eos_token_id), tokens)
+def _finish_at_eos(tokens: torch.Tensor, eos_ids: list[int], pad_token_id: int) -> torch.Tensor:
+    """``tokens`` ``[B, n]`` as ``generate`` returns them: every token after a row's first end-of-sequence
+    id set to ``pad_token_id``, and, once every row has finished, cut after the step where the last
+    one did (``[B, m]``, ``m <= n``)."""
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, dtype=tokens.dtype, device=tokens.device))
+    after = is_eos.long().cumsum(-1) - is_eos.long() > 0
+    tokens = torch.where(after, torch.full_like(tokens, pad_token_id), tokens)
+    if bool(is_eos.any(-1).all()):
+        last = int(is_eos.long().argmax(-1).max())  # (argmax: each row's first end-of-sequence token)
+        tokens = tokens[:, :last + 1]
+    return tokens
