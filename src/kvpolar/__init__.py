@@ -13,6 +13,7 @@ _CACHE_NAMES = {
     "KVCacheConfig": "kvpolar.cache.config",
     **dict.fromkeys(("QuantizedKVCache", "enable", "cache_kwargs", "cache_keyword"), "kvpolar.cache.cache"),
     "generate_with_graphs": "kvpolar.cache.graphed",
+    "replayed_decoding": "kvpolar.cache.replayed_generate",
 }
 
 
@@ -37,4 +38,5 @@ __all__ = [
     "generate_with_graphs",
     "quantizer",
     "register",
+    "replayed_decoding",
 ]

@@ -17,6 +17,7 @@ _LAZY = {
     "generate_with_graphs": "kvpolar.cache.graphed",
     "decode_with_graphs": "kvpolar.cache.graphed",
     "GraphedDecoding": "kvpolar.cache.graphed",
+    "replayed_decoding": "kvpolar.cache.replayed_generate",
 }
 
 
@@ -30,5 +31,5 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "GraphedDecoding", "KVCacheConfig", "MemoryReport", "PRESETS", "QuantizedKVCache", "cache_keyword", "cache_kwargs",
-    "decode_with_graphs", "enable", "generate_with_graphs", "register_attention",
+    "decode_with_graphs", "enable", "generate_with_graphs", "register_attention", "replayed_decoding",
 ]

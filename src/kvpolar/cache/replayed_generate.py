@@ -1,0 +1,183 @@
+"""``model.generate(..., custom_generate=kvpolar.replayed_decoding)``: ``generate()`` itself, its decode
+steps replayed from CUDA graphs (:mod:`kvpolar.cache.graphed`).
+
+``transformers``' ``generate`` takes a callable as ``custom_generate``: it prepares the inputs, the
+generation config, the logits processors and the stopping criteria as usual, then hands them to the
+callable instead of its own decoding loop. :func:`replayed_decoding` reads what ``generate`` prepared,
+refuses (with the setting's name) what a recorded step cannot do, and decodes with
+:func:`kvpolar.cache.graphed.generate_with_graphs`: the same tokens, greedy or sampled under one seed,
+with ``generate``'s end-of-sequence handling (finished rows padded, the result cut where the last row
+finished).
+
+What a recorded step does: greedy choice or sampling with temperature, top-k and top-p;
+``suppress_tokens``; a ``min_new_tokens`` / ``min_length`` that covers every new token (end-of-sequence
+ids suppressed throughout); end-of-sequence ids, one or several. Refused: any other logits processor
+(repetition penalty, bad words, ...: they read the growing sequence or are not written for recording),
+stopping criteria other than the length and end-of-sequence ones, beam search, padded batches,
+``return_dict_in_generate`` and the outputs it brings. (``generate`` hands a ``custom_generate``
+callable neither ``streamer`` nor ``synced_gpus``: transformers 5.25 drops them before the call; they
+are refused here should a version pass them.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvpolar.cache.cache import QuantizedKVCache
+from kvpolar.cache.graphed import generate_with_graphs
+
+#: logits processors a recorded step reproduces (by class name, as transformers names them)
+REPLAYED_PROCESSORS = ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
+                       "SuppressTokensLogitsProcessor", "MinLengthLogitsProcessor",
+                       "MinNewTokensLengthLogitsProcessor")
+#: stopping criteria it honours
+REPLAYED_CRITERIA = ("MaxLengthCriteria", "EosTokenCriteria")
+#: model keywords ``generate`` prepares that the replayed steps may ignore (their values checked below)
+_PREPARED_KEYWORDS = {"attention_mask", "use_cache", "logits_to_keep", "position_ids", "cache_position",
+                      "output_attentions", "output_hidden_states"}
+
+
+def replayed_decoding(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+                      generation_config: Any, synced_gpus: bool = False, streamer: Any = None,
+                      graphs: bool | None = None, **model_kwargs: Any) -> torch.Tensor:
+    """The decoding loop ``generate`` calls as ``custom_generate`` (not called directly)::
+
+        cache = kvpolar.enable(model, "kivi-2", min_chunk=128)
+        out = model.generate(ids, max_new_tokens=256, **kvpolar.cache_kwargs(model, cache),
+                             custom_generate=kvpolar.replayed_decoding)
+
+    Args (``generate`` passes them): the model, the prompts ``input_ids`` int64 ``[B, T]``, the
+    prepared logits processors and stopping criteria, the generation config, ``synced_gpus`` and
+    ``streamer`` (refused if given), and the model keywords, among them the kvpolar cache (``cache`` or
+    ``past_key_values``; an empty ``QuantizedKVCache``). ``graphs`` (a keyword of ``generate``'s call):
+    record and replay (default: where the prompts are on CUDA), or False: the same stretches eagerly.
+    Returns:
+        int64 ``[B, T + n]``, as ``generate``: the prompts, then ``n <= max_new_tokens`` new tokens.
+    """
+    cache = model_kwargs.pop("cache", None)
+    if cache is None:
+        cache = model_kwargs.pop("past_key_values", None)
+    if not isinstance(cache, QuantizedKVCache):
+        raise TypeError(f"custom_generate=kvpolar.replayed_decoding decodes over a kvpolar QuantizedKVCache; got "
+                        f"{type(cache).__name__} (pass **kvpolar.cache_kwargs(model, cache) to generate)")
+    _refuse_settings(generation_config, synced_gpus, streamer, model_kwargs)
+    input_ids = input_ids.to(getattr(model, "device", input_ids.device))
+    max_new_tokens = _max_new_tokens(stopping_criteria, generation_config, input_ids.shape[1])
+    eos_ids = _eos_ids(stopping_criteria, generation_config)
+    sampling = _sampling(logits_processor, generation_config, input_ids.shape[1], max_new_tokens)
+    suppressed = sampling.pop("suppress_token_ids")
+    if sampling.pop("suppress_eos"):
+        suppressed = sorted(set(suppressed) | set(eos_ids))
+    pad = getattr(generation_config, "pad_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0] if pad else None
+    if graphs is None:
+        graphs = input_ids.device.type == "cuda"
+    return generate_with_graphs(model, input_ids, cache, max_new_tokens, eos_token_id=eos_ids or None,
+                                pad_token_id=None if pad is None else int(pad), suppress_token_ids=suppressed or None,
+                                graphs=graphs, **sampling)
+
+
+def _refuse_settings(generation_config: Any, synced_gpus: bool, streamer: Any, model_kwargs: dict) -> None:
+    """The generation settings and model keywords a recorded step cannot honour, each refused by name."""
+    if synced_gpus:
+        raise ValueError("synced_gpus=True (DeepSpeed ZeRO-3 / FSDP) is not supported by replayed decoding")
+    if streamer is not None:
+        raise ValueError("streamer= is not supported by replayed decoding (the tokens of a stretch come back "
+                         "together at its end): drop custom_generate to stream")
+    beams = getattr(generation_config, "num_beams", 1) or 1
+    if beams > 1:
+        raise ValueError(f"num_beams={beams}; replayed decoding is greedy or sampled (num_beams=1)")
+    for name in ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
+                 "output_hidden_states"):
+        if getattr(generation_config, name, False):
+            raise ValueError(f"{name}=True is not supported by replayed decoding (it returns the token ids only)")
+    unknown = sorted(k for k, v in model_kwargs.items() if k not in _PREPARED_KEYWORDS and v is not None)
+    if unknown:
+        raise ValueError(f"model keywords {unknown} are not passed to the replayed steps; replayed decoding takes "
+                         "token ids, an attention mask without padding and a kvpolar cache")
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and not bool((mask == 1).all()):
+        raise ValueError("attention_mask has padding (zeros); replayed decoding takes prompts of equal length")
+    if model_kwargs.get("use_cache") is False:
+        raise ValueError("use_cache=False; replayed decoding decodes over the kvpolar cache")
+    for name in ("output_attentions", "output_hidden_states"):
+        if model_kwargs.get(name):
+            raise ValueError(f"{name}=True is not supported by replayed decoding")
+
+
+def _max_new_tokens(stopping_criteria: Any, generation_config: Any, prompt_tokens: int) -> int:
+    """New tokens to generate: the length criterion's ``max_length`` (``generate`` sets it from
+    ``max_new_tokens``) less the prompt; criteria other than length and end-of-sequence refused."""
+    max_length = getattr(generation_config, "max_length", None)
+    for criterion in stopping_criteria or ():
+        name = type(criterion).__name__
+        if name not in REPLAYED_CRITERIA:
+            raise ValueError(f"stopping criterion {name} is not supported by replayed decoding (supported: "
+                             f"{', '.join(REPLAYED_CRITERIA)}: max_new_tokens / max_length and eos_token_id)")
+        if name == "MaxLengthCriteria":
+            max_length = criterion.max_length
+    if max_length is None or max_length <= prompt_tokens:
+        raise ValueError(f"max_length={max_length} for prompts of {prompt_tokens} tokens; set max_new_tokens >= 1")
+    return int(max_length) - prompt_tokens
+
+
+def _eos_ids(stopping_criteria: Any, generation_config: Any) -> list[int]:
+    """The end-of-sequence ids ``generate`` stops at: its end-of-sequence criterion's, else the config's."""
+    for criterion in stopping_criteria or ():
+        if type(criterion).__name__ == "EosTokenCriteria":
+            return _id_list(criterion.eos_token_id)
+    return _id_list(getattr(generation_config, "eos_token_id", None))
+
+
+def _id_list(ids: Any) -> list[int]:
+    """Token ids given as None, an int, a list or a tensor, as a list of ints."""
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        return [int(i) for i in ids.reshape(-1).tolist()]
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]
+
+
+def _sampling(logits_processor: Any, generation_config: Any, prompt_tokens: int, max_new_tokens: int) -> dict:
+    """``generate_with_graphs``' sampling keywords from the processors ``generate`` prepared (every other
+    processor refused by name): do_sample, temperature, top_k, top_p, suppress_token_ids, and whether
+    a minimum length suppresses the end-of-sequence ids throughout (``suppress_eos``)."""
+    out: dict = {"do_sample": bool(getattr(generation_config, "do_sample", False)), "suppress_token_ids": [],
+                 "suppress_eos": False}
+    for processor in logits_processor or ():
+        name = type(processor).__name__
+        if name not in REPLAYED_PROCESSORS:
+            raise ValueError(f"logits processor {name} is not supported by replayed decoding (supported: "
+                             f"{', '.join(REPLAYED_PROCESSORS)}): unset the generation setting that adds it, or "
+                             "drop custom_generate")
+        if name == "TemperatureLogitsWarper":
+            out["temperature"] = float(processor.temperature)
+        elif name == "TopKLogitsWarper":
+            out["top_k"] = int(processor.top_k)
+        elif name == "TopPLogitsWarper":
+            if getattr(processor, "min_tokens_to_keep", 1) != 1:
+                raise ValueError(f"top-p with min_tokens_to_keep={processor.min_tokens_to_keep} is not supported by "
+                                 "replayed decoding (1 only)")
+            out["top_p"] = float(processor.top_p)
+        elif name == "SuppressTokensLogitsProcessor":
+            out["suppress_token_ids"] += _id_list(processor.suppress_tokens)
+        else:  # a minimum length: replayed where it covers every new token
+            if name == "MinLengthLogitsProcessor":
+                minimum = int(processor.min_length) - prompt_tokens
+                setting = f"min_length={processor.min_length} (min_new_tokens={minimum})"
+            else:
+                minimum = int(processor.min_new_tokens)
+                setting = f"min_new_tokens={processor.min_new_tokens}"
+            if minimum >= max_new_tokens:
+                out["suppress_eos"] = True
+            elif minimum > 0:
+                raise ValueError(f"{setting} stops {minimum} of {max_new_tokens} new tokens from ending a sequence; "
+                                 "replayed decoding takes a minimum of 0 or of every new token")
+    if not out["do_sample"] and any(k in out for k in ("temperature", "top_k", "top_p")):
+        raise ValueError("sampling warpers without do_sample=True")  # (generate adds none then)
+    return out

@@ -1,0 +1,99 @@
+"""``model.generate(..., custom_generate=kvpolar.replayed_decoding)``: ``generate()``'s own call, decoded
+by replayed stretches (eagerly on the CPU: ``graphs`` defaults to where the prompts are). The tokens
+must be ``generate``'s, greedy and sampled under one seed, with its end-of-sequence handling; what a
+recorded step cannot do must be refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvpolar
+from cache_helpers import VOCAB, config, tiny_model  # noqa: E402
+
+
+def _prompt(batch: int, tokens: int, seed: int = 3) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def _both(model, ids, preset="kivi-2", seed=None, **settings):
+    """(``generate``'s output, the replayed one) for the same settings, each with a fresh cache."""
+    outs = []
+    for hook in (None, kvpolar.replayed_decoding):
+        cache = kvpolar.QuantizedKVCache(model.config, config(preset, residual_length=8))
+        if seed is not None:
+            torch.manual_seed(seed)
+        extra = {} if hook is None else {"custom_generate": hook}
+        outs.append(model.generate(ids, **kvpolar.cache_kwargs(model, cache), **settings, **extra))
+    return outs
+
+
+@pytest.fixture
+def model():
+    model = tiny_model(layers=2, head_dim=32)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("preset, new", [("kivi-2", 45), ("polar-rope-3", 20)])
+def test_greedy_tokens_are_generates(model, preset, new):
+    want, got = _both(model, _prompt(2, 20), preset, max_new_tokens=new, do_sample=False)
+    assert want.shape == (2, 20 + new)
+    assert torch.equal(got, want)
+
+
+def test_sampled_tokens_are_generates_under_one_seed(model):
+    want, got = _both(model, _prompt(2, 20), seed=11, max_new_tokens=40, do_sample=True, temperature=0.7,
+                      top_k=20, top_p=0.9)
+    assert torch.equal(got, want)
+    greedy, _ = _both(model, _prompt(2, 20), max_new_tokens=40, do_sample=False)
+    assert not torch.equal(got, greedy)  # (sampling did something)
+
+
+def test_end_of_sequence_ids_pad_and_cut_as_generate(model):
+    """Two end-of-sequence ids met at different steps: the first row padded after its own, the
+    output cut where the second finished, exactly as ``generate``."""
+    ids = _prompt(2, 20)
+    free, _ = _both(model, ids, max_new_tokens=40, do_sample=False)
+    eos = [int(free[0, 26]), int(free[1, 33])]
+    want, got = _both(model, ids, max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert want.shape[1] < 60  # (both rows finished: generate stopped early)
+    assert torch.equal(got, want)
+
+
+def test_minimum_length_over_every_new_token_and_suppressed_tokens(model):
+    ids = _prompt(2, 20)
+    free, _ = _both(model, ids, max_new_tokens=30, do_sample=False)
+    eos, banned = int(free[0, 24]), [int(free[1, 22])]
+    want, got = _both(model, ids, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                      min_new_tokens=30, suppress_tokens=banned)
+    assert want.shape == (2, 50)
+    assert torch.equal(got, want)
+    assert not torch.isin(got[:, 20:], torch.tensor([eos, *banned])).any()
+
+
+@pytest.mark.parametrize("settings, error, match", [
+    (dict(repetition_penalty=1.3), ValueError, "logits processor RepetitionPenaltyLogitsProcessor is not supported"),
+    (dict(num_beams=2), ValueError, "num_beams=2"),
+    (dict(min_new_tokens=5, eos_token_id=2), ValueError, "min_new_tokens=5\\) stops 5 of 8 new tokens"),
+    (dict(max_time=30.0), ValueError, "stopping criterion MaxTimeCriteria is not supported"),
+    (dict(return_dict_in_generate=True), ValueError, "return_dict_in_generate=True"),
+    (dict(graphs=True), ValueError, "graphs=True records CUDA graphs"),
+])
+def test_refusals_name_the_setting(model, settings, error, match):
+    cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
+    with pytest.raises(error, match=match):
+        model.generate(_prompt(1, 12), max_new_tokens=8, do_sample=False, **kvpolar.cache_kwargs(model, cache),
+                       custom_generate=kvpolar.replayed_decoding, **settings)
+
+
+def test_refuses_padding_and_other_caches(model):
+    ids = _prompt(2, 12)
+    fresh = lambda: kvpolar.cache_kwargs(model, kvpolar.QuantizedKVCache(model.config, "kivi-2"))  # noqa: E731
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="attention_mask has padding"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, **fresh(), custom_generate=kvpolar.replayed_decoding)
+
+    with pytest.raises(TypeError, match="decodes over a kvpolar QuantizedKVCache; got DynamicCache"):
+        model.generate(ids, max_new_tokens=4, custom_generate=kvpolar.replayed_decoding)
