@@ -91,7 +91,7 @@ def main() -> None:
     model = e2e.build_model(args.layers)
     model.generation_config.eos_token_id = None  # (plain decoding: every call makes --new tokens)
     gen = torch.Generator(device="cpu").manual_seed(3)
-    ids = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt), generator=gen)  # (no pad id 0).to(e2e.DEVICE)
+    ids = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt), generator=gen).to(e2e.DEVICE)  # (no pad id 0)
     rows = []
     for preset in ([] if args.no_fp16 else ["fp16-flash"]) + args.presets:
         for sampled in (False, True):

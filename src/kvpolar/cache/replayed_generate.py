@@ -63,7 +63,8 @@ def replayed_decoding(model: Any, input_ids: torch.Tensor, logits_processor: Any
         raise TypeError(f"custom_generate=kvpolar.replayed_decoding decodes over a kvpolar QuantizedKVCache; got "
                         f"{type(cache).__name__} (pass **kvpolar.cache_kwargs(model, cache) to generate)")
     _refuse_settings(generation_config, synced_gpus, streamer, model_kwargs)
-    input_ids = input_ids.to(getattr(model, "device", input_ids.device))
+    given_on = input_ids.device  # (generate takes prompts on the CPU for a model on a GPU, and answers there)
+    input_ids = input_ids.to(getattr(model, "device", given_on))
     max_new_tokens = _max_new_tokens(stopping_criteria, generation_config, input_ids.shape[1])
     eos_ids = _eos_ids(stopping_criteria, generation_config)
     sampling = _sampling(logits_processor, generation_config, input_ids.shape[1], max_new_tokens)
@@ -75,9 +76,10 @@ def replayed_decoding(model: Any, input_ids: torch.Tensor, logits_processor: Any
         pad = pad[0] if pad else None
     if graphs is None:
         graphs = input_ids.device.type == "cuda"
-    return generate_with_graphs(model, input_ids, cache, max_new_tokens, eos_token_id=eos_ids or None,
-                                pad_token_id=None if pad is None else int(pad), suppress_token_ids=suppressed or None,
-                                graphs=graphs, **sampling)
+    out = generate_with_graphs(model, input_ids, cache, max_new_tokens, eos_token_id=eos_ids or None,
+                               pad_token_id=None if pad is None else int(pad), suppress_token_ids=suppressed or None,
+                               graphs=graphs, **sampling)
+    return out.to(given_on)
 
 
 def _refuse_settings(generation_config: Any, synced_gpus: bool, streamer: Any, model_kwargs: dict) -> None:
