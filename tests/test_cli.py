@@ -81,7 +81,7 @@ def test_bench_decoding_in_stretches_gives_generate_tokens(tmp_path, capsys, mon
     """``--decoding stretches`` (the replayed path's steps run eagerly: its CPU form) decodes the tokens
     ``generate`` decodes, and the table says how each row decoded; a preset the replayed path refuses
     takes ``generate``, its row saying why."""
-    import kvpolar
+    from kvpolar.cache import replayed_generate
 
     rows = {}
     for decoding in ("generate", "stretches"):
@@ -99,7 +99,7 @@ def test_bench_decoding_in_stretches_gives_generate_tokens(tmp_path, capsys, mon
     def refuse(*args, **kwargs):
         raise ValueError("every layer keeps a 16-bit cache")
 
-    monkeypatch.setattr(kvpolar, "generate_with_graphs", refuse)
+    monkeypatch.setattr(replayed_generate, "generate_with_graphs", refuse)  # (what replayed_decoding calls)
     out = tmp_path / "refused"
     assert main(["bench", "--presets", "kivi-2", "--max-length", "200", "--new-tokens", "40", "--device", "cpu",
                  "--decoding", "stretches", "--out", str(out)]) == 0

@@ -32,7 +32,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Time greedy decoding of ``new_tokens`` after a ``max_length - new_tokens`` prompt per preset;
     ``decoding``: how the presets decode (``kvpolar.generation_demo.DECODINGS``; ``"replayed"``: decode
-    steps replayed from CUDA graphs, ``kvpolar.generate_with_graphs``)."""
+    steps replayed from CUDA graphs, ``custom_generate=kvpolar.replayed_decoding``)."""
     if new_tokens >= max_length:
         raise ValueError(f"new_tokens={new_tokens} must be smaller than max_length={max_length}")
     rows, setup = run_generation_demo(
@@ -40,10 +40,12 @@ def run_bench(
         new_tokens=new_tokens, progress=progress, dtype=dtype, label="kvpolar bench", decoding=decoding,
     )
     how = {"generate": "the whole `generate` call",
-           "replayed": "the whole `kvpolar.generate_with_graphs` call for the presets (decode steps recorded "
-                       "in CUDA graphs and replayed; recordings included), `generate` for the stock cache",
-           "stretches": "the whole `kvpolar.generate_with_graphs(graphs=False)` call for the presets (the "
-                        "replayed path's stretches run eagerly), `generate` for the stock cache"}[decoding]
+           "replayed": "the whole `generate(..., custom_generate=kvpolar.replayed_decoding)` call for the "
+                       "presets (decode steps recorded in CUDA graphs and replayed; recordings included), "
+                       "`generate` for the stock cache",
+           "stretches": "the whole `generate(..., custom_generate=kvpolar.replayed_decoding, graphs=False)` call "
+                        "for the presets (the replayed path's stretches run eagerly), `generate` for the stock "
+                        "cache"}[decoding]
     markdown = (
         f"# kvpolar bench\n\n{setup['model']} on {_device_name(device)} ({setup['dtype']}): greedy decoding of "
         f"{setup['new_tokens']} tokens after a {setup['prompt_tokens']}-token held-out prompt. Cache bytes and "

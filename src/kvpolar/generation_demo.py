@@ -35,9 +35,10 @@ class GenerationRow:
 
 
 #: How ``run_generation_demo`` decodes the presets' tokens: ``"generate"`` (``model.generate``),
-#: ``"replayed"`` (``kvpolar.generate_with_graphs``: decode steps recorded in CUDA graphs and replayed;
-#: a CUDA device) or ``"stretches"`` (the same function with ``graphs=False``: its stretches run eagerly,
-#: on any device, the tokens ``generate``'s). The stock cache's row always takes ``generate``.
+#: ``"replayed"`` (``model.generate(..., custom_generate=kvpolar.replayed_decoding)``: decode steps
+#: recorded in CUDA graphs and replayed; a CUDA device) or ``"stretches"`` (the same call with
+#: ``graphs=False``: its stretches run eagerly, on any device, the tokens ``generate``'s). The stock
+#: cache's row always takes ``generate``.
 DECODINGS = ("generate", "replayed", "stretches")
 
 
@@ -115,21 +116,20 @@ def run_generation_demo(
         else:
             cache = kvpolar.enable(model, preset)
         how = "generate" if preset == stock else decoding
+        settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                        pad_token_id=tokenizer.eos_token_id)
         start = time.perf_counter()
         out = None
-        if how != "generate":
+        if how != "generate":  # generate's own call, its loop replayed decoding's
             try:
-                out = kvpolar.generate_with_graphs(model, ids, cache, new_tokens, graphs=how == "replayed",
-                                                   suppress_token_ids=_end_of_sequence_ids(model))
+                out = model.generate(ids, **kvpolar.cache_kwargs(model, cache), **settings,
+                                     custom_generate=kvpolar.replayed_decoding, graphs=how == "replayed")
             except ValueError as err:  # (a cache replayed decoding refuses: its row says why)
                 how = f"generate (replaying refused: {err})"
                 cache = kvpolar.enable(model, preset)
                 start = time.perf_counter()
         if out is None:
-            out = model.generate(
-                ids, **kvpolar.cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, pad_token_id=tokenizer.eos_token_id,
-            )
+            out = model.generate(ids, **kvpolar.cache_kwargs(model, cache), **settings)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -138,14 +138,6 @@ def run_generation_demo(
             baseline = generated
         rows.append(_row(preset, cache, model, generated, baseline, elapsed, tokenizer, how))
     return rows, setup
-
-
-def _end_of_sequence_ids(model: Any) -> list[int]:
-    """The ids ``generate(min_new_tokens=...)`` suppresses: the generation config's end-of-sequence ids."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
 
 
 def _row(preset: str, cache: Any, model: Any, generated: torch.Tensor, baseline: torch.Tensor, elapsed: float,
