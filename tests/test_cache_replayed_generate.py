@@ -50,6 +50,13 @@ def test_sampled_tokens_are_generates_under_one_seed(model):
     assert not torch.equal(got, greedy)  # (sampling did something)
 
 
+def test_several_sequences_per_prompt(model):
+    """``num_return_sequences``: ``generate`` repeats the prompts before its loop; the draws match."""
+    want, got = _both(model, _prompt(2, 20), seed=4, max_new_tokens=30, do_sample=True, num_return_sequences=2)
+    assert want.shape == (4, 50)
+    assert torch.equal(got, want)
+
+
 def test_end_of_sequence_ids_pad_and_cut_as_generate(model):
     """Two end-of-sequence ids met at different steps: the first row padded after its own, the
     output cut where the second finished, exactly as ``generate``."""
