@@ -1,5 +1,5 @@
 """``model.generate(..., custom_generate=kvpolar.replayed_decoding)``: ``generate()``'s own call, decoded
-by replayed stretches (eagerly on the CPU: ``graphs`` defaults to where the prompts are). The tokens
+by replayed stretches (eagerly on the CPU: ``graphs`` defaults to where the model is). The tokens
 must be ``generate``'s, greedy and sampled under one seed, with its end-of-sequence handling; what a
 recorded step cannot do must be refused by name."""
 

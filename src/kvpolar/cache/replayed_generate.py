@@ -52,7 +52,7 @@ def replayed_decoding(model: Any, input_ids: torch.Tensor, logits_processor: Any
     prepared logits processors and stopping criteria, the generation config, ``synced_gpus`` and
     ``streamer`` (refused if given), and the model keywords, among them the kvpolar cache (``cache`` or
     ``past_key_values``; an empty ``QuantizedKVCache``). ``graphs`` (a keyword of ``generate``'s call):
-    record and replay (default: where the prompts are on CUDA), or False: the same stretches eagerly.
+    record and replay (default: where the model is on CUDA), or False: the same stretches eagerly.
     Returns:
         int64 ``[B, T + n]``, as ``generate``: the prompts, then ``n <= max_new_tokens`` new tokens.
     """
