@@ -85,6 +85,7 @@ def test_minimum_length_over_every_new_token_and_suppressed_tokens(model):
     (dict(min_new_tokens=5, eos_token_id=2), ValueError, "min_new_tokens=5\\) stops 5 of 8 new tokens"),
     (dict(max_time=30.0), ValueError, "stopping criterion MaxTimeCriteria is not supported"),
     (dict(return_dict_in_generate=True), ValueError, "return_dict_in_generate=True"),
+    (dict(prefill_chunk_size=4), ValueError, "prefill_chunk_size=4 is not supported"),
     (dict(graphs=True), ValueError, "graphs=True records CUDA graphs"),
 ])
 def test_refusals_name_the_setting(model, settings, error, match):

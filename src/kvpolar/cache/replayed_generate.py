@@ -13,8 +13,8 @@ What a recorded step does: greedy choice or sampling with temperature, top-k and
 ``suppress_tokens``; a ``min_new_tokens`` / ``min_length`` that covers every new token (end-of-sequence
 ids suppressed throughout); end-of-sequence ids, one or several. Refused: any other logits processor
 (repetition penalty, bad words, ...: they read the growing sequence or are not written for recording),
-stopping criteria other than the length and end-of-sequence ones, beam search, padded batches,
-``return_dict_in_generate`` and the outputs it brings. (``generate`` hands a ``custom_generate``
+stopping criteria other than the length and end-of-sequence ones, beam search, padded batches, a
+prefill in chunks (``prefill_chunk_size``), ``return_dict_in_generate`` and the outputs it brings. (``generate`` hands a ``custom_generate``
 callable neither ``streamer`` nor ``synced_gpus``: transformers 5.25 drops them before the call; they
 are refused here should a version pass them.)
 """
@@ -92,6 +92,10 @@ def _refuse_settings(generation_config: Any, synced_gpus: bool, streamer: Any, m
     beams = getattr(generation_config, "num_beams", 1) or 1
     if beams > 1:
         raise ValueError(f"num_beams={beams}; replayed decoding is greedy or sampled (num_beams=1)")
+    chunk = getattr(generation_config, "prefill_chunk_size", None)
+    if chunk:
+        raise ValueError(f"prefill_chunk_size={chunk} is not supported by replayed decoding (it prefills the "
+                         "prompts in one step): unset it, or drop custom_generate")
     for name in ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
                  "output_hidden_states"):
         if getattr(generation_config, name, False):
