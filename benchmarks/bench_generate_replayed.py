@@ -74,6 +74,16 @@ def measure(model, preset: str, ids: torch.Tensor, new: int, sampled: bool, min_
     return row
 
 
+def model_and_prompts(layers: int, batch: int, prompt: int) -> tuple:
+    """The 8B-shaped model (``layers`` layers; no end-of-sequence id, so every call makes all its new
+    tokens) and ``batch`` random ``prompt``-token prompts on its device (seed 3; no id 0, the pad id
+    these scripts pass, which ``generate`` would read as padding)."""
+    model = e2e.build_model(layers)
+    model.generation_config.eos_token_id = None
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    return model, torch.randint(1, model.config.vocab_size, (batch, prompt), generator=gen).to(e2e.DEVICE)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["kivi-2", "polar-rope-3"])
@@ -88,10 +98,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         e2e.DEVICE, args.prompt, args.new, args.layers = "cpu", 200, 40, 2
-    model = e2e.build_model(args.layers)
-    model.generation_config.eos_token_id = None  # (plain decoding: every call makes --new tokens)
-    gen = torch.Generator(device="cpu").manual_seed(3)
-    ids = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt), generator=gen).to(e2e.DEVICE)  # (no pad id 0)
+    model, ids = model_and_prompts(args.layers, args.batch, args.prompt)
     rows = []
     for preset in ([] if args.no_fp16 else ["fp16-flash"]) + args.presets:
         for sampled in (False, True):

@@ -15,12 +15,9 @@ import argparse
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(__file__))
-import bench_end_to_end as e2e  # noqa: E402
-
 import kvpolar  # noqa: E402
+from bench_generate_replayed import model_and_prompts  # noqa: E402
 
 
 def main() -> None:
@@ -32,10 +29,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--min-chunk", type=int, default=128)
     args = ap.parse_args()
-    model = e2e.build_model(args.layers)
-    model.generation_config.eos_token_id = None
-    gen = torch.Generator(device="cpu").manual_seed(3)
-    ids = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt), generator=gen).to(e2e.DEVICE)
+    model, ids = model_and_prompts(args.layers, args.batch, args.prompt)  # (the benchmark's model and prompts)
     for preset in args.presets:
         cache = kvpolar.enable(model, preset, min_chunk=args.min_chunk)
         plain = model.generate(ids, max_new_tokens=args.new, do_sample=False, pad_token_id=0, output_logits=True,

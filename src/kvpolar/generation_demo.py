@@ -107,6 +107,8 @@ def run_generation_demo(
     rows: list[GenerationRow] = []
     baseline: torch.Tensor | None = None
     stock = baseline_name(model.dtype)
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                    pad_token_id=tokenizer.eos_token_id)  # (the same for every run)
     runs = tqdm([stock, *presets], desc=label, unit="run", disable=not progress)
     for preset in runs:
         runs.set_postfix_str(preset)
@@ -116,8 +118,6 @@ def run_generation_demo(
         else:
             cache = kvpolar.enable(model, preset)
         how = "generate" if preset == stock else decoding
-        settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                        pad_token_id=tokenizer.eos_token_id)
         start = time.perf_counter()
         out = None
         if how != "generate":  # generate's own call, its loop replayed decoding's

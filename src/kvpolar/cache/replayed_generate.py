@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from kvpolar.cache.cache import QuantizedKVCache
-from kvpolar.cache.graphed import generate_with_graphs
+from kvpolar.cache.graphed import _token_ids, generate_with_graphs
 
 #: logits processors a recorded step reproduces (by class name, as transformers names them)
 REPLAYED_PROCESSORS = ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
@@ -139,14 +139,8 @@ def _eos_ids(stopping_criteria: Any, generation_config: Any) -> list[int]:
 
 
 def _id_list(ids: Any) -> list[int]:
-    """Token ids given as None, an int, a list or a tensor, as a list of ints."""
-    if ids is None:
-        return []
-    if isinstance(ids, torch.Tensor):
-        return [int(i) for i in ids.reshape(-1).tolist()]
-    if isinstance(ids, int):
-        return [ids]
-    return [int(i) for i in ids]
+    """Token ids given as None, an int, a list or a tensor, as a list of ints (``graphed._token_ids``)."""
+    return _token_ids(ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids)
 
 
 def _sampling(logits_processor: Any, generation_config: Any, prompt_tokens: int, max_new_tokens: int) -> dict:
