@@ -12,7 +12,16 @@ every batch, which would cost minutes of GPU time per point and is not what is m
 prefill is timed separately at batch 1. Decode steps run the whole model (all 32 layers, MLPs,
 sampling-free argmax) through ``model.forward`` with the cache, one token per sequence per step.
 
+``--decoding replayed``: the kvpolar presets decode through ``kvpolar.cache.graphed.decode_with_graphs``
+(each stretch between two moves into the packed part: one eager step, one recorded, the rest replayed
+from a CUDA graph), timed as the wall time of all ``--steps`` steps over their number, recordings and
+moves included (use a few hundred steps: a recording costs several steps' time); the 16-bit baselines
+still run eagerly. Every point also carries ``read_bound_ms``: the weights' and the cache's bytes at
+the copy bandwidth measured at the start, the least time any implementation needs to read them once
+per step; for the 16-bit baselines, what no 16-bit decoder can beat at that batch.
+
     python benchmarks/bench_end_to_end.py --out results.json            # on a GPU
+    python benchmarks/bench_end_to_end.py --decoding replayed --steps 256 --min-chunk 128 --out results.json
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import platform
 import sys
@@ -80,9 +90,10 @@ def attention_backends(preset: str):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def make_cache(model, preset: str, max_tokens: int | None = None):
+def make_cache(model, preset: str, max_tokens: int | None = None, min_chunk: int | None = None):
     """The cache of ``preset`` for ``model``: a 16-bit baseline (``FP16_BASELINES``; ``fp16-static``
-    needs ``max_tokens``, the tokens per sequence it must hold) or ``kvpolar.enable(model, preset)``."""
+    needs ``max_tokens``, the tokens per sequence it must hold) or ``kvpolar.enable(model, preset)``
+    (``min_chunk``: ``KVCacheConfig.min_chunk``, None: the preset's)."""
     import transformers
 
     import kvpolar
@@ -94,7 +105,7 @@ def make_cache(model, preset: str, max_tokens: int | None = None):
         if max_tokens is None:
             raise ValueError("fp16-static needs max_tokens: the context plus the decode steps")
         return transformers.StaticCache(config=model.config, max_cache_len=max_tokens)
-    return kvpolar.enable(model, preset)
+    return kvpolar.enable(model, preset, **({} if min_chunk is None else {"min_chunk": min_chunk}))
 
 
 def cache_kwargs(model, cache) -> dict:
@@ -121,6 +132,26 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke test)"
 
 
+def copy_gb_per_second(size: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written), the median of ``repeats``
+    copies of ``size`` bytes timed by CUDA events; NaN off CUDA."""
+    if DEVICE != "cuda":
+        return float("nan")
+    src = torch.empty(size, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del src, dst
+    ms = sorted(times[2:])[repeats // 2]
+    return 2 * size / ms / 1e6
+
+
 @dataclasses.dataclass
 class Point:
     preset: str
@@ -133,6 +164,8 @@ class Point:
     cache_gib: float
     cache_bits_per_element: float
     status: str = "ok"
+    decoding: str = "eager"  # "replayed": decode_with_graphs (kvpolar presets, ``--decoding replayed``)
+    read_bound_ms: float = float("nan")  # weights + cache bytes at the measured copy bandwidth
     fill_peak_gib: float = float("nan")  # peak while the cache was filled (chunk temporaries included)
     step_ms: list[float] = dataclasses.field(default_factory=list)  # every step, warm-up included, in order
 
@@ -145,26 +178,36 @@ class Point:
 
 @torch.no_grad()
 def decode_point(model, preset: str, batch: int, context: int, steps: int, weights_bytes: int,
-                 warmup: int = 2) -> Point:
+                 warmup: int = 2, decoding: str = "eager", min_chunk: int | None = None,
+                 copy_gbps: float = float("nan")) -> Point:
     """Median wall time of ``steps`` decode steps after ``warmup`` untimed ones (Triton compiles
     its kernels in the first steps; per-token formats move ``min_chunk`` tokens into the packed
-    part every ``min_chunk`` steps, so a long run's median is the steady state)."""
+    part every ``min_chunk`` steps, so a long run's median is the steady state). With ``decoding``
+    "replayed" a kvpolar preset runs ``warmup`` then ``steps`` steps through ``decode_with_graphs``
+    (two calls; the second's wall time over ``steps``: per-step times are not seen). ``copy_gbps``:
+    the copy bandwidth for ``read_bound_ms``."""
+    if decoding not in ("eager", "replayed"):
+        raise ValueError(f"decoding must be 'eager' or 'replayed'; got {decoding!r}")
+    replayed = decoding == "replayed" and preset not in FP16_BASELINES
     _reset_memory()
-    cache = make_cache(model, preset, context + warmup + steps)
+    cache = make_cache(model, preset, context + warmup + steps, min_chunk=None if preset in FP16_BASELINES else min_chunk)
     fill_cache(model, cache, preset, batch, context)
     fill_peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
     if DEVICE == "cuda":  # decoding's own peak from here on (the fill's chunk temporaries are gone)
         torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE)
-    pos = torch.full((batch, 1), context, device=DEVICE, dtype=torch.long)
-    kw = cache_kwargs(model, cache)
-    every = []
-    for _ in range(steps + warmup):
-        ms, ids = timed_forward(model, preset, ids, pos, kw)
-        every.append(ms)
-        pos = pos + 1
-    times = sorted(every[warmup:])
-    ms = times[len(times) // 2]
+    if replayed:
+        ms, every = replayed_ms(model, cache, ids, context, steps, warmup)
+    else:
+        pos = torch.full((batch, 1), context, device=DEVICE, dtype=torch.long)
+        kw = cache_kwargs(model, cache)
+        every = []
+        for _ in range(steps + warmup):
+            step_ms, ids = timed_forward(model, preset, ids, pos, kw)
+            every.append(step_ms)
+            pos = pos + 1
+        times = sorted(every[warmup:])
+        ms = times[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
     if preset in FP16_BASELINES:  # (fp16-static: the whole preallocated buffer)
         cache_bytes = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
@@ -173,8 +216,30 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
         report = cache.memory_report()
         cache_bytes, bits = report.total, report.bits_per_element
     del cache
+    bound = (weights_bytes + cache_bytes) / copy_gbps / 1e6
     return Point(preset, batch, context, ms, batch * 1000.0 / ms, peak / 2**30, weights_bytes / 2**30,
-                 cache_bytes / 2**30, bits, fill_peak_gib=fill_peak / 2**30, step_ms=every)
+                 cache_bytes / 2**30, bits, decoding="replayed" if replayed else "eager", read_bound_ms=bound,
+                 fill_peak_gib=fill_peak / 2**30, step_ms=every)
+
+
+def replayed_ms(model, cache, ids: torch.Tensor, context: int, steps: int, warmup: int) -> tuple[float, list[float]]:
+    """(ms per step, [warm-up ms, timed ms]) of ``decode_with_graphs`` from ``ids`` ``[B, 1]`` at
+    position ``context``: ``warmup`` steps (the kernels' compiles, a first recording), then ``steps``
+    steps timed by wall clock in total, recordings and moves into the packed part included. Off CUDA
+    the stretches run eagerly (graphs need CUDA)."""
+    from kvpolar.cache.graphed import decode_with_graphs
+
+    graphs = DEVICE == "cuda"
+    _sync()
+    start = time.perf_counter()
+    warm = decode_with_graphs(model, cache, ids, context, warmup, graphs=graphs)
+    _sync()
+    warm_ms = 1000 * (time.perf_counter() - start)
+    start = time.perf_counter()
+    decode_with_graphs(model, cache, warm.tokens[:, -1:], context + warmup, steps, graphs=graphs)
+    _sync()
+    total = 1000 * (time.perf_counter() - start)
+    return total / steps, [warm_ms, total]
 
 
 @torch.no_grad()
@@ -243,6 +308,15 @@ def best_tokens_per_second(points: Iterable[dict]) -> dict[str, tuple[float, int
     return best
 
 
+def read_bound_tokens_per_second(points: Iterable[dict]) -> tuple[float, int] | None:
+    """(tokens/s, batch): the most tokens/s a 16-bit decoder could reach at a batch where a 16-bit
+    baseline fit (``status`` ok), if each step only read the weights and the cache once at the copy
+    bandwidth (``read_bound_ms``); None without such a point."""
+    bounds = [(p["batch"] * 1000.0 / p["read_bound_ms"], p["batch"]) for p in points
+              if p["preset"] in FP16_BASELINES and p["status"] == "ok" and p.get("read_bound_ms", float("nan")) > 0]
+    return max(bounds) if bounds else None
+
+
 @torch.no_grad()
 def prefill_seconds(model, preset: str, context: int) -> float:
     _reset_memory()
@@ -269,6 +343,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed decode steps before them")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--prefill", action="store_true", help="also time a batch-1 prefill per preset")
+    parser.add_argument("--decoding", default="eager", choices=("eager", "replayed"),
+                        help="replayed: kvpolar presets through decode_with_graphs (CUDA graphs); 16-bit baselines eager")
+    parser.add_argument("--min-chunk", type=int, default=None,
+                        help="KVCacheConfig.min_chunk of the kvpolar presets (default: the preset's)")
     parser.add_argument("--out", default="end_to_end.json")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model, context and batches on the CPU: checks the script runs")
@@ -277,6 +355,11 @@ def main() -> None:
     if args.smoke:  # (else 32 layers over 32k tokens up to batch 96 on the CPU: over 10 minutes for fp16 alone)
         DEVICE = "cpu"
         args.context, args.batches, args.steps, args.warmup, args.layers = 400, "1,2", 2, 1, 2
+        if args.decoding == "replayed":  # (enough steps for a move into the packed part)
+            args.steps = 40
+    if args.decoding == "replayed" and args.steps < 64 and not args.smoke:
+        print(f"note: --steps {args.steps} with --decoding replayed: each stretch's recording costs several "
+              "steps' time, so a short run mostly measures recordings", flush=True)
 
     import transformers
 
@@ -284,6 +367,7 @@ def main() -> None:
 
     model = build_model(args.layers)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    copy_gbps = copy_gb_per_second()
     points: list[Point] = []
     prefill: dict[str, float] = {}
 
@@ -291,6 +375,8 @@ def main() -> None:
         result = {
             "command": " ".join(sys.argv),
             "gpu": _device_name(),
+            "copy_gb_per_second": copy_gbps,
+            "decoding": args.decoding,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "kvpolar": kvpolar.__version__, "python": platform.python_version()},
             "model": {**(CONFIG_8B if DEVICE == "cuda" else SMOKE_CONFIG), "num_hidden_layers": args.layers,
@@ -305,18 +391,21 @@ def main() -> None:
     for preset in args.presets.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             try:
-                point = decode_point(model, preset, batch, args.context, args.steps, weights, args.warmup)
+                point = decode_point(model, preset, batch, args.context, args.steps, weights, args.warmup,
+                                     args.decoding, args.min_chunk, copy_gbps)
             except torch.OutOfMemoryError:
                 points.append(Point(preset, batch, args.context, float("nan"), 0.0, float("nan"),
-                                    weights / 2**30, float("nan"), float("nan"), "out of memory"))
+                                    weights / 2**30, float("nan"), float("nan"), "out of memory",
+                                    decoding="eager" if preset in FP16_BASELINES else args.decoding))
                 print(f"{preset:>14} B={batch:<4} out of memory", flush=True)
+                gc.collect()  # (a failed graph recording's references)
                 _reset_memory()
                 save()
                 break
             points.append(point)
             save()
-            print(f"{preset:>14} B={batch:<4} {point.decode_ms_per_step:8.2f} ms/step "
-                  f"{point.tokens_per_second:9.1f} tok/s peak {point.peak_gib:6.1f} GiB "
+            print(f"{preset:>14} B={batch:<4} {point.decoding:>8} {point.decode_ms_per_step:8.2f} ms/step "
+                  f"(read bound {point.read_bound_ms:6.2f}) {point.tokens_per_second:9.1f} tok/s peak {point.peak_gib:6.1f} GiB "
                   f"cache {point.cache_gib:6.2f} GiB ({point.cache_bits_per_element:.2f} b/e)", flush=True)
         if args.prefill:
             try:
@@ -327,11 +416,14 @@ def main() -> None:
             print(f"{preset:>14} prefill B=1 {args.context} tokens: {prefill[preset]:.3f} s", flush=True)
     best = best_tokens_per_second(dataclasses.asdict(p) for p in points)
     bases = [name for name in FP16_BASELINES if name in best]
-    print(f"\n{_device_name()}, context {args.context}: best throughput per preset")
-    print("| preset | best batch | tokens/s | " + " | ".join(f"vs {name}" for name in bases) + " |")
-    print("|---|---:|---:|" + "---:|" * len(bases))
+    bound = read_bound_tokens_per_second(dataclasses.asdict(p) for p in points)
+    bound_head = [] if bound is None else [f"vs any 16-bit decoder at B={bound[1]} (read bound {bound[0]:.0f} tok/s)"]
+    print(f"\n{_device_name()}, context {args.context}, decoding {args.decoding}: best throughput per preset")
+    print("| preset | best batch | tokens/s | " + " | ".join([f"vs {name}" for name in bases] + bound_head) + " |")
+    print("|---|---:|---:|" + "---:|" * (len(bases) + len(bound_head)))
     for name, (tps, b) in best.items():
-        print(f"| {name} | {b} | {tps:.1f} | " + " | ".join(f"{tps / best[base][0]:.2f}x" for base in bases) + " |")
+        ratios = [f"{tps / best[base][0]:.2f}x" for base in bases] + ([] if bound is None else [f"{tps / bound[0]:.2f}x"])
+        print(f"| {name} | {b} | {tps:.1f} | " + " | ".join(ratios) + " |")
     if DEVICE != "cuda":
         print("\nPeak memory: measured on CUDA only (torch.cuda.max_memory_allocated)")
         return

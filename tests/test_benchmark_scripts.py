@@ -61,6 +61,37 @@ def test_bench_end_to_end_runs_every_cache_kind(tmp_path):
     assert result["model"]["hidden_size"] < 4096  # the smoke model, not the 8B shape it times on a GPU
 
 
+def test_bench_end_to_end_replayed_decoding_marks_its_points(tmp_path):
+    """``--decoding replayed``: the kvpolar presets decode through ``decode_with_graphs`` (eagerly on the
+    CPU), the 16-bit baseline stays eager, and each point says which."""
+    out = tmp_path / "end_to_end_replayed.json"
+    run_script("bench_end_to_end.py", "--smoke", "--presets", "fp16-flash,kivi-2", "--decoding", "replayed",
+               "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["decoding"] == "replayed"
+    decoding = {(p["preset"], p["batch"]): p["decoding"] for p in result["points"]}
+    assert decoding == {("fp16-flash", 1): "eager", ("fp16-flash", 2): "eager", ("kivi-2", 1): "replayed",
+                        ("kivi-2", 2): "replayed"}
+    replayed = [p for p in result["points"] if p["decoding"] == "replayed"]
+    assert all(p["status"] == "ok" and p["decode_ms_per_step"] > 0 and len(p["step_ms"]) == 2 for p in replayed)
+
+
+def test_read_bound_takes_the_best_16_bit_batch_that_fit(monkeypatch):
+    """The most tokens/s a 16-bit decoder could reach: batch / read-bound time over the 16-bit points that
+    fit; quantized points and points out of memory do not count."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_end_to_end as e2e
+
+    points = [
+        {"preset": "fp16", "batch": 8, "status": "ok", "read_bound_ms": 20.0},  # 400 tokens/s
+        {"preset": "fp16-flash", "batch": 12, "status": "ok", "read_bound_ms": 24.0},  # 500
+        {"preset": "fp16-flash", "batch": 16, "status": "out of memory", "read_bound_ms": float("nan")},
+        {"preset": "kivi-2", "batch": 64, "status": "ok", "read_bound_ms": 20.0},  # 3200: not a 16-bit decoder
+    ]
+    assert e2e.read_bound_tokens_per_second(points) == (500.0, 12)
+    assert e2e.read_bound_tokens_per_second(points[3:]) is None
+
+
 def test_bench_long_step_checks_against_the_reference(tmp_path):
     out = tmp_path / "long_step.json"
     run_script("bench_long_step.py", "--smoke", "--out", str(out))
