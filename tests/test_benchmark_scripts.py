@@ -193,6 +193,29 @@ def test_report_end_to_end_tables_and_plots_the_committed_runs(tmp_path):
         assert float(cells[flash]) == pytest.approx(best[preset] / best["fp16-flash"], abs=0.006)
 
 
+def test_report_end_to_end_rows_replayed_points_apart_and_divides_by_the_read_bound(tmp_path):
+    """A preset's replayed and eager points are rows of their own; the read-bound column divides each
+    row's best tokens/s by the 16-bit baselines' best bound (batch / read-bound time where they fit)."""
+    def point(preset, batch, tps, status="ok", decoding="eager", bound=float("nan")):
+        return {"preset": preset, "batch": batch, "context": 32768, "status": status, "decoding": decoding,
+                "tokens_per_second": tps, "decode_ms_per_step": batch * 1000.0 / tps if tps else float("nan"),
+                "read_bound_ms": bound}
+
+    run = {"gpu": "test GPU", "points": [
+        point("fp16-flash", 8, 300.0, bound=16.0), point("fp16-flash", 12, 400.0, bound=20.0),  # bound 600 tok/s at 12
+        point("fp16-flash", 16, 0.0, status="out of memory"),
+        point("kivi-2", 64, 1000.0), point("kivi-2", 64, 2400.0, decoding="replayed")]}
+    src, png = tmp_path / "run.json", tmp_path / "run.png"
+    src.write_text(json.dumps(run))
+    stdout = run_script("report_end_to_end.py", str(src), str(png))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in stdout.splitlines() if line.startswith("| ")}
+    header = rows.pop("preset")
+    assert header[-1] == "x 16-bit read bound (600 tok/s, B=12)" and header[-2] == "x fp16-flash"
+    assert rows["kivi-2"][-2:] == ["2.50", "1.67"] and rows["kivi-2 replayed"][-2:] == ["6.00", "4.00"]
+    assert png.stat().st_size > 10_000
+
+
 def test_kernel_variants_records_every_preset_s_launches():
     """Each preset's own launches are recorded, the second preset's window launches too (an earlier
     preset's bound launches once kept its recorders), and the folded window's kernel compiles once over
