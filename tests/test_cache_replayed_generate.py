@@ -87,6 +87,7 @@ def test_minimum_length_over_every_new_token_and_suppressed_tokens(model):
     (dict(return_dict_in_generate=True), ValueError, "return_dict_in_generate=True"),
     (dict(prefill_chunk_size=4), ValueError, "prefill_chunk_size=4 is not supported"),
     (dict(graphs=True), ValueError, "graphs=True records CUDA graphs"),
+    (dict(token_streamer=object()), TypeError, "streamer object has no put\\(\\) method"),
 ])
 def test_refusals_name_the_setting(model, settings, error, match):
     cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
@@ -105,3 +106,75 @@ def test_refuses_padding_and_other_caches(model):
 
     with pytest.raises(TypeError, match="decodes over a kvpolar QuantizedKVCache; got DynamicCache"):
         model.generate(ids, max_new_tokens=4, custom_generate=kvpolar.replayed_decoding)
+
+
+class Recorder:
+    """A streamer that keeps what it is handed: ``puts`` (copies), and how often ``end()`` was called."""
+
+    def __init__(self):
+        self.puts: list[torch.Tensor] = []
+        self.ends = 0
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ends += 1
+
+
+def _streamed_both(model, ids, **settings):
+    """(puts of ``generate``'s own streamer, puts of ``token_streamer`` with replayed decoding, the two
+    outputs), each run with a fresh cache and a fresh recorder (each ended once)."""
+    puts, outs = [], []
+    for hook in (None, kvpolar.replayed_decoding):
+        recorder = Recorder()
+        cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
+        stream = {"streamer": recorder} if hook is None else {"custom_generate": hook, "token_streamer": recorder}
+        outs.append(model.generate(ids, **kvpolar.cache_kwargs(model, cache), **settings, **stream))
+        assert recorder.ends == 1
+        puts.append(recorder.puts)
+    return puts, outs
+
+
+def test_token_streamer_gets_what_generate_streams(model):
+    """The prompts, then each step's tokens (``[B]``), over several moves into the packed part: the
+    same puts as ``generate``'s own streamer, and together the output."""
+    ids = _prompt(2, 20)
+    (want, got), (out, replayed) = _streamed_both(model, ids, max_new_tokens=45, do_sample=False)
+    assert torch.equal(out, replayed)
+    assert len(got) == len(want) == 1 + 45
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.equal(got[0], ids) and torch.equal(torch.stack(got[1:], dim=1), replayed[:, 20:])
+
+
+def test_token_streamer_pads_finished_sequences_and_stops_where_generate_does(model):
+    """Rows finishing at different steps: a finished row streams the pad id, and the stream stops at the
+    step where the last row finished, as ``generate``'s streamer (the stretch runs on past it)."""
+    ids = _prompt(2, 20)
+    free, _ = _both(model, ids, max_new_tokens=40, do_sample=False)
+    eos = [int(free[0, 23]), int(free[1, 30])]
+    (want, got), (out, replayed) = _streamed_both(model, ids, max_new_tokens=40, do_sample=False, eos_token_id=eos,
+                                                  pad_token_id=0)
+    assert torch.equal(out, replayed) and out.shape[1] < 60
+    assert len(got) == len(want) == 1 + out.shape[1] - 20
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_streamer_given_to_generate_is_refused_by_name(model):
+    """transformers keeps ``streamer=`` from a ``custom_generate`` callable: refused, naming the keyword
+    that works, rather than left with the prompts alone."""
+    cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
+    with pytest.raises(ValueError, match="pass the streamer as token_streamer="):
+        model.generate(_prompt(1, 12), max_new_tokens=8, do_sample=False, **kvpolar.cache_kwargs(model, cache),
+                       custom_generate=kvpolar.replayed_decoding, streamer=Recorder())
+
+
+def test_generate_with_graphs_streams_the_prompt_and_tokens(model):
+    """``generate_with_graphs(streamer=)`` directly, one sequence, as ``TextStreamer`` takes them."""
+    ids = _prompt(1, 20)
+    recorder = Recorder()
+    cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
+    out = kvpolar.generate_with_graphs(model, ids, cache, 30, graphs=False, streamer=recorder)
+    assert recorder.ends == 1 and torch.equal(recorder.puts[0], ids)
+    assert [tuple(p.shape) for p in recorder.puts[1:]] == [(1,)] * 30
+    assert torch.equal(torch.stack(recorder.puts[1:], dim=1), out[:, 20:])

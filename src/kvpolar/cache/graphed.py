@@ -41,6 +41,7 @@ import torch
 from kvpolar.cache import attention
 from kvpolar.cache.cache import QuantizedKVCache, cache_kwargs
 from kvpolar.cache.layer import QuantizedLayer
+from kvpolar.cache.token_stream import TokenStream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
                          eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                          do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                          top_p: float | None = None, suppress_token_ids: Sequence[int] | None = None,
-                         graphs: bool = True) -> torch.Tensor:
+                         graphs: bool = True, streamer: Any = None) -> torch.Tensor:
     """Generation as ``model.generate(input_ids, max_new_tokens=..., do_sample=..., temperature=...,
     top_k=..., top_p=...)`` with a fresh kvpolar ``cache``, its decode steps replayed from CUDA graphs
     (module docstring): greedy, or sampled with ``generate``'s temperature, top-k and top-p warpers and
@@ -87,6 +88,10 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
             ``generate``'s ``suppress_tokens``; the end-of-sequence ids here give ``generate``'s
             ``min_new_tokens=max_new_tokens``.
         graphs: record and replay (CUDA); False runs the same steps eagerly.
+        streamer: an object with ``put(tokens)`` and ``end()`` (``transformers.TextStreamer``), handed
+            what ``generate`` hands its ``streamer``: the prompts, each step's tokens (finished sequences
+            padded), then ``end()``; replayed steps' tokens reach it as their copies to the host land,
+            without waiting for the GPU (:mod:`kvpolar.cache.token_stream`).
     Returns:
         int64 ``[B, T + n]``: the prompts, then ``n <= max_new_tokens`` generated tokens.
     """
@@ -102,18 +107,26 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
     if cache.get_seq_length() != 0:
         raise ValueError(f"cache holds {cache.get_seq_length()} tokens; generate_with_graphs fills an empty cache "
                          "(call cache.reset() or build a new one)")
+    pad = (eos_ids[0] if eos_ids else 0) if pad_token_id is None else int(pad_token_id)
+    stream = None
+    if streamer is not None:
+        stream = TokenStream(streamer, input_ids.shape[0], max_new_tokens, input_ids.device, eos_ids, pad)
+        stream.prompt(input_ids)
     logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits
     first = choose(logits[:, -1])
+    if stream is not None:
+        stream.push(first)
     tokens = first
     if max_new_tokens > 1:
         finished = bool(torch.isin(first, torch.tensor(eos_ids, device=first.device)).all()) if eos_ids else False
         if not finished:
-            rest = decode_with_graphs(model, cache, first, input_ids.shape[1], max_new_tokens - 1,
-                                      eos_token_id=eos_ids or None, do_sample=do_sample, temperature=temperature,
-                                      top_k=top_k, top_p=top_p, suppress_token_ids=suppress_token_ids, graphs=graphs)
+            rest = _decode_stretches(model, cache, first, input_ids.shape[1], max_new_tokens - 1, eos_ids, choose,
+                                     graphs, stream)
             tokens = torch.cat([first, rest.tokens], dim=1)
     if eos_ids:
-        tokens = _finish_at_eos(tokens, eos_ids, eos_ids[0] if pad_token_id is None else int(pad_token_id))
+        tokens = _finish_at_eos(tokens, eos_ids, pad)
+    if stream is not None:
+        stream.end()
     return torch.cat([input_ids, tokens], dim=1)
 
 
@@ -121,14 +134,16 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
 def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tensor, position: int, steps: int, *,
                        eos_token_id: int | Sequence[int] | None = None, do_sample: bool = False, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None,
-                       suppress_token_ids: Sequence[int] | None = None, graphs: bool = True) -> GraphedDecoding:
+                       suppress_token_ids: Sequence[int] | None = None, graphs: bool = True,
+                       streamer: Any = None) -> GraphedDecoding:
     """``steps`` decode steps (greedy, or sampled as :func:`generate_with_graphs` says) over a kvpolar
     ``cache`` that holds the prompt (and perhaps earlier steps), the first step feeding ``next_ids``
     (int64 ``[B, 1]``) at position ``position`` (the tokens the cache holds); in stretches recorded
     once and replayed (module docstring). Returns the tokens each step produced (fewer than ``steps``
     if every sequence produced one of ``eos_token_id``'s ids, checked after each stretch) and how they
     were run.
-    The cache ends as after as many eager steps."""
+    The cache ends as after as many eager steps. ``streamer``: as :func:`generate_with_graphs`' (each
+    step's tokens, finished sequences showing the first end-of-sequence id, then ``end()``; no prompt)."""
     if not isinstance(next_ids, torch.Tensor) or next_ids.dtype != torch.long or next_ids.dim() != 2 \
             or next_ids.shape[1] != 1:
         raise ValueError(f"next_ids must be int64 [batch, 1]; got {getattr(next_ids, 'dtype', None)} "
@@ -136,6 +151,19 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
     _check_request(model, cache, steps, graphs, next_ids)
     choose = token_chooser(do_sample, temperature, top_k, top_p, suppress_token_ids)
     eos_ids = _eos_ids(eos_token_id)
+    stream = None if streamer is None else TokenStream(streamer, next_ids.shape[0], steps, next_ids.device, eos_ids,
+                                                       eos_ids[0] if eos_ids else 0)
+    run = _decode_stretches(model, cache, next_ids, position, steps, eos_ids, choose, graphs, stream)
+    if stream is not None:
+        stream.end()
+    return run
+
+
+def _decode_stretches(model: Any, cache: QuantizedKVCache, next_ids: torch.Tensor, position: int, steps: int,
+                      eos_ids: list[int], choose: Callable[[torch.Tensor], torch.Tensor], graphs: bool,
+                      stream: TokenStream | None) -> GraphedDecoding:
+    """:func:`decode_with_graphs` once its arguments are checked: ``choose`` picks each step's tokens
+    (:func:`token_chooser`), ``stream`` (or None) gets each step's tokens as they are made."""
     quantized, full = _window_layers(cache, position)
     first = quantized[0]
     keep, chunk = first.residual_length, first.chunk
@@ -181,18 +209,24 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
             try:
                 step()
                 eager += 1
+                if stream is not None:
+                    stream.push(out, done)
                 if stretch > 1 and graphs:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):  # (its own memory pool, freed with it after the stretch)
                         step()
                     recordings += 1
-                    for _ in range(stretch - 1):
+                    for j in range(1, stretch):
                         graph.replay()
+                        if stream is not None:  # (queued after the replay: the step's tokens as it wrote them)
+                            stream.push(out, done + j)
                     replayed += stretch - 1
                     del graph
                 else:
-                    for _ in range(stretch - 1):
+                    for j in range(1, stretch):
                         step()
+                        if stream is not None:
+                            stream.push(out, done + j)
                     eager += stretch - 1
             except BaseException:
                 for layer in (*quantized, *full):  # (the cache no longer matches the tokens: build a new one)
@@ -201,6 +235,8 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
             for layer in (*quantized, *full):
                 layer.take_window_buffers(stretch)
             done += stretch
+            if stream is not None:
+                stream.flush()
             if eos is not None and bool(torch.isin(out[:, :done], eos).any(-1).all()):
                 break
     return GraphedDecoding(out[:, :done], eager, replayed, recordings)

@@ -14,13 +14,19 @@ What a recorded step does: greedy choice or sampling with temperature, top-k and
 ids suppressed throughout); end-of-sequence ids, one or several. Refused: any other logits processor
 (repetition penalty, bad words, ...: they read the growing sequence or are not written for recording),
 stopping criteria other than the length and end-of-sequence ones, beam search, padded batches, a
-prefill in chunks (``prefill_chunk_size``), ``return_dict_in_generate`` and the outputs it brings. (``generate`` hands a ``custom_generate``
-callable neither ``streamer`` nor ``synced_gpus``: transformers 5.25 drops them before the call; they
-are refused here should a version pass them.)
+prefill in chunks (``prefill_chunk_size``), ``return_dict_in_generate`` and the outputs it brings.
+
+Streaming: ``generate`` hands a ``custom_generate`` callable neither its ``streamer`` nor ``synced_gpus``
+(transformers 5.17 and 5.25 drop both before the call, after giving the streamer the prompts), so a
+streamer goes in as ``token_streamer=`` (a keyword of this callable, which ``generate`` passes on); it
+gets what ``generate``'s own streamer would, replayed steps' tokens as their copies reach the host
+(:mod:`kvpolar.cache.token_stream`). ``streamer=`` with this callable is refused, by name, rather than
+left with the prompts alone.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -41,7 +47,7 @@ _PREPARED_KEYWORDS = {"attention_mask", "use_cache", "logits_to_keep", "position
 
 def replayed_decoding(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                       generation_config: Any, synced_gpus: bool = False, streamer: Any = None,
-                      graphs: bool | None = None, **model_kwargs: Any) -> torch.Tensor:
+                      graphs: bool | None = None, token_streamer: Any = None, **model_kwargs: Any) -> torch.Tensor:
     """The decoding loop ``generate`` calls as ``custom_generate`` (not called directly)::
 
         cache = kvpolar.enable(model, "kivi-2", min_chunk=128)
@@ -51,8 +57,10 @@ def replayed_decoding(model: Any, input_ids: torch.Tensor, logits_processor: Any
     Args (``generate`` passes them): the model, the prompts ``input_ids`` int64 ``[B, T]``, the
     prepared logits processors and stopping criteria, the generation config, ``synced_gpus`` and
     ``streamer`` (refused if given), and the model keywords, among them the kvpolar cache (``cache`` or
-    ``past_key_values``; an empty ``QuantizedKVCache``). ``graphs`` (a keyword of ``generate``'s call):
-    record and replay (default: where the model is on CUDA), or False: the same stretches eagerly.
+    ``past_key_values``; an empty ``QuantizedKVCache``). Keywords of ``generate``'s call for this
+    callable: ``graphs``: record and replay (default: where the model is on CUDA), or False: the same
+    stretches eagerly; ``token_streamer``: a streamer (``put`` / ``end``, as ``transformers.TextStreamer``)
+    that gets the prompts, each step's tokens and ``end()``, as ``generate``'s ``streamer`` would.
     Returns:
         int64 ``[B, T + n]``, as ``generate``: the prompts, then ``n <= max_new_tokens`` new tokens.
     """
@@ -62,6 +70,8 @@ def replayed_decoding(model: Any, input_ids: torch.Tensor, logits_processor: Any
     if not isinstance(cache, QuantizedKVCache):
         raise TypeError(f"custom_generate=kvpolar.replayed_decoding decodes over a kvpolar QuantizedKVCache; got "
                         f"{type(cache).__name__} (pass **kvpolar.cache_kwargs(model, cache) to generate)")
+    if streamer is None:
+        streamer = _streamer_given_to_generate()
     _refuse_settings(generation_config, synced_gpus, streamer, model_kwargs)
     given_on = input_ids.device  # (generate takes prompts on the CPU for a model on a GPU, and answers there)
     input_ids = input_ids.to(getattr(model, "device", given_on))
@@ -78,8 +88,25 @@ def replayed_decoding(model: Any, input_ids: torch.Tensor, logits_processor: Any
         graphs = input_ids.device.type == "cuda"
     out = generate_with_graphs(model, input_ids, cache, max_new_tokens, eos_token_id=eos_ids or None,
                                pad_token_id=None if pad is None else int(pad), suppress_token_ids=suppressed or None,
-                               graphs=graphs, **sampling)
+                               graphs=graphs, streamer=token_streamer, **sampling)
     return out.to(given_on)
+
+
+def _streamer_given_to_generate() -> Any:
+    """The ``streamer`` of the ``generate`` call that called :func:`replayed_decoding`, read from its
+    frame (``generate`` does not pass it on), or None where no such frame is found within a few callers."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(8):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            names = frame.f_code.co_varnames
+            if frame.f_code.co_name == "generate" and "custom_generate" in names and "streamer" in names:
+                return frame.f_locals.get("streamer")
+        return None
+    finally:
+        del frame
 
 
 def _refuse_settings(generation_config: Any, synced_gpus: bool, streamer: Any, model_kwargs: dict) -> None:
@@ -87,8 +114,8 @@ def _refuse_settings(generation_config: Any, synced_gpus: bool, streamer: Any, m
     if synced_gpus:
         raise ValueError("synced_gpus=True (DeepSpeed ZeRO-3 / FSDP) is not supported by replayed decoding")
     if streamer is not None:
-        raise ValueError("streamer= is not supported by replayed decoding (the tokens of a stretch come back "
-                         "together at its end): drop custom_generate to stream")
+        raise ValueError("streamer= does not reach a custom_generate callable (transformers keeps it from the "
+                         "call); with custom_generate=kvpolar.replayed_decoding pass the streamer as token_streamer=")
     beams = getattr(generation_config, "num_beams", 1) or 1
     if beams > 1:
         raise ValueError(f"num_beams={beams}; replayed decoding is greedy or sampled (num_beams=1)")
