@@ -14,8 +14,12 @@ around the whole ``generate`` call (prefill included, the device synchronized), 
 and ``fp16-flash`` (``DynamicCache``, SDPA's flash kernel) through plain ``generate`` for reference.
 The tokens of the two calls must be equal (greedy; sampled under one seed), and are reported.
 
+``--stream``: also the replayed call with a ``token_streamer`` that notes when each put arrives: its
+wall time, whether the streamed tokens are the output's, and the median and largest gap between two
+streamed tokens (tokens reach the host as each replayed step's copy lands, not a stretch at a time).
+
     PYTHONPATH=src:benchmarks python benchmarks/bench_generate_replayed.py [--presets kivi-2 polar-rope-3]
-        [--prompt 32768] [--new 256] [--batch 1] [--layers 32] [--min-chunk 128] [--out FILE.json] [--smoke]
+        [--prompt 32768] [--new 256] [--batch 1] [--layers 32] [--min-chunk 128] [--stream] [--out FILE.json] [--smoke]
 
 ``--smoke``: the small model on the CPU (the replayed path then runs its stretches eagerly).
 """
@@ -38,12 +42,35 @@ import kvpolar  # noqa: E402
 SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
 
 
+class ArrivalRecorder:
+    """A streamer noting each put's tokens and the clock when it arrived."""
+
+    def __init__(self) -> None:
+        self.puts: list[torch.Tensor] = []
+        self.times: list[float] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+        self.puts.append(value.clone())
+
+    def end(self) -> None:
+        self.ended = True
+
+    def gaps_ms(self) -> list[float]:
+        """ms between consecutive token puts (the prompt's put left out)."""
+        return [1000 * (b - a) for a, b in zip(self.times[1:], self.times[2:])]
+
+
 def timed_generate(model, preset: str, ids: torch.Tensor, new: int, replayed: bool, sampling: dict,
-                   min_chunk: int | None, seed: int = 7) -> tuple[float, torch.Tensor]:
-    """(seconds, output) of one ``generate`` call with a fresh cache of ``preset``."""
+                   min_chunk: int | None, seed: int = 7, streamer=None) -> tuple[float, torch.Tensor]:
+    """(seconds, output) of one ``generate`` call with a fresh cache of ``preset`` (``streamer``: handed
+    to the replayed call as ``token_streamer``)."""
     cache = (e2e.make_cache(model, preset) if preset in e2e.FP16_BASELINES
              else kvpolar.enable(model, preset, **({} if min_chunk is None else {"min_chunk": min_chunk})))
     extra = {"custom_generate": kvpolar.replayed_decoding} if replayed else {}
+    if streamer is not None:
+        extra["token_streamer"] = streamer
     torch.manual_seed(seed)
     e2e._sync()
     start = time.perf_counter()
@@ -54,8 +81,10 @@ def timed_generate(model, preset: str, ids: torch.Tensor, new: int, replayed: bo
     return time.perf_counter() - start, out
 
 
-def measure(model, preset: str, ids: torch.Tensor, new: int, sampled: bool, min_chunk: int | None) -> dict:
-    """One row: both ways (or plain ``generate`` alone for the 16-bit reference), ``new`` and 1 tokens."""
+def measure(model, preset: str, ids: torch.Tensor, new: int, sampled: bool, min_chunk: int | None,
+            stream: bool = False) -> dict:
+    """One row: both ways (or plain ``generate`` alone for the 16-bit reference), ``new`` and 1 tokens;
+    ``stream``: the replayed call once more with an :class:`ArrivalRecorder` as its ``token_streamer``."""
     sampling = SAMPLING if sampled else {"do_sample": False}
     row = {"preset": preset, "sampled": sampled}
     ways = (False,) if preset in e2e.FP16_BASELINES else (False, True)
@@ -71,6 +100,18 @@ def measure(model, preset: str, ids: torch.Tensor, new: int, sampled: bool, min_
         row[f"{name}_new_tokens"] = outs[name].shape[1] - ids.shape[1]
     if len(outs) == 2:
         row["tokens_equal"] = bool(torch.equal(outs["generate"], outs["replayed"]))
+    if stream and "replayed" in outs:
+        recorder = ArrivalRecorder()
+        row["streamed_s"], streamed = timed_generate(model, preset, ids, new, True, sampling, min_chunk,
+                                                     streamer=recorder)
+        tokens = torch.stack(recorder.puts[1:], dim=1) if len(recorder.puts) > 1 else None
+        row["streamed_tokens_equal"] = bool(recorder.ended and tokens is not None
+                                            and torch.equal(recorder.puts[0], ids.cpu())
+                                            and torch.equal(tokens, streamed[:, ids.shape[1]:].cpu())
+                                            and torch.equal(streamed, outs["replayed"]))
+        gaps = sorted(recorder.gaps_ms())
+        row["stream_gap_ms_median"] = gaps[len(gaps) // 2] if gaps else None
+        row["stream_gap_ms_max"] = gaps[-1] if gaps else None
     return row
 
 
@@ -93,6 +134,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--min-chunk", type=int, default=128)
     ap.add_argument("--no-fp16", action="store_true", help="skip the fp16-flash reference")
+    ap.add_argument("--stream", action="store_true", help="also the replayed call with a token_streamer (gaps timed)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="small model on the CPU")
     args = ap.parse_args()
@@ -102,7 +144,7 @@ def main() -> None:
     rows = []
     for preset in ([] if args.no_fp16 else ["fp16-flash"]) + args.presets:
         for sampled in (False, True):
-            rows.append(measure(model, preset, ids, args.new, sampled, args.min_chunk))
+            rows.append(measure(model, preset, ids, args.new, sampled, args.min_chunk, args.stream))
             print(rows[-1], flush=True)
     device = e2e._device_name()
     title = (f"{device}, {args.layers} layers, batch {args.batch}, {args.prompt}-token prompt, {args.new} new "
@@ -117,6 +159,15 @@ def main() -> None:
         rep_ms = "" if rep is None else f"{rep:.2f}"
         print(f"| {r['preset']} | {'sampled' if r['sampled'] else 'greedy'} | {r['generate_s']:.2f} | {rep_s} | "
               f"{r['generate_ms_per_token']:.2f} | {rep_ms} | {ratio} | {r.get('tokens_equal', '')} |")
+    streamed = [r for r in rows if "streamed_s" in r]
+    if streamed:
+        print("\nreplayed with a token_streamer (the whole call; gaps between two streamed tokens):")
+        print("| preset | decoding | replayed s | streamed s | streamed = output | median gap ms | largest gap ms |")
+        print("|---|---|---:|---:|:---:|---:|---:|")
+        for r in streamed:
+            gap = "" if r["stream_gap_ms_median"] is None else f"{r['stream_gap_ms_median']:.2f} | {r['stream_gap_ms_max']:.2f}"
+            print(f"| {r['preset']} | {'sampled' if r['sampled'] else 'greedy'} | {r['replayed_s']:.2f} | "
+                  f"{r['streamed_s']:.2f} | {r['streamed_tokens_equal']} | {gap} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"title": title, "command": " ".join(sys.argv), "torch": torch.__version__, "rows": rows}, f,

@@ -250,13 +250,15 @@ def test_bench_graphed_decode_checks_tokens_then_times(tmp_path):
 def test_bench_generate_replayed_times_both_calls_with_equal_tokens(tmp_path):
     """The CPU smoke run of ``bench_generate_replayed.py``: ``generate`` with and without
     ``custom_generate=kvpolar.replayed_decoding`` (its stretches eagerly there), greedy and sampled, the
-    same tokens, and the 16-bit reference row."""
+    same tokens, the 16-bit reference row, and (``--stream``) the replayed call's streamed tokens equal
+    to its output."""
     out = tmp_path / "generate.json"
-    stdout = run_script("bench_generate_replayed.py", "--smoke", "--presets", "kivi-2", "--out", str(out))
+    stdout = run_script("bench_generate_replayed.py", "--smoke", "--presets", "kivi-2", "--stream", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [(r["preset"], r["sampled"]) for r in rows] == [("fp16-flash", False), ("fp16-flash", True),
                                                             ("kivi-2", False), ("kivi-2", True)]
     assert all(r["tokens_equal"] is True and r["replayed_ms_per_token"] > 0 for r in rows[2:])
+    assert all(r["streamed_tokens_equal"] is True and r["stream_gap_ms_max"] > 0 for r in rows[2:])
     assert "| kivi-2 | sampled |" in stdout
 
 
