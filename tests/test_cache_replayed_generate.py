@@ -178,3 +178,43 @@ def test_generate_with_graphs_streams_the_prompt_and_tokens(model):
     assert recorder.ends == 1 and torch.equal(recorder.puts[0], ids)
     assert [tuple(p.shape) for p in recorder.puts[1:]] == [(1,)] * 30
     assert torch.equal(torch.stack(recorder.puts[1:], dim=1), out[:, 20:])
+
+
+def test_token_stream_keeps_the_host_a_few_steps_ahead(monkeypatch):
+    """On CUDA each step's copy lands later: the stream waits for the step ``ahead`` back after each push
+    (so tokens reach the streamer step by step, not a stretch at once), hands over whatever else has
+    landed without waiting, and everything at ``flush``. Events faked: a copy lands when waited for."""
+    from kvpolar.cache.token_stream import TokenStream
+
+    class FakeEvent:
+        def __init__(self):
+            self.done = False
+
+        def record(self):
+            pass
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.done = True
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    recorder = Recorder()
+    stream = TokenStream(recorder, 2, 8, torch.device("cpu"), eos_ids=[], pad_token_id=0, ahead=2)
+    stream.asynchronous = True  # (as on CUDA, with the fake events)
+    tokens = torch.arange(16).reshape(2, 8)
+    for column in range(5):
+        stream.push(tokens, column)
+    assert [p.tolist() for p in recorder.puts] == [[0, 8], [1, 9], [2, 10]]  # steps 0-2: 3 and 4 still queued
+    stream.events[3].done = True  # (step 3 lands on its own: handed at the next poll, no wait)
+    stream.poll()
+    assert len(recorder.puts) == 4
+    stream.end()
+    assert [p.tolist() for p in recorder.puts] == [[c, c + 8] for c in range(5)] and recorder.ends == 1
+    with pytest.raises(ValueError, match="ahead=0; allowed: an int >= 1"):
+        TokenStream(recorder, 2, 8, torch.device("cpu"), [], 0, ahead=0)
+    with pytest.raises(RuntimeError, match="holds 8 steps; step 9 pushed"):
+        full = TokenStream(Recorder(), 2, 8, torch.device("cpu"), [], 0)
+        for column in range(9):
+            full.push(tokens, column % 8)

@@ -1,10 +1,14 @@
 """Tokens handed to a ``transformers`` streamer while replayed decoding runs (:mod:`kvpolar.cache.graphed`).
 
-A replayed step writes its tokens on the device; reading them at once would wait for the GPU after every
-step and undo what the replays save. :class:`TokenStream` instead copies each step's tokens into pinned
-host memory without waiting (on CUDA), marks the copy with an event, and hands the streamer every step
-whose copy has landed, in order, whenever it is asked (after each step, without blocking) and all of
-them at the end of a stretch. Off CUDA the tokens are handed over as each step makes them.
+A replayed step writes its tokens on the device. :class:`TokenStream` copies each step's tokens into
+pinned host memory without waiting (on CUDA) and marks the copy with an event; after queueing a step,
+the host waits for the copy of the step ``ahead`` steps back and hands the streamer every step whose
+copy has landed, in order. So the host stays at most ``ahead`` steps in front of the GPU (which keeps
+that many steps queued, never idle for a launch) and tokens reach the streamer one step after another
+as the GPU makes them; without the wait the host would queue a whole stretch of replays at once and
+the tokens would arrive a stretch at a time (measured on an H100: a median gap of 0.01 ms between
+tokens and gaps of a second, `benchmarks/README.md`). Off CUDA the tokens are handed over as each step
+makes them.
 
 What the streamer sees is what ``generate`` hands its own streamer: the prompts ``[B, T]`` once, then
 one int64 ``[B]`` tensor per step, in which a sequence that has finished (produced an end-of-sequence id
@@ -30,10 +34,13 @@ class TokenStream:
         device: where the steps write their tokens.
         eos_ids: end-of-sequence ids (a sequence finishes at its first); empty: none.
         pad_token_id: what a finished sequence shows afterwards.
+        ahead: steps the host may queue before it waits for the oldest one's tokens (>= 1).
     """
 
     def __init__(self, streamer: Any, batch: int, capacity: int, device: torch.device, eos_ids: list[int],
-                 pad_token_id: int) -> None:
+                 pad_token_id: int, ahead: int = 2) -> None:
+        if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
+            raise ValueError(f"ahead={ahead!r}; allowed: an int >= 1 (steps queued before the host waits)")
         for method in ("put", "end"):
             if not callable(getattr(streamer, method, None)):
                 raise TypeError(f"streamer {type(streamer).__name__} has no {method}() method; a streamer takes "
@@ -48,6 +55,7 @@ class TokenStream:
         self.pad = int(pad_token_id)
         self.finished = torch.zeros(batch, dtype=torch.bool)
         self.all_finished = False
+        self.ahead = ahead
 
     def prompt(self, input_ids: torch.Tensor) -> None:
         """The prompts ``[B, T]``, handed over first (as ``generate`` does; a streamer that skips the
@@ -68,6 +76,9 @@ class TokenStream:
             event = torch.cuda.Event()
             event.record()
         self.events.append(event)
+        while len(self.events) - self.handed > self.ahead:  # (the host no further than ``ahead`` steps in front)
+            self._wait(self.handed)
+            self._hand_next()
         self.poll()
 
     def poll(self) -> None:
@@ -76,16 +87,23 @@ class TokenStream:
             event = self.events[self.handed]
             if event is not None and not event.query():
                 return
-            self._hand(self.handed)
-            self.events[self.handed] = None
-            self.handed += 1
+            self._hand_next()
 
     def flush(self) -> None:
         """Wait for every pushed step and hand it over."""
-        for event in self.events[self.handed:]:
-            if event is not None:
-                event.synchronize()
-        self.poll()
+        while self.handed < len(self.events):
+            self._wait(self.handed)
+            self._hand_next()
+
+    def _wait(self, step: int) -> None:
+        event = self.events[step]
+        if event is not None:
+            event.synchronize()
+
+    def _hand_next(self) -> None:
+        self._hand(self.handed)
+        self.events[self.handed] = None
+        self.handed += 1
 
     def end(self) -> None:
         """Every pushed step handed over, then the streamer's ``end()``."""
