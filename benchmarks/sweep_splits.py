@@ -6,8 +6,11 @@ one-wave target) is timed, then ``LaunchConfig(num_splits=S)`` for each ``S`` of
 by 32 / B, so the same counts of programs are tried at every batch). CUDA-graph medians with inputs
 rotated beyond L2 (``bench_attention.graph_ms``). Writes JSON to ``--out`` and prints a table last.
 
+``--absolute``: the ``--splits`` counts as given at every batch (batches that fill a wave badly, e.g. 72
+sequences x 8 KV heads = 576 programs per split against 1584 slots, need counts of their own).
+
 Usage: ``PYTHONPATH=src python benchmarks/sweep_splits.py --out $OUT [--cases kivi-2@8x32768 turbo-4@32x32768]
-[--splits 2 3 4 5 6 8 12 16]``
+[--splits 2 3 4 5 6 8 12 16] [--absolute]``
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--cases", nargs="+", default=CASES)
     ap.add_argument("--splits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8, 12, 16],
-                    help="splits at batch 32 (times 32 / B at batch B)")
+                    help="splits at batch 32 (times 32 / B at batch B, unless --absolute)")
+    ap.add_argument("--absolute", action="store_true", help="the --splits counts at every batch, unscaled")
     ap.add_argument("--name", default="sweep_splits_h100.json")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -57,8 +61,8 @@ def main() -> None:
         q = torch.randn(b, ba.HQ, 1, ba.D, device=dev, dtype=torch.float16)
         default = describe_launch(q, pk, pv)
         del pk, pv
-        configs = [("default", LaunchConfig())] + [
-            (f"splits={s * 32 // b}", LaunchConfig(num_splits=s * 32 // b)) for s in args.splits]
+        counts = args.splits if args.absolute else [max(1, s * 32 // b) for s in args.splits]
+        configs = [("default", LaunchConfig())] + [(f"splits={s}", LaunchConfig(num_splits=s)) for s in counts]
         for label, cfg in configs:
             ms = preset_ms(name, b, t, dev, cfg)
             splits = cfg.num_splits or default["splits"]

@@ -906,16 +906,38 @@ def test_launch_policy():
 @pytest.mark.parametrize("tokens", [1, 70, 4096, 32768 - 96, 131072])
 def test_splits_fill_one_wave_and_cover_every_token(monkeypatch, pps, programs, tokens):
     """Compiled launches: as many splits as one wave of ``pps`` programs per SM holds (never a second,
-    partly filled wave), every token in exactly one split, none shorter than ``min_split_tokens``."""
+    partly filled wave, unless that wave was under ``wave_fill`` full and the waves taken instead are
+    that full, with long splits), every token in exactly one split, none shorter than ``min_split_tokens``."""
     monkeypatch.setattr(da, "_interpreting", lambda: False)
     cfg, sms, block_n = LaunchConfig(programs_per_sm=pps), 132, 32
     splits, per_split = da.choose_splits(tokens, programs, sms, block_n, cfg)
     assert per_split % block_n == 0
     assert (splits - 1) * per_split < tokens <= splits * per_split
-    assert programs * splits <= max(programs, pps * sms)
+    if programs * splits > max(programs, pps * sms):  # (more than one wave: only fuller ones, of long splits)
+        assert da.wave_fill_of(splits, programs, pps * sms) >= cfg.wave_fill
+        assert per_split >= cfg.min_wave_split_tokens
+        assert da.wave_fill_of(max(1, pps * sms // programs), programs, pps * sms) < cfg.wave_fill
     assert splits <= math.ceil(tokens / cfg.min_split_tokens)
     if programs * 2 <= pps * sms and tokens >= 2 * cfg.min_split_tokens * (pps * sms // programs):
         assert programs * splits > pps * sms // 2  # and the wave is more than half full
+
+
+@pytest.mark.parametrize("batch, one_wave, fuller", [(72, 2, 5), (128, 1, 3), (56, 3, 7), (32, 6, 6), (8, 24, 24)])
+def test_splits_take_fuller_waves_where_one_wave_is_mostly_empty(monkeypatch, batch, one_wave, fuller):
+    """8 KV heads, 12 programs per SM on 132 SMs (1584 slots), 32k tokens: 72 sequences fill one wave
+    of 2 splits to 73%, so 5 splits (91%, two waves); batches that fill one wave keep it; ``wave_fill=0``
+    always one wave; ``min_wave_split_tokens`` keeps short caches in one."""
+    monkeypatch.setattr(da, "_interpreting", lambda: False)
+    programs, tokens = batch * 8, 32768 - 128
+    cfg = LaunchConfig(programs_per_sm=12)
+    assert da.choose_splits(tokens, programs, 132, 32, cfg)[0] == fuller
+    assert da.choose_splits(tokens, programs, 132, 32, LaunchConfig(programs_per_sm=12, wave_fill=0))[0] == one_wave
+    short = LaunchConfig(programs_per_sm=12, min_wave_split_tokens=tokens)  # (no split of two waves that long)
+    assert da.choose_splits(tokens, programs, 132, 32, short)[0] == one_wave
+    assert da.wave_fill_of(2, 576, 1584) == pytest.approx(1152 / 1584)
+    assert da.wave_fill_of(5, 576, 1584) == pytest.approx(2880 / 3168)
+    with pytest.raises(ValueError, match="wave_fill=1.5 \\(allowed: 0 to 1\\)"):
+        LaunchConfig(wave_fill=1.5)
 
 
 def test_splits_under_the_interpreter_are_powers_of_two_blocks(monkeypatch):

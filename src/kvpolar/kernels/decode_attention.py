@@ -130,23 +130,44 @@ def choose_splits(tokens: int, programs: int, sms: int, block_n: int, cfg: Launc
 
     As many splits as fit ONE wave of ``programs_per_sm`` programs per SM (``programs * splits <=
     programs_per_sm * sms``: a second, partly filled wave would cost a whole split's time for a few
-    programs), none shorter than ``min_split_tokens``, so batch 1 at 128k fills the GPU. Under the
-    interpreter tokens per split are ``block_n`` times a power of two (its loop count is a
-    compile-time constant: few distinct values as caches grow); compiled, any multiple of ``block_n``.
+    programs), none shorter than ``min_split_tokens``, so batch 1 at 128k fills the GPU. Where that
+    wave is less than ``cfg.wave_fill`` full, the fewest more splits whose waves are that full and
+    whose splits keep ``min_wave_split_tokens`` (:func:`fuller_waves`). Under the interpreter tokens per
+    split are ``block_n`` times a power of two (its loop count is a compile-time constant: few distinct
+    values as caches grow); compiled, any multiple of ``block_n``.
     """
     if tokens <= 0:
         return 0, block_n
     if cfg.num_splits is not None:
         wanted = cfg.num_splits
     else:
-        wanted = max(1, cfg.programs_per_sm * sms // programs)
-        wanted = min(wanted, math.ceil(tokens / cfg.min_split_tokens))
+        slots = cfg.programs_per_sm * sms
+        wanted = min(max(1, slots // programs), math.ceil(tokens / cfg.min_split_tokens))
+        wanted = fuller_waves(wanted, programs, slots, tokens // cfg.min_wave_split_tokens, cfg.wave_fill)
     blocks = math.ceil(tokens / block_n)
     per_split_blocks = math.ceil(blocks / max(1, wanted))
     if _interpreting():
         per_split_blocks = _next_pow2(per_split_blocks)
     per_split = per_split_blocks * block_n
     return math.ceil(tokens / per_split), per_split
+
+
+def wave_fill_of(splits: int, programs: int, slots: int) -> float:
+    """How full the waves of ``programs * splits`` programs are on ``slots`` resident programs (1.0:
+    every wave full; one wave of half the slots: 0.5; 1.1 waves: 0.55)."""
+    launched = programs * splits
+    return launched / (math.ceil(launched / slots) * slots)
+
+
+def fuller_waves(splits: int, programs: int, slots: int, most: int, fill: float) -> int:
+    """``splits`` where its waves are at least ``fill`` full (:func:`wave_fill_of`), else the fewest
+    more splits, up to ``most``, whose waves are; ``splits`` where none is."""
+    if fill <= 0 or wave_fill_of(splits, programs, slots) >= fill:
+        return splits
+    for more in range(splits + 1, most + 1):
+        if wave_fill_of(more, programs, slots) >= fill:
+            return more
+    return splits
 
 
 _interpreting = interpreting  # (the module's name for it: benchmarks and tests patch it here)

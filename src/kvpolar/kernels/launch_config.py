@@ -17,6 +17,13 @@ class LaunchConfig:
     num_splits: splits of the packed tokens per (sequence, KV head); None = from the SM count.
     programs_per_sm: target of the automatic split count.
     min_split_tokens: no split gets fewer tokens than this (automatic split count).
+    wave_fill: the automatic split count fills one wave of ``programs_per_sm`` programs per SM; where
+        that wave would be less than ``wave_fill`` full (72 sequences x 8 KV heads = 576 programs per
+        split against 12 x 132 = 1584 slots: 2 splits fill 73%), it takes the fewest more splits whose
+        waves are at least that full (5 splits: 2880 programs in 2 waves, 91%), if their splits keep
+        ``min_wave_split_tokens``; 0 = always one wave.
+    min_wave_split_tokens: the least tokens per split of a launch of more than one wave (short splits
+        cost their programs' start and the merge more than a fuller wave saves).
     by_parts: KIVI codes with at most 4 per packed unit are never interleaved: code position K of
         every unit is one operand of its own product (the query gathered at channels u*U + K for
         keys, one accumulator per K for values).
@@ -127,6 +134,8 @@ class LaunchConfig:
     num_splits: int | None = None
     programs_per_sm: int = 4
     min_split_tokens: int = 256
+    wave_fill: float = 0.9
+    min_wave_split_tokens: int = 2048
     by_parts: bool = True
     transposed: bool = True
     transposed_warps: int = 1
@@ -170,6 +179,10 @@ class LaunchConfig:
             raise ValueError(f"kivi_value_min={self.kivi_value_min!r} (allowed: 'elementwise', 'product')")
         if self.polar_recursive_keys not in ("columns", "subtrees"):
             raise ValueError(f"polar_recursive_keys={self.polar_recursive_keys!r} (allowed: 'columns', 'subtrees')")
+        if not 0.0 <= self.wave_fill <= 1.0:
+            raise ValueError(f"wave_fill={self.wave_fill} (allowed: 0 to 1)")
+        if self.min_wave_split_tokens < 1:
+            raise ValueError(f"min_wave_split_tokens={self.min_wave_split_tokens} (allowed: >= 1)")
         if self.transposed_min_rows < 0:
             raise ValueError(f"transposed_min_rows={self.transposed_min_rows} (allowed: >= 0)")
         if self.transposed_max_rows < 1:
