@@ -89,8 +89,8 @@ def plot(gpu: str, points: dict[tuple[str, int], dict], png: str) -> None:
             bounds[b] = min(bounds.get(b, math.inf), p["read_bound_ms"])
     if bounds:
         at = sorted(bounds)
-        tps_ax.plot(at, [b * 1000.0 / bounds[b] for b in at], linestyle=":", color="black", label="16-bit read bound")
-        ms_ax.plot(at, [bounds[b] for b in at], linestyle=":", color="black", label="16-bit read bound")
+        tps_ax.plot(at, [b * 1000.0 / bounds[b] for b in at], linestyle=":", marker="x", color="black", label="16-bit read bound")
+        ms_ax.plot(at, [bounds[b] for b in at], linestyle=":", marker="x", color="black", label="16-bit read bound")
     batches = sorted({b for _, b in points})
     for ax, label in ((tps_ax, "decode tokens/s"), (ms_ax, "ms per decode step")):
         ax.set_xscale("log", base=2)

@@ -90,8 +90,8 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
         graphs: record and replay (CUDA); False runs the same steps eagerly.
         streamer: an object with ``put(tokens)`` and ``end()`` (``transformers.TextStreamer``), handed
             what ``generate`` hands its ``streamer``: the prompts, each step's tokens (finished sequences
-            padded), then ``end()``; replayed steps' tokens reach it as their copies to the host land,
-            without waiting for the GPU (:mod:`kvpolar.cache.token_stream`).
+            padded), then ``end()``; each replayed step's tokens as their copy to the host lands, the
+            host kept two steps in front of the GPU (:mod:`kvpolar.cache.token_stream`).
     Returns:
         int64 ``[B, T + n]``: the prompts, then ``n <= max_new_tokens`` generated tokens.
     """

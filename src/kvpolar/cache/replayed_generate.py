@@ -114,8 +114,8 @@ def _refuse_settings(generation_config: Any, synced_gpus: bool, streamer: Any, m
     if synced_gpus:
         raise ValueError("synced_gpus=True (DeepSpeed ZeRO-3 / FSDP) is not supported by replayed decoding")
     if streamer is not None:
-        raise ValueError("streamer= does not reach a custom_generate callable (transformers keeps it from the "
-                         "call); with custom_generate=kvpolar.replayed_decoding pass the streamer as token_streamer=")
+        raise ValueError("streamer= is not supported with custom_generate=kvpolar.replayed_decoding (transformers "
+                         "5.17-5.25 keep it from custom_generate callables): pass the streamer as token_streamer=")
     beams = getattr(generation_config, "num_beams", 1) or 1
     if beams > 1:
         raise ValueError(f"num_beams={beams}; replayed decoding is greedy or sampled (num_beams=1)")

@@ -30,7 +30,7 @@ class TokenStream:
     Args:
         streamer: the streamer.
         batch: sequences decoded (``B``).
-        capacity: steps this stream will carry at most (the pinned buffer's columns).
+        capacity: steps this stream will carry at most (the pinned buffer's rows).
         device: where the steps write their tokens.
         eos_ids: end-of-sequence ids (a sequence finishes at its first); empty: none.
         pad_token_id: what a finished sequence shows afterwards.
