@@ -419,11 +419,12 @@ def main() -> None:
     bound = read_bound_tokens_per_second(dataclasses.asdict(p) for p in points)
     bound_head = [] if bound is None else [f"vs any 16-bit decoder at B={bound[1]} (read bound {bound[0]:.0f} tok/s)"]
     print(f"\n{_device_name()}, context {args.context}, decoding {args.decoding}: best throughput per preset")
-    print("| preset | best batch | tokens/s | " + " | ".join([f"vs {name}" for name in bases] + bound_head) + " |")
-    print("|---|---:|---:|" + "---:|" * (len(bases) + len(bound_head)))
+    head = ["preset", "best batch", "tokens/s", *(f"vs {name}" for name in bases), *bound_head]
+    print("| " + " | ".join(head) + " |")
+    print("|---|" + "---:|" * (len(head) - 1))
     for name, (tps, b) in best.items():
         ratios = [f"{tps / best[base][0]:.2f}x" for base in bases] + ([] if bound is None else [f"{tps / bound[0]:.2f}x"])
-        print(f"| {name} | {b} | {tps:.1f} | " + " | ".join(ratios) + " |")
+        print("| " + " | ".join([name, str(b), f"{tps:.1f}", *ratios]) + " |")
     if DEVICE != "cuda":
         print("\nPeak memory: measured on CUDA only (torch.cuda.max_memory_allocated)")
         return
