@@ -65,7 +65,8 @@ class TokenStream:
     def push(self, tokens: torch.Tensor, column: int | None = None) -> None:
         """The next step's tokens: int64 ``[B, 1]`` (``column`` None), or column ``column`` of ``tokens``
         ``[B, n]`` as it will be once the work queued so far has run (a replayed step's output). On
-        CUDA the copy is queued and the streamer gets it once it has landed (:meth:`poll`)."""
+        CUDA the copy is queued; then the host waits for the step ``ahead`` back and hands over every
+        step that has landed (:meth:`poll`)."""
         step = len(self.events)
         if step >= self.host.shape[0]:
             raise RuntimeError(f"TokenStream holds {self.host.shape[0]} steps; step {step + 1} pushed")
@@ -95,6 +96,11 @@ class TokenStream:
             self._wait(self.handed)
             self._hand_next()
 
+    def end(self) -> None:
+        """Every pushed step handed over, then the streamer's ``end()``."""
+        self.flush()
+        self.streamer.end()
+
     def _wait(self, step: int) -> None:
         event = self.events[step]
         if event is not None:
@@ -104,11 +110,6 @@ class TokenStream:
         self._hand(self.handed)
         self.events[self.handed] = None
         self.handed += 1
-
-    def end(self) -> None:
-        """Every pushed step handed over, then the streamer's ``end()``."""
-        self.flush()
-        self.streamer.end()
 
     def _hand(self, step: int) -> None:
         if self.all_finished:  # (``generate`` stops at the step where the last sequence finished)
