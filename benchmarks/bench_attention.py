@@ -50,6 +50,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import kvpolar  # noqa: E402
+from bandwidth import copy_bandwidth  # noqa: E402,F401  (``ba.copy_bandwidth``: tune_attention_t)
 from kvpolar.decode_attention import reference_decode_attention  # noqa: E402
 from kvpolar.kernels.decode_attention import LaunchConfig, describe_launch, fused_decode_attention, supports  # noqa: E402
 from kvpolar.kernels import decode_attention  # noqa: E402
@@ -307,14 +308,6 @@ def graph_ms(make_call, bytes_per_call):
     ms = do_bench(graph.replay, warmup=10, rep=120, return_mode="median") / copies
     del graph, calls
     return ms
-
-
-def copy_bandwidth(dev):
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * (1 << 30) / ms / 1e6  # GB/s, read + write
 
 
 def sdpa_maker(b, t, dev):
