@@ -35,8 +35,11 @@ import platform
 import sys
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import torch
+
+from bandwidth import copy_bandwidth
 
 CONFIG_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -93,7 +96,7 @@ def attention_backends(preset: str):
 def make_cache(model, preset: str, max_tokens: int | None = None, min_chunk: int | None = None):
     """The cache of ``preset`` for ``model``: a 16-bit baseline (``FP16_BASELINES``; ``fp16-static``
     needs ``max_tokens``, the tokens per sequence it must hold) or ``kvpolar.enable(model, preset)``
-    (``min_chunk``: ``KVCacheConfig.min_chunk``, None: the preset's)."""
+    (``min_chunk``: ``KVCacheConfig.min_chunk``, None: the preset's; the 16-bit caches have none)."""
     import transformers
 
     import kvpolar
@@ -130,26 +133,6 @@ def _reset_memory() -> None:
 
 def _device_name() -> str:
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke test)"
-
-
-def copy_gb_per_second(size: int = 1 << 30, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + written), the median of ``repeats``
-    copies of ``size`` bytes timed by CUDA events; NaN off CUDA."""
-    if DEVICE != "cuda":
-        return float("nan")
-    src = torch.empty(size, dtype=torch.uint8, device=DEVICE).random_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del src, dst
-    ms = sorted(times[2:])[repeats // 2]
-    return 2 * size / ms / 1e6
 
 
 @dataclasses.dataclass
@@ -190,14 +173,14 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
         raise ValueError(f"decoding must be 'eager' or 'replayed'; got {decoding!r}")
     replayed = decoding == "replayed" and preset not in FP16_BASELINES
     _reset_memory()
-    cache = make_cache(model, preset, context + warmup + steps, min_chunk=None if preset in FP16_BASELINES else min_chunk)
+    cache = make_cache(model, preset, context + warmup + steps, min_chunk=min_chunk)
     fill_cache(model, cache, preset, batch, context)
     fill_peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
     if DEVICE == "cuda":  # decoding's own peak from here on (the fill's chunk temporaries are gone)
         torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE)
     if replayed:
-        ms, every = replayed_ms(model, cache, ids, context, steps, warmup)
+        ms, every, _ = replayed_ms(model, cache, ids, context, steps, warmup)
     else:
         pos = torch.full((batch, 1), context, device=DEVICE, dtype=torch.long)
         kw = cache_kwargs(model, cache)
@@ -222,24 +205,27 @@ def decode_point(model, preset: str, batch: int, context: int, steps: int, weigh
                  fill_peak_gib=fill_peak / 2**30, step_ms=every)
 
 
-def replayed_ms(model, cache, ids: torch.Tensor, context: int, steps: int, warmup: int) -> tuple[float, list[float]]:
-    """(ms per step, [warm-up ms, timed ms]) of ``decode_with_graphs`` from ``ids`` ``[B, 1]`` at
-    position ``context``: ``warmup`` steps (the kernels' compiles, a first recording), then ``steps``
-    steps timed by wall clock in total, recordings and moves into the packed part included. Off CUDA
-    the stretches run eagerly (graphs need CUDA)."""
+def replayed_ms(model, cache, ids: torch.Tensor, context: int, steps: int, warmup: int,
+                graphs: bool | None = None) -> tuple[float, list[float], Any]:
+    """(ms per step, [warm-up ms, timed ms], the timed call's ``GraphedDecoding``) of
+    ``decode_with_graphs`` from ``ids`` ``[B, 1]`` at position ``context``: ``warmup`` steps (the
+    kernels' compiles, a first recording), then ``steps`` steps timed by wall clock in total, recordings
+    and moves into the packed part included. ``graphs`` None: where ``DEVICE`` is CUDA (off CUDA the
+    stretches run eagerly)."""
     from kvpolar.cache.graphed import decode_with_graphs
 
-    graphs = DEVICE == "cuda"
+    if graphs is None:
+        graphs = DEVICE == "cuda"
     _sync()
     start = time.perf_counter()
     warm = decode_with_graphs(model, cache, ids, context, warmup, graphs=graphs)
     _sync()
     warm_ms = 1000 * (time.perf_counter() - start)
     start = time.perf_counter()
-    decode_with_graphs(model, cache, warm.tokens[:, -1:], context + warmup, steps, graphs=graphs)
+    run = decode_with_graphs(model, cache, warm.tokens[:, -1:], context + warmup, steps, graphs=graphs)
     _sync()
     total = 1000 * (time.perf_counter() - start)
-    return total / steps, [warm_ms, total]
+    return total / steps, [warm_ms, total], run
 
 
 @torch.no_grad()
@@ -367,7 +353,7 @@ def main() -> None:
 
     model = build_model(args.layers)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    copy_gbps = copy_gb_per_second()
+    copy_gbps = copy_bandwidth(DEVICE) if DEVICE == "cuda" else float("nan")
     points: list[Point] = []
     prefill: dict[str, float] = {}
 

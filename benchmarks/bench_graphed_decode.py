@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import bench_end_to_end as e2e  # noqa: E402
 
 import kvpolar  # noqa: E402
-from kvpolar.cache.graphed import decode_with_graphs, generate_with_graphs  # noqa: E402
+from kvpolar.cache.graphed import generate_with_graphs  # noqa: E402
 
 
 def _check_model(layers: int) -> tuple:
@@ -152,10 +152,7 @@ def _ties_explain(got: torch.Tensor, greedy: torch.Tensor, logits: tuple) -> dic
 @torch.no_grad()
 def eager_ms(model, preset: str, batch: int, context: int, steps: int, min_chunk: int | None = None) -> float:
     """ms per step of ``steps`` ordinary decode steps after two untimed ones (total wall time / steps)."""
-    if min_chunk is not None and preset not in e2e.FP16_BASELINES:
-        cache = kvpolar.enable(model, preset, min_chunk=min_chunk)
-    else:
-        cache = e2e.make_cache(model, preset, context + steps + 4)
+    cache = e2e.make_cache(model, preset, context + steps + 4, min_chunk=min_chunk)
     e2e.fill_cache(model, cache, preset, batch, context)
     kw = e2e.cache_kwargs(model, cache)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
@@ -179,15 +176,10 @@ def graphed_ms(model, preset: str, batch: int, context: int, steps: int, graphs:
                min_chunk: int | None = None) -> tuple[float, dict]:
     """ms per step of ``decode_with_graphs`` over ``steps`` steps (total wall time / steps), after two
     untimed graphed steps (the fused kernels' compiles), and how the steps ran."""
-    cache = kvpolar.enable(model, preset, **({} if min_chunk is None else {"min_chunk": min_chunk}))
+    cache = e2e.make_cache(model, preset, min_chunk=min_chunk)
     e2e.fill_cache(model, cache, preset, batch, context)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=e2e.DEVICE)
-    warm = decode_with_graphs(model, cache, ids, context, 2, graphs=graphs)
-    e2e._sync()
-    start = time.perf_counter()
-    run = decode_with_graphs(model, cache, warm.tokens[:, -1:], context + 2, steps, graphs=graphs)
-    e2e._sync()
-    ms = 1000 * (time.perf_counter() - start) / steps
+    ms, _, run = e2e.replayed_ms(model, cache, ids, context, steps, 2, graphs=graphs)
     how = {"eager_steps": run.eager_steps, "replayed_steps": run.replayed_steps, "recordings": run.recordings}
     del cache
     return ms, how
