@@ -183,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens to decode (default 64)")
     bench.add_argument("--decoding", choices=DECODING_CHOICES, default="generate",
                        help="how the presets decode: generate (model.generate), replayed (decode steps recorded "
-                            "in CUDA graphs and replayed: generate with custom_generate=kvpolar.replayed_decoding; CUDA only) or stretches "
-                            "(the replayed path's steps run eagerly; any device). Default: generate")
+                            "in CUDA graphs and replayed: generate with custom_generate=kvpolar.replayed_decoding; "
+                            "CUDA only) or stretches (the replayed path's steps run eagerly; any device). "
+                            "Default: generate")
     bench.set_defaults(handler=_bench)
     return parser
 

@@ -53,8 +53,7 @@ class TokenStream:
         self.handed = 0  # steps already handed to the streamer
         self.eos = torch.tensor(eos_ids, dtype=torch.long)
         self.pad = int(pad_token_id)
-        self.finished = torch.zeros(batch, dtype=torch.bool)
-        self.all_finished = False
+        self.finished = torch.zeros(batch, dtype=torch.bool)  # (stays all False without end-of-sequence ids)
         self.ahead = ahead
 
     def prompt(self, input_ids: torch.Tensor) -> None:
@@ -112,11 +111,8 @@ class TokenStream:
         self.handed += 1
 
     def _hand(self, step: int) -> None:
-        if self.all_finished:  # (``generate`` stops at the step where the last sequence finished)
+        if bool(self.finished.all()):  # (``generate`` stops at the step where the last sequence finished)
             return
         raw = self.host[step]
-        shown = torch.where(self.finished, torch.full_like(raw, self.pad), raw)
-        self.streamer.put(shown)
-        if self.eos.numel():
-            self.finished |= torch.isin(raw, self.eos)
-            self.all_finished = bool(self.finished.all())
+        self.streamer.put(torch.where(self.finished, torch.full_like(raw, self.pad), raw))
+        self.finished |= torch.isin(raw, self.eos)

@@ -39,7 +39,8 @@ holds at once (``choose_splits``; for the transposed kernel, counted from its co
 shared memory, ``programs_per_sm_of``), so batch 1 at 128k tokens fills every SM and no launch ends
 in a partly filled second wave; where that one wave would be mostly empty (72 sequences x 8 KV heads
 with 2 splits: 73% of the slots), the fewest more splits whose waves are at least
-``LaunchConfig.wave_fill`` full (H100: 1.19x for kivi-2 and 1.59x for polar-rope-3 at 72 x 32k). ``describe_launch`` reports the launch a cache gets. Formats that live in a rotated domain (turbo,
+``LaunchConfig.wave_fill`` full (H100: 1.19x for kivi-2 and 1.59x for polar-rope-3 at 72 x 32k).
+``describe_launch`` reports the launch a cache gets. Formats that live in a rotated domain (turbo,
 polar-recursive; ``decode_formats.rotation_matrix``) never un-rotate a token: rotated keys get the
 query rotated once (the residual window keeps the plain query); rotated values accumulate in the
 rotated domain. In calls of at most ``MAX_FOLDED_ROWS`` rows the combine kernel un-rotates the packed
