@@ -159,8 +159,6 @@ def main() -> None:
     ap.add_argument("--lazy-rescale", action="store_true", help="LaunchConfig.lazy_rescale")
     ap.add_argument("--kivi-key-bias", default=mod.LaunchConfig.kivi_key_bias, choices=("first", "last"),
                     help="LaunchConfig.kivi_key_bias")
-    ap.add_argument("--kivi-chains", type=int, default=mod.LaunchConfig.kivi_chains, choices=(1, 2),
-                    help="LaunchConfig.kivi_chains")
     ap.add_argument("--kivi-value-min", default=mod.LaunchConfig.kivi_value_min, choices=("elementwise", "product"),
                     help="LaunchConfig.kivi_value_min")
     ap.add_argument("--value-layout", default="tokens", choices=("tokens", "groups"),
@@ -180,8 +178,7 @@ def main() -> None:
     cfg = mod.LaunchConfig(max_registers=args.max_registers, value_metadata=args.value_metadata,
                            three_byte_units=args.three_byte_units, kivi_code_units=args.kivi_code_units,
                            lazy_rescale=args.lazy_rescale, polar_recursive_keys=args.polar_recursive_keys,
-                           kivi_key_bias=args.kivi_key_bias, kivi_value_min=args.kivi_value_min,
-                           kivi_chains=args.kivi_chains)
+                           kivi_key_bias=args.kivi_key_bias, kivi_value_min=args.kivi_value_min)
     if args.stages is not None:
         cfg = mod.dataclasses.replace(cfg, transposed_stages=args.stages)
     layouts = [f for f, on in ((groups_adjacent, args.value_layout == "groups"), (rows_per_token, args.pr_rows)) if on]

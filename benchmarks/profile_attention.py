@@ -1,7 +1,6 @@
 """Run the fused decode-attention kernel a few times at one shape, for ``ncu`` (Nsight Compute).
 
-Usage: ``ncu -k regex:_split_kernel -c 1 python benchmarks/profile_attention.py kivi-2 32 32768`` (then,
-optionally, ``block_n`` of the classic kernel and ``LaunchConfig.kivi_chains``)
+Usage: ``ncu -k regex:_split_kernel -c 1 python benchmarks/profile_attention.py kivi-2 32 32768``
 """
 
 import sys
@@ -13,11 +12,10 @@ from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attentio
 
 name, b, t = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 block_n = int(sys.argv[4]) if len(sys.argv) > 4 else 64
-kivi_chains = int(sys.argv[5]) if len(sys.argv) > 5 else LaunchConfig.kivi_chains
 dev = torch.device("cuda")
 pk, pv = make_preset(name, b, t - RESIDUAL, torch.float16, dev)
 q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.float16)
 rk = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=torch.float16)
 for _ in range(3):
-    fused_decode_attention(q, pk, pv, None, None, rk, rk, D**-0.5, None, LaunchConfig(block_n=block_n, kivi_chains=kivi_chains))
+    fused_decode_attention(q, pk, pv, None, None, rk, rk, D**-0.5, None, LaunchConfig(block_n=block_n))
 torch.cuda.synchronize()

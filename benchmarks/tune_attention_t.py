@@ -100,9 +100,6 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # seventeenth session: KIVI values' minimum as its own product, each code pair one fma; 0-3% faster on the
     # H100 in the eighteenth (results/kivi_value_min_h100_r*.json), not the default (float16's range)
     "kivi-value-min-product": LaunchConfig(kivi_value_min="product"),
-    # thirty-second session: KIVI key products in two chains of code positions, the key group's bias minimum
-    # and offset terms in two (shorter dependency chains for the latency-bound 2-bit loop)
-    "kivi-chains-2": LaunchConfig(kivi_chains=2),
     # fourteenth session: polar-recursive codes and radii stored with the tokens adjacent (every loop load
     # an asynchronous copy; sm_90 compile: 5748 -> 4448 instructions per block); "pr-rows" re-lays them
     # out a row per token, as stored before, with the key tiles of then ("columns")

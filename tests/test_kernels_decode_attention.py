@@ -321,21 +321,6 @@ def test_kivi_key_bias_before_or_after_the_key_products(key_fmt, value_fmt, dtyp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("key_fmt, value_fmt, units", [("kivi-2-32", "kivi-2-32", "halfwords"),
                                                        ("kivi-4-64", "kivi-4-16", "halfwords"),
-                                                       ("kivi-2-32", "kivi-3-32", "bytes"),
-                                                       ("kivi-8-32", "kivi-2-32", "halfwords")])
-@pytest.mark.parametrize("bias", ["first", "last"])
-def test_kivi_key_products_in_two_chains(key_fmt, value_fmt, units, dtype, bias):
-    """``kivi_chains=2`` (a block's key products in two halves of the code positions, the group's bias
-    minimum and offset terms apart): the oracle's attention with 16-bit units (8 and 4 codes), byte
-    units (4 codes; 8-bit keys: one code, a single chain), the bias first or last, a ragged batch,
-    two query tokens and several splits."""
-    check(key_fmt, value_fmt, batch=2, gqa=4, tq=2, tk=150, r=3, dtype=dtype, lengths=[153, 61], d=128,
-          config=LaunchConfig(kivi_chains=2, kivi_key_bias=bias, kivi_code_units=units, num_splits=2))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("key_fmt, value_fmt, units", [("kivi-2-32", "kivi-2-32", "halfwords"),
-                                                       ("kivi-4-64", "kivi-4-16", "halfwords"),
                                                        ("kivi-2-32", "kivi-2-32", "bytes"),
                                                        ("polar-2-4-32-half", "kivi-3-32", "halfwords"),
                                                        ("kivi-2-32", "kivi-8-32", "halfwords")])
@@ -1044,8 +1029,6 @@ def test_launch_config_refuses_bad_values():
         LaunchConfig(kivi_key_bias="middle")
     with pytest.raises(ValueError, match="kivi_value_min='fused'.*'elementwise', 'product'"):
         LaunchConfig(kivi_value_min="fused")
-    with pytest.raises(ValueError, match=r"kivi_chains=3 \(allowed: 1, 2\)"):
-        LaunchConfig(kivi_chains=3)
 
 
 def test_launch_plan_is_remembered_per_packed_inputs(monkeypatch):

@@ -849,7 +849,6 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         VAL_PROGRAMS=v_programs,
         KEY_LOOKUP=k_lookup, VAL_LOOKUP=v_lookup, LAZY_RESCALE=cfg.lazy_rescale,
         KIVI_BIAS_LAST=cfg.kivi_key_bias == "last",
-        KIVI_CHAINS=cfg.kivi_chains,
         VAL_MIN_PRODUCT=cfg.kivi_value_min == "product" and v_op.fmt == FMT_KIVI and v_op.bits <= 4,
         num_warps=cfg.transposed_warps, num_stages=cfg.transposed_stages, **extra,
     )

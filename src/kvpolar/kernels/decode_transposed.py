@@ -41,7 +41,7 @@ def _split_kernel_t(
     VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, KEY_PROGRAMS: tl.constexpr, vbook,
     VAL_PROGRAMS: tl.constexpr, VAL_META: tl.constexpr,
     KEY_LOOKUP: tl.constexpr, VAL_LOOKUP: tl.constexpr, LAZY_RESCALE: tl.constexpr,
-    KIVI_BIAS_LAST: tl.constexpr, VAL_MIN_PRODUCT: tl.constexpr, KIVI_CHAINS: tl.constexpr,
+    KIVI_BIAS_LAST: tl.constexpr, VAL_MIN_PRODUCT: tl.constexpr,
 ):
     """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
     ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -262,11 +262,11 @@ def _split_kernel_t(
             if (i == 0) | (n0 % KEY_GROUP == 0):  # a new key group (or the split's first block)
                 qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, k_bias = _kp.key_group_terms(
                     q0, q1, q2, q3, q4, q5, q6, q7, k_scale_row, k_min_row, KEY_U, KEY_BITS, KEY_UB,
-                    BLOCK_N, BLOCK_M, DT, KEY_OFFSET, PREC, KIVI_CHAINS)
+                    BLOCK_N, BLOCK_M, DT, KEY_OFFSET, PREC)
             # the key products start from zero, their chain independent of the bias chain, the bias summed
             # after (KIVI_BIAS_LAST), or start from the bias
             s_t = _kp.kivi_scores_t(s_t if KIVI_BIAS_LAST else k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7,
-                                    KEY_U, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, PREC, KIVI_CHAINS)
+                                    KEY_U, KEY_BITS, KEY_UB, DT, NATIVE, KEY_OFFSET, PREC)
             if KIVI_BIAS_LAST:
                 s_t = s_t + k_bias
             s_t = s_t * qk_scale

@@ -166,9 +166,8 @@ def unit_codes(word, K: tl.constexpr, BITS: tl.constexpr, UB: tl.constexpr, DT: 
     return out
 
 @triton.jit
-def key_group_part(k_bias, k_off, q_t, k_scale, k_min, K: tl.constexpr, BITS: tl.constexpr, UB: tl.constexpr,
-                    BN: tl.constexpr, DT: tl.constexpr, OFFSET: tl.constexpr, PREC: tl.constexpr,
-                    CHAINS: tl.constexpr):
+def key_group_part(k_bias, q_t, k_scale, k_min, K: tl.constexpr, BITS: tl.constexpr, UB: tl.constexpr,
+                    BN: tl.constexpr, DT: tl.constexpr, OFFSET: tl.constexpr, PREC: tl.constexpr):
     """One key group's terms for code position ``K`` of every packed unit (channels ``u * U + K``):
     the query part scaled by the group's scale, ``(q_K * scale) [NU, BM]`` in ``DT`` (the B operand
     of ``codes_K [BN, NU] @ (q_K * scale)``, the codes being ``code + OFFSET``), and ``k_bias``
@@ -182,10 +181,7 @@ def key_group_part(k_bias, k_off, q_t, k_scale, k_min, K: tl.constexpr, BITS: tl
     compiler computes it once, outside the loop (sm_90: kivi-2 737 -> 709 instructions per block, its
     16-byte stack gone). The product is the same ``(q_K * scale) / step`` rounded once, except where
     ``q_K / step`` falls below float16's normal range (``|q| < 2**-14 * step``): there ``q_K`` loses
-    bits under ``2**-25 * step``, the float16 rounding of a query entry of ``2**-14 * step``.
-    ``CHAINS`` 2 (``LaunchConfig.kivi_chains``): the offset term goes into ``k_off`` ``[BN, BM]`` float32
-    instead, so that the minimum terms' chain does not wait for each scaled query part; returns
-    ``(q_scaled, k_bias, k_off)``."""
+    bits under ``2**-25 * step``, the float16 rounding of a query entry of ``2**-14 * step``."""
     STEP: tl.constexpr = unit_code_step(K, BITS, UB, DT)
     if STEP != 1:
         q_scaled = (q_t * (1.0 / STEP)) * k_scale.to(DT)[:, None]  # (DT x DT: exact product rounded once)
@@ -193,80 +189,53 @@ def key_group_part(k_bias, k_off, q_t, k_scale, k_min, K: tl.constexpr, BITS: tl
         q_scaled = q_t * k_scale.to(DT)[:, None]
     nu: tl.constexpr = q_t.shape[0]
     k_bias = tl.dot(tl.broadcast_to(k_min.to(DT)[None, :], [BN, nu]), q_t, k_bias, input_precision=PREC)
-    if OFFSET != 0 and CHAINS == 2:
-        k_off = tl.dot(tl.full([BN, nu], -OFFSET, DT), q_scaled, k_off, input_precision=PREC)
-    elif OFFSET != 0:
+    if OFFSET != 0:
         k_bias = tl.dot(tl.full([BN, nu], -OFFSET, DT), q_scaled, k_bias, input_precision=PREC)
-    return q_scaled, k_bias, k_off
+    return q_scaled, k_bias
 
 @triton.jit
 def key_group_terms(q0, q1, q2, q3, q4, q5, q6, q7, k_scale_row, k_min_row, U: tl.constexpr,
                     BITS: tl.constexpr, UB: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-                    DT: tl.constexpr, OFFSET: tl.constexpr, PREC: tl.constexpr, CHAINS: tl.constexpr = 1):
+                    DT: tl.constexpr, OFFSET: tl.constexpr, PREC: tl.constexpr):
     """A key group's eight scaled query parts ``qs_K [NU, BM]`` in ``DT`` and its score bias
     ``[BN, BM]`` float32 (``key_group_part`` for the ``U`` code positions of a unit; the parts past
     ``U`` repeat the query). ``q_K``: ``[NU, BM]`` query parts; ``k_scale_row`` / ``k_min_row``:
-    ``[NU, U]`` the group's scale and minimum of every channel ``u * U + K``. ``CHAINS`` 2: the
-    minimum terms and the offset terms summed in two accumulators, added at the end."""
+    ``[NU, U]`` the group's scale and minimum of every channel ``u * U + K``."""
     sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7 = unit_parts(k_scale_row, U)
     mn0, mn1, mn2, mn3, mn4, mn5, mn6, mn7 = unit_parts(k_min_row, U)
     k_bias = tl.zeros([BN, BM], tl.float32)
-    k_off = tl.zeros([BN, BM], tl.float32)
-    qs0, k_bias, k_off = key_group_part(k_bias, k_off, q0, sc0, mn0, 0, BITS, UB, BN, DT, OFFSET, PREC, CHAINS)
+    qs0, k_bias = key_group_part(k_bias, q0, sc0, mn0, 0, BITS, UB, BN, DT, OFFSET, PREC)
     qs1, qs2, qs3, qs4, qs5, qs6, qs7 = q1, q2, q3, q4, q5, q6, q7  # (the parts a unit has replace them)
     if U >= 2:
-        qs1, k_bias, k_off = key_group_part(k_bias, k_off, q1, sc1, mn1, 1, BITS, UB, BN, DT, OFFSET, PREC, CHAINS)
+        qs1, k_bias = key_group_part(k_bias, q1, sc1, mn1, 1, BITS, UB, BN, DT, OFFSET, PREC)
     if U >= 4:
-        qs2, k_bias, k_off = key_group_part(k_bias, k_off, q2, sc2, mn2, 2, BITS, UB, BN, DT, OFFSET, PREC, CHAINS)
-        qs3, k_bias, k_off = key_group_part(k_bias, k_off, q3, sc3, mn3, 3, BITS, UB, BN, DT, OFFSET, PREC, CHAINS)
+        qs2, k_bias = key_group_part(k_bias, q2, sc2, mn2, 2, BITS, UB, BN, DT, OFFSET, PREC)
+        qs3, k_bias = key_group_part(k_bias, q3, sc3, mn3, 3, BITS, UB, BN, DT, OFFSET, PREC)
     if U >= 8:
-        qs4, k_bias, k_off = key_group_part(k_bias, k_off, q4, sc4, mn4, 4, BITS, UB, BN, DT, OFFSET, PREC, CHAINS)
-        qs5, k_bias, k_off = key_group_part(k_bias, k_off, q5, sc5, mn5, 5, BITS, UB, BN, DT, OFFSET, PREC, CHAINS)
-        qs6, k_bias, k_off = key_group_part(k_bias, k_off, q6, sc6, mn6, 6, BITS, UB, BN, DT, OFFSET, PREC, CHAINS)
-        qs7, k_bias, k_off = key_group_part(k_bias, k_off, q7, sc7, mn7, 7, BITS, UB, BN, DT, OFFSET, PREC, CHAINS)
-    if CHAINS == 2 and OFFSET != 0:
-        k_bias = k_bias + k_off
+        qs4, k_bias = key_group_part(k_bias, q4, sc4, mn4, 4, BITS, UB, BN, DT, OFFSET, PREC)
+        qs5, k_bias = key_group_part(k_bias, q5, sc5, mn5, 5, BITS, UB, BN, DT, OFFSET, PREC)
+        qs6, k_bias = key_group_part(k_bias, q6, sc6, mn6, 6, BITS, UB, BN, DT, OFFSET, PREC)
+        qs7, k_bias = key_group_part(k_bias, q7, sc7, mn7, 7, BITS, UB, BN, DT, OFFSET, PREC)
     return qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, k_bias
 
 @triton.jit
 def kivi_scores_t(k_bias, word, qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7, U: tl.constexpr, BITS: tl.constexpr,
                    UB: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr, OFFSET: tl.constexpr,
-                   PREC: tl.constexpr, CHAINS: tl.constexpr = 1):
+                   PREC: tl.constexpr):
     """KIVI keys' transposed scores ``[BN, BM]`` float32 of one block: ``k_bias`` (the group's score
     bias, the first product's accumulator) plus code ``K`` of every unit of ``word`` times the
-    group-scaled query part ``qs_K``, for the ``U`` code positions of a unit (``unit_codes``).
-    ``CHAINS`` 2 (``LaunchConfig.kivi_chains``, units of at least 2 codes): the second half of the code
-    positions summed in an accumulator of its own, so that the two halves' tensor-core products do not
-    wait for each other, and added at the end."""
+    group-scaled query part ``qs_K``, for the ``U`` code positions of a unit (``unit_codes``)."""
     s_t = tl.dot(unit_codes(word, 0, BITS, UB, DT, NATIVE, OFFSET), qs0, k_bias, input_precision=PREC)
-    if CHAINS == 2 and U == 2:
-        h_t = tl.dot(unit_codes(word, 1, BITS, UB, DT, NATIVE, OFFSET), qs1, tl.zeros_like(k_bias), input_precision=PREC)
-        s_t = s_t + h_t
-    elif CHAINS == 2 and U == 4:
-        h_t = tl.dot(unit_codes(word, 2, BITS, UB, DT, NATIVE, OFFSET), qs2, tl.zeros_like(k_bias), input_precision=PREC)
+    if U >= 2:
         s_t = tl.dot(unit_codes(word, 1, BITS, UB, DT, NATIVE, OFFSET), qs1, s_t, input_precision=PREC)
-        h_t = tl.dot(unit_codes(word, 3, BITS, UB, DT, NATIVE, OFFSET), qs3, h_t, input_precision=PREC)
-        s_t = s_t + h_t
-    elif CHAINS == 2 and U == 8:
-        h_t = tl.dot(unit_codes(word, 4, BITS, UB, DT, NATIVE, OFFSET), qs4, tl.zeros_like(k_bias), input_precision=PREC)
-        s_t = tl.dot(unit_codes(word, 1, BITS, UB, DT, NATIVE, OFFSET), qs1, s_t, input_precision=PREC)
-        h_t = tl.dot(unit_codes(word, 5, BITS, UB, DT, NATIVE, OFFSET), qs5, h_t, input_precision=PREC)
+    if U >= 4:
         s_t = tl.dot(unit_codes(word, 2, BITS, UB, DT, NATIVE, OFFSET), qs2, s_t, input_precision=PREC)
-        h_t = tl.dot(unit_codes(word, 6, BITS, UB, DT, NATIVE, OFFSET), qs6, h_t, input_precision=PREC)
         s_t = tl.dot(unit_codes(word, 3, BITS, UB, DT, NATIVE, OFFSET), qs3, s_t, input_precision=PREC)
-        h_t = tl.dot(unit_codes(word, 7, BITS, UB, DT, NATIVE, OFFSET), qs7, h_t, input_precision=PREC)
-        s_t = s_t + h_t
-    else:
-        if U >= 2:
-            s_t = tl.dot(unit_codes(word, 1, BITS, UB, DT, NATIVE, OFFSET), qs1, s_t, input_precision=PREC)
-        if U >= 4:
-            s_t = tl.dot(unit_codes(word, 2, BITS, UB, DT, NATIVE, OFFSET), qs2, s_t, input_precision=PREC)
-            s_t = tl.dot(unit_codes(word, 3, BITS, UB, DT, NATIVE, OFFSET), qs3, s_t, input_precision=PREC)
-        if U >= 8:
-            s_t = tl.dot(unit_codes(word, 4, BITS, UB, DT, NATIVE, OFFSET), qs4, s_t, input_precision=PREC)
-            s_t = tl.dot(unit_codes(word, 5, BITS, UB, DT, NATIVE, OFFSET), qs5, s_t, input_precision=PREC)
-            s_t = tl.dot(unit_codes(word, 6, BITS, UB, DT, NATIVE, OFFSET), qs6, s_t, input_precision=PREC)
-            s_t = tl.dot(unit_codes(word, 7, BITS, UB, DT, NATIVE, OFFSET), qs7, s_t, input_precision=PREC)
+    if U >= 8:
+        s_t = tl.dot(unit_codes(word, 4, BITS, UB, DT, NATIVE, OFFSET), qs4, s_t, input_precision=PREC)
+        s_t = tl.dot(unit_codes(word, 5, BITS, UB, DT, NATIVE, OFFSET), qs5, s_t, input_precision=PREC)
+        s_t = tl.dot(unit_codes(word, 6, BITS, UB, DT, NATIVE, OFFSET), qs6, s_t, input_precision=PREC)
+        s_t = tl.dot(unit_codes(word, 7, BITS, UB, DT, NATIVE, OFFSET), qs7, s_t, input_precision=PREC)
     return s_t
 
 @triton.jit

@@ -89,11 +89,6 @@ class LaunchConfig:
         B=32 / 32k tokens: kivi-2 0.391-0.396 -> 0.382-0.387 ms, squat-2 0.393-0.394 -> 0.383-0.384,
         kivi-4 0.439-0.442 -> 0.435; B=8 / 32k: kivi-2 0.115 -> 0.112; kivi-8 unchanged (0.634 /
         0.636); hence the default.
-    kivi_chains: how many independent accumulator chains the transposed kernel gives a block's KIVI key
-        products and a key group's score bias: 1 (each a single chain of tensor-core products, every
-        product waiting for the one before) or 2 (the key products' code positions in two halves, the
-        bias's minimum terms apart from its offset terms, each pair summed at the end: shorter
-        dependency chains for one more float32 tile addition each).
     kivi_value_min: how the transposed kernel applies KIVI values' per-token minimum (values of at
         most 4 bits; 8-bit values always take "elementwise"): "elementwise" (each code pair
         dequantized as ``(code - offset) * scale + min`` by two half-precision operations before its
@@ -155,7 +150,6 @@ class LaunchConfig:
     kivi_code_units: str = "halfwords"
     lazy_rescale: bool = False
     kivi_key_bias: str = "last"
-    kivi_chains: int = 1
     kivi_value_min: str = "elementwise"
     polar_recursive_keys: str = "subtrees"
 
@@ -181,8 +175,6 @@ class LaunchConfig:
             raise ValueError(f"kivi_code_units={self.kivi_code_units!r} (allowed: 'bytes', 'halfwords')")
         if self.kivi_key_bias not in ("first", "last"):
             raise ValueError(f"kivi_key_bias={self.kivi_key_bias!r} (allowed: 'first', 'last')")
-        if self.kivi_chains not in (1, 2):
-            raise ValueError(f"kivi_chains={self.kivi_chains} (allowed: 1, 2)")
         if self.kivi_value_min not in ("elementwise", "product"):
             raise ValueError(f"kivi_value_min={self.kivi_value_min!r} (allowed: 'elementwise', 'product')")
         if self.polar_recursive_keys not in ("columns", "subtrees"):
