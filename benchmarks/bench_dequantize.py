@@ -26,6 +26,9 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bandwidth import copy_bandwidth  # noqa: E402
+
 PRESETS = ("kivi-2", "kivi-4", "kivi-8", "polar-rope-3", "polar-rope-4", "turbo-3", "fp8", "polar-recursive")
 
 
@@ -48,14 +51,6 @@ def _median_ms(fn, repeats: int, device: str) -> float:
             fn()
             times.append(1000 * (time.perf_counter() - t0))
     return sorted(times)[len(times) // 2]
-
-
-def copy_gbps(device: str, repeats: int) -> float:
-    """Device-to-device copy bandwidth (read + write) of a 1 GiB buffer, GB/s."""
-    n = (1 << 30) if device == "cuda" else (1 << 20)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * n / _median_ms(lambda: dst.copy_(src), repeats, device) / 1e6
 
 
 def role_quantizer(preset: str, role: str):
@@ -150,7 +145,7 @@ def main() -> None:
         dequantize.POLAR_RECURSIVE_LAUNCH = (block, warps)
 
     result = {**run_header(device), "polar_recursive_launch": args.polar_recursive_launch,
-              "copy_gbps": copy_gbps(device, args.repeats), "rows": []}
+              "copy_gbps": copy_bandwidth(device, (1 << 30) if device == "cuda" else (1 << 20)), "rows": []}
     for preset in args.presets:
         for role in ("keys", "values"):
             for batch, dtype in itertools.product(args.batches, args.dtypes):

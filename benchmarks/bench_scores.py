@@ -36,6 +36,9 @@ from kvpolar.kernels.polar_rope_encode import polar_rope_encode  # noqa: E402
 from kvpolar.kernels.polar_rope_scores import MODES, ScoresConfig, polar_rope_scores  # noqa: E402
 from kvpolar.quantizers.polar_rope import dequantize_polar, quantize_polar, unpack_codes  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bandwidth import copy_bandwidth  # noqa: E402
+
 BITS = [(2, 4), (3, 3), (4, 4)]
 DEV = "cpu" if SMOKE else "cuda"
 S = 128 if SMOKE else 1  # shrink factor of token counts in smoke mode
@@ -54,14 +57,6 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """Hugging Face's repeat_kv: [B, Hkv, T, D] -> [B, Hkv * n_rep, T, D]."""
     b, h, t, d = x.shape
     return x[:, :, None, :, :].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy of 1 GiB: (read + written) bytes per second."""
-    src = torch.randn(1 << (10 if SMOKE else 28), device=DEV)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
 def nbytes(*tensors: torch.Tensor) -> int:
@@ -237,7 +232,7 @@ def main() -> None:
     for c in failed:
         print("FAILED", c, flush=True)
 
-    copy_bw = copy_bandwidth()
+    copy_bw = copy_bandwidth(DEV, 1 << (12 if SMOKE else 30)) * 1e9  # bytes per second
     result["copy_bandwidth_GBps"] = copy_bw / 1e9
     result["tuning"] = tune(1 if SMOKE else 8, 32768 // S)
     configs = {k: ScoresConfig(**v["best"]["config"]) for k, v in result["tuning"].items()}
