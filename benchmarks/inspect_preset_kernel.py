@@ -131,10 +131,10 @@ def compile_combine_kernels(head_dim: int = D):
                 compiled[f"window-combine-{tag}"] = compile_for_h100(
                     decode_combine._window_combine_kernel, args,
                     dict(D=head_dim, BLOCK_S=block_s, BLOCK_N=mod.WINDOW_BLOCK_N, BLOCKS_CONST=0, HAS_MASK=False,
-                         ROTATED=rotated, WINDOW_IN_MEMORY=in_memory, num_warps=4))
+                         ROTATED=rotated, WINDOW_IN_MEMORY=in_memory, num_warps=mod.WINDOW_WARPS))
                 compiled[f"kv-head-window-combine-{tag}"] = compile_for_h100(
                     decode_combine._kv_head_window_combine_kernel, args,
-                    dict(D=head_dim, BLOCK_S=block_s, BLOCK_N=mod.WINDOW_BLOCK_N, BLOCK_M=16,
+                    dict(D=head_dim, BLOCK_S=block_s, BLOCK_N=mod.KV_HEAD_WINDOW_BLOCK_N, BLOCK_M=16,
                          DOT_DTYPE=triton.language.float16, BLOCKS_CONST=0, ROWS_CONST=0, HAS_MASK=False,
                          ROTATED=rotated, WINDOW_IN_MEMORY=in_memory, num_warps=4))
     return compiled

@@ -389,8 +389,8 @@ def window_launches(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("form", ["by-kv-head", "by-row", "launched"])
-@pytest.mark.parametrize("case", ["gqa1", "gqa8-tq3", "ragged", "window-only", "long-window", "bf16", "fp32",
-                                  "wide-group"])
+@pytest.mark.parametrize("case", ["gqa1", "gqa8-tq3", "ragged", "window-only", "long-window", "two-steps", "bf16",
+                                  "fp32", "wide-group"])
 def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, form, case):
     """The residual window attended in the combine kernel's programs (windows of at most
     ``MAX_FOLDED_WINDOW`` tokens in calls of at most ``MAX_FOLDED_ROWS`` query rows): by one program
@@ -411,6 +411,7 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, form, case)
           "ragged": dict(batch=3, gqa=4, tk=50, r=70, lengths=[120, 64, 0]),
           "window-only": dict(gqa=4, tk=0, r=45, lengths=None),
           "long-window": dict(batch=2, gqa=2, tk=20, r=97, lengths=[117, 90]),
+          "two-steps": dict(batch=2, gqa=2, tk=20, r=150, lengths=[170, 120]),  # (> WINDOW_BLOCK_N = 128)
           "bf16": dict(batch=2, gqa=4, tk=37, r=40, dtype=torch.bfloat16, lengths=[77, 12]),
           "fp32": dict(batch=2, gqa=4, tk=21, r=40, dtype=torch.float32, lengths=[61, 30]),
           "wide-group": dict(gqa=8, tq=9, tk=20, r=33)}[case]
@@ -428,8 +429,8 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, form, case)
 
 
 @pytest.mark.parametrize("form", ["by-kv-head", "by-row"])
-@pytest.mark.parametrize("case", ["part", "one", "full", "empty", "window-only", "bf16", "polar-rope-keys",
-                                  "turbo-values", "polar-recursive-values", "16-bit-packed"])
+@pytest.mark.parametrize("case", ["part", "one", "full", "empty", "window-only", "two-steps", "bf16",
+                                  "polar-rope-keys", "turbo-values", "polar-recursive-values", "16-bit-packed"])
 def test_window_length_read_from_memory(monkeypatch, form, case):
     """``residual_length``: the window in buffers of a fixed size (``capacity`` tokens, the rest filled
     with huge values that must not be read), the kernel reading how many are real from memory. The
@@ -443,6 +444,7 @@ def test_window_length_read_from_memory(monkeypatch, form, case):
     tk, capacity, real, dtype = {"part": (40, 70, 37, torch.float16), "one": (40, 33, 1, torch.float16),
                                  "full": (33, 64, 64, torch.float16), "empty": (40, 35, 0, torch.float16),
                                  "window-only": (0, 50, 19, torch.float16),
+                                 "two-steps": (40, 200, 150, torch.float16),  # (steps of WINDOW_BLOCK_N = 128)
                                  "bf16": (37, 45, 30, torch.bfloat16), "polar-rope-keys": (64, 40, 21, torch.float16),
                                  "turbo-values": (48, 40, 13, torch.float16),
                                  "polar-recursive-values": (48, 40, 26, torch.float16),

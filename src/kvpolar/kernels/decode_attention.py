@@ -329,18 +329,19 @@ def fused_decode_attention(
     rot_args = (v_rot, n_packed) if rotate_in_combine else (part_max, 0)
     combine_grid = (bsz * hq * tq,)
     if fold_window:
-        window_blocks = -(-r // WINDOW_BLOCK_N)
+        window_block_n = KV_HEAD_WINDOW_BLOCK_N if by_kv_head else WINDOW_BLOCK_N
+        window_blocks = -(-r // window_block_n)
         kernel, names = ((_kv_head_window_combine_kernel, _KV_HEAD_WINDOW_COMBINE_ARGUMENTS) if by_kv_head
                          else (_window_combine_kernel, _WINDOW_COMBINE_ARGUMENTS))
         combine_args = _window_combine_arguments(query, residual_keys, residual_values, mask, tk, gqa, scale,
                                                  part_max, part_sum, part_acc, out, total_splits, rot_args,
                                                  window_blocks, hkv if by_kv_head else hq, residual_length)
-        kwargs = dict(D=d, BLOCK_S=block_s, BLOCK_N=WINDOW_BLOCK_N, HAS_MASK=mask is not None,
+        kwargs = dict(D=d, BLOCK_S=block_s, BLOCK_N=window_block_n, HAS_MASK=mask is not None,
                       BLOCKS_CONST=window_blocks if _interpreting() else 0, ROTATED=rotate_in_combine,
-                      WINDOW_IN_MEMORY=residual_length is not None, num_warps=4)
+                      WINDOW_IN_MEMORY=residual_length is not None, num_warps=WINDOW_WARPS)
         if by_kv_head:
             kwargs.update(BLOCK_M=block_m, DOT_DTYPE=_dot_dtype(query.dtype),
-                          ROWS_CONST=gqa * tq if _interpreting() else 0)
+                          ROWS_CONST=gqa * tq if _interpreting() else 0, num_warps=4)
             combine_grid = (bsz * hkv,)
     else:
         kernel, names = _combine_kernel, _COMBINE_ARGUMENTS
@@ -941,8 +942,16 @@ _KV_HEAD_WINDOW_COMBINE_ARGUMENTS = tuple("n_kv_heads" if name == "n_heads" else
 WINDOW_BY_KV_HEAD = True
 WINDOW_BY_KV_HEAD_SM_SHARE = 2
 MAX_WINDOW_GROUP_ROWS = 64
-#: Window tokens per step of ``_window_combine_kernel``'s loop.
-WINDOW_BLOCK_N = 32
+#: Window tokens per step of ``_window_combine_kernel``'s loop and warps of its programs (one query
+#: row each): a 128-token window in one step, since at small batches each program's step waits for its
+#: loads. Measured on the H100 (thirty-second session, ``benchmarks/window_fold_variants.py``,
+#: ``benchmarks/results/window_fold_variants_h100.json``), kivi-2, us per call, 32 tokens x 4 warps ->
+#: 128 x 8: B=1 / 4k 22.4 -> 20.5, B=1 / 32k 31.8 -> 30.2, B=8 / 32k 109.8 -> 110.5.
+WINDOW_BLOCK_N = 128
+WINDOW_WARPS = 8
+#: Window tokens per step of ``_kv_head_window_combine_kernel``'s loop (4 warps): 128 there took 136 KB
+#: of shared memory (37 KB at 32; sm_90 compile) for a time within noise at B=32 / 32k (374.0 -> 369.7 us).
+KV_HEAD_WINDOW_BLOCK_N = 32
 
 
 def _mask_arguments(mask: torch.Tensor | None, stand_in: torch.Tensor) -> tuple:
