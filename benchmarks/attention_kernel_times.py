@@ -44,14 +44,17 @@ def parse_case(case: str) -> tuple[str, int, int]:
     return name, b, t
 
 
-def case_calls(name: str, b: int, t: int, dev) -> tuple[callable, int]:
-    """``(make_call, bytes per call)`` for ``bench_attention.graph_ms``."""
+def case_calls(name: str, b: int, t: int, dev) -> tuple[callable, int, str | None]:
+    """``(make_call, bytes per call, the launch as describe_launch reports it)`` for
+    ``bench_attention.graph_ms`` (SDPA: no launch)."""
     if name == "sdpa":
-        return ba.sdpa_maker(b, t, dev), 2 * b * ba.HKV * t * ba.D * 2
+        return ba.sdpa_maker(b, t, dev), 2 * b * ba.HKV * t * ba.D * 2, None
     pk, pv = ba.make_preset(name, b, t - ba.RESIDUAL, torch.float16, dev)
     nbytes = pk.nbytes + pv.nbytes + 2 * b * ba.HKV * ba.RESIDUAL * ba.D * 2
+    q = torch.randn(b, ba.HQ, 1, ba.D, device=dev, dtype=torch.float16)
+    launch = str(describe_launch(q, pk, pv))
     del pk, pv
-    return ba.fused_maker(name, b, t - ba.RESIDUAL, dev, LaunchConfig()), nbytes
+    return ba.fused_maker(name, b, t - ba.RESIDUAL, dev, LaunchConfig()), nbytes, launch
 
 
 def kernel_us(make_call, copies: int, calls: int) -> dict[str, float]:
@@ -89,16 +92,10 @@ def main() -> None:
     rows = []
     for case in args.cases:
         name, b, t = parse_case(case)
-        make_call, nbytes = case_calls(name, b, t, dev)
+        make_call, nbytes, launch = case_calls(name, b, t, dev)
         graph_ms = ba.graph_ms(make_call, nbytes)
         copies = max(1, min(64, ba.L2_DEFEAT_BYTES // nbytes + 1))
         kernels = kernel_us(make_call, copies, args.calls)
-        launch = None
-        if name != "sdpa":
-            pk, pv = ba.make_preset(name, b, t - ba.RESIDUAL, torch.float16, dev)
-            q = torch.randn(b, ba.HQ, 1, ba.D, device=dev, dtype=torch.float16)
-            launch = str(describe_launch(q, pk, pv))
-            del pk, pv
         rows.append({"case": case, "graph_us": graph_ms * 1e3, "kernels_us": kernels,
                      "kernels_sum_us": sum(kernels.values()), "bytes": nbytes, "launch": launch})
         print(case, f"graph {graph_ms * 1e3:.1f} us", {k[:40]: round(v, 1) for k, v in kernels.items()}, launch, flush=True)

@@ -338,10 +338,10 @@ def fused_decode_attention(
                                                  window_blocks, hkv if by_kv_head else hq, residual_length)
         kwargs = dict(D=d, BLOCK_S=block_s, BLOCK_N=window_block_n, HAS_MASK=mask is not None,
                       BLOCKS_CONST=window_blocks if _interpreting() else 0, ROTATED=rotate_in_combine,
-                      WINDOW_IN_MEMORY=residual_length is not None, num_warps=WINDOW_WARPS)
+                      WINDOW_IN_MEMORY=residual_length is not None, num_warps=4 if by_kv_head else WINDOW_WARPS)
         if by_kv_head:
             kwargs.update(BLOCK_M=block_m, DOT_DTYPE=_dot_dtype(query.dtype),
-                          ROWS_CONST=gqa * tq if _interpreting() else 0, num_warps=4)
+                          ROWS_CONST=gqa * tq if _interpreting() else 0)
             combine_grid = (bsz * hkv,)
     else:
         kernel, names = _combine_kernel, _COMBINE_ARGUMENTS
