@@ -19,7 +19,7 @@ from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attentio
 from kvpolar.packing import unpack_bits
 from kvpolar.quantizers.base import Quantizer
 from kvpolar.quantizers.polar_rope import PolarRopeTensor
-from kernel_checks import (DEVICE, compare_with_oracle, left_padding_mask, oracle_with, random_inputs,  # noqa: E402
+from kernel_checks import (DEVICE, ULP, compare_with_oracle, left_padding_mask, oracle_with, random_inputs,  # noqa: E402
                            random_launch, random_shape)
 
 D = 64
@@ -437,7 +437,8 @@ def test_window_length_read_from_memory(monkeypatch, form, case):
     output equals the call over the real tokens alone, bit for bit (the blocks beyond add nothing), in
     both folded forms, also with polar-rope keys, values the merge un-rotates and a 16-bit "packed"
     part (a 16-bit layer's cache in replayed decoding); with an empty window it equals the call without
-    one."""
+    one. Both are also checked against the PyTorch reference (within 8 ulps of the output's largest
+    value; at most 1.3 measured), so a fault the two kernel paths share fails too."""
     monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD", form == "by-kv-head")
     monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD_SM_SHARE", 1 << 20)
     monkeypatch.setattr(da, "_COMBINE_LAUNCHES", {})
@@ -468,6 +469,11 @@ def test_window_length_read_from_memory(monkeypatch, form, case):
     window = (dev(rk[..., :real, :]), dev(rv[..., :real, :])) if real else (None, None)
     want = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, *window, scale)
     assert torch.equal(out, want)
+    # and both against the PyTorch reference over the real tokens, so a fault the two paths share fails
+    ref = reference_decode_attention(q, pk, pv, kq, vq, rk[..., :real, :] if real else None,
+                                     rv[..., :real, :] if real else None, scale).double()
+    err = (out.cpu().double() - ref).abs().max().item()
+    assert err <= 8 * ULP[dtype] * ref.abs().max().item(), f"error {err:.3g} against the reference"
     kernel = da._kv_head_window_combine_kernel if form == "by-kv-head" else da._window_combine_kernel
     assert kernel in [key[1] for key in da._COMBINE_LAUNCHES]
 
