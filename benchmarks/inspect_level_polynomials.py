@@ -10,7 +10,12 @@ rounding) and ``t`` read into a float's mantissa without a conversion. ``--form 
 ``level_values`` / ``angle_factor`` before anything is compiled; each form compiles in its own process
 (Triton compiles a kernel's callees once per process), and the driver prints both.
 
+``--time 32x32768 1x131072`` (on a GPU): each form is also checked against the reference at three
+shapes (ragged float16, bfloat16 with three query tokens, B=8 / 32k) and timed at the given shapes as
+``bench_attention`` times its grid (CUDA-graph medians over copies beyond L2), in the same processes.
+
     PYTHONPATH=src:benchmarks python benchmarks/inspect_level_polynomials.py [--batch 32] [--tokens 32768]
+        [--time 32x32768 1x131072]
 """
 
 from __future__ import annotations
@@ -59,12 +64,53 @@ def _polynomial_factor(code, values, SIN: tl.constexpr):
     return out
 
 
-def _report(form: str, batch: int, tokens: int) -> None:
+def _use(form: str) -> None:
     from kvpolar.kernels import polar_recursive_parts as pr
 
     if form == "polynomial":
         pr.level_values = _level_polynomials
         pr.angle_factor = _polynomial_factor
+
+
+def _time(form: str, shapes: list[str]) -> None:
+    """Check ``form`` against the reference, then time it (GPU)."""
+    _use(form)
+    import torch
+
+    import bench_attention as ba
+    from kvpolar.kernels.decode_attention import fused_decode_attention
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    for b, tq, tk, dtype, ragged in ((2, 1, 3001, torch.float16, True), (1, 3, 1000, torch.bfloat16, False),
+                                     (8, 1, 32768, torch.float16, True)):
+        pk, pv = ba.make_preset("polar-recursive", b, tk, dtype, dev)
+        q = torch.randn(b, ba.HQ, tq, ba.D, device=dev, dtype=dtype)
+        rk = torch.randn(b, ba.HKV, ba.RESIDUAL, ba.D, device=dev, dtype=dtype)
+        rv = torch.randn_like(rk)
+        n = tk + ba.RESIDUAL
+        mask = None
+        if ragged:
+            lengths = torch.tensor([n - 7 * i * (n // 20) for i in range(b)], device=dev)
+            mask = (torch.arange(n, device=dev)[None, :] >= n - lengths[:, None])[:, None, None, :]
+        want = ba.reference("polar-recursive", q, pk, pv, rk, rv, ba.D**-0.5, mask)
+        out = fused_decode_attention(q, pk, pv, None, None, rk, rv, ba.D**-0.5, mask).float()
+        rel = ((out - want).abs().max() / want.abs().max()).item()
+        print(f"{form} check B={b} Tq={tq} N={n} {dtype}: rel err {rel:.2e}", flush=True)
+        if not rel < (1e-2 if dtype == torch.float16 else 4e-2):
+            raise SystemExit(f"{form}: wrong result (rel err {rel:.2e})")
+    for shape in shapes:
+        b, t = (int(x) for x in shape.split("x"))
+        pk, pv = ba.make_preset("polar-recursive", b, t - ba.RESIDUAL, torch.float16, dev)
+        nbytes = pk.nbytes + pv.nbytes
+        del pk, pv
+        ms = ba.graph_ms(ba.fused_maker("polar-recursive", b, t - ba.RESIDUAL, dev, None), nbytes)
+        print(f"{form} time B={b} T={t}: {ms:.4f} ms", flush=True)
+        torch.cuda.empty_cache()
+
+
+def _report(form: str, batch: int, tokens: int) -> None:
+    _use(form)
     from inspect_attention_sass import loop_lines, report
     from inspect_preset_kernel import compile_preset
 
@@ -80,13 +126,19 @@ def main() -> None:
     ap.add_argument("--form", choices=FORMS, default=None, help="compile one form (the driver runs both)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--time", nargs="+", default=None, metavar="BxT",
+                    help="on a GPU: check each form against the reference and time it at these shapes")
     args = ap.parse_args()
     if args.form is not None:
-        _report(args.form, args.batch, args.tokens)
+        if args.time:
+            _time(args.form, args.time)
+        else:
+            _report(args.form, args.batch, args.tokens)
         return
     for form in FORMS:
+        extra = ["--time", *args.time] if args.time else []
         subprocess.run([sys.executable, __file__, "--form", form, "--batch", str(args.batch), "--tokens",
-                        str(args.tokens)], check=True)
+                        str(args.tokens), *extra], check=True)
 
 
 if __name__ == "__main__":
