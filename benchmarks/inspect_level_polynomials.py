@@ -1,18 +1,17 @@
-"""polar-recursive's 2-bit angle levels looked up by selects (the library) against evaluated as cubic
-polynomials through the codebook's four (cos, sin) entries, in an sm_90 compile on a machine without a
-GPU (no device time).
+"""polar-recursive's 2-bit angle levels evaluated as cubics (the library since the thirty-third session)
+against looked up by two selects on the code's bits (the form they replaced): sm_90 instruction counts
+on a machine without a GPU, or checks and times on one.
 
 Levels 2-4 of the paper setting store 2-bit angles; the parts kernel turns each code into cos or sin of
-its codebook entry with two selects on the code's bits (``polar_recursive_parts.angle_factor``). Four
-points fix a cubic, so the same values are ``((c3 t + c2) t + c1) t + c0`` at ``t = code - 3/2``, with
-the coefficients computed once per program from the four entries (``_cubic``; exact up to float32
-rounding) and ``t`` read into a float's mantissa without a conversion. ``--form polynomial`` replaces
-``level_values`` / ``angle_factor`` before anything is compiled; each form compiles in its own process
-(Triton compiles a kernel's callees once per process), and the driver prints both.
+its codebook entry. Four points fix a cubic, so ``polar_recursive_parts.angle_factor`` evaluates
+``((c3 t + c2) t + c1) t + c0`` at ``t = code - 3/2`` with the coefficients computed once per program
+(``level_values``); ``--form selects`` puts the earlier ``level_values`` / ``angle_factor`` (the four
+entries, two selects) back before anything is compiled. Each form runs in its own process (Triton
+compiles a kernel's callees once per process); the driver runs both and prints what each printed.
 
-``--time 32x32768 1x131072`` (on a GPU): each form is also checked against the reference at three
-shapes (ragged float16, bfloat16 with three query tokens, B=8 / 32k) and timed at the given shapes as
-``bench_attention`` times its grid (CUDA-graph medians over copies beyond L2), in the same processes.
+``--time 32x32768 1x131072`` (on a GPU): each form is checked against the reference at three shapes
+(ragged float16, bfloat16 with three query tokens, B=8 / 32k) and timed at the given shapes as
+``bench_attention`` times its grid (CUDA-graph medians over copies beyond L2).
 
     PYTHONPATH=src:benchmarks python benchmarks/inspect_level_polynomials.py [--batch 32] [--tokens 32768]
         [--time 32x32768 1x131072]
@@ -29,47 +28,35 @@ import tempfile
 import triton
 import triton.language as tl
 
-FORMS = ("selects", "polynomial")
+FORMS = ("cubic", "selects")
 
 
 @triton.jit
-def _cubic(v0, v1, v2, v3):
-    """Coefficients ``(c0, c1, c2, c3)`` of the cubic through ``(t, v)`` at ``t = -3/2, -1/2, 1/2, 3/2``."""
-    c0 = (9.0 / 16.0) * (v1 + v2) - (1.0 / 16.0) * (v0 + v3)
-    c1 = (9.0 / 8.0) * (v2 - v1) + (1.0 / 24.0) * (v0 - v3)
-    c2 = 0.25 * ((v0 + v3) - (v1 + v2))
-    c3 = 0.5 * (v1 - v2) + (1.0 / 6.0) * (v3 - v0)
-    return c0, c1, c2, c3
+def _select_values(cos_ptr, sin_ptr, ENTRY: tl.constexpr):
+    """The earlier ``level_values``: cos and sin of the four entries, 8 float32 scalars."""
+    return (tl.load(cos_ptr + ENTRY), tl.load(cos_ptr + ENTRY + 1), tl.load(cos_ptr + ENTRY + 2),
+            tl.load(cos_ptr + ENTRY + 3), tl.load(sin_ptr + ENTRY), tl.load(sin_ptr + ENTRY + 1),
+            tl.load(sin_ptr + ENTRY + 2), tl.load(sin_ptr + ENTRY + 3))
 
 
 @triton.jit
-def _level_polynomials(cos_ptr, sin_ptr, ENTRY: tl.constexpr):
-    """``level_values``' replacement: the cubics of cos and of sin over a 2-bit level's four entries."""
-    a0, a1, a2, a3 = _cubic(tl.load(cos_ptr + ENTRY), tl.load(cos_ptr + ENTRY + 1), tl.load(cos_ptr + ENTRY + 2),
-                            tl.load(cos_ptr + ENTRY + 3))
-    b0, b1, b2, b3 = _cubic(tl.load(sin_ptr + ENTRY), tl.load(sin_ptr + ENTRY + 1), tl.load(sin_ptr + ENTRY + 2),
-                            tl.load(sin_ptr + ENTRY + 3))
-    return a0, a1, a2, a3, b0, b1, b2, b3
-
-
-@triton.jit
-def _polynomial_factor(code, values, SIN: tl.constexpr):
-    """``angle_factor``'s replacement: the code (int32 0..3) at mantissa bit 20 of 1.0, so ``8 f - 9.5`` is
-    ``code - 3/2`` exactly, then three FMAs."""
-    t = ((code << 20) | 0x3F800000).to(tl.float32, bitcast=True) * 8.0 - 9.5
+def _select_factor(code, values, SIN: tl.constexpr):
+    """The earlier ``angle_factor``: two selects on the code's bits."""
+    hi = (code & 2) != 0
+    lo = (code & 1) != 0
     if SIN:
-        out = ((values[7] * t + values[6]) * t + values[5]) * t + values[4]
+        out = tl.where(hi, tl.where(lo, values[7], values[6]), tl.where(lo, values[5], values[4]))
     else:
-        out = ((values[3] * t + values[2]) * t + values[1]) * t + values[0]
+        out = tl.where(hi, tl.where(lo, values[3], values[2]), tl.where(lo, values[1], values[0]))
     return out
 
 
 def _use(form: str) -> None:
     from kvpolar.kernels import polar_recursive_parts as pr
 
-    if form == "polynomial":
-        pr.level_values = _level_polynomials
-        pr.angle_factor = _polynomial_factor
+    if form == "selects":
+        pr.level_values = _select_values
+        pr.angle_factor = _select_factor
 
 
 def _time(form: str, shapes: list[str]) -> None:
@@ -85,14 +72,8 @@ def _time(form: str, shapes: list[str]) -> None:
     for b, tq, tk, dtype, ragged in ((2, 1, 3001, torch.float16, True), (1, 3, 1000, torch.bfloat16, False),
                                      (8, 1, 32768, torch.float16, True)):
         pk, pv = ba.make_preset("polar-recursive", b, tk, dtype, dev)
-        q = torch.randn(b, ba.HQ, tq, ba.D, device=dev, dtype=dtype)
-        rk = torch.randn(b, ba.HKV, ba.RESIDUAL, ba.D, device=dev, dtype=dtype)
-        rv = torch.randn_like(rk)
         n = tk + ba.RESIDUAL
-        mask = None
-        if ragged:
-            lengths = torch.tensor([n - 7 * i * (n // 20) for i in range(b)], device=dev)
-            mask = (torch.arange(n, device=dev)[None, :] >= n - lengths[:, None])[:, None, None, :]
+        q, rk, rv, mask = ba.check_inputs(b, tq, tk, dtype, dev, ba.ragged_lengths(b, n) if ragged else None)
         want = ba.reference("polar-recursive", q, pk, pv, rk, rv, ba.D**-0.5, mask)
         out = fused_decode_attention(q, pk, pv, None, None, rk, rv, ba.D**-0.5, mask).float()
         rel = ((out - want).abs().max() / want.abs().max()).item()

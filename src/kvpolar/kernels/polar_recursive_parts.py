@@ -19,7 +19,8 @@ Angle ``i`` of level ``l`` sits at bit ``o_l + i * bits`` of the token's little-
 bytes ``4j .. 4j+3`` (nibble ``P``); level 2 (2 bits) byte ``D/4 + j`` (field ``2 b4 + b3``); level
 3 byte ``D/4 + D/16 + j // 2`` (field ``2 (j % 2) + b4``); level 4 byte ``D/4 + D/16 + D/32 + j // 4``
 (field ``j % 4``). cos / sin of every codebook entry come from tables (entries 0-15 level 1, 16-19
-level 2, 20-23 level 3, 24-27 level 4), looked up per angle (a few dozen floats, cache-resident).
+level 2, 20-23 level 3, 24-27 level 4): level 1 is computed (its analytic codebook is a uniform grid),
+levels 2-4 are cubics through their four entries, fitted once per program (:func:`level_values`).
 
 Every helper works on tiles of any orientation: ``rows`` are pointers to the tokens' code bytes and
 ``jj`` the subtree index, broadcast against each other (``[BN, 1]`` and ``[1, NJ]`` for keys,
@@ -86,24 +87,40 @@ def subtree_codes(rows, ok, jj, D: tl.constexpr, byte_stride):
 
 
 @triton.jit
+def _cubic(v0, v1, v2, v3):
+    """Coefficients ``(c0, c1, c2, c3)`` of the cubic through ``(t, v)`` at ``t = -3/2, -1/2, 1/2, 3/2``
+    (float32 scalars; exact up to float32 rounding, the nodes being symmetric and small)."""
+    c0 = (9.0 / 16.0) * (v1 + v2) - (1.0 / 16.0) * (v0 + v3)
+    c1 = (9.0 / 8.0) * (v2 - v1) + (1.0 / 24.0) * (v0 - v3)
+    c2 = 0.25 * ((v0 + v3) - (v1 + v2))
+    c3 = 0.5 * (v1 - v2) + (1.0 / 6.0) * (v3 - v0)
+    return c0, c1, c2, c3
+
+
+@triton.jit
 def level_values(cos_ptr, sin_ptr, ENTRY: tl.constexpr):
-    """cos and sin of the four entries of a 2-bit level's codebook: a tuple of 8 float32 scalars
-    (loaded once per program, so the block loop reads no table)."""
-    return (tl.load(cos_ptr + ENTRY), tl.load(cos_ptr + ENTRY + 1), tl.load(cos_ptr + ENTRY + 2),
-            tl.load(cos_ptr + ENTRY + 3), tl.load(sin_ptr + ENTRY), tl.load(sin_ptr + ENTRY + 1),
-            tl.load(sin_ptr + ENTRY + 2), tl.load(sin_ptr + ENTRY + 3))
+    """The cos and sin of a 2-bit level's four codebook entries as two cubics in ``t = code - 3/2``: a
+    tuple of 8 float32 scalars (cos's ``c0 .. c3``, then sin's; :func:`_cubic`), computed once per
+    program, so the block loop reads no table and selects nothing."""
+    a0, a1, a2, a3 = _cubic(tl.load(cos_ptr + ENTRY), tl.load(cos_ptr + ENTRY + 1), tl.load(cos_ptr + ENTRY + 2),
+                            tl.load(cos_ptr + ENTRY + 3))
+    b0, b1, b2, b3 = _cubic(tl.load(sin_ptr + ENTRY), tl.load(sin_ptr + ENTRY + 1), tl.load(sin_ptr + ENTRY + 2),
+                            tl.load(sin_ptr + ENTRY + 3))
+    return a0, a1, a2, a3, b0, b1, b2, b3
 
 
 @triton.jit
 def angle_factor(code, values, SIN: tl.constexpr):
-    """``cos`` (``SIN`` False) or ``sin`` of entry ``code`` (int32 0..3) of a 2-bit level
-    (``values`` from ``level_values``): two selects on the code's bits, no memory access."""
-    hi = (code & 2) != 0
-    lo = (code & 1) != 0
+    """``cos`` (``SIN`` False) or ``sin`` of entry ``code`` (int32 0..3) of a 2-bit level (``values``
+    from ``level_values``): the code read into the mantissa of 1.0 at bit 20, so ``8 f - 9.5`` is
+    ``t = code - 3/2`` exactly (no conversion instruction), then the level's cubic in three FMAs. Two
+    selects on the code's bits gave the same values and took the H100 1.27-1.34x as long per call
+    (``benchmarks/inspect_level_polynomials.py --time``)."""
+    t = ((code << 20) | 0x3F800000).to(tl.float32, bitcast=True) * 8.0 - 9.5
     if SIN:
-        out = tl.where(hi, tl.where(lo, values[7], values[6]), tl.where(lo, values[5], values[4]))
+        out = ((values[7] * t + values[6]) * t + values[5]) * t + values[4]
     else:
-        out = tl.where(hi, tl.where(lo, values[3], values[2]), tl.where(lo, values[1], values[0]))
+        out = ((values[3] * t + values[2]) * t + values[1]) * t + values[0]
     return out
 
 
