@@ -225,6 +225,26 @@ def ragged_case(kq, vq, dtype, dev, b=2, tk=2110, r=128):
     return q, pk, pv, kq, vq, k[..., tk:, :], v[..., tk:, :], D**-0.5, mask
 
 
+def ragged_lengths(b: int, n: int) -> list[int]:
+    """Tokens held by each of ``b`` sequences of a ragged check over ``n`` positions (the first all)."""
+    return [n - 7 * i * (n // 20) for i in range(b)]
+
+
+def check_inputs(b, tq, tk, dtype, dev, lengths=None):
+    """``(query [b, HQ, tq, D], window keys, window values [b, HKV, RESIDUAL, D], mask)`` of one
+    correctness check over ``tk`` packed tokens: random normal in ``dtype``, and with ``lengths`` (tokens
+    held of ``tk + RESIDUAL``, per sequence) a left-padding bool mask ``[b, 1, 1, tk + RESIDUAL]``, else None."""
+    q = torch.randn(b, HQ, tq, D, device=dev, dtype=dtype)
+    rk = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=dtype)
+    rv = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=dtype)
+    mask = None
+    if lengths is not None:
+        n = tk + RESIDUAL
+        held = torch.tensor(lengths, device=dev)
+        mask = (torch.arange(n, device=dev)[None, :] >= n - held[:, None])[:, None, None, :]
+    return q, rk, rv, mask
+
+
 def check_correctness(dev):
     rows = []
     # These small caches take the classic kernel by default (``LaunchConfig.transposed_min_rows``): the
@@ -253,14 +273,8 @@ def check_correctness(dev):
         if not supports(pk, pv):
             print(f"check {name:13s} skipped: the fused kernel does not read these formats")
             continue
-        q = torch.randn(b, HQ, tq, D, device=dev, dtype=dtype)
-        rk = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=dtype)
-        rv = torch.randn(b, HKV, RESIDUAL, D, device=dev, dtype=dtype)
-        mask = None
         n = tk + RESIDUAL
-        if ragged:
-            lengths = torch.tensor([n - 7 * i * (n // 20) for i in range(b)], device=dev)
-            mask = (torch.arange(n, device=dev)[None, :] >= n - lengths[:, None])[:, None, None, :]
+        q, rk, rv, mask = check_inputs(b, tq, tk, dtype, dev, ragged_lengths(b, n) if ragged else None)
         want = reference(name, q, pk, pv, rk, rv, D**-0.5, mask)
         try:
             out = fused_decode_attention(q, pk, pv, None, None, rk, rv, D**-0.5, mask, cfg).float()

@@ -123,14 +123,8 @@ def check_variants(dev, presets, variants):
         for dtype, ragged, tq in ((torch.float16, False, 1), (torch.bfloat16, True, 1), (torch.float16, True, 3)):
             b, tk = 3, 2001
             stored_pk, stored_pv = ba.make_preset(name, b, tk, dtype, dev)
-            q = torch.randn(b, ba.HQ, tq, ba.D, device=dev, dtype=dtype)
-            rk = torch.randn(b, ba.HKV, ba.RESIDUAL, ba.D, device=dev, dtype=dtype)
-            rv = torch.randn_like(rk)
             n = tk + ba.RESIDUAL
-            mask = None
-            if ragged:
-                lengths = torch.tensor([n, n - 700, 5], device=dev)
-                mask = (torch.arange(n, device=dev)[None, :] >= n - lengths[:, None])[:, None, None, :]
+            q, rk, rv, mask = ba.check_inputs(b, tq, tk, dtype, dev, [n, n - 700, 5] if ragged else None)
             want = ba.reference(name, q, stored_pk, stored_pv, rk, rv, ba.D**-0.5, mask)
             for vname in variants:
                 layout = LAYOUTS.get(vname, lambda p: p)
