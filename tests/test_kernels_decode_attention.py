@@ -438,7 +438,7 @@ def test_window_length_read_from_memory(monkeypatch, form, case):
     both folded forms, also with polar-rope keys, values the merge un-rotates and a 16-bit "packed"
     part (a 16-bit layer's cache in replayed decoding); with an empty window it equals the call without
     one. Both are also checked against the PyTorch reference (within 8 ulps of the output's largest
-    value; at most 1.3 measured), so a fault the two kernel paths share fails too."""
+    value; at most 1.3 measured under the interpreter), so a fault the two kernel paths share fails too."""
     monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD", form == "by-kv-head")
     monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD_SM_SHARE", 1 << 20)
     monkeypatch.setattr(da, "_COMBINE_LAUNCHES", {})

@@ -114,7 +114,7 @@ def angle_factor(code, values, SIN: tl.constexpr):
     """``cos`` (``SIN`` False) or ``sin`` of entry ``code`` (int32 0..3) of a 2-bit level (``values``
     from ``level_values``): the code read into the mantissa of 1.0 at bit 20, so ``8 f - 9.5`` is
     ``t = code - 3/2`` exactly (no conversion instruction), then the level's cubic in three FMAs. Two
-    selects on the code's bits gave the same values and took the H100 1.27-1.34x as long per call
+    selects on the code's bits gave the same values and took the H100 1.23-1.35x as long per call
     (``benchmarks/inspect_level_polynomials.py --time``)."""
     t = ((code << 20) | 0x3F800000).to(tl.float32, bitcast=True) * 8.0 - 9.5
     if SIN:
