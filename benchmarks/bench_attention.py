@@ -269,26 +269,36 @@ def check_correctness(dev):
     ] + [(name, 2, 1 + 2 * (i % 2), 1000 + 555 * i, (torch.float16, torch.bfloat16)[i % 2], i % 3 == 0, None)
          for i, name in enumerate(BUILT_PRESETS)]
     for name, b, tq, tk, dtype, ragged, cfg in cases:
-        pk, pv = make_preset(name, b, tk, dtype, dev)
-        if not supports(pk, pv):
-            print(f"check {name:13s} skipped: the fused kernel does not read these formats")
-            continue
-        n = tk + RESIDUAL
-        q, rk, rv, mask = check_inputs(b, tq, tk, dtype, dev, ragged_lengths(b, n) if ragged else None)
-        want = reference(name, q, pk, pv, rk, rv, D**-0.5, mask)
-        try:
-            out = fused_decode_attention(q, pk, pv, None, None, rk, rv, D**-0.5, mask, cfg).float()
-        except Exception as e:  # report and go on: the sweep may still find configurations that work
-            print(f"check {name}: {type(e).__name__}: {str(e)[-300:]}")
-            out = torch.full_like(want, float("nan"))
-        rel = ((out - want).abs().max() / want.abs().max()).item()
-        ok = bool(torch.isfinite(out).all()) and rel < (1e-2 if dtype == torch.float16 else 4e-2)
-        launch = "default" if cfg is None else ("capped" if cfg.max_registers else "transposed")
-        rows.append({"preset": name, "batch": b, "tq": tq, "tokens": tk + RESIDUAL, "dtype": str(dtype),
-                     "ragged_mask": ragged, "launch": launch, "max_rel_error": rel, "ok": ok})
-        print(f"check {name:13s} B={b} Tq={tq} N={n} {str(dtype):14s} mask={ragged!s:5s} {launch:10s} "
-              f"rel err {rel:.2e} {'ok' if ok else 'FAIL'}")
+        row = check_case(name, b, tq, tk, dtype, ragged, cfg, dev)
+        if row is not None:
+            rows.append(row)
     return rows
+
+
+def check_case(name, b, tq, tk, dtype, ragged, cfg, dev) -> dict | None:
+    """One check of ``fused_decode_attention`` (launch config ``cfg``) against ``reference``: preset
+    ``name`` over ``tk`` packed tokens plus the window (:func:`check_inputs`; with ``ragged`` a left-padding
+    mask), ``tq`` query tokens. Prints a line and returns its row (``ok``: finite, relative error under
+    1e-2 in float16, 4e-2 in bfloat16), or None where the fused kernel does not read the formats."""
+    pk, pv = make_preset(name, b, tk, dtype, dev)
+    if not supports(pk, pv):
+        print(f"check {name:13s} skipped: the fused kernel does not read these formats")
+        return None
+    n = tk + RESIDUAL
+    q, rk, rv, mask = check_inputs(b, tq, tk, dtype, dev, ragged_lengths(b, n) if ragged else None)
+    want = reference(name, q, pk, pv, rk, rv, D**-0.5, mask)
+    try:
+        out = fused_decode_attention(q, pk, pv, None, None, rk, rv, D**-0.5, mask, cfg).float()
+    except Exception as e:  # report and go on: the sweep may still find configurations that work
+        print(f"check {name}: {type(e).__name__}: {str(e)[-300:]}")
+        out = torch.full_like(want, float("nan"))
+    rel = ((out - want).abs().max() / want.abs().max()).item()
+    ok = bool(torch.isfinite(out).all()) and rel < (1e-2 if dtype == torch.float16 else 4e-2)
+    launch = "default" if cfg is None else ("capped" if cfg.max_registers else "transposed")
+    print(f"check {name:13s} B={b} Tq={tq} N={n} {str(dtype):14s} mask={ragged!s:5s} {launch:10s} "
+          f"rel err {rel:.2e} {'ok' if ok else 'FAIL'}")
+    return {"preset": name, "batch": b, "tq": tq, "tokens": n, "dtype": str(dtype), "ragged_mask": ragged,
+            "launch": launch, "max_rel_error": rel, "ok": ok}
 
 
 # ----- timing ------------------------------------------------------------------------------------------------------------
@@ -350,6 +360,15 @@ def fused_maker(name, b, tk, dev, cfg, layout=None):
         return lambda: fused_decode_attention(q, pk, pv, None, None, rk, rv, D**-0.5, None, cfg)
 
     return make_call
+
+
+def preset_graph_ms(name, b, t, dev, cfg) -> float:
+    """``graph_ms`` of ``fused_decode_attention`` (launch config ``cfg``) for preset ``name`` at batch ``b``,
+    ``t`` tokens (``t - RESIDUAL`` packed plus the window), the packed bytes as the bytes per call."""
+    pk, pv = make_preset(name, b, t - RESIDUAL, torch.float16, dev)
+    nbytes = pk.nbytes + pv.nbytes
+    del pk, pv
+    return graph_ms(fused_maker(name, b, t - RESIDUAL, dev, cfg), nbytes)
 
 
 def time_shape(b, t, dev, copy_gbs, presets, configs, with_hf=True):

@@ -65,28 +65,18 @@ def _time(form: str, shapes: list[str]) -> None:
     import torch
 
     import bench_attention as ba
-    from kvpolar.kernels.decode_attention import fused_decode_attention
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
+    print(f"== {form}", flush=True)
     for b, tq, tk, dtype, ragged in ((2, 1, 3001, torch.float16, True), (1, 3, 1000, torch.bfloat16, False),
                                      (8, 1, 32768, torch.float16, True)):
-        pk, pv = ba.make_preset("polar-recursive", b, tk, dtype, dev)
-        n = tk + ba.RESIDUAL
-        q, rk, rv, mask = ba.check_inputs(b, tq, tk, dtype, dev, ba.ragged_lengths(b, n) if ragged else None)
-        want = ba.reference("polar-recursive", q, pk, pv, rk, rv, ba.D**-0.5, mask)
-        out = fused_decode_attention(q, pk, pv, None, None, rk, rv, ba.D**-0.5, mask).float()
-        rel = ((out - want).abs().max() / want.abs().max()).item()
-        print(f"{form} check B={b} Tq={tq} N={n} {dtype}: rel err {rel:.2e}", flush=True)
-        if not rel < (1e-2 if dtype == torch.float16 else 4e-2):
-            raise SystemExit(f"{form}: wrong result (rel err {rel:.2e})")
+        row = ba.check_case("polar-recursive", b, tq, tk, dtype, ragged, None, dev)
+        if row is None or not row["ok"]:
+            raise SystemExit(f"{form}: wrong result (the check above)")
     for shape in shapes:
         b, t = (int(x) for x in shape.split("x"))
-        pk, pv = ba.make_preset("polar-recursive", b, t - ba.RESIDUAL, torch.float16, dev)
-        nbytes = pk.nbytes + pv.nbytes
-        del pk, pv
-        ms = ba.graph_ms(ba.fused_maker("polar-recursive", b, t - ba.RESIDUAL, dev, None), nbytes)
-        print(f"{form} time B={b} T={t}: {ms:.4f} ms", flush=True)
+        print(f"{form} time B={b} T={t}: {ba.preset_graph_ms('polar-recursive', b, t, dev, None):.4f} ms", flush=True)
         torch.cuda.empty_cache()
 
 

@@ -32,13 +32,6 @@ CASES = ["kivi-2@8x32768", "kivi-2@32x32768", "turbo-4@32x32768", "turbo-3@32x32
          "kivi-4@32x32768", "polar-recursive@32x32768"]
 
 
-def preset_ms(name: str, b: int, t: int, dev, cfg: LaunchConfig) -> float:
-    pk, pv = ba.make_preset(name, b, t - ba.RESIDUAL, torch.float16, dev)
-    nbytes = pk.nbytes + pv.nbytes
-    del pk, pv
-    return ba.graph_ms(ba.fused_maker(name, b, t - ba.RESIDUAL, dev, cfg), nbytes)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -64,7 +57,7 @@ def main() -> None:
         counts = args.splits if args.absolute else [max(1, s * 32 // b) for s in args.splits]
         configs = [("default", LaunchConfig())] + [(f"splits={s}", LaunchConfig(num_splits=s)) for s in counts]
         for label, cfg in configs:
-            ms = preset_ms(name, b, t, dev, cfg)
+            ms = ba.preset_graph_ms(name, b, t, dev, cfg)
             splits = cfg.num_splits or default["splits"]
             rows.append({"preset": name, "batch": b, "tokens": t, "config": label, "splits": splits,
                          "programs": b * ba.HKV * splits, "median_ms": ms, "sdpa_ms": sdpa[b, t],
