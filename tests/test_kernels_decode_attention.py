@@ -925,8 +925,9 @@ def test_splits_fill_one_wave_and_cover_every_token(monkeypatch, pps, programs, 
         assert da.wave_fill_of(splits, programs, pps * sms) >= cfg.wave_fill
         assert per_split >= cfg.min_wave_split_tokens
         assert da.wave_fill_of(max(1, pps * sms // programs), programs, pps * sms) < cfg.wave_fill
-    assert splits <= math.ceil(tokens / cfg.min_split_tokens)
-    if programs * 2 <= pps * sms and tokens >= 2 * cfg.min_split_tokens * (pps * sms // programs):
+    least = da.DEFAULT_MIN_SPLIT_TOKENS  # (the config leaves it to the policy: None)
+    assert cfg.min_split_tokens is None and splits <= math.ceil(tokens / least)
+    if programs * 2 <= pps * sms and tokens >= 2 * least * (pps * sms // programs):
         assert programs * splits > pps * sms // 2  # and the wave is more than half full
 
 
@@ -946,6 +947,33 @@ def test_splits_take_fuller_waves_where_one_wave_is_mostly_empty(monkeypatch, ba
     assert da.wave_fill_of(5, 576, 1584) == pytest.approx(2880 / 3168)
     with pytest.raises(ValueError, match="wave_fill=1.5 \\(allowed: 0 to 1\\)"):
         LaunchConfig(wave_fill=1.5)
+
+
+def test_polar_recursive_caches_split_down_to_one_block(monkeypatch):
+    """The split policy's least split (``min_split_tokens_of``): one block where a polar-recursive tensor
+    is read (keys or values), 256 tokens otherwise, the config's value where it gives one; a small
+    polar-recursive cache at batch 1 is then cut into one-block splits as far as one wave holds."""
+    recursive_fmt, kivi_fmt = da.formats.FMT_POLAR_RECURSIVE, da.FMT_KIVI
+    policy = LaunchConfig()
+    assert da.min_split_tokens_of(policy, recursive_fmt, kivi_fmt) == 1
+    assert da.min_split_tokens_of(policy, kivi_fmt, recursive_fmt) == 1
+    assert da.min_split_tokens_of(policy, kivi_fmt, kivi_fmt) == da.DEFAULT_MIN_SPLIT_TOKENS == 256
+    assert da.min_split_tokens_of(LaunchConfig(min_split_tokens=96), recursive_fmt, kivi_fmt) == 96
+    with pytest.raises(ValueError, match="min_split_tokens=0 \\(allowed: None or >= 1\\)"):
+        LaunchConfig(min_split_tokens=0)
+    monkeypatch.setattr(da, "_interpreting", lambda: False)
+    monkeypatch.setattr(da, "_device_sms", lambda device: 132)
+    x = torch.randn(1, 8, 4000, 128)
+    q = torch.randn(1, 32, 1, 128, dtype=torch.float16)
+    recursive = kvpolar.quantizer("polar-recursive")
+    pk, pv = recursive.quantize(x), recursive.quantize(x)
+    launch = da.describe_launch(q, pk, pv)  # 125 blocks of 32 tokens per KV head; 12 x 132 slots for 8 programs
+    assert (launch["splits"], launch["tokens_per_split"]) == (125, 32)
+    fixed = da.describe_launch(q, pk, pv, LaunchConfig(min_split_tokens=256))
+    assert (fixed["splits"], fixed["tokens_per_split"]) == (16, 256)
+    kivi = kvpolar.quantizer("kivi", bits=2, axis="token", group_size=32).quantize(x)
+    with_kivi_values = da.describe_launch(q, pk, kivi)
+    assert with_kivi_values["splits"] == 125
 
 
 def test_splits_under_the_interpreter_are_powers_of_two_blocks(monkeypatch):

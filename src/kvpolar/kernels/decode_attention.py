@@ -128,12 +128,33 @@ def _device_sms(device: torch.device) -> int:
     return 8  # interpreter runs: a few splits, so tests exercise the combine step
 
 
+#: The least tokens per split of the automatic split count (``LaunchConfig.min_split_tokens`` None) where
+#: no format asks for fewer (``min_split_tokens_of``).
+DEFAULT_MIN_SPLIT_TOKENS = 256
+
+
+def min_split_tokens_of(cfg: LaunchConfig, key_fmt: int, value_fmt: int) -> int:
+    """The least tokens per split of the automatic split count for these key / value format ids: the
+    config's ``min_split_tokens`` where given; else one token (so one block: splits are whole blocks)
+    where either is polar-recursive, whose 32-token block keeps a warp several times as long as a KIVI
+    block's (its loop: about 3600 instructions against 720), so that a small cache at batch 1 is cut
+    into as many one-block splits as the wave holds rather than 256-token splits of 8 blocks each
+    read in turn (H100, thirty-fourth session, ``benchmarks/results/sweep_splits_small_h100.json``: B=1,
+    4k tokens 81.7 -> 49.0 us a call, 124 splits instead of 16; 16k 89.5 -> 73.3 us, 127 instead of
+    64); else ``DEFAULT_MIN_SPLIT_TOKENS`` (turbo-3 and polar-rope-3 at B=1 / 4k ran 1.17-1.19x as fast with
+    64 splits than with 16, ``sweep_splits_turbo_small_h100.json``, but other sizes were not measured)."""
+    if cfg.min_split_tokens is not None:
+        return cfg.min_split_tokens
+    return 1 if formats.FMT_POLAR_RECURSIVE in (key_fmt, value_fmt) else DEFAULT_MIN_SPLIT_TOKENS
+
+
 def choose_splits(tokens: int, programs: int, sms: int, block_n: int, cfg: LaunchConfig) -> tuple[int, int]:
     """(splits, tokens per split) for ``tokens`` tokens and ``programs`` (sequence, KV head) pairs.
 
     As many splits as fit ONE wave of ``programs_per_sm`` programs per SM (``programs * splits <=
     programs_per_sm * sms``: a second, partly filled wave would cost a whole split's time for a few
-    programs), none shorter than ``min_split_tokens``, so batch 1 at 128k fills the GPU. Where that
+    programs), none shorter than ``min_split_tokens`` (None: ``DEFAULT_MIN_SPLIT_TOKENS``; the launch plan
+    passes the formats' value, ``min_split_tokens_of``), so batch 1 at 128k fills the GPU. Where that
     wave is less than ``cfg.wave_fill`` full, the fewest more splits whose waves are that full and
     whose splits keep ``min_wave_split_tokens`` (:func:`fuller_waves`). Under the interpreter tokens per
     split are ``block_n`` times a power of two (its loop count is a compile-time constant: few distinct
@@ -145,7 +166,8 @@ def choose_splits(tokens: int, programs: int, sms: int, block_n: int, cfg: Launc
         wanted = cfg.num_splits
     else:
         slots = cfg.programs_per_sm * sms
-        wanted = min(max(1, slots // programs), math.ceil(tokens / cfg.min_split_tokens))
+        least = DEFAULT_MIN_SPLIT_TOKENS if cfg.min_split_tokens is None else cfg.min_split_tokens
+        wanted = min(max(1, slots // programs), math.ceil(tokens / least))
         wanted = fuller_waves(wanted, programs, slots, tokens // cfg.min_wave_split_tokens, cfg.wave_fill)
     blocks = math.ceil(tokens / block_n)
     per_split_blocks = math.ceil(blocks / max(1, wanted))
@@ -433,9 +455,11 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
     if formats.FMT_TURBO in (k_op.fmt, v_op.fmt) and transposed:
         block_n = min(block_n, _TURBO_T_BLOCK_N)
     split_cfg, sms = cfg, _device_sms(query.device)
+    if cfg.min_split_tokens is None:
+        split_cfg = dataclasses.replace(cfg, min_split_tokens=min_split_tokens_of(cfg, k_op.fmt, v_op.fmt))
     if transposed:
-        pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, cfg, sms, query_rows)
-        split_cfg = dataclasses.replace(cfg, max_registers=max_registers,
+        pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, split_cfg, sms, query_rows)
+        split_cfg = dataclasses.replace(split_cfg, max_registers=max_registers,
                                         value_metadata=value_metadata_policy(k_op, v_op, cfg))
         if cfg.transposed_programs_per_sm is None:  # no more than fit at once: the splits fill one wave
             resident = _transposed_residency(query, k_op, v_op, mask, 0, scale, hq // hkv, block_n, split_cfg)
@@ -575,7 +599,7 @@ def transposed_tuning(k_op: Operand, v_op: Operand, programs: int, cfg: LaunchCo
     bytes_4bit = k_op.bits == 4 and v_op.bits <= 4 and cfg.kivi_code_units == "bytes"
     capped_kivi = kivi_pair and (bytes_4bit or k_op.bits == v_op.bits == 2)
     capped_format = capped_kivi or formats.FMT_TURBO in (k_op.fmt, v_op.fmt)
-    fills_wave = k_op.tokens >= cfg.min_split_tokens * math.ceil(12 * sms / programs)
+    fills_wave = k_op.tokens >= min_split_tokens_of(cfg, k_op.fmt, v_op.fmt) * math.ceil(12 * sms / programs)
     pps = 16 if batched and k_op.fmt == FMT_POLAR and v_op.bits == 2 else 12
     if cfg.transposed_programs_per_sm is not None:
         pps = cfg.transposed_programs_per_sm

@@ -16,7 +16,9 @@ class LaunchConfig:
     block_n: tokens per inner step (capped by the key group size, which it must divide).
     num_splits: splits of the packed tokens per (sequence, KV head); None = from the SM count.
     programs_per_sm: target of the automatic split count.
-    min_split_tokens: no split gets fewer tokens than this (automatic split count).
+    min_split_tokens: no split gets fewer tokens than this (automatic split count); None = the
+        policy (``decode_attention.min_split_tokens_of``): 256, or one block where a polar-recursive
+        tensor is read, whose 32-token block keeps a warp several times as long as a KIVI block's.
     wave_fill: the automatic split count fills one wave of ``programs_per_sm`` programs per SM; where
         that wave would be less than ``wave_fill`` full (72 sequences x 8 KV heads = 576 programs per
         split against 12 x 132 = 1584 slots: 2 splits fill 73%), it takes the fewest more splits whose
@@ -133,7 +135,7 @@ class LaunchConfig:
     num_stages: int = 2
     num_splits: int | None = None
     programs_per_sm: int = 4
-    min_split_tokens: int = 256
+    min_split_tokens: int | None = None
     wave_fill: float = 0.9
     min_wave_split_tokens: int = 2048
     by_parts: bool = True
@@ -181,6 +183,8 @@ class LaunchConfig:
             raise ValueError(f"polar_recursive_keys={self.polar_recursive_keys!r} (allowed: 'columns', 'subtrees')")
         if not 0.0 <= self.wave_fill <= 1.0:
             raise ValueError(f"wave_fill={self.wave_fill} (allowed: 0 to 1)")
+        if self.min_split_tokens is not None and self.min_split_tokens < 1:
+            raise ValueError(f"min_split_tokens={self.min_split_tokens} (allowed: None or >= 1)")
         if self.min_wave_split_tokens < 1:
             raise ValueError(f"min_wave_split_tokens={self.min_wave_split_tokens} (allowed: >= 1)")
         if self.transposed_min_rows < 0:
