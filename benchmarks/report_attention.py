@@ -3,10 +3,11 @@ attention_transposed_h100.json (tune_attention_t.py: method names ``<preset>:<la
 
 Usage: ``python benchmarks/report_attention.py [results.json ...] [plot.png]``: prints the markdown
 table that benchmarks/README.md carries and writes the plot (speed-up over fp16 SDPA vs context
-length, one panel per batch size) to ``plot.png``; without arguments it reads ``results/attention_h100.json``
-and plots to ``attention_speedup_h100.png``, and with results named but no ``.png`` it plots nothing
-(so that a table of another run never overwrites that committed plot). Several JSON files (runs of one GPU, e.g. batch sizes timed in
-separate device calls) are shown together; each row's speed-up is against the fp16 SDPA of its own run.
+length, one panel per batch size) to ``plot.png``; without arguments it reads
+``results/attention_h100.json`` and plots to ``attention_speedup_h100.png``, and with results named
+but no ``.png`` it plots nothing (so that a table of another run never overwrites that committed
+plot). Several JSON files (runs of one GPU, e.g. batch sizes timed in separate device calls) are
+shown together; each row's speed-up is against the fp16 SDPA of its own run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 def main() -> None:
     named = [a for a in sys.argv[1:] if a.endswith(".json")]
     sources = named or ["benchmarks/results/attention_h100.json"]
-    png = next((a for a in sys.argv[1:] if a.endswith(".png")), None if named else "benchmarks/attention_speedup_h100.png")
+    default_png = None if named else "benchmarks/attention_speedup_h100.png"
+    png = next((a for a in sys.argv[1:] if a.endswith(".png")), default_png)
     runs = [json.load(open(src)) for src in sources]
     gpus = {run["meta"]["gpu"] for run in runs}
     if len(gpus) > 1:

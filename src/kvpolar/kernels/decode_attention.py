@@ -141,8 +141,8 @@ def min_split_tokens_of(cfg: LaunchConfig, key_fmt: int, value_fmt: int) -> int:
     into as many one-block splits as the wave holds rather than 256-token splits of 8 blocks each
     read in turn (H100, thirty-fourth session, ``benchmarks/results/sweep_splits_small_h100.json``: B=1,
     4k tokens 81.7 -> 49.0 us a call, 124 splits instead of 16; 16k 89.5 -> 73.3 us, 127 instead of
-    64); else ``DEFAULT_MIN_SPLIT_TOKENS`` (turbo-3 and polar-rope-3 at B=1 / 4k ran 1.17-1.19x as fast with
-    64 splits than with 16, ``sweep_splits_turbo_small_h100.json``, but other sizes were not measured)."""
+    64); else ``DEFAULT_MIN_SPLIT_TOKENS`` (turbo-3 and polar-rope-3 at B=1 / 4k ran 1.17-1.19x as fast
+    with 64 splits as with 16, ``sweep_splits_turbo_small_h100.json``; other sizes not measured)."""
     if cfg.min_split_tokens is not None:
         return cfg.min_split_tokens
     return 1 if formats.FMT_POLAR_RECURSIVE in (key_fmt, value_fmt) else DEFAULT_MIN_SPLIT_TOKENS
