@@ -173,6 +173,28 @@ def test_bound_launch_steps_times_both_settings(tmp_path, switch, labels, preset
     assert [len(r["steps"]) for r in saved] == [1, 2]
 
 
+def test_report_attention_plots_only_where_asked(tmp_path):
+    """A results file named without a ``.png`` prints its table and writes no plot (it once overwrote the
+    committed ``benchmarks/attention_speedup_h100.png``, its default); with a ``.png`` it writes that
+    plot. Each table row is the JSON's time and speed-up."""
+    source = BENCHMARKS / "results" / "attention_h100_34th.json"
+    work = tmp_path / "cwd"
+    (work / "benchmarks").mkdir(parents=True)  # (where the default plot would go, relative to the cwd)
+    script = [sys.executable, str(BENCHMARKS / "report_attention.py"), str(source)]
+    table = subprocess.run(script, cwd=work, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert list(work.rglob("*.png")) == []
+    results = json.loads(source.read_text())["results"]
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(results)
+    for cells, r in zip(rows, results):
+        assert (int(cells[1]), int(cells[2]), cells[3].strip()) == (r["batch"], r["tokens"], r["method"])
+        assert float(cells[4]) == pytest.approx(r["median_ms"], abs=5e-5)
+        assert float(cells[6]) == pytest.approx(r["speedup_vs_sdpa_fp16"], abs=0.005)
+    png = tmp_path / "plot.png"
+    subprocess.run([*script, str(png)], cwd=work, capture_output=True, text=True, timeout=300, check=True)
+    assert png.stat().st_size > 10_000 and list(work.rglob("*.png")) == []
+
+
 def test_report_end_to_end_tables_and_plots_the_committed_runs(tmp_path):
     """The committed H100 runs merged by (preset, batch): one row per preset with its best tokens/s
     over each 16-bit baseline's best, as the JSON's own points give them, and a plot."""
