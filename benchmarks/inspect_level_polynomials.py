@@ -51,7 +51,9 @@ def _select_factor(code, values, SIN: tl.constexpr):
     return out
 
 
-def _use(form: str) -> None:
+def use_form(form: str) -> None:
+    """Put ``form``'s ``level_values`` / ``angle_factor`` in place (before anything is compiled in this
+    process): "selects" the earlier ones, "cubic" leaves the library's (also ``profile_attention.py --levels``)."""
     from kvpolar.kernels import polar_recursive_parts as pr
 
     if form == "selects":
@@ -61,7 +63,7 @@ def _use(form: str) -> None:
 
 def _time(form: str, shapes: list[str]) -> None:
     """Check ``form`` against the reference, then time it (GPU)."""
-    _use(form)
+    use_form(form)
     import torch
 
     import bench_attention as ba
@@ -81,7 +83,7 @@ def _time(form: str, shapes: list[str]) -> None:
 
 
 def _report(form: str, batch: int, tokens: int) -> None:
-    _use(form)
+    use_form(form)
     from inspect_attention_sass import loop_lines, report
     from inspect_preset_kernel import compile_preset
 

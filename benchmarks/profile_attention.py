@@ -20,9 +20,9 @@ ap.add_argument("block_n", type=int, nargs="?", default=64)
 ap.add_argument("--levels", choices=("cubic", "selects"), default="cubic")
 args = ap.parse_args()
 if args.levels == "selects":
-    from inspect_level_polynomials import _use
+    from inspect_level_polynomials import use_form
 
-    _use("selects")
+    use_form("selects")
 name, b, t = args.preset, args.batch, args.tokens
 dev = torch.device("cuda")
 pk, pv = make_preset(name, b, t - RESIDUAL, torch.float16, dev)
