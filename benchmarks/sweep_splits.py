@@ -9,8 +9,12 @@ rotated beyond L2 (``bench_attention.graph_ms``). Writes JSON to ``--out`` and p
 ``--absolute``: the ``--splits`` counts as given at every batch (batches that fill a wave badly, e.g. 72
 sequences x 8 KV heads = 576 programs per split against 1584 slots, need counts of their own).
 
+``--min-split-tokens M ...``: instead of fixed counts, the automatic count under
+``LaunchConfig(min_split_tokens=M)`` for each ``M`` (the policy's least tokens per split, which
+decides the splits of small caches; each row records the splits that launch took).
+
 Usage: ``PYTHONPATH=src python benchmarks/sweep_splits.py --out $OUT [--cases kivi-2@8x32768 turbo-4@32x32768]
-[--splits 2 3 4 5 6 8 12 16] [--absolute]``
+[--splits 2 3 4 5 6 8 12 16] [--absolute] [--min-split-tokens 256 128 64]``
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ def main() -> None:
     ap.add_argument("--splits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8, 12, 16],
                     help="splits at batch 32 (times 32 / B at batch B, unless --absolute)")
     ap.add_argument("--absolute", action="store_true", help="the --splits counts at every batch, unscaled")
+    ap.add_argument("--min-split-tokens", type=int, nargs="+", default=None,
+                    help="time the automatic split count under each of these least tokens per split instead")
     ap.add_argument("--name", default="sweep_splits_h100.json")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -53,12 +59,17 @@ def main() -> None:
         pk, pv = ba.make_preset(name, b, t - ba.RESIDUAL, torch.float16, dev)
         q = torch.randn(b, ba.HQ, 1, ba.D, device=dev, dtype=torch.float16)
         default = describe_launch(q, pk, pv)
+        if args.min_split_tokens:
+            configs = [(f"min={m}", LaunchConfig(min_split_tokens=m)) for m in args.min_split_tokens]
+        else:
+            counts = args.splits if args.absolute else [max(1, s * 32 // b) for s in args.splits]
+            configs = [(f"splits={s}", LaunchConfig(num_splits=s)) for s in counts]
+        configs = [("default", LaunchConfig())] + configs
+        launched = {label: describe_launch(q, pk, pv, cfg)["splits"] for label, cfg in configs}
         del pk, pv
-        counts = args.splits if args.absolute else [max(1, s * 32 // b) for s in args.splits]
-        configs = [("default", LaunchConfig())] + [(f"splits={s}", LaunchConfig(num_splits=s)) for s in counts]
         for label, cfg in configs:
             ms = ba.preset_graph_ms(name, b, t, dev, cfg)
-            splits = cfg.num_splits or default["splits"]
+            splits = launched[label]
             rows.append({"preset": name, "batch": b, "tokens": t, "config": label, "splits": splits,
                          "programs": b * ba.HKV * splits, "median_ms": ms, "sdpa_ms": sdpa[b, t],
                          "speedup_vs_sdpa_fp16": sdpa[b, t] / ms, "default_launch": default})
