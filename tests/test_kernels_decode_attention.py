@@ -976,6 +976,28 @@ def test_polar_recursive_caches_split_down_to_one_block(monkeypatch):
     assert with_kivi_values["splits"] == 125
 
 
+def test_small_launches_take_shorter_splits(monkeypatch):
+    """``least_split_tokens``: 128-token splits where 256-token ones would launch fewer than two programs
+    per SM (batch 1 to 8k tokens, batch 2 at 4k on 132 SMs), the formats' least elsewhere, the config's
+    value always; the launch plan takes it (31 splits of a 4k KIVI cache at batch 1, not 16)."""
+    kivi_fmt, recursive_fmt = da.FMT_KIVI, da.formats.FMT_POLAR_RECURSIVE
+    policy = LaunchConfig()
+    for tokens, programs, least in ((3968, 8, 128), (8192, 8, 128), (3968, 16, 128), (8193, 8, 256),
+                                    (16256, 8, 256), (8064, 16, 256), (3968, 32, 256), (100, 264, 256)):
+        assert da.least_split_tokens(policy, kivi_fmt, kivi_fmt, tokens, programs, 132) == least, (tokens, programs)
+    assert da.least_split_tokens(policy, recursive_fmt, kivi_fmt, 3968, 8, 132) == 1
+    assert da.least_split_tokens(LaunchConfig(min_split_tokens=256), kivi_fmt, kivi_fmt, 3968, 8, 132) == 256
+    monkeypatch.setattr(da, "_interpreting", lambda: False)
+    monkeypatch.setattr(da, "_device_sms", lambda device: 132)
+    x = torch.randn(1, 8, 3968, 128)
+    q = torch.randn(1, 32, 1, 128, dtype=torch.float16)
+    pk = kvpolar.quantizer("kivi", bits=2, axis="channel", group_size=32).quantize(x)
+    pv = kvpolar.quantizer("kivi", bits=2, axis="token", group_size=32).quantize(x)
+    launch = da.describe_launch(q, pk, pv)
+    assert launch["splits"] == 31 and launch["tokens_per_split"] == 128
+    assert da.describe_launch(q, pk, pv, LaunchConfig(min_split_tokens=256))["splits"] == 16
+
+
 def test_splits_under_the_interpreter_are_powers_of_two_blocks(monkeypatch):
     monkeypatch.setattr(da, "_interpreting", lambda: True)  # (also where the suite runs on a GPU)
     for tokens in (70, 1000, 5000):

@@ -141,11 +141,36 @@ def min_split_tokens_of(cfg: LaunchConfig, key_fmt: int, value_fmt: int) -> int:
     into as many one-block splits as the wave holds rather than 256-token splits of 8 blocks each
     read in turn (H100, thirty-fourth session, ``benchmarks/results/sweep_splits_small_h100.json``: B=1,
     4k tokens 81.7 -> 49.0 us a call, 124 splits instead of 16; 16k 89.5 -> 73.3 us, 127 instead of
-    64); else ``DEFAULT_MIN_SPLIT_TOKENS`` (turbo-3 and polar-rope-3 at B=1 / 4k ran 1.17-1.19x as fast
-    with 64 splits as with 16, ``sweep_splits_turbo_small_h100.json``; other sizes not measured)."""
+    64); else ``DEFAULT_MIN_SPLIT_TOKENS``, which the launch plan shortens for small launches
+    (:func:`least_split_tokens`)."""
     if cfg.min_split_tokens is not None:
         return cfg.min_split_tokens
     return 1 if formats.FMT_POLAR_RECURSIVE in (key_fmt, value_fmt) else DEFAULT_MIN_SPLIT_TOKENS
+
+
+#: The least tokens per split of launches that splits of the formats' least would leave with fewer than
+#: ``FEW_PROGRAMS_PER_SM`` programs per SM (``least_split_tokens``).
+SHORT_SPLIT_TOKENS = 128
+FEW_PROGRAMS_PER_SM = 2
+
+
+def least_split_tokens(cfg: LaunchConfig, key_fmt: int, value_fmt: int, tokens: int, programs: int,
+                       sms: int) -> int:
+    """The least tokens per split the launch plan gives ``choose_splits`` for ``tokens`` packed tokens of
+    ``programs`` (sequence, KV head) pairs on ``sms`` SMs: ``min_split_tokens_of``, shortened to
+    ``SHORT_SPLIT_TOKENS`` where the config leaves it to the policy and splits of the formats' least
+    would launch fewer than ``FEW_PROGRAMS_PER_SM`` programs per SM (``programs * ceil(tokens / least) <
+    2 * sms``: batch 1 up to 8k tokens, batch 2 at 4k on the H100). H100, thirty-fifth session
+    (``benchmarks/results/sweep_min_split_*_35th.json``), 256 -> 128 tokens: B=1 / 4k kivi-2 20.0 -> 17.2
+    us a call, polar-rope-3 23.1 -> 19.2, turbo-3 38.7 -> 33.2; B=1 / 8k 22.9 -> 22.1, 27.2 -> 25.8, 41.9
+    -> 37.4; B=2 / 4k 22.9 -> 21.6, 27.3 -> 25.3, 41.9 -> 37.3. Where 256-token splits already launch
+    two programs per SM (B=1 / 16k, B=2 / 8k: 512 programs) 128-token ones were 0-3% slower; a 64-token
+    least was nowhere faster than 128."""
+    least = min_split_tokens_of(cfg, key_fmt, value_fmt)
+    if (cfg.min_split_tokens is None and least > SHORT_SPLIT_TOKENS
+            and programs * math.ceil(tokens / least) < FEW_PROGRAMS_PER_SM * sms):
+        return SHORT_SPLIT_TOKENS
+    return least
 
 
 def choose_splits(tokens: int, programs: int, sms: int, block_n: int, cfg: LaunchConfig) -> tuple[int, int]:
@@ -154,7 +179,7 @@ def choose_splits(tokens: int, programs: int, sms: int, block_n: int, cfg: Launc
     As many splits as fit ONE wave of ``programs_per_sm`` programs per SM (``programs * splits <=
     programs_per_sm * sms``: a second, partly filled wave would cost a whole split's time for a few
     programs), none shorter than ``min_split_tokens`` (None: ``DEFAULT_MIN_SPLIT_TOKENS``; the launch plan
-    passes the formats' value, ``min_split_tokens_of``), so batch 1 at 128k fills the GPU. Where that
+    passes the policy's value, ``least_split_tokens``), so batch 1 at 128k fills the GPU. Where that
     wave is less than ``cfg.wave_fill`` full, the fewest more splits whose waves are that full and
     whose splits keep ``min_wave_split_tokens`` (:func:`fuller_waves`). Under the interpreter tokens per
     split are ``block_n`` times a power of two (its loop count is a compile-time constant: few distinct
@@ -456,7 +481,8 @@ def _packed_plan(query, keys, values, mask, scale, cfg: LaunchConfig) -> _Packed
         block_n = min(block_n, _TURBO_T_BLOCK_N)
     split_cfg, sms = cfg, _device_sms(query.device)
     if cfg.min_split_tokens is None:
-        split_cfg = dataclasses.replace(cfg, min_split_tokens=min_split_tokens_of(cfg, k_op.fmt, v_op.fmt))
+        least = least_split_tokens(cfg, k_op.fmt, v_op.fmt, k_op.tokens, bsz * hkv, sms)
+        split_cfg = dataclasses.replace(cfg, min_split_tokens=least)
     if transposed:
         pps, max_registers = transposed_tuning(k_op, v_op, bsz * hkv, split_cfg, sms, query_rows)
         split_cfg = dataclasses.replace(split_cfg, max_registers=max_registers,

@@ -17,8 +17,10 @@ class LaunchConfig:
     num_splits: splits of the packed tokens per (sequence, KV head); None = from the SM count.
     programs_per_sm: target of the automatic split count.
     min_split_tokens: no split gets fewer tokens than this (automatic split count); None = the
-        policy (``decode_attention.min_split_tokens_of``): 256, or one block where a polar-recursive
-        tensor is read, whose 32-token block keeps a warp several times as long as a KIVI block's.
+        policy (``decode_attention.least_split_tokens``): 256, or one block where a polar-recursive
+        tensor is read, whose 32-token block keeps a warp several times as long as a KIVI block's;
+        128 where 256-token splits would launch fewer than 2 programs per SM (small caches at
+        batch 1 and 2).
     wave_fill: the automatic split count fills one wave of ``programs_per_sm`` programs per SM; where
         that wave would be less than ``wave_fill`` full (72 sequences x 8 KV heads = 576 programs per
         split against 12 x 132 = 1584 slots: 2 splits fill 73%), it takes the fewest more splits whose
