@@ -5,6 +5,7 @@ start it from the repository root. A script that no longer runs is a figure nobo
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -279,7 +280,11 @@ def test_bench_generate_replayed_times_both_calls_with_equal_tokens(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["preset"], r["sampled"]) for r in rows] == [("fp16-flash", False), ("fp16-flash", True),
                                                             ("kivi-2", False), ("kivi-2", True)]
-    assert all(r["tokens_equal"] is True and r["replayed_ms_per_token"] > 0 for r in rows[2:])
+    assert [r["tokens_equal"] for r in rows[2:]] == [True, True]
+    # (a per-token time is the difference of two timed calls, so on a loaded CPU it can come out at or
+    # below zero for the smoke model's few tokens: only its presence is checked)
+    assert all(isinstance(r["replayed_ms_per_token"], float) and math.isfinite(r["replayed_ms_per_token"])
+               for r in rows[2:])
     assert all(r["streamed_tokens_equal"] is True and r["stream_gap_ms_max"] > 0 for r in rows[2:])
     assert "| kivi-2 | sampled |" in stdout
 
