@@ -58,18 +58,18 @@ def main() -> None:
             sdpa[b, t] = ba.graph_ms(ba.sdpa_maker(b, t, dev), 2 * b * ba.HKV * t * ba.D * 2)
         pk, pv = ba.make_preset(name, b, t - ba.RESIDUAL, torch.float16, dev)
         q = torch.randn(b, ba.HQ, 1, ba.D, device=dev, dtype=torch.float16)
-        default = describe_launch(q, pk, pv)
         if args.min_split_tokens:
             configs = [(f"min={m}", LaunchConfig(min_split_tokens=m)) for m in args.min_split_tokens]
         else:
             counts = args.splits if args.absolute else [max(1, s * 32 // b) for s in args.splits]
             configs = [(f"splits={s}", LaunchConfig(num_splits=s)) for s in counts]
         configs = [("default", LaunchConfig())] + configs
-        launched = {label: describe_launch(q, pk, pv, cfg)["splits"] for label, cfg in configs}
+        launches = {label: describe_launch(q, pk, pv, cfg) for label, cfg in configs}
+        default = launches["default"]
         del pk, pv
         for label, cfg in configs:
             ms = ba.preset_graph_ms(name, b, t, dev, cfg)
-            splits = launched[label]
+            splits = launches[label]["splits"]
             rows.append({"preset": name, "batch": b, "tokens": t, "config": label, "splits": splits,
                          "programs": b * ba.HKV * splits, "median_ms": ms, "sdpa_ms": sdpa[b, t],
                          "speedup_vs_sdpa_fp16": sdpa[b, t] / ms, "default_launch": default})
