@@ -3,7 +3,8 @@
 
 First a check on a ``--check-layers``-layer model: ``generate_with_graphs`` with graphs gives the tokens
 of the same steps run eagerly (``graphs=False``) and of ``model.generate`` with the same preset, over a
-1024-token prompt and enough new tokens for several moves into the packed part.
+1024-token prompt and enough new tokens for several moves into the packed part; with ``--padded`` also
+over left-padded prompts (the second row's first ``PADDING`` tokens padding, its mask passed to both).
 
 Then, per preset and batch, the cache filled to ``--context`` tokens per sequence
 (``bench_end_to_end.fill_cache``) and ``--steps`` decode steps timed by wall clock, the device
@@ -20,7 +21,7 @@ tensor, replayed; the attention reads the whole preallocated buffer under a mask
 
     PYTHONPATH=src:benchmarks python benchmarks/bench_graphed_decode.py [--presets kivi-2 polar-rope-3]
         [--batches 1 4] [--context 32768] [--steps 256] [--layers 32] [--min-chunk N] [--out FILE.json] [--smoke]
-        [--check-only]
+        [--check-only] [--padded]
 
 ``--smoke``: the small model on the CPU, eager only (graphs need CUDA), to check the script runs.
 """
@@ -55,25 +56,36 @@ def _check_tokens_count(model, preset: str) -> int:
     return 2 * max(layer.chunk for layer in kvpolar.QuantizedKVCache(model.config, preset).layers) + 20
 
 
+#: padding tokens before the second prompt in ``check_tokens(padded=True)`` (a 128-token chunk and some)
+PADDING = 300
+
+
 @torch.no_grad()
-def check_tokens(layers: int, presets: list[str], graphs: bool) -> list[dict]:
+def check_tokens(layers: int, presets: list[str], graphs: bool, padded: bool = False) -> list[dict]:
     """Greedy tokens three ways on a small model: ``generate``, the stretches eagerly, the stretches
-    replayed (with ``graphs``); one row per preset."""
+    replayed (with ``graphs``); one row per preset. ``padded``: the second prompt's first ``PADDING``
+    tokens are padding (id 0, mask 0), the mask given to all three."""
     model, ids = _check_model(layers)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :PADDING] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    masked = {"attention_mask": mask} if padded else {}
     rows = []
     for preset in presets:
         new = _check_tokens_count(model, preset)
         cache = kvpolar.enable(model, preset)
         model.generation_config.eos_token_id = None  # (plain greedy: no token stops or is suppressed)
-        want = model.generate(ids, max_new_tokens=new, do_sample=False, attention_mask=torch.ones_like(ids),
+        want = model.generate(ids, max_new_tokens=new, do_sample=False, attention_mask=mask,
                               pad_token_id=0, **kvpolar.cache_kwargs(model, cache))
         try:
-            eager = generate_with_graphs(model, ids, kvpolar.enable(model, preset), new, graphs=False)
+            eager = generate_with_graphs(model, ids, kvpolar.enable(model, preset), new, graphs=False, **masked)
         except ValueError as err:  # (a preset replayed decoding refuses, e.g. one with 16-bit layers)
-            rows.append({"preset": preset, "new_tokens": new, "refused": str(err)})
+            rows.append({"preset": preset, "new_tokens": new, "padded": padded, "refused": str(err)})
             continue
-        replayed = generate_with_graphs(model, ids, kvpolar.enable(model, preset), new) if graphs else None
-        rows.append({"preset": preset, "new_tokens": new, "eager_equals_generate": bool(torch.equal(eager, want)),
+        replayed = generate_with_graphs(model, ids, kvpolar.enable(model, preset), new, **masked) if graphs else None
+        rows.append({"preset": preset, "new_tokens": new, "padded": padded,
+                     "eager_equals_generate": bool(torch.equal(eager, want)),
                      "graphed_equals_generate": None if replayed is None else bool(torch.equal(replayed, want))})
 
     del model
@@ -233,11 +245,14 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="small model on the CPU, eager only")
     ap.add_argument("--check-only", action="store_true", help="the token checks alone")
     ap.add_argument("--sampling", action="store_true", help="also check sampled decoding (check_sampling)")
+    ap.add_argument("--padded", action="store_true", help="also check left-padded prompts (check_tokens)")
     args = ap.parse_args()
     graphs = not args.smoke
     if args.smoke:
         e2e.DEVICE, args.context, args.layers, args.steps, args.check_layers = "cpu", 300, 2, 40, 2
     checks = check_tokens(args.check_layers, args.presets, graphs)
+    if args.padded:
+        checks += check_tokens(args.check_layers, args.presets, graphs, padded=True)
     sampling = check_sampling(args.check_layers, args.presets, graphs) if args.sampling else []
     rows = []
     model = None if args.check_only else e2e.build_model(args.layers)
@@ -272,8 +287,9 @@ def main() -> None:
     title = (f"{device}, {args.layers} layers, {args.context} tokens per sequence, {args.steps} steps: ms per "
              f"decode step (wall time / steps)")
     print("token checks (1024-token prompt, " + f"{args.check_layers} layers): " + "; ".join(
-        f"{c['preset']}: refused ({c['refused']})" if "refused" in c else
-        f"{c['preset']} {c['new_tokens']} tokens: eager stretches = generate {c['eager_equals_generate']}, "
+        f"{c['preset']}{' padded' * c['padded']}: refused ({c['refused']})" if "refused" in c else
+        f"{c['preset']}{' padded' * c['padded']} {c['new_tokens']} tokens: eager stretches = generate "
+        f"{c['eager_equals_generate']}, "
         f"graphed = generate {c['graphed_equals_generate']}" for c in checks))
     for c in sampling:
         if "refused" in c:

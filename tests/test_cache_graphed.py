@@ -7,6 +7,7 @@ token, across several moves; the recording itself runs on the GPU (``benchmarks/
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import pytest
@@ -73,6 +74,59 @@ def test_stretches_give_generate_tokens(preset, prompt, residual, new):
             assert torch.equal(mine.keys, theirs.keys)
         else:
             torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-4, atol=1e-5)
+
+
+def _left_padded(batch: int, tokens: int, real: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompts ``[batch, tokens]`` with pad id 0 before row ``b``'s ``real[b]`` tokens, their mask)."""
+    ids = _prompt(batch, tokens)
+    mask = (torch.arange(tokens)[None, :] >= tokens - torch.tensor(real)[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("preset, prompt, real, residual, new", [
+    ("kivi-2", 40, (40, 31, 12), 8, 75),             # padding packed after the prompt and in the window
+    ("kivi-2-boundary", 40, (25, 40, 3), 8, 45),     # 16-bit layers: their cache (with padding) before buffers
+    ("polar-rope-3", 140, (140, 100, 20), 16, 40),   # 128-token chunks: the padded chunk packed at prefill
+    ("turbo-4", 20, (7, 20), 8, 40),                 # padding only in the window, moved while decoding
+])
+def test_padded_stretches_give_generate_tokens(preset, prompt, real, residual, new):
+    """Left-padded prompts: the tokens are ``generate``'s with the same mask, token for token, and the
+    layers' padding flags what ``generate`` leaves (the steps' tokens real)."""
+    changes = dict(residual_length=residual)
+    if preset.endswith("-boundary"):
+        preset, changes["full_precision_layers"] = preset.removesuffix("-boundary"), (0, -1)
+    model = tiny_model(layers=3, head_dim=32)
+    ids, mask = _left_padded(len(real), prompt, real)
+    reference_cache = kvpolar.QuantizedKVCache(model.config, config(preset, **changes))
+    model.generation_config.eos_token_id = None
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                          **kvpolar.cache_kwargs(model, reference_cache))
+    cache = kvpolar.QuantizedKVCache(model.config, config(preset, **changes))
+    got = generate_with_graphs(model, ids, cache, new, graphs=False, attention_mask=mask)
+    assert torch.equal(got, want)
+    for mine, theirs in zip(cache.layers, reference_cache.layers):
+        assert mine.residual_tokens == theirs.residual_tokens
+        assert (mine.residual_valid is None) == (theirs.residual_valid is None)
+        if mine.residual_valid is not None:
+            assert torch.equal(mine.residual_valid, theirs.residual_valid)
+
+
+def test_padded_cache_decoded_from_its_mask():
+    """``decode_with_graphs`` over a cache whose prompt had padding: with the prompts' mask each row
+    continues at its own position (``generate``'s tokens); without it the call is refused."""
+    model = tiny_model(layers=2, head_dim=32)
+    ids, mask = _left_padded(2, 40, (40, 17))
+    model.generation_config.eos_token_id = None
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=41, do_sample=False,
+                          **kvpolar.cache_kwargs(model, kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))))
+    cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
+    kw = kvpolar.cache_kwargs(model, cache)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    first = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kw).logits[:, -1:].argmax(-1)
+    with pytest.raises(ValueError, match="the cache holds padding: pass the prompts' attention_mask"):
+        decode_with_graphs(model, cache, first, 40, 40, graphs=False)
+    run = decode_with_graphs(model, cache, first, 40, 40, graphs=False, attention_mask=mask.bool())
+    assert torch.equal(torch.cat([ids, first, run.tokens], dim=1), want)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
@@ -192,6 +246,11 @@ def test_refusals(monkeypatch):
         patch.setattr(kvpolar.cache.attention, "fused_kernel", lambda query: SimpleNamespace(MAX_FOLDED_WINDOW=100))
         with pytest.raises(ValueError, match="residual_length \\+ chunk = 128 \\+ 32 window tokens"):
             generate_with_graphs(model, ids, fresh(), 4, graphs=False)
+    for bad, match in ((torch.ones(1, 11, dtype=torch.long), "\\[batch, tokens\\] = \\[1, 12\\]"),
+                       (torch.ones(1, 12), "int or bool"), (torch.full((1, 12), 2), "ones \\(real tokens\\) and zeros"),
+                       (torch.zeros(1, 12, dtype=torch.long), "rows \\[0\\] hold padding only")):
+        with pytest.raises(ValueError, match=match):
+            generate_with_graphs(model, ids, fresh(), 4, graphs=False, attention_mask=bad)
     sliding = tiny_model("mistral", layers=2, head_dim=32, sliding_window=64)
     with pytest.raises(ValueError, match="sliding-window attention \\(sliding_window=64"):
         generate_with_graphs(sliding, ids, kvpolar.QuantizedKVCache(sliding.config, "kivi-2"), 4, graphs=False)
@@ -205,29 +264,38 @@ def test_refusals(monkeypatch):
         generate_with_graphs(model, ids, fresh(), 4, graphs=False)
 
 
-def test_buffered_steps_through_the_fused_kernel(monkeypatch):
+@pytest.mark.parametrize("padded", [False, True])
+def test_buffered_steps_through_the_fused_kernel(monkeypatch, padded):
     """The buffered attention's kernel path (on a GPU: the replayed steps' only one), here under Triton's
-    interpreter: the fused kernel reads each layer's window length from its device-side tensor. The
-    tokens are ``generate``'s (whose steps take the PyTorch reference on the CPU)."""
+    interpreter: the fused kernel reads each layer's window length from its device-side tensor (and,
+    for a left-padded batch, the stretch's mask). The tokens are ``generate``'s (whose steps take the
+    PyTorch reference on the CPU)."""
     from kvpolar.cache import attention
     from kvpolar.kernels import decode_attention
 
     model = tiny_model(layers=2, head_dim=32)
-    ids = _prompt(1, 40)
-    want, _ = _generate(model, ids, "kivi-2", 36, residual_length=8)
+    ids, mask = _left_padded(2, 40, (40, 26)) if padded else (_prompt(1, 40), None)
+    masked = {} if mask is None else dict(attention_mask=mask)
+    model.generation_config.eos_token_id = None
+    want = model.generate(ids, max_new_tokens=36, do_sample=False, **masked, **kvpolar.cache_kwargs(
+        model, kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))))
     calls = []
     real = decode_attention.fused_decode_attention
 
     def fused(*args, **kwargs):
         calls.append(kwargs.get("residual_length"))
+        if padded:  # (the mask: the stretch's, over the packed part and the buffers)
+            assert args[8] is not None and args[8].shape[-1] == args[1].num_tokens + args[5].shape[-2]
         return real(*args, **kwargs)
 
     monkeypatch.setattr(attention, "fused_kernel", lambda query: SimpleNamespace(
         supports=decode_attention.supports, fused_decode_attention=fused,
         MAX_FOLDED_WINDOW=decode_attention.MAX_FOLDED_WINDOW))
     cache = kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))
-    prompt = model(input_ids=ids, use_cache=True, **kvpolar.cache_kwargs(model, cache)).logits  # (SDPA: the prompt)
+    if padded:
+        masked["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    prompt = model(input_ids=ids, use_cache=True, **masked, **kvpolar.cache_kwargs(model, cache)).logits  # (SDPA)
     first = prompt[:, -1:].argmax(-1)
-    run = decode_with_graphs(model, cache, first, 40, 35, graphs=False)  # (a move after 32 steps)
+    run = decode_with_graphs(model, cache, first, 40, 35, graphs=False, attention_mask=mask)  # (a move after 32 steps)
     assert torch.equal(torch.cat([ids, first, run.tokens], dim=1), want)
     assert len(calls) == 2 * 35 and all(isinstance(n, torch.Tensor) and n.dtype == torch.int32 for n in calls)

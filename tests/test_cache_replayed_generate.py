@@ -96,14 +96,28 @@ def test_refusals_name_the_setting(model, settings, error, match):
                        custom_generate=kvpolar.replayed_decoding, **settings)
 
 
-def test_refuses_padding_and_other_caches(model):
+@pytest.mark.parametrize("preset", ["kivi-2", "polar-rope-3"])
+def test_padded_batches_decode_as_generate(model, preset):
+    """Left-padded prompts of 3 lengths (one row with none), across moves into the packed part (some
+    of them carrying padding): the tokens are ``generate``'s, greedy and sampled under one seed."""
+    ids = _prompt(3, 30)
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0
+    mask[2, :20] = 0  # (10 real tokens: its window starts with padding)
+    ids = ids.masked_fill(mask == 0, 0)
+    want, got = _both(model, ids, preset, attention_mask=mask, max_new_tokens=50, do_sample=False)
+    assert torch.equal(got, want)
+    want, got = _both(model, ids, preset, seed=11, attention_mask=mask, max_new_tokens=40, do_sample=True, top_k=30)
+    assert torch.equal(got, want)
+
+
+def test_refuses_other_positions_and_caches(model):
     ids = _prompt(2, 12)
     fresh = lambda: kvpolar.cache_kwargs(model, kvpolar.QuantizedKVCache(model.config, "kivi-2"))  # noqa: E731
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    with pytest.raises(ValueError, match="attention_mask has padding"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=4, **fresh(), custom_generate=kvpolar.replayed_decoding)
-
+    shifted = torch.arange(12)[None].expand(2, 12) + 5
+    with pytest.raises(ValueError, match="position_ids other than those the attention mask gives"):
+        model.generate(ids, position_ids=shifted, max_new_tokens=4, **fresh(),
+                       custom_generate=kvpolar.replayed_decoding)
     with pytest.raises(TypeError, match="decodes over a kvpolar QuantizedKVCache; got DynamicCache"):
         model.generate(ids, max_new_tokens=4, custom_generate=kvpolar.replayed_decoding)
 

@@ -430,7 +430,8 @@ def test_window_in_the_combine_kernel_or_its_own_launch(monkeypatch, form, case)
 
 @pytest.mark.parametrize("form", ["by-kv-head", "by-row"])
 @pytest.mark.parametrize("case", ["part", "one", "full", "empty", "window-only", "two-steps", "bf16",
-                                  "polar-rope-keys", "turbo-values", "polar-recursive-values", "16-bit-packed"])
+                                  "polar-rope-keys", "turbo-values", "polar-recursive-values", "16-bit-packed",
+                                  "padded", "padded-aligned"])
 def test_window_length_read_from_memory(monkeypatch, form, case):
     """``residual_length``: the window in buffers of a fixed size (``capacity`` tokens, the rest filled
     with huge values that must not be read), the kernel reading how many are real from memory. The
@@ -438,7 +439,9 @@ def test_window_length_read_from_memory(monkeypatch, form, case):
     both folded forms, also with polar-rope keys, values the merge un-rotates and a 16-bit "packed"
     part (a 16-bit layer's cache in replayed decoding); with an empty window it equals the call without
     one. Both are also checked against the PyTorch reference (within 8 ulps of the output's largest
-    value; at most 1.3 measured under the interpreter), so a fault the two kernel paths share fails too."""
+    value; at most 1.3 measured under the interpreter), so a fault the two kernel paths share fails too.
+    "padded": a batch with left padding (replayed decoding's padded prompts): a mask over the packed
+    part and the whole buffer, its columns past the length True, which must not make them read."""
     monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD", form == "by-kv-head")
     monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD_SM_SHARE", 1 << 20)
     monkeypatch.setattr(da, "_COMBINE_LAUNCHES", {})
@@ -449,7 +452,9 @@ def test_window_length_read_from_memory(monkeypatch, form, case):
                                  "bf16": (37, 45, 30, torch.bfloat16), "polar-rope-keys": (64, 40, 21, torch.float16),
                                  "turbo-values": (48, 40, 13, torch.float16),
                                  "polar-recursive-values": (48, 40, 26, torch.float16),
-                                 "16-bit-packed": (45, 33, 20, torch.float16)}[case]
+                                 "16-bit-packed": (45, 33, 20, torch.float16),
+                                 "padded": (40, 70, 37, torch.float16),
+                                 "padded-aligned": (40, 72, 37, torch.float16)}[case]
     d = TRANSPOSED_POLAR_D if case == "polar-rope-keys" else D
     k, v, q = random_inputs(("window-in-memory", case), batch=2, hkv=2, gqa=4, tq=1, n=tk + capacity, d=d,
                             dtype=dtype)
@@ -465,13 +470,21 @@ def test_window_length_read_from_memory(monkeypatch, form, case):
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     scale = d**-0.5
     length = torch.tensor([real], dtype=torch.int32, device=DEVICE)
-    out = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, dev(rk), dev(rv), scale, residual_length=length)
+    mask = real_mask = None
+    if case.startswith("padded"):  # row 0: 11 padding tokens, row 1: none but one in the window's real part
+        mask = torch.ones(2, 1, 1, tk + capacity, dtype=torch.bool)
+        mask[0, ..., :11] = False
+        mask[1, ..., tk + 5] = False
+        real_mask = mask[..., :tk + real]
+    out = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, dev(rk), dev(rv), scale, dev(mask),
+                                 residual_length=length)
     window = (dev(rk[..., :real, :]), dev(rv[..., :real, :])) if real else (None, None)
-    want = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, *window, scale)
+    want = fused_decode_attention(dev(q), dev(pk), dev(pv), kq, vq, *window, scale, dev(real_mask))
     assert torch.equal(out, want)
     # and both against the PyTorch reference over the real tokens, so a fault the two paths share fails
     host = lambda x: None if x is None else x.to("cpu")  # noqa: E731  (the polar-rope stand-in decodes on the CPU)
-    ref = reference_decode_attention(q, host(pk), host(pv), kq, vq, *(host(w) for w in window), scale).double()
+    ref = reference_decode_attention(q, host(pk), host(pv), kq, vq, *(host(w) for w in window), scale,
+                                     real_mask).double()
     err = (out.cpu().double() - ref).abs().max().item()
     assert err <= 8 * ULP[dtype] * ref.abs().max().item(), f"error {err:.3g} against the reference"
     kernel = da._kv_head_window_combine_kernel if form == "by-kv-head" else da._window_combine_kernel
@@ -479,8 +492,8 @@ def test_window_length_read_from_memory(monkeypatch, form, case):
 
 
 def test_window_length_in_memory_refuses_what_it_cannot_do(monkeypatch):
-    """``residual_length`` must be an int32 one-element tensor on the query's device, with a window, no
-    mask, and a window the merging kernel attends (not its own launch)."""
+    """``residual_length`` must be an int32 one-element tensor on the query's device, with a window the
+    merging kernel attends (not its own launch)."""
     k, v, q = random_inputs("window-in-memory-errors", batch=1, hkv=2, gqa=4, tq=1, n=80, d=D, dtype=torch.float16)
     kq, pk = make_keys("kivi-2-32", k[..., :64, :])
     vq, pv = make_values("kivi-2-32", v[..., :64, :])
@@ -493,8 +506,6 @@ def test_window_length_in_memory_refuses_what_it_cannot_do(monkeypatch):
             fused_decode_attention(*args, residual_length=bad)
     with pytest.raises(ValueError, match="without a residual window"):
         fused_decode_attention(*args[:5], None, None, D**-0.5, residual_length=length)
-    with pytest.raises(ValueError, match="does not take an attention_mask"):
-        fused_decode_attention(*args, dev(torch.ones(1, 1, 1, 80, dtype=torch.bool)), residual_length=length)
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 8)
     with pytest.raises(ValueError, match="needs the 16-token window attended in the kernel that merges"):
         fused_decode_attention(*args, residual_length=length)

@@ -113,9 +113,10 @@ def _decode_buffered(query: torch.Tensor, layer: Any, scaling: float | None) -> 
     layer's whole cache) plus the window buffers' first ``length`` tokens, the count read on the device
     by the fused kernel (on the CPU, where nothing is replayed, by the host from the buffers'
     ``length``); ``[B, Tq, Hq, D]``.
-    The model's mask is not read: replayed steps are one-token steps of a batch without padding and
-    without sliding windows (``kvpolar.cache.graphed`` checks), whose causal mask admits every cached
-    token, and a mask built on the host for one step would be stale in the next replay."""
+    The model's mask is not read (one built on the host for one step would be stale in the next
+    replay): replayed steps are one-token steps without sliding windows (``kvpolar.cache.graphed``
+    checks), whose causal mask admits every cached token but padding, which the buffers'
+    ``attention_mask`` (fixed for the stretch) excludes."""
     buffers = layer.window_buffers
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     packed_keys, packed_values = buffers.packed_keys, buffers.packed_values
@@ -127,10 +128,14 @@ def _decode_buffered(query: torch.Tensor, layer: Any, scaling: float | None) -> 
                              f"{type(packed_keys).__name__} with values stored as "
                              f"{type(packed_values).__name__}, which replayed decode steps need")
         out = kernel.fused_decode_attention(query, *args, buffers.keys, buffers.values, scale,
-                                            residual_length=buffers.length)
+                                            buffers.attention_mask, residual_length=buffers.length)
     else:
         n = int(buffers.length)
-        out = reference_decode_attention(query, *args, buffers.keys[:, :, :n], buffers.values[:, :, :n], scale)
+        mask = buffers.attention_mask
+        if mask is not None:
+            mask = mask[..., :mask.shape[-1] - buffers.keys.shape[-2] + n]
+        out = reference_decode_attention(query, *args, buffers.keys[:, :, :n], buffers.values[:, :, :n], scale,
+                                         mask)
     layer.awaiting_attention = False
     return out.transpose(1, 2).contiguous()
 

@@ -20,8 +20,12 @@ Layers kept in 16 bits (``full_precision_layers``, turbo-3's and turbo-k3v4's fi
 buffers for the stretch's new tokens after their whole cache, which the fused kernel reads in place as
 a full-precision packed part, and append them at the stretch's end.
 
-Needs: a batch without padding, full attention (no sliding windows: the steps attend every cached
-token, and the model's mask is not read), the quantized layers with one ``residual_length`` and chunk
+Padded batches (left padding, ``attention_mask``): the padding stays masked through every step by a
+mask over the columns each stretch's steps read, built once per stretch (the steps' own tokens are all
+real), and each row's positions count its real tokens, as ``generate`` counts them.
+
+Needs: full attention (no sliding windows: the steps attend every cached token but padding, and the
+model's mask is not read), the quantized layers with one ``residual_length`` and chunk
 (``KVCacheConfig.min_chunk`` sets how many steps a recording serves), formats the fused kernel reads,
 and a model whose decode step reads nothing back to the host (a recording fails on such a read). With
 ``graphs=False`` the same stretches run eagerly (on any device; the CPU tests check the bookkeeping
@@ -64,9 +68,10 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
                          eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                          do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                          top_p: float | None = None, suppress_token_ids: Sequence[int] | None = None,
-                         graphs: bool = True, streamer: Any = None) -> torch.Tensor:
-    """Generation as ``model.generate(input_ids, max_new_tokens=..., do_sample=..., temperature=...,
-    top_k=..., top_p=...)`` with a fresh kvpolar ``cache``, its decode steps replayed from CUDA graphs
+                         graphs: bool = True, streamer: Any = None,
+                         attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Generation as ``model.generate(input_ids, attention_mask=..., max_new_tokens=..., do_sample=...,
+    temperature=..., top_k=..., top_p=...)`` with a fresh kvpolar ``cache``, its decode steps replayed from CUDA graphs
     (module docstring): greedy, or sampled with ``generate``'s temperature, top-k and top-p warpers and
     ``torch.multinomial`` (seed with ``torch.manual_seed``: a replayed draw advances the generator as an
     eager one does, so the draws are ``generate``'s under the same seed; checked on an H100,
@@ -74,7 +79,8 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
 
     Args:
         model: a ``transformers`` causal LM with ``attn_implementation="kvpolar"`` (``kvpolar.enable``).
-        input_ids: int64 ``[B, T]`` prompts of equal length (no padding), on the model's device.
+        input_ids: int64 ``[B, T]`` prompts, on the model's device (left-padded to one length where
+            ``attention_mask`` says so).
         cache: an empty ``QuantizedKVCache`` for this model.
         max_new_tokens: tokens to generate (>= 1).
         eos_token_id: end-of-sequence id(s): a sequence finishes at its first; decoding stops once every
@@ -92,6 +98,9 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
             what ``generate`` hands its ``streamer``: the prompts, each step's tokens (finished sequences
             padded), then ``end()``; each replayed step's tokens as their copy to the host lands, the
             host kept two steps in front of the GPU (:mod:`kvpolar.cache.token_stream`).
+        attention_mask: ``[B, T]`` ones for real tokens, zeros for padding (int or bool, as the
+            tokenizer returns it; None: no padding), as ``generate``'s: padding is never attended and
+            each row's positions count its real tokens.
     Returns:
         int64 ``[B, T + n]``: the prompts, then ``n <= max_new_tokens`` generated tokens.
     """
@@ -99,6 +108,7 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
         raise ValueError(f"input_ids must be an int64 [batch, tokens] tensor; got "
                          f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
     _check_request(model, cache, max_new_tokens, graphs, input_ids)
+    valid = _padding(attention_mask, input_ids)
     choose = token_chooser(do_sample, temperature, top_k, top_p, suppress_token_ids)
     eos_ids = _eos_ids(eos_token_id)
     if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral)
@@ -112,7 +122,11 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
     if streamer is not None:
         stream = TokenStream(streamer, input_ids.shape[0], max_new_tokens, input_ids.device, eos_ids, pad)
         stream.prompt(input_ids)
-    logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits
+    prompt = {}
+    if valid is not None:  # (generate's positions: each row counts its real tokens; padding at 0)
+        prompt = dict(attention_mask=attention_mask.to(input_ids.device),
+                      position_ids=(valid.long().cumsum(-1) - 1).masked_fill(~valid, 0))
+    logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **prompt, **cache_kwargs(model, cache)).logits
     first = choose(logits[:, -1])
     if stream is not None:
         stream.push(first)
@@ -121,7 +135,7 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
         finished = bool(torch.isin(first, torch.tensor(eos_ids, device=first.device)).all()) if eos_ids else False
         if not finished:
             rest = _decode_stretches(model, cache, first, input_ids.shape[1], max_new_tokens - 1, eos_ids, choose,
-                                     graphs, stream)
+                                     graphs, stream, valid)
             tokens = torch.cat([first, rest.tokens], dim=1)
     if eos_ids:
         tokens = _finish_at_eos(tokens, eos_ids, pad)
@@ -135,7 +149,7 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
                        eos_token_id: int | Sequence[int] | None = None, do_sample: bool = False, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None,
                        suppress_token_ids: Sequence[int] | None = None, graphs: bool = True,
-                       streamer: Any = None) -> GraphedDecoding:
+                       streamer: Any = None, attention_mask: torch.Tensor | None = None) -> GraphedDecoding:
     """``steps`` decode steps (greedy, or sampled as :func:`generate_with_graphs` says) over a kvpolar
     ``cache`` that holds the prompt (and perhaps earlier steps), the first step feeding ``next_ids``
     (int64 ``[B, 1]``) at position ``position`` (the tokens the cache holds); in stretches recorded
@@ -143,17 +157,21 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
     if every sequence produced one of ``eos_token_id``'s ids, checked after each stretch) and how they
     were run.
     The cache ends as after as many eager steps. ``streamer``: as :func:`generate_with_graphs`' (each
-    step's tokens, finished sequences showing the first end-of-sequence id, then ``end()``; no prompt)."""
+    step's tokens, finished sequences showing the first end-of-sequence id, then ``end()``; no prompt).
+    ``attention_mask``: ``[B, position]``, ones for the real tokens the cache holds and zeros for
+    padding (needed where the cache holds padding); each row's first step then takes the position
+    of its count of real tokens."""
     if not isinstance(next_ids, torch.Tensor) or next_ids.dtype != torch.long or next_ids.dim() != 2 \
             or next_ids.shape[1] != 1:
         raise ValueError(f"next_ids must be int64 [batch, 1]; got {getattr(next_ids, 'dtype', None)} "
                          f"{tuple(getattr(next_ids, 'shape', ()))}")
     _check_request(model, cache, steps, graphs, next_ids)
+    valid = _padding(attention_mask, next_ids, position)
     choose = token_chooser(do_sample, temperature, top_k, top_p, suppress_token_ids)
     eos_ids = _eos_ids(eos_token_id)
     stream = None if streamer is None else TokenStream(streamer, next_ids.shape[0], steps, next_ids.device, eos_ids,
                                                        eos_ids[0] if eos_ids else 0)
-    run = _decode_stretches(model, cache, next_ids, position, steps, eos_ids, choose, graphs, stream)
+    run = _decode_stretches(model, cache, next_ids, position, steps, eos_ids, choose, graphs, stream, valid)
     if stream is not None:
         stream.end()
     return run
@@ -161,10 +179,11 @@ def decode_with_graphs(model: Any, cache: QuantizedKVCache, next_ids: torch.Tens
 
 def _decode_stretches(model: Any, cache: QuantizedKVCache, next_ids: torch.Tensor, position: int, steps: int,
                       eos_ids: list[int], choose: Callable[[torch.Tensor], torch.Tensor], graphs: bool,
-                      stream: TokenStream | None) -> GraphedDecoding:
+                      stream: TokenStream | None, valid: torch.Tensor | None = None) -> GraphedDecoding:
     """:func:`decode_with_graphs` once its arguments are checked: ``choose`` picks each step's tokens
-    (:func:`token_chooser`), ``stream`` (or None) gets each step's tokens as they are made."""
-    quantized, full = _window_layers(cache, position)
+    (:func:`token_chooser`), ``stream`` (or None) gets each step's tokens as they are made; ``valid``:
+    bool ``[B, position]``, the cached tokens that are real, for a batch with padding (else None)."""
+    quantized, full = _window_layers(cache, position, valid is not None)
     first = quantized[0]
     keep, chunk = first.residual_length, first.chunk
     fused = attention.fused_kernel(next_ids)  # (the module the layers' attention will call, or None)
@@ -176,7 +195,7 @@ def _decode_stretches(model: Any, cache: QuantizedKVCache, next_ids: torch.Tenso
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
     kw = cache_kwargs(model, cache)
     ids = next_ids.clone()
-    pos = torch.full_like(ids, position)
+    pos = torch.full_like(ids, position) if valid is None else valid.sum(-1, keepdim=True).to(ids.dtype)
     out = torch.empty(ids.shape[0], steps, dtype=torch.long, device=device)
     slot = torch.zeros(1, dtype=torch.long, device=device)
     # where the step's token goes and how many window tokens it attends: the quantized layers' windows
@@ -202,10 +221,12 @@ def _decode_stretches(model: Any, cache: QuantizedKVCache, next_ids: torch.Tenso
             length[0].fill_(window + 1)
             index[1].fill_(0)
             length[1].fill_(1)
+            masks = (None, None) if valid is None else (_stretch_mask(valid, keep + chunk - window),
+                                                        _stretch_mask(valid, stretch))
             for layer in quantized:
-                layer.give_window_buffers(keep + chunk, index[0], length[0])
+                layer.give_window_buffers(keep + chunk, index[0], length[0], masks[0])
             for layer in full:
-                layer.give_window_buffers(stretch, index[1], length[1])
+                layer.give_window_buffers(stretch, index[1], length[1], masks[1])
             try:
                 step()
                 eager += 1
@@ -234,6 +255,8 @@ def _decode_stretches(model: Any, cache: QuantizedKVCache, next_ids: torch.Tenso
                 raise
             for layer in (*quantized, *full):
                 layer.take_window_buffers(stretch)
+            if valid is not None:
+                valid = torch.cat([valid, valid.new_ones(valid.shape[0], stretch)], dim=-1)
             done += stretch
             if stream is not None:
                 stream.flush()
@@ -343,10 +366,38 @@ def _check_request(model: Any, cache: Any, steps: int, graphs: bool, inputs: tor
             raise ValueError("graphs=True needs the fused decode kernel, which needs triton")
 
 
-def _window_layers(cache: QuantizedKVCache, position: int) -> tuple[list[QuantizedLayer], list[QuantizedLayer]]:
+def _padding(attention_mask: torch.Tensor | None, ids: torch.Tensor, tokens: int | None = None) -> torch.Tensor | None:
+    """``attention_mask`` (``[B, tokens]``, ``tokens`` = the prompts' length by default; ones and zeros,
+    int or bool) as bool on ``ids``' device where it holds padding; None where it is None or all ones."""
+    if attention_mask is None:
+        return None
+    tokens = ids.shape[1] if tokens is None else tokens
+    shape = (ids.shape[0], tokens)
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != shape \
+            or attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise ValueError(f"attention_mask must be an int or bool [batch, tokens] = {list(shape)} tensor; got "
+                         f"{getattr(attention_mask, 'dtype', type(attention_mask).__name__)} "
+                         f"{tuple(getattr(attention_mask, 'shape', ()))}")
+    valid = attention_mask.to(ids.device) != 0
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold ones (real tokens) and zeros (padding) only")
+    if not bool(valid.any(-1).all()):
+        raise ValueError(f"attention_mask rows {valid.any(-1).logical_not().nonzero().flatten().tolist()} hold "
+                         "padding only; every row needs a real token")
+    return None if bool(valid.all()) else valid
+
+
+def _stretch_mask(valid: torch.Tensor, new: int) -> torch.Tensor:
+    """bool ``[B, 1, 1, T + new]``: ``valid`` ``[B, T]`` (the cached tokens that are real) then ``new``
+    real columns, the buffers' room beyond the cached tokens (the stretch's tokens)."""
+    return torch.cat([valid, valid.new_ones(valid.shape[0], new)], dim=-1)[:, None, None, :]
+
+
+def _window_layers(cache: QuantizedKVCache, position: int,
+                   padded: bool = False) -> tuple[list[QuantizedLayer], list[QuantizedLayer]]:
     """The cache's (quantized, 16-bit) layers, checked for replayed decoding: at least one quantized,
     those with one window length, residual length and chunk, every layer with ``position`` tokens
-    seen, no padding."""
+    seen, padding only where the caller has its mask (``padded``)."""
     layers = list(cache.layers)
     if any(not layer.is_initialized or layer.keys is None for layer in layers):
         raise ValueError("the cache holds no prompt: fill it first (generate_with_graphs does)")
@@ -362,8 +413,8 @@ def _window_layers(cache: QuantizedKVCache, position: int) -> tuple[list[Quantiz
     seen = {layer.seen for layer in layers}
     if seen != {position}:
         raise ValueError(f"position={position}, but the cache's layers hold {sorted(seen)} tokens")
-    if any(layer.residual_valid is not None for layer in layers):
-        raise ValueError("the cache holds padding; replayed decoding takes batches without padding")
+    if not padded and any(layer.residual_valid is not None for layer in layers):
+        raise ValueError("the cache holds padding: pass the prompts' attention_mask, which says where")
     return quantized, full
 
 

@@ -52,7 +52,9 @@ class WindowBuffers:
     ``index``: int64 ``[1]``, where ``update`` writes the step's token; ``length``: int32 ``[1]``, the
     tokens the step's attention reads (``index + 1``). The decode loop advances both on the device.
     ``packed_keys`` / ``packed_values`` and their quantizers: what the attention reads before the window
-    (a quantized layer's packed part; a 16-bit layer's whole cache, stored as it is)."""
+    (a quantized layer's packed part; a 16-bit layer's whole cache, stored as it is).
+    ``attention_mask``: bool ``[B, 1, 1, packed + capacity]`` (True = attend) for a batch with padding,
+    fixed for the stretch (the steps' own tokens are all real); None without padding."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -62,6 +64,7 @@ class WindowBuffers:
     packed_values: QuantizedTensor | None = None
     key_quantizer: Quantizer | None = None
     value_quantizer: Quantizer | None = None
+    attention_mask: torch.Tensor | None = None
 
 
 def check_registered(role: str, name: str) -> None:
@@ -192,35 +195,45 @@ class QuantizedLayer(CacheLayerMixin):
         _PENDING.value = (self, key_states)
         return key_states, value_states
 
-    def give_window_buffers(self, capacity: int, index: torch.Tensor, length: torch.Tensor) -> WindowBuffers:
+    def give_window_buffers(self, capacity: int, index: torch.Tensor, length: torch.Tensor,
+                            attention_mask: torch.Tensor | None = None) -> WindowBuffers:
         """Move the window into buffers of ``capacity`` tokens (``window_buffers``) for replayed decode
         steps, with the device-held ``index`` / ``length`` it shares with the layers of its kind. A
         quantized layer's buffers start with its window, after its packed part; a 16-bit layer's start
-        empty, after its whole cache (read in place as ``FullPrecisionTensor``s)."""
+        empty, after its whole cache (read in place as ``FullPrecisionTensor``s). ``attention_mask``
+        (a batch with padding): bool ``[B, 1, 1, N]``, True = attend, over the ``N`` = packed part
+        (a 16-bit layer: its whole cache) + ``capacity`` columns the steps' attention reads."""
         if self.keys is None:
             raise ValueError(f"layer {self.layer_idx}: the layer holds no tokens; fill it before replayed decoding")
         w = 0 if self.plan.full_precision else self.residual_tokens
         if capacity < w + 1:
             raise ValueError(f"layer {self.layer_idx}: capacity={capacity}; the window holds {w} tokens and "
                              "needs room for one more")
+        columns = self.seen - w + capacity
+        if attention_mask is not None and (attention_mask.dtype != torch.bool
+                                           or tuple(attention_mask.shape) != (self.batch_size, 1, 1, columns)):
+            raise ValueError(f"layer {self.layer_idx}: attention_mask must be bool [{self.batch_size}, 1, 1, "
+                             f"{columns}]; got {attention_mask.dtype} {tuple(attention_mask.shape)}")
         shape = (self.batch_size, self.num_heads, capacity, self.head_dim)
         keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.plan.full_precision:
             identity = quantizer("none")
             packed = [FullPrecisionTensor(shape=t.shape, dtype=t.dtype, values=t) for t in (self.keys, self.values)]
-            self.window_buffers = WindowBuffers(keys, values, index, length, *packed, identity, identity)
+            self.window_buffers = WindowBuffers(keys, values, index, length, *packed, identity, identity,
+                                                attention_mask)
         else:
             keys[:, :, :w], values[:, :, :w] = self.keys, self.values
             self.window_buffers = WindowBuffers(keys, values, index, length, self.packed_keys, self.packed_values,
-                                                self.key_quantizer, self.value_quantizer)
+                                                self.key_quantizer, self.value_quantizer, attention_mask)
         return self.window_buffers
 
     def take_window_buffers(self, steps: int) -> None:
         """Back from ``window_buffers`` after ``steps`` replayed one-token steps: ``seen`` counts the
         steps; a quantized layer's window is the buffers' first tokens again and whole chunks beyond
-        ``residual_length`` move into the packed part, as ``after_attention`` would have moved them; a
-        16-bit layer appends the steps' tokens to its cache."""
+        ``residual_length`` move into the packed part, as ``after_attention`` would have moved them (a
+        window with padding flags counts the steps' tokens as real); a 16-bit layer appends the steps'
+        tokens to its cache."""
         buffers, self.window_buffers = self.window_buffers, None
         self.seen += steps
         self.awaiting_attention = False
@@ -231,6 +244,9 @@ class QuantizedLayer(CacheLayerMixin):
         w = self.residual_tokens + steps
         self.keys = buffers.keys[:, :, :w].clone()
         self.values = buffers.values[:, :, :w].clone()
+        if self.residual_valid is not None:
+            real = torch.ones(self.batch_size, steps, dtype=torch.bool, device=self.residual_valid.device)
+            self.residual_valid = torch.cat([self.residual_valid, real], dim=-1)
         move = (w - self.residual_length) // self.chunk * self.chunk
         if move > 0:
             self._compress(move)

@@ -13,8 +13,9 @@ What a recorded step does: greedy choice or sampling with temperature, top-k and
 ``suppress_tokens``; a ``min_new_tokens`` / ``min_length`` that covers every new token (end-of-sequence
 ids suppressed throughout); end-of-sequence ids, one or several. Refused: any other logits processor
 (repetition penalty, bad words, ...: they read the growing sequence or are not written for recording),
-stopping criteria other than the length and end-of-sequence ones, beam search, padded batches, a
-prefill in chunks (``prefill_chunk_size``), ``return_dict_in_generate`` and the outputs it brings.
+stopping criteria other than the length and end-of-sequence ones, beam search, a prefill in chunks
+(``prefill_chunk_size``), ``return_dict_in_generate`` and the outputs it brings. Padded batches (an
+``attention_mask`` with zeros, left padding) decode as ``generate`` decodes them.
 
 Streaming: ``generate`` hands a ``custom_generate`` callable neither its ``streamer`` nor ``synced_gpus``
 (transformers 5.17 and 5.25 drop both before the call, after giving the streamer the prompts), so a
@@ -40,7 +41,8 @@ REPLAYED_PROCESSORS = ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogit
                        "MinNewTokensLengthLogitsProcessor")
 #: stopping criteria it honours
 REPLAYED_CRITERIA = ("MaxLengthCriteria", "EosTokenCriteria")
-#: model keywords ``generate`` prepares that the replayed steps may ignore (their values checked below)
+#: model keywords ``generate`` prepares that replayed decoding reads (``attention_mask``) or may ignore
+#: (their values checked below; ``position_ids`` must be those the mask gives, which it recomputes)
 _PREPARED_KEYWORDS = {"attention_mask", "use_cache", "logits_to_keep", "position_ids", "cache_position",
                       "output_attentions", "output_hidden_states"}
 
@@ -88,7 +90,8 @@ def replayed_decoding(model: Any, input_ids: torch.Tensor, logits_processor: Any
         graphs = input_ids.device.type == "cuda"
     out = generate_with_graphs(model, input_ids, cache, max_new_tokens, eos_token_id=eos_ids or None,
                                pad_token_id=None if pad is None else int(pad), suppress_token_ids=suppressed or None,
-                               graphs=graphs, streamer=token_streamer, **sampling)
+                               graphs=graphs, streamer=token_streamer, attention_mask=model_kwargs.get("attention_mask"),
+                               **sampling)
     return out.to(given_on)
 
 
@@ -130,15 +133,32 @@ def _refuse_settings(generation_config: Any, synced_gpus: bool, streamer: Any, m
     unknown = sorted(k for k, v in model_kwargs.items() if k not in _PREPARED_KEYWORDS and v is not None)
     if unknown:
         raise ValueError(f"model keywords {unknown} are not passed to the replayed steps; replayed decoding takes "
-                         "token ids, an attention mask without padding and a kvpolar cache")
-    mask = model_kwargs.get("attention_mask")
-    if mask is not None and not bool((mask == 1).all()):
-        raise ValueError("attention_mask has padding (zeros); replayed decoding takes prompts of equal length")
+                         "token ids, an attention mask and a kvpolar cache")
+    _check_positions(model_kwargs.get("position_ids"), model_kwargs.get("attention_mask"))
     if model_kwargs.get("use_cache") is False:
         raise ValueError("use_cache=False; replayed decoding decodes over the kvpolar cache")
     for name in ("output_attentions", "output_hidden_states"):
         if model_kwargs.get(name):
             raise ValueError(f"{name}=True is not supported by replayed decoding")
+
+
+def _check_positions(position_ids: Any, attention_mask: Any) -> None:
+    """``position_ids`` as ``generate`` prepares them (counting each row's real tokens from 0, padding at 0;
+    ``0 .. T-1`` without a mask), or None; others are refused (the replayed steps count positions so)."""
+    if position_ids is None:
+        return
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+        raise ValueError(f"position_ids {tuple(getattr(position_ids, 'shape', ()))}: replayed decoding takes the "
+                         "[batch, tokens] positions generate derives from the attention mask")
+    tokens = position_ids.shape[-1]
+    if attention_mask is None:
+        want = torch.arange(tokens, device=position_ids.device)[None, :]
+    else:
+        real = attention_mask.to(position_ids.device) != 0
+        want = (real.long().cumsum(-1) - 1).masked_fill(~real, 0)
+    if want.shape[-1] != tokens or not bool((position_ids == want).all()):
+        raise ValueError("position_ids other than those the attention mask gives (each row counting its real "
+                         "tokens from 0) are not supported by replayed decoding")
 
 
 def _max_new_tokens(stopping_criteria: Any, generation_config: Any, prompt_tokens: int) -> int:

@@ -274,7 +274,8 @@ def fused_decode_attention(
             the count read by the kernel, not the host, so that a CUDA graph can replay the call as
             the window grows (``kvpolar.cache.graphed``). Its value must lie in ``[0, R]`` (not
             checked: reading it would wait for the GPU). Needs the window attended in the kernel that
-            merges the splits (``describe_launch``'s ``window`` not "own launch") and no mask.
+            merges the splits (``describe_launch``'s ``window`` not "own launch"). A mask then
+            covers the buffers' ``R`` columns after the packed ones (those past the length unread).
 
     Returns:
         ``[B, Hq, Tq, D]`` in ``query.dtype``.
@@ -311,7 +312,7 @@ def fused_decode_attention(
                          f"must be [B={bsz}, Hkv={hkv}, R, D={d}]")
     n_total = tk + r
     if residual_length is not None:
-        _check_residual_length(residual_length, residual_keys, attention_mask, query)
+        _check_residual_length(residual_length, residual_keys, query)
     mask = None
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool:
@@ -405,9 +406,9 @@ def fused_decode_attention(
     return out
 
 
-def _check_residual_length(residual_length, residual_keys, attention_mask, query) -> None:
+def _check_residual_length(residual_length, residual_keys, query) -> None:
     """``fused_decode_attention``'s ``residual_length``: an int32 ``[1]`` tensor on the query's device, with
-    a window and without a mask."""
+    a window."""
     if not isinstance(residual_length, torch.Tensor) or residual_length.dtype != torch.int32 \
             or residual_length.numel() != 1 or residual_length.device != query.device:
         got = (f"{residual_length.dtype} {tuple(residual_length.shape)} on {residual_length.device}"
@@ -415,9 +416,6 @@ def _check_residual_length(residual_length, residual_keys, attention_mask, query
         raise ValueError(f"residual_length must be an int32 tensor of one element on {query.device}; got {got}")
     if residual_keys is None:
         raise ValueError("residual_length was given without a residual window (residual_keys is None)")
-    if attention_mask is not None:
-        raise ValueError("residual_length does not take an attention_mask (windows of fixed-size buffers are for "
-                         "batches without padding)")
 
 
 def _window_plan(bsz: int, hq: int, hkv: int, tq: int, r: int, values, v_rot, sms: int) -> tuple[bool, bool, bool]:
