@@ -123,9 +123,8 @@ def generate_with_graphs(model: Any, input_ids: torch.Tensor, cache: QuantizedKV
         stream = TokenStream(streamer, input_ids.shape[0], max_new_tokens, input_ids.device, eos_ids, pad)
         stream.prompt(input_ids)
     prompt = {}
-    if valid is not None:  # (generate's positions: each row counts its real tokens; padding at 0)
-        prompt = dict(attention_mask=attention_mask.to(input_ids.device),
-                      position_ids=(valid.long().cumsum(-1) - 1).masked_fill(~valid, 0))
+    if valid is not None:  # (the mask and positions generate passes the prompt)
+        prompt = dict(attention_mask=attention_mask.to(input_ids.device), position_ids=prompt_positions(valid))
     logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **prompt, **cache_kwargs(model, cache)).logits
     first = choose(logits[:, -1])
     if stream is not None:
@@ -385,6 +384,13 @@ def _padding(attention_mask: torch.Tensor | None, ids: torch.Tensor, tokens: int
         raise ValueError(f"attention_mask rows {valid.any(-1).logical_not().nonzero().flatten().tolist()} hold "
                          "padding only; every row needs a real token")
     return None if bool(valid.all()) else valid
+
+
+def prompt_positions(valid: torch.Tensor) -> torch.Tensor:
+    """int64 ``[B, T]`` positions of prompts whose real tokens ``valid`` (bool ``[B, T]``) marks, as
+    ``generate`` derives them from the attention mask: each row counts its real tokens from 0, padding
+    at 0."""
+    return (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
 
 
 def _stretch_mask(valid: torch.Tensor, new: int) -> torch.Tensor:

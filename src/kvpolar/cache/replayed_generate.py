@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from kvpolar.cache.cache import QuantizedKVCache
-from kvpolar.cache.graphed import _token_ids, generate_with_graphs
+from kvpolar.cache.graphed import _token_ids, generate_with_graphs, prompt_positions
 
 #: logits processors a recorded step reproduces (by class name, as transformers names them)
 REPLAYED_PROCESSORS = ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
@@ -154,8 +154,7 @@ def _check_positions(position_ids: Any, attention_mask: Any) -> None:
     if attention_mask is None:
         want = torch.arange(tokens, device=position_ids.device)[None, :]
     else:
-        real = attention_mask.to(position_ids.device) != 0
-        want = (real.long().cumsum(-1) - 1).masked_fill(~real, 0)
+        want = prompt_positions(attention_mask.to(position_ids.device) != 0)
     if want.shape[-1] != tokens or not bool((position_ids == want).all()):
         raise ValueError("position_ids other than those the attention mask gives (each row counting its real "
                          "tokens from 0) are not supported by replayed decoding")
