@@ -49,6 +49,15 @@ def test_bad_tensors(name):
         q.quantize(torch.zeros(1, 32, 64), queries=torch.zeros(1, 4, 64))
 
 
+@pytest.mark.parametrize("name", ["none", "kivi", "polar-rope", "polar-recursive", "turbo", "fp8"])
+@pytest.mark.parametrize("shape", [(1, 2, 0, 128), (0, 2, 5, 128)])
+def test_nothing_to_quantize_is_refused_by_name(name, shape):
+    """An empty ``x`` (no tokens, or an empty leading dimension) is refused naming ``x`` and its shape,
+    by every method alike (the formats have no empty form)."""
+    with pytest.raises(ValueError, match=r"x has shape \(" + ", ".join(map(str, shape)) + r"\): nothing to quantize"):
+        kvpolar.quantizer(name).quantize(torch.zeros(shape))
+
+
 def test_head_dim_not_divisible_by_value_group():
     with pytest.raises(ValueError, match="head dim 48 is not divisible by group_size=32"):
         kvpolar.quantizer("kivi", axis="token", group_size=32).quantize(torch.randn(1, 8, 48))

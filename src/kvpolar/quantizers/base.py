@@ -49,9 +49,13 @@ class Quantizer(abc.ABC):
     def quantize(self, x: torch.Tensor, **context: Any) -> QuantizedTensor:
         """Quantize ``x``: ``[..., T, D]``, float16/bfloat16/float32, CPU or CUDA.
 
-        ``context`` carries what some methods need (e.g. ``queries=`` for SQuat).
+        ``context`` carries what some methods need (e.g. ``queries=`` for SQuat). ``x`` must hold at
+        least one token (the stored formats have no empty form; a cache quantizes whole chunks).
         """
         check_float_tensor("x", x)
+        if x.numel() == 0:
+            raise ValueError(f"x has shape {tuple(x.shape)}: nothing to quantize; allowed: at least one token "
+                             "(T >= 1) and no empty leading dimension")
         unexpected = sorted(set(context) - self.context_keys)
         if unexpected:
             accepted = sorted(self.context_keys) or "none"
