@@ -71,7 +71,8 @@ def compile_preset(name: str, batch: int, tokens: int, cfg: mod.LaunchConfig | N
     with mock.patch.object(mod, "_interpreting", lambda: False), \
             mock.patch.object(mod, "_device_sms", lambda device: H100_SMS), \
             mock.patch.object(mod, "_fp8_conversion", lambda device: True), \
-            mock.patch.object(mod, "_transposed_residency", lambda *a, **k: None):
+            mock.patch.object(mod, "_transposed_residency", lambda *a, **k: None), \
+            mock.patch.object(mod._dependent_launch, "available", lambda device: True):
         q = mod._packed_query(query, mod.formats.rotation_matrix(keys))
         plan = mod._packed_plan(q, keys, values, None, scale, cfg or mod.LaunchConfig())
         scratch = torch.empty(1, dtype=torch.float32)
@@ -106,11 +107,24 @@ def compile_for_h100(kernel, args: tuple, kwargs: dict):
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=H100, options=options.__dict__)
 
 
+#: how ``fused_decode_attention`` launches the kernel that merges the splits after a split kernel on an H100
+DEPENDENT = dict(WAIT_PRIMARY=True, launch_pdl=True)
+
+
+def grid_dependency(compiled) -> str:
+    """The kernel's grid dependency control (``kvpolar.kernels.dependent_launch``) as its PTX holds it:
+    "signals" (``griddepcontrol.launch_dependents``), "waits" (``griddepcontrol.wait``), both, or "none"."""
+    ptx = compiled.asm["ptx"]
+    found = [word for word, op in (("signals", "griddepcontrol.launch_dependents"), ("waits", "griddepcontrol.wait"))
+             if op in ptx]
+    return " and ".join(found) or "none"
+
+
 def compile_combine_kernels(head_dim: int = D):
     """``{tag: compiled}``: the kernels that merge the splits (``decode_combine``: plain and with the
     window folded in, its length an argument or read from memory, ``WINDOW_IN_MEMORY``; values in the
     plain or a rotated domain, ``ROTATED``; 8 and 256 splits' worth of partials, ``BLOCK_S``) compiled for sm_90 with float16 outputs, as ``fused_decode_attention``
-    launches them."""
+    launches them after a split kernel (dependent launches that wait for it, ``WAIT_PRIMARY``)."""
     from kvpolar.kernels import decode_combine
 
     parts = torch.empty(64, dtype=torch.float32)
@@ -123,7 +137,7 @@ def compile_combine_kernels(head_dim: int = D):
         for block_s in (8, 256):
             head = (parts, parts, parts, out, block_s - 1, rot, block_s // 2)
             compiled[f"combine-rotated{int(rotated)}-s{block_s}"] = compile_for_h100(
-                decode_combine._combine_kernel, head, dict(D=head_dim, BLOCK_S=block_s, ROTATED=rotated, num_warps=4))
+                decode_combine._combine_kernel, head, dict(D=head_dim, BLOCK_S=block_s, ROTATED=rotated, **DEPENDENT, num_warps=4))
             for in_memory in (False, True):  # the window's length an argument, or read from memory
                 args = (*head, *window, *window, *window, out, 0, 0, 0, 0, 70, length if in_memory else out, 3, 0,
                         HQ, 4, 1, 0.1)
@@ -131,12 +145,12 @@ def compile_combine_kernels(head_dim: int = D):
                 compiled[f"window-combine-{tag}"] = compile_for_h100(
                     decode_combine._window_combine_kernel, args,
                     dict(D=head_dim, BLOCK_S=block_s, BLOCK_N=mod.WINDOW_BLOCK_N, BLOCKS_CONST=0, HAS_MASK=False,
-                         ROTATED=rotated, WINDOW_IN_MEMORY=in_memory, num_warps=mod.WINDOW_WARPS))
+                         ROTATED=rotated, WINDOW_IN_MEMORY=in_memory, **DEPENDENT, num_warps=mod.WINDOW_WARPS))
                 compiled[f"kv-head-window-combine-{tag}"] = compile_for_h100(
                     decode_combine._kv_head_window_combine_kernel, args,
                     dict(D=head_dim, BLOCK_S=block_s, BLOCK_N=mod.KV_HEAD_WINDOW_BLOCK_N, BLOCK_M=16,
                          DOT_DTYPE=triton.language.float16, BLOCKS_CONST=0, ROWS_CONST=0, HAS_MASK=False,
-                         ROTATED=rotated, WINDOW_IN_MEMORY=in_memory, num_warps=4))
+                         ROTATED=rotated, WINDOW_IN_MEMORY=in_memory, **DEPENDENT, num_warps=4))
     return compiled
 
 
@@ -199,10 +213,11 @@ def main() -> None:
         if args.lines:
             print(loop_lines(os.path.join(out, f"{name}.cubin")))
         print(f"  {'transposed' if plan.transposed else 'classic'} kernel, block_n {plan.block_n}, register cap {cap}, loop loads: {copies} asynchronous copies, "
-              f"{ahead} read one block ahead, {plain} waited for in their block")
+              f"{ahead} read one block ahead, {plain} waited for in their block; grid dependency: {grid_dependency(compiled)}")
     if args.combine:
         for tag, compiled in compile_combine_kernels().items():
-            print(report(compiled, tag, out).splitlines()[0])
+            print(f"{report(compiled, tag, out).splitlines()[0]}; grid dependency: {grid_dependency(compiled)}"
+                  f"{', dependent launch' if compiled.metadata.launch_pdl else ''}")
     print(f"(cubin, SASS and TTGIR in {out})")
 
 

@@ -558,6 +558,73 @@ def test_window_folds_up_to_the_limits(monkeypatch):
     assert launched == [16, 17, 19]
 
 
+class _RecordedKernel:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records the keywords, runs nothing."""
+
+    def __init__(self, name):
+        self.name, self.launches = name, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.name, kwargs))
+
+
+def test_dependent_launch_lets_the_merge_start_after_split_kernels_only(monkeypatch):
+    """Where dependent launches are available (``dependent_launch.available``: Hopper, not the
+    interpreter; patched here), every split kernel is launched with ``LAUNCH_DEPENDENTS`` and the kernel
+    that merges the splits as a dependent launch (``launch_pdl``) that waits for them
+    (``WAIT_PRIMARY``), with the window folded into it or launched on its own; not where no split
+    kernel runs right before it (a window alone; rotated values whose window partials the host
+    rotates in between), nor with ``LaunchConfig(dependent_launch=False)``. ``describe_launch``
+    reports the same. (The GPU runs of this file time nothing but run every kernel this way.)"""
+    from kvpolar.kernels import dependent_launch
+
+    assert not dependent_launch.available(torch.device("cpu"))
+    monkeypatch.setattr(da._dependent_launch, "available", lambda device: True)
+    monkeypatch.setattr(da, "BOUND_LAUNCHES", False)
+    recorded = []
+    for name in ("_split_kernel", "_split_kernel_t", "_combine_kernel", "_window_combine_kernel",
+                 "_kv_head_window_combine_kernel"):
+        kernel = _RecordedKernel(name)
+        kernel.launches = recorded
+        monkeypatch.setattr(da, name, kernel)
+
+    def launches(batch, tk, r, values="kivi-2-32", config=None, gqa=4):
+        recorded.clear()
+        k, v, q = random_inputs(("dependent", batch, tk, r), batch=batch, hkv=2, gqa=gqa, tq=1, n=tk + r, d=D,
+                                dtype=torch.float16)
+        pk = pv = None
+        if tk:
+            pk = make_keys("kivi-2-32", k[..., :tk, :])[1]
+            pv = (kvpolar.quantizer("turbo", bits=4).quantize(v[..., :tk, :]) if values == "turbo-4"
+                  else make_values(values, v[..., :tk, :])[1])
+        rk, rv = (k[..., tk:, :], v[..., tk:, :]) if r else (None, None)
+        fused_decode_attention(q, pk, pv, None, None, rk, rv, D**-0.5, None, config)
+        return [("split" if name.startswith("_split") else name, kwargs.get("LAUNCH_DEPENDENTS", False),
+                 kwargs.get("WAIT_PRIMARY", False), kwargs.get("launch_pdl", False)) for name, kwargs in recorded]
+
+    split = ("split", True, False, False)
+    assert launches(1, 64, 20) == [split, ("_window_combine_kernel", False, True, True)]
+    assert launches(2, 64, 20) == [split, ("_kv_head_window_combine_kernel", False, True, True)]  # (by KV head: 8 SMs)
+    assert launches(2, 64, 0) == [split, ("_combine_kernel", False, True, True)]
+    monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 8)  # the window's own split launch, then the merge
+    assert launches(2, 64, 20) == [split, split, ("_combine_kernel", False, True, True)]
+    monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 512)
+    assert launches(1, 0, 20) == [("_window_combine_kernel", False, False, False)]  # no split kernel before it
+    assert launches(1, 64, 20, config=LaunchConfig(dependent_launch=False)) == [
+        ("split", False, False, False), ("_window_combine_kernel", False, False, False)]
+    monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 4)  # rotated values beyond the row limit: host products in between
+    monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD", False)
+    assert launches(2, 64, 20, values="turbo-4") == [split, split, ("_combine_kernel", False, False, False)]
+    pk = make_keys("kivi-2-32", torch.randn(2, 2, 64, D))[1]
+    pv = make_values("kivi-2-32", torch.randn(2, 2, 64, D))[1]
+    q = torch.randn(2, 8, 1, D, dtype=torch.float16)
+    assert da.describe_launch(q, pk, pv, residual_tokens=20)["dependent_launch"] is True
+    assert da.describe_launch(q, pk, pv, LaunchConfig(dependent_launch=False), 20)["dependent_launch"] is False
+    turbo = kvpolar.quantizer("turbo", bits=4).quantize(torch.randn(2, 2, 64, D))
+    assert da.describe_launch(q, pk, turbo, residual_tokens=20)["dependent_launch"] is False
+    assert da.describe_launch(q, pk, turbo)["dependent_launch"] is True
+
+
 @pytest.mark.parametrize("value_kind", ["turbo-4", "polar-recursive"])
 @pytest.mark.parametrize("limits", ["folded", "window-launched", "many-rows", "switched-off", "as-shipped"])
 def test_rotated_values_unrotated_in_the_combine_kernel(monkeypatch, value_kind, limits):

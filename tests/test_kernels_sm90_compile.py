@@ -35,13 +35,25 @@ def inspect(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def compiled_loops(tmp_path_factory) -> dict:
-    """Main-loop opcode counts of each preset's transposed kernel, compiled for sm_90 at batch 2,
-    2048 tokens (the launch policy as on an H100)."""
+def compiled_presets(tmp_path_factory) -> tuple[dict, str]:
+    """(main-loop opcode counts of each preset's transposed kernel, the inspection's report), compiled
+    for sm_90 at batch 2, 2048 tokens (the launch policy as on an H100)."""
     out = tmp_path_factory.mktemp("sass")
     run = inspect(*PRESETS, "--batch", "2", "--tokens", "2048", "--out", str(out))
     assert run.stdout.count("transposed kernel") == len(PRESETS), run.stdout
-    return {name: loop_opcodes((out / f"{name}.sass").read_text()) for name in PRESETS}
+    return {name: loop_opcodes((out / f"{name}.sass").read_text()) for name in PRESETS}, run.stdout
+
+
+@pytest.fixture(scope="module")
+def compiled_loops(compiled_presets) -> dict:
+    return compiled_presets[0]
+
+
+def test_split_kernels_let_the_merge_start(compiled_presets):
+    """On the H100 each split kernel signals at once that the merge, a dependent launch, may start
+    (``griddepcontrol.launch_dependents``; ``kvpolar.kernels.dependent_launch``)."""
+    report = compiled_presets[1]
+    assert report.count("grid dependency: signals") == len(PRESETS), report
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -67,5 +79,7 @@ def test_combine_kernels_compile_for_the_h100(tmp_path):
     reports = dict(line.split(": ", 1) for line in run.stdout.splitlines() if "combine-rotated" in line)
     assert len(reports) == 20, run.stdout
     for tag, usage in reports.items():
+        # launched after a split kernel on the H100: dependent launches that wait for it (dependent_launch)
+        assert usage.endswith("grid dependency: waits, dependent launch"), (tag, usage)
         if "-s8" in tag:
             assert "STACK:0 " in usage, (tag, usage)

@@ -55,7 +55,10 @@ combine kernels' to their compile-time arguments (``kvpolar.kernels.bound_launch
 step on they relaunch the compiled kernel with only the per-call arguments replaced (``PER_CALL`` /
 ``PER_WINDOW``; ``BOUND_LAUNCHES = False`` turns this off). On the H100 binding the split kernels
 took a batch-1 call from 219 to 122 us of host time (``benchmarks/launch_cost.py``). Attending the
-window in the combine kernel saves one launch per call (two in all for the steady decode state).
+window in the combine kernel saves one launch per call (two in all for the steady decode state). On
+Hopper GPUs the combine kernel is a programmatic dependent launch (``LaunchConfig.dependent_launch``,
+:mod:`kvpolar.kernels.dependent_launch`): the split programs let it start at once, so its programs
+attend the window while the splits run and wait for the split kernel only to read its partials.
 
 Stored formats read (any key format with any value format; ``supports`` checks the parameters):
 keys: full precision, KIVI per-channel, polar-rope, turbo, fp8, polar-recursive; values: full
@@ -395,6 +398,8 @@ def fused_decode_attention(
         kernel, names = _combine_kernel, _COMBINE_ARGUMENTS
         combine_args = (part_max, part_sum, part_acc, out, total_splits, *rot_args)
         kwargs = dict(D=d, BLOCK_S=block_s, ROTATED=rotate_in_combine, num_warps=4)
+    if parts and not (v_rot is not None and r and not rotate_in_combine) and _launching_dependents(query, cfg):
+        kwargs.update(WAIT_PRIMARY=True, launch_pdl=True)  # (its primary: a split kernel, which lets it start)
     combine = _shared_launch(_COMBINE_LAUNCHES, (dev, kernel, *kwargs.values()), kernel, names) if BOUND_LAUNCHES else None
     if combine is None or not combine.relaunch(combine_grid, combine_args):
         if combine is None:
@@ -404,6 +409,12 @@ def fused_decode_attention(
     if v_rot is not None and not rotate_in_combine:
         out = (out @ v_rot).to(query.dtype)  # R^T o, once
     return out
+
+
+def _launching_dependents(query: torch.Tensor, cfg: LaunchConfig) -> dict:
+    """The split kernels' keyword that lets a dependent launch of the combine kernel start
+    (``LaunchConfig.dependent_launch`` where ``dependent_launch.available``), or none."""
+    return {"LAUNCH_DEPENDENTS": True} if cfg.dependent_launch and _dependent_launch.available(query.device) else {}
 
 
 def _check_residual_length(residual_length, residual_keys, query) -> None:
@@ -532,7 +543,8 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
     as taken for these tensors; None where neither operand has such codes); and ``window``, how a
     16-bit residual window of ``residual_tokens`` tokens is attended: "by KV head" or "by query row"
     (in the kernel that merges the splits), "own launch" (a split launch of its own), None (no
-    window). ``query``: ``[B, Hq, Tq, D]``."""
+    window); ``dependent_launch``, whether that merging kernel is a dependent launch that starts
+    while the splits run (``LaunchConfig.dependent_launch``). ``query``: ``[B, Hq, Tq, D]``."""
     if keys is None or values is None:
         raise ValueError("describe_launch needs packed keys and values (the residual window alone is not launched this way)")
     if type(residual_tokens) is not int or residual_tokens < 0:
@@ -545,15 +557,19 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
     plan = _packed_plan(_packed_query(query, formats.rotation_matrix(keys)), keys, values, None,
                         query.shape[-1] ** -0.5, cfg)
     bsz, hq, tq, _ = query.shape
-    fold, by_kv_head, _ = _window_plan(bsz, hq, keys.shape[1], tq, residual_tokens, values,
-                                       formats.rotation_matrix(values), _device_sms(query.device))
+    v_rot = formats.rotation_matrix(values)
+    fold, by_kv_head, rotate_in_combine = _window_plan(bsz, hq, keys.shape[1], tq, residual_tokens, values, v_rot,
+                                                       _device_sms(query.device))
+    dependent = bool(_launching_dependents(query, cfg)) and not (v_rot is not None and residual_tokens
+                                                                 and not rotate_in_combine)
     window = None if not residual_tokens else "own launch" if not fold else "by KV head" if by_kv_head else "by query row"
     return {"kernel": "transposed" if plan.transposed else "classic", "block_n": plan.block_n,
             "splits": plan.splits, "tokens_per_split": plan.per_split,
             "programs": keys.shape[0] * keys.shape[1] * plan.splits,
             "programs_per_sm": plan.config.programs_per_sm, "max_registers": plan.config.max_registers,
             "value_metadata": plan.config.value_metadata if plan.transposed else None,
-            "kivi_code_units": _kivi_reading(plan) if plan.transposed else None, "window": window}
+            "kivi_code_units": _kivi_reading(plan) if plan.transposed else None, "window": window,
+            "dependent_launch": dependent}
 
 
 def _kivi_reading(plan: _PackedPlan) -> str | None:
@@ -820,7 +836,7 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
         PARTS=cfg.by_parts, FP8_CONVERT=_fp8_conversion(query.device),
         **{"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **formats.launch_overrides(k_op.fmt, v_op.fmt)},
-        **formats.kernel_args(k_op, v_op, query),
+        **formats.kernel_args(k_op, v_op, query),        **_launching_dependents(query, cfg),
     )
     if bound is None:
         _split_kernel[(bsz * hkv, splits)](*args, **kwargs)
@@ -899,7 +915,7 @@ def _split_t_arguments(query, k_op, v_op, mask, offset, blocks_per_split, base, 
         KEY_LOOKUP=k_lookup, VAL_LOOKUP=v_lookup, LAZY_RESCALE=cfg.lazy_rescale,
         KIVI_BIAS_LAST=cfg.kivi_key_bias == "last",
         VAL_MIN_PRODUCT=cfg.kivi_value_min == "product" and v_op.fmt == FMT_KIVI and v_op.bits <= 4,
-        num_warps=cfg.transposed_warps, num_stages=cfg.transposed_stages, **extra,
+        num_warps=cfg.transposed_warps, num_stages=cfg.transposed_stages, **extra, **_launching_dependents(query, cfg),
     )
     return args, kwargs
 
@@ -1108,6 +1124,7 @@ def _transposed_residency(query, k_op, v_op, mask, offset, scale, gqa, block_n, 
 
 # ----- Triton kernels (decode_classic, decode_transposed) and the format helpers the launches use -------------
 if triton is not None:
+    from kvpolar.kernels import dependent_launch as _dependent_launch
     from kvpolar.kernels import polar_recursive_parts as _pr
     from kvpolar.kernels import turbo_parts as _tq
     from kvpolar.kernels.decode_classic import _split_kernel

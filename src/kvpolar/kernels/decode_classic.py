@@ -14,6 +14,7 @@ from triton.language.extra import libdevice
 
 from kvpolar.kernels import decode_formats as formats
 from kvpolar.kernels import kivi_parts as _kp
+from kvpolar.kernels.dependent_launch import launch_dependents
 from kvpolar.kernels.polar_pairs import pair_channels as _pair_channels
 
 
@@ -105,11 +106,13 @@ def _split_kernel(
     KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr, PARTS: tl.constexpr, FP8_CONVERT: tl.constexpr,
     ktab0, ktab1, ktab2, k_book_stride, vtab0, vtab1, vtab2, v_book_stride,
     KEY_NB: tl.constexpr, KEY_LEVELS: tl.constexpr,
-    VAL_NB: tl.constexpr, VAL_LEVELS: tl.constexpr,
+    VAL_NB: tl.constexpr, VAL_LEVELS: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
     """The split step (see the module docstring); ``ktab*`` / ``vtab*``, ``*_book_stride``,
     ``*_NB``, ``*_LEVELS``: the formats of ``decode_formats`` (``kernel_args``); ``FP8_CONVERT``:
-    e4m3 by the GPU's conversion (``_fp8_conversion``)."""
+    e4m3 by the GPU's conversion (``_fp8_conversion``); LAUNCH_DEPENDENTS: let the combine kernel,
+    launched next as a dependent launch, start (``dependent_launch``)."""
+    launch_dependents(LAUNCH_DEPENDENTS)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // n_kv_heads

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from kvpolar.kernels.decode_classic import online_softmax_rows
+from kvpolar.kernels.dependent_launch import wait_for_primary
 
 
 #: rows of the rotation matrix read per step of the rotated merge (``_merge_splits``)
@@ -89,9 +90,11 @@ def _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, m_w, l_w
 
 @triton.jit
 def _combine_kernel(part_max, part_sum, part_acc, out_ptr, n_splits, rot_ptr, n_rotated,
-                    D: tl.constexpr, BLOCK_S: tl.constexpr, ROTATED: tl.constexpr):
+                    D: tl.constexpr, BLOCK_S: tl.constexpr, ROTATED: tl.constexpr, WAIT_PRIMARY: tl.constexpr = False):
     """Merge the splits of one (sequence, query head, query token) row; empty rows give 0. ROTATED:
-    the first ``n_rotated`` splits are in the rotated domain of ``rot_ptr`` (``_merge_splits``)."""
+    the first ``n_rotated`` splits are in the rotated domain of ``rot_ptr`` (``_merge_splits``).
+    WAIT_PRIMARY: launched as a dependent launch, wait for the split kernel first (``dependent_launch``)."""
+    wait_for_primary(WAIT_PRIMARY)
     row = tl.program_id(0).to(tl.int64)
     _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, 0.0, 0.0, 0.0, rot_ptr, n_rotated, D,
                   BLOCK_S, False, ROTATED)
@@ -112,6 +115,7 @@ def _window_combine_kernel(
     n_window, n_window_ptr, window_blocks, mask_offset, n_heads, gqa, n_query, qk_scale,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_CONST: tl.constexpr,
     HAS_MASK: tl.constexpr, ROTATED: tl.constexpr, WINDOW_IN_MEMORY: tl.constexpr,
+    WAIT_PRIMARY: tl.constexpr = False,
 ):
     """Attend one row over the residual window, then merge with the packed splits (module docstring).
 
@@ -158,6 +162,7 @@ def _window_combine_kernel(
         l_w = l_w * alpha + tl.sum(p, axis=0)
         acc_w = acc_w * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m_w = m_new
+    wait_for_primary(WAIT_PRIMARY)  # (the window needs nothing of the split kernel; its partials do)
     _merge_splits(part_max, part_sum, part_acc, out_ptr, row, n_splits, m_w, l_w, acc_w, rot_ptr, n_rotated, D,
                   BLOCK_S, True, ROTATED)
 
@@ -171,7 +176,7 @@ def _kv_head_window_combine_kernel(
     n_window, n_window_ptr, window_blocks, mask_offset, n_kv_heads, gqa, n_query, qk_scale,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCKS_CONST: tl.constexpr, ROWS_CONST: tl.constexpr, HAS_MASK: tl.constexpr, ROTATED: tl.constexpr,
-    WINDOW_IN_MEMORY: tl.constexpr,
+    WINDOW_IN_MEMORY: tl.constexpr, WAIT_PRIMARY: tl.constexpr = False,
 ):
     """``_window_combine_kernel`` for all ``gqa * n_query`` rows of one KV head of one sequence at once,
     grid ``(batch * kv_heads,)``: the window's keys and values are read once per KV head, not once per
@@ -215,6 +220,7 @@ def _kv_head_window_combine_kernel(
                                    mask=row_ok[:, None] & n_ok[None, :], other=0) != 0)
         m_w, alpha, p, l_w = online_softmax_rows(tl.where(keep, s, float("-inf")), m_w, l_w)
         acc_w = tl.dot(p.to(DT), v.to(DT), acc_w * alpha[:, None], input_precision=PREC)
+    wait_for_primary(WAIT_PRIMARY)  # (the window needs nothing of the split kernel; its partials do)
     # each row's window partial taken out of the tiles, merged with its splits
     for j in range(ROWS_CONST if ROWS_CONST > 0 else n_rows):
         this = rows == j

@@ -15,6 +15,7 @@ import triton.language as tl
 from kvpolar.kernels import kivi_parts as _kp
 from kvpolar.kernels import polar_recursive_parts as _pr
 from kvpolar.kernels import turbo_parts as _tq
+from kvpolar.kernels.dependent_launch import launch_dependents
 from kvpolar.kernels.polar_pairs import load_unit_words
 from kvpolar.kernels.polar_pairs import query_pairs_t as _polar_query_t
 from kvpolar.kernels.polar_pairs import scores_t as _polar_key_scores_t
@@ -41,7 +42,7 @@ def _split_kernel_t(
     VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, KEY_PROGRAMS: tl.constexpr, vbook,
     VAL_PROGRAMS: tl.constexpr, VAL_META: tl.constexpr,
     KEY_LOOKUP: tl.constexpr, VAL_LOOKUP: tl.constexpr, LAZY_RESCALE: tl.constexpr,
-    KIVI_BIAS_LAST: tl.constexpr, VAL_MIN_PRODUCT: tl.constexpr,
+    KIVI_BIAS_LAST: tl.constexpr, VAL_MIN_PRODUCT: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
     """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
     ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -58,7 +59,9 @@ def _split_kernel_t(
     accumulator per part; ``kcos`` / ``ksin`` / ``vcos`` / ``vsin``: cos / sin tables of the shared
     analytic codebooks), or turbo by parts (one accumulator per code position; ``kbook`` /
     ``vbook``: the codebooks, ``KEY_PROGRAMS`` / ``VAL_PROGRAMS``: their lookups as
-    ``turbo_parts.lookup_programs``)."""
+    ``turbo_parts.lookup_programs``). LAUNCH_DEPENDENTS: let the combine kernel, launched next as a
+    dependent launch, start (``dependent_launch``)."""
+    launch_dependents(LAUNCH_DEPENDENTS)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // n_kv_heads

@@ -130,6 +130,12 @@ class LaunchConfig:
         ``benchmarks/results/verify_step_h200.json``, B=8, 32k tokens, us, transposed vs classic):
         4 query tokens (16 rows) kivi-2 222 vs 293, polar-rope-3 248 vs 481; 8 tokens (32 rows) 690 vs
         654 and 908 vs 818; 21 tokens (84 rows) 16182 vs 781 and 23107 vs 986. Hence 16.
+    dependent_launch: on GPUs of compute capability 9.0 or later (Hopper), the kernel that merges the
+        splits (and attends a folded window) is a programmatic dependent launch: the split programs
+        let it start at once, its programs attend the window as SM slots free up and wait for the
+        split kernel only before reading its partials (``kvpolar.kernels.dependent_launch``). False:
+        the plain launch after the split kernel has ended. Ignored elsewhere and under Triton's
+        interpreter.
     """
 
     block_n: int = 64
@@ -156,6 +162,7 @@ class LaunchConfig:
     kivi_key_bias: str = "last"
     kivi_value_min: str = "elementwise"
     polar_recursive_keys: str = "subtrees"
+    dependent_launch: bool = True
 
     def __post_init__(self) -> None:
         if not (is_power_of_two(self.block_n) and self.block_n >= 16):
