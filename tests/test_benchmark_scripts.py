@@ -174,6 +174,15 @@ def test_bound_launch_steps_times_both_settings(tmp_path, switch, labels, preset
     assert [len(r["steps"]) for r in saved] == [1, 2]
 
 
+def test_dependent_launch_steps_times_both_settings(tmp_path):
+    out = tmp_path / "dependent.json"
+    stdout = run_script("dependent_launch_steps.py", "--smoke", "--presets", "kivi-2", "--rounds", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["dependent launch", "plain launch"]
+    assert all(r["ms_per_step"] > 0 and r["eager_steps"] > 0 for r in rows)
+    assert "| kivi-2 | 1 |" in stdout
+
+
 def test_report_attention_plots_only_where_asked(tmp_path):
     """A results file named without a ``.png`` prints its table and writes no plot (it once overwrote the
     committed ``benchmarks/attention_speedup_h100.png``, its default); with a ``.png`` it writes that
