@@ -118,6 +118,11 @@ def test_refuses_other_positions_and_caches(model):
     with pytest.raises(ValueError, match="position_ids other than those the attention mask gives"):
         model.generate(ids, position_ids=shifted, max_new_tokens=4, **fresh(),
                        custom_generate=kvpolar.replayed_decoding)
+    short_mask = torch.ones(2, 11, dtype=torch.long)
+    short_mask[1, 0] = 0
+    with pytest.raises(ValueError, match=r"attention_mask \(2, 11\) and position_ids \(2, 12\) differ in shape"):
+        model.generate(ids, attention_mask=short_mask, position_ids=shifted - 5, max_new_tokens=4, **fresh(),
+                       custom_generate=kvpolar.replayed_decoding)
     with pytest.raises(TypeError, match="decodes over a kvpolar QuantizedKVCache; got DynamicCache"):
         model.generate(ids, max_new_tokens=4, custom_generate=kvpolar.replayed_decoding)
 

@@ -151,6 +151,10 @@ def _check_positions(position_ids: Any, attention_mask: Any) -> None:
         raise ValueError(f"position_ids {tuple(getattr(position_ids, 'shape', ()))}: replayed decoding takes the "
                          "[batch, tokens] positions generate derives from the attention mask")
     tokens = position_ids.shape[-1]
+    if attention_mask is not None and tuple(getattr(attention_mask, "shape", ())) != tuple(position_ids.shape):
+        raise ValueError(f"attention_mask {tuple(getattr(attention_mask, 'shape', ()))} and position_ids "
+                         f"{tuple(position_ids.shape)} differ in shape; replayed decoding takes both as [batch, tokens] "
+                         "of the prompts")
     if attention_mask is None:
         want = torch.arange(tokens, device=position_ids.device)[None, :]
     else:
