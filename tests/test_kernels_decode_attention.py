@@ -569,8 +569,8 @@ class _RecordedKernel:
 
 
 def test_dependent_launch_lets_the_merge_start_after_split_kernels_only(monkeypatch):
-    """Where dependent launches are available (``dependent_launch.available``: Hopper, not the
-    interpreter; patched here), every split kernel is launched with ``LAUNCH_DEPENDENTS`` and the kernel
+    """Where dependent launches are available (``dependent_launch.available``: compute capability 9.0
+    or later, not the interpreter; then patched on here), every split kernel is launched with ``LAUNCH_DEPENDENTS`` and the kernel
     that merges the splits as a dependent launch (``launch_pdl``) that waits for them
     (``WAIT_PRIMARY``), with the window folded into it or launched on its own; not where no split
     kernel runs right before it (a window alone; rotated values whose window partials the host
@@ -579,6 +579,12 @@ def test_dependent_launch_lets_the_merge_start_after_split_kernels_only(monkeypa
     from kvpolar.kernels import dependent_launch
 
     assert not dependent_launch.available(torch.device("cpu"))
+    monkeypatch.setattr(dependent_launch, "interpreting", lambda: False)
+    for capability, expected in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(dependent_launch, "cuda_capability", lambda device, c=capability: c)
+        assert dependent_launch.available(torch.device("cuda", 0)) is (expected and dependent_launch.HAS_GRID_DEPENDENCY_CONTROL)
+    monkeypatch.setattr(dependent_launch, "interpreting", lambda: True)
+    assert not dependent_launch.available(torch.device("cuda", 0))
     monkeypatch.setattr(da._dependent_launch, "available", lambda device: True)
     monkeypatch.setattr(da, "BOUND_LAUNCHES", False)
     recorded = []

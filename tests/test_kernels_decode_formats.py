@@ -218,7 +218,7 @@ def test_fp8_hardware_conversion_only_where_the_gpu_has_it(monkeypatch):
     monkeypatch.setattr(da, "_interpreting", lambda: False)
     assert not da._fp8_conversion(torch.device("cpu"))
     for capability, expected in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True), ((10, 0), True)):
-        monkeypatch.setattr(da, "_capability", lambda index, c=capability: c)
+        monkeypatch.setattr(da, "cuda_capability", lambda device, c=capability: c)
         assert da._fp8_conversion(torch.device("cuda", 0)) is expected
     monkeypatch.setattr(da, "_interpreting", lambda: True)
     assert not da._fp8_conversion(torch.device("cuda", 0))

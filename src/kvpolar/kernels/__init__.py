@@ -26,6 +26,23 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=16)
+def _capability_of(index: int) -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability ``(major, minor)`` of a CUDA ``device`` (the current one where it has no
+    index); None for any other device."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels under its CPU interpreter (``TRITON_INTERPRET=1``), where kernels
     take the arithmetic the interpreter gets right (e.g. no bfloat16 products, no inline PTX)."""

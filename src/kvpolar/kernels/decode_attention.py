@@ -75,7 +75,7 @@ import weakref
 import torch
 
 from kvpolar.decode_attention import MAX_FUSED_QUERY_ROWS, query_rows_per_kv_head
-from kvpolar.kernels import interpreting
+from kvpolar.kernels import cuda_capability, interpreting
 from kvpolar.kernels import decode_formats as formats
 from kvpolar.kernels.bound_launch import BoundLaunch, specialization
 from kvpolar.kernels.decode_operands import (  # noqa: F401  (KEY_FORMATS .. supports: this module's API too)
@@ -111,18 +111,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@functools.lru_cache(maxsize=8)
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
 def _fp8_conversion(device: torch.device) -> bool:
     """Whether the compiled classic kernel on ``device`` converts float8 e4m3 in hardware (compute
     capability 8.9 or newer: Ada, Hopper); older GPUs and the interpreter move the bits instead
     (``decode_formats.fp8_to_f16``)."""
     if _interpreting() or device.type != "cuda":
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
+    return cuda_capability(device) >= (8, 9)
 
 
 def _device_sms(device: torch.device) -> int:
@@ -836,7 +831,7 @@ def _launch_split(query, k_op, v_op, mask, offset, splits, per_split, base, tota
         KEY_OFFSET=_code_offset(query.dtype, k_op.bits), VAL_OFFSET=_code_offset(query.dtype, v_op.bits),
         PARTS=cfg.by_parts, FP8_CONVERT=_fp8_conversion(query.device),
         **{"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **formats.launch_overrides(k_op.fmt, v_op.fmt)},
-        **formats.kernel_args(k_op, v_op, query),        **_launching_dependents(query, cfg),
+        **formats.kernel_args(k_op, v_op, query), **_launching_dependents(query, cfg),
     )
     if bound is None:
         _split_kernel[(bsz * hkv, splits)](*args, **kwargs)

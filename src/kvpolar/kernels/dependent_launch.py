@@ -19,13 +19,11 @@ Needs compute capability 9.0 or later and a Triton with grid dependency control
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from kvpolar.kernels import interpreting
+from kvpolar.kernels import cuda_capability, interpreting
 
 try:  # Triton 3.3+: grid dependency control
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -35,17 +33,12 @@ except ImportError:  # pragma: no cover - older Triton: the kernels below never 
     HAS_GRID_DEPENDENCY_CONTROL = False
 
 
-@functools.lru_cache(maxsize=16)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def available(device: torch.device) -> bool:
     """Whether launches on ``device`` can be dependent launches: a CUDA device of compute capability
     9.0 or later, a Triton with grid dependency control, not Triton's interpreter."""
     if device.type != "cuda" or interpreting() or not HAS_GRID_DEPENDENCY_CONTROL:
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return cuda_capability(device) >= (9, 0)
 
 
 if HAS_GRID_DEPENDENCY_CONTROL:
