@@ -570,8 +570,8 @@ class _RecordedKernel:
 
 def test_dependent_launch_lets_the_merge_start_after_split_kernels_only(monkeypatch):
     """Where dependent launches are available (``dependent_launch.available``: compute capability 9.0
-    or later, not the interpreter; then patched on here), every split kernel is launched with ``LAUNCH_DEPENDENTS`` and the kernel
-    that merges the splits as a dependent launch (``launch_pdl``) that waits for them
+    or later, not the interpreter; then patched on here), every split kernel is launched with
+    ``LAUNCH_DEPENDENTS`` and the kernel that merges the splits as a dependent launch (``launch_pdl``) that waits for them
     (``WAIT_PRIMARY``), with the window folded into it or launched on its own; not where no split
     kernel runs right before it (a window alone; rotated values whose window partials the host
     rotates in between), nor with ``LaunchConfig(dependent_launch=False)``. ``describe_launch``
