@@ -255,7 +255,7 @@ def _decode_stretches(model: Any, cache: QuantizedKVCache, next_ids: torch.Tenso
             for layer in (*quantized, *full):
                 layer.take_window_buffers(stretch)
             if valid is not None:
-                valid = torch.cat([valid, valid.new_ones(valid.shape[0], stretch)], dim=-1)
+                valid = _real_after(valid, stretch)
             done += stretch
             if stream is not None:
                 stream.flush()
@@ -393,10 +393,15 @@ def prompt_positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
 
 
+def _real_after(valid: torch.Tensor, new: int) -> torch.Tensor:
+    """bool ``[B, T + new]``: ``valid`` ``[B, T]`` (the tokens that are real) then ``new`` real ones."""
+    return torch.cat([valid, valid.new_ones(valid.shape[0], new)], dim=-1)
+
+
 def _stretch_mask(valid: torch.Tensor, new: int) -> torch.Tensor:
     """bool ``[B, 1, 1, T + new]``: ``valid`` ``[B, T]`` (the cached tokens that are real) then ``new``
     real columns, the buffers' room beyond the cached tokens (the stretch's tokens)."""
-    return torch.cat([valid, valid.new_ones(valid.shape[0], new)], dim=-1)[:, None, None, :]
+    return _real_after(valid, new)[:, None, None, :]
 
 
 def _window_layers(cache: QuantizedKVCache, position: int,

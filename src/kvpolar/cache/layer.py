@@ -244,9 +244,7 @@ class QuantizedLayer(CacheLayerMixin):
         w = self.residual_tokens + steps
         self.keys = buffers.keys[:, :, :w].clone()
         self.values = buffers.values[:, :, :w].clone()
-        if self.residual_valid is not None:
-            real = torch.ones(self.batch_size, steps, dtype=torch.bool, device=self.residual_valid.device)
-            self.residual_valid = torch.cat([self.residual_valid, real], dim=-1)
+        self._record_valid(None, steps)  # (the steps' tokens are all real)
         move = (w - self.residual_length) // self.chunk * self.chunk
         if move > 0:
             self._compress(move)
@@ -347,6 +345,18 @@ class QuantizedLayer(CacheLayerMixin):
             out.append(full)
         return out[0], out[1]
 
+    def _record_valid(self, new_valid: torch.Tensor | None, t_new: int) -> None:
+        """The window's padding flags (``residual_valid``) extended by its last ``t_new`` tokens, which
+        ``new_valid`` (bool ``[B, t_new]``; None: all real) marks; left None while no padding came."""
+        if new_valid is None and self.residual_valid is None:
+            return
+        if new_valid is None:
+            new_valid = torch.ones(self.batch_size, t_new, dtype=torch.bool, device=self.device)
+        old = self.residual_valid
+        if old is None or old.shape[-1] != self.residual_tokens - t_new:
+            old = torch.ones(self.batch_size, self.residual_tokens - t_new, dtype=torch.bool, device=self.device)
+        self.residual_valid = torch.cat([old, new_valid.to(self.device)], dim=-1)
+
     def after_attention(self, new_valid: torch.Tensor | None, query: torch.Tensor) -> None:
         """Record which new tokens are real (``new_valid`` bool ``[B, T_new]``; None: all of them),
         keep SQuat's prompt queries, then move whole chunks beyond the residual window into the
@@ -354,13 +364,7 @@ class QuantizedLayer(CacheLayerMixin):
         allocation, and no check of the flags on the host when a chunk moves."""
         self.awaiting_attention = False
         t_new = query.shape[-2]
-        if new_valid is not None or self.residual_valid is not None:
-            if new_valid is None:
-                new_valid = torch.ones(self.batch_size, t_new, dtype=torch.bool, device=self.device)
-            old = self.residual_valid
-            if old is None or old.shape[-1] != self.residual_tokens - t_new:
-                old = torch.ones(self.batch_size, self.residual_tokens - t_new, dtype=torch.bool, device=self.device)
-            self.residual_valid = torch.cat([old, new_valid.to(self.device)], dim=-1)
+        self._record_valid(new_valid, t_new)
         if self.key_context is None and "queries" in self.key_quantizer.context_keys:
             self.key_context = self._prompt_context(_fill_padding(query, new_valid, axis=-2))
         keep = self.residual_length

@@ -393,7 +393,7 @@ def fused_decode_attention(
         kernel, names = _combine_kernel, _COMBINE_ARGUMENTS
         combine_args = (part_max, part_sum, part_acc, out, total_splits, *rot_args)
         kwargs = dict(D=d, BLOCK_S=block_s, ROTATED=rotate_in_combine, num_warps=4)
-    if parts and not (v_rot is not None and r and not rotate_in_combine) and _launching_dependents(query, cfg):
+    if parts and _merge_is_dependent(query, cfg, v_rot, r, rotate_in_combine):
         kwargs.update(WAIT_PRIMARY=True, launch_pdl=True)  # (its primary: a split kernel, which lets it start)
     combine = _shared_launch(_COMBINE_LAUNCHES, (dev, kernel, *kwargs.values()), kernel, names) if BOUND_LAUNCHES else None
     if combine is None or not combine.relaunch(combine_grid, combine_args):
@@ -410,6 +410,13 @@ def _launching_dependents(query: torch.Tensor, cfg: LaunchConfig) -> dict:
     """The split kernels' keyword that lets a dependent launch of the combine kernel start
     (``LaunchConfig.dependent_launch`` where ``dependent_launch.available``), or none."""
     return {"LAUNCH_DEPENDENTS": True} if cfg.dependent_launch and _dependent_launch.available(query.device) else {}
+
+
+def _merge_is_dependent(query: torch.Tensor, cfg: LaunchConfig, v_rot, r: int, rotate_in_combine: bool) -> bool:
+    """Whether the kernel that merges a call's splits is a dependent launch of the split kernel before
+    it: where the splits let it start (``_launching_dependents``), unless the host rotates the
+    ``r``-token window's partials into the values' domain (``v_rot``) between the two."""
+    return bool(_launching_dependents(query, cfg)) and not (v_rot is not None and r and not rotate_in_combine)
 
 
 def _check_residual_length(residual_length, residual_keys, query) -> None:
@@ -555,8 +562,6 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
     v_rot = formats.rotation_matrix(values)
     fold, by_kv_head, rotate_in_combine = _window_plan(bsz, hq, keys.shape[1], tq, residual_tokens, values, v_rot,
                                                        _device_sms(query.device))
-    dependent = bool(_launching_dependents(query, cfg)) and not (v_rot is not None and residual_tokens
-                                                                 and not rotate_in_combine)
     window = None if not residual_tokens else "own launch" if not fold else "by KV head" if by_kv_head else "by query row"
     return {"kernel": "transposed" if plan.transposed else "classic", "block_n": plan.block_n,
             "splits": plan.splits, "tokens_per_split": plan.per_split,
@@ -564,7 +569,7 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
             "programs_per_sm": plan.config.programs_per_sm, "max_registers": plan.config.max_registers,
             "value_metadata": plan.config.value_metadata if plan.transposed else None,
             "kivi_code_units": _kivi_reading(plan) if plan.transposed else None, "window": window,
-            "dependent_launch": dependent}
+            "dependent_launch": _merge_is_dependent(query, cfg, v_rot, residual_tokens, rotate_in_combine)}
 
 
 def _kivi_reading(plan: _PackedPlan) -> str | None:
