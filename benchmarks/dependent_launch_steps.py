@@ -3,7 +3,7 @@
 The 8B-shaped model (random weights, ``--layers`` layers), each preset's cache filled to ``--context``
 tokens per sequence, then ``--steps`` decode steps recorded and replayed from CUDA graphs
 (``bench_graphed_decode.graphed_ms``: total wall time / steps) with the library's default launch
-configuration (``LaunchConfig()``: ``dependent_launch=True``) and with ``dependent_launch=False``,
+configuration with ``dependent_launch=True`` and with ``dependent_launch=False``,
 the two alternated ``--rounds`` times. Replayed steps, because an eager step at small batches is bound by
 its host, which the launch does not change. Writes JSON to ``--out`` and prints a table last.
 
@@ -31,7 +31,7 @@ from kvpolar.kernels import decode_attention  # noqa: E402
 from kvpolar.kernels.launch_config import LaunchConfig  # noqa: E402
 
 #: the two settings: label -> the fused attention's default launch configuration
-SETTINGS = {"dependent launch": LaunchConfig(), "plain launch": LaunchConfig(dependent_launch=False)}
+SETTINGS = {"dependent launch": LaunchConfig(dependent_launch=True), "plain launch": LaunchConfig(dependent_launch=False)}
 
 
 def main() -> None:

@@ -74,7 +74,8 @@ def compile_preset(name: str, batch: int, tokens: int, cfg: mod.LaunchConfig | N
             mock.patch.object(mod, "_transposed_residency", lambda *a, **k: None), \
             mock.patch.object(mod._dependent_launch, "available", lambda device: True):
         q = mod._packed_query(query, mod.formats.rotation_matrix(keys))
-        plan = mod._packed_plan(q, keys, values, None, scale, cfg or mod.LaunchConfig())
+        cfg = mod._with_dependent_launch(cfg or mod.LaunchConfig(), batch, keys.shape[1], H100_SMS)
+        plan = mod._packed_plan(q, keys, values, None, scale, cfg)
         scratch = torch.empty(1, dtype=torch.float32)
         gqa = HQ // keys.shape[1]
         if plan.transposed:

@@ -110,9 +110,11 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     "pr-subtrees": LaunchConfig(polar_recursive_keys="subtrees"),
     "pr-columns": LaunchConfig(polar_recursive_keys="columns"),
     "pr-rows-subtrees": LaunchConfig(polar_recursive_keys="subtrees"),  # the subtrees form on the row layout
-    # thirty-seventh session: the merge of the splits as a dependent launch (on by default on Hopper);
-    # this is the plain launch after the split kernel, as before
+    # thirty-seventh session: the merge of the splits as a dependent launch (on Hopper by default at small
+    # batches since the thirty-eighth: decode_attention.dependent_launch_policy); this is the plain launch
+    # after the split kernel, as before
     "no-dependent-launch": LaunchConfig(dependent_launch=False),
+    "dependent-launch": LaunchConfig(dependent_launch=True),  # at every batch (the policy: small batches only)
 }
 #: Variants that time the stored tensors in another layout (a function applied to the packed keys and
 #: values before the variant runs); the others read them as stored.

@@ -574,7 +574,9 @@ def test_dependent_launch_lets_the_merge_start_after_split_kernels_only(monkeypa
     ``LAUNCH_DEPENDENTS`` and the kernel that merges the splits as a dependent launch (``launch_pdl``) that waits for them
     (``WAIT_PRIMARY``), with the window folded into it or launched on its own; not where no split
     kernel runs right before it (a window alone; rotated values whose window partials the host
-    rotates in between), nor with ``LaunchConfig(dependent_launch=False)``. ``describe_launch``
+    rotates in between), nor with ``LaunchConfig(dependent_launch=False)``. With the default
+    (``dependent_launch=None``) only calls of few (sequence, KV head) pairs for the SMs
+    (``dependent_launch_policy``; the interpreter's 8 SMs: fewer than 4 pairs). ``describe_launch``
     reports the same. (The GPU runs of this file time nothing but run every kernel this way.)"""
     from kvpolar.kernels import dependent_launch
 
@@ -609,26 +611,48 @@ def test_dependent_launch_lets_the_merge_start_after_split_kernels_only(monkeypa
                  kwargs.get("WAIT_PRIMARY", False), kwargs.get("launch_pdl", False)) for name, kwargs in recorded]
 
     split = ("split", True, False, False)
-    assert launches(1, 64, 20) == [split, ("_window_combine_kernel", False, True, True)]
-    assert launches(2, 64, 20) == [split, ("_kv_head_window_combine_kernel", False, True, True)]  # (by KV head: 8 SMs)
-    assert launches(2, 64, 0) == [split, ("_combine_kernel", False, True, True)]
+    plain_split = ("split", False, False, False)
+    always = LaunchConfig(dependent_launch=True)
+    assert launches(1, 64, 20) == [split, ("_window_combine_kernel", False, True, True)]  # (the policy: 2 pairs)
+    assert launches(2, 64, 20) == [plain_split, ("_kv_head_window_combine_kernel", False, False, False)]  # (4 pairs)
+    assert launches(2, 64, 20, config=always) == [split, ("_kv_head_window_combine_kernel", False, True, True)]
+    assert launches(2, 64, 0, config=always) == [split, ("_combine_kernel", False, True, True)]
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 8)  # the window's own split launch, then the merge
-    assert launches(2, 64, 20) == [split, split, ("_combine_kernel", False, True, True)]
+    assert launches(2, 64, 20, config=always) == [split, split, ("_combine_kernel", False, True, True)]
+    assert launches(1, 64, 20) == [split, split, ("_combine_kernel", False, True, True)]
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 512)
     assert launches(1, 0, 20) == [("_window_combine_kernel", False, False, False)]  # no split kernel before it
     assert launches(1, 64, 20, config=LaunchConfig(dependent_launch=False)) == [
-        ("split", False, False, False), ("_window_combine_kernel", False, False, False)]
+        plain_split, ("_window_combine_kernel", False, False, False)]
     monkeypatch.setattr(da, "MAX_FOLDED_ROWS", 4)  # rotated values beyond the row limit: host products in between
     monkeypatch.setattr(da, "WINDOW_BY_KV_HEAD", False)
-    assert launches(2, 64, 20, values="turbo-4") == [split, split, ("_combine_kernel", False, False, False)]
+    assert launches(2, 64, 20, values="turbo-4", config=always) == [split, split, ("_combine_kernel", False, False, False)]
     pk = make_keys("kivi-2-32", torch.randn(2, 2, 64, D))[1]
     pv = make_values("kivi-2-32", torch.randn(2, 2, 64, D))[1]
     q = torch.randn(2, 8, 1, D, dtype=torch.float16)
-    assert da.describe_launch(q, pk, pv, residual_tokens=20)["dependent_launch"] is True
+    assert da.describe_launch(q, pk, pv, always, 20)["dependent_launch"] is True
+    assert da.describe_launch(q, pk, pv, residual_tokens=20)["dependent_launch"] is False  # (the policy: 4 pairs)
+    pk1 = make_keys("kivi-2-32", torch.randn(1, 2, 64, D))[1]
+    pv1 = make_values("kivi-2-32", torch.randn(1, 2, 64, D))[1]
+    assert da.describe_launch(q[:1], pk1, pv1, residual_tokens=20)["dependent_launch"] is True
     assert da.describe_launch(q, pk, pv, LaunchConfig(dependent_launch=False), 20)["dependent_launch"] is False
     turbo = kvpolar.quantizer("turbo", bits=4).quantize(torch.randn(2, 2, 64, D))
-    assert da.describe_launch(q, pk, turbo, residual_tokens=20)["dependent_launch"] is False
-    assert da.describe_launch(q, pk, turbo)["dependent_launch"] is True
+    assert da.describe_launch(q, pk, turbo, always, 20)["dependent_launch"] is False
+    assert da.describe_launch(q, pk, turbo, always)["dependent_launch"] is True
+
+
+def test_dependent_launch_policy():
+    """``LaunchConfig(dependent_launch=None)`` (the default) merges the splits by a dependent launch where
+    the (sequence, KV head) pairs are fewer than half the SMs: on an H100 (132 SMs) with 8 KV heads, batches
+    up to 8 (measured faster there) and not from 9 (slower at 16 and 32); True and False override it."""
+    assert da.dependent_launch_policy(1, 8, 132) and da.dependent_launch_policy(8, 8, 132)
+    assert not da.dependent_launch_policy(9, 8, 132) and not da.dependent_launch_policy(32, 8, 132)
+    for batch, expected in ((1, True), (8, True), (16, False)):
+        assert da._with_dependent_launch(LaunchConfig(), batch, 8, 132).dependent_launch is expected
+        assert da._with_dependent_launch(LaunchConfig(dependent_launch=True), batch, 8, 132).dependent_launch is True
+        assert da._with_dependent_launch(LaunchConfig(dependent_launch=False), batch, 8, 132).dependent_launch is False
+    with pytest.raises(ValueError, match=r"dependent_launch=1 \(allowed: None, True, False\)"):
+        LaunchConfig(dependent_launch=1)
 
 
 @pytest.mark.parametrize("value_kind", ["turbo-4", "polar-recursive"])

@@ -58,7 +58,9 @@ took a batch-1 call from 219 to 122 us of host time (``benchmarks/launch_cost.py
 window in the combine kernel saves one launch per call (two in all for the steady decode state). On
 Hopper GPUs the combine kernel is a programmatic dependent launch (``LaunchConfig.dependent_launch``,
 :mod:`kvpolar.kernels.dependent_launch`): the split programs let it start at once, so its programs
-attend the window while the splits run and wait for the split kernel only to read its partials.
+attend the window while the splits run and wait for the split kernel only to read its partials; at
+small batches only (``dependent_launch_policy``: at batch 12 and more, with the window attended per KV
+head, it made calls slower).
 
 Stored formats read (any key format with any value format; ``supports`` checks the parameters):
 keys: full precision, KIVI per-channel, polar-rope, turbo, fp8, polar-recursive; values: full
@@ -289,11 +291,12 @@ def fused_decode_attention(
     if query.dim() != 4 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"query must be [B, Hq, Tq, D] float16/bfloat16/float32; got {tuple(query.shape)} {query.dtype}")
     query = formats.last_contiguous(query)  # (the kernels read a query row as D adjacent elements)
-    cfg = config or _DEFAULT_CONFIG
     bsz, hq, tq, d = query.shape
     hkv = keys.shape[1] if keys is not None else residual_keys.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of KV heads {hkv}")
+    sms = _device_sms(query.device)
+    cfg = _with_dependent_launch(config or _DEFAULT_CONFIG, bsz, hkv, sms)
     gqa = hq // hkv
     if query_rows_per_kv_head(query, hkv) > MAX_FUSED_QUERY_ROWS:
         raise ValueError(
@@ -318,7 +321,6 @@ def fused_decode_attention(
         mask = attention_mask.expand(bsz, hq, tq, n_total).view(torch.uint8)
 
     block_m = max(16, _next_pow2(gqa * tq))
-    sms = _device_sms(query.device)
     k_rot, v_rot = formats.rotation_matrix(keys), formats.rotation_matrix(values)  # rotated-domain formats
     # (key operand, value operand, token offset, splits, tokens per split, block_n, query, config, transposed)
     parts = []
@@ -406,9 +408,41 @@ def fused_decode_attention(
     return out
 
 
+#: The policy of ``LaunchConfig.dependent_launch=None``: the merge of the splits is a dependent launch in
+#: calls whose (sequence, KV head) pairs number less than ``1 / DEPENDENT_LAUNCH_SM_SHARE`` of the SMs
+#: (batches up to 8 with 8 KV heads on an H100's 132 SMs), a plain one in larger calls, where the window
+#: is attended by one program per KV head (``WINDOW_BY_KV_HEAD_SM_SHARE``). Measured on the H100
+#: (thirty-eighth session, ``benchmarks/results/dependent_launch_policy_h100.json``, one run), us per
+#: call, plain -> dependent, kivi-2 / polar-rope-3: batch 1, 4k tokens, 18.0 -> 12.2 / 19.9 -> 14.0; batch
+#: 8, 4k: 32.4 -> 29.4 / 38.7 -> 35.5; batch 8, 32k: 109.0 -> 106.3 / 171.0 -> 168.8; but batch 12, 4k:
+#: 37.0 -> 53.0 / 47.0 -> 62.4; batch 16, 4k: 42.8 -> 57.4 / 54.5 -> 65.9; batch 16, 32k: 197.9 -> 209.3 /
+#: 321.5 -> 331.5; batch 32, 4k: 65.9 -> 72.7 / 95.4 -> 101.1; batch 32, 32k: within 1.2%. With the window
+#: attended per query row at those batches (``WINDOW_BY_KV_HEAD`` off, ``dependent_launch_by_row_h100.json``)
+#: the dependent launch was the faster one (batch 16, 4k: kivi-2 53.6 -> 49.9), but slower than the
+#: per-KV-head window launched plainly.
+DEPENDENT_LAUNCH_SM_SHARE = 2
+
+
+def dependent_launch_policy(batch: int, kv_heads: int, sms: int) -> bool:
+    """Whether a call of ``batch`` sequences on ``kv_heads`` KV heads, on a GPU of ``sms`` SMs, merges its
+    splits by a dependent launch under ``LaunchConfig(dependent_launch=None)`` (``DEPENDENT_LAUNCH_SM_SHARE``)."""
+    return batch * kv_heads * DEPENDENT_LAUNCH_SM_SHARE < sms
+
+
+@functools.lru_cache(maxsize=64)
+def _with_dependent_launch(cfg: LaunchConfig, batch: int, kv_heads: int, sms: int) -> LaunchConfig:
+    """``cfg`` with ``dependent_launch`` decided (``dependent_launch_policy`` where it is None)."""
+    if cfg.dependent_launch is not None:
+        return cfg
+    return dataclasses.replace(cfg, dependent_launch=dependent_launch_policy(batch, kv_heads, sms))
+
+
 def _launching_dependents(query: torch.Tensor, cfg: LaunchConfig) -> dict:
     """The split kernels' keyword that lets a dependent launch of the combine kernel start
-    (``LaunchConfig.dependent_launch`` where ``dependent_launch.available``), or none."""
+    (``LaunchConfig.dependent_launch``, decided by ``_with_dependent_launch``, where
+    ``dependent_launch.available``), or none."""
+    if cfg.dependent_launch is None:  # (an internal caller that skipped _with_dependent_launch)
+        raise RuntimeError("the launch's dependent_launch is undecided; pass the config through _with_dependent_launch")
     return {"LAUNCH_DEPENDENTS": True} if cfg.dependent_launch and _dependent_launch.available(query.device) else {}
 
 
@@ -555,13 +589,14 @@ def describe_launch(query: torch.Tensor, keys: QuantizedTensor, values: Quantize
     if query.dim() != 4 or query.shape[1] % keys.shape[1]:
         raise ValueError(f"query must be [B, Hq, Tq, D] with Hq a multiple of the {keys.shape[1]} KV heads; "
                          f"got {tuple(query.shape)}")
-    cfg = config or _DEFAULT_CONFIG
+    sms = _device_sms(query.device)
+    cfg = _with_dependent_launch(config or _DEFAULT_CONFIG, query.shape[0], keys.shape[1], sms)
     plan = _packed_plan(_packed_query(query, formats.rotation_matrix(keys)), keys, values, None,
                         query.shape[-1] ** -0.5, cfg)
     bsz, hq, tq, _ = query.shape
     v_rot = formats.rotation_matrix(values)
     fold, by_kv_head, rotate_in_combine = _window_plan(bsz, hq, keys.shape[1], tq, residual_tokens, values, v_rot,
-                                                       _device_sms(query.device))
+                                                       sms)
     window = None if not residual_tokens else "own launch" if not fold else "by KV head" if by_kv_head else "by query row"
     return {"kernel": "transposed" if plan.transposed else "classic", "block_n": plan.block_n,
             "splits": plan.splits, "tokens_per_split": plan.per_split,

@@ -130,12 +130,15 @@ class LaunchConfig:
         ``benchmarks/results/verify_step_h200.json``, B=8, 32k tokens, us, transposed vs classic):
         4 query tokens (16 rows) kivi-2 222 vs 293, polar-rope-3 248 vs 481; 8 tokens (32 rows) 690 vs
         654 and 908 vs 818; 21 tokens (84 rows) 16182 vs 781 and 23107 vs 986. Hence 16.
-    dependent_launch: on GPUs of compute capability 9.0 or later (Hopper), the kernel that merges the
-        splits (and attends a folded window) is a programmatic dependent launch: the split programs
-        let it start at once, its programs attend the window as SM slots free up and wait for the
-        split kernel only before reading its partials (``kvpolar.kernels.dependent_launch``). False:
-        the plain launch after the split kernel has ended. Ignored elsewhere and under Triton's
-        interpreter.
+    dependent_launch: on GPUs of compute capability 9.0 or later (Hopper), whether the kernel that
+        merges the splits (and attends a folded window) is a programmatic dependent launch: the split
+        programs let it start at once, its programs attend the window as SM slots free up and wait
+        for the split kernel only before reading its partials (``kvpolar.kernels.dependent_launch``).
+        True: always; False: the plain launch after the split kernel has ended; None: the measured
+        policy of ``decode_attention.dependent_launch_policy`` (dependent at small batches, where it
+        made calls up to 1.48x as fast on the H100, plain at large ones, where it made them up to 1.43x
+        slower).
+        Ignored elsewhere and under Triton's interpreter.
     """
 
     block_n: int = 64
@@ -162,7 +165,7 @@ class LaunchConfig:
     kivi_key_bias: str = "last"
     kivi_value_min: str = "elementwise"
     polar_recursive_keys: str = "subtrees"
-    dependent_launch: bool = True
+    dependent_launch: bool | None = None
 
     def __post_init__(self) -> None:
         if not (is_power_of_two(self.block_n) and self.block_n >= 16):
@@ -177,6 +180,8 @@ class LaunchConfig:
             raise ValueError(f"max_registers={self.max_registers} (allowed: None or 24..255)")
         if self.transposed_programs_per_sm is not None and self.transposed_programs_per_sm < 1:
             raise ValueError(f"transposed_programs_per_sm={self.transposed_programs_per_sm} (allowed: None or >= 1)")
+        if not (self.dependent_launch is None or isinstance(self.dependent_launch, bool)):
+            raise ValueError(f"dependent_launch={self.dependent_launch!r} (allowed: None, True, False)")
         if self.value_metadata not in (None, "tiles", "words", "ahead", "gather"):
             raise ValueError(f"value_metadata={self.value_metadata!r} "
                              "(allowed: None, 'tiles', 'words', 'ahead', 'gather')")
