@@ -17,7 +17,7 @@ argument binder decides the specialization (16-byte alignment, integers equal to
 
 Usage: ``PYTHONPATH=src python benchmarks/inspect_preset_kernel.py kivi-2 polar-rope-3 turbo-3
 [--batch 32] [--tokens 32768] [--max-registers N] [--stages N] [--dtype bfloat16] [--value-metadata MODE]
-[--three-byte-units halfwords] [--kivi-code-units bytes] [--lazy-rescale] [--kivi-key-bias first] [--value-layout groups] [--pr-rows] [--polar-recursive-keys subtrees] [--lines] [--combine] [--out DIR]`` (``--lines``: the main loop's
+[--three-byte-units halfwords] [--kivi-code-units bytes] [--lazy-rescale] [--kivi-key-bias first] [--value-layout groups] [--pr-rows] [--polar-recursive-keys subtrees] [--dependent-launch-signal after-loop] [--lines] [--combine] [--out DIR]`` (``--lines``: the main loop's
 instructions by source line; ``--combine``: also the kernels that merge the splits, plain and with the window
 folded in, for values in the plain and a rotated domain: registers and stack; ``--value-layout groups``: KIVI value scale / min laid out with the groups
 adjacent, as stored before the ninth session, instead of the quantizer's tokens-adjacent layout).
@@ -114,10 +114,18 @@ DEPENDENT = dict(WAIT_PRIMARY=True, launch_pdl=True)
 
 def grid_dependency(compiled) -> str:
     """The kernel's grid dependency control (``kvpolar.kernels.dependent_launch``) as its PTX holds it:
-    "signals" (``griddepcontrol.launch_dependents``), "waits" (``griddepcontrol.wait``), both, or "none"."""
+    "signals at start" / "signals after the loop" (``griddepcontrol.launch_dependents`` before the
+    kernel's first branch / after its last one: ``LaunchConfig.dependent_launch_signal``; "signals"
+    elsewhere), "waits" (``griddepcontrol.wait``), both, or "none"."""
     ptx = compiled.asm["ptx"]
-    found = [word for word, op in (("signals", "griddepcontrol.launch_dependents"), ("waits", "griddepcontrol.wait"))
-             if op in ptx]
+    found = []
+    at = ptx.find("griddepcontrol.launch_dependents")
+    if at >= 0:
+        branches = [m.start() for m in re.finditer(r"\bbra(\.uni)?\s", ptx)]
+        found.append("signals at start" if all(at < x for x in branches) else
+                     "signals after the loop" if branches and all(x < at for x in branches) else "signals")
+    if "griddepcontrol.wait" in ptx:
+        found.append("waits")
     return " and ".join(found) or "none"
 
 
@@ -185,6 +193,8 @@ def main() -> None:
                          "session) instead of the quantizer's tokens-adjacent layout")
     ap.add_argument("--query-tokens", type=int, default=1,
                     help="query tokens per sequence (a draft verify step: e.g. 21 for 20 draft tokens)")
+    ap.add_argument("--dependent-launch-signal", default=mod.LaunchConfig.dependent_launch_signal,
+                    choices=("start", "after-loop"), help="LaunchConfig.dependent_launch_signal")
     ap.add_argument("--lines", action="store_true", help="also the main loop's instructions by source line")
     ap.add_argument("--out", default=None, help="where to keep cubin/SASS/TTGIR (default: a temporary folder)")
     args = ap.parse_args()
@@ -193,7 +203,8 @@ def main() -> None:
     cfg = mod.LaunchConfig(max_registers=args.max_registers, value_metadata=args.value_metadata,
                            three_byte_units=args.three_byte_units, kivi_code_units=args.kivi_code_units,
                            lazy_rescale=args.lazy_rescale, polar_recursive_keys=args.polar_recursive_keys,
-                           kivi_key_bias=args.kivi_key_bias, kivi_value_min=args.kivi_value_min)
+                           kivi_key_bias=args.kivi_key_bias, kivi_value_min=args.kivi_value_min,
+                           dependent_launch_signal=args.dependent_launch_signal)
     if args.stages is not None:
         cfg = mod.dataclasses.replace(cfg, transposed_stages=args.stages)
     layouts = [f for f, on in ((groups_adjacent, args.value_layout == "groups"), (rows_per_token, args.pr_rows)) if on]

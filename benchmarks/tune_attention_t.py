@@ -115,6 +115,8 @@ VARIANTS = {  # (as measured in results/attention_transposed*_h100.json; pps = p
     # after the split kernel, as before
     "no-dependent-launch": LaunchConfig(dependent_launch=False),
     "dependent-launch": LaunchConfig(dependent_launch=True),  # at every batch (the policy: small batches only)
+    # thirty-eighth session: the split programs signal after their block loop rather than at their start
+    "dependent-launch-after-loop": LaunchConfig(dependent_launch=True, dependent_launch_signal="after-loop"),
 }
 #: Variants that time the stored tensors in another layout (a function applied to the packed keys and
 #: values before the variant runs); the others read them as stored.

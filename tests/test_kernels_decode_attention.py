@@ -617,6 +617,10 @@ def test_dependent_launch_lets_the_merge_start_after_split_kernels_only(monkeypa
     assert launches(2, 64, 20) == [plain_split, ("_kv_head_window_combine_kernel", False, False, False)]  # (4 pairs)
     assert launches(2, 64, 20, config=always) == [split, ("_kv_head_window_combine_kernel", False, True, True)]
     assert launches(2, 64, 0, config=always) == [split, ("_combine_kernel", False, True, True)]
+    late = LaunchConfig(dependent_launch=True, dependent_launch_signal="after-loop")  # (LAUNCH_DEPENDENTS 2)
+    assert launches(2, 64, 20, config=late) == [("split", 2, False, False),
+                                                ("_kv_head_window_combine_kernel", False, True, True)]
+    assert launches(1, 64, 20) == [("split", 1, False, False), ("_window_combine_kernel", False, True, True)]
     monkeypatch.setattr(da, "MAX_FOLDED_WINDOW", 8)  # the window's own split launch, then the merge
     assert launches(2, 64, 20, config=always) == [split, split, ("_combine_kernel", False, True, True)]
     assert launches(1, 64, 20) == [split, split, ("_combine_kernel", False, True, True)]
@@ -653,6 +657,8 @@ def test_dependent_launch_policy():
         assert da._with_dependent_launch(LaunchConfig(dependent_launch=False), batch, 8, 132).dependent_launch is False
     with pytest.raises(ValueError, match=r"dependent_launch=1 \(allowed: None, True, False\)"):
         LaunchConfig(dependent_launch=1)
+    with pytest.raises(ValueError, match=r"dependent_launch_signal='end' \(allowed: 'start', 'after-loop'\)"):
+        LaunchConfig(dependent_launch_signal="end")
 
 
 @pytest.mark.parametrize("value_kind", ["turbo-4", "polar-recursive"])

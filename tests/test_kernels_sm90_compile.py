@@ -49,11 +49,18 @@ def compiled_loops(compiled_presets) -> dict:
     return compiled_presets[0]
 
 
-def test_split_kernels_let_the_merge_start(compiled_presets):
+def test_split_kernels_let_the_merge_start(compiled_presets, tmp_path):
     """On the H100 each split kernel signals at once that the merge, a dependent launch, may start
-    (``griddepcontrol.launch_dependents``; ``kvpolar.kernels.dependent_launch``)."""
+    (``griddepcontrol.launch_dependents``; ``kvpolar.kernels.dependent_launch``): at batch 2 at its
+    start (before any branch); with ``LaunchConfig(dependent_launch_signal="after-loop")`` after its
+    block loop (the transposed and the classic kernel); at batch 32 (``dependent_launch_policy``) not."""
     report = compiled_presets[1]
-    assert report.count("grid dependency: signals") == len(PRESETS), report
+    assert report.count("grid dependency: signals at start") == len(PRESETS), report
+    late = inspect("kivi-2", "turbo-3", "--batch", "2", "--tokens", "2048", "--dependent-launch-signal", "after-loop",
+                   "--out", str(tmp_path)).stdout
+    assert "classic kernel" in late and "transposed kernel" in late, late
+    assert late.count("grid dependency: signals after the loop") == 2, late
+    assert "grid dependency: none" in inspect("kivi-2", "--batch", "32", "--out", str(tmp_path)).stdout
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -440,10 +440,13 @@ def _with_dependent_launch(cfg: LaunchConfig, batch: int, kv_heads: int, sms: in
 def _launching_dependents(query: torch.Tensor, cfg: LaunchConfig) -> dict:
     """The split kernels' keyword that lets a dependent launch of the combine kernel start
     (``LaunchConfig.dependent_launch``, decided by ``_with_dependent_launch``, where
-    ``dependent_launch.available``), or none."""
+    ``dependent_launch.available``): ``LAUNCH_DEPENDENTS`` = where the split programs signal
+    (``LaunchConfig.dependent_launch_signal``); or none."""
     if cfg.dependent_launch is None:  # (an internal caller that skipped _with_dependent_launch)
         raise RuntimeError("the launch's dependent_launch is undecided; pass the config through _with_dependent_launch")
-    return {"LAUNCH_DEPENDENTS": True} if cfg.dependent_launch and _dependent_launch.available(query.device) else {}
+    if not (cfg.dependent_launch and _dependent_launch.available(query.device)):
+        return {}
+    return {"LAUNCH_DEPENDENTS": _dependent_launch.SIGNAL_AT[cfg.dependent_launch_signal]}
 
 
 def _merge_is_dependent(query: torch.Tensor, cfg: LaunchConfig, v_rot, r: int, rotate_in_combine: bool) -> bool:

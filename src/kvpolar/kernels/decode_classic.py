@@ -106,13 +106,14 @@ def _split_kernel(
     KEY_OFFSET: tl.constexpr, VAL_OFFSET: tl.constexpr, PARTS: tl.constexpr, FP8_CONVERT: tl.constexpr,
     ktab0, ktab1, ktab2, k_book_stride, vtab0, vtab1, vtab2, v_book_stride,
     KEY_NB: tl.constexpr, KEY_LEVELS: tl.constexpr,
-    VAL_NB: tl.constexpr, VAL_LEVELS: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = False,
+    VAL_NB: tl.constexpr, VAL_LEVELS: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = 0,
 ):
     """The split step (see the module docstring); ``ktab*`` / ``vtab*``, ``*_book_stride``,
     ``*_NB``, ``*_LEVELS``: the formats of ``decode_formats`` (``kernel_args``); ``FP8_CONVERT``:
     e4m3 by the GPU's conversion (``_fp8_conversion``); LAUNCH_DEPENDENTS: let the combine kernel,
-    launched next as a dependent launch, start (``dependent_launch``)."""
-    launch_dependents(LAUNCH_DEPENDENTS)
+    launched next as a dependent launch, start: 1 at the programs' start, 2 after their block loop, 0
+    never (``dependent_launch.SIGNAL_AT``)."""
+    launch_dependents(LAUNCH_DEPENDENTS == 1)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // n_kv_heads
@@ -275,6 +276,7 @@ def _split_kernel(
             else:
                 acc = tl.dot(p.to(DT), v, acc * alpha[:, None], input_precision=PREC)
 
+    launch_dependents(LAUNCH_DEPENDENTS == 2)
     slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
     tl.store(part_max + slot, m_i, mask=row_ok)
     tl.store(part_sum + slot, l_i, mask=row_ok)

@@ -42,7 +42,7 @@ def _split_kernel_t(
     VAL_UB: tl.constexpr, VAL_WORDS: tl.constexpr, kbook, KEY_PROGRAMS: tl.constexpr, vbook,
     VAL_PROGRAMS: tl.constexpr, VAL_META: tl.constexpr,
     KEY_LOOKUP: tl.constexpr, VAL_LOOKUP: tl.constexpr, LAZY_RESCALE: tl.constexpr,
-    KIVI_BIAS_LAST: tl.constexpr, VAL_MIN_PRODUCT: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = False,
+    KIVI_BIAS_LAST: tl.constexpr, VAL_MIN_PRODUCT: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = 0,
 ):
     """The split step with every product transposed (one key group per block): ``s^T = K q^T`` and
     ``o^T = V^T p^T``, so the large dequantized tiles are the register operand of the tensor-core
@@ -60,8 +60,9 @@ def _split_kernel_t(
     analytic codebooks), or turbo by parts (one accumulator per code position; ``kbook`` /
     ``vbook``: the codebooks, ``KEY_PROGRAMS`` / ``VAL_PROGRAMS``: their lookups as
     ``turbo_parts.lookup_programs``). LAUNCH_DEPENDENTS: let the combine kernel, launched next as a
-    dependent launch, start (``dependent_launch``)."""
-    launch_dependents(LAUNCH_DEPENDENTS)
+    dependent launch, start: 1 at the programs' start, 2 after their block loop, 0 never
+    (``dependent_launch.SIGNAL_AT``)."""
+    launch_dependents(LAUNCH_DEPENDENTS == 1)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // n_kv_heads
@@ -353,6 +354,7 @@ def _split_kernel_t(
                 acc7 = _kp.value_part_t(acc7, p_t, word_t, v_scale, v_min, alpha, 7, VAL_BITS, VAL_UB, DT, NATIVE,
                                      VAL_OFFSET, PREC, VAL_MIN_PRODUCT)
 
+    launch_dependents(LAUNCH_DEPENDENTS == 2)
     slot = ((b * (n_kv_heads * GQA) + head) * TQ + tok) * total_splits + split_base + split
     tl.store(part_max + slot, m_i, mask=row_ok)
     tl.store(part_sum + slot, tl.sum(l_t, axis=0), mask=row_ok)

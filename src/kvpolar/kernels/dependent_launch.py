@@ -36,6 +36,11 @@ except ImportError:  # pragma: no cover - older Triton: the kernels below never 
     HAS_GRID_DEPENDENCY_CONTROL = False
 
 
+#: The split kernels' ``LAUNCH_DEPENDENTS`` by ``LaunchConfig.dependent_launch_signal``: where their programs
+#: signal (0, the kernels' default: nowhere; the kernel launched next is then a plain launch)
+SIGNAL_AT = {"start": 1, "after-loop": 2}
+
+
 def available(device: torch.device) -> bool:
     """Whether launches on ``device`` can be dependent launches: a CUDA device of compute capability
     9.0 or later, a Triton with grid dependency control, not Triton's interpreter."""
@@ -48,7 +53,9 @@ if HAS_GRID_DEPENDENCY_CONTROL:
 
     @triton.jit
     def launch_dependents(ENABLED: tl.constexpr):
-        """With ENABLED, signal that the kernel launched next (as a dependent launch) may start."""
+        """With ENABLED, signal that the kernel launched next (as a dependent launch) may start. (The
+        split kernels call it at their start with ``LAUNCH_DEPENDENTS == 1`` and after their block loop
+        with ``LAUNCH_DEPENDENTS == 2``: ``SIGNAL_AT``.)"""
         if ENABLED:
             gdc_launch_dependents()
 

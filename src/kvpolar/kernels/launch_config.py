@@ -139,6 +139,18 @@ class LaunchConfig:
         made calls up to 1.48x as fast on the H100, plain at large ones, where it made them up to 1.43x
         slower).
         Ignored elsewhere and under Triton's interpreter.
+    dependent_launch_signal: where the split programs of a dependent launch signal that the merge may
+        launch: "start" (at their start: the merge's programs take SM slots as they free up and attend
+        the window while the splits run) or "after-loop" (after their block loop, before they write their
+        partials: the merge launches once every split program has read its blocks, and its programs
+        find most SMs free). Measured on the H100 (thirty-eighth session,
+        ``benchmarks/results/dependent_launch_signal_h100.json``, us per call, plain launch / dependent
+        signalled at the start / after the loop): kivi-2 at batch 1, 4k tokens 17.3 / 12.3 / 17.7; batch 8,
+        4k 31.8 / 29.4 / 31.2; batch 16, 4k 43.2 / 58.0 / 42.9; batch 32, 4k 66.0 / 73.0 / 65.6; batch 16,
+        32k 199.9 / 211.4 / 198.7. After the loop the large batches' loss is gone, but so is the small
+        batches' gain, and over the plain launch it gained within the run's noise (two identical
+        configurations differed by 1.8%); hence "start", with ``dependent_launch_policy`` keeping large
+        batches plain.
     """
 
     block_n: int = 64
@@ -166,6 +178,7 @@ class LaunchConfig:
     kivi_value_min: str = "elementwise"
     polar_recursive_keys: str = "subtrees"
     dependent_launch: bool | None = None
+    dependent_launch_signal: str = "start"
 
     def __post_init__(self) -> None:
         if not (is_power_of_two(self.block_n) and self.block_n >= 16):
@@ -182,6 +195,8 @@ class LaunchConfig:
             raise ValueError(f"transposed_programs_per_sm={self.transposed_programs_per_sm} (allowed: None or >= 1)")
         if not (self.dependent_launch is None or isinstance(self.dependent_launch, bool)):
             raise ValueError(f"dependent_launch={self.dependent_launch!r} (allowed: None, True, False)")
+        if self.dependent_launch_signal not in ("start", "after-loop"):
+            raise ValueError(f"dependent_launch_signal={self.dependent_launch_signal!r} (allowed: 'start', 'after-loop')")
         if self.value_metadata not in (None, "tiles", "words", "ahead", "gather"):
             raise ValueError(f"value_metadata={self.value_metadata!r} "
                              "(allowed: None, 'tiles', 'words', 'ahead', 'gather')")
