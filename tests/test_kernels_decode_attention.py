@@ -1175,8 +1175,9 @@ def test_residency_key_follows_triton_specialization():
     def key(tokens):
         x = torch.randn(2, 2, tokens, 128, dtype=torch.float16)
         k_op, v_op = da.key_operand(kivi_k.quantize(x)), da.value_operand(kivi_v.quantize(x))
+        cfg = da._with_dependent_launch(LaunchConfig(), 2, 2, da._device_sms(q.device))  # (decided, as launched)
         args, kwargs = da._split_t_arguments(q, k_op, v_op, None, 0, 2, 0, 2, scratch, scratch, scratch, 0.1, 4,
-                                             32, LaunchConfig())
+                                             32, cfg)
         return da._resident_key(args, kwargs, q.device)
 
     assert key(2048) == key(2048)
