@@ -10,7 +10,7 @@ launch configurations of the transposed kernel, for kivi-2 and kivi-4. Writes JS
 and prints a table last.
 
 Usage: ``PYTHONPATH=src python benchmarks/tune_attention_t.py --out $OUT [--presets kivi-2 polar-rope-3]
-[--variants classic t-n32] [--check-variants policy] [--shapes 32x32768] [--name FILE.json]``
+[--variants classic t-n32] [--check-variants policy] [--shapes 32x32768] [--name FILE.json] [--window-by-kv-head off]``
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_attention as ba  # noqa: E402
+from kvpolar.kernels import decode_attention  # noqa: E402
 from kvpolar.kernels.decode_attention import LaunchConfig, fused_decode_attention  # noqa: E402
 
 CLASSIC = LaunchConfig(block_n=64, num_warps=4, num_stages=2, transposed=False)
@@ -195,7 +196,12 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["1x4096", "1x32768", "1x131072", "8x4096", "8x32768", "32x4096", "32x32768"])
     ap.add_argument("--no-preset-checks", action="store_true",
                     help="skip bench_attention's checks of every preset (a run that times one preset's variants)")
+    ap.add_argument("--window-by-kv-head", choices=("on", "off"), default=None,
+                    help="decode_attention.WINDOW_BY_KV_HEAD, as bench_attention.py takes it (off: a folded window "
+                         "is attended by one program per query row at every batch)")
     args = ap.parse_args()
+    if args.window_by_kv_head is not None:
+        decode_attention.WINDOW_BY_KV_HEAD = args.window_by_kv_head == "on"
     dev = torch.device("cuda")
     torch.manual_seed(0)
     t0 = time.time()
@@ -208,6 +214,7 @@ def main():
     for shape in shapes:  # (written after every shape: a cut-off run keeps what it measured)
         rows += time_all(dev, [shape], copy_gbs, args.variants, args.presets)
         meta = {"gpu": props.name, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "window_by_kv_head": decode_attention.WINDOW_BY_KV_HEAD,
                 "variants": {k: dataclasses.asdict(v) for k, v in VARIANTS.items()}, "copy_gb_per_s": copy_gbs,
                 "layouts": {k: f.__name__ for k, f in LAYOUTS.items()},  # (else: as stored)
                 "elapsed_s": time.time() - t0}
