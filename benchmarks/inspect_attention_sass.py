@@ -87,17 +87,22 @@ def compile_split(kernel, bits: int, block_n: int, warps: int, rows: int, stages
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def loop_opcodes(sass: str) -> Counter:
-    """Opcodes of the main loop of ``cuobjdump -sass`` output (the last backward branch found, as
-    ``report`` reads it), counted; empty where there is no loop."""
+def loop_instructions(sass: str) -> list[str]:
+    """The main loop's instructions (text up to the ``;``, predicate included) in ``cuobjdump -sass``
+    output: from the target of the last backward branch found to that branch, as ``report`` reads
+    it; empty where there is no loop."""
     ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
-    ops = Counter()
-    for addr, txt in ins:  # the main loop: the backward branch spanning the most instructions
+    body: list[str] = []
+    for addr, txt in ins:
         b = re.search(r"BRA .*?0x([0-9a-f]+)", txt)
         if b and int(b.group(1), 16) < addr:
             body = [t for a, t in ins if int(b.group(1), 16) <= a <= addr]
-            ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
-    return ops
+    return body
+
+
+def loop_opcodes(sass: str) -> Counter:
+    """Opcodes of the main loop (:func:`loop_instructions`), counted; empty where there is no loop."""
+    return Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in loop_instructions(sass))
 
 
 def sass_of(compiled, cubin: str) -> str:

@@ -121,16 +121,38 @@ def pair_channels(j, P: tl.constexpr, HALF: tl.constexpr):
     return cx, cy
 
 
+@triton.constexpr_function
+def field_asm(shift, at, keep):
+    """The PTX of :func:`field_as_float` compiled: the word (shifted unless ``at == shift``) ORed
+    with the exponent of 1.0, then one AND with ``keep`` as its immediate. The exponent comes from
+    a register the compiler cannot prove constant (the dynamic shared memory size shifted out,
+    zero; ``kivi_parts.half_code_asm`` does the same): written as a constant, the compiler folded
+    it into each AND-OR and, short of registers, reloaded it before most codes (one ``IMAD.MOV``
+    each)."""
+    if shift == at:
+        word = "or.b32 t, $1, e;"
+    elif shift < at:
+        word = f"shl.b32 t, $1, {at - shift}; or.b32 t, t, e;"
+    else:
+        word = f"shr.u32 t, $1, {shift - at}; or.b32 t, t, e;"
+    return ("{ .reg .b32 t, e; mov.u32 e, %dynamic_smem_size; shr.u32 e, e, 31; or.b32 e, e, 0x3f800000; "
+            + f"{word} and.b32 $0, t, {keep:#x}; }}")
+
+
 @triton.jit
-def field_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, AT: tl.constexpr):
+def field_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, AT: tl.constexpr, NATIVE: tl.constexpr):
     """``1 + ((word >> SHIFT) & (2**WIDTH - 1)) * 2**(AT - 23)`` as float32 (``AT + WIDTH <= 23``): the
     word (shifted unless ``AT == SHIFT``) with the exponent of 1.0 ORed in, then one AND keeping the
     code and that exponent. The compiler shares the shifted-and-ORed word between the codes read
     from it, and each AND has one constant, which the instruction takes as its immediate (an AND-OR
     of the code into 1.0 needs two constants: at 255 registers the compiler rematerialized the mask
-    before most of them)."""
+    before most of them). ``NATIVE`` (compiled): the same in PTX (:func:`field_asm`), the exponent
+    held in one register."""
     KEEP: tl.constexpr = (((1 << WIDTH) - 1) << AT) | 0x3F800000
-    if SHIFT == AT:
+    if NATIVE:
+        bits = tl.inline_asm_elementwise(field_asm(SHIFT, AT, KEEP), "=r,r", [word], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    elif SHIFT == AT:
         bits = (word | 0x3F800000) & KEEP
     elif SHIFT < AT:
         bits = ((word << (AT - SHIFT)) | 0x3F800000) & KEEP
@@ -140,7 +162,7 @@ def field_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, AT: tl.conste
 
 
 @triton.jit
-def read_code(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, LO: tl.constexpr):
+def read_code(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, LO: tl.constexpr, NATIVE: tl.constexpr = False):
     """The ``WIDTH``-bit code at bit ``SHIFT`` of ``word`` as ``(f, unit)``: ``f`` float32 ``1 + code /
     unit`` (:func:`field_as_float`) and ``unit`` = ``2**(23 - at)`` (a float32 constant), so a grid
     ``min + code * scale`` is the one FMA ``f * (scale * unit) + (min - scale * unit)``. The
@@ -153,7 +175,7 @@ def read_code(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, LO: tl.constexpr):
     AT: tl.constexpr = SHIFT if (SHIFT >= LO and SHIFT + WIDTH <= 23) else (
         SHIFT + 12 if (SHIFT + 12 >= LO and SHIFT + 12 + WIDTH <= 23) else (
             SHIFT - 9 if (SHIFT - 9 >= LO and SHIFT - 9 + WIDTH <= 23) else 16))
-    return field_as_float(word, SHIFT, WIDTH, AT), tl.full((), (1 << (23 - AT)) * 1.0, tl.float32)
+    return field_as_float(word, SHIFT, WIDTH, AT, NATIVE), tl.full((), (1 << (23 - AT)) * 1.0, tl.float32)
 
 
 @triton.jit
@@ -204,8 +226,8 @@ def pair_xy(word, r_scale, r_min, a_scale, a_min, K: tl.constexpr, BITS: tl.cons
     RB: tl.constexpr = BITS - AB
     LO_A: tl.constexpr = 12 if AB >= 4 else (13 if AB == 3 else (15 if AB == 2 else 16))
     LO_R: tl.constexpr = 10 if RB >= 4 else (11 if RB == 3 else (12 if RB == 2 else 13))
-    fa, a_unit = read_code(word, K * BITS, AB, LO_A)
-    fr, r_unit = read_code(word, K * BITS + AB, RB, LO_R)
+    fa, a_unit = read_code(word, K * BITS, AB, LO_A, FAST)
+    fr, r_unit = read_code(word, K * BITS + AB, RB, LO_R, FAST)
     a_mul = a_scale * a_unit
     r_mul = r_scale * r_unit
     c, s = cos_sin(fa * a_mul + (a_min - a_mul), FAST)

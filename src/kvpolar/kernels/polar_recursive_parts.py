@@ -148,7 +148,7 @@ def leaf_pair(r2, word1, P: tl.constexpr, FAST: tl.constexpr):
     analytic codebook is the uniform grid ``(c + 1/2) 2 pi / 16`` (Lloyd-Max on the uniform
     density; the tests check the stored table with ``uniform_level1``): the angle is one FMA on
     the code read into a float's mantissa, its cos / sin one SFU op each when ``FAST``."""
-    f, unit = read_code(word1, 4 * P, 4, 12)
+    f, unit = read_code(word1, 4 * P, 4, 12, FAST)
     theta = f * (LEVEL1_STEP * unit) + (LEVEL1_HALF_STEP - LEVEL1_STEP * unit)
     c, s = cos_sin(theta, FAST)
     return r2 * c, r2 * s
@@ -159,7 +159,7 @@ def leaf_tile(r2, word1, odd, P: tl.constexpr, FAST: tl.constexpr):
     """Coordinates ``r2 f(psi1, b1)`` of path ``P`` on tiles whose columns (keys) or rows (values)
     are ``k = 2 j + b1`` (``odd`` = ``b1`` as float32): ``sin psi = cos(psi - pi/2)``, so one SFU op
     per coordinate and no ``join`` of cos / sin halves."""
-    f, unit = read_code(word1, 4 * P, 4, 12)
+    f, unit = read_code(word1, 4 * P, 4, 12, FAST)
     theta = f * (LEVEL1_STEP * unit) + ((LEVEL1_HALF_STEP - LEVEL1_STEP * unit) - odd * HALF_PI)
     c, s = cos_sin(theta, FAST)
     return r2 * c
