@@ -266,17 +266,21 @@ def test_refusals(monkeypatch):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_buffered_steps_through_the_fused_kernel(monkeypatch, padded):
-    """The buffered attention's kernel path (on a GPU: the replayed steps' only one), here under Triton's
-    interpreter: the fused kernel reads each layer's window length from its device-side tensor (and,
-    for a left-padded batch, the stretch's mask). The tokens are ``generate``'s (whose steps take the
-    PyTorch reference on the CPU)."""
+    """The buffered attention's kernel path (on a GPU: the replayed steps' only one), compiled on a GPU
+    and under Triton's interpreter on the CPU: the fused kernel reads each layer's window length from
+    its device-side tensor (and, for a left-padded batch, the stretch's mask). The tokens are
+    ``generate``'s with the PyTorch reference attention (the kernel switched off for it, as the CPU has
+    it anyway)."""
     from kvpolar.cache import attention
     from kvpolar.kernels import decode_attention
 
-    model = tiny_model(layers=2, head_dim=32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model(layers=2, head_dim=32).to(device)
     ids, mask = _left_padded(2, 40, (40, 26)) if padded else (_prompt(1, 40), None)
+    ids, mask = ids.to(device), None if mask is None else mask.to(device)
     masked = {} if mask is None else dict(attention_mask=mask)
     model.generation_config.eos_token_id = None
+    monkeypatch.setattr(attention, "fused_kernel", lambda query: None)
     want = model.generate(ids, max_new_tokens=36, do_sample=False, **masked, **kvpolar.cache_kwargs(
         model, kvpolar.QuantizedKVCache(model.config, config("kivi-2", residual_length=8))))
     calls = []
