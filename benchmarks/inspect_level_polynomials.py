@@ -40,8 +40,9 @@ def _select_values(cos_ptr, sin_ptr, ENTRY: tl.constexpr):
 
 
 @triton.jit
-def _select_factor(code, values, SIN: tl.constexpr):
-    """The earlier ``angle_factor``: two selects on the code's bits."""
+def _select_factor(word, SHIFT: tl.constexpr, values, SIN: tl.constexpr, NATIVE: tl.constexpr):
+    """The earlier ``angle_factor``: two selects on the bits of code ``(word >> SHIFT) & 3``."""
+    code = word >> SHIFT
     hi = (code & 2) != 0
     lo = (code & 1) != 0
     if SIN:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvpolar.kernels.polar_pairs import cos_sin, read_code
+from kvpolar.kernels.polar_pairs import cos_sin, field_as_float, read_code
 
 #: first codebook entry of levels 2..4 in the cos / sin tables (level 1: entries 0-15)
 ENTRY_L2, ENTRY_L3, ENTRY_L4 = (tl.constexpr(e) for e in (16, 20, 24))
@@ -110,13 +110,14 @@ def level_values(cos_ptr, sin_ptr, ENTRY: tl.constexpr):
 
 
 @triton.jit
-def angle_factor(code, values, SIN: tl.constexpr):
-    """``cos`` (``SIN`` False) or ``sin`` of entry ``code`` (int32 0..3) of a 2-bit level (``values``
-    from ``level_values``): the code read into the mantissa of 1.0 at bit 20, so ``8 f - 9.5`` is
-    ``t = code - 3/2`` exactly (no conversion instruction), then the level's cubic in three FMAs. Two
-    selects on the code's bits gave the same values and took the H100 1.23-1.35x as long per call
-    (``benchmarks/inspect_level_polynomials.py --time``)."""
-    t = ((code << 20) | 0x3F800000).to(tl.float32, bitcast=True) * 8.0 - 9.5
+def angle_factor(word, SHIFT: tl.constexpr, values, SIN: tl.constexpr, NATIVE: tl.constexpr):
+    """``cos`` (``SIN`` False) or ``sin`` of entry ``code`` = ``(word >> SHIFT) & 3`` of a 2-bit level
+    (``values`` from ``level_values``; ``word`` int32, any shape): the code read into the mantissa of
+    1.0 at bit 20 (``polar_pairs.field_as_float``; compiled, 1.0's exponent held in one register), so
+    ``8 f - 9.5`` is ``t = code - 3/2`` exactly (no conversion instruction), then the level's cubic in
+    three FMAs. Two selects on the code's bits gave the same values and took the H100 1.23-1.35x as
+    long per call (``benchmarks/inspect_level_polynomials.py --time``)."""
+    t = field_as_float(word, SHIFT, 2, 20, NATIVE) * 8.0 - 9.5
     if SIN:
         out = ((values[7] * t + values[6]) * t + values[5]) * t + values[4]
     else:
@@ -125,21 +126,21 @@ def angle_factor(code, values, SIN: tl.constexpr):
 
 
 @triton.jit
-def level4_branch(radius, code4, lv4, B4: tl.constexpr):
+def level4_branch(radius, code4, lv4, B4: tl.constexpr, NATIVE: tl.constexpr):
     """``r_j * f(psi4_j, B4)``: the radius of level-3 node ``2 j + B4``."""
-    return radius * angle_factor(code4, lv4, B4 == 1)
+    return radius * angle_factor(code4, 0, lv4, B4 == 1, NATIVE)
 
 
 @triton.jit
-def level3_branch(r4, byte3, lv3, B4: tl.constexpr, B3: tl.constexpr):
+def level3_branch(r4, byte3, lv3, B4: tl.constexpr, B3: tl.constexpr, NATIVE: tl.constexpr):
     """Radius of level-2 node ``4 j + 2 B4 + B3`` from its parent's ``r4``."""
-    return r4 * angle_factor((byte3 >> (2 * B4)) & 3, lv3, B3 == 1)
+    return r4 * angle_factor(byte3, 2 * B4, lv3, B3 == 1, NATIVE)
 
 
 @triton.jit
-def level2_branch(r3, byte2, lv2, Q: tl.constexpr, B2: tl.constexpr):
+def level2_branch(r3, byte2, lv2, Q: tl.constexpr, B2: tl.constexpr, NATIVE: tl.constexpr):
     """Radius of level-1 node ``8 j + 2 Q + B2`` from its parent's ``r3`` (``Q = 2 b4 + b3``)."""
-    return r3 * angle_factor((byte2 >> (2 * Q)) & 3, lv2, B2 == 1)
+    return r3 * angle_factor(byte2, 2 * Q, lv2, B2 == 1, NATIVE)
 
 
 @triton.jit
@@ -216,20 +217,20 @@ def key_scores_t(s_t, radius, word1, byte2, byte3, code4, odd, q0, q1, q2, q3, q
     """``s_t [BN, BM] += sum_P X_P q_P`` over the eight parts of ``[BN, NJ]`` subtree tiles
     (``subtree_codes``, radii ``radius`` float32); ``q0 .. q7``: ``query_part_t`` of parts 0-7;
     ``lv2 .. lv4``: ``level_values`` of levels 2-4."""
-    r4 = level4_branch(radius, code4, lv4, 0)
-    r3 = level3_branch(r4, byte3, lv3, 0, 0)
-    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 0, 0), word1, odd, q0, 0, BN, NJ, DT, PREC, FAST, JOIN)
-    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 0, 1), word1, odd, q1, 1, BN, NJ, DT, PREC, FAST, JOIN)
-    r3 = level3_branch(r4, byte3, lv3, 0, 1)
-    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 1, 0), word1, odd, q2, 2, BN, NJ, DT, PREC, FAST, JOIN)
-    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 1, 1), word1, odd, q3, 3, BN, NJ, DT, PREC, FAST, JOIN)
-    r4 = level4_branch(radius, code4, lv4, 1)
-    r3 = level3_branch(r4, byte3, lv3, 1, 0)
-    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 2, 0), word1, odd, q4, 4, BN, NJ, DT, PREC, FAST, JOIN)
-    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 2, 1), word1, odd, q5, 5, BN, NJ, DT, PREC, FAST, JOIN)
-    r3 = level3_branch(r4, byte3, lv3, 1, 1)
-    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 3, 0), word1, odd, q6, 6, BN, NJ, DT, PREC, FAST, JOIN)
-    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 3, 1), word1, odd, q7, 7, BN, NJ, DT, PREC, FAST, JOIN)
+    r4 = level4_branch(radius, code4, lv4, 0, FAST)
+    r3 = level3_branch(r4, byte3, lv3, 0, 0, FAST)
+    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 0, 0, FAST), word1, odd, q0, 0, BN, NJ, DT, PREC, FAST, JOIN)
+    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 0, 1, FAST), word1, odd, q1, 1, BN, NJ, DT, PREC, FAST, JOIN)
+    r3 = level3_branch(r4, byte3, lv3, 0, 1, FAST)
+    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 1, 0, FAST), word1, odd, q2, 2, BN, NJ, DT, PREC, FAST, JOIN)
+    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 1, 1, FAST), word1, odd, q3, 3, BN, NJ, DT, PREC, FAST, JOIN)
+    r4 = level4_branch(radius, code4, lv4, 1, FAST)
+    r3 = level3_branch(r4, byte3, lv3, 1, 0, FAST)
+    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 2, 0, FAST), word1, odd, q4, 4, BN, NJ, DT, PREC, FAST, JOIN)
+    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 2, 1, FAST), word1, odd, q5, 5, BN, NJ, DT, PREC, FAST, JOIN)
+    r3 = level3_branch(r4, byte3, lv3, 1, 1, FAST)
+    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 3, 0, FAST), word1, odd, q6, 6, BN, NJ, DT, PREC, FAST, JOIN)
+    s_t = key_part_t(s_t, level2_branch(r3, byte2, lv2, 3, 1, FAST), word1, odd, q7, 7, BN, NJ, DT, PREC, FAST, JOIN)
     return s_t
 
 
@@ -239,18 +240,18 @@ def value_parts_t(a0, a1, a2, a3, a4, a5, a6, a7, radius, word1, byte2, byte3, c
                   JOIN: tl.constexpr):
     """The eight accumulators ``[2 NJ, BM]`` (part ``P``: ``part_channels(P)``) after one block of
     ``[NJ, BN]`` subtree tiles weighted by ``p_t [BN, BM]``, rescaled by ``alpha`` first."""
-    r4 = level4_branch(radius, code4, lv4, 0)
-    r3 = level3_branch(r4, byte3, lv3, 0, 0)
-    a0 = value_part_t(a0, level2_branch(r3, byte2, lv2, 0, 0), word1, odd, p_t, alpha, 0, BN, NJ, DT, PREC, FAST, JOIN)
-    a1 = value_part_t(a1, level2_branch(r3, byte2, lv2, 0, 1), word1, odd, p_t, alpha, 1, BN, NJ, DT, PREC, FAST, JOIN)
-    r3 = level3_branch(r4, byte3, lv3, 0, 1)
-    a2 = value_part_t(a2, level2_branch(r3, byte2, lv2, 1, 0), word1, odd, p_t, alpha, 2, BN, NJ, DT, PREC, FAST, JOIN)
-    a3 = value_part_t(a3, level2_branch(r3, byte2, lv2, 1, 1), word1, odd, p_t, alpha, 3, BN, NJ, DT, PREC, FAST, JOIN)
-    r4 = level4_branch(radius, code4, lv4, 1)
-    r3 = level3_branch(r4, byte3, lv3, 1, 0)
-    a4 = value_part_t(a4, level2_branch(r3, byte2, lv2, 2, 0), word1, odd, p_t, alpha, 4, BN, NJ, DT, PREC, FAST, JOIN)
-    a5 = value_part_t(a5, level2_branch(r3, byte2, lv2, 2, 1), word1, odd, p_t, alpha, 5, BN, NJ, DT, PREC, FAST, JOIN)
-    r3 = level3_branch(r4, byte3, lv3, 1, 1)
-    a6 = value_part_t(a6, level2_branch(r3, byte2, lv2, 3, 0), word1, odd, p_t, alpha, 6, BN, NJ, DT, PREC, FAST, JOIN)
-    a7 = value_part_t(a7, level2_branch(r3, byte2, lv2, 3, 1), word1, odd, p_t, alpha, 7, BN, NJ, DT, PREC, FAST, JOIN)
+    r4 = level4_branch(radius, code4, lv4, 0, FAST)
+    r3 = level3_branch(r4, byte3, lv3, 0, 0, FAST)
+    a0 = value_part_t(a0, level2_branch(r3, byte2, lv2, 0, 0, FAST), word1, odd, p_t, alpha, 0, BN, NJ, DT, PREC, FAST, JOIN)
+    a1 = value_part_t(a1, level2_branch(r3, byte2, lv2, 0, 1, FAST), word1, odd, p_t, alpha, 1, BN, NJ, DT, PREC, FAST, JOIN)
+    r3 = level3_branch(r4, byte3, lv3, 0, 1, FAST)
+    a2 = value_part_t(a2, level2_branch(r3, byte2, lv2, 1, 0, FAST), word1, odd, p_t, alpha, 2, BN, NJ, DT, PREC, FAST, JOIN)
+    a3 = value_part_t(a3, level2_branch(r3, byte2, lv2, 1, 1, FAST), word1, odd, p_t, alpha, 3, BN, NJ, DT, PREC, FAST, JOIN)
+    r4 = level4_branch(radius, code4, lv4, 1, FAST)
+    r3 = level3_branch(r4, byte3, lv3, 1, 0, FAST)
+    a4 = value_part_t(a4, level2_branch(r3, byte2, lv2, 2, 0, FAST), word1, odd, p_t, alpha, 4, BN, NJ, DT, PREC, FAST, JOIN)
+    a5 = value_part_t(a5, level2_branch(r3, byte2, lv2, 2, 1, FAST), word1, odd, p_t, alpha, 5, BN, NJ, DT, PREC, FAST, JOIN)
+    r3 = level3_branch(r4, byte3, lv3, 1, 1, FAST)
+    a6 = value_part_t(a6, level2_branch(r3, byte2, lv2, 3, 0, FAST), word1, odd, p_t, alpha, 6, BN, NJ, DT, PREC, FAST, JOIN)
+    a7 = value_part_t(a7, level2_branch(r3, byte2, lv2, 3, 1, FAST), word1, odd, p_t, alpha, 7, BN, NJ, DT, PREC, FAST, JOIN)
     return a0, a1, a2, a3, a4, a5, a6, a7
