@@ -831,8 +831,8 @@ def test_kivi_code_units_both_readings(monkeypatch, key_fmt, value_fmt, reading,
 
 
 def run_ptx(asm: str, word: np.ndarray, smem_size: int = 49152) -> np.ndarray:
-    """The result ``$0`` of the straight-line PTX ``asm`` (``mov`` / ``shr`` / ``or`` / ``and`` on
-    32-bit registers) with ``$1`` = ``word`` (uint32 array)."""
+    """The result ``$0`` of the straight-line PTX ``asm`` (``mov`` / ``shr`` / ``shl`` / ``or`` / ``and``
+    on 32-bit registers) with ``$1`` = ``word`` (uint32 array)."""
     regs = {"$1": word.astype(np.uint32), "%dynamic_smem_size": np.uint32(smem_size)}
 
     def value(x):
@@ -848,6 +848,8 @@ def run_ptx(asm: str, word: np.ndarray, smem_size: int = 49152) -> np.ndarray:
             regs[dst] = a
         elif op == "shr.u32":
             regs[dst] = a >> np.uint32(int(src[1]))
+        elif op == "shl.b32":
+            regs[dst] = a << np.uint32(int(src[1]))
         elif op == "or.b32":
             regs[dst] = a | value(src[1])
         elif op == "and.b32":

@@ -14,7 +14,7 @@ from kvpolar.kernels.decode_attention import LaunchConfig
 from kvpolar.kernels.polar_rope_scores import ScoresConfig, polar_rope_scores
 from kvpolar.quantizers.polar_rope import quantize_polar
 
-from test_kernels_decode_attention import PolarStandIn, make_values, oracle, polar_quantize, small_caches_transposed
+from test_kernels_decode_attention import PolarStandIn, make_values, oracle, polar_quantize, run_ptx, small_caches_transposed
 from kernel_checks import DEVICE, assert_scores_within_reference_error, compare_with_oracle, left_padding_mask, random_inputs  # noqa: E402
 
 D = 128
@@ -123,3 +123,32 @@ def test_scores_transposed_every_code_position(bits):
     q = torch.randn(1, 4, 1, D, generator=g).half()
     got = polar_rope_scores(q.to(DEVICE), p.to(DEVICE), ScoresConfig(block_t=16, blocks=2)).cpu()
     assert_scores_within_reference_error(got, q, p, 2)
+
+
+def test_field_instructions_give_one_plus_the_code():
+    """The compiled code read (``polar_pairs.field_asm``: shift, OR of 1.0's exponent from a register
+    the compiler cannot prove constant, AND), run on the host: for every code width and place
+    ``read_code`` can be asked for (each mantissa position ``read_position`` picks) and the 2-bit level
+    codes of polar-recursive (read at bit 20), every word gives ``1 + code * 2**(at - 23)`` in float32,
+    the value the interpreted form computes with integer operations."""
+    import numpy as np
+
+    from kvpolar.kernels.polar_pairs import field_asm, read_position
+
+    g = np.random.default_rng(0)
+    words = np.concatenate([g.integers(0, 1 << 32, 4096, dtype=np.uint64).astype(np.uint32),
+                            np.array([0, 0xFFFFFFFF, 0x80000000, 0x7FFFFFFF, 0x55555555, 0xAAAAAAAA], np.uint32)])
+    places = {(shift, 2, 20) for shift in (0, 2, 4, 6)}  # polar-recursive's levels 2-4
+    for width in range(1, 8):
+        for lo in range(10, 17):
+            for shift in range(0, 33 - width):
+                at = read_position(shift, width, lo)
+                if at + width <= 23:
+                    places.add((shift, width, at))
+    assert len(places) > 150, len(places)
+    for shift, width, at in sorted(places):
+        keep = (((1 << width) - 1) << at) | 0x3F800000
+        got = run_ptx(field_asm(shift, at, keep), words).view(np.float32)
+        code = (words >> np.uint32(shift)) & np.uint32((1 << width) - 1)
+        want = (1.0 + code.astype(np.float64) * 2.0 ** (at - 23)).astype(np.float32)
+        assert np.array_equal(got, want), (shift, width, at)

@@ -161,8 +161,21 @@ def field_as_float(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, AT: tl.conste
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton.constexpr_function
+def read_position(shift, width, lo):
+    """The mantissa bit :func:`read_code` reads a ``width``-bit code at bit ``shift`` at: where it lies,
+    else 12 bits up, else 9 bits down, else bit 16; never below ``lo``."""
+    if shift >= lo and shift + width <= 23:
+        return shift
+    if shift + 12 >= lo and shift + 12 + width <= 23:
+        return shift + 12
+    if shift - 9 >= lo and shift - 9 + width <= 23:
+        return shift - 9
+    return 16
+
+
 @triton.jit
-def read_code(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, LO: tl.constexpr, NATIVE: tl.constexpr = False):
+def read_code(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, LO: tl.constexpr, NATIVE: tl.constexpr):
     """The ``WIDTH``-bit code at bit ``SHIFT`` of ``word`` as ``(f, unit)``: ``f`` float32 ``1 + code /
     unit`` (:func:`field_as_float`) and ``unit`` = ``2**(23 - at)`` (a float32 constant), so a grid
     ``min + code * scale`` is the one FMA ``f * (scale * unit) + (min - scale * unit)``. The
@@ -171,10 +184,8 @@ def read_code(word, SHIFT: tl.constexpr, WIDTH: tl.constexpr, LO: tl.constexpr, 
     high codes), else bit 16 (a shift of its own); never below ``LO``: folding ``unit`` into the
     grid rounds ``min - scale * unit`` in float32 within ``scale * 2**(-1 - at)``, which the caller
     keeps below its tolerance (:func:`pair_xy`). For four 6- or 8-bit pairs a unit word takes 3
-    shifts instead of 7."""
-    AT: tl.constexpr = SHIFT if (SHIFT >= LO and SHIFT + WIDTH <= 23) else (
-        SHIFT + 12 if (SHIFT + 12 >= LO and SHIFT + 12 + WIDTH <= 23) else (
-            SHIFT - 9 if (SHIFT - 9 >= LO and SHIFT - 9 + WIDTH <= 23) else 16))
+    shifts instead of 7. ``NATIVE``: :func:`field_as_float`'s compiled form."""
+    AT: tl.constexpr = read_position(SHIFT, WIDTH, LO)
     return field_as_float(word, SHIFT, WIDTH, AT, NATIVE), tl.full((), (1 << (23 - AT)) * 1.0, tl.float32)
 
 
@@ -222,7 +233,8 @@ def pair_xy(word, r_scale, r_min, a_scale, a_min, K: tl.constexpr, BITS: tl.cons
     (int32 ``[BN, NU]``): ``r = r_min + rc * r_scale``, ``theta = a_min + ac * a_scale`` (metadata
     ``[1, NU]``), each code read by :func:`read_code` and the metadata folded for it on ``[1, NU]``.
     The lowest bit a code is read at keeps the folding's rounding under 2**-14 of the key's scale:
-    angles step at most 2 pi / (2**bits - 1), radii r_max / (2**bits - 1)."""
+    angles step at most 2 pi / (2**bits - 1), radii r_max / (2**bits - 1). ``FAST`` (compiled
+    only): cos / sin on the special-function unit and the codes read by :func:`field_asm`."""
     RB: tl.constexpr = BITS - AB
     LO_A: tl.constexpr = 12 if AB >= 4 else (13 if AB == 3 else (15 if AB == 2 else 16))
     LO_R: tl.constexpr = 10 if RB >= 4 else (11 if RB == 3 else (12 if RB == 2 else 13))
