@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvpolar.kernels.polar_pairs import split4
+from kvpolar.kernels.polar_pairs import field_asm, split4
 
 
 @triton.jit
@@ -85,16 +85,12 @@ def half_code_asm(k, bits, dt):
     """The PTX of code ``k`` in ``half_codes`` (two 16-bit units per register): the unit word,
     shifted where the code lies beyond the mantissa's first window, ORed with the exponent bits
     of ``_code_offset`` (once per window: the compiler shares it among the window's codes), then
-    one AND keeping the code and the exponent, its one constant the instruction's immediate.
-    The exponent comes from a register the compiler cannot prove constant (the dynamic shared
-    memory size shifted out, zero): with it constant, the compiler folded the OR into the AND
-    and, short of registers for the second constant, reloaded it before every code."""
+    one AND keeping the code and the exponent, its one constant the instruction's immediate; the
+    exponent held in one register (``polar_pairs.field_asm``, which builds the PTX)."""
     shift, at = half_code_place(k, bits, dt)
     exponent = 0x6400 if dt == tl.float16 else 0x4300
     keep = ((((1 << bits) - 1) << at) | exponent) * 0x10001
-    word = f"shr.u32 t, $1, {shift}; or.b32 t, t, e;" if shift else "or.b32 t, $1, e;"
-    return ("{ .reg .b32 t, e; mov.u32 e, %dynamic_smem_size; shr.u32 e, e, 31; "
-            + f"or.b32 e, e, {exponent * 0x10001:#x}; {word} and.b32 $0, t, {keep:#x}; }}")
+    return field_asm(shift, 0, keep, exponent * 0x10001)
 
 @triton.constexpr_function
 def unit_code_step(k, bits, unit_bytes, dt):

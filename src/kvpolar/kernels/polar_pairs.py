@@ -122,21 +122,23 @@ def pair_channels(j, P: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.constexpr_function
-def field_asm(shift, at, keep):
-    """The PTX of :func:`field_as_float` compiled: the word (shifted unless ``at == shift``) ORed
-    with the exponent of 1.0, then one AND with ``keep`` as its immediate. The exponent comes from
-    a register the compiler cannot prove constant (the dynamic shared memory size shifted out,
-    zero; ``kivi_parts.half_code_asm`` does the same): written as a constant, the compiler folded
-    it into each AND-OR and, short of registers, reloaded it before most codes (one ``IMAD.MOV``
-    each)."""
+def field_asm(shift, at, keep, exponent=0x3F800000):
+    """The PTX of a code read into a float's mantissa (:func:`field_as_float` compiled; also
+    ``kivi_parts.half_code_asm``, two half-precision fields per register): the word, shifted from bit
+    ``shift`` to bit ``at`` unless they are equal, ORed with ``exponent``, then one AND with ``keep``
+    as its immediate. The exponent comes from a register the compiler cannot prove constant (the
+    dynamic shared memory size shifted out, zero, ORed with ``exponent``): written as a constant, the
+    compiler folded it into each AND-OR and, short of registers for the second constant, reloaded it
+    before most codes (one ``IMAD.MOV`` each). The compiler shares the shifted-and-ORed word among
+    the codes read from it."""
     if shift == at:
         word = "or.b32 t, $1, e;"
     elif shift < at:
         word = f"shl.b32 t, $1, {at - shift}; or.b32 t, t, e;"
     else:
         word = f"shr.u32 t, $1, {shift - at}; or.b32 t, t, e;"
-    return ("{ .reg .b32 t, e; mov.u32 e, %dynamic_smem_size; shr.u32 e, e, 31; or.b32 e, e, 0x3f800000; "
-            + f"{word} and.b32 $0, t, {keep:#x}; }}")
+    return ("{ .reg .b32 t, e; mov.u32 e, %dynamic_smem_size; shr.u32 e, e, 31; "
+            + f"or.b32 e, e, {exponent:#x}; {word} and.b32 $0, t, {keep:#x}; }}")
 
 
 @triton.jit
